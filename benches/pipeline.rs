@@ -1,0 +1,114 @@
+//! Criterion benches for the CPU stages around inference: preprocessing a
+//! 1080p frame, and decode + NMS on real NanoDet-Plus outputs.
+//!
+//! Inference itself is measured by `nanodetd bench` beside onnxruntime
+//! (see docs/PERFORMANCE.md).
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+use nanodetd::backend::{self, EngineOptions, InputBatch};
+use nanodetd::frame::{Frame, PixelFormat};
+use nanodetd::model::{DecodeParams, Layout, LayoutOverrides, OutputShape};
+use nanodetd::postprocess::{NmsParams, class_aware_nms};
+use nanodetd::preprocess::{PreprocessSpec, ResizeMode, preprocess_into};
+
+fn assets() -> PathBuf {
+    std::env::var_os("NANODETD_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
+fn camera_frame() -> Frame {
+    let (w, h) = (1920, 1080);
+    let data: Vec<u8> = (0..w * h * 3).map(|i| ((i * 7919) % 251) as u8).collect();
+    Frame::from_packed(w, h, PixelFormat::Bgr8, data, "bench").expect("valid frame")
+}
+
+fn preprocess(c: &mut Criterion) {
+    let frame = camera_frame();
+    for resize in [ResizeMode::Stretch, ResizeMode::Letterbox] {
+        let spec = PreprocessSpec::nanodet(320, 320, resize);
+        let mut out = vec![0.0; spec.tensor_len()];
+        c.bench_function(
+            &format!("preprocess 1920x1080 bgr -> 320x320 {resize:?}"),
+            |b| {
+                b.iter(|| {
+                    preprocess_into(black_box(&frame), &spec, &mut out).expect("sized buffer")
+                })
+            },
+        );
+    }
+}
+
+fn decode_and_nms(c: &mut Criterion) {
+    let model = assets().join("models/nanodet-plus-m_320.onnx");
+    let image = assets().join("samples/hpc203_bus.jpg");
+    if !model.exists() || !image.exists() {
+        eprintln!(
+            "skipping decode+nms bench: {} not found (set NANODETD_ASSETS)",
+            model.display()
+        );
+        return;
+    }
+    let engine = backend::open_engine(
+        backend::BackendKind::Tract,
+        &model,
+        &EngineOptions::default(),
+    )
+    .expect("model loads");
+    let info = engine.info().clone();
+    let outputs: Vec<OutputShape> = info
+        .outputs
+        .iter()
+        .map(|o| OutputShape {
+            name: o.name.clone(),
+            shape: o.shape.clone(),
+        })
+        .collect();
+    let layout =
+        Layout::detect(&info.input.shape, &outputs, &LayoutOverrides::default()).expect("layout");
+    let spec = PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize);
+    let frame = Frame::from_file(&image).expect("sample decodes");
+    let mut input = vec![0.0; spec.tensor_len()];
+    preprocess_into(&frame, &spec, &mut input).expect("sized buffer");
+    let engine: Arc<dyn backend::Engine> = engine;
+    let mut session = engine.new_session().expect("session");
+    session.run(InputBatch::host(&input, 1)).expect("inference");
+    let raw: Vec<Vec<f32>> = session
+        .outputs()
+        .for_image(0)
+        .iter()
+        .map(|s| s.to_vec())
+        .collect();
+    let raw_refs: Vec<&[f32]> = raw.iter().map(Vec::as_slice).collect();
+    let nms = NmsParams {
+        iou_threshold: 0.6,
+        max_detections: 100,
+    };
+    for score in [0.35f32, 0.05] {
+        let params = DecodeParams {
+            score_threshold: score,
+            top_k_per_level: Some(1000),
+        };
+        let mut candidates = Vec::new();
+        c.bench_function(
+            &format!("decode+nms nanodet-plus-m_320 bus.jpg score>{score}"),
+            |b| {
+                b.iter(|| {
+                    candidates.clear();
+                    layout
+                        .decode(black_box(&raw_refs), &params, &mut candidates)
+                        .expect("decodes");
+                    black_box(class_aware_nms(&mut candidates, &nms))
+                })
+            },
+        );
+    }
+}
+
+criterion_group!(benches, preprocess, decode_and_nms);
+criterion_main!(benches);

@@ -1,0 +1,232 @@
+//! Inference backends behind one interface, in tract's split: preparing a
+//! model gives a shareable, immutable [`Engine`]; each thread that runs it
+//! holds its own [`Session`] with the mutable scratch buffers.
+//!
+//! Callers see host `f32` tensors in, named `f32` tensors out, for a batch
+//! of one or more images. A backend that keeps its data on a GPU (TensorRT)
+//! copies only at these edges, and takes device buffers through a further
+//! [`InputBatch`] variant without changing the callers.
+
+mod tract;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use self::tract::TractEngine;
+
+/// Name and shape of a model input or output, at batch 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Declared name.
+    pub name: String,
+    /// Concrete dimensions.
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a prepared model consumes and produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The image input, `[1, 3, H, W]`.
+    pub input: TensorInfo,
+    /// Outputs in declared order.
+    pub outputs: Vec<TensorInfo>,
+}
+
+/// Settings for preparing a model, common to every backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Input `(width, height)` for models whose input size is not fixed in
+    /// the file.
+    pub input_size: Option<(usize, usize)>,
+}
+
+/// A prepared model, shared between threads.
+pub trait Engine: Send + Sync {
+    /// The backend's name, as selected on the command line.
+    fn backend(&self) -> BackendKind;
+    /// Shapes of the input and outputs.
+    fn info(&self) -> &ModelInfo;
+    /// Largest batch one `run` accepts.
+    fn max_batch(&self) -> usize;
+    /// A new session with its own scratch buffers.
+    fn new_session(&self) -> Result<Box<dyn Session>, BackendError>;
+}
+
+/// Input images for one run: `images` CHW tensors back to back.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct InputBatch<'a> {
+    /// `images × 3 × H × W` values.
+    pub data: &'a [f32],
+    /// Number of images.
+    pub images: usize,
+}
+
+impl<'a> InputBatch<'a> {
+    /// A batch in host memory.
+    pub fn host(data: &'a [f32], images: usize) -> InputBatch<'a> {
+        InputBatch { data, images }
+    }
+}
+
+/// Per-thread mutable state for running an engine.
+pub trait Session {
+    /// Runs a batch, leaving its results in [`Session::outputs`].
+    fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError>;
+    /// Outputs of the last successful run.
+    fn outputs(&self) -> &BatchOutputs;
+}
+
+/// Outputs of one run, for every image in the batch.
+#[derive(Debug, Default)]
+pub struct BatchOutputs {
+    images: usize,
+    /// Per output: its values for all images, image after image.
+    tensors: Vec<Vec<f32>>,
+}
+
+impl BatchOutputs {
+    /// Clears the outputs for a batch of `images`, keeping their memory.
+    pub fn reset(&mut self, outputs: usize, images: usize) {
+        self.images = images;
+        self.tensors.resize_with(outputs, Vec::new);
+        for t in &mut self.tensors {
+            t.clear();
+        }
+    }
+
+    /// Appends one image's values of output `index`.
+    pub fn push(&mut self, index: usize, values: &[f32]) {
+        if let Some(t) = self.tensors.get_mut(index) {
+            t.extend_from_slice(values);
+        }
+    }
+
+    /// Number of images.
+    pub fn images(&self) -> usize {
+        self.images
+    }
+
+    /// The outputs of image `image`, in declared order.
+    pub fn for_image(&self, image: usize) -> Vec<&[f32]> {
+        self.tensors
+            .iter()
+            .map(|t| {
+                let per_image = t.len() / self.images.max(1);
+                t.get(image * per_image..(image + 1) * per_image)
+                    .unwrap_or(&[])
+            })
+            .collect()
+    }
+}
+
+/// Backends compiled into this binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// tract, pure Rust on the CPU.
+    Tract,
+}
+
+impl BackendKind {
+    /// Every backend this binary can run.
+    pub const ALL: [BackendKind; 1] = [BackendKind::Tract];
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Tract => "tract",
+        })
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| {
+                let known: Vec<String> = BackendKind::ALL.iter().map(|k| k.to_string()).collect();
+                format!(
+                    "unknown or not compiled-in backend {s:?}; this build has: {}",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+/// Why a model could not be prepared or run.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The model file is missing, unreadable, empty or not a valid model.
+    #[error("{path}: {reason}")]
+    ModelFile {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The input batch does not match the model.
+    #[error("input batch of {images} images with {values} values does not fit: {reason}")]
+    Input {
+        /// Images in the batch.
+        images: usize,
+        /// Values given.
+        values: usize,
+        /// Why it does not fit.
+        reason: String,
+    },
+    /// Inference failed.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Prepares `model` on `backend`.
+pub fn open_engine(
+    backend: BackendKind,
+    model: &Path,
+    options: &EngineOptions,
+) -> Result<Arc<dyn Engine>, BackendError> {
+    match backend {
+        BackendKind::Tract => Ok(Arc::new(TractEngine::load(model, options)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_outputs_split_per_image() {
+        let mut o = BatchOutputs::default();
+        o.reset(2, 2);
+        o.push(0, &[1.0, 2.0]);
+        o.push(1, &[5.0]);
+        o.push(0, &[3.0, 4.0]);
+        o.push(1, &[6.0]);
+        assert_eq!(o.for_image(1), vec![&[3.0, 4.0][..], &[6.0][..]]);
+        o.reset(2, 1);
+        assert!(o.for_image(0).iter().all(|s| s.is_empty()));
+    }
+
+    #[test]
+    fn unknown_backend_lists_known_ones() {
+        let err = "tensorrt".parse::<BackendKind>().unwrap_err();
+        assert!(err.contains("this build has: tract"), "{err}");
+    }
+}

@@ -1,0 +1,174 @@
+//! The tract backend: pure Rust, CPU, always available.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use super::{
+    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelInfo, Session,
+    TensorInfo,
+};
+
+/// A model optimised by tract, ready to run.
+pub struct TractEngine {
+    plan: Arc<TypedRunnableModel>,
+    info: ModelInfo,
+}
+
+impl TractEngine {
+    /// Loads, shape-checks and optimises an ONNX file.
+    pub fn load(path: &Path, options: &EngineOptions) -> Result<TractEngine, BackendError> {
+        let fail = |reason: String| BackendError::ModelFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read model: {e}")))?;
+        if bytes.is_empty() {
+            return Err(fail("empty file (0 bytes), not an ONNX model".into()));
+        }
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut bytes.as_slice())
+            .map_err(|e| fail(format!("not a loadable ONNX model: {e:#}")))?;
+        if model.inputs.len() != 1 || model.outputs.is_empty() {
+            return Err(fail(format!(
+                "a detector has one image input and at least one output, this model has {} inputs and {} outputs",
+                model.inputs.len(),
+                model.outputs.len()
+            )));
+        }
+        let input_name = model.node(model.inputs[0].node).name.clone();
+        let declared: Vec<Option<usize>> = model
+            .input_fact(0)
+            .map_err(|e| fail(format!("{e:#}")))?
+            .shape
+            .dims()
+            .map(|d| d.concretize().and_then(|d| d.as_usize()))
+            .collect();
+        let (height, width) = match (declared.as_slice(), options.input_size) {
+            (_, Some((w, h))) => (h, w),
+            ([_, _, Some(h), Some(w)], None) => (*h, *w),
+            _ => {
+                return Err(fail(format!(
+                    "input {input_name:?} has shape {declared:?}, not a fixed [N, 3, H, W]; give the input size explicitly"
+                )));
+            }
+        };
+        let input_shape = vec![1, 3, height, width];
+        model
+            .set_input_fact(0, f32::fact(&input_shape).into())
+            .map_err(|e| fail(format!("{e:#}")))?;
+        let typed = model.into_typed().map_err(|e| {
+            fail(format!(
+                "shape inference failed for input {input_shape:?}: {e:#}"
+            ))
+        })?;
+        let mut outputs = Vec::with_capacity(typed.outputs.len());
+        for (i, outlet) in typed.outputs.iter().enumerate() {
+            let fact = typed
+                .outlet_fact(*outlet)
+                .map_err(|e| fail(format!("{e:#}")))?;
+            let shape = fact.shape.as_concrete().ok_or_else(|| {
+                fail(format!(
+                    "output {i} has a shape that depends on the input: {:?}",
+                    fact.shape
+                ))
+            })?;
+            let name = typed
+                .outlet_label(*outlet)
+                .unwrap_or(&typed.node(outlet.node).name)
+                .to_owned();
+            outputs.push(TensorInfo {
+                name,
+                shape: shape.to_vec(),
+            });
+        }
+        let plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| fail(format!("tract cannot optimise the model: {e:#}")))?;
+        Ok(TractEngine {
+            plan,
+            info: ModelInfo {
+                input: TensorInfo {
+                    name: input_name,
+                    shape: input_shape,
+                },
+                outputs,
+            },
+        })
+    }
+}
+
+impl Engine for TractEngine {
+    fn backend(&self) -> BackendKind {
+        BackendKind::Tract
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn max_batch(&self) -> usize {
+        // The plan is built for batch 1; bigger batches run image by image,
+        // which on a CPU costs nothing extra.
+        usize::MAX
+    }
+
+    fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| BackendError::Run(format!("{e:#}")))?;
+        Ok(Box::new(TractSession {
+            state,
+            input_shape: self.info.input.shape.clone(),
+            outputs: BatchOutputs::default(),
+        }))
+    }
+}
+
+struct TractSession {
+    state: TypedSimpleState,
+    input_shape: Vec<usize>,
+    outputs: BatchOutputs,
+}
+
+impl Session for TractSession {
+    fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
+        let per_image: usize = self.input_shape.iter().product();
+        if batch.images == 0 || batch.data.len() != per_image * batch.images {
+            return Err(BackendError::Input {
+                images: batch.images,
+                values: batch.data.len(),
+                reason: format!(
+                    "each image needs {per_image} values ({:?})",
+                    self.input_shape
+                ),
+            });
+        }
+        let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
+        self.outputs
+            .reset(self.state.plan().model().outputs.len(), batch.images);
+        for image in batch.data.chunks_exact(per_image) {
+            let input = Tensor::from_shape(&self.input_shape, image).map_err(run_error)?;
+            let results = self
+                .state
+                .run(tvec!(input.into_tvalue()))
+                .map_err(run_error)?;
+            for (index, value) in results.iter().enumerate() {
+                let values = value.cast_to::<f32>().map_err(run_error)?;
+                let plain = values.try_as_plain_ram().map_err(run_error)?;
+                let slice = plain.as_slice::<f32>().map_err(run_error)?;
+                self.outputs.push(index, slice);
+            }
+        }
+        Ok(())
+    }
+
+    fn outputs(&self) -> &BatchOutputs {
+        &self.outputs
+    }
+}

@@ -1,0 +1,180 @@
+//! Command-line front end. This is the binary's edge: errors become
+//! `anyhow` chains here and end as a one-line message and an exit code.
+//!
+//! Exit codes: 0 ok; 1 runtime failure; 2 bad usage or bad input file
+//! (model, image, annotations).
+
+mod bench;
+mod detect;
+mod eval;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use nanodetd::backend::{self, BackendKind, EngineOptions};
+use nanodetd::detector::{DetectionParams, Detector};
+use nanodetd::model::{self, LayoutKind, LayoutOverrides};
+use nanodetd::preprocess::ResizeMode;
+
+/// NanoDet object detection for edge cameras.
+#[derive(Parser)]
+#[command(name = "nanodetd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Detect objects in image files and print them.
+    Detect(detect::DetectArgs),
+    /// Score a model on a COCO-format dataset with the 12 COCO metrics.
+    Eval(eval::EvalArgs),
+    /// Time each pipeline stage (decode, preprocess, inference, postprocess).
+    Bench(bench::BenchArgs),
+}
+
+/// How a command failed, which decides the exit code.
+pub enum Failure {
+    /// Bad usage or a bad input file: exit 2.
+    BadInput(anyhow::Error),
+    /// Something failed at run time: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    fn report(self) -> ExitCode {
+        let (code, error) = match self {
+            Failure::BadInput(e) => (2, e),
+            Failure::Runtime(e) => (1, e),
+        };
+        eprintln!("error: {error:#}");
+        ExitCode::from(code)
+    }
+}
+
+/// Model selection and the overrides for exports that break convention.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// NanoDet ONNX file (any known export layout).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Inference backend.
+    #[arg(long, default_value = "tract")]
+    backend: BackendKind,
+    /// Force the output layout instead of inferring it from the shapes.
+    #[arg(long)]
+    layout: Option<LayoutKind>,
+    /// Strides of the output levels, finest first (e.g. 8,16,32).
+    #[arg(long, value_delimiter = ',')]
+    strides: Option<Vec<usize>>,
+    /// Cell-centre offset in cells (0 for Plus, 0.5 for legacy models).
+    #[arg(long)]
+    center_offset: Option<f32>,
+    /// Resize mode: stretch (Plus) or letterbox (legacy).
+    #[arg(long)]
+    resize: Option<ResizeMode>,
+    /// Class-name file, one per line (default: the 80 COCO classes).
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Input size WxH, for models whose input size is not fixed.
+    #[arg(long, value_parser = parse_size)]
+    input_size: Option<(usize, usize)>,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?} is not WxH"))?;
+    let parse = |v: &str| {
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?} is not WxH with positive integers"))
+    };
+    Ok((parse(w)?, parse(h)?))
+}
+
+impl ModelArgs {
+    /// Loads the model and works out its layout: every failure here is a
+    /// bad input file.
+    fn detector(&self, params: DetectionParams) -> Result<Arc<Detector>, Failure> {
+        let class_names = self
+            .classes
+            .as_deref()
+            .map(model::read_class_names)
+            .transpose()
+            .map_err(|e| Failure::BadInput(e.into()))?;
+        let engine = backend::open_engine(
+            self.backend,
+            &self.model,
+            &EngineOptions {
+                input_size: self.input_size,
+            },
+        )
+        .map_err(|e| Failure::BadInput(e.into()))?;
+        let overrides = LayoutOverrides {
+            layout: self.layout,
+            strides: self.strides.clone(),
+            center_offset: self.center_offset,
+            resize: self.resize,
+            reg_max: None,
+            num_classes: None,
+        };
+        let detector = Detector::new(engine, &overrides, class_names, params)
+            .with_context(|| format!("{}", self.model.display()))
+            .map_err(Failure::BadInput)?;
+        Ok(Arc::new(detector))
+    }
+}
+
+/// Score/NMS flags shared by `detect` and `eval`.
+#[derive(Args, Debug)]
+pub struct ThresholdArgs {
+    /// Minimum class score (default 0.35 for detect, 0.05 for eval).
+    #[arg(long)]
+    score: Option<f32>,
+    /// Class-aware NMS IoU threshold.
+    #[arg(long, default_value_t = 0.6)]
+    iou: f32,
+    /// Most detections kept per image.
+    #[arg(long, default_value_t = 100)]
+    max_detections: usize,
+}
+
+impl ThresholdArgs {
+    fn params(&self, defaults: DetectionParams) -> Result<DetectionParams, Failure> {
+        let score = self.score.unwrap_or(defaults.score_threshold);
+        for (name, v) in [("--score", score), ("--iou", self.iou)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Failure::BadInput(anyhow::anyhow!(
+                    "{name} {v} is outside [0, 1]"
+                )));
+            }
+        }
+        Ok(DetectionParams {
+            score_threshold: score,
+            iou_threshold: self.iou,
+            max_detections: self.max_detections,
+            ..defaults
+        })
+    }
+}
+
+/// Parses arguments, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Detect(args) => detect::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}

@@ -1,0 +1,221 @@
+//! The detection pipeline for one frame, top to bottom:
+//! preprocess → backend session → decode → NMS → image coordinates.
+//!
+//! A [`Detector`] is immutable and shared; each thread that detects holds a
+//! [`DetectorSession`] with the reusable buffers.
+
+use std::sync::Arc;
+
+use crate::backend::{BackendError, Engine, InputBatch, Session};
+use crate::frame::Frame;
+use crate::model::{
+    COCO_CLASS_NAMES, Candidate, DecodeError, DecodeParams, Layout, LayoutError, LayoutOverrides,
+    OutputShape,
+};
+use crate::postprocess::{self, Detection, NmsParams};
+use crate::preprocess::{self, PreprocessError, PreprocessSpec, Transform};
+
+/// Score, NMS and candidate limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectionParams {
+    /// Minimum class score (strictly above).
+    pub score_threshold: f32,
+    /// Class-aware NMS IoU threshold.
+    pub iou_threshold: f32,
+    /// Detections kept per image.
+    pub max_detections: usize,
+    /// Legacy layouts: priors kept per level before NMS.
+    pub top_k_per_level: usize,
+}
+
+impl DetectionParams {
+    /// The daemon's and `detect`'s defaults: score 0.35.
+    pub const LIVE: DetectionParams = DetectionParams {
+        score_threshold: 0.35,
+        iou_threshold: 0.6,
+        max_detections: 100,
+        top_k_per_level: 1000,
+    };
+
+    /// COCO evaluation's defaults: score 0.05, as the reference scores it.
+    pub const EVAL: DetectionParams = DetectionParams {
+        score_threshold: 0.05,
+        ..DetectionParams::LIVE
+    };
+}
+
+/// Why a detector could not be built or could not process a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    /// The model's shapes match no known layout.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The class-name list does not fit the model.
+    #[error("{0}")]
+    ClassNames(String),
+    /// Preprocessing failed.
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The outputs did not match the layout.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// A prepared model plus everything needed to interpret it.
+pub struct Detector {
+    engine: Arc<dyn Engine>,
+    layout: Layout,
+    preprocess: PreprocessSpec,
+    class_names: Vec<String>,
+    params: DetectionParams,
+}
+
+impl Detector {
+    /// Works out the layout of `engine`'s model and binds the settings.
+    /// `class_names` defaults to COCO's 80 when the model scores 80 classes.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        overrides: &LayoutOverrides,
+        class_names: Option<Vec<String>>,
+        params: DetectionParams,
+    ) -> Result<Detector, DetectorError> {
+        let info = engine.info();
+        let outputs: Vec<OutputShape> = info
+            .outputs
+            .iter()
+            .map(|o| OutputShape {
+                name: o.name.clone(),
+                shape: o.shape.clone(),
+            })
+            .collect();
+        let overrides = LayoutOverrides {
+            num_classes: overrides.num_classes.or(class_names.as_ref().map(Vec::len)),
+            ..overrides.clone()
+        };
+        let layout = Layout::detect(&info.input.shape, &outputs, &overrides)?;
+        let class_names = match class_names {
+            Some(names) => names,
+            None if layout.num_classes == COCO_CLASS_NAMES.len() => {
+                COCO_CLASS_NAMES.iter().map(|s| (*s).to_owned()).collect()
+            }
+            None => (0..layout.num_classes)
+                .map(|i| format!("class{i}"))
+                .collect(),
+        };
+        if class_names.len() != layout.num_classes {
+            return Err(DetectorError::ClassNames(format!(
+                "{} class names given, the model scores {} classes",
+                class_names.len(),
+                layout.num_classes
+            )));
+        }
+        let preprocess =
+            PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize);
+        Ok(Detector {
+            engine,
+            layout,
+            preprocess,
+            class_names,
+            params,
+        })
+    }
+
+    /// The decoded layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The engine this detector runs on.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    /// The input definition, shared with calibration.
+    pub fn preprocess_spec(&self) -> &PreprocessSpec {
+        &self.preprocess
+    }
+
+    /// Score and NMS settings.
+    pub fn params(&self) -> &DetectionParams {
+        &self.params
+    }
+
+    /// Name of a class index (`"?"` when out of range).
+    pub fn class_name(&self, class_id: u32) -> &str {
+        self.class_names
+            .get(class_id as usize)
+            .map_or("?", String::as_str)
+    }
+
+    /// A session for the calling thread.
+    pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
+        Ok(DetectorSession {
+            session: self.engine.new_session()?,
+            input: vec![0.0; self.preprocess.tensor_len()],
+            candidates: Vec::new(),
+            detector: Arc::clone(self),
+        })
+    }
+}
+
+/// Per-thread buffers for running a [`Detector`].
+pub struct DetectorSession {
+    detector: Arc<Detector>,
+    session: Box<dyn Session>,
+    input: Vec<f32>,
+    candidates: Vec<Candidate>,
+}
+
+impl DetectorSession {
+    /// Runs the whole pipeline on one frame.
+    pub fn detect(&mut self, frame: &Frame) -> Result<Vec<Detection>, DetectorError> {
+        let transform = self.preprocess(frame)?;
+        self.infer()?;
+        self.postprocess(&transform)
+    }
+
+    /// Stage 1: frame → input tensor; returns the way back.
+    pub fn preprocess(&mut self, frame: &Frame) -> Result<Transform, DetectorError> {
+        Ok(preprocess::preprocess_into(
+            frame,
+            &self.detector.preprocess,
+            &mut self.input,
+        )?)
+    }
+
+    /// Stage 2: input tensor → raw outputs.
+    pub fn infer(&mut self) -> Result<(), DetectorError> {
+        Ok(self.session.run(InputBatch::host(&self.input, 1))?)
+    }
+
+    /// Stage 3: raw outputs → detections in image pixels, best first.
+    pub fn postprocess(&mut self, transform: &Transform) -> Result<Vec<Detection>, DetectorError> {
+        let d = &self.detector;
+        let outputs = self.session.outputs().for_image(0);
+        self.candidates.clear();
+        d.layout.decode(
+            &outputs,
+            &DecodeParams {
+                score_threshold: d.params.score_threshold,
+                top_k_per_level: Some(d.params.top_k_per_level),
+            },
+            &mut self.candidates,
+        )?;
+        let kept = postprocess::class_aware_nms(
+            &mut self.candidates,
+            &NmsParams {
+                iou_threshold: d.params.iou_threshold,
+                max_detections: d.params.max_detections,
+            },
+        );
+        Ok(postprocess::to_image(&kept, transform))
+    }
+
+    /// The detector this session runs.
+    pub fn detector(&self) -> &Arc<Detector> {
+        &self.detector
+    }
+}

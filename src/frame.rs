@@ -1,0 +1,209 @@
+//! `Frame`: one packed 8-bit image, the unit every source hands to the
+//! detector, and decoding of still-image files (JPEG, PNG) into it.
+//!
+//! Frames are tightly packed (row stride = width × channels). Whatever the
+//! file holds (16-bit samples, alpha, palette) is reduced here, once, so the
+//! preprocessing code only ever sees BGR, RGB or GRAY bytes.
+
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageReader};
+
+/// Channel layout of a frame's packed 8-bit pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    /// Three bytes per pixel: blue, green, red (what V4L2 converters emit).
+    Bgr8,
+    /// Three bytes per pixel: red, green, blue (what image files decode to).
+    Rgb8,
+    /// One byte per pixel.
+    Gray8,
+}
+
+impl PixelFormat {
+    /// Bytes per pixel.
+    pub fn channels(self) -> usize {
+        match self {
+            PixelFormat::Bgr8 | PixelFormat::Rgb8 => 3,
+            PixelFormat::Gray8 => 1,
+        }
+    }
+}
+
+/// A packed 8-bit image.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    width: usize,
+    height: usize,
+    format: PixelFormat,
+    data: Vec<u8>,
+}
+
+/// Why a frame could not be built or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file or buffer holds no bytes.
+    #[error("{origin}: empty file (0 bytes)")]
+    Empty {
+        /// File name or frame label.
+        origin: String,
+    },
+    /// The bytes are not a supported, intact image.
+    #[error("{origin}: cannot decode image: {reason}")]
+    Decode {
+        /// File name or frame label.
+        origin: String,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Width or height is zero, or the buffer does not match them.
+    #[error("{origin}: bad frame geometry: {reason}")]
+    Geometry {
+        /// File name or frame label.
+        origin: String,
+        /// What does not add up.
+        reason: String,
+    },
+}
+
+impl Frame {
+    /// Wraps packed pixels, checking that the buffer matches the geometry.
+    pub fn from_packed(
+        width: usize,
+        height: usize,
+        format: PixelFormat,
+        data: Vec<u8>,
+        origin: &str,
+    ) -> Result<Frame, FrameError> {
+        if width == 0 || height == 0 {
+            return Err(FrameError::Geometry {
+                origin: origin.to_owned(),
+                reason: format!("{width}x{height} has no pixels"),
+            });
+        }
+        let expected = width
+            .checked_mul(height)
+            .and_then(|p| p.checked_mul(format.channels()));
+        if expected != Some(data.len()) {
+            return Err(FrameError::Geometry {
+                origin: origin.to_owned(),
+                reason: format!(
+                    "{width}x{height} {format:?} needs {} bytes, buffer has {}",
+                    expected.map_or_else(|| "too many".to_owned(), |n| n.to_string()),
+                    data.len()
+                ),
+            });
+        }
+        Ok(Frame {
+            width,
+            height,
+            format,
+            data,
+        })
+    }
+
+    /// Reads and decodes an image file.
+    pub fn from_file(path: &Path) -> Result<Frame, FrameError> {
+        let bytes = std::fs::read(path).map_err(|source| FrameError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Frame::decode(&bytes, &path.display().to_string())
+    }
+
+    /// Decodes an encoded image (JPEG or PNG, sniffed from the bytes).
+    ///
+    /// 16-bit samples are scaled to 8 bits and alpha is dropped: NanoDet was
+    /// trained on opaque 8-bit photos, and a transparent pixel's colour is
+    /// what the camera would have seen.
+    pub fn decode(bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
+        if bytes.is_empty() {
+            return Err(FrameError::Empty {
+                origin: origin.to_owned(),
+            });
+        }
+        let decode_error = |e: image::ImageError| FrameError::Decode {
+            origin: origin.to_owned(),
+            reason: e.to_string(),
+        };
+        let image = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| FrameError::Decode {
+                origin: origin.to_owned(),
+                reason: e.to_string(),
+            })?
+            .decode()
+            .map_err(decode_error)?;
+        let (width, height) = (image.width() as usize, image.height() as usize);
+        let (format, data) = match image {
+            DynamicImage::ImageLuma8(gray) => (PixelFormat::Gray8, gray.into_raw()),
+            DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_) => {
+                (PixelFormat::Gray8, image.to_luma8().into_raw())
+            }
+            DynamicImage::ImageLumaA16(_) => (PixelFormat::Gray8, image.to_luma8().into_raw()),
+            DynamicImage::ImageRgb8(rgb) => (PixelFormat::Rgb8, rgb.into_raw()),
+            other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
+        };
+        Frame::from_packed(width, height, format, data, origin)
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Height in pixels.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Channel layout.
+    pub fn format(&self) -> PixelFormat {
+        self.format
+    }
+
+    /// Packed pixel bytes, row after row.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_buffer_that_does_not_match_geometry() {
+        let err = Frame::from_packed(4, 4, PixelFormat::Rgb8, vec![0; 47], "cam0 frame 7")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cam0 frame 7"), "{err}");
+        assert!(err.contains("needs 48 bytes, buffer has 47"), "{err}");
+    }
+
+    #[test]
+    fn rejects_zero_sized_frame() {
+        assert!(Frame::from_packed(0, 4, PixelFormat::Gray8, vec![], "x").is_err());
+    }
+
+    #[test]
+    fn empty_and_garbage_bytes_are_clear_errors() {
+        let empty = Frame::decode(&[], "a.jpg").unwrap_err().to_string();
+        assert_eq!(empty, "a.jpg: empty file (0 bytes)");
+        let garbage = Frame::decode(b"not an image at all", "b.png")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            garbage.starts_with("b.png: cannot decode image"),
+            "{garbage}"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Model-level knowledge that is not tied to a backend: output layouts and
+//! their decoding, and class names.
+
+mod decode;
+mod layout;
+
+use std::path::{Path, PathBuf};
+
+pub use decode::{Candidate, DecodeError, DecodeParams};
+pub use layout::{
+    BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, OutputShape,
+};
+
+/// The 80 COCO class names in NanoDet's training order, used when no
+/// class-name file is given.
+pub const COCO_CLASS_NAMES: [&str; 80] = [
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+];
+
+/// Why a class-name file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassNamesError {
+    /// The file could not be read.
+    #[error("{path}: cannot read class names: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file lists no names.
+    #[error("{path}: no class names in file")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Reads one class name per line; blank lines and surrounding space are
+/// ignored.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>, ClassNamesError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ClassNamesError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        return Err(ClassNamesError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(names)
+}

@@ -1,0 +1,241 @@
+//! Shared by the integration tests: finding the real assets, and building
+//! small ONNX graphs with NanoDet's output shapes.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use tract_onnx::pb;
+
+/// The shared assets folder (`NANODETD_ASSETS`, else `../shared`). When it
+/// is missing the test fails under CI and is skipped, loudly, elsewhere.
+pub fn assets(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("NANODETD_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    if dir.join("models/nanodet-plus-m_320.onnx").is_file() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "{test}: assets not found at {} (set NANODETD_ASSETS)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must run against the real models");
+    }
+    eprintln!("SKIPPED {msg}");
+    None
+}
+
+pub fn model(assets: &Path, name: &str) -> PathBuf {
+    assets.join("models").join(format!("{name}.onnx"))
+}
+
+pub fn sample(assets: &Path, name: &str) -> PathBuf {
+    assets.join("samples").join(name)
+}
+
+/// The four shared models and the layout each one must be detected as.
+pub const MODELS: [(&str, &str); 4] = [
+    ("nanodet-plus-m_320", "plus"),
+    ("nanodet-plus-m_416", "plus"),
+    ("nanodet-m_320", "raw"),
+    ("nanodet-m-0.5x_320", "integral"),
+];
+
+fn dims(shape: &[i64]) -> pb::TypeProto {
+    pb::TypeProto {
+        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+            elem_type: pb::tensor_proto::DataType::Float as i32,
+            shape: Some(pb::TensorShapeProto {
+                dim: shape
+                    .iter()
+                    .map(|&d| pb::tensor_shape_proto::Dimension {
+                        value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
+pub fn value_info(name: &str, shape: &[i64]) -> pb::ValueInfoProto {
+    pb::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(dims(shape)),
+        ..Default::default()
+    }
+}
+
+fn float_tensor(name: &str, shape: &[i64], data: Vec<f32>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: shape.to_vec(),
+        data_type: pb::tensor_proto::DataType::Float as i32,
+        float_data: data,
+        ..Default::default()
+    }
+}
+
+fn int_tensor(name: &str, data: Vec<i64>) -> pb::TensorProto {
+    pb::TensorProto {
+        name: name.into(),
+        dims: vec![data.len() as i64],
+        data_type: pb::tensor_proto::DataType::Int64 as i32,
+        int64_data: data,
+        ..Default::default()
+    }
+}
+
+fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+pub fn node(
+    op: &str,
+    inputs: &[&str],
+    output: &str,
+    attrs: Vec<pb::AttributeProto>,
+) -> pb::NodeProto {
+    pb::NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+pub fn concat(inputs: &[&str], output: &str, axis: i64) -> pb::NodeProto {
+    node("Concat", inputs, output, vec![int_attr("axis", axis)])
+}
+
+/// One output of a tiny model: the levels (strides) it spans, its columns
+/// per prior, and the values it must produce (priors × columns).
+pub struct TinyOutput {
+    pub strides: Vec<i64>,
+    pub columns: i64,
+    pub values: Vec<f32>,
+}
+
+/// A NanoDet-shaped ONNX model on a `[1, 3, size, size]` input. Each output
+/// is built as real exports build theirs: a strided conv per level,
+/// reshaped to `[1, K, N]`, concatenated over levels, transposed to
+/// `[1, N, K]`. The conv weights are zero and a constant is added, so the
+/// outputs are exactly `values` whatever the image, and a test knows which
+/// boxes must come out.
+pub fn tiny_nanodet(size: i64, outputs: &[TinyOutput]) -> Vec<u8> {
+    let mut graph = pb::GraphProto {
+        name: "tiny-nanodet".into(),
+        input: vec![value_info("data", &[1, 3, size, size])],
+        ..Default::default()
+    };
+    graph
+        .initializer
+        .push(int_tensor("flat_shape", vec![0, 0, -1]));
+    for (o, out) in outputs.iter().enumerate() {
+        let k = out.columns;
+        let mut level_outputs = Vec::new();
+        for &s in &out.strides {
+            let w = format!("w{o}_{s}");
+            graph
+                .initializer
+                .push(float_tensor(&w, &[k, 3, 1, 1], vec![0.0; (k * 3) as usize]));
+            let conv = format!("conv{o}_{s}");
+            graph.node.push(node(
+                "Conv",
+                &["data", &w],
+                &conv,
+                vec![
+                    ints_attr("strides", &[s, s]),
+                    ints_attr("kernel_shape", &[1, 1]),
+                ],
+            ));
+            let flat = format!("flat{o}_{s}");
+            graph
+                .node
+                .push(node("Reshape", &[&conv, "flat_shape"], &flat, vec![]));
+            level_outputs.push(flat);
+        }
+        let cat = format!("cat{o}");
+        let refs: Vec<&str> = level_outputs.iter().map(String::as_str).collect();
+        graph.node.push(concat(&refs, &cat, 2));
+        let tr = format!("tr{o}");
+        graph.node.push(node(
+            "Transpose",
+            &[&cat],
+            &tr,
+            vec![ints_attr("perm", &[0, 2, 1])],
+        ));
+        let priors = out.values.len() as i64 / k;
+        let c = format!("const{o}");
+        graph
+            .initializer
+            .push(float_tensor(&c, &[1, priors, k], out.values.clone()));
+        let name = format!("output{o}");
+        graph.node.push(node("Add", &[&tr, &c], &name, vec![]));
+        graph.output.push(value_info(&name, &[1, priors, k]));
+    }
+    encode(graph)
+}
+
+pub fn encode(graph: pb::GraphProto) -> Vec<u8> {
+    pb::ModelProto {
+        ir_version: 7,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 11,
+        }],
+        producer_name: "nanodetd-tests".into(),
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Rewrites the real integral-layout model (per level `[1,N,80]` scores and
+/// `[1,N,4]` distances) into the single-output fused layout `[1,N,4+80]`,
+/// the way the TensorRT-tutorial export concatenates its head.
+pub fn fused_from_integral(integral: &[u8]) -> Vec<u8> {
+    let mut model = pb::ModelProto::decode(integral).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let names: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let (scores, dists) = names.split_at(3);
+    let mut levels = Vec::new();
+    for (i, (s, d)) in scores.iter().zip(dists).enumerate() {
+        let level = format!("fused_level{i}");
+        graph.node.push(concat(&[d, s], &level, 2));
+        levels.push(level);
+    }
+    let refs: Vec<&str> = levels.iter().map(String::as_str).collect();
+    graph.node.push(concat(&refs, "fused", 1));
+    graph.output = vec![value_info("fused", &[1, 2100, 84])];
+    model.encode_to_vec()
+}
+
+/// DFL logits (4 sides × 8 bins) that put all mass on one bin per side.
+pub fn one_hot_dfl(bins: [usize; 4]) -> Vec<f32> {
+    let mut v = vec![-40.0; 32];
+    for (side, bin) in bins.iter().enumerate() {
+        v[side * 8 + bin] = 40.0;
+    }
+    v
+}
