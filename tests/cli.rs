@@ -1,0 +1,356 @@
+//! Black-box tests of the `nanodetd` binary: exit codes, one-line errors
+//! naming the file, JSON output, `bench`, and COCO accuracy on the real
+//! models checked against the reference table and against pycocotools.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::{MODELS, TinyOutput, assets, model, sample, tiny_nanodet};
+
+fn nanodetd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A valid 3-class plus-layout model that finds one box on any image.
+fn tiny_plus(dir: &Path) -> PathBuf {
+    let mut values = vec![0.0; 22 * 35];
+    values[2] = 0.9;
+    values[3..35].copy_from_slice(&support::one_hot_dfl([0, 0, 2, 2]));
+    let path = dir.join("tiny-plus.onnx");
+    std::fs::write(
+        &path,
+        tiny_nanodet(
+            32,
+            &[TinyOutput {
+                strides: vec![8, 16, 32, 64],
+                columns: 35,
+                values,
+            }],
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn write_png(path: &Path) {
+    image::RgbImage::from_pixel(40, 30, image::Rgb([10, 200, 30]))
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn no_arguments_is_a_usage_error() {
+    let o = nanodetd(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = nanodetd(&["detect", "--model", "m.onnx", "--score", "1.5", "x.jpg"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--score 1.5 is outside [0, 1]"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_model_files_give_one_line_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("ok.png");
+    write_png(&image);
+    let good = std::fs::read(tiny_plus(dir.path())).unwrap();
+    let cases: [(&str, Option<Vec<u8>>, &str); 4] = [
+        ("missing.onnx", None, "cannot read model"),
+        ("empty.onnx", Some(vec![]), "empty file (0 bytes)"),
+        (
+            "truncated.onnx",
+            Some(good[..good.len() / 2].to_vec()),
+            "not a loadable ONNX model",
+        ),
+        (
+            "text.onnx",
+            Some(b"this is not a protobuf\n".to_vec()),
+            "not a loadable ONNX model",
+        ),
+    ];
+    for (name, bytes, cause) in cases {
+        let path = dir.path().join(name);
+        if let Some(b) = bytes {
+            std::fs::write(&path, b).unwrap();
+        }
+        let o = nanodetd(&[
+            "detect",
+            "--model",
+            path.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.lines().count(), 1, "{name}: one line, got {err}");
+        assert!(err.contains(name) && err.contains(cause), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn unknown_layout_lists_shapes_and_known_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.onnx");
+    std::fs::write(
+        &path,
+        tiny_nanodet(
+            32,
+            &[TinyOutput {
+                strides: vec![8, 16, 32, 64],
+                columns: 7,
+                values: vec![0.0; 22 * 7],
+            }],
+        ),
+    )
+    .unwrap();
+    let image = dir.path().join("ok.png");
+    write_png(&image);
+    let o = nanodetd(&[
+        "detect",
+        "--model",
+        path.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("odd.onnx") && err.contains("[1, 22, 7]") && err.contains("known layouts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_images_are_reported_and_the_others_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_plus(dir.path());
+    let good = dir.path().join("good.png");
+    write_png(&good);
+    let corrupt = dir.path().join("corrupt.jpg");
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    std::fs::write(&corrupt, &jpeg[..jpeg.len() / 3]).unwrap();
+    let empty = dir.path().join("empty.png");
+    std::fs::write(&empty, b"").unwrap();
+    let missing = dir.path().join("missing.jpg");
+    let paths = [&corrupt, &good, &empty, &missing].map(|p| p.to_str().unwrap().to_owned());
+    let mut args = vec!["detect", "--model", model.to_str().unwrap(), "--classes"];
+    let classes = dir.path().join("classes.txt");
+    std::fs::write(&classes, "alpha\nbeta\ngamma\n").unwrap();
+    args.push(classes.to_str().unwrap());
+    args.extend(paths.iter().map(String::as_str));
+    let o = nanodetd(&args);
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(out.contains("good.png: 40x30, 1 detection"), "{out}");
+    // Class index 2 from --classes; network box [0, 0, 16, 16] on the
+    // 32x32 input maps to [0, 0, 20, 15] on the 40x30 image.
+    assert!(
+        out.contains("gamma             0.900      0.0      0.0     20.0     15.0"),
+        "{out}"
+    );
+    assert!(err.contains("corrupt.jpg: cannot decode image"), "{err}");
+    assert!(err.contains("empty.png: empty file (0 bytes)"), "{err}");
+    assert!(err.contains("missing.jpg: cannot read"), "{err}");
+    assert!(err.contains("3 of 4 images could not be read"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn json_output_is_coco_results_with_standard_category_ids() {
+    let Some(a) = assets("json_output_is_coco_results_with_standard_category_ids") else {
+        return;
+    };
+    let bus = sample(&a, "hpc203_bus.jpg");
+    let o = nanodetd(&[
+        "detect",
+        "--model",
+        model(&a, "nanodet-plus-m_320").to_str().unwrap(),
+        "--json",
+        bus.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let dets: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(dets.len(), 5);
+    // person is COCO category 1, bus is 6.
+    let ids: Vec<u64> = dets
+        .iter()
+        .map(|d| d["category_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 4, "{ids:?}");
+    assert_eq!(ids.iter().filter(|&&i| i == 6).count(), 1, "{ids:?}");
+    for d in &dets {
+        assert_eq!(d["file_name"], bus.to_str().unwrap());
+        let b: Vec<f64> = serde_json::from_value(d["bbox"].clone()).unwrap();
+        assert!(
+            b[2] > 0.0 && b[3] > 0.0 && b[0] + b[2] <= 810.01 && b[1] + b[3] <= 1080.01,
+            "{b:?}"
+        );
+        assert!(d["score"].as_f64().unwrap() > 0.35);
+    }
+}
+
+#[test]
+fn bench_reports_every_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_plus(dir.path());
+    let o = nanodetd(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for stage in [
+        "decode image",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "total",
+    ] {
+        let median = v["stages"][stage]["median_ms"].as_f64().unwrap();
+        assert!(median > 0.0, "{stage}: {v}");
+    }
+    assert_eq!(v["image_size"], serde_json::json!([1920, 1080]));
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
+}
+
+/// mAP@[.5:.95] on coco128 from ../shared/README.md.
+const REFERENCE_MAP: [(&str, f64); 4] = [
+    ("nanodet-plus-m_320", 0.398),
+    ("nanodet-plus-m_416", 0.410),
+    ("nanodet-m_320", 0.323),
+    ("nanodet-m-0.5x_320", 0.194),
+];
+
+fn pycocotools_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import pycocotools"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn coco128_accuracy_matches_reference_and_pycocotools() {
+    let Some(a) = assets("coco128_accuracy_matches_reference_and_pycocotools") else {
+        return;
+    };
+    let check_pycocotools = pycocotools_available();
+    if !check_pycocotools {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install pycocotools"
+        );
+        eprintln!("SKIPPED the pycocotools comparison: python3 -c 'import pycocotools' failed");
+    }
+    let images = a.join("datasets/coco128/images");
+    let annotations = a.join("datasets/coco128/annotations/instances_coco128.json");
+    let dir = tempfile::tempdir().unwrap();
+    for ((name, layout), (ref_name, reference)) in MODELS.iter().zip(REFERENCE_MAP) {
+        assert_eq!(*name, ref_name);
+        let saved = dir.path().join(format!("{name}.json"));
+        // The same command line for every model: no per-model flags.
+        let o = nanodetd(&[
+            "eval",
+            "--model",
+            model(&a, name).to_str().unwrap(),
+            "--images",
+            images.to_str().unwrap(),
+            "--annotations",
+            annotations.to_str().unwrap(),
+            "--save-detections",
+            saved.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["layout"], *layout);
+        let ours: Vec<f64> = serde_json::from_value(v["stats"].clone()).unwrap();
+        assert!(
+            (ours[0] - reference).abs() <= 0.005,
+            "{name}: mAP {:.4} vs reference {reference}",
+            ours[0]
+        );
+        if check_pycocotools {
+            let py = Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/pycocotools_stats.py"))
+                .args([&annotations, &saved])
+                .output()
+                .unwrap();
+            assert!(py.status.success(), "{}", stderr(&py));
+            let theirs: Vec<f64> = serde_json::from_slice(&py.stdout).unwrap();
+            assert_eq!(theirs.len(), 12);
+            for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (o - t).abs() <= 0.001,
+                    "{name} stat {i}: ours {o} pycocotools {t}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn eval_with_missing_images_counts_them_and_exits_2() {
+    let Some(a) = assets("eval_with_missing_images_counts_them_and_exits_2") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Two real images, one listed image that is not there.
+    let text =
+        std::fs::read_to_string(a.join("datasets/coco128/annotations/instances_coco128.json"))
+            .unwrap();
+    let mut coco: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let imgs = coco["images"].as_array().unwrap()[..2].to_vec();
+    let mut listed = imgs.clone();
+    listed.push(
+        serde_json::json!({"id": 999999, "file_name": "not-there.jpg", "width": 10, "height": 10}),
+    );
+    coco["images"] = serde_json::Value::Array(listed);
+    let ann = dir.path().join("subset.json");
+    std::fs::write(&ann, coco.to_string()).unwrap();
+    let o = nanodetd(&[
+        "eval",
+        "--model",
+        model(&a, "nanodet-plus-m_320").to_str().unwrap(),
+        "--images",
+        a.join("datasets/coco128/images").to_str().unwrap(),
+        "--annotations",
+        ann.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("not-there.jpg: cannot read"), "{err}");
+    assert!(err.contains("1 of 3 images could not be read"), "{err}");
+    assert!(
+        stdout(&o).contains("Average Precision"),
+        "metrics are still printed"
+    );
+}
