@@ -155,6 +155,26 @@ impl Frame {
         Frame::from_packed(width, height, format, data, origin)
     }
 
+    /// This frame in the top-left corner of a black frame at least as
+    /// large (each side is the larger of the two).
+    pub fn padded_with_black(&self, width: usize, height: usize) -> Frame {
+        let (width, height) = (width.max(self.width), height.max(self.height));
+        let c = self.format.channels();
+        let mut data = vec![0u8; width * height * c];
+        for (dst, src) in data
+            .chunks_exact_mut(width * c)
+            .zip(self.data.chunks_exact(self.width * c))
+        {
+            dst[..src.len()].copy_from_slice(src);
+        }
+        Frame {
+            width,
+            height,
+            format: self.format,
+            data,
+        }
+    }
+
     /// Width in pixels.
     pub fn width(&self) -> usize {
         self.width
@@ -187,6 +207,13 @@ mod tests {
             .to_string();
         assert!(err.contains("cam0 frame 7"), "{err}");
         assert!(err.contains("needs 48 bytes, buffer has 47"), "{err}");
+    }
+
+    #[test]
+    fn padding_keeps_pixels_top_left_and_adds_black() {
+        let f = Frame::from_packed(1, 2, PixelFormat::Gray8, vec![7, 9], "x").unwrap();
+        let p = f.padded_with_black(2, 2);
+        assert_eq!((p.width(), p.height(), p.data()), (2, 2, &[7, 0, 9, 0][..]));
     }
 
     #[test]
