@@ -11,8 +11,9 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use nanodetd::backend::{self, EngineOptions, InputBatch};
+use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::frame::{Frame, PixelFormat};
-use nanodetd::model::{DecodeParams, Layout, LayoutOverrides, OutputShape};
+use nanodetd::model::{DecodeParams, LayoutOverrides};
 use nanodetd::postprocess::{NmsParams, class_aware_nms};
 use nanodetd::preprocess::{PreprocessSpec, ResizeMode, preprocess_into};
 
@@ -60,22 +61,17 @@ fn decode_and_nms(c: &mut Criterion) {
         &EngineOptions::default(),
     )
     .expect("model loads");
-    let info = engine.info().clone();
-    let outputs: Vec<OutputShape> = info
-        .outputs
-        .iter()
-        .map(|o| OutputShape {
-            name: o.name.clone(),
-            shape: o.shape.clone(),
-        })
-        .collect();
-    let layout =
-        Layout::detect(&info.input.shape, &outputs, &LayoutOverrides::default()).expect("layout");
-    let spec = PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize);
+    let detector = Detector::new(
+        Arc::clone(&engine),
+        &LayoutOverrides::default(),
+        None,
+        DetectionParams::LIVE,
+    )
+    .expect("layout");
+    let (layout, spec) = (detector.layout(), detector.preprocess_spec());
     let frame = Frame::from_file(&image).expect("sample decodes");
     let mut input = vec![0.0; spec.tensor_len()];
-    preprocess_into(&frame, &spec, &mut input).expect("sized buffer");
-    let engine: Arc<dyn backend::Engine> = engine;
+    preprocess_into(&frame, spec, &mut input).expect("sized buffer");
     let mut session = engine.new_session().expect("session");
     session.run(InputBatch::host(&input, 1)).expect("inference");
     let raw: Vec<Vec<f32>> = session

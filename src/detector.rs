@@ -10,7 +10,6 @@ use crate::backend::{BackendError, Engine, InputBatch, Session};
 use crate::frame::Frame;
 use crate::model::{
     COCO_CLASS_NAMES, Candidate, DecodeError, DecodeParams, Layout, LayoutError, LayoutOverrides,
-    OutputShape,
 };
 use crate::postprocess::{self, Detection, NmsParams};
 use crate::preprocess::{self, PreprocessError, PreprocessSpec, Transform};
@@ -83,19 +82,11 @@ impl Detector {
         params: DetectionParams,
     ) -> Result<Detector, DetectorError> {
         let info = engine.info();
-        let outputs: Vec<OutputShape> = info
-            .outputs
-            .iter()
-            .map(|o| OutputShape {
-                name: o.name.clone(),
-                shape: o.shape.clone(),
-            })
-            .collect();
         let overrides = LayoutOverrides {
             num_classes: overrides.num_classes.or(class_names.as_ref().map(Vec::len)),
             ..overrides.clone()
         };
-        let layout = Layout::detect(&info.input.shape, &outputs, &overrides)?;
+        let layout = Layout::detect(&info.input.shape, &info.outputs, &overrides)?;
         let class_names = match class_names {
             Some(names) => names,
             None if layout.num_classes == COCO_CLASS_NAMES.len() => {

@@ -18,6 +18,16 @@ fn nanodetd(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `nanodetd detect --model MODEL IMAGE`.
+fn detect(model: &Path, image: &Path) -> Output {
+    nanodetd(&[
+        "detect",
+        "--model",
+        model.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ])
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -91,12 +101,7 @@ fn bad_model_files_give_one_line_errors_naming_the_file() {
         if let Some(b) = bytes {
             std::fs::write(&path, b).unwrap();
         }
-        let o = nanodetd(&[
-            "detect",
-            "--model",
-            path.to_str().unwrap(),
-            image.to_str().unwrap(),
-        ]);
+        let o = detect(&path, &image);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{name}: {err}");
         assert_eq!(err.lines().count(), 1, "{name}: one line, got {err}");
@@ -123,12 +128,7 @@ fn unknown_layout_lists_shapes_and_known_layouts() {
     .unwrap();
     let image = dir.path().join("ok.png");
     write_png(&image);
-    let o = nanodetd(&[
-        "detect",
-        "--model",
-        path.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    let o = detect(&path, &image);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(

@@ -14,35 +14,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::tract::TractEngine;
-
-/// Name and shape of a model input or output, at batch 1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorInfo {
-    /// Declared name.
-    pub name: String,
-    /// Concrete dimensions.
-    pub shape: Vec<usize>,
-}
-
-impl TensorInfo {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Whether the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+use crate::model::TensorShape;
 
 /// What a prepared model consumes and produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
     /// The image input, `[1, 3, H, W]`.
-    pub input: TensorInfo,
-    /// Outputs in declared order.
-    pub outputs: Vec<TensorInfo>,
+    pub input: TensorShape,
+    /// Outputs in declared order, at batch 1.
+    pub outputs: Vec<TensorShape>,
 }
 
 /// Settings for preparing a model, common to every backend.

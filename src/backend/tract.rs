@@ -7,9 +7,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+use crate::model::TensorShape;
+
 use super::{
     BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelInfo, Session,
-    TensorInfo,
 };
 
 /// A model optimised by tract, ready to run.
@@ -80,7 +81,7 @@ impl TractEngine {
                 .outlet_label(*outlet)
                 .unwrap_or(&typed.node(outlet.node).name)
                 .to_owned();
-            outputs.push(TensorInfo {
+            outputs.push(TensorShape {
                 name,
                 shape: shape.to_vec(),
             });
@@ -92,7 +93,7 @@ impl TractEngine {
         Ok(TractEngine {
             plan,
             info: ModelInfo {
-                input: TensorInfo {
+                input: TensorShape {
                     name: input_name,
                     shape: input_shape,
                 },

@@ -207,7 +207,7 @@ impl Layout {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::{LayoutOverrides, OutputShape};
+    use super::super::layout::{LayoutOverrides, TensorShape};
     use super::*;
 
     const PARAMS: DecodeParams = DecodeParams {
@@ -216,9 +216,9 @@ mod tests {
     };
 
     fn layout(input: usize, shapes: &[&[usize]]) -> Layout {
-        let outputs: Vec<OutputShape> = shapes
+        let outputs: Vec<TensorShape> = shapes
             .iter()
-            .map(|s| OutputShape {
+            .map(|s| TensorShape {
                 name: String::new(),
                 shape: s.to_vec(),
             })

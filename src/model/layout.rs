@@ -95,10 +95,10 @@ pub struct LayoutOverrides {
     pub num_classes: Option<usize>,
 }
 
-/// A model output as the backend reports it.
+/// A named tensor shape, as a backend reports a model's input or outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputShape {
-    /// Declared name (informative only).
+pub struct TensorShape {
+    /// Declared name (informative only: never used to pick a layout).
     pub name: String,
     /// Concrete dimensions.
     pub shape: Vec<usize>,
@@ -210,7 +210,7 @@ pub struct LayoutError {
     /// The model's input shape.
     pub input: Vec<usize>,
     /// The model's output shapes.
-    pub outputs: Vec<OutputShape>,
+    pub outputs: Vec<TensorShape>,
 }
 
 /// Drops leading unit axes so `[1, N, K]` and `[N, K]` read the same.
@@ -230,7 +230,7 @@ impl Layout {
     /// `outputs`, applying `overrides`.
     pub fn detect(
         input: &[usize],
-        outputs: &[OutputShape],
+        outputs: &[TensorShape],
         overrides: &LayoutOverrides,
     ) -> Result<Layout, LayoutError> {
         let fail = |reason: String| LayoutError {
@@ -271,11 +271,12 @@ impl Layout {
                 };
                 let mut found = None;
                 for kind in candidates {
+                    // Plus: C scores, then the DFL logits from column C on.
                     let (boxes, score_column, box_column, classes) = match kind {
                         LayoutKind::Plus => (
                             dfl,
                             0,
-                            columns.wrapping_sub(dfl.width()),
+                            columns.saturating_sub(dfl.width()),
                             columns.checked_sub(dfl.width()),
                         ),
                         LayoutKind::Fused => (BoxEncoding::Distances, 4, 0, columns.checked_sub(4)),
@@ -492,11 +493,11 @@ impl Layout {
 mod tests {
     use super::*;
 
-    fn outs(shapes: &[&[usize]]) -> Vec<OutputShape> {
+    fn outs(shapes: &[&[usize]]) -> Vec<TensorShape> {
         shapes
             .iter()
             .enumerate()
-            .map(|(i, s)| OutputShape {
+            .map(|(i, s)| TensorShape {
                 name: format!("out{i}"),
                 shape: s.to_vec(),
             })

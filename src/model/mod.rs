@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub use decode::{Candidate, DecodeError, DecodeParams};
 pub use layout::{
-    BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, OutputShape,
+    BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
 };
 
 /// The 80 COCO class names in NanoDet's training order, used when no
