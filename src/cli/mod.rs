@@ -78,6 +78,10 @@ pub struct ModelArgs {
     /// Resize mode: stretch (Plus) or letterbox (legacy).
     #[arg(long)]
     resize: Option<ResizeMode>,
+    /// DFL bins per side minus one (7 in every official export; inferred
+    /// from the shapes when --classes is given).
+    #[arg(long)]
+    reg_max: Option<usize>,
     /// Class-name file, one per line (default: the 80 COCO classes).
     #[arg(long)]
     classes: Option<PathBuf>,
@@ -122,7 +126,7 @@ impl ModelArgs {
             strides: self.strides.clone(),
             center_offset: self.center_offset,
             resize: self.resize,
-            reg_max: None,
+            reg_max: self.reg_max,
             num_classes: None,
         };
         let detector = Detector::new(engine, &overrides, class_names, params)

@@ -272,12 +272,20 @@ impl Layout {
                 let mut found = None;
                 for kind in candidates {
                     // Plus: C scores, then the DFL logits from column C on.
+                    // With C known, the logits' width gives reg_max.
+                    let plus_dfl = match (overrides.reg_max, overrides.num_classes) {
+                        (None, Some(n)) => columns
+                            .checked_sub(n)
+                            .filter(|w| *w > 4 && w.is_multiple_of(4))
+                            .map_or(dfl, |w| BoxEncoding::Dfl { bins: w / 4 }),
+                        _ => dfl,
+                    };
                     let (boxes, score_column, box_column, classes) = match kind {
                         LayoutKind::Plus => (
-                            dfl,
+                            plus_dfl,
                             0,
-                            columns.saturating_sub(dfl.width()),
-                            columns.checked_sub(dfl.width()),
+                            columns.saturating_sub(plus_dfl.width()),
+                            columns.checked_sub(plus_dfl.width()),
                         ),
                         LayoutKind::Fused => (BoxEncoding::Distances, 4, 0, columns.checked_sub(4)),
                         other => {
@@ -395,9 +403,18 @@ impl Layout {
         for (_, members) in &groups {
             let (a, b) = (members[0], members[1]);
             let (ka, kb) = (matrices[a].1, matrices[b].1);
+            // With the class count known, any other multiple of 4 is DFL
+            // logits of some reg_max.
             let is_box = |k: usize| match box_width_wanted {
                 Some(w) => k == w,
-                None => k == 4 || k == dfl.width(),
+                None => {
+                    k == 4
+                        || k == dfl.width()
+                        || (overrides.reg_max.is_none()
+                            && overrides.num_classes.is_some_and(|n| n != k)
+                            && k > 4
+                            && k.is_multiple_of(4))
+                }
             };
             let is_score = |k: usize| overrides.num_classes.is_none_or(|n| n == k);
             // Declared order breaks a tie (a 32-class model next to 32 DFL
@@ -413,10 +430,9 @@ impl Layout {
                     dfl.width()
                 ));
             };
-            let this_encoding = if matrices[bx].1 == 4 {
-                BoxEncoding::Distances
-            } else {
-                dfl
+            let this_encoding = match matrices[bx].1 {
+                4 => BoxEncoding::Distances,
+                k => BoxEncoding::Dfl { bins: k / 4 },
             };
             if encoding.is_some_and(|e| e != this_encoding)
                 || classes.is_some_and(|c| c != matrices[s].1)
@@ -656,6 +672,44 @@ mod tests {
         assert_eq!(l.levels.len(), 3);
         assert_eq!(l.center_offset, 0.5);
         assert_eq!(l.resize, ResizeMode::Letterbox);
+    }
+
+    #[test]
+    fn reg_max_follows_from_the_shapes_when_the_class_count_is_known() {
+        let three = LayoutOverrides {
+            num_classes: Some(3),
+            ..Default::default()
+        };
+        // Plus with reg_max 10: 3 scores + 4 x 11 logits.
+        let l = Layout::detect(&[1, 3, 320, 320], &outs(&[&[1, 2125, 47]]), &three).unwrap();
+        assert_eq!(
+            (l.kind, l.boxes),
+            (LayoutKind::Plus, BoxEncoding::Dfl { bins: 11 })
+        );
+        let o = outs(&[
+            &[1600, 3],
+            &[400, 3],
+            &[100, 3],
+            &[1600, 44],
+            &[400, 44],
+            &[100, 44],
+        ]);
+        let l = Layout::detect(&[1, 3, 320, 320], &o, &three).unwrap();
+        assert_eq!(
+            (l.kind, l.boxes),
+            (LayoutKind::Raw, BoxEncoding::Dfl { bins: 11 })
+        );
+        // Without the class count, --reg-max says it.
+        let l = Layout::detect(
+            &[1, 3, 320, 320],
+            &outs(&[&[1, 2125, 47]]),
+            &LayoutOverrides {
+                reg_max: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((l.num_classes, l.boxes), (3, BoxEncoding::Dfl { bins: 11 }));
     }
 
     #[test]
