@@ -219,7 +219,15 @@ fn awkward_image_files_decode_and_run() {
     }
 
     // Degenerate and huge frames run without error and keep boxes inside.
-    let one = Frame::from_packed(1, 1, PixelFormat::Rgb8, vec![90, 120, 200], "1x1").unwrap();
+    let one_path = dir.path().join("one-pixel.png");
+    image::RgbImage::from_pixel(1, 1, image::Rgb([90, 120, 200]))
+        .save(&one_path)
+        .unwrap();
+    let one = Frame::from_file(&one_path).unwrap();
+    assert_eq!(
+        (one.width(), one.height(), one.format()),
+        (1, 1, PixelFormat::Rgb8)
+    );
     for det in s.detect(&one).unwrap() {
         assert!(det.bbox.iter().all(|v| (0.0..=1.0).contains(v)), "{det:?}");
     }
