@@ -269,17 +269,17 @@ impl Layout {
                     Some(k) => vec![k],
                     None => vec![LayoutKind::Plus, LayoutKind::Fused],
                 };
+                // Plus: C scores, then the DFL logits from column C on.
+                // With C known, the logits' width gives reg_max.
+                let plus_dfl = match (overrides.reg_max, overrides.num_classes) {
+                    (None, Some(n)) => columns
+                        .checked_sub(n)
+                        .filter(|w| *w > 4 && w.is_multiple_of(4))
+                        .map_or(dfl, |w| BoxEncoding::Dfl { bins: w / 4 }),
+                    _ => dfl,
+                };
                 let mut found = None;
                 for kind in candidates {
-                    // Plus: C scores, then the DFL logits from column C on.
-                    // With C known, the logits' width gives reg_max.
-                    let plus_dfl = match (overrides.reg_max, overrides.num_classes) {
-                        (None, Some(n)) => columns
-                            .checked_sub(n)
-                            .filter(|w| *w > 4 && w.is_multiple_of(4))
-                            .map_or(dfl, |w| BoxEncoding::Dfl { bins: w / 4 }),
-                        _ => dfl,
-                    };
                     let (boxes, score_column, box_column, classes) = match kind {
                         LayoutKind::Plus => (
                             plus_dfl,
