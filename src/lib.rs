@@ -8,6 +8,7 @@
 //! scores detections the way pycocotools does.
 
 pub mod backend;
+pub mod capture;
 pub mod detector;
 pub mod eval;
 pub mod frame;
