@@ -109,3 +109,20 @@ fn yuyv_and_nv12_from_a_real_photo_round_trip_and_detect() {
         );
     }
 }
+
+#[test]
+fn sample_folder_plays_every_photo_once() {
+    let Some(a) = assets("sample_folder_plays_every_photo_once") else {
+        return;
+    };
+    let mut source = nanodetd::capture::FolderSource::open(&a.join("samples"), false).unwrap();
+    let listed = source.files().len();
+    assert!(listed >= 7, "{listed} files");
+    let mut decoded = 0;
+    while let Some((path, frame)) = source.next_frame() {
+        let frame = frame.unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(frame.width() > 0);
+        decoded += 1;
+    }
+    assert_eq!(decoded, listed);
+}

@@ -1,0 +1,140 @@
+//! The image-folder source: the JPEG and PNG files of a directory, in name
+//! order, once or looping. For demos, tests and replays. Pacing (fps) is
+//! the caller's, so this stays free of clocks.
+
+use std::path::{Path, PathBuf};
+
+use crate::frame::{Frame, FrameError};
+
+/// Why a folder cannot serve as a source.
+#[derive(Debug, thiserror::Error)]
+pub enum FolderError {
+    /// The folder cannot be listed.
+    #[error("{path}: cannot list image folder: {source}")]
+    List {
+        /// The folder.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The folder has no JPEG or PNG files.
+    #[error("{path}: no .jpg, .jpeg or .png files in the image folder")]
+    Empty {
+        /// The folder.
+        path: PathBuf,
+    },
+}
+
+/// Frames from the image files of one folder.
+#[derive(Debug)]
+pub struct FolderSource {
+    files: Vec<PathBuf>,
+    next: usize,
+    looping: bool,
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.to_ascii_lowercase().as_str()))
+}
+
+impl FolderSource {
+    /// Lists `dir`'s images. Files added later are not picked up.
+    pub fn open(dir: &Path, looping: bool) -> Result<FolderSource, FolderError> {
+        let list_error = |source| FolderError::List {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(list_error)? {
+            let path = entry.map_err(list_error)?.path();
+            if path.is_file() && is_image(&path) {
+                files.push(path);
+            }
+        }
+        if files.is_empty() {
+            return Err(FolderError::Empty {
+                path: dir.to_owned(),
+            });
+        }
+        files.sort();
+        Ok(FolderSource {
+            files,
+            next: 0,
+            looping,
+        })
+    }
+
+    /// The files played, in order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// The next file and its decoded frame (or why it would not decode:
+    /// the caller counts it and goes on). `None` once a non-looping
+    /// source has played every file.
+    pub fn next_frame(&mut self) -> Option<(PathBuf, Result<Frame, FrameError>)> {
+        if self.next == self.files.len() {
+            if !self.looping {
+                return None;
+            }
+            self.next = 0;
+        }
+        let path = self.files[self.next].clone();
+        self.next += 1;
+        let frame = Frame::from_file(&path);
+        Some((path, frame))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(path: &Path) {
+        image::RgbImage::from_pixel(4, 3, image::Rgb([1, 2, 3]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn plays_images_in_name_order_skipping_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        png(&dir.path().join("b.PNG"));
+        png(&dir.path().join("a.png"));
+        std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("c.jpg"), b"broken").unwrap();
+        let mut s = FolderSource::open(dir.path(), false).unwrap();
+        let names: Vec<String> = std::iter::from_fn(|| s.next_frame())
+            .map(|(p, f)| format!("{} {}", p.file_name().unwrap().to_string_lossy(), f.is_ok()))
+            .collect();
+        assert_eq!(names, ["a.png true", "b.PNG true", "c.jpg false"]);
+        assert!(s.next_frame().is_none(), "played once");
+    }
+
+    #[test]
+    fn loops_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        png(&dir.path().join("only.png"));
+        let mut s = FolderSource::open(dir.path(), true).unwrap();
+        for _ in 0..3 {
+            assert!(s.next_frame().unwrap().1.is_ok());
+        }
+    }
+
+    #[test]
+    fn missing_and_empty_folders_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = FolderSource::open(&missing, false).unwrap_err().to_string();
+        assert!(err.contains("nope: cannot list image folder"), "{err}");
+        let err = FolderSource::open(dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("no .jpg, .jpeg or .png files in the image folder"),
+            "{err}"
+        );
+    }
+}
