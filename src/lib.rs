@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod capture;
+pub mod config;
 pub mod detector;
 pub mod eval;
 pub mod frame;

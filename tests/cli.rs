@@ -354,3 +354,28 @@ fn eval_with_missing_images_counts_them_and_exits_2() {
         "metrics are still printed"
     );
 }
+
+#[test]
+fn check_config_accepts_the_shipped_example_and_rejects_bad_edits() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/nanodetd.toml");
+    let o = nanodetd(&["check-config", shipped.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ok (2 cameras)"), "{}", stdout(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&shipped)
+        .unwrap()
+        .replace("iou = 0.6", "iou = 6");
+    std::fs::write(&bad, text).unwrap();
+    let o = nanodetd(&["check-config", bad.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("bad.toml: line")
+            && err.contains("`iou = 6`")
+            && err.contains("must be within [0, 1]"),
+        "{err}"
+    );
+}

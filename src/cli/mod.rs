@@ -36,6 +36,11 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time each pipeline stage (decode, preprocess, inference, postprocess).
     Bench(bench::BenchArgs),
+    /// Parse and check a daemon configuration file (exit 0 if valid, 2 if not).
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
 }
 
 /// How a command failed, which decides the exit code.
@@ -176,6 +181,16 @@ pub fn main() -> ExitCode {
         Command::Detect(args) => detect::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
+            .map(|c| {
+                println!(
+                    "{}: ok ({} camera{})",
+                    file.display(),
+                    c.cameras.len(),
+                    if c.cameras.len() == 1 { "" } else { "s" }
+                )
+            })
+            .map_err(|e| Failure::BadInput(e.into())),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

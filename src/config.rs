@@ -1,0 +1,465 @@
+//! The daemon's TOML configuration, in two steps: serde structs with
+//! validated newtypes (bad values fail while parsing, with the key's line
+//! and column), then [`Config::check`] for rules across fields.
+//!
+//! Loading opens no camera, GPU or socket. `check-config`, start-up and
+//! hot reload all call [`Config::load`]. Which settings apply live and
+//! which restart a part is documented in `etc/nanodetd.toml`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend::BackendKind;
+
+/// A score or IoU in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "f32")]
+pub struct Probability(f32);
+
+impl TryFrom<f32> for Probability {
+    type Error = String;
+    fn try_from(v: f32) -> Result<Self, Self::Error> {
+        if (0.0..=1.0).contains(&v) {
+            Ok(Probability(v))
+        } else {
+            Err(format!("must be within [0, 1], got {v}"))
+        }
+    }
+}
+
+impl Probability {
+    /// The value.
+    pub fn get(self) -> f32 {
+        self.0
+    }
+}
+
+/// A name that is safe as one MQTT topic level: not empty, at most 64
+/// bytes, and free of `/`, `+`, `#` and control characters, so no camera
+/// or device name can reach into another topic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TopicLevel(String);
+
+impl TryFrom<String> for TopicLevel {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.is_empty() || s.len() > 64 {
+            return Err(format!("must be 1 to 64 bytes, got {} bytes", s.len()));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+        {
+            return Err(format!(
+                "{s:?} contains {c:?}, which is not allowed in an MQTT topic level"
+            ));
+        }
+        Ok(TopicLevel(s))
+    }
+}
+
+impl TopicLevel {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a camera's frames come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// A V4L2 device, e.g. `/dev/video0`.
+    V4l2(PathBuf),
+    /// A folder of JPEG/PNG files.
+    Folder(PathBuf),
+}
+
+/// The detector. Cold: a change loads the new model in the background.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// NanoDet ONNX file.
+    pub path: PathBuf,
+    /// Inference backend.
+    #[serde(default = "default_backend")]
+    pub backend: BackendKind,
+    /// Class-name file (default: COCO's 80).
+    #[serde(default)]
+    pub classes: Option<PathBuf>,
+    /// Detector score floor.
+    #[serde(default = "default_score")]
+    pub score: Probability,
+    /// NMS IoU threshold.
+    #[serde(default = "default_iou")]
+    pub iou: Probability,
+    /// Detections kept per frame.
+    #[serde(default = "default_max_detections")]
+    pub max_detections: usize,
+}
+
+/// The broker. A change reconnects.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Topic prefix (default `nanodetd/<device_id>`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password, never the password itself.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: default_host(),
+            port: default_port(),
+            prefix: None,
+            username: None,
+            password_file: None,
+        }
+    }
+}
+
+/// Per-label filters, by class name. Hot.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Detections below this are ignored.
+    #[serde(default = "default_score")]
+    pub min_score: Probability,
+    /// Median score for a track to become real.
+    #[serde(default = "default_threshold")]
+    pub threshold: Probability,
+    /// Smallest box area, pixels.
+    #[serde(default)]
+    pub min_area: f32,
+    /// Largest box area, pixels.
+    #[serde(default = "infinite")]
+    pub max_area: f32,
+    /// Smallest width / height.
+    #[serde(default)]
+    pub min_ratio: f32,
+    /// Largest width / height.
+    #[serde(default = "infinite")]
+    pub max_ratio: f32,
+}
+
+/// One camera. Its source settings are cold (the camera restarts alone);
+/// zones and masks are hot.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Name, also its topic level.
+    pub name: TopicLevel,
+    /// Frame source.
+    pub source: SourceConfig,
+    /// Frames per second asked of the source (folder: playback rate).
+    #[serde(default)]
+    pub fps: Option<f32>,
+    /// Replay a folder forever.
+    #[serde(default)]
+    pub looping: bool,
+    /// Named polygons in image pixels.
+    #[serde(default)]
+    pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
+    /// Polygons where detections are ignored.
+    #[serde(default)]
+    pub masks: Vec<Vec<[f32; 2]>>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This box's name, the second topic level.
+    #[serde(default = "default_device_id")]
+    pub device_id: TopicLevel,
+    /// The detector.
+    pub model: ModelConfig,
+    /// The broker.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// Filters by label.
+    #[serde(default)]
+    pub filters: BTreeMap<String, FilterConfig>,
+    /// Cameras (`[[camera]]` tables).
+    #[serde(rename = "camera")]
+    pub cameras: Vec<CameraConfig>,
+}
+
+fn default_backend() -> BackendKind {
+    BackendKind::Tract
+}
+fn default_score() -> Probability {
+    Probability(0.35)
+}
+fn default_threshold() -> Probability {
+    Probability(0.5)
+}
+fn default_iou() -> Probability {
+    Probability(0.6)
+}
+fn default_max_detections() -> usize {
+    100
+}
+fn default_host() -> String {
+    "localhost".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_device_id() -> TopicLevel {
+    TopicLevel("nanodetd".into())
+}
+fn infinite() -> f32 {
+    f32::INFINITY
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a bad value; the message gives the
+    /// key, line and column.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, one line.
+        message: String,
+    },
+    /// Values that do not fit together.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, as a dotted path.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&e, text),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Rules that span fields.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        if self.cameras.is_empty() {
+            return Err(invalid(
+                "camera".into(),
+                "at least one [[camera]] is needed".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, cam) in self.cameras.iter().enumerate() {
+            if !names.insert(cam.name.as_str()) {
+                return Err(invalid(
+                    format!("camera[{i}].name"),
+                    format!("{:?} is used by an earlier camera", cam.name.as_str()),
+                ));
+            }
+            if cam.fps.is_some_and(|f| !(f > 0.0 && f.is_finite())) {
+                return Err(invalid(
+                    format!("camera[{i}].fps"),
+                    "must be a positive number".into(),
+                ));
+            }
+            let polygons = cam
+                .zones
+                .iter()
+                .map(|(z, p)| (format!("camera[{i}].zones.{}", z.as_str()), p))
+                .chain(
+                    cam.masks
+                        .iter()
+                        .enumerate()
+                        .map(|(m, p)| (format!("camera[{i}].masks[{m}]"), p)),
+                );
+            for (key, polygon) in polygons {
+                if polygon.len() < 3 {
+                    return Err(invalid(
+                        key,
+                        format!("a polygon needs 3 or more points, got {}", polygon.len()),
+                    ));
+                }
+            }
+        }
+        for (label, f) in &self.filters {
+            if f.min_area > f.max_area || f.min_ratio > f.max_ratio {
+                return Err(invalid(
+                    format!("filters.{label}"),
+                    "min_area/min_ratio must not exceed max_area/max_ratio".into(),
+                ));
+            }
+        }
+        if self.model.max_detections == 0 {
+            return Err(invalid(
+                "model.max_detections".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// toml's messages quote the source line over several lines; operators
+/// read them in the journal, one line per event, so give line and column.
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            // The offending line names the key, which toml's message for a
+            // rejected value does not.
+            let source: String = text
+                .lines()
+                .nth(line - 1)
+                .unwrap_or("")
+                .trim()
+                .chars()
+                .take(80)
+                .collect();
+            format!("line {line}, column {column} (`{source}`): {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[model]
+path = "/var/lib/nanodetd/nanodet-plus-m_320.onnx"
+
+[[camera]]
+name = "front"
+source = { v4l2 = "/dev/video0" }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/nanodetd/nanodetd.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.device_id.as_str(), "nanodetd");
+        assert_eq!(c.model.score.get(), 0.35);
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(
+            c.cameras[0].source,
+            SourceConfig::V4l2("/dev/video0".into())
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_the_key() {
+        let err = parse(&format!("{MINIMAL}\nthreshhold = 0.5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `threshhold`"), "{err}");
+        let err = parse(&MINIMAL.replace("[model]", "[model]\nscore = 1.5"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be within [0, 1], got 1.5"), "{err}");
+        // `score = 1.5` is on line 3 (MINIMAL starts with a newline); the
+        // message quotes the line, so the key is named.
+        assert!(
+            err.starts_with("/etc/nanodetd/nanodetd.toml: line 3, column 9 (`score = 1.5`):"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn topic_injection_is_rejected() {
+        for bad in ["a/b", "cam+", "#", ""] {
+            let err = parse(&MINIMAL.replace("\"front\"", &format!("{bad:?}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("not allowed in an MQTT topic level") || err.contains("1 to 64 bytes"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn cross_field_rules() {
+        let twice = format!(
+            "{MINIMAL}\n[[camera]]\nname = \"front\"\nsource = {{ folder = \"/srv/replay\" }}\n"
+        );
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("camera[1].name: \"front\" is used by an earlier camera"),
+            "{err}"
+        );
+        let zone = MINIMAL.replace(
+            "source = { v4l2 = \"/dev/video0\" }",
+            "source = { v4l2 = \"/dev/video0\" }\nzones.door = [[0, 0], [10, 0]]",
+        );
+        let err = parse(&zone).unwrap_err().to_string();
+        assert!(
+            err.contains("camera[0].zones.door: a polygon needs 3 or more points"),
+            "{err}"
+        );
+        let err = parse("camera = []\n[model]\npath = \"m.onnx\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least one [[camera]]"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/nanodetd.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.cameras.len() >= 2);
+    }
+}
