@@ -5,14 +5,9 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use nanodetd::backend::{self, BackendKind, EngineOptions};
 use nanodetd::capture::{BufferLayout, CameraFormat, to_frame};
-use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::frame::Frame;
-use nanodetd::model::LayoutOverrides;
-use support::{assets, model, sample};
+use support::{assets, live_detector, model, sample};
 
 /// BT.601 limited range, the inverse of what cameras are decoded with.
 fn ycbcr(r: u8, g: u8, b: u8) -> [u8; 3] {
@@ -59,21 +54,7 @@ fn yuyv_and_nv12_from_a_real_photo_round_trip_and_detect() {
             }
         }
     }
-    let engine = backend::open_engine(
-        BackendKind::Tract,
-        &model(&a, "nanodet-plus-m_320"),
-        &EngineOptions::default(),
-    )
-    .unwrap();
-    let detector = Arc::new(
-        Detector::new(
-            engine,
-            &LayoutOverrides::default(),
-            None,
-            DetectionParams::LIVE,
-        )
-        .unwrap(),
-    );
+    let detector = live_detector(&model(&a, "nanodet-plus-m_320"));
     let mut session = detector.session().unwrap();
     let original = Frame::from_file(&sample(&a, "skimage_chelsea.png")).unwrap();
     let reference = session.detect(&original).unwrap();

@@ -6,28 +6,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::sync::Arc;
-
-use nanodetd::backend::{self, BackendKind, EngineOptions};
-use nanodetd::detector::{DetectionParams, Detector};
+use nanodetd::detector::Detector;
 use nanodetd::frame::{Frame, PixelFormat};
-use nanodetd::model::LayoutOverrides;
 use nanodetd::postprocess::Detection;
-use support::{MODELS, assets, fused_from_integral, model, sample};
-
-fn detector(path: &Path) -> Arc<Detector> {
-    let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default()).unwrap();
-    Arc::new(
-        Detector::new(
-            engine,
-            &LayoutOverrides::default(),
-            None,
-            DetectionParams::LIVE,
-        )
-        .unwrap(),
-    )
-}
+use support::{MODELS, assets, fused_from_integral, live_detector, model, sample};
 
 fn labelled(d: &Detector, found: &[Detection]) -> Vec<(String, f32)> {
     found
@@ -42,7 +24,7 @@ fn every_shared_model_gets_its_layout_from_shapes() {
         return;
     };
     for (name, layout) in MODELS {
-        let d = detector(&model(&a, name));
+        let d = live_detector(&model(&a, name));
         assert_eq!(d.layout().kind.to_string(), layout, "{name}");
         assert_eq!(d.layout().num_classes, 80, "{name}");
     }
@@ -53,7 +35,7 @@ fn sample_photos_show_their_expected_objects() {
     let Some(a) = assets("sample_photos_show_their_expected_objects") else {
         return;
     };
-    let d = detector(&model(&a, "nanodet-plus-m_320"));
+    let d = live_detector(&model(&a, "nanodet-plus-m_320"));
     let mut s = d.session().unwrap();
     let mut run = |file: &str| {
         let found = s
@@ -127,7 +109,7 @@ fn every_model_finds_the_astronaut_and_the_bus() {
         return;
     };
     for (name, _) in MODELS {
-        let d = detector(&model(&a, name));
+        let d = live_detector(&model(&a, name));
         let mut s = d.session().unwrap();
         let astronaut = labelled(
             &d,
@@ -157,8 +139,8 @@ fn fused_export_of_a_real_model_detects_exactly_like_the_original() {
         fused_from_integral(&std::fs::read(&integral_path).unwrap()),
     )
     .unwrap();
-    let integral = detector(&integral_path);
-    let fused = detector(&fused_path);
+    let integral = live_detector(&integral_path);
+    let fused = live_detector(&fused_path);
     assert_eq!(fused.layout().kind.to_string(), "fused");
     let (mut si, mut sf) = (integral.session().unwrap(), fused.session().unwrap());
     let mut total = 0;
@@ -184,7 +166,7 @@ fn awkward_image_files_decode_and_run() {
     let Some(a) = assets("awkward_image_files_decode_and_run") else {
         return;
     };
-    let d = detector(&model(&a, "nanodet-plus-m_320"));
+    let d = live_detector(&model(&a, "nanodet-plus-m_320"));
     let mut s = d.session().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let astronaut = image::open(sample(&a, "skimage_astronaut.png")).unwrap();

@@ -4,6 +4,11 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nanodetd::backend::{self, BackendKind, EngineOptions};
+use nanodetd::detector::{DetectionParams, Detector};
+use nanodetd::model::LayoutOverrides;
 
 use prost::Message;
 use tract_onnx::pb;
@@ -34,6 +39,20 @@ pub fn model(assets: &Path, name: &str) -> PathBuf {
 
 pub fn sample(assets: &Path, name: &str) -> PathBuf {
     assets.join("samples").join(name)
+}
+
+/// A tract detector on `path` with the live defaults (score 0.35).
+pub fn live_detector(path: &Path) -> Arc<Detector> {
+    let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default()).unwrap();
+    Arc::new(
+        Detector::new(
+            engine,
+            &LayoutOverrides::default(),
+            None,
+            DetectionParams::LIVE,
+        )
+        .unwrap(),
+    )
 }
 
 /// The four shared models and the layout each one must be detected as.
