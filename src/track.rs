@@ -108,6 +108,13 @@ pub struct TrackerConfig {
     pub heartbeat: f64,
 }
 
+impl TrackerConfig {
+    /// The filter that applies to a class.
+    fn filter(&self, class_id: u32) -> &LabelFilter {
+        self.filters.get(&class_id).unwrap_or(&self.default_filter)
+    }
+}
+
 impl Default for TrackerConfig {
     fn default() -> Self {
         TrackerConfig {
@@ -219,13 +226,6 @@ impl Tracker {
         self.config = config;
     }
 
-    fn filter(&self, class_id: u32) -> &LabelFilter {
-        self.config
-            .filters
-            .get(&class_id)
-            .unwrap_or(&self.config.default_filter)
-    }
-
     fn zones_of(&self, b: &[f32; 4]) -> Vec<String> {
         let at = anchor(b);
         self.config
@@ -241,7 +241,7 @@ impl Tracker {
     pub fn update(&mut self, detections: &[Detection], now: f64) -> Vec<TrackEvent> {
         let admitted: Vec<&Detection> = detections
             .iter()
-            .filter(|d| self.filter(d.class_id).admits(d))
+            .filter(|d| self.config.filter(d.class_id).admits(d))
             .filter(|d| !self.config.masks.iter().any(|m| inside(m, anchor(&d.bbox))))
             .collect();
 
@@ -311,8 +311,6 @@ impl Tracker {
 
         let mut events = Vec::new();
         let config = &self.config;
-        let filters = &config.filters;
-        let default_filter = config.default_filter;
         self.tracks.retain_mut(|track| {
             track.state.frame_time = now;
             track.state.median_score = track.median(history);
@@ -326,10 +324,7 @@ impl Tracker {
                 }
                 return false;
             }
-            let threshold = filters
-                .get(&track.state.class_id)
-                .unwrap_or(&default_filter)
-                .threshold;
+            let threshold = config.filter(track.state.class_id).threshold;
             match &track.published {
                 None if track.state.median_score >= threshold => {
                     events.push(TrackEvent {
