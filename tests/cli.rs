@@ -41,20 +41,19 @@ fn tiny_plus(dir: &Path) -> PathBuf {
     let mut values = vec![0.0; 22 * 35];
     values[2] = 0.9;
     values[3..35].copy_from_slice(&support::one_hot_dfl([0, 0, 2, 2]));
-    let path = dir.join("tiny-plus.onnx");
-    std::fs::write(
-        &path,
-        tiny_nanodet(
-            32,
-            &[TinyOutput {
-                strides: vec![8, 16, 32, 64],
-                columns: 35,
-                values,
-            }],
-        ),
-    )
-    .unwrap();
-    path
+    write_tiny(&dir.join("tiny-plus.onnx"), 35, values)
+}
+
+/// A one-output model over the four Plus levels of a 32x32 input (22
+/// priors) with `columns` values per prior, written to `path`.
+fn write_tiny(path: &Path, columns: i64, values: Vec<f32>) -> PathBuf {
+    let output = TinyOutput {
+        strides: vec![8, 16, 32, 64],
+        columns,
+        values,
+    };
+    std::fs::write(path, tiny_nanodet(32, &[output])).unwrap();
+    path.to_owned()
 }
 
 fn write_png(path: &Path) {
@@ -113,19 +112,7 @@ fn bad_model_files_give_one_line_errors_naming_the_file() {
 #[test]
 fn unknown_layout_lists_shapes_and_known_layouts() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("odd.onnx");
-    std::fs::write(
-        &path,
-        tiny_nanodet(
-            32,
-            &[TinyOutput {
-                strides: vec![8, 16, 32, 64],
-                columns: 7,
-                values: vec![0.0; 22 * 7],
-            }],
-        ),
-    )
-    .unwrap();
+    let path = write_tiny(&dir.path().join("odd.onnx"), 7, vec![0.0; 22 * 7]);
     let image = dir.path().join("ok.png");
     write_png(&image);
     let o = detect(&path, &image);
