@@ -74,6 +74,13 @@ pub enum FrameError {
     },
 }
 
+/// Whether a JPEG ends with its end-of-image marker (FF D9). UVC cameras
+/// may pad a frame after the marker, with zeros or 0xFF fill bytes.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let tail = bytes.len().saturating_sub(4096);
+    bytes[tail..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 impl Frame {
     /// Wraps packed pixels, checking that the buffer matches the geometry.
     pub fn from_packed(
@@ -134,6 +141,15 @@ impl Frame {
             origin: origin.to_owned(),
             reason: e.to_string(),
         };
+        if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
+            // zune-jpeg fills a cut-off scan with grey and succeeds; a
+            // camera frame cut short by USB trouble would then be detected
+            // on. Refuse it instead.
+            return Err(FrameError::Decode {
+                origin: origin.to_owned(),
+                reason: "truncated JPEG: no end-of-image marker".into(),
+            });
+        }
         let image = ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| FrameError::Decode {
@@ -214,6 +230,27 @@ mod tests {
         let f = Frame::from_packed(1, 2, PixelFormat::Gray8, vec![7, 9], "x").unwrap();
         let p = f.padded_with_black(2, 2);
         assert_eq!((p.width(), p.height(), p.data()), (2, 2, &[7, 0, 9, 0][..]));
+    }
+
+    #[test]
+    fn a_cut_off_jpeg_is_an_error_and_padding_after_the_end_is_fine() {
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]))
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        assert!(Frame::decode(&jpeg, "cam0 frame 1").is_ok());
+        let err = Frame::decode(&jpeg[..jpeg.len() / 2], "cam0 frame 2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cam0 frame 2") && err.contains("truncated JPEG"),
+            "{err}"
+        );
+        jpeg.extend_from_slice(&[0; 300]);
+        assert!(Frame::decode(&jpeg, "cam0 frame 3").is_ok());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use crate::frame::{Frame, FrameError, PixelFormat};
 
 /// Pixel formats a camera may deliver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CameraFormat {
     /// Motion JPEG: each buffer is one JPEG image.
     Mjpeg,

@@ -49,7 +49,9 @@ impl FolderSource {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(list_error)? {
             let path = entry.map_err(list_error)?.path();
-            if path.is_file() && is_image(&path) {
+            // Not only regular files: a FIFO named *.jpg lets another
+            // program feed frames (and is how the watchdog test stalls).
+            if !path.is_dir() && is_image(&path) {
                 files.push(path);
             }
         }

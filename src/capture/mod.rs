@@ -1,9 +1,12 @@
 //! Frame sources: converting the pixel formats V4L2 cameras deliver into
-//! [`Frame`](crate::frame::Frame)s, and the image-folder source. The V4L2
-//! device code of the daemon builds on the conversions.
+//! [`Frame`](crate::frame::Frame)s, the V4L2 device itself, and the
+//! image-folder source. Pacing, re-opening and hand-off to the detector
+//! are the daemon's camera task.
 
 mod convert;
 mod folder;
+mod v4l2;
 
 pub use convert::{BufferLayout, CameraFormat, to_frame};
 pub use folder::{FolderError, FolderSource};
+pub use v4l2::{FormatOffer, SizeOffer, V4l2Camera, V4l2Error, V4l2Request, negotiate};

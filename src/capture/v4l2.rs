@@ -1,0 +1,448 @@
+//! V4L2 capture: format negotiation (pure, tested on recorded capability
+//! lists) and the thin device layer over the `v4l` crate (mmap streaming).
+//! Frames are converted by [`to_frame`](super::to_frame); a device error
+//! is returned as [`V4l2Error::Lost`] for the camera task to re-open.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use v4l::buffer::Type;
+use v4l::framesize::FrameSizeEnum;
+use v4l::io::traits::CaptureStream;
+use v4l::prelude::MmapStream;
+use v4l::video::Capture;
+use v4l::{Device, FourCC, Fraction};
+
+use super::convert::{BufferLayout, CameraFormat, to_frame};
+use crate::frame::{Frame, FrameError};
+
+/// Buffers in the mmap ring: enough to ride out a slow frame, few enough
+/// that the newest frame is never far behind.
+const BUFFERS: u32 = 4;
+
+/// With no size configured, the smallest size at least this wide is chosen:
+/// NanoDet sees 320 to 416 pixels, so more only costs USB bandwidth and
+/// conversion time.
+const PREFERRED_MIN_WIDTH: u32 = 640;
+
+/// Why a V4L2 camera failed.
+#[derive(Debug, thiserror::Error)]
+pub enum V4l2Error {
+    /// The device cannot be opened or queried (missing, unplugged, busy).
+    #[error("{path}: {what}: {source}")]
+    Lost {
+        /// The device node.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The device offers nothing nanodetd can use, or not what was asked.
+    #[error("{path}: {reason}")]
+    Unsupported {
+        /// The device node.
+        path: PathBuf,
+        /// What is missing, with what the device offers.
+        reason: String,
+    },
+    /// One frame was short or corrupt; the stream goes on.
+    #[error(transparent)]
+    Broken(#[from] FrameError),
+}
+
+/// The sizes a device offers for one format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeOffer {
+    /// A list of sizes.
+    Discrete(Vec<(u32, u32)>),
+    /// Any size in a range (step ignored: drivers round).
+    Range {
+        /// Smallest (width, height).
+        min: (u32, u32),
+        /// Largest (width, height).
+        max: (u32, u32),
+    },
+}
+
+/// One pixel format a device offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatOffer {
+    /// The format.
+    pub format: CameraFormat,
+    /// Its sizes.
+    pub sizes: SizeOffer,
+}
+
+/// What the configuration asks of a camera; `None` lets nanodetd choose.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct V4l2Request {
+    /// Pixel format.
+    pub format: Option<CameraFormat>,
+    /// Width and height.
+    pub size: Option<(u32, u32)>,
+    /// Frames per second.
+    pub fps: Option<f32>,
+}
+
+/// The fourcc of each supported format.
+fn fourcc(format: CameraFormat) -> FourCC {
+    FourCC::new(match format {
+        CameraFormat::Mjpeg => b"MJPG",
+        CameraFormat::Yuyv => b"YUYV",
+        CameraFormat::Nv12 => b"NV12",
+        CameraFormat::Grey => b"GREY",
+        CameraFormat::Rgb24 => b"RGB3",
+        CameraFormat::Bgr24 => b"BGR3",
+    })
+}
+
+fn from_fourcc(code: &FourCC) -> Option<CameraFormat> {
+    Some(match &code.repr {
+        b"MJPG" | b"JPEG" => CameraFormat::Mjpeg,
+        b"YUYV" => CameraFormat::Yuyv,
+        b"NV12" => CameraFormat::Nv12,
+        b"GREY" => CameraFormat::Grey,
+        b"RGB3" => CameraFormat::Rgb24,
+        b"BGR3" => CameraFormat::Bgr24,
+        _ => return None,
+    })
+}
+
+/// Cheapest conversion first: YUYV and NV12 convert in one pass, MJPEG
+/// needs a decode, packed RGB costs bandwidth, grey loses colour.
+const FORMAT_PREFERENCE: [CameraFormat; 6] = [
+    CameraFormat::Yuyv,
+    CameraFormat::Nv12,
+    CameraFormat::Mjpeg,
+    CameraFormat::Bgr24,
+    CameraFormat::Rgb24,
+    CameraFormat::Grey,
+];
+
+fn offers_size(sizes: &SizeOffer, (w, h): (u32, u32)) -> bool {
+    match sizes {
+        SizeOffer::Discrete(list) => list.contains(&(w, h)),
+        SizeOffer::Range { min, max } => {
+            (min.0..=max.0).contains(&w) && (min.1..=max.1).contains(&h)
+        }
+    }
+}
+
+/// The size nanodetd picks from an offer: the smallest at least
+/// [`PREFERRED_MIN_WIDTH`] wide, else the largest.
+fn preferred_size(sizes: &SizeOffer) -> Option<(u32, u32)> {
+    let candidates: Vec<(u32, u32)> = match sizes {
+        SizeOffer::Discrete(list) => list.clone(),
+        SizeOffer::Range { min, max } => {
+            let w = PREFERRED_MIN_WIDTH.clamp(min.0, max.0);
+            let h = (w * 3 / 4).clamp(min.1, max.1);
+            vec![(w, h)]
+        }
+    };
+    let area = |&(w, h): &(u32, u32)| u64::from(w) * u64::from(h);
+    candidates
+        .iter()
+        .filter(|s| s.0 >= PREFERRED_MIN_WIDTH)
+        .min_by_key(|s| area(s))
+        .or_else(|| candidates.iter().max_by_key(|s| area(s)))
+        .copied()
+}
+
+/// Picks format and size from what a device offers. Asked-for values must
+/// be offered; unset ones are chosen by [`FORMAT_PREFERENCE`] and
+/// [`preferred_size`].
+pub fn negotiate(
+    offers: &[FormatOffer],
+    request: &V4l2Request,
+) -> Result<(CameraFormat, (u32, u32)), String> {
+    let usable = |o: &&FormatOffer| {
+        request.format.is_none_or(|f| f == o.format)
+            && request.size.is_none_or(|s| offers_size(&o.sizes, s))
+    };
+    let mut matching: Vec<&FormatOffer> = offers.iter().filter(usable).collect();
+    matching.sort_by_key(|o| FORMAT_PREFERENCE.iter().position(|f| *f == o.format));
+    for offer in matching {
+        if let Some(size) = request.size.or_else(|| preferred_size(&offer.sizes)) {
+            return Ok((offer.format, size));
+        }
+    }
+    let offered: Vec<String> = offers
+        .iter()
+        .map(|o| format!("{:?} {:?}", o.format, o.sizes))
+        .collect();
+    Err(format!(
+        "no offered format matches format={:?} size={:?}; the device offers: {}",
+        request.format,
+        request.size,
+        if offered.is_empty() {
+            "nothing nanodetd can convert".to_owned()
+        } else {
+            offered.join("; ")
+        }
+    ))
+}
+
+/// A streaming V4L2 capture device.
+pub struct V4l2Camera {
+    path: PathBuf,
+    // Declared before `device` so it is dropped first.
+    stream: Option<MmapStream<'static>>,
+    _device: Device,
+    layout: BufferLayout,
+    sequence: u64,
+}
+
+impl V4l2Camera {
+    /// Opens `path`, negotiates the format, and starts mmap streaming.
+    /// Logs what the device is and offers.
+    pub fn open(path: &Path, request: &V4l2Request) -> Result<V4l2Camera, V4l2Error> {
+        let lost = |what| {
+            let path = path.to_owned();
+            move |source| V4l2Error::Lost { path, what, source }
+        };
+        let device = Device::with_path(path).map_err(lost("cannot open"))?;
+        let caps = device.query_caps().map_err(lost("VIDIOC_QUERYCAP"))?;
+        log::info!(
+            "{}: {} ({}, driver {} {}.{}.{}), capabilities {}",
+            path.display(),
+            caps.card,
+            caps.bus,
+            caps.driver,
+            caps.version.0,
+            caps.version.1,
+            caps.version.2,
+            caps.capabilities
+        );
+        let mut offers = Vec::new();
+        for description in device.enum_formats().map_err(lost("VIDIOC_ENUM_FMT"))? {
+            let sizes = device
+                .enum_framesizes(description.fourcc)
+                .map_err(lost("VIDIOC_ENUM_FRAMESIZES"))?;
+            log::info!(
+                "{}: offers {} ({}) at {}",
+                path.display(),
+                description.fourcc,
+                description.description,
+                sizes
+                    .iter()
+                    .map(|s| s.size.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let Some(format) = from_fourcc(&description.fourcc) else {
+                continue;
+            };
+            offers.push(FormatOffer {
+                format,
+                sizes: size_offer(sizes.into_iter().map(|s| s.size)),
+            });
+        }
+        let (format, (width, height)) =
+            negotiate(&offers, request).map_err(|reason| V4l2Error::Unsupported {
+                path: path.to_owned(),
+                reason,
+            })?;
+
+        let mut wanted = device.format().map_err(lost("VIDIOC_G_FMT"))?;
+        wanted.width = width;
+        wanted.height = height;
+        wanted.fourcc = fourcc(format);
+        let actual = device.set_format(&wanted).map_err(lost("VIDIOC_S_FMT"))?;
+        if from_fourcc(&actual.fourcc) != Some(format) {
+            return Err(V4l2Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!("asked for {format:?}, the driver set {}", actual.fourcc),
+            });
+        }
+        if let Some(fps) = request.fps {
+            // V4L2 takes a frame interval; millisecond resolution covers
+            // fractional rates such as 7.5 fps.
+            let params = v4l::video::capture::Parameters::new(Fraction::new(
+                1000,
+                (fps * 1000.0).round() as u32,
+            ));
+            match device.set_params(&params) {
+                Ok(p) => log::info!("{}: frame interval {}", path.display(), p.interval),
+                Err(e) => log::warn!("{}: cannot set {fps} fps: {e}", path.display()),
+            }
+        }
+        let layout = BufferLayout {
+            format,
+            width: actual.width as usize,
+            height: actual.height as usize,
+            bytes_per_line: (actual.stride as usize).max(1),
+        };
+        log::info!(
+            "{}: streaming {:?} {}x{}, {} bytes per line",
+            path.display(),
+            format,
+            layout.width,
+            layout.height,
+            layout.bytes_per_line
+        );
+        let mut stream = MmapStream::with_buffers(&device, Type::VideoCapture, BUFFERS)
+            .map_err(lost("VIDIOC_REQBUFS"))?;
+        // A camera that stops sending without an error is as good as gone.
+        stream.set_timeout(Duration::from_secs(5));
+        Ok(V4l2Camera {
+            path: path.to_owned(),
+            stream: Some(stream),
+            _device: device,
+            layout,
+            sequence: 0,
+        })
+    }
+
+    /// The next frame. [`V4l2Error::Broken`] is one bad frame; anything
+    /// else means the device must be re-opened.
+    pub fn next_frame(&mut self) -> Result<Frame, V4l2Error> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(self.gone("stream already failed", io::ErrorKind::NotConnected.into()));
+        };
+        let (bytes, meta) = match stream.next() {
+            Ok(next) => next,
+            Err(source) => return Err(self.gone("VIDIOC_DQBUF", source)),
+        };
+        self.sequence += 1;
+        let used = (meta.bytesused as usize).min(bytes.len());
+        let origin = format!("{} frame {}", self.path.display(), meta.sequence);
+        Ok(to_frame(&self.layout, &bytes[..used], &origin)?)
+    }
+
+    fn gone(&mut self, what: &'static str, source: io::Error) -> V4l2Error {
+        if let Some(mut stream) = self.stream.take() {
+            use v4l::io::traits::Stream;
+            // v4l's Stream panics in Drop when STREAMOFF fails with
+            // anything but ENODEV (an unplug can give EIO). Stop it here;
+            // if that fails, leak it rather than abort the daemon.
+            if stream.stop().is_ok() {
+                drop(stream);
+            } else {
+                std::mem::forget(stream);
+            }
+        }
+        V4l2Error::Lost {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+impl Drop for V4l2Camera {
+    fn drop(&mut self) {
+        let _ = self.gone("closing", io::ErrorKind::Other.into());
+    }
+}
+
+fn size_offer(sizes: impl Iterator<Item = FrameSizeEnum>) -> SizeOffer {
+    let mut discrete = Vec::new();
+    for size in sizes {
+        match size {
+            FrameSizeEnum::Discrete(d) => discrete.push((d.width, d.height)),
+            FrameSizeEnum::Stepwise(s) => {
+                return SizeOffer::Range {
+                    min: (s.min_width, s.min_height),
+                    max: (s.max_width, s.max_height),
+                };
+            }
+        }
+    }
+    SizeOffer::Discrete(discrete)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a Logitech C920 reports (v4l2-ctl --list-formats-ext), trimmed.
+    fn c920() -> Vec<FormatOffer> {
+        vec![
+            FormatOffer {
+                format: CameraFormat::Yuyv,
+                sizes: SizeOffer::Discrete(vec![(640, 480), (160, 90), (1920, 1080), (800, 600)]),
+            },
+            FormatOffer {
+                format: CameraFormat::Mjpeg,
+                sizes: SizeOffer::Discrete(vec![(640, 480), (1280, 720), (1920, 1080)]),
+            },
+        ]
+    }
+
+    #[test]
+    fn unset_values_pick_a_cheap_format_at_a_modest_size() {
+        assert_eq!(
+            negotiate(&c920(), &V4l2Request::default()),
+            Ok((CameraFormat::Yuyv, (640, 480)))
+        );
+    }
+
+    #[test]
+    fn asked_values_are_honoured_or_refused_with_the_offer() {
+        let mjpeg_720 = V4l2Request {
+            format: Some(CameraFormat::Mjpeg),
+            size: Some((1280, 720)),
+            fps: None,
+        };
+        assert_eq!(
+            negotiate(&c920(), &mjpeg_720),
+            Ok((CameraFormat::Mjpeg, (1280, 720)))
+        );
+        // 1280x720 only in MJPEG: the format follows the size.
+        let size_only = V4l2Request {
+            size: Some((1280, 720)),
+            ..V4l2Request::default()
+        };
+        assert_eq!(
+            negotiate(&c920(), &size_only).unwrap().0,
+            CameraFormat::Mjpeg
+        );
+        let nv12 = V4l2Request {
+            format: Some(CameraFormat::Nv12),
+            ..V4l2Request::default()
+        };
+        let err = negotiate(&c920(), &nv12).unwrap_err();
+        assert!(err.contains("the device offers: Yuyv"), "{err}");
+        assert!(
+            negotiate(&[], &V4l2Request::default())
+                .unwrap_err()
+                .contains("nothing nanodetd can convert")
+        );
+    }
+
+    #[test]
+    fn stepwise_sizes_and_fourcc_names() {
+        let vivid_like = [FormatOffer {
+            format: CameraFormat::Nv12,
+            sizes: SizeOffer::Range {
+                min: (16, 16),
+                max: (4096, 2160),
+            },
+        }];
+        assert_eq!(
+            negotiate(&vivid_like, &V4l2Request::default()),
+            Ok((CameraFormat::Nv12, (640, 480)))
+        );
+        for f in FORMAT_PREFERENCE {
+            assert_eq!(from_fourcc(&fourcc(f)), Some(f));
+        }
+        assert_eq!(from_fourcc(&FourCC::new(b"UYVY")), None);
+    }
+
+    #[test]
+    fn a_missing_device_is_lost_not_a_panic() {
+        let err = V4l2Camera::open(
+            Path::new("/dev/video-nanodetd-test"),
+            &V4l2Request::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, V4l2Error::Lost { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/dev/video-nanodetd-test: cannot open")
+        );
+    }
+}
