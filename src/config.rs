@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::backend::BackendKind;
+use crate::capture::CameraFormat;
 
 /// A score or IoU in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -101,7 +102,85 @@ pub struct ModelConfig {
     pub max_detections: usize,
 }
 
-/// The broker. A change reconnects.
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// TLS to the broker (rustls). Without `ca`, the system's roots are used.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca: PathBuf,
+    /// PEM client certificate, for brokers that require one.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u8")]
+pub struct Qos(u8);
+
+impl TryFrom<u8> for Qos {
+    type Error = String;
+    fn try_from(v: u8) -> Result<Self, Self::Error> {
+        if v <= 2 {
+            Ok(Qos(v))
+        } else {
+            Err(format!("QoS is 0, 1 or 2, got {v}"))
+        }
+    }
+}
+
+impl Qos {
+    /// 0, 1 or 2.
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+/// QoS per class of topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosConfig {
+    /// `<camera>/events`.
+    #[serde(default = "qos1")]
+    pub events: Qos,
+    /// `<camera>/<label>` counts, `available` and `status`.
+    #[serde(default = "qos1")]
+    pub state: Qos,
+    /// `<camera>/detections`.
+    #[serde(default = "qos0")]
+    pub detections: Qos,
+    /// `stats`.
+    #[serde(default = "qos0")]
+    pub stats: Qos,
+}
+
+impl Default for QosConfig {
+    fn default() -> Self {
+        QosConfig {
+            events: qos1(),
+            state: qos1(),
+            detections: qos0(),
+            stats: qos0(),
+        }
+    }
+}
+
+/// The broker and what is published. Connection keys reconnect; the rest
+/// is hot.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
@@ -111,7 +190,13 @@ pub struct MqttConfig {
     /// Broker port.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// Topic prefix (default `nanodetd/<device_id>`).
+    /// Protocol version.
+    #[serde(default = "default_protocol")]
+    pub protocol: MqttProtocol,
+    /// Client id (default `nanodetd-<device_id>`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic prefix (default `nanodetd/<device_id>`); `/` separates levels.
     #[serde(default)]
     pub prefix: Option<String>,
     /// User name.
@@ -120,16 +205,117 @@ pub struct MqttConfig {
     /// File holding the password, never the password itself.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// TLS; plain TCP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// QoS per topic class.
+    #[serde(default)]
+    pub qos: QosConfig,
+    /// Seconds between keep-alive pings.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: u16,
+    /// Longest wait between reconnect attempts (seconds); the wait doubles
+    /// from 0.5 s up to this.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: f32,
+    /// Messages held while the broker is unreachable; beyond, the oldest
+    /// are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Seconds between `stats` messages.
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval: f32,
+    /// Publish every frame's raw detections on `<camera>/detections`, at
+    /// most this many messages per second per camera (0: off).
+    #[serde(default)]
+    pub detections_rate: f32,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
-        MqttConfig {
-            host: default_host(),
-            port: default_port(),
-            prefix: None,
-            username: None,
-            password_file: None,
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every MQTT key has a default"))
+    }
+}
+
+impl MqttConfig {
+    /// The topic prefix in effect.
+    pub fn prefix_for(&self, device_id: &TopicLevel) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("nanodetd/{}", device_id.as_str()))
+    }
+
+    /// True when the connection itself differs, so a reload must reconnect.
+    /// The prefix counts: the last will names `<prefix>/available`.
+    pub fn needs_reconnect(&self, other: &MqttConfig) -> bool {
+        (
+            &self.host,
+            self.port,
+            self.protocol,
+            &self.client_id,
+            &self.prefix,
+            &self.username,
+            &self.password_file,
+            &self.tls,
+            self.keep_alive,
+        ) != (
+            &other.host,
+            other.port,
+            other.protocol,
+            &other.client_id,
+            &other.prefix,
+            &other.username,
+            &other.password_file,
+            &other.tls,
+            other.keep_alive,
+        )
+    }
+}
+
+/// Tracker settings, for every camera. Hot.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerSettings {
+    /// Scores remembered per object for the median (frames).
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// IoU with its last box for a detection to continue an object.
+    #[serde(default = "default_match_iou")]
+    pub match_iou: Probability,
+    /// Seconds unseen before an object ends.
+    #[serde(default = "default_lost_after")]
+    pub lost_after: f64,
+    /// An object whose box overlaps its last published one by less than
+    /// this IoU has moved enough for an `update`.
+    #[serde(default = "default_moved_iou")]
+    pub moved_iou: Probability,
+    /// A top-score rise that is worth an `update`.
+    #[serde(default = "default_score_step")]
+    pub score_step: Probability,
+    /// Seconds after which an unchanged object gets an `update` anyway.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: f64,
+}
+
+impl Default for TrackerSettings {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every tracker key has a default"))
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// error, warn, info, debug or trace.
+    #[serde(default = "default_log_level")]
+    pub level: log::LevelFilter,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
         }
     }
 }
@@ -173,12 +359,45 @@ pub struct CameraConfig {
     /// Replay a folder forever.
     #[serde(default)]
     pub looping: bool,
+    /// Folder: frames each image is shown for, so one photo can make a
+    /// track real (the tracker needs several frames).
+    #[serde(default = "default_repeat")]
+    pub repeat: u32,
+    /// V4L2 pixel format (mjpeg, yuyv, nv12, grey, rgb24, bgr24); chosen
+    /// from what the device offers when unset.
+    #[serde(default)]
+    pub format: Option<CameraFormat>,
+    /// V4L2 `[width, height]`; chosen when unset.
+    #[serde(default)]
+    pub size: Option<[u32; 2]>,
     /// Named polygons in image pixels.
     #[serde(default)]
     pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
     /// Polygons where detections are ignored.
     #[serde(default)]
     pub masks: Vec<Vec<[f32; 2]>>,
+}
+
+impl CameraConfig {
+    /// True when both read the same source the same way, so a reload that
+    /// changed only zones or masks leaves the camera running.
+    pub fn same_source(&self, other: &CameraConfig) -> bool {
+        (
+            &self.source,
+            self.fps,
+            self.looping,
+            self.repeat,
+            self.format,
+            self.size,
+        ) == (
+            &other.source,
+            other.fps,
+            other.looping,
+            other.repeat,
+            other.format,
+            other.size,
+        )
+    }
 }
 
 /// The whole file.
@@ -196,6 +415,12 @@ pub struct Config {
     /// Filters by label.
     #[serde(default)]
     pub filters: BTreeMap<String, FilterConfig>,
+    /// Tracker settings.
+    #[serde(default)]
+    pub tracker: TrackerSettings,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
     /// Cameras (`[[camera]]` tables).
     #[serde(rename = "camera")]
     pub cameras: Vec<CameraConfig>,
@@ -227,6 +452,51 @@ fn default_device_id() -> TopicLevel {
 }
 fn infinite() -> f32 {
     f32::INFINITY
+}
+fn default_repeat() -> u32 {
+    1
+}
+fn qos0() -> Qos {
+    Qos(0)
+}
+fn qos1() -> Qos {
+    Qos(1)
+}
+fn default_protocol() -> MqttProtocol {
+    MqttProtocol::V311
+}
+fn default_keep_alive() -> u16 {
+    30
+}
+fn default_reconnect_max() -> f32 {
+    30.0
+}
+fn default_queue() -> usize {
+    10_000
+}
+fn default_stats_interval() -> f32 {
+    60.0
+}
+fn default_history() -> usize {
+    5
+}
+fn default_match_iou() -> Probability {
+    Probability(0.3)
+}
+fn default_lost_after() -> f64 {
+    2.0
+}
+fn default_moved_iou() -> Probability {
+    Probability(0.5)
+}
+fn default_score_step() -> Probability {
+    Probability(0.05)
+}
+fn default_heartbeat() -> f64 {
+    60.0
+}
+fn default_log_level() -> log::LevelFilter {
+    log::LevelFilter::Info
 }
 
 /// Why a configuration was rejected.
@@ -332,6 +602,68 @@ impl Config {
                 return Err(invalid(
                     format!("filters.{label}"),
                     "min_area/min_ratio must not exceed max_area/max_ratio".into(),
+                ));
+            }
+        }
+        let mqtt = &self.mqtt;
+        let positive = [
+            ("mqtt.reconnect_max", mqtt.reconnect_max),
+            ("mqtt.stats_interval", mqtt.stats_interval),
+        ];
+        for (key, v) in positive {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(
+                    key.into(),
+                    format!("must be a positive number, got {v}"),
+                ));
+            }
+        }
+        if !(mqtt.detections_rate >= 0.0 && mqtt.detections_rate.is_finite()) {
+            return Err(invalid(
+                "mqtt.detections_rate".into(),
+                "must be 0 (off) or a positive rate".into(),
+            ));
+        }
+        if mqtt.queue == 0 {
+            return Err(invalid("mqtt.queue".into(), "must be at least 1".into()));
+        }
+        if let Some(prefix) = &mqtt.prefix
+            && let Some(level) = prefix
+                .split('/')
+                .find(|l| TopicLevel::try_from(l.to_string()).is_err())
+        {
+            return Err(invalid(
+                "mqtt.prefix".into(),
+                format!("level {level:?} is empty or holds +, # or a control character"),
+            ));
+        }
+        if let Some(tls) = &mqtt.tls
+            && tls.cert.is_some() != tls.key.is_some()
+        {
+            return Err(invalid(
+                "mqtt.tls".into(),
+                "cert and key go together: give both or neither".into(),
+            ));
+        }
+        if mqtt.password_file.is_some() && mqtt.username.is_none() {
+            return Err(invalid(
+                "mqtt.password_file".into(),
+                "a password needs mqtt.username".into(),
+            ));
+        }
+        let t = &self.tracker;
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if t.history == 0 || !positive(t.lost_after) || !positive(t.heartbeat) {
+            return Err(invalid(
+                "tracker".into(),
+                "history, lost_after and heartbeat must be positive".into(),
+            ));
+        }
+        for (i, cam) in self.cameras.iter().enumerate() {
+            if cam.repeat == 0 {
+                return Err(invalid(
+                    format!("camera[{i}].repeat"),
+                    "must be at least 1".into(),
                 ));
             }
         }

@@ -6,14 +6,22 @@
 //! NMS, and [`detector`] strings those together for one frame. [`track`]
 //! turns a camera's detections into objects with lifecycle events. [`eval`]
 //! scores detections the way pycocotools does.
+//!
+//! The daemon's shell: [`capture`] reads cameras, [`daemon`] wires the
+//! threads and tasks, [`mqtt`] publishes, [`reload`] watches the config,
+//! [`watchdog`] tells systemd the pipeline is alive.
 
 pub mod backend;
 pub mod capture;
 pub mod config;
+pub mod daemon;
 pub mod detector;
 pub mod eval;
 pub mod frame;
 pub mod model;
+pub mod mqtt;
 pub mod postprocess;
 pub mod preprocess;
+pub mod reload;
 pub mod track;
+pub mod watchdog;

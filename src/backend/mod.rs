@@ -63,7 +63,7 @@ impl<'a> InputBatch<'a> {
 }
 
 /// Per-thread mutable state for running an engine.
-pub trait Session {
+pub trait Session: Send {
     /// Runs a batch, leaving its results in [`Session::outputs`].
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError>;
     /// Outputs of the last successful run.

@@ -7,6 +7,7 @@
 mod bench;
 mod detect;
 mod eval;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time each pipeline stage (decode, preprocess, inference, postprocess).
     Bench(bench::BenchArgs),
+    /// Run the daemon: cameras -> detector -> tracked MQTT events, until
+    /// SIGTERM. Exit 78 (EX_CONFIG) for a bad config.
+    Run(run::RunArgs),
     /// Parse and check a daemon configuration file (exit 0 if valid, 2 if not).
     CheckConfig {
         /// The TOML file.
@@ -49,6 +53,9 @@ pub enum Failure {
     BadInput(anyhow::Error),
     /// Something failed at run time: exit 1.
     Runtime(anyhow::Error),
+    /// The daemon's configuration is unusable: exit 78 (sysexits'
+    /// EX_CONFIG), which the unit's RestartPreventExitStatus= knows.
+    Config(anyhow::Error),
 }
 
 impl Failure {
@@ -56,6 +63,7 @@ impl Failure {
         let (code, error) = match self {
             Failure::BadInput(e) => (2, e),
             Failure::Runtime(e) => (1, e),
+            Failure::Config(e) => (78, e),
         };
         eprintln!("error: {error:#}");
         ExitCode::from(code)
@@ -181,6 +189,7 @@ pub fn main() -> ExitCode {
         Command::Detect(args) => detect::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Run(args) => run::run(&args),
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {
                 println!(

@@ -1,0 +1,191 @@
+//! The hand-off between camera threads and the detector: one slot per
+//! camera holding only its newest frame. A live camera never waits for the
+//! detector; a frame replaced before the detector took it is a drop, and
+//! counted. Replays without a set rate wait instead, so none is lost.
+
+use std::collections::BTreeMap;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::frame::Frame;
+
+/// A frame and where and when it was taken.
+#[derive(Debug)]
+pub struct CapturedFrame {
+    /// The camera's name.
+    pub camera: String,
+    /// The image.
+    pub frame: Frame,
+    /// Monotonic capture time, for latency figures.
+    pub captured: Instant,
+    /// Wall-clock capture time, seconds since the Unix epoch.
+    pub wall_time: f64,
+}
+
+/// What the detector gets next.
+#[derive(Debug)]
+pub enum Work {
+    /// A frame to detect in.
+    Frame(CapturedFrame),
+    /// The camera's thread has stopped (source ended, camera removed or
+    /// restarting): its objects are over.
+    Ended(String),
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    frame: Option<CapturedFrame>,
+    ended: bool,
+}
+
+/// Newest-frame slots of every camera.
+#[derive(Debug, Default)]
+pub struct FrameBoard {
+    slots: Mutex<BTreeMap<String, Slot>>,
+    /// Signalled when a frame arrives (detector) or is taken (replays).
+    changed: Condvar,
+}
+
+impl FrameBoard {
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Offers a frame, replacing an untaken one. Returns true when a frame
+    /// was replaced (dropped).
+    pub fn put(&self, frame: CapturedFrame) -> bool {
+        let mut slots = self.slots();
+        let slot = slots.entry(frame.camera.clone()).or_default();
+        slot.ended = false;
+        let dropped = slot.frame.replace(frame).is_some();
+        drop(slots);
+        self.changed.notify_all();
+        dropped
+    }
+
+    /// Offers a frame once the previous one of its camera has been taken,
+    /// waiting at most `timeout`. Gives the frame back on timeout.
+    pub fn put_when_free(
+        &self,
+        frame: CapturedFrame,
+        timeout: Duration,
+    ) -> Result<(), CapturedFrame> {
+        let mut slots = self.slots();
+        let deadline = Instant::now() + timeout;
+        while slots.get(&frame.camera).is_some_and(|s| s.frame.is_some()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(frame);
+            }
+            slots = self
+                .changed
+                .wait_timeout(slots, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let slot = slots.entry(frame.camera.clone()).or_default();
+        slot.ended = false;
+        slot.frame = Some(frame);
+        drop(slots);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Marks a camera's thread as stopped; the detector hears of it after
+    /// taking its last frame.
+    pub fn end(&self, camera: &str) {
+        self.slots().entry(camera.to_owned()).or_default().ended = true;
+        self.changed.notify_all();
+    }
+
+    /// The oldest waiting frame of any camera (so no camera starves), or a
+    /// camera's end; `None` after `timeout` with nothing to do.
+    pub fn next(&self, timeout: Duration) -> Option<Work> {
+        let mut slots = self.slots();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let oldest = slots
+                .iter()
+                .filter_map(|(name, s)| s.frame.as_ref().map(|f| (f.captured, name.clone())))
+                .min();
+            if let Some((_, name)) = oldest {
+                let frame = slots.get_mut(&name).and_then(|s| s.frame.take());
+                drop(slots);
+                self.changed.notify_all();
+                return frame.map(Work::Frame);
+            }
+            if let Some(name) = slots.iter().find(|(_, s)| s.ended).map(|(n, _)| n.clone()) {
+                slots.remove(&name);
+                return Some(Work::Ended(name));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            slots = self
+                .changed
+                .wait_timeout(slots, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Whether any frame is waiting.
+    pub fn has_frames(&self) -> bool {
+        self.slots().values().any(|s| s.frame.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::PixelFormat;
+
+    fn captured(camera: &str, tag: u8) -> CapturedFrame {
+        CapturedFrame {
+            camera: camera.into(),
+            frame: Frame::from_packed(1, 1, PixelFormat::Gray8, vec![tag], "test").unwrap(),
+            captured: Instant::now(),
+            wall_time: 0.0,
+        }
+    }
+
+    fn tag(work: Option<Work>) -> String {
+        match work {
+            Some(Work::Frame(f)) => format!("{} {}", f.camera, f.frame.data()[0]),
+            Some(Work::Ended(c)) => format!("{c} ended"),
+            None => "none".into(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_frame_oldest_camera_first_then_the_end() {
+        let board = FrameBoard::default();
+        assert!(!board.put(captured("a", 1)));
+        assert!(!board.put(captured("b", 1)));
+        assert!(board.put(captured("a", 2)), "replacing counts as a drop");
+        board.end("b");
+        assert_eq!(tag(board.next(Duration::ZERO)), "b 1");
+        assert_eq!(tag(board.next(Duration::ZERO)), "a 2");
+        assert_eq!(tag(board.next(Duration::ZERO)), "b ended");
+        assert_eq!(tag(board.next(Duration::from_millis(10))), "none");
+    }
+
+    #[test]
+    fn replays_wait_for_the_detector() {
+        let board = std::sync::Arc::new(FrameBoard::default());
+        board.put(captured("r", 1));
+        let refused = board.put_when_free(captured("r", 2), Duration::from_millis(10));
+        assert!(refused.is_err());
+        let b = board.clone();
+        let taker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tag(b.next(Duration::ZERO))
+        });
+        board
+            .put_when_free(captured("r", 3), Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(taker.join().unwrap(), "r 1");
+        assert_eq!(tag(board.next(Duration::ZERO)), "r 3");
+    }
+}

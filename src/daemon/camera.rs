@@ -1,0 +1,350 @@
+//! The camera task: one thread per camera that opens its source, paces
+//! it, hands frames to the [`FrameBoard`], counts bad frames, and re-opens
+//! a lost source with capped exponential back-off. Nothing here can stop
+//! another camera or the detector.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::board::{CapturedFrame, FrameBoard};
+use crate::capture::{FolderSource, V4l2Camera, V4l2Error, V4l2Request};
+use crate::config::{CameraConfig, SourceConfig};
+use crate::frame::{Frame, FrameError};
+use crate::watchdog::Heartbeat;
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Sleeps are cut into slices this long, so stop requests and heartbeats
+/// are never late by more.
+const SLICE: Duration = Duration::from_millis(100);
+
+/// What a camera is doing, for the stats topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraState {
+    /// Opening the source.
+    Opening,
+    /// Delivering frames.
+    Streaming,
+    /// Lost; waiting to re-open.
+    Reopening,
+    /// A replay that has played every file.
+    Finished,
+}
+
+/// A camera's counters, shared with the stats.
+#[derive(Debug, Default)]
+pub struct CameraCounters {
+    /// Frames handed to the detector.
+    pub frames: AtomicU64,
+    /// Frames replaced before the detector took them.
+    pub dropped: AtomicU64,
+    /// Frames that would not decode or were short.
+    pub broken: AtomicU64,
+    /// Times the source was lost and re-opened.
+    pub reopens: AtomicU64,
+    state: AtomicU8,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl CameraCounters {
+    /// The current state.
+    pub fn state(&self) -> CameraState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => CameraState::Streaming,
+            2 => CameraState::Reopening,
+            3 => CameraState::Finished,
+            _ => CameraState::Opening,
+        }
+    }
+
+    fn set_state(&self, state: CameraState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// The last error that made the camera re-open, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+    }
+}
+
+/// A running camera thread.
+pub struct CameraTask {
+    /// Its configuration, to tell on reload whether it changed.
+    pub config: CameraConfig,
+    /// Its counters.
+    pub counters: Arc<CameraCounters>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CameraTask {
+    /// Starts the camera's thread.
+    pub fn spawn(
+        config: CameraConfig,
+        board: Arc<FrameBoard>,
+        heartbeat: Heartbeat,
+    ) -> std::io::Result<CameraTask> {
+        let counters = Arc::new(CameraCounters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let runner = CameraRunner {
+            config: config.clone(),
+            board,
+            heartbeat,
+            counters: counters.clone(),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("camera {}", config.name.as_str()))
+            .spawn(move || runner.run())?;
+        Ok(CameraTask {
+            config,
+            counters,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the thread to stop; it ends within [`SLICE`] unless blocked in
+    /// a read.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the thread and waits for it up to `timeout`. A thread stuck in
+    /// a device read is left behind (it holds nothing the daemon needs).
+    pub fn stop(&mut self, timeout: Duration) {
+        self.request_stop();
+        let deadline = Instant::now() + timeout;
+        if let Some(thread) = self.thread.take() {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                log::warn!(
+                    "camera {}: thread did not stop within {timeout:?}",
+                    self.config.name.as_str()
+                );
+            }
+        }
+    }
+}
+
+enum Source {
+    Folder(FolderSource),
+    V4l2(Box<V4l2Camera>),
+}
+
+/// Why a source gave no frame.
+enum Miss {
+    /// One bad frame: count, skip.
+    Broken(FrameError),
+    /// The source is gone: re-open.
+    Lost(String),
+    /// A replay has played every file.
+    Finished,
+}
+
+struct CameraRunner {
+    config: CameraConfig,
+    board: Arc<FrameBoard>,
+    heartbeat: Heartbeat,
+    counters: Arc<CameraCounters>,
+    stop: Arc<AtomicBool>,
+}
+
+fn wall_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl CameraRunner {
+    fn name(&self) -> &str {
+        self.config.name.as_str()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps until `until`, in slices, touching the heartbeat. False if
+    /// asked to stop meanwhile.
+    fn sleep_until(&self, until: Instant) -> bool {
+        loop {
+            self.heartbeat.touch();
+            if self.stopping() {
+                return false;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
+    }
+
+    fn run(self) {
+        let mut backoff = BACKOFF_FIRST;
+        let mut reported: Option<String> = None;
+        while !self.stopping() {
+            self.counters.set_state(CameraState::Opening);
+            let miss = match self.open() {
+                Ok(source) => {
+                    self.counters.set_state(CameraState::Streaming);
+                    if reported.take().is_some() {
+                        log::info!("camera {}: source is back", self.name());
+                    }
+                    self.stream(source, &mut backoff)
+                }
+                Err(e) => Miss::Lost(e),
+            };
+            match miss {
+                Miss::Finished => {
+                    log::info!("camera {}: replay finished", self.name());
+                    self.counters.set_state(CameraState::Finished);
+                    break;
+                }
+                Miss::Lost(error) if !self.stopping() => {
+                    self.counters.set_state(CameraState::Reopening);
+                    self.counters.reopens.fetch_add(1, Ordering::Relaxed);
+                    // Log a new error once, not every back-off round.
+                    if reported.as_ref() != Some(&error) {
+                        log::error!(
+                            "camera {}: {error}; re-opening with back-off (up to {BACKOFF_MAX:?})",
+                            self.name()
+                        );
+                    }
+                    self.counters.set_error(Some(error.clone()));
+                    reported = Some(error);
+                    if !self.sleep_until(Instant::now() + backoff) {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Miss::Lost(_) | Miss::Broken(_) => {}
+            }
+        }
+        self.board.end(self.name());
+    }
+
+    fn open(&self) -> Result<Source, String> {
+        match &self.config.source {
+            SourceConfig::Folder(dir) => FolderSource::open(dir, self.config.looping)
+                .map(Source::Folder)
+                .map_err(|e| e.to_string()),
+            SourceConfig::V4l2(path) => {
+                let request = V4l2Request {
+                    format: self.config.format,
+                    size: self.config.size.map(|[w, h]| (w, h)),
+                    fps: self.config.fps,
+                };
+                V4l2Camera::open(path, &request)
+                    .map(|c| Source::V4l2(Box::new(c)))
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn next(&self, source: &mut Source) -> Result<Frame, Miss> {
+        match source {
+            Source::Folder(folder) => match folder.next_frame() {
+                None => Err(Miss::Finished),
+                Some((_, frame)) => frame.map_err(Miss::Broken),
+            },
+            Source::V4l2(camera) => camera.next_frame().map_err(|e| match e {
+                V4l2Error::Broken(e) => Miss::Broken(e),
+                other => Miss::Lost(other.to_string()),
+            }),
+        }
+    }
+
+    /// Delivers frames until the source is lost or finished, or a stop.
+    fn stream(&self, mut source: Source, backoff: &mut Duration) -> Miss {
+        let replay = matches!(source, Source::Folder(_));
+        let interval = self.config.fps.map(|f| Duration::from_secs_f32(1.0 / f));
+        let repeat = if replay { self.config.repeat.max(1) } else { 1 };
+        let mut due = Instant::now();
+        while !self.stopping() {
+            self.heartbeat.touch();
+            let frame = match self.next(&mut source) {
+                Ok(frame) => frame,
+                Err(Miss::Broken(e)) => {
+                    let n = self.counters.broken.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        log::warn!(
+                            "camera {}: {e} (skipped; {n} bad frames so far)",
+                            self.name()
+                        );
+                    }
+                    continue;
+                }
+                Err(miss) => return miss,
+            };
+            *backoff = BACKOFF_FIRST;
+            let mut frame = Some(frame);
+            for shown in 0..repeat {
+                if let Some(interval) = interval {
+                    // Replays are paced by the clock; a live camera by its
+                    // driver, so only replays sleep.
+                    if replay && !self.sleep_until(due) {
+                        return Miss::Lost("stopping".into());
+                    }
+                    due = due.max(Instant::now() - interval) + interval;
+                }
+                let copy = if shown + 1 == repeat {
+                    frame.take()
+                } else {
+                    frame.clone()
+                };
+                let Some(copy) = copy else { break };
+                if !self.deliver(copy, replay && interval.is_none()) {
+                    return Miss::Lost("stopping".into());
+                }
+            }
+        }
+        Miss::Lost("stopping".into())
+    }
+
+    /// Hands one frame to the detector. Replays without a rate wait for
+    /// it; everything else replaces an untaken frame. False on stop.
+    fn deliver(&self, frame: Frame, wait: bool) -> bool {
+        let mut captured = CapturedFrame {
+            camera: self.name().to_owned(),
+            frame,
+            captured: Instant::now(),
+            wall_time: wall_time(),
+        };
+        self.counters.frames.fetch_add(1, Ordering::Relaxed);
+        if !wait {
+            if self.board.put(captured) {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return true;
+        }
+        loop {
+            match self.board.put_when_free(captured, SLICE) {
+                Ok(()) => return true,
+                Err(back) => captured = back,
+            }
+            self.heartbeat.touch();
+            if self.stopping() {
+                return false;
+            }
+        }
+    }
+}

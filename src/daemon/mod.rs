@@ -1,0 +1,443 @@
+//! `nanodetd run`: the long-running service, wired in one place
+//! ([`serve`]). Capture and inference run on their own threads; one small
+//! tokio runtime runs MQTT, signals, the config watch, the watchdog and the
+//! stats timer.
+//!
+//! A frame travels one way: camera thread → [`board`] (newest frame per
+//! camera) → detector thread ([`pipeline`]: preprocess, inference,
+//! postprocess, tracker) → [`Outbox`] → MQTT task → broker.
+
+pub mod board;
+pub mod camera;
+pub mod pipeline;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{oneshot, watch};
+
+use crate::backend::{self, EngineOptions};
+use crate::config::{CameraConfig, Config, ModelConfig};
+use crate::detector::{DetectionParams, Detector, DetectorError};
+use crate::model::{self, LayoutOverrides};
+use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
+use crate::watchdog::{self, Heartbeats};
+use board::FrameBoard;
+use camera::{CameraState, CameraTask};
+use pipeline::DetectorTask;
+use stats::Latencies;
+
+/// How long shutdown may take before the rest is abandoned; systemd's
+/// default stop timeout is far longer, operators' patience is not.
+const SHUTDOWN: Duration = Duration::from_millis(1500);
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The model or class-name file cannot be used.
+    #[error("{path}: {reason}")]
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A thread, runtime or signal handler cannot be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being set up.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Builds the detector a `[model]` table describes.
+pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
+    let failed = |reason: String| DaemonError::Model {
+        path: model.path.clone(),
+        reason,
+    };
+    let class_names = match &model.classes {
+        Some(p) => Some(model::read_class_names(p).map_err(|e| failed(e.to_string()))?),
+        None => None,
+    };
+    let engine = backend::open_engine(model.backend, &model.path, &EngineOptions::default())
+        .map_err(|e| failed(e.to_string()))?;
+    let params = DetectionParams {
+        score_threshold: model.score.get(),
+        iou_threshold: model.iou.get(),
+        max_detections: model.max_detections,
+        ..DetectionParams::LIVE
+    };
+    Detector::new(engine, &LayoutOverrides::default(), class_names, params)
+        .map(Arc::new)
+        .map_err(|e: DetectorError| failed(e.to_string()))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `config` was loaded from
+/// `config_path`, which is then watched for changes.
+pub fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_error("cannot start the async runtime"))?;
+    runtime.block_on(serve(config_path.to_owned(), config))
+}
+
+/// The whole daemon, top to bottom.
+async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let mut signals = Signals::install()?;
+
+    // The backend. Building a model can take minutes on an edge box; tell
+    // systemd so it does not time the start-up out.
+    notify(&[NotifyState::ExtendTimeoutUsec(600_000_000)]);
+    let detector = load_detector(&config.model)?;
+    let session = detector.session().map_err(|e| DaemonError::Model {
+        path: config.model.path.clone(),
+        reason: e.to_string(),
+    })?;
+    for label in pipeline::unknown_labels(&config, &detector) {
+        log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
+    }
+    log::info!(
+        "model {} on {:?}: {:?} layout, {}x{} input, {} classes",
+        config.model.path.display(),
+        config.model.backend,
+        detector.layout().kind,
+        detector.layout().input_width,
+        detector.layout().input_height,
+        detector.layout().num_classes
+    );
+
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
+    let config = config_rx.borrow_and_update().clone();
+    let outbox = Outbox::new(config.mqtt.queue);
+    let heartbeats = Heartbeats::default();
+    let board = Arc::new(FrameBoard::default());
+    let latencies = Arc::new(Mutex::new(Latencies::default()));
+
+    // The detector thread, then a thread per camera.
+    let (model_tx, model_rx) = std::sync::mpsc::channel();
+    let stop_detector = Arc::new(AtomicBool::new(false));
+    let detector_task = DetectorTask {
+        board: board.clone(),
+        config: config_rx.clone(),
+        models: model_rx,
+        outbox: outbox.clone(),
+        latencies: latencies.clone(),
+        heartbeat: heartbeats.register("detector"),
+        stop: stop_detector.clone(),
+    };
+    let detector_thread = std::thread::Builder::new()
+        .name("detector".into())
+        .spawn(move || detector_task.run(session))
+        .map_err(io_error("cannot start the detector thread"))?;
+    let mut cameras = BTreeMap::new();
+    for camera in &config.cameras {
+        start_camera(camera, &board, &heartbeats, &mut cameras);
+    }
+
+    // MQTT, the config watch, the watchdog.
+    let link = Arc::new(LinkStatus::default());
+    let (drain_tx, drain_rx) = oneshot::channel();
+    let mqtt_task =
+        tokio::spawn(MqttTask::new(config_rx.clone(), outbox.clone(), link.clone()).run(drain_rx));
+    let reload_path = config_path.clone();
+    let reload_outbox = outbox.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::reload::run(reload_path, config_tx, reload_outbox).await {
+            log::error!("{e}; edit-and-reload is off, restart to apply changes");
+        }
+    });
+    tokio::spawn(watchdog::run(heartbeats.clone()));
+    notify(&[NotifyState::Ready]);
+    log::info!(
+        "running: {} camera(s), config {}",
+        cameras.len(),
+        config_path.display()
+    );
+
+    // Until a signal: apply reloads, publish stats.
+    let mut current = config;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_stats = Instant::now();
+    let mut reporter = Reporter::new(started);
+    loop {
+        tokio::select! {
+            signal = signals.next() => {
+                log::info!("{signal}: shutting down");
+                break;
+            }
+            changed = config_rx.changed() => {
+                if changed.is_err() { break; }
+                let new = config_rx.borrow_and_update().clone();
+                apply(&current, &new, &board, &heartbeats, &mut cameras, &model_tx, &outbox);
+                current = new;
+            }
+            _ = tick.tick() => {
+                let snapshot = reporter.snapshot(&current, &cameras, &latencies, &outbox, &link);
+                notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
+                if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
+                    last_stats = Instant::now();
+                    outbox.push(mqtt::stats_message(&snapshot));
+                }
+            }
+        }
+    }
+
+    // Drain: capture stops, the detector finishes what it has and ends
+    // every object, the MQTT task delivers and says offline.
+    notify(&[NotifyState::Stopping]);
+    let deadline = Instant::now() + SHUTDOWN;
+    for camera in cameras.values() {
+        camera.request_stop();
+    }
+    stop_detector.store(true, Ordering::Relaxed);
+    let joined = tokio::task::spawn_blocking(move || {
+        for camera in cameras.values_mut() {
+            camera.stop(Duration::from_millis(300));
+        }
+        while !detector_thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cameras
+    });
+    let cameras = joined.await.unwrap_or_default();
+    // Final figures, so a consumer can check every event arrived.
+    let snapshot = reporter.snapshot(&current, &cameras, &latencies, &outbox, &link);
+    outbox.push(mqtt::stats_message(&snapshot));
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = drain_tx.send(left.max(Duration::from_millis(300)));
+    let _ = tokio::time::timeout(left + Duration::from_millis(500), mqtt_task).await;
+    log::info!("stopped");
+    Ok(())
+}
+
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        log::debug!("sd_notify: {e}");
+    }
+}
+
+fn start_camera(
+    camera: &CameraConfig,
+    board: &Arc<FrameBoard>,
+    heartbeats: &Heartbeats,
+    cameras: &mut BTreeMap<String, CameraTask>,
+) {
+    let name = camera.name.as_str();
+    let heartbeat = heartbeats.register(&format!("camera {name}"));
+    match CameraTask::spawn(camera.clone(), board.clone(), heartbeat) {
+        Ok(task) => {
+            cameras.insert(name.to_owned(), task);
+        }
+        Err(e) => log::error!("camera {name}: cannot start its thread: {e}"),
+    }
+}
+
+/// Applies a new valid config: hot settings already reach the detector
+/// and MQTT tasks through the watch channel; here, the cold parts. A
+/// changed camera restarts alone; a changed model loads in the background
+/// and is swapped in when ready, so detection never pauses.
+fn apply(
+    old: &Config,
+    new: &Arc<Config>,
+    board: &Arc<FrameBoard>,
+    heartbeats: &Heartbeats,
+    cameras: &mut BTreeMap<String, CameraTask>,
+    models: &std::sync::mpsc::Sender<Arc<Detector>>,
+    outbox: &Outbox,
+) {
+    log::set_max_level(new.log.level);
+    let wanted: BTreeMap<&str, &CameraConfig> =
+        new.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
+    let gone: Vec<String> = cameras
+        .iter()
+        .filter(|(name, task)| {
+            wanted
+                .get(name.as_str())
+                .is_none_or(|c| !c.same_source(&task.config))
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in gone {
+        if let Some(task) = cameras.remove(&name) {
+            log::info!("camera {name}: source changed or removed, stopping");
+            // Joining may take a moment; it must not hold up MQTT.
+            tokio::task::spawn_blocking(move || {
+                let mut task = task;
+                task.stop(Duration::from_secs(2));
+            });
+        }
+    }
+    for camera in &new.cameras {
+        if !cameras.contains_key(camera.name.as_str()) {
+            log::info!("camera {}: starting", camera.name.as_str());
+            start_camera(camera, board, heartbeats, cameras);
+        }
+    }
+    if new.model != old.model {
+        log::info!("model settings changed: loading in the background");
+        let model = new.model.clone();
+        let models = models.clone();
+        let outbox = outbox.clone();
+        tokio::task::spawn_blocking(move || match load_detector(&model) {
+            Ok(detector) => {
+                let _ = models.send(detector);
+            }
+            Err(e) => {
+                log::error!("{e}; keeping the running model");
+                outbox.push(mqtt::status_message(Some(&e.to_string())));
+            }
+        });
+    }
+}
+
+/// SIGTERM and SIGINT.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, DaemonError> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(io_error("cannot handle SIGTERM"))?,
+            int: signal(SignalKind::interrupt()).map_err(io_error("cannot handle SIGINT"))?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// One camera in the stats.
+#[derive(Debug, serde::Serialize)]
+struct CameraStats {
+    state: CameraState,
+    fps: f32,
+    frames: u64,
+    dropped: u64,
+    broken: u64,
+    reopens: u64,
+    error: Option<String>,
+}
+
+/// The `stats` payload.
+#[derive(Debug, serde::Serialize)]
+struct StatsSnapshot {
+    uptime: f64,
+    backend: crate::backend::BackendKind,
+    model: String,
+    cameras: BTreeMap<String, CameraStats>,
+    latency_ms: BTreeMap<stats::Stage, stats::Percentiles>,
+    mqtt: MqttStats,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct MqttStats {
+    connected: bool,
+    reconnects: u64,
+    #[serde(flatten)]
+    outbox: mqtt::OutboxSnapshot,
+}
+
+/// Turns counters into rates between snapshots.
+struct Reporter {
+    started: Instant,
+    last: Instant,
+    processed: BTreeMap<String, u64>,
+}
+
+impl Reporter {
+    fn new(started: Instant) -> Reporter {
+        Reporter {
+            started,
+            last: Instant::now(),
+            processed: BTreeMap::new(),
+        }
+    }
+
+    fn snapshot(
+        &mut self,
+        config: &Config,
+        cameras: &BTreeMap<String, CameraTask>,
+        latencies: &Mutex<Latencies>,
+        outbox: &Outbox,
+        link: &LinkStatus,
+    ) -> StatsSnapshot {
+        let dt = self.last.elapsed().as_secs_f32().max(1e-3);
+        self.last = Instant::now();
+        let mut per_camera = BTreeMap::new();
+        for (name, task) in cameras {
+            let c = &task.counters;
+            let frames = c.frames.load(Ordering::Relaxed);
+            let dropped = c.dropped.load(Ordering::Relaxed);
+            let processed = frames.saturating_sub(dropped);
+            let before = self.processed.insert(name.clone(), processed).unwrap_or(0);
+            per_camera.insert(
+                name.clone(),
+                CameraStats {
+                    state: c.state(),
+                    fps: processed.saturating_sub(before) as f32 / dt,
+                    frames,
+                    dropped,
+                    broken: c.broken.load(Ordering::Relaxed),
+                    reopens: c.reopens.load(Ordering::Relaxed),
+                    error: c.last_error(),
+                },
+            );
+        }
+        StatsSnapshot {
+            uptime: self.started.elapsed().as_secs_f64(),
+            backend: config.model.backend,
+            model: config.model.path.display().to_string(),
+            cameras: per_camera,
+            latency_ms: latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .percentiles(),
+            mqtt: MqttStats {
+                connected: link.connected(),
+                reconnects: link.reconnects(),
+                outbox: outbox.snapshot(),
+            },
+        }
+    }
+
+    /// systemd's one-line STATUS=.
+    fn status_line(&self, s: &StatsSnapshot) -> String {
+        let fps: f32 = s.cameras.values().map(|c| c.fps).sum();
+        let streaming = s
+            .cameras
+            .values()
+            .filter(|c| c.state == CameraState::Streaming)
+            .count();
+        format!(
+            "{streaming}/{} cameras streaming, {fps:.1} fps, backend {:?}, MQTT {}",
+            s.cameras.len(),
+            s.backend,
+            if s.mqtt.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        )
+    }
+}

@@ -1,0 +1,312 @@
+//! The detector task: one thread that takes frames off the board and
+//! carries each down the straight line — preprocess, inference,
+//! postprocess, the camera's tracker — and turns what comes out into
+//! messages in the outbox. A new model arrives ready-built and is swapped
+//! in between two frames; new hot settings apply at the next frame.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use super::board::{CapturedFrame, FrameBoard, Work};
+use super::stats::{Latencies, Stage};
+use crate::config::{CameraConfig, Config};
+use crate::detector::{Detector, DetectorSession};
+use crate::mqtt::{self, Outbox};
+use crate::track::{LabelFilter, Tracker, TrackerConfig, Zone};
+use crate::watchdog::Heartbeat;
+
+/// How long the detector waits for a frame before doing idle work
+/// (ending objects of silent cameras, checking for a stop).
+const IDLE: Duration = Duration::from_millis(200);
+
+/// The tracker configuration for one camera from the whole config: label
+/// names become the model's class ids.
+pub fn tracker_config(
+    config: &Config,
+    camera: &CameraConfig,
+    detector: &Detector,
+) -> TrackerConfig {
+    let class_id = |label: &str| {
+        (0..detector.layout().num_classes as u32).find(|&c| detector.class_name(c) == label)
+    };
+    let filter = |f: &crate::config::FilterConfig| LabelFilter {
+        min_score: f.min_score.get(),
+        threshold: f.threshold.get(),
+        min_area: f.min_area,
+        max_area: f.max_area,
+        min_ratio: f.min_ratio,
+        max_ratio: f.max_ratio,
+    };
+    let polygon = |p: &Vec<[f32; 2]>| p.iter().map(|&[x, y]| (x, y)).collect();
+    let t = &config.tracker;
+    TrackerConfig {
+        filters: config
+            .filters
+            .iter()
+            .filter_map(|(label, f)| class_id(label).map(|c| (c, filter(f))))
+            .collect(),
+        default_filter: LabelFilter {
+            min_score: config.model.score.get(),
+            ..LabelFilter::default()
+        },
+        zones: camera
+            .zones
+            .iter()
+            .map(|(name, p)| Zone {
+                name: name.as_str().to_owned(),
+                polygon: polygon(p),
+            })
+            .collect(),
+        masks: camera.masks.iter().map(polygon).collect(),
+        score_history: t.history,
+        match_iou: t.match_iou.get(),
+        lost_after: t.lost_after,
+        moved_iou: t.moved_iou.get(),
+        score_step: t.score_step.get(),
+        heartbeat: t.heartbeat,
+    }
+}
+
+/// Labels in `[filters]` that the model does not know: almost always a
+/// typo, so they are reported when a config or model is taken up.
+pub fn unknown_labels(config: &Config, detector: &Detector) -> Vec<String> {
+    let n = detector.layout().num_classes as u32;
+    config
+        .filters
+        .keys()
+        .filter(|label| !(0..n).any(|c| detector.class_name(c) == label.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// One camera's tracking state in the detector task.
+struct CameraTrack {
+    tracker: Tracker,
+    /// Counts as last published, per class.
+    counts: BTreeMap<u32, usize>,
+    /// Events sent so far, the `seq` of the next.
+    events: u64,
+    frame_size: (usize, usize),
+    last_frame: Instant,
+    last_detections: Option<Instant>,
+}
+
+/// The detector thread's state.
+pub struct DetectorTask {
+    /// Frames in.
+    pub board: Arc<FrameBoard>,
+    /// Hot settings.
+    pub config: watch::Receiver<Arc<Config>>,
+    /// Models loaded in the background, swapped in when they arrive.
+    pub models: Receiver<Arc<Detector>>,
+    /// Messages out.
+    pub outbox: Outbox,
+    /// Stage timings, read by the stats.
+    pub latencies: Arc<Mutex<Latencies>>,
+    /// Liveness for the watchdog.
+    pub heartbeat: Heartbeat,
+    /// Set at shutdown: finish the frames waiting, end every object, return.
+    pub stop: Arc<AtomicBool>,
+}
+
+fn wall_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl DetectorTask {
+    /// Runs until stopped, starting with `session`.
+    pub fn run(mut self, mut session: DetectorSession) {
+        let mut config = self.config.borrow_and_update().clone();
+        let mut cameras: BTreeMap<String, CameraTrack> = BTreeMap::new();
+        loop {
+            self.heartbeat.touch();
+            if let Some(detector) = self.models.try_iter().last() {
+                match detector.session() {
+                    Ok(s) => {
+                        log::info!("detector: new model in service");
+                        session = s;
+                        self.retune(&config, &session, &mut cameras);
+                    }
+                    Err(e) => log::error!("detector: new model unusable, keeping the old: {e}"),
+                }
+            }
+            if self.config.has_changed().unwrap_or(false) {
+                config = self.config.borrow_and_update().clone();
+                self.retune(&config, &session, &mut cameras);
+            }
+            let stopping = self.stop.load(Ordering::Relaxed);
+            if stopping && !self.board.has_frames() {
+                break;
+            }
+            match self
+                .board
+                .next(if stopping { Duration::ZERO } else { IDLE })
+            {
+                Some(Work::Frame(frame)) => {
+                    self.handle_frame(frame, &config, &mut session, &mut cameras)
+                }
+                Some(Work::Ended(name)) => {
+                    if let Some(mut cam) = cameras.remove(&name) {
+                        let events = cam.tracker.end_all(wall_time());
+                        self.publish(&name, &mut cam, events, session.detector());
+                    }
+                }
+                None => self.handle_idle(&session, &mut cameras),
+            }
+        }
+        let now = wall_time();
+        for (name, cam) in &mut cameras {
+            let events = cam.tracker.end_all(now);
+            self.publish(name, cam, events, session.detector());
+        }
+    }
+
+    /// New settings or a new model: every tracker gets its new config.
+    fn retune(
+        &self,
+        config: &Config,
+        session: &DetectorSession,
+        cameras: &mut BTreeMap<String, CameraTrack>,
+    ) {
+        for label in unknown_labels(config, session.detector()) {
+            log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
+        }
+        for camera in &config.cameras {
+            if let Some(cam) = cameras.get_mut(camera.name.as_str()) {
+                cam.tracker
+                    .set_config(tracker_config(config, camera, session.detector()));
+            }
+        }
+    }
+
+    fn handle_frame(
+        &self,
+        captured: CapturedFrame,
+        config: &Config,
+        session: &mut DetectorSession,
+        cameras: &mut BTreeMap<String, CameraTrack>,
+    ) {
+        let taken = Instant::now();
+        let Some(camera) = config
+            .cameras
+            .iter()
+            .find(|c| c.name.as_str() == captured.camera)
+        else {
+            return; // removed by a reload while its last frame waited
+        };
+        let result = session.preprocess(&captured.frame).and_then(|transform| {
+            let preprocessed = Instant::now();
+            session.infer()?;
+            let inferred = Instant::now();
+            let detections = session.postprocess(&transform)?;
+            Ok((detections, preprocessed, inferred))
+        });
+        let (detections, preprocessed, inferred) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("camera {}: detection failed: {e}", captured.camera);
+                return;
+            }
+        };
+        let postprocessed = Instant::now();
+        let detector = session.detector().clone();
+        let cam = cameras
+            .entry(captured.camera.clone())
+            .or_insert_with(|| CameraTrack {
+                tracker: Tracker::new(tracker_config(config, camera, &detector)),
+                counts: BTreeMap::new(),
+                events: 0,
+                frame_size: (0, 0),
+                last_frame: taken,
+                last_detections: None,
+            });
+        let size = (captured.frame.width(), captured.frame.height());
+        if cam.frame_size != size && cam.frame_size != (0, 0) {
+            // A new resolution is a new scene (a replay's next photo, a
+            // renegotiated camera): boxes of the old one mean nothing in it.
+            let events = cam.tracker.end_all(captured.wall_time);
+            self.publish(&captured.camera, cam, events, &detector);
+        }
+        cam.frame_size = size;
+        cam.last_frame = taken;
+        let events = cam.tracker.update(&detections, captured.wall_time);
+        self.publish(&captured.camera, cam, events, &detector);
+        let rate = config.mqtt.detections_rate;
+        if rate > 0.0
+            && cam
+                .last_detections
+                .is_none_or(|t| t.elapsed().as_secs_f32() >= 1.0 / rate)
+        {
+            cam.last_detections = Some(taken);
+            self.outbox.push(mqtt::detections_message(
+                &captured.camera,
+                captured.wall_time,
+                cam.frame_size,
+                &detections,
+                |c| detector.class_name(c).to_owned(),
+            ));
+        }
+        let done = Instant::now();
+        let mut l = self
+            .latencies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
+        l.record(Stage::Queue, secs(captured.captured, taken));
+        l.record(Stage::Preprocess, secs(taken, preprocessed));
+        l.record(Stage::Inference, secs(preprocessed, inferred));
+        l.record(Stage::Postprocess, secs(inferred, postprocessed));
+        l.record(Stage::Track, secs(postprocessed, done));
+        l.record(Stage::Total, secs(captured.captured, done));
+    }
+
+    /// With no frames coming, a camera's objects still have to end once
+    /// unseen for `lost_after`.
+    fn handle_idle(&self, session: &DetectorSession, cameras: &mut BTreeMap<String, CameraTrack>) {
+        let now = wall_time();
+        for (name, cam) in cameras.iter_mut() {
+            if cam.last_frame.elapsed() > IDLE {
+                let events = cam.tracker.update(&[], now);
+                self.publish(name, cam, events, session.detector());
+            }
+        }
+    }
+
+    /// Events, then any count that changed.
+    fn publish(
+        &self,
+        camera: &str,
+        cam: &mut CameraTrack,
+        events: Vec<crate::track::TrackEvent>,
+        detector: &Detector,
+    ) {
+        for event in &events {
+            let label = detector.class_name(event.after.class_id);
+            self.outbox.push(mqtt::event_message(
+                camera,
+                cam.events,
+                event,
+                label,
+                cam.frame_size,
+            ));
+            cam.events += 1;
+        }
+        let counts = cam.tracker.counts();
+        let classes: Vec<u32> = counts.keys().chain(cam.counts.keys()).copied().collect();
+        for class in classes {
+            let now = counts.get(&class).copied().unwrap_or(0);
+            if cam.counts.get(&class) != Some(&now) {
+                cam.counts.insert(class, now);
+                self.outbox
+                    .push(mqtt::count_message(camera, detector.class_name(class), now));
+            }
+        }
+    }
+}

@@ -1,0 +1,854 @@
+//! The daemon, black box: the real binary, the real models and photos, a
+//! real mosquitto on a free loopback port, a real inotify watch (config
+//! edits by rename), a real notify socket. Each test is one "must hold"
+//! of the daemon issue. They run one at a time: each runs a detector.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One daemon test at a time: they each run inference on two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// mosquitto, or a skip (a failure under CI, where .ci/run installs it).
+fn mosquitto_present(test: &str) -> bool {
+    let found = Command::new("mosquitto")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: mosquitto is not installed; .ci/run installs it"
+        );
+        eprintln!("SKIPPED {test}: mosquitto is not installed (apt-get install mosquitto)");
+    }
+    found
+}
+
+/// A mosquitto of the test's own, with persistence so that a subscriber's
+/// session (and messages queued for it) survive a broker restart.
+struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        // Started as root, mosquitto drops to its own user, which must be
+        // able to save its sessions here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let port = free_port();
+        let mut broker = Broker {
+            port,
+            dir,
+            child: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    fn launch(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+                self.port,
+                self.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        self.child = Some(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, so mosquitto saves its sessions.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&child);
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn terminate(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {}", child.id());
+}
+
+/// A received message.
+#[derive(Debug, Clone)]
+struct Received {
+    topic: String,
+    payload: String,
+    retain: bool,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.topic, self.payload))
+    }
+}
+
+/// A QoS 1 subscriber on its own thread. With `persistent`, its session
+/// outlives a broker restart, so nothing published meanwhile is missed.
+struct Subscriber {
+    messages: Arc<Mutex<Vec<Received>>>,
+    client: rumqttc::Client,
+}
+
+impl Subscriber {
+    fn new(port: u16, filter: &str, persistent: bool) -> Subscriber {
+        let id = format!("test-{}", free_port());
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_clean_session(!persistent);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = rumqttc::Client::new(options, 100);
+        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        sink.lock().unwrap().push(Received {
+                            topic: p.topic.clone(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c))) => {
+                        eprintln!(
+                            "subscriber: connected, session present: {}",
+                            c.session_present
+                        );
+                    }
+                    Ok(_) => {}
+                    // Reconnects on the next poll; do not spin meanwhile.
+                    Err(e) => {
+                        eprintln!("subscriber: {e}");
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscription acknowledged");
+        Subscriber { messages, client }
+    }
+
+    fn all(&self) -> Vec<Received> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits until `found` holds over everything received.
+    fn wait_for(&self, what: &str, timeout: Duration, found: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if found(&self.all()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let topics: Vec<String> = self
+                    .all()
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {}",
+                            m.topic,
+                            m.payload.chars().take(120).collect::<String>()
+                        )
+                    })
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; received:\n{}",
+                    topics.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// Events on a topic, parsed.
+fn events(messages: &[Received], topic: &str) -> Vec<Value> {
+    messages
+        .iter()
+        .filter(|m| m.topic == topic)
+        .map(Received::json)
+        .collect()
+}
+
+fn labels_of(events: &[Value], kind: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["after"]["label"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The daemon under test, with its config in a directory of its own.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("nanodetd.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.path().join("nanodetd.toml"))
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Daemon { child, dir }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nanodetd.toml")
+    }
+
+    /// Replaces the config the way editors and config management do:
+    /// write a temporary file beside it, then rename over it.
+    fn edit(&self, config: &str) {
+        let tmp = self.dir.path().join(".nanodetd.toml.new");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(config.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGTERM; the exit status and how long the exit took.
+    fn terminate(mut self) -> (ExitStatus, Duration, String) {
+        let start = Instant::now();
+        terminate(&self.child);
+        let deadline = start + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed(), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit 10 s after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for the shared plus-320 model and the given cameras.
+fn config(assets: &Path, port: u16, prefix: &str, rest: &str) -> String {
+    format!(
+        r#"device_id = "test"
+[model]
+path = "{model}"
+[mqtt]
+port = {port}
+prefix = "{prefix}"
+reconnect_max = 1.0
+stats_interval = 1.0
+[tracker]
+lost_after = 0.6
+{rest}
+"#,
+        model = support::model(assets, "nanodet-plus-m_320").display(),
+    )
+}
+
+/// A folder holding copies of some sample photos.
+fn photo_folder(assets: &Path, names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, name) in names.iter().enumerate() {
+        std::fs::copy(
+            support::sample(assets, name),
+            dir.path().join(format!("{i:02}_{name}")),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+#[test]
+fn events_new_then_end_and_retained_counts() {
+    let _serial = serial();
+    let Some(assets) = support::assets("events") else {
+        return;
+    };
+    if !mosquitto_present("events") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let samples = assets.join("samples");
+    let camera = format!(
+        "[[camera]]\nname = \"samples\"\nsource = {{ folder = \"{}\" }}\nrepeat = 3\n",
+        samples.display()
+    );
+    let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
+    sub.wait_for("online", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|m| m.topic == "nd/available" && m.payload == "online")
+    });
+    // Once the replay is over every object ends.
+    sub.wait_for("end of every object", Duration::from_secs(120), |m| {
+        let finished = m.iter().any(|m| {
+            m.topic == "nd/stats" && m.json()["cameras"]["samples"]["state"] == "finished"
+        });
+        let e = events(m, "nd/samples/events");
+        let news = e.iter().filter(|e| e["type"] == "new").count();
+        finished && news > 0 && e.iter().filter(|e| e["type"] == "end").count() == news
+    });
+    let e = events(&sub.all(), "nd/samples/events");
+    let new = labels_of(&e, "new");
+    for label in ["person", "cat", "bus"] {
+        assert!(new.contains(&label.to_owned()), "no new {label} in {new:?}");
+        assert!(labels_of(&e, "end").contains(&label.to_owned()));
+    }
+    for event in &e {
+        assert_eq!(event["schema"], 1);
+        let after = &event["after"];
+        let b = after["box_normalized"].as_array().unwrap();
+        assert!(
+            b.iter().all(|v| (0.0..=1.0).contains(&v.as_f64().unwrap())),
+            "{event}"
+        );
+        assert!(after["top_score"].as_f64() >= after["score"].as_f64());
+    }
+    let seqs: Vec<u64> = e.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (0..e.len() as u64).collect::<Vec<_>>(),
+        "in order, none lost"
+    );
+
+    // Counts are retained: a newcomer gets the last one at once, and it is
+    // 0 now that everything has ended.
+    let late = Subscriber::new(broker.port, "nd/samples/+", false);
+    late.wait_for("retained counts", Duration::from_secs(5), |m| {
+        ["person", "cat", "bus"].iter().all(|l| {
+            m.iter()
+                .any(|m| m.topic == format!("nd/samples/{l}") && m.retain)
+        })
+    });
+    assert!(
+        late.all().iter().all(|m| m.payload == "0"),
+        "{:?}",
+        late.all()
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_config_edit_applies_threshold_prefix_and_zone_within_2_s() {
+    let _serial = serial();
+    let Some(assets) = support::assets("reload") else {
+        return;
+    };
+    if !mosquitto_present("reload") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    // The bus scores 0.81: with threshold 0.9 it never becomes an object.
+    let camera = |zone: &str| {
+        format!(
+            "[filters.bus]\nthreshold = {}\n[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n{zone}\n",
+            if zone.is_empty() { "0.9" } else { "0.5" },
+            photos.path().display()
+        )
+    };
+    let before = config(&assets, broker.port, "site/one", &camera(""));
+    let daemon = Daemon::start(&before, &[]);
+    sub.wait_for("frames flowing", Duration::from_secs(30), |m| {
+        m.iter().any(|m| {
+            m.topic == "site/one/stats"
+                && m.json()["cameras"]["street"]["frames"].as_u64() > Some(5)
+        })
+    });
+    assert!(
+        labels_of(&events(&sub.all(), "site/one/street/events"), "new")
+            .iter()
+            .all(|l| l != "bus")
+    );
+
+    let zone = "zones.road = [[0, 0], [810, 0], [810, 1080], [0, 1080]]";
+    let after = config(&assets, broker.port, "site/two", &camera(zone));
+    let edited = Instant::now();
+    daemon.edit(&after);
+    sub.wait_for(
+        "a bus in the road zone under the new prefix",
+        Duration::from_secs(10),
+        |m| {
+            events(m, "site/two/street/events").iter().any(|e| {
+                e["type"] == "new"
+                    && e["after"]["label"] == "bus"
+                    && e["after"]["zones"][0] == "road"
+            })
+        },
+    );
+    let took = edited.elapsed();
+    assert!(
+        took <= Duration::from_secs(2),
+        "the edit took {took:?} to show"
+    );
+    assert!(
+        sub.all()
+            .iter()
+            .any(|m| m.topic == "site/two/available" && m.payload == "online")
+    );
+    assert!(
+        sub.all()
+            .iter()
+            .any(|m| m.topic == "site/one/available" && m.payload == "offline"),
+        "the old prefix is told the daemon left it"
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("reloaded (file change)"), "{log}");
+}
+
+#[test]
+fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
+    let _serial = serial();
+    let Some(assets) = support::assets("bad edit") else {
+        return;
+    };
+    if !mosquitto_present("bad edit") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = format!(
+        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n",
+        photos.path().display()
+    );
+    let good = config(&assets, broker.port, "nd", &camera);
+    let mut daemon = Daemon::start(&good, &[]);
+    sub.wait_for("a bus", Duration::from_secs(30), |m| {
+        labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned())
+    });
+    daemon.edit(&good.replace("[tracker]", "[tracker]\nhistory = \"five\""));
+    sub.wait_for("the rejection on status", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|m| m.topic == "nd/status" && m.json()["config"] == "rejected")
+    });
+    // Retained: a newcomer learns it at once.
+    let late = Subscriber::new(broker.port, "nd/status", false);
+    late.wait_for("the retained status", Duration::from_secs(5), |m| {
+        !m.is_empty()
+    });
+    let status = late.all().remove(0);
+    assert!(status.retain);
+    let error = status.json()["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("nanodetd.toml: line"), "{error}");
+    assert!(error.contains("history"), "{error}");
+    // Still running the old config: frames keep coming, the bus stays.
+    let frames = |m: &[Received]| {
+        m.iter()
+            .rev()
+            .find(|m| m.topic == "nd/stats")
+            .and_then(|m| m.json()["cameras"]["street"]["frames"].as_u64())
+            .unwrap_or(0)
+    };
+    let seen = frames(&sub.all());
+    sub.wait_for("more frames", Duration::from_secs(10), |m| {
+        frames(m) > seen + 5
+    });
+    assert!(daemon.alive());
+    assert!(!labels_of(&events(&sub.all(), "nd/street/events"), "end").contains(&"bus".to_owned()));
+    // Fixing the file clears the status.
+    daemon.edit(&good);
+    sub.wait_for("status ok", Duration::from_secs(10), |m| {
+        m.iter()
+            .rev()
+            .find(|m| m.topic == "nd/status")
+            .is_some_and(|m| m.json()["config"] == "ok")
+    });
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_broker_restart_loses_no_event() {
+    let _serial = serial();
+    let Some(assets) = support::assets("broker restart") else {
+        return;
+    };
+    if !mosquitto_present("broker restart") {
+        return;
+    }
+    let mut broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", true);
+    // Alternating scenes make objects come and go all the time.
+    let photos = photo_folder(
+        &assets,
+        &[
+            "hpc203_bus.jpg",
+            "skimage_chelsea.png",
+            "skimage_astronaut.png",
+        ],
+    );
+    let camera = format!(
+        "[[camera]]\nname = \"loop\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nrepeat = 3\nfps = 10\n",
+        photos.path().display()
+    );
+    let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
+    sub.wait_for("events", Duration::from_secs(30), |m| {
+        events(m, "nd/loop/events").len() >= 4
+    });
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    broker.launch();
+    // After the outage: the daemon reconnects and catches up.
+    sub.wait_for("a reconnect", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|m| m.topic == "nd/stats" && m.json()["mqtt"]["reconnects"].as_u64() >= Some(1))
+    });
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    sub.wait_for("the final stats", Duration::from_secs(10), |m| {
+        m.iter()
+            .filter(|m| m.topic == "nd/available")
+            .any(|m| m.payload == "offline")
+    });
+    let all = sub.all();
+    let final_stats = all
+        .iter()
+        .rev()
+        .find(|m| m.topic == "nd/stats")
+        .unwrap()
+        .json();
+    let produced = final_stats["mqtt"]["events_queued"].as_u64().unwrap();
+    assert_eq!(final_stats["mqtt"]["dropped"], 0);
+    // QoS 1 may repeat a message whose ack was lost; `seq` tells.
+    let mut seqs: Vec<u64> = events(&all, "nd/loop/events")
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    let received = seqs.len();
+    seqs.dedup();
+    eprintln!(
+        "broker restart: {produced} events produced, {received} received, {} distinct",
+        seqs.len()
+    );
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seqs:?}"
+    );
+    assert_eq!(
+        seqs,
+        (0..produced).collect::<Vec<_>>(),
+        "the daemon produced {produced} events; {received} received"
+    );
+    assert!(log.contains("MQTT: connection lost"), "{log}");
+    assert!(produced > 8, "events during the outage too: {produced}");
+}
+
+/// A notify socket of the test's own, recording every datagram.
+struct NotifySocket {
+    path: PathBuf,
+    received: Arc<Mutex<Vec<(Instant, String)>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().unwrap().push((Instant::now(), text));
+            }
+        });
+        NotifySocket {
+            path,
+            received,
+            _dir: dir,
+        }
+    }
+
+    fn pings_since(&self, since: Instant) -> usize {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, m)| *t >= since && m.lines().any(|l| l == "WATCHDOG=1"))
+            .count()
+    }
+
+    fn saw(&self, line: &str) -> bool {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, m)| m.lines().any(|l| l == line))
+    }
+}
+
+#[test]
+fn watchdog_pings_stop_when_a_source_stalls_but_not_when_a_camera_is_unplugged() {
+    let _serial = serial();
+    let Some(assets) = support::assets("watchdog") else {
+        return;
+    };
+    // No broker is needed: the daemon runs without one.
+    let port = free_port();
+
+    // An unplugged V4L2 camera beside a working replay: still pinging.
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let cameras = format!(
+        "[[camera]]\nname = \"gone\"\nsource = {{ v4l2 = \"/dev/video-unplugged\" }}\n[[camera]]\nname = \"ok\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 5\n",
+        photos.path().display()
+    );
+    let socket = NotifySocket::new();
+    let env = [
+        ("NOTIFY_SOCKET", socket.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ];
+    let daemon = Daemon::start(&config(&assets, port, "nd", &cameras), &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.saw("READY=1") {
+        assert!(Instant::now() < deadline, "no READY=1:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let pings = socket.pings_since(since);
+    assert!(pings >= 5, "{pings} pings in 4 s with a 1 s watchdog");
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success());
+    assert!(log.contains("/dev/video-unplugged: cannot open"), "{log}");
+    assert!(socket.saw("STOPPING=1"));
+
+    // A source that blocks in a read (a FIFO nobody writes) stalls its
+    // camera: the pings stop, so systemd would restart the daemon.
+    let stalled = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        support::sample(&assets, "hpc203_bus.jpg"),
+        stalled.path().join("a.jpg"),
+    )
+    .unwrap();
+    let fifo = stalled.path().join("b.jpg");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let camera = format!(
+        "[[camera]]\nname = \"stuck\"\nsource = {{ folder = \"{}\" }}\n",
+        stalled.path().display()
+    );
+    let socket = NotifySocket::new();
+    let env = [
+        ("NOTIFY_SOCKET", socket.path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "1000000"),
+    ];
+    let mut daemon = Daemon::start(&config(&assets, port, "nd", &camera), &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.saw("READY=1") {
+        assert!(Instant::now() < deadline, "no READY=1:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Within a watchdog interval of the stall the pings end for good.
+    std::thread::sleep(Duration::from_secs(2));
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(socket.pings_since(since), 0, "pinged while stalled");
+    assert!(daemon.alive());
+    let log = daemon.log();
+    assert!(log.contains("withholding the watchdog ping"), "{log}");
+    assert!(log.contains("camera stuck"), "{log}");
+}
+
+#[test]
+fn sigterm_publishes_ends_and_offline_and_exits_0_within_2_s() {
+    let _serial = serial();
+    let Some(assets) = support::assets("shutdown") else {
+        return;
+    };
+    if !mosquitto_present("shutdown") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = format!(
+        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n",
+        photos.path().display()
+    );
+    let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
+    sub.wait_for("a bus", Duration::from_secs(30), |m| {
+        labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned())
+    });
+    let (status, took, log) = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(took <= Duration::from_secs(2), "exit took {took:?}");
+    sub.wait_for("offline", Duration::from_secs(5), |m| {
+        m.iter()
+            .any(|m| m.topic == "nd/available" && m.payload == "offline")
+    });
+    let all = sub.all();
+    let e = events(&all, "nd/street/events");
+    assert_eq!(
+        labels_of(&e, "new").len(),
+        labels_of(&e, "end").len(),
+        "every object ended"
+    );
+    let offline_at = all
+        .iter()
+        .position(|m| m.topic == "nd/available" && m.payload == "offline");
+    let last_end = all.iter().rposition(|m| m.topic == "nd/street/events");
+    assert!(last_end < offline_at, "ends before offline");
+}
+
+#[test]
+fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
+    let _serial = serial();
+    let Some(assets) = support::assets("bad input") else {
+        return;
+    };
+    if !mosquitto_present("bad input") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let jpeg = std::fs::read(support::sample(&assets, "hpc203_bus.jpg")).unwrap();
+    std::fs::write(
+        photos.path().join("01_truncated.jpg"),
+        &jpeg[..jpeg.len() / 3],
+    )
+    .unwrap();
+    std::fs::write(photos.path().join("02_not_a.jpg"), b"GIF89a").unwrap();
+    let cameras = format!(
+        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n[[camera]]\nname = \"gone\"\nsource = {{ folder = \"{}/nope\" }}\n",
+        photos.path().display(),
+        photos.path().display()
+    );
+    let mut daemon = Daemon::start(&config(&assets, broker.port, "nd", &cameras), &[]);
+    sub.wait_for(
+        "a bus despite the bad frames",
+        Duration::from_secs(30),
+        |m| labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned()),
+    );
+    sub.wait_for(
+        "stats counting both problems",
+        Duration::from_secs(10),
+        |m| {
+            m.iter().filter(|m| m.topic == "nd/stats").any(|m| {
+                let c = &m.json()["cameras"];
+                c["street"]["broken"].as_u64() >= Some(2)
+                    && c["gone"]["state"] == "reopening"
+                    && c["gone"]["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("nope: cannot list image folder"))
+            })
+        },
+    );
+    assert!(daemon.alive());
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("01_truncated.jpg"),
+        "the bad file is named: {log}"
+    );
+}
