@@ -75,7 +75,7 @@ impl TopicLevel {
 pub enum SourceConfig {
     /// A V4L2 device, e.g. `/dev/video0`.
     V4l2(PathBuf),
-    /// A folder of JPEG/PNG files.
+    /// A folder of JPEG/PNG files, or a glob pattern of them.
     Folder(PathBuf),
 }
 
@@ -793,5 +793,58 @@ source = { v4l2 = "/dev/video0" }
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/nanodetd.toml");
         let c = Config::load(&path).unwrap();
         assert!(c.cameras.len() >= 2);
+        // The example spells out the defaults; they must be the real ones.
+        assert_eq!(c.tracker, TrackerSettings::default());
+        assert_eq!(c.mqtt.qos, QosConfig::default());
+        assert_eq!(c.log, LogConfig::default());
+        let defaults = MqttConfig::default();
+        let m = &c.mqtt;
+        assert_eq!(
+            (
+                m.protocol,
+                m.keep_alive,
+                m.reconnect_max,
+                m.queue,
+                m.stats_interval,
+                m.detections_rate
+            ),
+            (
+                defaults.protocol,
+                defaults.keep_alive,
+                defaults.reconnect_max,
+                defaults.queue,
+                defaults.stats_interval,
+                defaults.detections_rate
+            )
+        );
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/demo.toml");
+        assert_eq!(Config::load(&demo).unwrap().cameras.len(), 1);
+    }
+
+    #[test]
+    fn mqtt_rules() {
+        let with = |extra: &str| parse(&MINIMAL.replace("[model]", &format!("{extra}\n[model]")));
+        let err = with("[mqtt]\nprefix = \"a//b\"").unwrap_err().to_string();
+        assert!(err.contains("mqtt.prefix"), "{err}");
+        let err = with("[mqtt]\npassword_file = \"/etc/pw\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a password needs mqtt.username"), "{err}");
+        let err = with("[mqtt.tls]\nca = \"/ca\"\ncert = \"/c\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cert and key go together"), "{err}");
+        let err = with("[mqtt.qos]\nevents = 3").unwrap_err().to_string();
+        assert!(err.contains("QoS is 0, 1 or 2, got 3"), "{err}");
+        let err = with("[mqtt]\nprotocol = \"4\"").unwrap_err().to_string();
+        assert!(err.contains("protocol"), "{err}");
+        let v5 = with("[mqtt]\nprotocol = \"5\"\nprefix = \"site/shed\"").unwrap();
+        assert_eq!(v5.mqtt.protocol, MqttProtocol::V5);
+        assert_eq!(v5.mqtt.prefix_for(&v5.device_id), "site/shed");
+        let mut other = v5.mqtt.clone();
+        other.qos.events = Qos(0);
+        assert!(!v5.mqtt.needs_reconnect(&other), "QoS is hot");
+        other.port = 8883;
+        assert!(v5.mqtt.needs_reconnect(&other));
     }
 }

@@ -48,6 +48,8 @@ struct Broker {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// mosquitto_passwd file; anonymous clients are refused when set.
+    passwords: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -70,6 +72,7 @@ impl Broker {
             port,
             dir,
             child: None,
+            passwords: None,
         };
         broker.launch();
         broker
@@ -77,10 +80,14 @@ impl Broker {
 
     fn launch(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let auth = match &self.passwords {
+            Some(p) => format!("allow_anonymous false\npassword_file {}\n", p.display()),
+            None => "allow_anonymous true\n".to_owned(),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+                "listener {} 127.0.0.1\n{auth}persistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
                 self.port,
                 self.dir.path().display()
             ),
@@ -851,4 +858,167 @@ fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
         log.contains("01_truncated.jpg"),
         "the bad file is named: {log}"
     );
+}
+
+#[test]
+fn a_reload_restarts_only_the_changed_camera_and_swaps_the_model_without_a_pause() {
+    let _serial = serial();
+    let Some(assets) = support::assets("cold reload") else {
+        return;
+    };
+    if !mosquitto_present("cold reload") {
+        return;
+    }
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/stats", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let cameras = |b_fps: u32| {
+        format!(
+            "[[camera]]\nname = \"a\"\nsource = {{ folder = \"{dir}\" }}\nlooping = true\nfps = 4\n[[camera]]\nname = \"b\"\nsource = {{ folder = \"{dir}\" }}\nlooping = true\nfps = {b_fps}\n",
+            dir = photos.path().display()
+        )
+    };
+    let before = config(&assets, broker.port, "nd", &cameras(4));
+    let daemon = Daemon::start(&before, &[]);
+    let frames = |m: &[Received], cam: &str| {
+        m.iter()
+            .rev()
+            .find_map(|m| m.json()["cameras"][cam]["frames"].as_u64())
+            .unwrap_or(0)
+    };
+    sub.wait_for("both cameras", Duration::from_secs(30), |m| {
+        frames(m, "a") > 4 && frames(m, "b") > 4
+    });
+    let after = config(&assets, broker.port, "nd", &cameras(5))
+        .replace("nanodet-plus-m_320.onnx", "nanodet-m_320.onnx");
+    daemon.edit(&after);
+    let a_before = frames(&sub.all(), "a");
+    // b restarts (its counters start again from 0); a keeps counting.
+    sub.wait_for("the new model in service", Duration::from_secs(30), |_| {
+        daemon.log().contains("detector: new model in service")
+    });
+    sub.wait_for("a still counting", Duration::from_secs(10), |m| {
+        frames(m, "a") > a_before + 4
+    });
+    let log = daemon.log();
+    assert!(log.contains("camera b: source changed or removed"), "{log}");
+    assert!(!log.contains("camera a: source changed"), "{log}");
+    let stats = sub.all().last().unwrap().json();
+    assert_eq!(
+        stats["model"]
+            .as_str()
+            .map(|m| m.ends_with("nanodet-m_320.onnx")),
+        Some(true)
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn mqtt_5_with_a_password_file_and_a_wrong_password_retried() {
+    let _serial = serial();
+    let Some(assets) = support::assets("mqtt 5") else {
+        return;
+    };
+    if !mosquitto_present("mqtt 5") {
+        return;
+    }
+    let mut broker = Broker::start();
+    broker.stop();
+    let passwords = broker.dir.path().join("passwords");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["nanodetd", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // mosquitto reads it after dropping root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&passwords, std::fs::Permissions::from_mode(0o644)).unwrap();
+    broker.passwords = Some(passwords);
+    broker.launch();
+    let id = format!("test-{}", free_port());
+    let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", broker.port);
+    options.set_credentials("nanodetd", "s3cret");
+    let (client, mut connection) = rumqttc::Client::new(options, 100);
+    client.subscribe("nd/#", rumqttc::QoS::AtLeastOnce).unwrap();
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for event in connection.iter() {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = event {
+                sink.lock().unwrap().push(format!(
+                    "{} {}",
+                    p.topic,
+                    String::from_utf8_lossy(&p.payload)
+                ));
+            }
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let right = dir.path().join("right");
+    // A trailing newline, as editors leave it, is not part of the password.
+    std::fs::write(&right, "s3cret\n").unwrap();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = format!(
+        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 5\n",
+        photos.path().display()
+    );
+    let with_password = |password: &Path| {
+        config(&assets, broker.port, "nd", &camera).replace(
+            "reconnect_max = 1.0\n",
+            &format!(
+                "reconnect_max = 1.0\nprotocol = \"5\"\nusername = \"nanodetd\"\npassword_file = \"{}\"\n",
+                password.display()
+            ),
+        )
+    };
+    let mut daemon = Daemon::start(&with_password(&wrong), &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemon.log().contains("MQTT: cannot connect") {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon.alive(), "a refused login is not fatal");
+    daemon.edit(&with_password(&right));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m.starts_with("nd/street/events "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no events over MQTT 5:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|m| m == "nd/available online")
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|m| m == "nd/available offline")
+    {
+        assert!(Instant::now() < deadline, "no offline over MQTT 5");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -17,6 +17,14 @@ pub enum FolderError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A glob pattern that does not parse.
+    #[error("{pattern}: bad glob pattern: {reason}")]
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The folder has no JPEG or PNG files.
     #[error("{path}: no .jpg, .jpeg or .png files in the image folder")]
     Empty {
@@ -40,21 +48,38 @@ fn is_image(path: &Path) -> bool {
 }
 
 impl FolderSource {
-    /// Lists `dir`'s images. Files added later are not picked up.
+    /// Lists the images of a directory, or those matching a glob pattern
+    /// (`/srv/replay/cam1-*.jpg`). Files added later are not picked up.
     pub fn open(dir: &Path, looping: bool) -> Result<FolderSource, FolderError> {
         let list_error = |source| FolderError::List {
             path: dir.to_owned(),
             source,
         };
-        let mut files = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(list_error)? {
-            let path = entry.map_err(list_error)?.path();
-            // Not only regular files: a FIFO named *.jpg lets another
-            // program feed frames (and is how the watchdog test stalls).
-            if !path.is_dir() && is_image(&path) {
-                files.push(path);
-            }
-        }
+        let pattern = dir.to_string_lossy();
+        let candidates: Vec<PathBuf> = if pattern.contains(['*', '?', '[']) {
+            glob::glob(&pattern)
+                .map_err(|e| FolderError::Pattern {
+                    pattern: pattern.clone().into_owned(),
+                    reason: e.to_string(),
+                })?
+                .collect::<Result<_, _>>()
+                .map_err(|e| FolderError::List {
+                    path: e.path().to_owned(),
+                    source: e.into(),
+                })?
+        } else {
+            std::fs::read_dir(dir)
+                .map_err(list_error)?
+                .map(|entry| entry.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(list_error)?
+        };
+        // Not only regular files: a FIFO named *.jpg lets another program
+        // feed frames (and is how the watchdog test stalls a camera).
+        let mut files: Vec<PathBuf> = candidates
+            .into_iter()
+            .filter(|p| !p.is_dir() && is_image(p))
+            .collect();
         if files.is_empty() {
             return Err(FolderError::Empty {
                 path: dir.to_owned(),
@@ -113,6 +138,25 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.png true", "b.PNG true", "c.jpg false"]);
         assert!(s.next_frame().is_none(), "played once");
+    }
+
+    #[test]
+    fn a_glob_picks_the_matching_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["cam1-a.png", "cam1-b.png", "cam2-a.png"] {
+            png(&dir.path().join(name));
+        }
+        let s = FolderSource::open(&dir.path().join("cam1-*.png"), false).unwrap();
+        let names: Vec<_> = s.files().iter().map(|p| p.file_name().unwrap()).collect();
+        assert_eq!(names, ["cam1-a.png", "cam1-b.png"]);
+        let err = FolderSource::open(&dir.path().join("cam[.png"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad glob pattern"), "{err}");
+        let err = FolderSource::open(&dir.path().join("cam9-*.png"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no .jpg, .jpeg or .png files"), "{err}");
     }
 
     #[test]

@@ -238,6 +238,13 @@ impl DetectorTask {
         cam.last_frame = taken;
         let events = cam.tracker.update(&detections, captured.wall_time);
         self.publish(&captured.camera, cam, events, &detector);
+        let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
+        let timing = mqtt::FrameTiming {
+            queue: secs(captured.captured, taken) * 1e3,
+            preprocess: secs(taken, preprocessed) * 1e3,
+            inference: secs(preprocessed, inferred) * 1e3,
+            postprocess: secs(inferred, postprocessed) * 1e3,
+        };
         let rate = config.mqtt.detections_rate;
         if rate > 0.0
             && cam
@@ -251,6 +258,7 @@ impl DetectorTask {
                 cam.frame_size,
                 &detections,
                 |c| detector.class_name(c).to_owned(),
+                timing,
             ));
         }
         let done = Instant::now();
@@ -258,11 +266,10 @@ impl DetectorTask {
             .latencies
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
-        l.record(Stage::Queue, secs(captured.captured, taken));
-        l.record(Stage::Preprocess, secs(taken, preprocessed));
-        l.record(Stage::Inference, secs(preprocessed, inferred));
-        l.record(Stage::Postprocess, secs(inferred, postprocessed));
+        l.record(Stage::Queue, timing.queue / 1e3);
+        l.record(Stage::Preprocess, timing.preprocess / 1e3);
+        l.record(Stage::Inference, timing.inference / 1e3);
+        l.record(Stage::Postprocess, timing.postprocess / 1e3);
         l.record(Stage::Track, secs(postprocessed, done));
         l.record(Stage::Total, secs(captured.captured, done));
     }

@@ -23,7 +23,8 @@ use crate::config::{Config, MqttConfig, MqttProtocol, QosConfig};
 mod payload;
 
 pub use payload::{
-    SCHEMA, count_message, detections_message, event_message, stats_message, status_message,
+    FrameTiming, SCHEMA, count_message, detections_message, event_message, stats_message,
+    status_message,
 };
 
 /// Which QoS setting a message follows.

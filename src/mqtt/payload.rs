@@ -123,13 +123,29 @@ pub fn count_message(camera: &str, label: &str, count: usize) -> Message {
     }
 }
 
-/// `<camera>/detections`: one frame's raw detections.
+/// Where one frame's time went before its detections were published,
+/// in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct FrameTiming {
+    /// From capture until the detector took the frame.
+    pub queue: f64,
+    /// Resize and normalise.
+    pub preprocess: f64,
+    /// The backend.
+    pub inference: f64,
+    /// Decode, NMS, back to image coordinates.
+    pub postprocess: f64,
+}
+
+/// `<camera>/detections`: one frame's raw detections, and its timing, so
+/// a subscriber can tell the daemon's own latency from inference.
 pub fn detections_message(
     camera: &str,
     frame_time: f64,
     frame_size: (usize, usize),
     detections: &[Detection],
     label: impl Fn(u32) -> String,
+    timing: FrameTiming,
 ) -> Message {
     #[derive(Serialize)]
     struct DetectionJson {
@@ -146,6 +162,7 @@ pub fn detections_message(
         frame_time: f64,
         width: usize,
         height: usize,
+        timing_ms: FrameTiming,
         detections: Vec<DetectionJson>,
     }
     let value = FrameJson {
@@ -154,6 +171,7 @@ pub fn detections_message(
         frame_time,
         width: frame_size.0,
         height: frame_size.1,
+        timing_ms: timing,
         detections: detections
             .iter()
             .map(|d| DetectionJson {

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The daemon benchmark (not a test): the latency nanodetd adds from frame
+# capture to the MQTT message at a subscriber, minus inference, and the
+# daemon's peak RSS with one camera and with four.
+#
+#   benches/daemon.sh [ASSETS]     (ASSETS defaults to ../shared)
+#
+# Needs mosquitto. Builds the release binary and the probe example.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+assets=$(realpath "${1:-${NANODETD_ASSETS:-../shared}}")
+cargo build --release --quiet --bin nanodetd --example latency_probe
+work=$(mktemp -d)
+chmod 777 "$work"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
+mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+sleep 0.5
+mkdir -p "$work/frames"
+cp "$assets/samples/hpc203_bus.jpg" "$assets/samples/skimage_chelsea.png" "$work/frames/"
+
+run() { # cameras samples
+    local cameras=$1 samples=$2 conf="$work/nanodetd-$1.toml"
+    cat > "$conf" <<TOML
+[model]
+path = "$assets/models/nanodet-plus-m_320.onnx"
+[mqtt]
+port = $port
+prefix = "bench"
+detections_rate = 1000
+stats_interval = 5
+TOML
+    for i in $(seq 1 "$cameras"); do
+        printf '[[camera]]\nname = "cam%s"\nsource = { folder = "%s/frames" }\nlooping = true\nfps = %s\n' \
+            "$i" "$work" "$((8 / cameras))" >> "$conf"
+    done
+    RUST_LOG=warn target/release/nanodetd run --config "$conf" &
+    local pid=$!
+    sleep 2
+    echo "== $cameras camera(s), nanodet-plus-m_320, tract, $((8 / cameras)) fps each"
+    target/release/examples/latency_probe "$port" 'bench/+/detections' "$samples"
+    grep VmHWM "/proc/$pid/status"
+    kill -TERM "$pid"; wait "$pid"
+}
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+run 1 400
+run 4 400

@@ -1,0 +1,82 @@
+//! The shipped systemd unit: it must pass `systemd-analyze verify`, and its
+//! hardening must keep the overall exposure at or under 2.5. Both run
+//! offline, without a running systemd.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+fn systemd_analyze() -> bool {
+    let found = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-analyze is missing; .ci/run installs systemd"
+        );
+        eprintln!("SKIPPED: systemd-analyze is not installed");
+    }
+    found
+}
+
+/// The unit with ExecStart pointing at the binary under test, since verify
+/// checks that the command exists.
+fn unit_copy(dir: &Path) -> std::path::PathBuf {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/nanodetd.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/nanodetd run"));
+    let path = dir.join("nanodetd.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/nanodetd", env!("CARGO_BIN_EXE_nanodetd")),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_unit_verifies() {
+    if !systemd_analyze() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(unit_copy(dir.path()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "verify complained: {stderr}");
+}
+
+#[test]
+fn the_unit_is_hardened_to_an_exposure_of_at_most_2_5() {
+    if !systemd_analyze() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(unit_copy(dir.path()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure line in:\n{text}"));
+    let exposure: f32 = line
+        .split(':')
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read {line:?}"));
+    eprintln!("{line}");
+    assert!(exposure <= 2.5, "{line}");
+}
