@@ -572,10 +572,10 @@ impl Config {
                     format!("{:?} is used by an earlier camera", cam.name.as_str()),
                 ));
             }
-            if cam.fps.is_some_and(|f| !(f > 0.0 && f.is_finite())) {
+            if cam.fps.is_some_and(|f| !(0.001..=1000.0).contains(&f)) {
                 return Err(invalid(
                     format!("camera[{i}].fps"),
-                    "must be a positive number".into(),
+                    "must be within [0.001, 1000]".into(),
                 ));
             }
             let polygons = cam
@@ -606,15 +606,16 @@ impl Config {
             }
         }
         let mqtt = &self.mqtt;
-        let positive = [
-            ("mqtt.reconnect_max", mqtt.reconnect_max),
-            ("mqtt.stats_interval", mqtt.stats_interval),
+        // Upper bounds keep every derived Duration representable.
+        let seconds = [
+            ("mqtt.reconnect_max", mqtt.reconnect_max, 3600.0),
+            ("mqtt.stats_interval", mqtt.stats_interval, 86400.0),
         ];
-        for (key, v) in positive {
-            if !(v > 0.0 && v.is_finite()) {
+        for (key, v, max) in seconds {
+            if !(v > 0.0 && v <= max) {
                 return Err(invalid(
                     key.into(),
-                    format!("must be a positive number, got {v}"),
+                    format!("must be more than 0 and at most {max} seconds, got {v}"),
                 ));
             }
         }
@@ -780,6 +781,18 @@ source = { v4l2 = "/dev/video0" }
         let err = parse(&zone).unwrap_err().to_string();
         assert!(
             err.contains("camera[0].zones.door: a polygon needs 3 or more points"),
+            "{err}"
+        );
+        let slow = MINIMAL.replace("source = {", "fps = 0.0\nsource = {");
+        let err = parse(&slow).unwrap_err().to_string();
+        assert!(
+            err.contains("camera[0].fps: must be within [0.001, 1000]"),
+            "{err}"
+        );
+        let forever = MINIMAL.replace("[model]", "[mqtt]\nreconnect_max = 1e30\n[model]");
+        let err = parse(&forever).unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.reconnect_max: must be more than 0 and at most 3600"),
             "{err}"
         );
         let err = parse("camera = []\n[model]\npath = \"m.onnx\"\n")

@@ -24,6 +24,18 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The start of every test here: one at a time, the real assets, and
+/// mosquitto when the test needs a broker. `None` means skip (never under
+/// CI, where a missing piece fails instead).
+fn setup(test: &str, broker: bool) -> Option<(MutexGuard<'static, ()>, PathBuf)> {
+    let serial = serial();
+    let assets = support::assets(test)?;
+    if broker && !mosquitto_present(test) {
+        return None;
+    }
+    Some((serial, assets))
+}
+
 /// mosquitto, or a skip (a failure under CI, where .ci/run installs it).
 fn mosquitto_present(test: &str) -> bool {
     let found = Command::new("mosquitto")
@@ -351,6 +363,14 @@ lost_after = 0.6
     )
 }
 
+/// A `[[camera]]` table for an image-folder source.
+fn replay(name: &str, source: &Path, options: &str) -> String {
+    format!(
+        "[[camera]]\nname = \"{name}\"\nsource = {{ folder = \"{}\" }}\n{options}\n",
+        source.display()
+    )
+}
+
 /// A folder holding copies of some sample photos.
 fn photo_folder(assets: &Path, names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -366,20 +386,13 @@ fn photo_folder(assets: &Path, names: &[&str]) -> tempfile::TempDir {
 
 #[test]
 fn events_new_then_end_and_retained_counts() {
-    let _serial = serial();
-    let Some(assets) = support::assets("events") else {
+    let Some((_serial, assets)) = setup("events", true) else {
         return;
     };
-    if !mosquitto_present("events") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/#", false);
     let samples = assets.join("samples");
-    let camera = format!(
-        "[[camera]]\nname = \"samples\"\nsource = {{ folder = \"{}\" }}\nrepeat = 3\n",
-        samples.display()
-    );
+    let camera = replay("samples", &samples, "repeat = 3");
     let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
     sub.wait_for("online", Duration::from_secs(30), |m| {
         m.iter()
@@ -437,22 +450,22 @@ fn events_new_then_end_and_retained_counts() {
 
 #[test]
 fn a_config_edit_applies_threshold_prefix_and_zone_within_2_s() {
-    let _serial = serial();
-    let Some(assets) = support::assets("reload") else {
+    let Some((_serial, assets)) = setup("reload", true) else {
         return;
     };
-    if !mosquitto_present("reload") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "#", false);
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
     // The bus scores 0.81: with threshold 0.9 it never becomes an object.
     let camera = |zone: &str| {
+        let threshold = if zone.is_empty() { "0.9" } else { "0.5" };
         format!(
-            "[filters.bus]\nthreshold = {}\n[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n{zone}\n",
-            if zone.is_empty() { "0.9" } else { "0.5" },
-            photos.path().display()
+            "[filters.bus]\nthreshold = {threshold}\n{}",
+            replay(
+                "street",
+                photos.path(),
+                &format!("looping = true\nfps = 10\n{zone}")
+            )
         )
     };
     let before = config(&assets, broker.port, "site/one", &camera(""));
@@ -507,20 +520,13 @@ fn a_config_edit_applies_threshold_prefix_and_zone_within_2_s() {
 
 #[test]
 fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
-    let _serial = serial();
-    let Some(assets) = support::assets("bad edit") else {
+    let Some((_serial, assets)) = setup("bad edit", true) else {
         return;
     };
-    if !mosquitto_present("bad edit") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/#", false);
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
-    let camera = format!(
-        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n",
-        photos.path().display()
-    );
+    let camera = replay("street", photos.path(), "looping = true\nfps = 10");
     let good = config(&assets, broker.port, "nd", &camera);
     let mut daemon = Daemon::start(&good, &[]);
     sub.wait_for("a bus", Duration::from_secs(30), |m| {
@@ -569,13 +575,9 @@ fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
 
 #[test]
 fn a_broker_restart_loses_no_event() {
-    let _serial = serial();
-    let Some(assets) = support::assets("broker restart") else {
+    let Some((_serial, assets)) = setup("broker restart", true) else {
         return;
     };
-    if !mosquitto_present("broker restart") {
-        return;
-    }
     let mut broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/#", true);
     // Alternating scenes make objects come and go all the time.
@@ -587,9 +589,10 @@ fn a_broker_restart_loses_no_event() {
             "skimage_astronaut.png",
         ],
     );
-    let camera = format!(
-        "[[camera]]\nname = \"loop\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nrepeat = 3\nfps = 10\n",
-        photos.path().display()
+    let camera = replay(
+        "loop",
+        photos.path(),
+        "looping = true\nrepeat = 3\nfps = 10",
     );
     let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
     sub.wait_for("events", Duration::from_secs(30), |m| {
@@ -691,8 +694,7 @@ impl NotifySocket {
 
 #[test]
 fn watchdog_pings_stop_when_a_source_stalls_but_not_when_a_camera_is_unplugged() {
-    let _serial = serial();
-    let Some(assets) = support::assets("watchdog") else {
+    let Some((_serial, assets)) = setup("watchdog", false) else {
         return;
     };
     // No broker is needed: the daemon runs without one.
@@ -701,8 +703,8 @@ fn watchdog_pings_stop_when_a_source_stalls_but_not_when_a_camera_is_unplugged()
     // An unplugged V4L2 camera beside a working replay: still pinging.
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
     let cameras = format!(
-        "[[camera]]\nname = \"gone\"\nsource = {{ v4l2 = \"/dev/video-unplugged\" }}\n[[camera]]\nname = \"ok\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 5\n",
-        photos.path().display()
+        "[[camera]]\nname = \"gone\"\nsource = {{ v4l2 = \"/dev/video-unplugged\" }}\n{}",
+        replay("ok", photos.path(), "looping = true\nfps = 5")
     );
     let socket = NotifySocket::new();
     let env = [
@@ -740,10 +742,7 @@ fn watchdog_pings_stop_when_a_source_stalls_but_not_when_a_camera_is_unplugged()
             .unwrap()
             .success()
     );
-    let camera = format!(
-        "[[camera]]\nname = \"stuck\"\nsource = {{ folder = \"{}\" }}\n",
-        stalled.path().display()
-    );
+    let camera = replay("stuck", stalled.path(), "");
     let socket = NotifySocket::new();
     let env = [
         ("NOTIFY_SOCKET", socket.path.to_str().unwrap()),
@@ -768,20 +767,13 @@ fn watchdog_pings_stop_when_a_source_stalls_but_not_when_a_camera_is_unplugged()
 
 #[test]
 fn sigterm_publishes_ends_and_offline_and_exits_0_within_2_s() {
-    let _serial = serial();
-    let Some(assets) = support::assets("shutdown") else {
+    let Some((_serial, assets)) = setup("shutdown", true) else {
         return;
     };
-    if !mosquitto_present("shutdown") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/#", false);
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
-    let camera = format!(
-        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n",
-        photos.path().display()
-    );
+    let camera = replay("street", photos.path(), "looping = true\nfps = 10");
     let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
     sub.wait_for("a bus", Duration::from_secs(30), |m| {
         labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned())
@@ -809,13 +801,9 @@ fn sigterm_publishes_ends_and_offline_and_exits_0_within_2_s() {
 
 #[test]
 fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
-    let _serial = serial();
-    let Some(assets) = support::assets("bad input") else {
+    let Some((_serial, assets)) = setup("bad input", true) else {
         return;
     };
-    if !mosquitto_present("bad input") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/#", false);
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
@@ -826,11 +814,8 @@ fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
     )
     .unwrap();
     std::fs::write(photos.path().join("02_not_a.jpg"), b"GIF89a").unwrap();
-    let cameras = format!(
-        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 10\n[[camera]]\nname = \"gone\"\nsource = {{ folder = \"{}/nope\" }}\n",
-        photos.path().display(),
-        photos.path().display()
-    );
+    let cameras = replay("street", photos.path(), "looping = true\nfps = 10")
+        + &replay("gone", &photos.path().join("nope"), "");
     let mut daemon = Daemon::start(&config(&assets, broker.port, "nd", &cameras), &[]);
     sub.wait_for(
         "a bus despite the bad frames",
@@ -862,21 +847,19 @@ fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
 
 #[test]
 fn a_reload_restarts_only_the_changed_camera_and_swaps_the_model_without_a_pause() {
-    let _serial = serial();
-    let Some(assets) = support::assets("cold reload") else {
+    let Some((_serial, assets)) = setup("cold reload", true) else {
         return;
     };
-    if !mosquitto_present("cold reload") {
-        return;
-    }
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "nd/stats", false);
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
     let cameras = |b_fps: u32| {
-        format!(
-            "[[camera]]\nname = \"a\"\nsource = {{ folder = \"{dir}\" }}\nlooping = true\nfps = 4\n[[camera]]\nname = \"b\"\nsource = {{ folder = \"{dir}\" }}\nlooping = true\nfps = {b_fps}\n",
-            dir = photos.path().display()
-        )
+        replay("a", photos.path(), "looping = true\nfps = 4")
+            + &replay(
+                "b",
+                photos.path(),
+                &format!("looping = true\nfps = {b_fps}"),
+            )
     };
     let before = config(&assets, broker.port, "nd", &cameras(4));
     let daemon = Daemon::start(&before, &[]);
@@ -916,13 +899,9 @@ fn a_reload_restarts_only_the_changed_camera_and_swaps_the_model_without_a_pause
 
 #[test]
 fn mqtt_5_with_a_password_file_and_a_wrong_password_retried() {
-    let _serial = serial();
-    let Some(assets) = support::assets("mqtt 5") else {
+    let Some((_serial, assets)) = setup("mqtt 5", true) else {
         return;
     };
-    if !mosquitto_present("mqtt 5") {
-        return;
-    }
     let mut broker = Broker::start();
     broker.stop();
     let passwords = broker.dir.path().join("passwords");
@@ -964,10 +943,7 @@ fn mqtt_5_with_a_password_file_and_a_wrong_password_retried() {
     // A trailing newline, as editors leave it, is not part of the password.
     std::fs::write(&right, "s3cret\n").unwrap();
     let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
-    let camera = format!(
-        "[[camera]]\nname = \"street\"\nsource = {{ folder = \"{}\" }}\nlooping = true\nfps = 5\n",
-        photos.path().display()
-    );
+    let camera = replay("street", photos.path(), "looping = true\nfps = 5");
     let with_password = |password: &Path| {
         config(&assets, broker.port, "nd", &camera).replace(
             "reconnect_max = 1.0\n",

@@ -276,7 +276,11 @@ impl CameraRunner {
     /// Delivers frames until the source is lost or finished, or a stop.
     fn stream(&self, mut source: Source, backoff: &mut Duration) -> Miss {
         let replay = matches!(source, Source::Folder(_));
-        let interval = self.config.fps.map(|f| Duration::from_secs_f32(1.0 / f));
+        // The config keeps fps within [0.001, 1000], so this is finite.
+        let interval = self
+            .config
+            .fps
+            .map(|f| Duration::from_secs_f64(1.0 / f64::from(f)));
         let repeat = if replay { self.config.repeat.max(1) } else { 1 };
         let mut due = Instant::now();
         while !self.stopping() {
@@ -304,7 +308,10 @@ impl CameraRunner {
                     if replay && !self.sleep_until(due) {
                         return Miss::Lost("stopping".into());
                     }
-                    due = due.max(Instant::now() - interval) + interval;
+                    // After a stall, pace from now rather than racing to
+                    // catch up.
+                    let now = Instant::now();
+                    due = due.max(now.checked_sub(interval).unwrap_or(now)) + interval;
                 }
                 let copy = if shown + 1 == repeat {
                     frame.take()

@@ -153,9 +153,12 @@ impl DetectorTask {
                     self.handle_frame(frame, &config, &mut session, &mut cameras)
                 }
                 Some(Work::Ended(name)) => {
-                    if let Some(mut cam) = cameras.remove(&name) {
+                    // The entry stays: ids and `seq` go on counting when the
+                    // camera comes back, so consumers never see them reused.
+                    if let Some(cam) = cameras.get_mut(&name) {
                         let events = cam.tracker.end_all(wall_time());
-                        self.publish(&name, &mut cam, events, session.detector());
+                        self.publish(&name, cam, events, session.detector());
+                        cam.frame_size = (0, 0);
                     }
                 }
                 None => self.handle_idle(&session, &mut cameras),

@@ -270,6 +270,8 @@ impl Link {
         })
     }
 
+    /// The two arms look alike, but rumqttc's 3.1.1 and 5 packets are
+    /// distinct types.
     async fn poll(&mut self) -> Result<LinkEvent, String> {
         use rumqttc::Outgoing;
         let outgoing = |o: Outgoing| match o {
@@ -637,7 +639,10 @@ impl MqttTask {
 }
 
 fn next_backoff(current: Duration, config: &MqttConfig) -> Duration {
-    (current * 2).min(Duration::from_secs_f32(config.reconnect_max.max(0.5)))
+    // The config keeps reconnect_max within (0, 3600].
+    (current * 2).min(Duration::from_secs_f64(
+        f64::from(config.reconnect_max).max(0.5),
+    ))
 }
 
 #[cfg(test)]
