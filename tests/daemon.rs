@@ -62,6 +62,8 @@ struct Broker {
     child: Option<Child>,
     /// mosquitto_passwd file; anonymous clients are refused when set.
     passwords: Option<PathBuf>,
+    /// More configuration (another listener, TLS).
+    extra: String,
 }
 
 fn free_port() -> u16 {
@@ -85,6 +87,7 @@ impl Broker {
             dir,
             child: None,
             passwords: None,
+            extra: String::new(),
         };
         broker.launch();
         broker
@@ -99,9 +102,10 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\n{auth}persistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
+                "listener {} 127.0.0.1\n{auth}persistence true\npersistence_location {}/\nmax_queued_messages 100000\n{}",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.extra
             ),
         )
         .unwrap();
@@ -997,4 +1001,125 @@ fn mqtt_5_with_a_password_file_and_a_wrong_password_retried() {
         assert!(Instant::now() < deadline, "no offline over MQTT 5");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs openssl, failing the test on error.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn mutual_tls_with_a_ca_and_a_client_certificate() {
+    let Some((_serial, assets)) = setup("tls", true) else {
+        return;
+    };
+    // A CA, a broker certificate for localhost, a client certificate.
+    let pki = tempfile::tempdir().unwrap();
+    let p = pki.path();
+    openssl(
+        p,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=nanodetd test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    for (name, cn) in [("server", "localhost"), ("client", "nanodetd")] {
+        openssl(
+            p,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        std::fs::write(
+            p.join(format!("{name}.ext")),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            p,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(p).unwrap() {
+        std::fs::set_permissions(
+            entry.unwrap().path(),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The plain listener is the test's; the TLS one, with client
+    // certificates required, is the daemon's.
+    let mut broker = Broker::start();
+    broker.stop();
+    let tls_port = free_port();
+    broker.extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true\n",
+        p.display()
+    );
+    broker.launch();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("street", photos.path(), "looping = true\nfps = 5");
+    let tls = format!(
+        "[mqtt.tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/client.pem\"\nkey = \"{0}/client.key\"\n{camera}",
+        p.display()
+    );
+    let daemon = Daemon::start(&config(&assets, tls_port, "nd", &tls), &[]);
+    sub.wait_for("a bus over TLS", Duration::from_secs(30), |m| {
+        labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned())
+    });
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("MQTT: connected to localhost:{tls_port}")),
+        "{log}"
+    );
 }
