@@ -130,11 +130,13 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
 
     // The detector thread, then a thread per camera.
     let (model_tx, model_rx) = std::sync::mpsc::channel();
+    let in_service = Arc::new(Mutex::new(config.model.clone()));
     let stop_detector = Arc::new(AtomicBool::new(false));
     let detector_task = DetectorTask {
         board: board.clone(),
         config: config_rx.clone(),
         models: model_rx,
+        in_service: in_service.clone(),
         outbox: outbox.clone(),
         latencies: latencies.clone(),
         heartbeat: heartbeats.register("detector"),
@@ -187,7 +189,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 current = new;
             }
             _ = tick.tick() => {
-                let snapshot = reporter.snapshot(&current, &cameras, &latencies, &outbox, &link);
+                let snapshot = reporter.snapshot(&in_service, &cameras, &latencies, &outbox, &link);
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
                     last_stats = Instant::now();
@@ -216,7 +218,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     });
     let cameras = joined.await.unwrap_or_default();
     // Final figures, so a consumer can check every event arrived.
-    let snapshot = reporter.snapshot(&current, &cameras, &latencies, &outbox, &link);
+    let snapshot = reporter.snapshot(&in_service, &cameras, &latencies, &outbox, &link);
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());
     let _ = drain_tx.send(left.max(Duration::from_millis(300)));
@@ -257,7 +259,7 @@ fn apply(
     board: &Arc<FrameBoard>,
     heartbeats: &Heartbeats,
     cameras: &mut BTreeMap<String, CameraTask>,
-    models: &std::sync::mpsc::Sender<Arc<Detector>>,
+    models: &std::sync::mpsc::Sender<(ModelConfig, Arc<Detector>)>,
     outbox: &Outbox,
 ) {
     log::set_max_level(new.log.level);
@@ -295,7 +297,7 @@ fn apply(
         let outbox = outbox.clone();
         tokio::task::spawn_blocking(move || match load_detector(&model) {
             Ok(detector) => {
-                let _ = models.send(detector);
+                let _ = models.send((model, detector));
             }
             Err(e) => {
                 log::error!("{e}; keeping the running model");
@@ -376,7 +378,7 @@ impl Reporter {
 
     fn snapshot(
         &mut self,
-        config: &Config,
+        in_service: &Mutex<ModelConfig>,
         cameras: &BTreeMap<String, CameraTask>,
         latencies: &Mutex<Latencies>,
         outbox: &Outbox,
@@ -404,10 +406,14 @@ impl Reporter {
                 },
             );
         }
+        let model = in_service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         StatsSnapshot {
             uptime: self.started.elapsed().as_secs_f64(),
-            backend: config.model.backend,
-            model: config.model.path.display().to_string(),
+            backend: model.backend,
+            model: model.path.display().to_string(),
             cameras: per_camera,
             latency_ms: latencies
                 .lock()

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::board::{CapturedFrame, FrameBoard, Work};
 use super::stats::{Latencies, Stage};
-use crate::config::{CameraConfig, Config};
+use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorSession};
 use crate::mqtt::{self, Outbox};
 use crate::track::{LabelFilter, Tracker, TrackerConfig, Zone};
@@ -102,8 +102,12 @@ pub struct DetectorTask {
     pub board: Arc<FrameBoard>,
     /// Hot settings.
     pub config: watch::Receiver<Arc<Config>>,
-    /// Models loaded in the background, swapped in when they arrive.
-    pub models: Receiver<Arc<Detector>>,
+    /// Models loaded in the background, with their settings, swapped in
+    /// when they arrive.
+    pub models: Receiver<(ModelConfig, Arc<Detector>)>,
+    /// The settings of the model in service, for the stats: after a failed
+    /// or pending reload they differ from the config's.
+    pub in_service: Arc<Mutex<ModelConfig>>,
     /// Messages out.
     pub outbox: Outbox,
     /// Stage timings, read by the stats.
@@ -127,10 +131,14 @@ impl DetectorTask {
         let mut cameras: BTreeMap<String, CameraTrack> = BTreeMap::new();
         loop {
             self.heartbeat.touch();
-            if let Some(detector) = self.models.try_iter().last() {
+            if let Some((model, detector)) = self.models.try_iter().last() {
                 match detector.session() {
                     Ok(s) => {
-                        log::info!("detector: new model in service");
+                        log::info!("detector: new model in service: {}", model.path.display());
+                        *self
+                            .in_service
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = model;
                         session = s;
                         self.retune(&config, &session, &mut cameras);
                     }
