@@ -22,6 +22,7 @@ pub mod model;
 pub mod mqtt;
 pub mod postprocess;
 pub mod preprocess;
+pub mod quantize;
 pub mod reload;
 pub mod track;
 pub mod watchdog;

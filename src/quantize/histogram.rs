@@ -1,0 +1,302 @@
+//! Activation statistics and clipping thresholds for INT8 calibration:
+//! a histogram of absolute values that grows with the data, and the three
+//! ways of turning it into a threshold (TensorRT's entropy/KL search, a
+//! percentile, plain min-max). Pure functions on plain data.
+
+/// Bins a histogram starts with; more are added as the range grows.
+pub const DEFAULT_BINS: usize = 2048;
+
+/// Growth beyond this many bins halves the resolution instead, so one
+/// outlier batch cannot make a tensor's histogram huge.
+const MAX_BINS: usize = 16 * DEFAULT_BINS;
+
+/// Bins the entropy search quantizes the reference distribution into:
+/// 2^(8-1), the positive half of signed INT8.
+const QUANT_BINS: usize = 128;
+
+/// A histogram of |x| over [0, bins × width), with a fixed bin width that
+/// only changes (doubles) when the range outgrows [`MAX_BINS`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    width: f32,
+    amax: f32,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: Vec::new(),
+            width: 0.0,
+            amax: 0.0,
+        }
+    }
+}
+
+impl Histogram {
+    /// Adds a tensor's values. NaNs are ignored; the first non-zero batch
+    /// sets the bin width to cover it with [`DEFAULT_BINS`] bins.
+    pub fn add(&mut self, values: &[f32]) {
+        let batch_max = values
+            .iter()
+            .map(|v| v.abs())
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, f32::max);
+        if batch_max == 0.0 && self.counts.is_empty() {
+            // All zeros so far: no range to set yet, but they still count.
+            self.amax = self.amax.max(0.0);
+            return;
+        }
+        if self.counts.is_empty() {
+            self.width = batch_max / DEFAULT_BINS as f32;
+            self.counts = vec![0; DEFAULT_BINS];
+        }
+        self.amax = self.amax.max(batch_max);
+        self.grow_to(batch_max);
+        let last = self.counts.len() - 1;
+        for v in values.iter().map(|v| v.abs()).filter(|v| v.is_finite()) {
+            let bin = ((v / self.width) as usize).min(last);
+            self.counts[bin] += 1;
+        }
+    }
+
+    /// Extends the range to hold `max`: more bins of the same width, or,
+    /// past [`MAX_BINS`], pairs of bins merged.
+    fn grow_to(&mut self, max: f32) {
+        loop {
+            let needed = (max / self.width).ceil() as usize;
+            if needed <= self.counts.len() {
+                return;
+            }
+            if needed <= MAX_BINS {
+                self.counts.resize(needed, 0);
+                return;
+            }
+            let merged: Vec<u64> = self.counts.chunks(2).map(|c| c.iter().sum()).collect();
+            self.counts = merged;
+            self.width *= 2.0;
+        }
+    }
+
+    /// The largest |x| seen.
+    pub fn amax(&self) -> f32 {
+        self.amax
+    }
+
+    /// The bin counts.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// The upper edge of bin `i`.
+    fn edge(&self, i: usize) -> f32 {
+        (i as f32 + 1.0) * self.width
+    }
+}
+
+/// How a tensor's clipping threshold is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Method {
+    /// The threshold whose 8-bit quantization keeps the distribution
+    /// closest (KL divergence) to the original, as TensorRT's entropy
+    /// calibrator does.
+    Entropy,
+    /// The given percentile of |x| (99.99 by default).
+    Percentile(f64),
+    /// The largest |x|: what the original NanoDet INT8 tutorial used.
+    MinMax,
+}
+
+/// The clipping threshold (amax) for a histogram. 0 when nothing but
+/// zeros was seen.
+pub fn threshold(hist: &Histogram, method: Method) -> f32 {
+    if hist.counts.is_empty() {
+        return 0.0;
+    }
+    match method {
+        Method::MinMax => hist.amax,
+        Method::Percentile(p) => percentile(hist, p),
+        Method::Entropy => entropy(hist),
+    }
+}
+
+fn percentile(hist: &Histogram, p: f64) -> f32 {
+    let total: u64 = hist.counts.iter().sum();
+    let wanted = (p / 100.0 * total as f64).ceil() as u64;
+    let mut seen = 0;
+    for (i, &c) in hist.counts.iter().enumerate() {
+        seen += c;
+        if seen >= wanted {
+            return hist.edge(i).min(hist.amax);
+        }
+    }
+    hist.amax
+}
+
+/// KL(P || Q) over normalised distributions; infinite where Q lacks mass
+/// that P has.
+fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+    if sp == 0.0 || sq == 0.0 {
+        return f64::INFINITY;
+    }
+    let mut d = 0.0;
+    for (&pi, &qi) in p.iter().zip(q) {
+        if pi > 0.0 {
+            if qi == 0.0 {
+                return f64::INFINITY;
+            }
+            let (pn, qn) = (pi / sp, qi / sq);
+            d += pn * (pn / qn).ln();
+        }
+    }
+    d
+}
+
+/// TensorRT's entropy calibration: for each candidate threshold bin `i`
+/// (from [`QUANT_BINS`] on), clip the histogram there (outliers folded
+/// into the last bin) as P, quantize its first `i` bins into 128 levels and
+/// expand them back over the non-empty bins as Q, and keep the `i` with
+/// the smallest KL(P || Q). As in TensorRT and pytorch-quantization, a
+/// candidate whose last bin is empty while outliers are folded into it
+/// has infinite divergence, so thresholds land on populated bins.
+fn entropy(hist: &Histogram) -> f32 {
+    let counts: Vec<f64> = hist.counts.iter().map(|&c| c as f64).collect();
+    let n = counts.len();
+    if n <= QUANT_BINS {
+        return hist.amax;
+    }
+    let mut best = (f64::INFINITY, n);
+    let mut p = Vec::with_capacity(n);
+    let mut q = vec![0.0; n];
+    let mut tail: f64 = counts[QUANT_BINS..].iter().sum();
+    // Bounded work for grown histograms: about 2048 candidates at most.
+    let stride = n.div_ceil(DEFAULT_BINS).max(1);
+    let mut i = QUANT_BINS;
+    while i <= n {
+        p.clear();
+        p.extend_from_slice(&counts[..i]);
+        p[i - 1] += tail;
+        // Bin k of the i goes to level floor(k * 128 / i).
+        q[..i].iter_mut().for_each(|v| *v = 0.0);
+        let mut start = 0;
+        for level in 0..QUANT_BINS {
+            let end = ((level + 1) * i).div_ceil(QUANT_BINS).min(i);
+            let chunk = &counts[start..end];
+            let total: f64 = chunk.iter().sum();
+            let nonzero = chunk.iter().filter(|&&c| c > 0.0).count();
+            if nonzero > 0 {
+                let share = total / nonzero as f64;
+                for (k, &c) in chunk.iter().enumerate() {
+                    if c > 0.0 {
+                        q[start + k] = share;
+                    }
+                }
+            }
+            start = end;
+        }
+        let d = kl_divergence(&p, &q[..i]);
+        if d < best.0 {
+            best = (d, i);
+        }
+        let next = i + stride;
+        tail -= counts[i.min(n)..next.min(n)].iter().sum::<f64>();
+        i = next;
+    }
+    hist.edge(best.1 - 1).min(hist.amax)
+}
+
+/// The symmetric INT8 scale for a threshold: values in [-t, t] map to
+/// [-127, 127]. A zero threshold (an all-zero tensor) gets the smallest
+/// positive scale, since TensorRT rejects a zero scale.
+pub fn scale(threshold: f32) -> f32 {
+    if threshold > 0.0 && threshold.is_finite() {
+        threshold / 127.0
+    } else {
+        f32::MIN_POSITIVE
+    }
+}
+
+/// Per-output-channel weight scales (axis 0) for the narrow range
+/// [-127, 127]: each channel's largest |w| maps to 127.
+pub fn weight_scales(weights: &[f32], out_channels: usize) -> Vec<f32> {
+    if out_channels == 0 || weights.is_empty() {
+        return Vec::new();
+    }
+    let per = weights.len() / out_channels;
+    weights
+        .chunks(per.max(1))
+        .take(out_channels)
+        .map(|c| scale(c.iter().map(|w| w.abs()).fold(0.0, f32::max)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic bell-ish sample: the sum of four uniform draws.
+    fn bell(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        let mut uniform = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+        };
+        (0..n)
+            .map(|_| uniform() + uniform() + uniform() + uniform())
+            .collect()
+    }
+
+    #[test]
+    fn the_histogram_grows_with_the_range_and_keeps_every_count() {
+        let mut h = Histogram::default();
+        h.add(&[0.5, -1.0]);
+        assert_eq!(h.counts().len(), DEFAULT_BINS);
+        h.add(&[3.0, f32::NAN]);
+        assert_eq!(h.counts().iter().sum::<u64>(), 3, "NaN ignored");
+        assert_eq!(h.amax(), 3.0);
+        assert_eq!(h.counts().len(), 3 * DEFAULT_BINS);
+        // Far beyond MAX_BINS: bins merge, counts survive.
+        h.add(&[1000.0]);
+        assert!(h.counts().len() <= MAX_BINS);
+        assert_eq!(h.counts().iter().sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn minmax_percentile_and_entropy_order_as_expected() {
+        let mut h = Histogram::default();
+        let mut data = bell(200_000, 7);
+        // A few large outliers, as activations without ReLU6 have.
+        data.extend([4.0, -3.5, 3.0]);
+        h.add(&data);
+        let minmax = threshold(&h, Method::MinMax);
+        let p9999 = threshold(&h, Method::Percentile(99.99));
+        let entropy = threshold(&h, Method::Entropy);
+        assert_eq!(minmax, 4.0);
+        // The bulk lies within ±2: both clip the outliers away.
+        assert!(p9999 > 1.0 && p9999 < 2.1, "{p9999}");
+        assert!(entropy > 0.8 && entropy < 2.1, "{entropy}");
+    }
+
+    #[test]
+    fn entropy_keeps_the_full_range_when_nothing_is_an_outlier() {
+        // Uniform data: clipping anything loses information.
+        let data: Vec<f32> = (0..100_000).map(|i| i as f32 / 100_000.0).collect();
+        let mut h = Histogram::default();
+        h.add(&data);
+        let t = threshold(&h, Method::Entropy);
+        assert!(t > 0.9, "{t}");
+    }
+
+    #[test]
+    fn scales_are_positive_and_per_channel() {
+        assert_eq!(scale(12.7), 0.1);
+        assert_eq!(scale(0.0), f32::MIN_POSITIVE);
+        let w = [1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 127.0, 3.0, -1.0];
+        assert_eq!(weight_scales(&w, 3), [2.0 / 127.0, f32::MIN_POSITIVE, 1.0]);
+        let zeros = Histogram::default();
+        assert_eq!(threshold(&zeros, Method::Entropy), 0.0);
+    }
+}
