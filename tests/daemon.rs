@@ -502,6 +502,7 @@ fn a_config_edit_applies_threshold_prefix_and_zone_within_2_s() {
         },
     );
     let took = edited.elapsed();
+    eprintln!("reload: the edit showed on MQTT after {took:?}");
     assert!(
         took <= Duration::from_secs(2),
         "the edit took {took:?} to show"
@@ -573,6 +574,19 @@ fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
             .find(|m| m.topic == "nd/status")
             .is_some_and(|m| m.json()["config"] == "ok")
     });
+    // SIGHUP re-reads the file too (`systemctl reload`); each reading
+    // republishes the status.
+    let statuses = |m: &[Received]| m.iter().filter(|m| m.topic == "nd/status").count();
+    let before = statuses(&sub.all());
+    let hup = Command::new("kill")
+        .args(["-HUP", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    sub.wait_for("the status after SIGHUP", Duration::from_secs(5), |m| {
+        statuses(m) > before
+    });
+    assert!(daemon.alive(), "SIGHUP must not kill the daemon");
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
@@ -783,6 +797,7 @@ fn sigterm_publishes_ends_and_offline_and_exits_0_within_2_s() {
         labels_of(&events(m, "nd/street/events"), "new").contains(&"bus".to_owned())
     });
     let (status, took, log) = daemon.terminate();
+    eprintln!("shutdown: {status} after {took:?}");
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(took <= Duration::from_secs(2), "exit took {took:?}");
     sub.wait_for("offline", Duration::from_secs(5), |m| {

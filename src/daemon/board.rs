@@ -5,9 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::frame::Frame;
+
+/// Now, in seconds since the Unix epoch: the clock events and frames are
+/// stamped with (0 if the clock is before 1970).
+pub fn wall_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// A frame and where and when it was taken.
 #[derive(Debug)]

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use super::board::{CapturedFrame, FrameBoard};
+use super::board::{CapturedFrame, FrameBoard, wall_time};
 use crate::capture::{FolderSource, V4l2Camera, V4l2Error, V4l2Request};
 use crate::config::{CameraConfig, SourceConfig};
 use crate::frame::{Frame, FrameError};
@@ -165,12 +165,6 @@ struct CameraRunner {
     heartbeat: Heartbeat,
     counters: Arc<CameraCounters>,
     stop: Arc<AtomicBool>,
-}
-
-fn wall_time() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl CameraRunner {

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::board::{CapturedFrame, FrameBoard, Work};
+use super::board::{CapturedFrame, FrameBoard, Work, wall_time};
 use super::stats::{Latencies, Stage};
 use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorSession};
@@ -116,12 +116,6 @@ pub struct DetectorTask {
     pub heartbeat: Heartbeat,
     /// Set at shutdown: finish the frames waiting, end every object, return.
     pub stop: Arc<AtomicBool>,
-}
-
-fn wall_time() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl DetectorTask {

@@ -246,10 +246,8 @@ impl Link {
                     .set_clean_session(true)
                     .set_transport(transport)
                     .set_last_will(rumqttc::LastWill::new(will_topic, "offline", qos, true));
-                if let (Some(user), Some(pass)) = (&config.username, &password) {
-                    o.set_credentials(user, pass);
-                } else if let Some(user) = &config.username {
-                    o.set_credentials(user, "");
+                if let Some(user) = &config.username {
+                    o.set_credentials(user, password.as_deref().unwrap_or(""));
                 }
                 let (c, e) = rumqttc::AsyncClient::new(o, CHANNEL);
                 Link::V4(c, Box::new(e))
