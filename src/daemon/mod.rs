@@ -189,10 +189,11 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 current = new;
             }
             _ = tick.tick() => {
-                let snapshot = reporter.snapshot(&in_service, &cameras, &latencies, &outbox, &link);
+                let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
                     last_stats = Instant::now();
+                    snapshot.latency_ms = percentiles(&latencies);
                     outbox.push(mqtt::stats_message(&snapshot));
                 }
             }
@@ -218,7 +219,8 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     });
     let cameras = joined.await.unwrap_or_default();
     // Final figures, so a consumer can check every event arrived.
-    let snapshot = reporter.snapshot(&in_service, &cameras, &latencies, &outbox, &link);
+    let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
+    snapshot.latency_ms = percentiles(&latencies);
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());
     let _ = drain_tx.send(left.max(Duration::from_millis(300)));
@@ -360,6 +362,15 @@ struct MqttStats {
     outbox: mqtt::OutboxSnapshot,
 }
 
+/// Stage percentiles for a stats message. Sorting the windows is kept out
+/// of the once-a-second STATUS= update, which needs none of it.
+fn percentiles(latencies: &Mutex<Latencies>) -> BTreeMap<stats::Stage, stats::Percentiles> {
+    latencies
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .percentiles()
+}
+
 /// Turns counters into rates between snapshots.
 struct Reporter {
     started: Instant,
@@ -380,7 +391,6 @@ impl Reporter {
         &mut self,
         in_service: &Mutex<ModelConfig>,
         cameras: &BTreeMap<String, CameraTask>,
-        latencies: &Mutex<Latencies>,
         outbox: &Outbox,
         link: &LinkStatus,
     ) -> StatsSnapshot {
@@ -415,10 +425,7 @@ impl Reporter {
             backend: model.backend,
             model: model.path.display().to_string(),
             cameras: per_camera,
-            latency_ms: latencies
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .percentiles(),
+            latency_ms: BTreeMap::new(),
             mqtt: MqttStats {
                 connected: link.connected(),
                 reconnects: link.reconnects(),
