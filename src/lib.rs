@@ -10,12 +10,16 @@
 //! The daemon's shell: [`capture`] reads cameras, [`daemon`] wires the
 //! threads and tasks, [`mqtt`] publishes, [`reload`] watches the config,
 //! [`watchdog`] tells systemd the pipeline is alive.
+//!
+//! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
+//! [`engine_cache`] keeps such built artifacts between runs.
 
 pub mod backend;
 pub mod capture;
 pub mod config;
 pub mod daemon;
 pub mod detector;
+pub mod engine_cache;
 pub mod eval;
 pub mod frame;
 pub mod model;
