@@ -100,6 +100,62 @@ pub struct ModelConfig {
     /// Detections kept per frame.
     #[serde(default = "default_max_detections")]
     pub max_detections: usize,
+    /// Precision the backend runs at.
+    #[serde(default)]
+    pub precision: Precision,
+    /// How the INT8 model is made, when `precision = "int8"`.
+    #[serde(default)]
+    pub int8: Int8Config,
+    /// Where built models (INT8 Q/DQ ONNX, TensorRT plans) are kept.
+    #[serde(default = "default_cache")]
+    pub cache: PathBuf,
+}
+
+/// Numeric precision of inference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// The model as exported.
+    #[default]
+    Fp32,
+    /// Half precision, where the backend has it (TensorRT); CPU backends
+    /// run FP32.
+    Fp16,
+    /// INT8 from an explicit Q/DQ model that nanodetd calibrates itself.
+    Int8,
+}
+
+/// `[model.int8]`: the calibration behind an INT8 model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Int8Config {
+    /// Directory of calibration images (`nanodetd calibrate` fills it).
+    #[serde(default = "default_calibration")]
+    pub calibration: PathBuf,
+    /// percentile (99.99), percentile:P, entropy or minmax.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Use at most this many images.
+    #[serde(default)]
+    pub images: Option<usize>,
+    /// Convs left in float (names, patterns, @first, @last).
+    #[serde(default)]
+    pub keep_float: Vec<String>,
+    /// Equalize channels in front of depthwise Convs.
+    #[serde(default = "yes")]
+    pub equalize: bool,
+}
+
+impl Default for Int8Config {
+    fn default() -> Self {
+        Int8Config {
+            calibration: default_calibration(),
+            method: default_method(),
+            images: None,
+            keep_float: Vec::new(),
+            equalize: true,
+        }
+    }
 }
 
 /// MQTT protocol version.
@@ -426,6 +482,18 @@ pub struct Config {
     pub cameras: Vec<CameraConfig>,
 }
 
+fn default_cache() -> PathBuf {
+    PathBuf::from("/var/cache/nanodetd")
+}
+fn default_calibration() -> PathBuf {
+    PathBuf::from("/var/lib/nanodetd/calibration")
+}
+fn default_method() -> String {
+    "percentile".into()
+}
+fn yes() -> bool {
+    true
+}
 fn default_backend() -> BackendKind {
     BackendKind::Tract
 }
@@ -604,6 +672,15 @@ impl Config {
                     "min_area/min_ratio must not exceed max_area/max_ratio".into(),
                 ));
             }
+        }
+        if let Err(reason) = crate::quantize::parse_method(&self.model.int8.method) {
+            return Err(invalid("model.int8.method".into(), reason));
+        }
+        if self.model.int8.images == Some(0) {
+            return Err(invalid(
+                "model.int8.images".into(),
+                "must be at least 1 (leave it out to use every image)".into(),
+            ));
         }
         let mqtt = &self.mqtt;
         // Upper bounds keep every derived Duration representable.
@@ -810,6 +887,9 @@ source = { v4l2 = "/dev/video0" }
         assert_eq!(c.tracker, TrackerSettings::default());
         assert_eq!(c.mqtt.qos, QosConfig::default());
         assert_eq!(c.log, LogConfig::default());
+        assert_eq!(c.model.int8, Int8Config::default());
+        assert_eq!(c.model.precision, Precision::default());
+        assert_eq!(c.model.cache, default_cache());
         let defaults = MqttConfig::default();
         let m = &c.mqtt;
         assert_eq!(

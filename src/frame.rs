@@ -210,6 +210,29 @@ impl Frame {
     pub fn data(&self) -> &[u8] {
         &self.data
     }
+
+    /// Encodes the frame as a JPEG of the given quality (1..=100).
+    pub fn to_jpeg(&self, quality: u8) -> Result<Vec<u8>, FrameError> {
+        let (bytes, color) = match self.format {
+            PixelFormat::Rgb8 => (self.data.clone(), image::ExtendedColorType::Rgb8),
+            PixelFormat::Bgr8 => (
+                self.data
+                    .chunks_exact(3)
+                    .flat_map(|p| [p[2], p[1], p[0]])
+                    .collect(),
+                image::ExtendedColorType::Rgb8,
+            ),
+            PixelFormat::Gray8 => (self.data.clone(), image::ExtendedColorType::L8),
+        };
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+            .encode(&bytes, self.width as u32, self.height as u32, color)
+            .map_err(|e| FrameError::Decode {
+                origin: format!("{}x{} frame", self.width, self.height),
+                reason: format!("cannot encode as JPEG: {e}"),
+            })?;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -1138,3 +1138,81 @@ fn mutual_tls_with_a_ca_and_a_client_certificate() {
         "{log}"
     );
 }
+
+#[test]
+fn int8_is_calibrated_on_first_start_cached_and_reused() {
+    let Some((_serial, assets)) = setup("int8_is_calibrated_on_first_start", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "i8/#", false);
+    let cache = tempfile::tempdir().unwrap();
+    let samples = photo_folder(&assets, &["hpc203_bus.jpg", "hpc203_zidane.jpg"]);
+    let camera = replay("cam", samples.path(), "repeat = 3");
+    let int8 = format!(
+        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\n[mqtt]",
+        cache.path().display(),
+        assets.join("datasets/calibration-80").display()
+    );
+    let text = config(&assets, broker.port, "i8", &camera).replacen("[mqtt]", &int8, 1);
+    let cached = || -> Vec<PathBuf> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+
+    // First start: calibrate, cache, detect with the Q/DQ model.
+    let daemon = Daemon::start(&text, &[]);
+    sub.wait_for(
+        "a person from the INT8 model",
+        Duration::from_secs(120),
+        |m| labels_of(&events(m, "i8/cam/events"), "new").contains(&"person".to_owned()),
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("making the INT8 model: 8 images"), "{log}");
+    let files = cached();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().ends_with(".int8.onnx"));
+    let made = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    let proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(
+        std::fs::read(&files[0]).unwrap().as_slice(),
+    )
+    .unwrap();
+    nanodetd::quantize::check(&proto).unwrap();
+
+    // Second start: the same inputs, so the cached model is used as is.
+    let daemon = Daemon::start(&text, &[]);
+    let (status, _, log) = {
+        let mut d = daemon;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d.log().contains("INT8 model from the cache") {
+            assert!(d.alive() && Instant::now() < deadline, "{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d.terminate()
+    };
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("making the INT8 model"), "{log}");
+    assert_eq!(cached(), files);
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().modified().unwrap(),
+        made
+    );
+
+    // A different calibration method is a different model: rebuilt, and
+    // the stale file is removed.
+    let other = text.replacen("images = 8", "images = 8\nmethod = \"minmax\"", 1);
+    let mut d = Daemon::start(&other, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d.log().contains("INT8 model ") || !d.log().contains(" made in ") {
+        assert!(d.alive() && Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, _, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    let now = cached();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, files, "a new key, a new file");
+}

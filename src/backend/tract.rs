@@ -53,7 +53,7 @@ impl TractEngine {
             ([_, _, Some(h), Some(w)], None) => (*h, *w),
             _ => {
                 return Err(fail(format!(
-                    "input {input_name:?} has shape {declared:?}, not a fixed [N, 3, H, W]; give the input size explicitly"
+                    "input {input_name:?} has shape {declared:?}, not a fixed [N, 3, H, W]; give the input size (--size WxH)"
                 )));
             }
         };

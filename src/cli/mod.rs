@@ -5,8 +5,10 @@
 //! (model, image, annotations).
 
 mod bench;
+mod calibrate;
 mod detect;
 mod eval;
+mod quantize;
 mod run;
 
 use std::path::PathBuf;
@@ -37,6 +39,12 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time each pipeline stage (decode, preprocess, inference, postprocess).
     Bench(bench::BenchArgs),
+    /// Make an INT8 model: explicit Q/DQ ONNX calibrated on a directory of
+    /// images, which TensorRT 8.6, 10 and 11 build directly.
+    Quantize(quantize::QuantizeArgs),
+    /// Capture calibration frames from a configured camera (near-duplicates
+    /// skipped) into the INT8 calibration directory.
+    Calibrate(calibrate::CalibrateArgs),
     /// Run the daemon: cameras -> detector -> tracked MQTT events, until
     /// SIGTERM. Exit 78 (EX_CONFIG) for a bad config.
     Run(run::RunArgs),
@@ -99,7 +107,7 @@ pub struct ModelArgs {
     #[arg(long)]
     classes: Option<PathBuf>,
     /// Input size WxH, for models whose input size is not fixed.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, visible_alias = "size", value_parser = parse_size)]
     input_size: Option<(usize, usize)>,
 }
 
@@ -182,6 +190,27 @@ impl ThresholdArgs {
     }
 }
 
+/// Journald when systemd started us (it sets JOURNAL_STREAM to our
+/// stderr), stderr otherwise. RUST_LOG, when set, overrides the config's
+/// level for stderr.
+pub fn start_logging(level: log::LevelFilter) {
+    if systemd_journal_logger::connected_to_journal()
+        && let Ok(journal) = systemd_journal_logger::JournalLog::new()
+        && journal.install().is_ok()
+    {
+        log::set_max_level(level);
+        return;
+    }
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    if builder.try_init().is_ok() {
+        log::set_max_level(level.max(log::max_level()));
+    }
+}
+
 /// Parses arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -189,6 +218,8 @@ pub fn main() -> ExitCode {
         Command::Detect(args) => detect::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Quantize(args) => quantize::run(&args),
+        Command::Calibrate(args) => calibrate::run(&args),
         Command::Run(args) => run::run(&args),
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::Failure;
+use super::{Failure, start_logging};
 use nanodetd::config::Config;
 
 /// Arguments of `run`.
@@ -15,27 +15,6 @@ pub struct RunArgs {
     /// The TOML configuration; its directory is watched for edits.
     #[arg(long, short = 'c', default_value = "/etc/nanodetd/nanodetd.toml")]
     config: PathBuf,
-}
-
-/// Journald when systemd started us (it sets JOURNAL_STREAM to our
-/// stderr), stderr otherwise. RUST_LOG, when set, overrides the config's
-/// level for stderr.
-fn start_logging(level: log::LevelFilter) {
-    if systemd_journal_logger::connected_to_journal()
-        && let Ok(journal) = systemd_journal_logger::JournalLog::new()
-        && journal.install().is_ok()
-    {
-        log::set_max_level(level);
-        return;
-    }
-    let mut builder = env_logger::Builder::new();
-    builder.filter_level(level);
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        builder.parse_filters(&spec);
-    }
-    if builder.try_init().is_ok() {
-        log::set_max_level(level.max(log::max_level()));
-    }
 }
 
 /// Runs the daemon.

@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, FrameBoard, wall_time};
-use crate::capture::{FolderSource, V4l2Camera, V4l2Error, V4l2Request};
-use crate::config::{CameraConfig, SourceConfig};
-use crate::frame::{Frame, FrameError};
+use crate::capture::{Miss, Source};
+use crate::config::CameraConfig;
+use crate::frame::Frame;
 use crate::watchdog::Heartbeat;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -144,21 +144,6 @@ impl CameraTask {
     }
 }
 
-enum Source {
-    Folder(FolderSource),
-    V4l2(Box<V4l2Camera>),
-}
-
-/// Why a source gave no frame.
-enum Miss {
-    /// One bad frame: count, skip.
-    Broken(FrameError),
-    /// The source is gone: re-open.
-    Lost(String),
-    /// A replay has played every file.
-    Finished,
-}
-
 struct CameraRunner {
     config: CameraConfig,
     board: Arc<FrameBoard>,
@@ -197,7 +182,7 @@ impl CameraRunner {
         let mut reported: Option<String> = None;
         while !self.stopping() {
             self.counters.set_state(CameraState::Opening);
-            let miss = match self.open() {
+            let miss = match Source::open(&self.config) {
                 Ok(source) => {
                     self.counters.set_state(CameraState::Streaming);
                     if reported.take().is_some() {
@@ -236,40 +221,9 @@ impl CameraRunner {
         self.board.end(self.name());
     }
 
-    fn open(&self) -> Result<Source, String> {
-        match &self.config.source {
-            SourceConfig::Folder(dir) => FolderSource::open(dir, self.config.looping)
-                .map(Source::Folder)
-                .map_err(|e| e.to_string()),
-            SourceConfig::V4l2(path) => {
-                let request = V4l2Request {
-                    format: self.config.format,
-                    size: self.config.size.map(|[w, h]| (w, h)),
-                    fps: self.config.fps,
-                };
-                V4l2Camera::open(path, &request)
-                    .map(|c| Source::V4l2(Box::new(c)))
-                    .map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    fn next(&self, source: &mut Source) -> Result<Frame, Miss> {
-        match source {
-            Source::Folder(folder) => match folder.next_frame() {
-                None => Err(Miss::Finished),
-                Some((_, frame)) => frame.map_err(Miss::Broken),
-            },
-            Source::V4l2(camera) => camera.next_frame().map_err(|e| match e {
-                V4l2Error::Broken(e) => Miss::Broken(e),
-                other => Miss::Lost(other.to_string()),
-            }),
-        }
-    }
-
     /// Delivers frames until the source is lost or finished, or a stop.
     fn stream(&self, mut source: Source, backoff: &mut Duration) -> Miss {
-        let replay = matches!(source, Source::Folder(_));
+        let replay = source.is_replay();
         // The config keeps fps within [0.001, 1000], so this is finite.
         let interval = self
             .config
@@ -279,7 +233,7 @@ impl CameraRunner {
         let mut due = Instant::now();
         while !self.stopping() {
             self.heartbeat.touch();
-            let frame = match self.next(&mut source) {
+            let frame = match source.next_frame() {
                 Ok(frame) => frame,
                 Err(Miss::Broken(e)) => {
                     let n = self.counters.broken.fetch_add(1, Ordering::Relaxed) + 1;

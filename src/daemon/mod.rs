@@ -9,6 +9,7 @@
 
 pub mod board;
 pub mod camera;
+pub mod int8;
 pub mod pipeline;
 pub mod stats;
 
@@ -23,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::{self, EngineOptions};
-use crate::config::{CameraConfig, Config, ModelConfig};
+use crate::config::{CameraConfig, Config, ModelConfig, Precision};
 use crate::detector::{DetectionParams, Detector, DetectorError};
 use crate::model::{self, LayoutOverrides};
 use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
@@ -72,7 +73,25 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         Some(p) => Some(model::read_class_names(p).map_err(|e| failed(e.to_string()))?),
         None => None,
     };
-    let engine = backend::open_engine(model.backend, &model.path, &EngineOptions::default())
+    let file = match model.precision {
+        Precision::Fp32 => model.path.clone(),
+        Precision::Fp16 => {
+            log::info!(
+                "precision fp16 applies to GPU engines; {} runs FP32",
+                model.backend
+            );
+            model.path.clone()
+        }
+        Precision::Int8 => {
+            let qdq = int8::qdq_model(model).map_err(failed)?;
+            log::info!(
+                "{} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not",
+                model.backend
+            );
+            qdq
+        }
+    };
+    let engine = backend::open_engine(model.backend, &file, &EngineOptions::default())
         .map_err(|e| failed(e.to_string()))?;
     let params = DetectionParams {
         score_threshold: model.score.get(),

@@ -207,13 +207,15 @@ fn entropy(hist: &Histogram) -> f32 {
 }
 
 /// The symmetric INT8 scale for a threshold: values in [-t, t] map to
-/// [-127, 127]. A zero threshold (an all-zero tensor) gets the smallest
-/// positive scale, since TensorRT rejects a zero scale.
+/// [-127, 127]. A zero threshold (an all-zero tensor or channel, which
+/// pruned exports have) gets the scale of a threshold of 1: TensorRT
+/// rejects a zero scale, and a denormal-sized one trips its range checks,
+/// while any scale represents zeros exactly.
 pub fn scale(threshold: f32) -> f32 {
     if threshold > 0.0 && threshold.is_finite() {
         threshold / 127.0
     } else {
-        f32::MIN_POSITIVE
+        1.0 / 127.0
     }
 }
 
@@ -293,9 +295,9 @@ mod tests {
     #[test]
     fn scales_are_positive_and_per_channel() {
         assert_eq!(scale(12.7), 0.1);
-        assert_eq!(scale(0.0), f32::MIN_POSITIVE);
+        assert_eq!(scale(0.0), 1.0 / 127.0);
         let w = [1.0, -2.0, 0.5, 0.0, 0.0, 0.0, 127.0, 3.0, -1.0];
-        assert_eq!(weight_scales(&w, 3), [2.0 / 127.0, f32::MIN_POSITIVE, 1.0]);
+        assert_eq!(weight_scales(&w, 3), [2.0 / 127.0, 1.0 / 127.0, 1.0]);
         let zeros = Histogram::default();
         assert_eq!(threshold(&zeros, Method::Entropy), 0.0);
     }

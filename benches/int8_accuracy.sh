@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# INT8 accuracy table for docs/INT8.md: every shared model, FP32 and each
+# calibration method, on coco128, calibrated on calibration-80.
+#   benches/int8_accuracy.sh [nanodetd binary] > table.md
+set -euo pipefail
+bin=${1:-target/release/nanodetd}
+assets=${NANODETD_ASSETS:-../shared}
+coco=$assets/datasets/coco128
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+map() {
+    "$bin" eval --model "$1" --images "$coco/images" \
+        --annotations "$coco/annotations/instances_coco128.json" --json 2>/dev/null |
+        python3 -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["stats"][0])'
+}
+echo "| model | FP32 mAP | method | INT8 mAP | drop (points) | calibration time (s) |"
+echo "|---|---|---|---|---|---|"
+for model in nanodet-plus-m_320 nanodet-plus-m_416 nanodet-m_320 nanodet-m-0.5x_320; do
+    fp32=$(map "$assets/models/$model.onnx")
+    for method in entropy percentile minmax ${EXTRA_METHODS:-}; do
+        out=$work/$model.$method.onnx
+        start=$(date +%s.%N)
+        "$bin" quantize --model "$assets/models/$model.onnx" \
+            --calibration "$assets/datasets/calibration-80" --method "$method" \
+            --out "$out" ${QUANTIZE_FLAGS:-} >/dev/null 2>&1
+        secs=$(echo "$(date +%s.%N) - $start" | bc)
+        int8=$(map "$out")
+        drop=$(echo "($fp32 - $int8) * 100" | bc -l)
+        printf "| %s | %s | %s | %s | %.1f | %.1f |\n" "$model" "$fp32" "$method" "$int8" "$drop" "$secs"
+    done
+done

@@ -1,0 +1,129 @@
+//! `nanodetd quantize`: FP32 ONNX + calibration images → INT8 Q/DQ ONNX.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::Args;
+
+use nanodetd::detector::DetectionParams;
+use nanodetd::engine_cache::write_atomically;
+use nanodetd::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions};
+
+use super::{Failure, ModelArgs, start_logging};
+
+/// Arguments of `quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Directory of calibration images (JPEG/PNG), ideally frames from the
+    /// cameras the model will watch.
+    #[arg(long)]
+    calibration: PathBuf,
+    /// percentile (99.99, the default), percentile:P, entropy (KL search,
+    /// as TensorRT's calibrator) or minmax.
+    #[arg(long, default_value = "percentile", value_parser = quantize::parse_method)]
+    method: quantize::Method,
+    /// Use at most N images, spread evenly over the sorted set.
+    #[arg(long)]
+    images: Option<usize>,
+    /// Convs to keep in float: node names, glob patterns, @first, @last.
+    #[arg(long, value_delimiter = ',')]
+    keep_float: Vec<String>,
+    /// Skip the channel equalization in front of depthwise Convs.
+    #[arg(long)]
+    no_equalize: bool,
+    /// Where to write the Q/DQ ONNX (atomically).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
+    start_logging(log::LevelFilter::Info);
+    let detector = args.model.detector(DetectionParams::LIVE)?;
+    let set = CalibrationSet::scan(&args.calibration, args.images).map_err(bad_input)?;
+    let options = QuantizeOptions {
+        method: args.method,
+        max_images: args.images,
+        keep_float: args.keep_float.clone(),
+        equalize: !args.no_equalize,
+    };
+    let mut progress = Progress::new(set.files.len());
+    let quantized = quantize::quantize(
+        &args.model.model,
+        detector.preprocess_spec(),
+        &set,
+        &options,
+        &mut |done, total| progress.update(done, total),
+    )
+    .map_err(bad_input)?;
+    progress.finish();
+    write_atomically(&args.out, &quantized.bytes)
+        .map_err(|e| Failure::Runtime(anyhow!("{}: cannot write: {e}", args.out.display())))?;
+    let r = &quantized.report;
+    println!(
+        "{}: {} Convs INT8, {} float, {} Q/DQ pairs, {} depthwise inputs equalized; method {}; {} images ({} skipped) in {:.1} s, {:.1} s in all",
+        args.out.display(),
+        r.rules.quantized_convs,
+        r.rules.float_convs,
+        r.rules.pairs,
+        r.equalized,
+        quantize::method_name(r.method),
+        r.images_used,
+        r.images_skipped.len(),
+        r.statistics_seconds,
+        r.total_seconds,
+    );
+    Ok(())
+}
+
+/// Every quantizer error is about the inputs (model, images, options),
+/// except a rule violation, which is a bug in the quantizer.
+fn bad_input(e: QuantizeError) -> Failure {
+    match e {
+        QuantizeError::Rules(_) => Failure::Runtime(e.into()),
+        other => Failure::BadInput(other.into()),
+    }
+}
+
+/// A bar on a terminal; a log line per tenth otherwise (journald and CI
+/// logs do not want carriage returns).
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { next_tenth: usize },
+}
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "calibrating {bar:40} {pos}/{len} images, {elapsed} (eta {eta})",
+            ) {
+                bar.set_style(style);
+            }
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines { next_tenth: 1 }
+        }
+    }
+
+    fn update(&mut self, done: usize, total: usize) {
+        match self {
+            Progress::Bar(bar) => bar.set_position(done as u64),
+            Progress::Lines { next_tenth } => {
+                if done * 10 >= *next_tenth * total {
+                    log::info!("calibration: {done}/{total} images");
+                    *next_tenth = done * 10 / total.max(1) + 1;
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Activation statistics: the FP32 model run by tract on the CPU with the
+//! tensors to be quantized exposed as its outputs.
+
+use std::collections::HashMap;
+
+use tract_onnx::prelude::*;
+
+/// The FP32 model, made runnable with the chosen tensors as its outputs.
+pub struct ActivationProbe {
+    plan: Arc<TypedRunnableModel>,
+    input_shape: [usize; 4],
+    /// For each probed tensor: the plan's output index, or `None` when it
+    /// is the image input itself.
+    sources: Vec<Option<usize>>,
+    ranks: HashMap<String, usize>,
+}
+
+impl ActivationProbe {
+    /// Prepares `onnx` for a `[1, 3, height, width]` input, exposing
+    /// `tensors` (by ONNX name). The error is a readable reason.
+    pub fn new(
+        onnx: &[u8],
+        (width, height): (usize, usize),
+        tensors: &[String],
+    ) -> Result<ActivationProbe, String> {
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut &*onnx)
+            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+        let input_shape = [1, 3, height, width];
+        model
+            .set_input_fact(0, f32::fact(input_shape).into())
+            .map_err(|e| format!("{e:#}"))?;
+        let input_name = model.node(model.inputs[0].node).name.clone();
+        let mut outlets = Vec::new();
+        let mut sources = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            if *t == input_name {
+                sources.push(None);
+                continue;
+            }
+            let outlet = model
+                .find_outlet_label(t)
+                .ok_or_else(|| format!("tensor {t:?} is not in the graph tract loaded"))?;
+            sources.push(Some(outlets.len()));
+            outlets.push(outlet);
+        }
+        model
+            .select_output_outlets(&outlets)
+            .map_err(|e| format!("{e:#}"))?;
+        let typed = model
+            .into_typed()
+            .map_err(|e| format!("shape inference failed: {e:#}"))?;
+        let ranks = typed
+            .outlet_labels
+            .iter()
+            .filter_map(|(outlet, label)| {
+                let fact = typed.outlet_fact(*outlet).ok()?;
+                Some((label.clone(), fact.rank()))
+            })
+            .collect();
+        let plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| format!("tract cannot optimise the model: {e:#}"))?;
+        Ok(ActivationProbe {
+            plan,
+            input_shape,
+            sources,
+            ranks,
+        })
+    }
+
+    /// Ranks of the graph's tensors, by name, as tract inferred them.
+    pub fn ranks(&self) -> &HashMap<String, usize> {
+        &self.ranks
+    }
+
+    /// Runs one preprocessed CHW image and hands every probed tensor's
+    /// values to `seen(index, values)`, in the order they were given.
+    pub fn run(
+        &mut self,
+        input: &[f32],
+        seen: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), String> {
+        let tensor = Tensor::from_shape(&self.input_shape, input).map_err(|e| format!("{e:#}"))?;
+        let outputs = self
+            .plan
+            .run(tvec!(tensor.into_tvalue()))
+            .map_err(|e| format!("inference failed: {e:#}"))?;
+        for (index, source) in self.sources.iter().enumerate() {
+            match source {
+                None => seen(index, input),
+                Some(i) => {
+                    let value = outputs
+                        .get(*i)
+                        .ok_or_else(|| format!("output {i} missing"))?;
+                    let values = value.cast_to::<f32>().map_err(|e| format!("{e:#}"))?;
+                    let plain = values.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
+                    seen(
+                        index,
+                        plain.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
