@@ -91,7 +91,7 @@ fn bad_input(e: QuantizeError) -> Failure {
 /// logs do not want carriage returns).
 enum Progress {
     Bar(indicatif::ProgressBar),
-    Lines { next_tenth: usize },
+    Lines(quantize::TenthsLog),
 }
 
 impl Progress {
@@ -105,19 +105,14 @@ impl Progress {
             }
             Progress::Bar(bar)
         } else {
-            Progress::Lines { next_tenth: 1 }
+            Progress::Lines(quantize::TenthsLog::new("calibration"))
         }
     }
 
     fn update(&mut self, done: usize, total: usize) {
         match self {
             Progress::Bar(bar) => bar.set_position(done as u64),
-            Progress::Lines { next_tenth } => {
-                if done * 10 >= *next_tenth * total {
-                    log::info!("calibration: {done}/{total} images");
-                    *next_tenth = done * 10 / total.max(1) + 1;
-                }
-            }
+            Progress::Lines(log) => log.update(done, total),
         }
     }
 

@@ -59,18 +59,13 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
     .map(Arc::new)
     .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut next_tenth = 1;
+    let mut progress = quantize::TenthsLog::new("INT8 calibration");
     let quantized = quantize::quantize(
         &model.path,
         fp32.preprocess_spec(),
         &set,
         &options,
-        &mut |done, total| {
-            if done * 10 >= next_tenth * total {
-                log::info!("INT8 calibration: {done}/{total}");
-                next_tenth = done * 10 / total.max(1) + 1;
-            }
-        },
+        &mut |done, total| progress.update(done, total),
     )
     .map_err(|e| e.to_string())?;
     let path = cache

@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 
-use tract_onnx::pb::{GraphProto, NodeProto};
+use tract_onnx::pb::GraphProto;
 
-use super::graph::{GraphError, attr_int, f32_tensor, read_f32, runtime_inputs};
+use super::graph::{GraphError, attr_int, f32_tensor, producers, read_f32, runtime_inputs};
 
 /// The smallest channel scale applied: quieter channels are raised by at
 /// most this factor's inverse, so a nearly dead channel is not blown up.
@@ -50,11 +50,7 @@ pub fn find_chains(graph: &GraphProto) -> Vec<Chain> {
         *uses.entry(o.name.as_str()).or_default() += 1;
     }
     let only_once = |t: &str| uses.get(t).copied() == Some(1);
-    let producer: HashMap<&str, &NodeProto> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
-        .collect();
+    let producer = producers(graph);
     let dims: HashMap<&str, &[i64]> = graph
         .initializer
         .iter()

@@ -414,6 +414,15 @@ pub fn metadata<'m>(model: &'m ModelProto, key: &str) -> Option<&'m str> {
         .map(|e| e.value.as_str())
 }
 
+/// The node producing each tensor, by tensor name.
+pub fn producers(graph: &pb::GraphProto) -> HashMap<&str, &NodeProto> {
+    graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect()
+}
+
 /// Initializers by name.
 pub fn initializers(graph: &pb::GraphProto) -> HashMap<&str, &TensorProto> {
     graph

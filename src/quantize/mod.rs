@@ -355,6 +355,32 @@ pub fn quantize(
     })
 }
 
+/// Progress for logs that are not a terminal: one info line per tenth of
+/// the way, never a line per image.
+#[derive(Debug)]
+pub struct TenthsLog {
+    what: &'static str,
+    next_tenth: usize,
+}
+
+impl TenthsLog {
+    /// Lines read "`what`: done/total".
+    pub fn new(what: &'static str) -> TenthsLog {
+        TenthsLog {
+            what,
+            next_tenth: 1,
+        }
+    }
+
+    /// Logs if `done` reached the next tenth of `total`.
+    pub fn update(&mut self, done: usize, total: usize) {
+        if done * 10 >= self.next_tenth * total {
+            log::info!("{}: {done}/{total}", self.what);
+            self.next_tenth = done * 10 / total.max(1) + 1;
+        }
+    }
+}
+
 /// Decodes and preprocesses every image of `set` and hands it to `run`;
 /// returns the images that could not be used, with the reason.
 fn each_input(
@@ -429,11 +455,7 @@ fn resolve_keep_float(
 /// Convs whose output reaches a network output through non-Conv nodes
 /// only: the heads' final layers.
 fn last_convs(graph: &tract_onnx::pb::GraphProto) -> Vec<String> {
-    let producer: HashMap<&str, &tract_onnx::pb::NodeProto> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
-        .collect();
+    let producer = graph::producers(graph);
     let mut found = Vec::new();
     let mut seen = HashSet::new();
     let mut stack: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, tensor_proto};
 
-use super::graph::{QDQ_OPSET, attr_int, default_opset, initializers, metadata, read_f32};
+use super::graph::{
+    QDQ_OPSET, attr_int, default_opset, initializers, metadata, producers, read_f32,
+};
 use super::qdq::conv_id;
 
 /// Metadata key listing the Convs deliberately left in float, by
@@ -38,11 +40,7 @@ pub fn check(model: &ModelProto) -> Result<RuleSummary, Vec<String>> {
         ));
     }
     let init = initializers(graph);
-    let producer: HashMap<&str, &NodeProto> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
-        .collect();
+    let producer = producers(graph);
     let float_convs: HashSet<&str> = metadata(model, FLOAT_CONVS_KEY)
         .map(|v| v.split(',').filter(|s| !s.is_empty()).collect())
         .unwrap_or_default();
