@@ -452,6 +452,21 @@ fn bad_inputs_fail_with_a_clear_error_and_leave_no_file() {
         stderr(&o)
     );
 
+    // keep_float that leaves nothing to quantize.
+    let o = quantize(
+        &source,
+        &calib,
+        &out,
+        &["--images", "4", "--keep-float", "*"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no Conv left to quantize"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(files_in(&dir.path().join("out")).is_empty());
+
     // An output directory nobody may write to.
     if let Some(locked) = ReadOnlyDir::new(dir.path().join("locked")) {
         let target = locked.0.join("m.onnx");

@@ -253,6 +253,11 @@ pub fn quantize(
         }
         quantized.insert(id);
     }
+    if quantized.is_empty() {
+        return Err(model_error(
+            "no Conv left to quantize (the graph has none, or keep_float names them all)".into(),
+        ));
+    }
 
     // Equalization, measured on the images, then the statistics of the
     // equalized model: two passes over the set when there is anything to
@@ -267,7 +272,7 @@ pub fn quantize(
     let passes = if chains.is_empty() { 1 } else { 2 };
     let total = passes * set.files.len();
     let mut done = 0;
-    let mut next_image = |_: usize, _: usize| {
+    let mut next_image = || {
         done += 1;
         progress(done, total);
     };
@@ -386,7 +391,7 @@ impl TenthsLog {
 fn each_input(
     set: &CalibrationSet,
     spec: &PreprocessSpec,
-    next_image: &mut dyn FnMut(usize, usize),
+    next_image: &mut dyn FnMut(),
     run: &mut dyn FnMut(&[f32]) -> Result<(), String>,
 ) -> Vec<(PathBuf, String)> {
     let mut input = vec![0.0f32; spec.tensor_len()];
@@ -399,7 +404,7 @@ fn each_input(
         if let Err(reason) = ran {
             skipped.push((file.clone(), reason));
         }
-        next_image(0, 0);
+        next_image();
     }
     skipped
 }
