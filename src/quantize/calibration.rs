@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::QuantizeError;
+pub use crate::engine_cache::hex;
 use crate::frame::Frame;
 
 /// Extensions taken as calibration images; other files (a README, a
@@ -149,11 +150,6 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
         hasher.update(&buf[..n]);
     }
     Ok((size, hasher.finalize().into()))
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

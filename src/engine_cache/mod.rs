@@ -5,8 +5,12 @@
 //! crash or a full disk never leaves a truncated artifact under a valid
 //! name.
 
+mod plan;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+pub use plan::{BuiltPlan, Lookup, PlanBuilder, PlanCache, PlanKey, PlanRecord, Provenance};
 
 /// Hex digits of the key kept in file names (64 bits).
 const KEY_CHARS: usize = 16;
@@ -84,6 +88,11 @@ impl ArtifactCache {
         }
         Ok(path)
     }
+}
+
+/// Lower-case hex, for digests in names and metadata.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same
