@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use self::tract::TractEngine;
+pub use self::tract::{TractEngine, validate_batch};
 use crate::model::TensorShape;
 
 /// What a prepared model consumes and produces.

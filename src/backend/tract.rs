@@ -173,3 +173,81 @@ impl Session for TractSession {
         &self.outputs
     }
 }
+
+/// Checks, on the CPU, that `onnx` (rewritten for a symbolic batch by
+/// [`crate::model::dynamic_batch`]) computes for a batch of `batch` images
+/// exactly what it computes for each image alone: same output shapes, and
+/// every value within 1e-4 (relative to its size). The error says where
+/// they part, for the log line of a fallback to batch 1.
+pub fn validate_batch(
+    onnx: &[u8],
+    (width, height): (usize, usize),
+    batch: usize,
+) -> Result<(), String> {
+    let plan = |n: usize| -> Result<Arc<TypedRunnableModel>, String> {
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut &*onnx)
+            .map_err(|e| format!("not loadable: {e:#}"))?;
+        model
+            .set_input_fact(0, f32::fact([n, 3, height, width]).into())
+            .map_err(|e| format!("{e:#}"))?;
+        model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| format!("batch {n} does not build: {e:#}"))
+    };
+    let single = plan(1)?;
+    let batched = plan(batch)?;
+    let per_image = 3 * height * width;
+    // Deterministic inputs in NanoDet's normalised range.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let values: Vec<f32> = (0..batch * per_image)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let run = |plan: &Arc<TypedRunnableModel>, n: usize, data: &[f32]| {
+        let input =
+            Tensor::from_shape(&[n, 3, height, width], data).map_err(|e| format!("{e:#}"))?;
+        plan.run(tvec!(input.into_tvalue()))
+            .map_err(|e| format!("inference failed: {e:#}"))
+    };
+    let together = run(&batched, batch, &values)?;
+    for (image, data) in values.chunks(per_image).enumerate() {
+        let alone = run(&single, 1, data)?;
+        for (o, (b, s)) in together.iter().zip(alone.iter()).enumerate() {
+            let (b, s) = (
+                b.cast_to::<f32>().map_err(|e| format!("{e:#}"))?,
+                s.cast_to::<f32>().map_err(|e| format!("{e:#}"))?,
+            );
+            if b.shape().first() != Some(&batch) || b.shape()[1..] != s.shape()[1..] {
+                return Err(format!(
+                    "output {o} has shape {:?} at batch {batch} but {:?} at batch 1: the graph folds the batch into another axis",
+                    b.shape(),
+                    s.shape()
+                ));
+            }
+            let b = b.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
+            let s = s.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
+            let (b, s) = (
+                b.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
+                s.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
+            );
+            let part = &b[image * s.len()..(image + 1) * s.len()];
+            if let Some((i, (x, y))) = part
+                .iter()
+                .zip(s)
+                .enumerate()
+                .find(|(_, (x, y))| (*x - *y).abs() > 1e-4 * (1.0 + y.abs()))
+            {
+                return Err(format!(
+                    "output {o}, image {image}, value {i}: {x} in the batch, {y} alone"
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,11 +1,13 @@
 //! Model-level knowledge that is not tied to a backend: output layouts and
 //! their decoding, and class names.
 
+mod batch;
 mod decode;
 mod layout;
 
 use std::path::{Path, PathBuf};
 
+pub use batch::{BATCH, BatchRewrite, dynamic_batch};
 pub use decode::{Candidate, DecodeError, DecodeParams};
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
