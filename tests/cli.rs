@@ -9,14 +9,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{MODELS, TinyOutput, assets, model, sample, tiny_nanodet};
-
-fn nanodetd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nanodetd"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use support::{MODELS, TinyOutput, assets, model, nanodetd, sample, stderr, tiny_nanodet};
 
 /// `nanodetd detect --model MODEL IMAGE`.
 fn detect(model: &Path, image: &Path) -> Output {
@@ -26,10 +19,6 @@ fn detect(model: &Path, image: &Path) -> Output {
         model.to_str().unwrap(),
         image.to_str().unwrap(),
     ])
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn stdout(o: &Output) -> String {

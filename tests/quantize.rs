@@ -8,25 +8,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use prost::Message;
 use tract_onnx::pb;
 
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
 use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, graph, keys};
-use support::{assets, model};
-
-fn nanodetd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nanodetd"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{assets, model, nanodetd, stderr};
 
 fn calibration(a: &Path) -> PathBuf {
     a.join("datasets/calibration-80")

@@ -13,6 +13,19 @@ use nanodetd::model::LayoutOverrides;
 use prost::Message;
 use tract_onnx::pb;
 
+/// Runs the built `nanodetd` binary with `args`.
+pub fn nanodetd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A command's standard error, as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// The shared assets folder (`NANODETD_ASSETS`, else `../shared`). When it
 /// is missing the test fails under CI and is skipped, loudly, elsewhere.
 pub fn assets(test: &str) -> Option<PathBuf> {
