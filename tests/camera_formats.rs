@@ -5,18 +5,9 @@
 
 mod support;
 
-use nanodetd::capture::{BufferLayout, CameraFormat, to_frame};
+use nanodetd::capture::{CameraFormat, encode, to_frame};
 use nanodetd::frame::Frame;
 use support::{assets, live_detector, model, sample};
-
-/// BT.601 limited range, the inverse of what cameras are decoded with.
-fn ycbcr(r: u8, g: u8, b: u8) -> [u8; 3] {
-    let (r, g, b) = (f32::from(r), f32::from(g), f32::from(b));
-    let y = 16.0 + 0.257 * r + 0.504 * g + 0.098 * b;
-    let cb = 128.0 - 0.148 * r - 0.291 * g + 0.439 * b;
-    let cr = 128.0 + 0.439 * r - 0.368 * g - 0.071 * b;
-    [y, cb, cr].map(|v| v.round().clamp(0.0, 255.0) as u8)
-}
 
 #[test]
 fn yuyv_and_nv12_from_a_real_photo_round_trip_and_detect() {
@@ -27,48 +18,19 @@ fn yuyv_and_nv12_from_a_real_photo_round_trip_and_detect() {
         .unwrap()
         .to_rgb8();
     let (w, h) = (photo.width() as usize, photo.height() as usize);
-    let px = |x: usize, y: usize| {
-        let p = photo.get_pixel(x as u32, y as u32);
-        ycbcr(p[0], p[1], p[2])
-    };
-    // YUYV with rows padded by 64 bytes, as some drivers do.
-    let stride = w.div_ceil(2) * 4 + 64;
-    let mut yuyv = vec![0u8; stride * h];
-    for y in 0..h {
-        for x in (0..w).step_by(2) {
-            let (p0, p1) = (px(x, y), px((x + 1).min(w - 1), y));
-            let o = y * stride + x * 2;
-            yuyv[o..o + 4].copy_from_slice(&[p0[0], p0[1], p1[0], p0[2]]);
-        }
-    }
-    // NV12 rows hold whole chroma pairs: an odd width rounds up.
-    let nv12_stride = w.div_ceil(2) * 2;
-    let mut nv12 = vec![0u8; nv12_stride * (h + h.div_ceil(2))];
-    for y in 0..h {
-        for x in 0..w {
-            let p = px(x, y);
-            nv12[y * nv12_stride + x] = p[0];
-            if y % 2 == 0 && x % 2 == 0 {
-                let o = nv12_stride * h + (y / 2) * nv12_stride + x;
-                nv12[o..o + 2].copy_from_slice(&[p[1], p[2]]);
-            }
-        }
-    }
     let detector = live_detector(&model(&a, "nanodet-plus-m_320"));
     let mut session = detector.session().unwrap();
     let original = Frame::from_file(&sample(&a, "skimage_chelsea.png")).unwrap();
     let reference = session.detect(&original).unwrap();
-    for (format, bytes, bytes_per_line) in [
-        (CameraFormat::Yuyv, &yuyv, stride),
-        (CameraFormat::Nv12, &nv12, nv12_stride),
-    ] {
-        let layout = BufferLayout {
-            format,
-            width: w,
-            height: h,
-            bytes_per_line,
-        };
-        let frame = to_frame(&layout, bytes, "test camera").unwrap();
+    // YUYV with rows padded by 64 bytes, as some drivers do; NV12 rows
+    // hold whole chroma pairs, so an odd width rounds up.
+    for (format, pad) in [(CameraFormat::Yuyv, 64), (CameraFormat::Nv12, 0)] {
+        let (layout, bytes) = encode(&original, format, pad).unwrap();
+        assert_eq!(
+            layout.bytes_per_line,
+            w.div_ceil(2) * [2, 4][usize::from(format == CameraFormat::Yuyv)] + pad
+        );
+        let frame = to_frame(&layout, &bytes, "test camera").unwrap();
         // Back to RGB order to compare with the photo.
         let mut error = 0u64;
         for (bgr, rgb) in frame

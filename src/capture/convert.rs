@@ -48,8 +48,32 @@ impl BufferLayout {
         }
     }
 
+    /// Checks that a raw (non-JPEG) buffer of `len` bytes holds a whole
+    /// frame of this geometry; `origin` names the frame in the error.
+    pub fn check(&self, len: usize, origin: &str) -> Result<(), FrameError> {
+        let geometry = |reason: String| FrameError::Geometry {
+            origin: origin.to_owned(),
+            reason,
+        };
+        let (w, h) = (self.width, self.height);
+        if w == 0 || h == 0 || self.bytes_per_line < self.min_bytes_per_line() {
+            return Err(geometry(format!(
+                "{w}x{h} {:?} with {} bytes per line",
+                self.format, self.bytes_per_line
+            )));
+        }
+        if len < self.needed() {
+            return Err(geometry(format!(
+                "short buffer: {len} bytes, {w}x{h} {:?} needs {}",
+                self.format,
+                self.needed()
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes a raw (non-JPEG) buffer must hold.
-    fn needed(&self) -> usize {
+    pub fn needed(&self) -> usize {
         let luma = self.bytes_per_line * self.height;
         match self.format {
             CameraFormat::Nv12 => luma + self.bytes_per_line * self.height.div_ceil(2),
@@ -76,28 +100,11 @@ fn ycbcr_to_bgr(y: u8, cb: u8, cr: u8) -> [u8; 3] {
 /// Converts one camera buffer into a frame. `origin` names the frame in
 /// errors (camera and sequence number).
 pub fn to_frame(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
-    let geometry = |reason: String| FrameError::Geometry {
-        origin: origin.to_owned(),
-        reason,
-    };
     if layout.format == CameraFormat::Mjpeg {
         return Frame::decode(bytes, origin);
     }
+    layout.check(bytes.len(), origin)?;
     let (w, h) = (layout.width, layout.height);
-    if w == 0 || h == 0 || layout.bytes_per_line < layout.min_bytes_per_line() {
-        return Err(geometry(format!(
-            "{w}x{h} {:?} with {} bytes per line",
-            layout.format, layout.bytes_per_line
-        )));
-    }
-    if bytes.len() < layout.needed() {
-        return Err(geometry(format!(
-            "short buffer: {} bytes, {w}x{h} {:?} needs {}",
-            bytes.len(),
-            layout.format,
-            layout.needed()
-        )));
-    }
     let stride = layout.bytes_per_line;
     let rows = bytes.chunks(stride).take(h);
     let (format, data) = match layout.format {
@@ -140,6 +147,92 @@ pub fn to_frame(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Fra
         CameraFormat::Mjpeg => return Frame::decode(bytes, origin),
     };
     Frame::from_packed(w, h, format, data, origin)
+}
+
+/// BT.601 limited-range B, G, R → Y, Cb, Cr: the camera's side of
+/// [`ycbcr_to_bgr`], rounded to nearest.
+fn bgr_to_ycbcr([b, g, r]: [u8; 3]) -> [u8; 3] {
+    let (b, g, r) = (i32::from(b), i32::from(g), i32::from(r));
+    let clip = |v: i32| v.clamp(0, 255) as u8;
+    [
+        clip(((66 * r + 129 * g + 25 * b + 128) >> 8) + 16),
+        clip(((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128),
+        clip(((112 * r - 94 * g - 18 * b + 128) >> 8) + 128),
+    ]
+}
+
+/// The buffer a camera delivering `format` would send for `frame`, with
+/// each row padded by `pad` bytes as some drivers do: the inverse of
+/// [`to_frame`], for benchmarks and tests of the raw-format paths (the
+/// GPU kernel's, the converters'). Chroma is subsampled by taking the
+/// first pixel of each pair (and, for NV12, of each even row). MJPEG is
+/// not a raw format and is refused.
+pub fn encode(
+    frame: &Frame,
+    format: CameraFormat,
+    pad: usize,
+) -> Result<(BufferLayout, Vec<u8>), FrameError> {
+    let (w, h) = (frame.width(), frame.height());
+    let channels = frame.format().channels();
+    let bgr_at = |x: usize, y: usize| -> [u8; 3] {
+        let p = &frame.data()[(y * w + x.min(w - 1)) * channels..][..channels];
+        match frame.format() {
+            PixelFormat::Bgr8 => [p[0], p[1], p[2]],
+            PixelFormat::Rgb8 => [p[2], p[1], p[0]],
+            PixelFormat::Gray8 => [p[0]; 3],
+        }
+    };
+    let mut layout = BufferLayout {
+        format,
+        width: w,
+        height: h,
+        bytes_per_line: 0,
+    };
+    if format == CameraFormat::Mjpeg {
+        return Err(FrameError::Geometry {
+            origin: "encode".into(),
+            reason: "MJPEG is not a raw format".into(),
+        });
+    }
+    let row_bytes = layout.min_bytes_per_line();
+    layout.bytes_per_line = row_bytes + pad;
+    let stride = layout.bytes_per_line;
+    let mut bytes = vec![0u8; layout.needed()];
+    for y in 0..h {
+        let row = &mut bytes[y * stride..][..row_bytes];
+        match format {
+            CameraFormat::Yuyv => {
+                for (pair, out) in row.chunks_exact_mut(4).enumerate() {
+                    let a = bgr_to_ycbcr(bgr_at(2 * pair, y));
+                    let b = bgr_to_ycbcr(bgr_at(2 * pair + 1, y));
+                    out.copy_from_slice(&[a[0], a[1], b[0], a[2]]);
+                }
+            }
+            CameraFormat::Nv12 | CameraFormat::Grey => {
+                for (x, out) in row.iter_mut().enumerate().take(w) {
+                    *out = bgr_to_ycbcr(bgr_at(x, y))[0];
+                }
+            }
+            CameraFormat::Rgb24 | CameraFormat::Bgr24 => {
+                for (x, out) in row.chunks_exact_mut(3).enumerate() {
+                    let [b, g, r] = bgr_at(x, y);
+                    let rgb = format == CameraFormat::Rgb24;
+                    out.copy_from_slice(&if rgb { [r, g, b] } else { [b, g, r] });
+                }
+            }
+            CameraFormat::Mjpeg => {}
+        }
+    }
+    if format == CameraFormat::Nv12 {
+        let (_, chroma) = bytes.split_at_mut(stride * h);
+        for (y, row) in chroma.chunks_exact_mut(stride).enumerate() {
+            for (pair, out) in row[..w.div_ceil(2) * 2].chunks_exact_mut(2).enumerate() {
+                let c = bgr_to_ycbcr(bgr_at(2 * pair, 2 * y));
+                out.copy_from_slice(&c[1..]);
+            }
+        }
+    }
+    Ok((layout, bytes))
 }
 
 #[cfg(test)]
@@ -251,5 +344,50 @@ mod tests {
         );
         let f = to_frame(&layout(CameraFormat::Rgb24, 1, 1, 3), &[7, 8, 9], "c").unwrap();
         assert_eq!((f.format(), f.data()), (PixelFormat::Rgb8, &[7, 8, 9][..]));
+    }
+
+    #[test]
+    fn encode_is_the_inverse_of_to_frame() {
+        // A 5x3 frame (odd width: a half chroma pair) with distinct colours.
+        let data: Vec<u8> = (0..5 * 3)
+            .flat_map(|i| [(i * 17) as u8, (255 - i * 13) as u8, (i * 29 % 256) as u8])
+            .collect();
+        let frame = Frame::from_packed(5, 3, PixelFormat::Bgr8, data, "t").unwrap();
+        for format in [CameraFormat::Bgr24, CameraFormat::Rgb24] {
+            let (layout, bytes) = encode(&frame, format, 7).unwrap();
+            assert_eq!(layout.bytes_per_line, 5 * 3 + 7);
+            let back = to_frame(&layout, &bytes, "t").unwrap();
+            let bgr: Vec<u8> = match back.format() {
+                PixelFormat::Rgb8 => back
+                    .data()
+                    .chunks(3)
+                    .flat_map(|p| [p[2], p[1], p[0]])
+                    .collect(),
+                _ => back.data().to_vec(),
+            };
+            assert_eq!(bgr, frame.data(), "{format:?}");
+        }
+        // Luma is BT.601's, to within the integer formula's rounding.
+        let (layout, bytes) = encode(&frame, CameraFormat::Grey, 0).unwrap();
+        let grey = to_frame(&layout, &bytes, "t").unwrap();
+        for (y, p) in grey.data().iter().zip(frame.data().chunks(3)) {
+            let (b, g, r) = (f32::from(p[0]), f32::from(p[1]), f32::from(p[2]));
+            let expected = 16.0 + 0.257 * r + 0.504 * g + 0.098 * b;
+            assert!((f32::from(*y) - expected).abs() <= 1.0, "{y} vs {expected}");
+        }
+        // Chroma is shared by pairs (and rows, for NV12): each pixel comes
+        // back close to the pair's first pixel's colour at least.
+        for format in [CameraFormat::Yuyv, CameraFormat::Nv12] {
+            let (layout, bytes) = encode(&frame, format, 3).unwrap();
+            assert_eq!(bytes.len(), layout.needed());
+            let back = to_frame(&layout, &bytes, "t").unwrap();
+            assert_eq!((back.width(), back.height()), (5, 3));
+            // Pixel (0, 0) owns its chroma: it round-trips within 3 levels.
+            for c in 0..3 {
+                let d = back.data()[c].abs_diff(frame.data()[c]);
+                assert!(d <= 3, "{format:?} channel {c}: off by {d}");
+            }
+        }
+        assert!(encode(&frame, CameraFormat::Mjpeg, 0).is_err());
     }
 }

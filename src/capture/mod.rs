@@ -8,7 +8,7 @@ mod folder;
 mod source;
 mod v4l2;
 
-pub use convert::{BufferLayout, CameraFormat, to_frame};
+pub use convert::{BufferLayout, CameraFormat, encode, to_frame};
 pub use folder::{FolderError, FolderSource};
 pub use source::{Miss, Source};
 pub use v4l2::{FormatOffer, SizeOffer, V4l2Camera, V4l2Error, V4l2Request, negotiate};
