@@ -13,6 +13,9 @@
 //!
 //! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
 //! [`engine_cache`] keeps such built artifacts between runs.
+//!
+//! GPU (feature `cuda`): `gpu` finds a CUDA device at run time, and
+//! `preprocess` gains a kernel doing the same preprocessing on it.
 
 pub mod backend;
 pub mod capture;
@@ -22,6 +25,8 @@ pub mod detector;
 pub mod engine_cache;
 pub mod eval;
 pub mod frame;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod model;
 pub mod mqtt;
 pub mod postprocess;

@@ -5,6 +5,8 @@
 //! (model, image, annotations).
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_gpu;
 mod calibrate;
 mod detect;
 mod eval;
@@ -39,6 +41,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Time each pipeline stage (decode, preprocess, inference, postprocess).
     Bench(bench::BenchArgs),
+    /// Time the GPU preprocessing kernel and its copies, beside the CPU
+    /// path, on a CUDA device.
+    #[cfg(feature = "cuda")]
+    BenchGpu(bench_gpu::BenchGpuArgs),
     /// Make an INT8 model: explicit Q/DQ ONNX calibrated on a directory of
     /// images, which TensorRT 8.6, 10 and 11 build directly.
     Quantize(quantize::QuantizeArgs),
@@ -218,6 +224,8 @@ pub fn main() -> ExitCode {
         Command::Detect(args) => detect::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
+        #[cfg(feature = "cuda")]
+        Command::BenchGpu(args) => bench_gpu::run(&args),
         Command::Quantize(args) => quantize::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
         Command::Run(args) => run::run(&args),

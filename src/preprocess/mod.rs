@@ -5,8 +5,15 @@
 //! This is the only preprocessing code in nanodetd: inference on every
 //! backend and INT8 calibration all call [`preprocess_into`], so the
 //! calibrated ranges describe exactly what the network sees at run time.
+//! With the `cuda` feature, `GpuPreprocessor` runs the same arithmetic as
+//! one CUDA kernel, taking its taps from the same code.
 
 use crate::frame::{Frame, PixelFormat};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::{CameraImage, GpuPreprocessError, GpuPreprocessor, InputElement};
 
 /// How a frame is fitted into the network's input rectangle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,148 @@
+//! The CUDA device, found at run time and never linked: cudarc loads
+//! `libcuda` and `libnvrtc` with dlopen, so a binary built with the `cuda`
+//! feature still starts on a machine without them and takes the CPU path.
+//!
+//! cudarc panics when a library it needs is missing, so every entry point
+//! here asks `is_culib_present()` first and turns absence into a
+//! [`GpuError`] the caller can log and fall back from.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::nvrtc::CompileOptions;
+
+/// Why the GPU path is not available, or a GPU operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No NVIDIA driver library on this machine.
+    #[error(
+        "no CUDA driver library (libcuda.so.1) could be loaded: no NVIDIA driver on this machine"
+    )]
+    NoDriver,
+    /// No NVRTC, so kernels cannot be compiled.
+    #[error(
+        "no NVRTC library (libnvrtc.so) could be loaded; install the CUDA runtime (JetPack ships it) or add its lib directory to LD_LIBRARY_PATH"
+    )]
+    NoNvrtc,
+    /// A driver call failed.
+    #[error("CUDA {what}: {source}")]
+    Driver {
+        /// What was being done.
+        what: &'static str,
+        /// The driver's error.
+        source: DriverError,
+    },
+    /// NVRTC rejected a kernel.
+    #[error("compiling the {kernel} kernel: {log}")]
+    Compile {
+        /// The kernel's name.
+        kernel: &'static str,
+        /// NVRTC's message and log.
+        log: String,
+    },
+}
+
+impl GpuError {
+    /// Wraps a driver error with what was being done.
+    pub fn driver(what: &'static str) -> impl FnOnce(DriverError) -> GpuError {
+        move |source| GpuError::Driver { what, source }
+    }
+}
+
+/// One CUDA device with the stream nanodetd's work on it is ordered by.
+pub struct Gpu {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    compute_capability: (i32, i32),
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.context.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.compute_capability)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or says why there is none.
+    #[allow(unsafe_code)]
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        // SAFETY: only tries to dlopen the driver library; it calls nothing
+        // in it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        let context = CudaContext::new(ordinal).map_err(GpuError::driver("opening the device"))?;
+        let stream = context
+            .new_stream()
+            .map_err(GpuError::driver("creating a stream"))?;
+        let name = context
+            .name()
+            .map_err(GpuError::driver("reading the device name"))?;
+        let compute_capability = context
+            .compute_capability()
+            .map_err(GpuError::driver("reading the compute capability"))?;
+        Ok(Gpu {
+            context,
+            stream,
+            name,
+            compute_capability,
+        })
+    }
+
+    /// The device's name, as the driver reports it ("NVIDIA H200",
+    /// "Orin").
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.context
+    }
+
+    /// The stream that orders copies, kernels and inference.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Compiles `source` with NVRTC for this device and returns its
+    /// function `kernel`.
+    #[allow(unsafe_code)]
+    pub fn compile(&self, kernel: &'static str, source: &str) -> Result<CudaFunction, GpuError> {
+        // SAFETY: only tries to dlopen NVRTC.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(GpuError::NoNvrtc);
+        }
+        let (major, minor) = self.compute_capability;
+        let options = CompileOptions {
+            // For this device's own architecture: NVRTC's default target
+            // is dropped by newer toolkits, and PTX for the exact device
+            // needs no further JIT choices.
+            options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+            ..CompileOptions::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
+            GpuError::Compile {
+                kernel,
+                log: format!("{e:?}"),
+            }
+        })?;
+        let module = self
+            .context
+            .load_module(ptx)
+            .map_err(GpuError::driver("loading a compiled kernel"))?;
+        module
+            .load_function(kernel)
+            .map_err(GpuError::driver("finding a kernel in its module"))
+    }
+}

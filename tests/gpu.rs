@@ -1,0 +1,229 @@
+//! The CUDA preprocessing kernel against the CPU path, on a real GPU.
+//!
+//! Needs the `cuda` feature and an NVIDIA GPU. Without a GPU these tests
+//! skip and say so, unless `NANODETD_REQUIRE_GPU` is set (as on the GPU
+//! test machine: see docs/PERFORMANCE.md), where a missing GPU fails them.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use nanodetd::capture::{BufferLayout, CameraFormat, encode, to_frame};
+use nanodetd::frame::{Frame, PixelFormat};
+use nanodetd::gpu::Gpu;
+use nanodetd::preprocess::{
+    CameraImage, ChannelOrder, GpuPreprocessor, PreprocessSpec, ResizeMode, preprocess_into,
+};
+
+fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
+    match Gpu::open(0) {
+        Ok(gpu) => Some(Arc::new(gpu)),
+        Err(e) if std::env::var_os("NANODETD_REQUIRE_GPU").is_some() => {
+            panic!("{test}: NANODETD_REQUIRE_GPU is set but: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no GPU ({e})");
+            None
+        }
+    }
+}
+
+/// A small deterministic generator, so a failure names a case that can be
+/// run again.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % n
+    }
+}
+
+fn half_to_f32(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exponent = i32::from((bits >> 10) & 0x1f);
+    let mantissa = f32::from(bits & 0x3ff);
+    sign * match exponent {
+        0 => mantissa * 2f32.powi(-24),
+        31 => f32::INFINITY,
+        e => (1.0 + mantissa / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+struct Case {
+    name: String,
+    image: CameraImageOwned,
+    spec: PreprocessSpec,
+}
+
+enum CameraImageOwned {
+    Frame(Frame),
+    Raw(BufferLayout, Vec<u8>),
+}
+
+impl CameraImageOwned {
+    fn borrow(&self) -> CameraImage<'_> {
+        match self {
+            CameraImageOwned::Frame(f) => CameraImage::Frame(f),
+            CameraImageOwned::Raw(layout, bytes) => CameraImage::Raw {
+                layout: *layout,
+                bytes,
+                origin: "test buffer",
+            },
+        }
+    }
+
+    /// The frame the CPU path sees: raw buffers through capture's
+    /// conversion, as the daemon does without a GPU.
+    fn cpu_frame(&self) -> Frame {
+        match self {
+            CameraImageOwned::Frame(f) => f.clone(),
+            CameraImageOwned::Raw(layout, bytes) => to_frame(layout, bytes, "test buffer").unwrap(),
+        }
+    }
+}
+
+fn cases(assets: &Path) -> Vec<Case> {
+    let mut rng = Lcg(0x6e61_6e6f);
+    let images = [
+        "hpc203_bus.jpg",
+        "hpc203_street.png",
+        "skimage_chelsea.png",
+        "nanodet_000252.jpg",
+    ];
+    let formats = [
+        CameraFormat::Rgb24,
+        CameraFormat::Bgr24,
+        CameraFormat::Grey,
+        CameraFormat::Yuyv,
+        CameraFormat::Nv12,
+    ];
+    let specs = [(320, 320), (416, 416), (320, 192)];
+    let mut cases = Vec::new();
+    for (i, name) in images.iter().enumerate() {
+        let photo = image::open(support::sample(assets, name))
+            .unwrap()
+            .to_rgb8();
+        for (f, format) in formats.iter().enumerate() {
+            // Random sizes, odd ones included, from thumbnail to full HD.
+            let (w, h) = (2 + rng.below(1919), 2 + rng.below(1079));
+            let rgb = image::imageops::resize(
+                &photo,
+                w as u32,
+                h as u32,
+                image::imageops::FilterType::Triangle,
+            );
+            let frame =
+                Frame::from_packed(w, h, PixelFormat::Rgb8, rgb.into_raw(), "test").unwrap();
+            for resize in [ResizeMode::Stretch, ResizeMode::Letterbox] {
+                let (sw, sh) = specs[(i + f) % specs.len()];
+                let mut spec = PreprocessSpec::nanodet(sw, sh, resize);
+                if (i + f) % 2 == 1 {
+                    spec.channel_order = ChannelOrder::Rgb;
+                }
+                let pad = rng.below(3) * 16;
+                let image = match format {
+                    // Packed formats also come as decoded frames.
+                    CameraFormat::Rgb24 if resize == ResizeMode::Stretch => {
+                        CameraImageOwned::Frame(frame.clone())
+                    }
+                    _ => {
+                        let (layout, bytes) = encode(&frame, *format, pad).unwrap();
+                        CameraImageOwned::Raw(layout, bytes)
+                    }
+                };
+                cases.push(Case {
+                    name: format!(
+                        "{name} {w}x{h} {format:?} pad {pad} -> {sw}x{sh} {resize:?} {:?}",
+                        spec.channel_order
+                    ),
+                    image,
+                    spec,
+                });
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn kernel_matches_the_cpu_path_for_every_format_and_resize_mode() {
+    let test = "kernel_matches_the_cpu_path_for_every_format_and_resize_mode";
+    let Some(assets) = support::assets(test) else {
+        return;
+    };
+    let Some(gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    eprintln!(
+        "{test}: on {} (sm_{}{})",
+        gpu.name(),
+        gpu.compute_capability().0,
+        gpu.compute_capability().1
+    );
+    let mut pre = GpuPreprocessor::new(gpu.clone()).unwrap();
+    let stream = gpu.stream().clone();
+    let cases = cases(&assets);
+    let mut worst_f32 = 0f32;
+    let mut worst_f16 = 0f32;
+    for case in &cases {
+        let mut cpu = vec![0f32; case.spec.tensor_len()];
+        let cpu_transform = preprocess_into(&case.image.cpu_frame(), &case.spec, &mut cpu).unwrap();
+
+        let mut out32 = stream.alloc_zeros::<f32>(case.spec.tensor_len()).unwrap();
+        let transform = pre
+            .preprocess(case.image.borrow(), &case.spec, &mut out32.slice_mut(..))
+            .unwrap();
+        assert_eq!(transform, cpu_transform, "{}", case.name);
+        let got = stream.clone_dtoh(&out32).unwrap();
+        let diff = got
+            .iter()
+            .zip(&cpu)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-3, "{}: f32 max abs difference {diff}", case.name);
+        worst_f32 = worst_f32.max(diff);
+
+        let mut out16 = stream.alloc_zeros::<u16>(case.spec.tensor_len()).unwrap();
+        pre.launch(&case.spec, &mut out16.slice_mut(..)).unwrap();
+        let got = stream.clone_dtoh(&out16).unwrap();
+        // f16 keeps 11 significant bits: half an ulp is 2^-11 relative.
+        let diff = got
+            .iter()
+            .zip(&cpu)
+            .map(|(&h, &c)| (half_to_f32(h) - c).abs() / c.abs().max(1.0))
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1.0 / 2048.0,
+            "{}: f16 relative difference {diff}",
+            case.name
+        );
+        worst_f16 = worst_f16.max(diff);
+    }
+    eprintln!(
+        "{test}: {} cases, worst f32 max abs difference {worst_f32}, worst f16 relative {worst_f16}",
+        cases.len()
+    );
+}
+
+#[test]
+fn wrong_output_size_is_an_error_not_a_wild_write() {
+    let test = "wrong_output_size_is_an_error_not_a_wild_write";
+    let Some(gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let mut pre = GpuPreprocessor::new(gpu.clone()).unwrap();
+    let frame = Frame::from_packed(4, 4, PixelFormat::Gray8, vec![7; 16], "tiny").unwrap();
+    let spec = PreprocessSpec::nanodet(8, 8, ResizeMode::Stretch);
+    let mut small = gpu.stream().alloc_zeros::<f32>(10).unwrap();
+    let err = pre
+        .preprocess(CameraImage::Frame(&frame), &spec, &mut small.slice_mut(..))
+        .unwrap_err();
+    assert!(err.to_string().contains("holds 10 values"), "{err}");
+}
