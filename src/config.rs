@@ -109,6 +109,75 @@ pub struct ModelConfig {
     /// Where built models (INT8 Q/DQ ONNX, TensorRT plans) are kept.
     #[serde(default = "default_cache")]
     pub cache: PathBuf,
+    /// How the TensorRT engine is built, when `backend = "tensorrt"`.
+    #[serde(default)]
+    pub tensorrt: TensorRtConfig,
+}
+
+/// How an INT8 TensorRT engine gets its ranges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Int8Mode {
+    /// From the Q/DQ model nanodetd calibrates (every TensorRT version).
+    #[default]
+    Qdq,
+    /// TensorRT's own entropy calibrator (TensorRT < 11 only; 11 falls
+    /// back to `qdq`, loudly).
+    Calibrator,
+}
+
+/// `[model.tensorrt]`: the TensorRT engine's build. Read by every build
+/// of nanodetd, so one config serves CPU and GPU boxes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRtConfig {
+    /// CUDA device index.
+    #[serde(default)]
+    pub device: usize,
+    /// Builder workspace limit, MiB.
+    #[serde(default = "default_workspace_mib")]
+    pub workspace_mib: u64,
+    /// Largest batch the engine takes (cameras inferred together).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
+    /// DLA core (Jetson Xavier/Orin), with GPU fallback for the layers a
+    /// DLA cannot run.
+    #[serde(default)]
+    pub dla_core: Option<u32>,
+    /// Where INT8 ranges come from.
+    #[serde(default)]
+    pub int8_mode: Int8Mode,
+    /// Plan directory (default: `engines/` under `[model] cache`).
+    #[serde(default)]
+    pub engines: Option<PathBuf>,
+    /// Size limit of the plan directory, MiB; least recently used plans
+    /// go first.
+    #[serde(default = "default_engine_cache_mib")]
+    pub cache_limit_mib: u64,
+}
+
+impl Default for TensorRtConfig {
+    fn default() -> Self {
+        TensorRtConfig {
+            device: 0,
+            workspace_mib: default_workspace_mib(),
+            max_batch: default_max_batch(),
+            dla_core: None,
+            int8_mode: Int8Mode::Qdq,
+            engines: None,
+            cache_limit_mib: default_engine_cache_mib(),
+        }
+    }
+}
+
+fn default_workspace_mib() -> u64 {
+    1024
+}
+fn default_max_batch() -> u32 {
+    1
+}
+fn default_engine_cache_mib() -> u64 {
+    4096
 }
 
 /// Numeric precision of inference.
@@ -751,6 +820,19 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let trt = &self.model.tensorrt;
+        if trt.max_batch == 0 || trt.max_batch > 64 {
+            return Err(invalid(
+                "model.tensorrt.max_batch".into(),
+                format!("{} is not within 1..=64", trt.max_batch),
+            ));
+        }
+        if trt.workspace_mib == 0 {
+            return Err(invalid(
+                "model.tensorrt.workspace_mib".into(),
+                "must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -826,6 +908,38 @@ source = { v4l2 = "/dev/video0" }
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn tensorrt_table_is_read_by_every_build_and_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[model.tensorrt]\nmax_batch = 4\ndla_core = 1\nint8_mode = \"calibrator\"\nworkspace_mib = 512\n"
+        ))
+        .unwrap();
+        assert_eq!(c.model.tensorrt.max_batch, 4);
+        assert_eq!(c.model.tensorrt.dla_core, Some(1));
+        assert_eq!(c.model.tensorrt.int8_mode, Int8Mode::Calibrator);
+        assert_eq!(c.model.tensorrt.workspace_mib, 512);
+        assert_eq!(
+            parse(MINIMAL).unwrap().model.tensorrt,
+            TensorRtConfig::default()
+        );
+        let err = parse(&format!("{MINIMAL}\n[model.tensorrt]\nmax_batch = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.tensorrt.max_batch") && err.contains("1..=64"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[model.tensorrt]\nint8_mode = \"implicit\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("int8_mode") || err.contains("implicit"),
+            "{err}"
+        );
     }
 
     #[test]

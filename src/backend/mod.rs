@@ -7,6 +7,8 @@
 //! copies only at these edges, and takes device buffers through a further
 //! [`InputBatch`] variant without changing the callers.
 
+#[cfg(feature = "tensorrt")]
+pub mod tensorrt;
 mod tract;
 
 use std::fmt;
@@ -43,6 +45,12 @@ pub trait Engine: Send + Sync {
     fn max_batch(&self) -> usize;
     /// A new session with its own scratch buffers.
     fn new_session(&self) -> Result<Box<dyn Session>, BackendError>;
+    /// What an operator should know about how this engine runs: every
+    /// fallback from the configuration, where a built plan came from.
+    /// Shown on the stats topic.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Input images for one run: `images` CHW tensors back to back.
@@ -119,17 +127,38 @@ impl BatchOutputs {
 pub enum BackendKind {
     /// tract, pure Rust on the CPU.
     Tract,
+    /// TensorRT on an NVIDIA GPU (feature `tensorrt`).
+    #[cfg(feature = "tensorrt")]
+    TensorRt,
 }
 
 impl BackendKind {
     /// Every backend this binary can run.
-    pub const ALL: [BackendKind; 1] = [BackendKind::Tract];
+    pub const ALL: &[BackendKind] = &[
+        BackendKind::Tract,
+        #[cfg(feature = "tensorrt")]
+        BackendKind::TensorRt,
+    ];
+}
+
+impl BackendKind {
+    /// Whether the backend runs FP16 and INT8 kernels (otherwise it runs
+    /// FP32, and an INT8 model only emulates INT8 rounding).
+    pub fn has_reduced_precision(self) -> bool {
+        match self {
+            BackendKind::Tract => false,
+            #[cfg(feature = "tensorrt")]
+            BackendKind::TensorRt => true,
+        }
+    }
 }
 
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Tract => "tract",
+            #[cfg(feature = "tensorrt")]
+            BackendKind::TensorRt => "tensorrt",
         })
     }
 }
@@ -138,7 +167,8 @@ impl std::str::FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         BackendKind::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|k| k.to_string() == s)
             .ok_or_else(|| {
                 let known: Vec<String> = BackendKind::ALL.iter().map(|k| k.to_string()).collect();
@@ -174,6 +204,15 @@ pub enum BackendError {
     /// Inference failed.
     #[error("inference failed: {0}")]
     Run(String),
+    /// The backend cannot run here (no GPU, no TensorRT, a plan that
+    /// cannot be built).
+    #[error("{backend} backend unavailable: {reason}")]
+    Unavailable {
+        /// The backend.
+        backend: BackendKind,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Prepares `model` on `backend`.
@@ -184,6 +223,22 @@ pub fn open_engine(
 ) -> Result<Arc<dyn Engine>, BackendError> {
     match backend {
         BackendKind::Tract => Ok(Arc::new(TractEngine::load(model, options)?)),
+        #[cfg(feature = "tensorrt")]
+        BackendKind::TensorRt => {
+            let onnx = std::fs::read(model).map_err(|e| BackendError::ModelFile {
+                path: model.to_owned(),
+                reason: format!("cannot read model: {e}"),
+            })?;
+            let name = model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+            let trt = tensorrt::TensorRtOptions::default();
+            let sources = tensorrt::OnnxSources {
+                fp32: &onnx,
+                qdq: None,
+            };
+            Ok(Arc::new(tensorrt::TrtEngine::open(&name, &sources, &trt)?))
+        }
     }
 }
 
@@ -206,7 +261,11 @@ mod tests {
 
     #[test]
     fn unknown_backend_lists_known_ones() {
-        let err = "tensorrt".parse::<BackendKind>().unwrap_err();
+        let err = "openvino".parse::<BackendKind>().unwrap_err();
         assert!(err.contains("this build has: tract"), "{err}");
+        assert_eq!(
+            "tensorrt".parse::<BackendKind>().is_ok(),
+            cfg!(feature = "tensorrt")
+        );
     }
 }

@@ -12,6 +12,8 @@ pub mod camera;
 pub mod int8;
 pub mod pipeline;
 pub mod stats;
+#[cfg(feature = "tensorrt")]
+mod tensorrt;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,23 +78,42 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
     let file = match model.precision {
         Precision::Fp32 => model.path.clone(),
         Precision::Fp16 => {
-            log::info!(
-                "precision fp16 applies to GPU engines; {} runs FP32",
-                model.backend
-            );
+            if !model.backend.has_reduced_precision() {
+                log::info!(
+                    "precision fp16 applies to GPU engines; {} runs FP32",
+                    model.backend
+                );
+            }
+            model.path.clone()
+        }
+        // TensorRT's own calibrator works from the FP32 model.
+        #[cfg(feature = "tensorrt")]
+        Precision::Int8
+            if model.backend == backend::BackendKind::TensorRt
+                && model.tensorrt.int8_mode == crate::config::Int8Mode::Calibrator =>
+        {
             model.path.clone()
         }
         Precision::Int8 => {
             let qdq = int8::qdq_model(model).map_err(failed)?;
-            log::info!(
-                "{} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not",
-                model.backend
-            );
+            if !model.backend.has_reduced_precision() {
+                log::info!(
+                    "{} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not",
+                    model.backend
+                );
+            }
             qdq
         }
     };
-    let engine = backend::open_engine(model.backend, &file, &EngineOptions::default())
-        .map_err(|e| failed(e.to_string()))?;
+    let engine = match model.backend {
+        #[cfg(feature = "tensorrt")]
+        backend::BackendKind::TensorRt => tensorrt::engine(model, &file).map_err(failed)?,
+        other => backend::open_engine(other, &file, &EngineOptions::default())
+            .map_err(|e| failed(e.to_string()))?,
+    };
+    for note in engine.notes() {
+        log::info!("engine: {note}");
+    }
     let params = DetectionParams {
         score_threshold: model.score.get(),
         iou_threshold: model.iou.get(),
@@ -149,7 +170,10 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
 
     // The detector thread, then a thread per camera.
     let (model_tx, model_rx) = std::sync::mpsc::channel();
-    let in_service = Arc::new(Mutex::new(config.model.clone()));
+    let in_service = Arc::new(Mutex::new(pipeline::ModelInService::new(
+        config.model.clone(),
+        &detector,
+    )));
     let stop_detector = Arc::new(AtomicBool::new(false));
     let detector_task = DetectorTask {
         board: board.clone(),
@@ -368,6 +392,9 @@ struct StatsSnapshot {
     uptime: f64,
     backend: crate::backend::BackendKind,
     model: String,
+    /// Fallbacks and plan provenance, from the backend.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    engine_notes: Vec<String>,
     cameras: BTreeMap<String, CameraStats>,
     latency_ms: BTreeMap<stats::Stage, stats::Percentiles>,
     mqtt: MqttStats,
@@ -408,7 +435,7 @@ impl Reporter {
 
     fn snapshot(
         &mut self,
-        in_service: &Mutex<ModelConfig>,
+        in_service: &Mutex<pipeline::ModelInService>,
         cameras: &BTreeMap<String, CameraTask>,
         outbox: &Outbox,
         link: &LinkStatus,
@@ -441,8 +468,9 @@ impl Reporter {
             .clone();
         StatsSnapshot {
             uptime: self.started.elapsed().as_secs_f64(),
-            backend: model.backend,
-            model: model.path.display().to_string(),
+            backend: model.config.backend,
+            model: model.config.path.display().to_string(),
+            engine_notes: model.engine_notes,
             cameras: per_camera,
             latency_ms: BTreeMap::new(),
             mqtt: MqttStats {

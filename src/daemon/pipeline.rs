@@ -96,6 +96,25 @@ struct CameraTrack {
     last_detections: Option<Instant>,
 }
 
+/// The model the detector runs now, for the stats.
+#[derive(Debug, Clone)]
+pub struct ModelInService {
+    /// Its settings.
+    pub config: ModelConfig,
+    /// The backend's notes on it: fallbacks, where its plan came from.
+    pub engine_notes: Vec<String>,
+}
+
+impl ModelInService {
+    /// `detector`, loaded from `config`.
+    pub fn new(config: ModelConfig, detector: &Detector) -> ModelInService {
+        ModelInService {
+            config,
+            engine_notes: detector.engine().notes(),
+        }
+    }
+}
+
 /// The detector thread's state.
 pub struct DetectorTask {
     /// Frames in.
@@ -107,7 +126,7 @@ pub struct DetectorTask {
     pub models: Receiver<(ModelConfig, Arc<Detector>)>,
     /// The settings of the model in service, for the stats: after a failed
     /// or pending reload they differ from the config's.
-    pub in_service: Arc<Mutex<ModelConfig>>,
+    pub in_service: Arc<Mutex<ModelInService>>,
     /// Messages out.
     pub outbox: Outbox,
     /// Stage timings, read by the stats.
@@ -132,7 +151,8 @@ impl DetectorTask {
                         *self
                             .in_service
                             .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = model;
+                            .unwrap_or_else(PoisonError::into_inner) =
+                            ModelInService::new(model, &detector);
                         session = s;
                         self.retune(&config, &session, &mut cameras);
                     }

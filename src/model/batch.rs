@@ -93,6 +93,44 @@ pub fn dynamic_batch(onnx: &[u8]) -> Result<(Vec<u8>, BatchRewrite), String> {
     Ok((model.encode_to_vec(), rewrite))
 }
 
+/// The image input's shape as declared in `onnx`, with a symbolic batch
+/// read as 1. Any other symbolic dimension is an error naming it.
+pub fn input_shape(onnx: &[u8]) -> Result<Vec<usize>, String> {
+    let model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
+    let graph = model.graph.as_ref().ok_or("the model has no graph")?;
+    let inputs = runtime_inputs(graph);
+    let [input] = inputs.as_slice() else {
+        return Err(format!("{} inputs; a detector has one", inputs.len()));
+    };
+    let value = graph
+        .input
+        .iter()
+        .find(|v| &v.name == input)
+        .ok_or_else(|| format!("input {input:?} is not declared"))?;
+    let Some(type_proto::Value::TensorType(t)) =
+        value.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Err(format!("{input:?} is not a tensor"));
+    };
+    let dims = t
+        .shape
+        .as_ref()
+        .map(|s| s.dim.as_slice())
+        .unwrap_or_default();
+    dims.iter()
+        .enumerate()
+        .map(|(i, d)| match (&d.value, i) {
+            (Some(tensor_shape_proto::dimension::Value::DimValue(v)), _) if *v > 0 => {
+                Ok(*v as usize)
+            }
+            (_, 0) => Ok(1),
+            (other, _) => Err(format!(
+                "input {input:?} dimension {i} is not fixed: {other:?}"
+            )),
+        })
+        .collect()
+}
+
 /// Turns an int64 shape constant `[1, ...]` into `[0, ...]`.
 fn lead_one_to_zero(t: &mut pb::TensorProto) -> bool {
     if t.data_type != tensor_proto::DataType::Int64 as i32 || t.dims.len() != 1 {

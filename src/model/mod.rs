@@ -7,7 +7,7 @@ mod layout;
 
 use std::path::{Path, PathBuf};
 
-pub use batch::{BATCH, BatchRewrite, dynamic_batch};
+pub use batch::{BATCH, BatchRewrite, dynamic_batch, input_shape};
 pub use decode::{Candidate, DecodeError, DecodeParams};
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
