@@ -33,3 +33,48 @@ fn without_tensorrt_the_backend_says_what_is_missing() {
     }
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn daemon_falls_back_to_the_cpu_loudly_when_tensorrt_cannot_run() {
+    let Some(a) = support::assets("daemon_falls_back_to_the_cpu_loudly_when_tensorrt_cannot_run")
+    else {
+        return;
+    };
+    let gpu = nanodetd::gpu::Gpu::open(0).is_ok();
+    let tensorrt = nanodetd::backend::tensorrt::TensorRt::open().is_ok();
+    if gpu && tensorrt {
+        eprintln!("SKIPPED: this machine has a GPU and TensorRT, so nothing falls back");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let model = support::model(&a, "nanodet-plus-m_320");
+    let text = format!(
+        "[model]\npath = {:?}\nbackend = \"tensorrt\"\ncache = {:?}\n\n[[camera]]\nname = \"front\"\nsource = {{ folder = \"/srv\" }}\n",
+        model.display().to_string(),
+        cache.path().display().to_string()
+    );
+    let config =
+        nanodetd::config::Config::parse(&text, std::path::Path::new("/etc/nanodetd.toml")).unwrap();
+    let detector = nanodetd::daemon::load_detector(&config.model).unwrap();
+    assert_eq!(
+        detector.engine().backend(),
+        nanodetd::backend::BackendKind::Tract
+    );
+    let notes = detector.engine().notes();
+    assert!(
+        notes
+            .first()
+            .is_some_and(|n| n.starts_with("fallback: TensorRT unavailable (")
+                && n.ends_with("running on tract, the CPU")),
+        "{notes:?}"
+    );
+    // And the CPU really runs it.
+    let frame = nanodetd::frame::Frame::from_file(&support::sample(&a, "hpc203_bus.jpg")).unwrap();
+    let found = detector.session().unwrap().detect(&frame).unwrap();
+    assert!(
+        found
+            .iter()
+            .any(|d| detector.class_name(d.class_id) == "bus"),
+        "{found:?}"
+    );
+}

@@ -53,6 +53,41 @@ pub trait Engine: Send + Sync {
     }
 }
 
+/// An engine with notes added by whoever chose it: the fallback that put
+/// it in service, for instance.
+struct NotedEngine {
+    inner: Arc<dyn Engine>,
+    notes: Vec<String>,
+}
+
+impl Engine for NotedEngine {
+    fn backend(&self) -> BackendKind {
+        self.inner.backend()
+    }
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+    fn max_batch(&self) -> usize {
+        self.inner.max_batch()
+    }
+    fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
+        self.inner.new_session()
+    }
+    fn notes(&self) -> Vec<String> {
+        let mut notes = self.notes.clone();
+        notes.extend(self.inner.notes());
+        notes
+    }
+}
+
+/// `engine`, with `notes` shown before its own.
+pub fn with_notes(engine: Arc<dyn Engine>, notes: Vec<String>) -> Arc<dyn Engine> {
+    Arc::new(NotedEngine {
+        inner: engine,
+        notes,
+    })
+}
+
 /// Input images for one run: `images` CHW tensors back to back.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]

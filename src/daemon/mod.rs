@@ -106,8 +106,24 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         }
     };
     let engine = match model.backend {
+        // No GPU, no driver or no TensorRT on this box: the CPU runs the
+        // same model, and the log and the stats topic say so.
         #[cfg(feature = "tensorrt")]
-        backend::BackendKind::TensorRt => tensorrt::engine(model, &file).map_err(failed)?,
+        backend::BackendKind::TensorRt => match tensorrt::engine(model, &file) {
+            Ok(engine) => engine,
+            Err(why) => {
+                let note =
+                    format!("fallback: TensorRT unavailable ({why}); running on tract, the CPU");
+                log::error!("{note}");
+                let cpu = backend::open_engine(
+                    backend::BackendKind::Tract,
+                    &file,
+                    &EngineOptions::default(),
+                )
+                .map_err(|e| failed(e.to_string()))?;
+                backend::with_notes(cpu, vec![note])
+            }
+        },
         other => backend::open_engine(other, &file, &EngineOptions::default())
             .map_err(|e| failed(e.to_string()))?,
     };
