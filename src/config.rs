@@ -112,6 +112,34 @@ pub struct ModelConfig {
     /// How the TensorRT engine is built, when `backend = "tensorrt"`.
     #[serde(default)]
     pub tensorrt: TensorRtConfig,
+    /// Where ONNX Runtime is, when `backend = "onnxruntime"`.
+    #[serde(default)]
+    pub onnxruntime: OnnxRuntimeConfig,
+}
+
+/// `[model.onnxruntime]`: the ONNX Runtime library and its threads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxRuntimeConfig {
+    /// libonnxruntime.so (`ORT_DYLIB_PATH` wins when set).
+    #[serde(default)]
+    pub library: Option<PathBuf>,
+    /// Threads inside one operator.
+    #[serde(default = "default_intra_threads")]
+    pub intra_threads: usize,
+}
+
+impl Default for OnnxRuntimeConfig {
+    fn default() -> Self {
+        OnnxRuntimeConfig {
+            library: None,
+            intra_threads: default_intra_threads(),
+        }
+    }
+}
+
+fn default_intra_threads() -> usize {
+    1
 }
 
 /// How an INT8 TensorRT engine gets its ranges.
@@ -820,6 +848,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.model.onnxruntime.intra_threads == 0 {
+            return Err(invalid(
+                "model.onnxruntime.intra_threads".into(),
+                "must be at least 1".into(),
+            ));
+        }
         let trt = &self.model.tensorrt;
         if trt.max_batch == 0 || trt.max_batch > 64 {
             return Err(invalid(
@@ -908,6 +942,25 @@ source = { v4l2 = "/dev/video0" }
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn onnxruntime_table_names_the_library_and_threads() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[model.onnxruntime]\nlibrary = \"/opt/ort/libonnxruntime.so\"\nintra_threads = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.model.onnxruntime.library.as_deref(),
+            Some(Path::new("/opt/ort/libonnxruntime.so"))
+        );
+        assert_eq!(c.model.onnxruntime.intra_threads, 2);
+        let err = parse(&format!(
+            "{MINIMAL}\n[model.onnxruntime]\nintra_threads = 0\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("model.onnxruntime.intra_threads"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! copies only at these edges, and takes device buffers through a further
 //! [`InputBatch`] variant without changing the callers.
 
+pub mod onnxruntime;
 #[cfg(feature = "tensorrt")]
 pub mod tensorrt;
 mod tract;
@@ -162,6 +163,8 @@ impl BatchOutputs {
 pub enum BackendKind {
     /// tract, pure Rust on the CPU.
     Tract,
+    /// ONNX Runtime's CPU execution provider, loaded at run time.
+    OnnxRuntime,
     /// TensorRT on an NVIDIA GPU (feature `tensorrt`).
     #[cfg(feature = "tensorrt")]
     TensorRt,
@@ -171,17 +174,28 @@ impl BackendKind {
     /// Every backend this binary can run.
     pub const ALL: &[BackendKind] = &[
         BackendKind::Tract,
+        BackendKind::OnnxRuntime,
         #[cfg(feature = "tensorrt")]
         BackendKind::TensorRt,
     ];
 }
 
 impl BackendKind {
-    /// Whether the backend runs FP16 and INT8 kernels (otherwise it runs
-    /// FP32, and an INT8 model only emulates INT8 rounding).
-    pub fn has_reduced_precision(self) -> bool {
+    /// Whether the backend runs a Q/DQ model with INT8 kernels (otherwise
+    /// it only emulates INT8 rounding in float).
+    pub fn has_int8_kernels(self) -> bool {
         match self {
             BackendKind::Tract => false,
+            BackendKind::OnnxRuntime => true,
+            #[cfg(feature = "tensorrt")]
+            BackendKind::TensorRt => true,
+        }
+    }
+
+    /// Whether `precision = "fp16"` means anything to the backend.
+    pub fn has_fp16_kernels(self) -> bool {
+        match self {
+            BackendKind::Tract | BackendKind::OnnxRuntime => false,
             #[cfg(feature = "tensorrt")]
             BackendKind::TensorRt => true,
         }
@@ -192,6 +206,7 @@ impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Tract => "tract",
+            BackendKind::OnnxRuntime => "onnxruntime",
             #[cfg(feature = "tensorrt")]
             BackendKind::TensorRt => "tensorrt",
         })
@@ -258,6 +273,11 @@ pub fn open_engine(
 ) -> Result<Arc<dyn Engine>, BackendError> {
     match backend {
         BackendKind::Tract => Ok(Arc::new(TractEngine::load(model, options)?)),
+        BackendKind::OnnxRuntime => Ok(Arc::new(onnxruntime::OnnxRuntimeEngine::load(
+            model,
+            options,
+            &onnxruntime::OnnxRuntimeOptions::default(),
+        )?)),
         #[cfg(feature = "tensorrt")]
         BackendKind::TensorRt => {
             let onnx = std::fs::read(model).map_err(|e| BackendError::ModelFile {
@@ -297,7 +317,7 @@ mod tests {
     #[test]
     fn unknown_backend_lists_known_ones() {
         let err = "openvino".parse::<BackendKind>().unwrap_err();
-        assert!(err.contains("this build has: tract"), "{err}");
+        assert!(err.contains("this build has: tract, onnxruntime"), "{err}");
         assert_eq!(
             "tensorrt".parse::<BackendKind>().is_ok(),
             cfg!(feature = "tensorrt")

@@ -78,7 +78,7 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
     let file = match model.precision {
         Precision::Fp32 => model.path.clone(),
         Precision::Fp16 => {
-            if !model.backend.has_reduced_precision() {
+            if !model.backend.has_fp16_kernels() {
                 log::info!(
                     "precision fp16 applies to GPU engines; {} runs FP32",
                     model.backend
@@ -96,7 +96,7 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         }
         Precision::Int8 => {
             let qdq = int8::qdq_model(model).map_err(failed)?;
-            if !model.backend.has_reduced_precision() {
+            if !model.backend.has_int8_kernels() {
                 log::info!(
                     "{} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not",
                     model.backend
@@ -124,6 +124,19 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
                 backend::with_notes(cpu, vec![note])
             }
         },
+        backend::BackendKind::OnnxRuntime => {
+            let runtime = backend::onnxruntime::OnnxRuntimeOptions {
+                library: model.onnxruntime.library.clone(),
+                intra_threads: model.onnxruntime.intra_threads,
+            };
+            let engine = backend::onnxruntime::OnnxRuntimeEngine::load(
+                &file,
+                &EngineOptions::default(),
+                &runtime,
+            )
+            .map_err(|e| failed(e.to_string()))?;
+            Arc::new(engine)
+        }
         other => backend::open_engine(other, &file, &EngineOptions::default())
             .map_err(|e| failed(e.to_string()))?,
     };

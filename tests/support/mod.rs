@@ -57,6 +57,11 @@ pub fn sample(assets: &Path, name: &str) -> PathBuf {
 /// A tract detector on `path` with the live defaults (score 0.35).
 pub fn live_detector(path: &Path) -> Arc<Detector> {
     let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default()).unwrap();
+    live_detector_on(engine)
+}
+
+/// A detector on `engine` with the live defaults.
+pub fn live_detector_on(engine: Arc<dyn backend::Engine>) -> Arc<Detector> {
     Arc::new(
         Detector::new(
             engine,

@@ -1,0 +1,145 @@
+//! The onnxruntime backend against tract on the real models and photos,
+//! and its errors. Needs libonnxruntime: `ORT_DYLIB_PATH`, else the one in
+//! the PyPI onnxruntime wheel (CI installs it). Without it these tests fail
+//! under CI and skip, loudly, elsewhere.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nanodetd::backend::onnxruntime::{OnnxRuntimeEngine, OnnxRuntimeOptions};
+use nanodetd::backend::{BackendKind, EngineOptions, open_engine};
+use nanodetd::detector::DetectionParams;
+use nanodetd::frame::Frame;
+
+/// libonnxruntime: `ORT_DYLIB_PATH`, else the Python wheel's.
+fn library(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
+            ])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    });
+    match found {
+        Some(path) if path.is_file() => Some(path),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)")
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn same_detections_as_tract_for_every_model_and_photo() {
+    let test = "same_detections_as_tract_for_every_model_and_photo";
+    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+        return;
+    };
+    let runtime = OnnxRuntimeOptions {
+        library: Some(lib),
+        intra_threads: 1,
+    };
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(a.join("samples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    photos.sort();
+    let mut compared = 0;
+    for name in [
+        "nanodet-plus-m_320",
+        "nanodet-plus-m_416",
+        "nanodet-m_320",
+        "nanodet-m-0.5x_320",
+    ] {
+        let model = support::model(&a, name);
+        let ort = support::live_detector_on(Arc::new(
+            OnnxRuntimeEngine::load(&model, &EngineOptions::default(), &runtime).unwrap(),
+        ));
+        assert_eq!(ort.engine().backend(), BackendKind::OnnxRuntime);
+        let tract = support::live_detector_on(
+            open_engine(BackendKind::Tract, &model, &EngineOptions::default()).unwrap(),
+        );
+        assert_eq!(ort.layout().kind, tract.layout().kind, "{name}");
+        let (mut ort_session, mut tract_session) =
+            (ort.session().unwrap(), tract.session().unwrap());
+        for photo in &photos {
+            let frame = Frame::from_file(photo).unwrap();
+            let (got, want) = (
+                ort_session.detect(&frame).unwrap(),
+                tract_session.detect(&frame).unwrap(),
+            );
+            // A detection right at the score floor may fall either side of
+            // it; every other one must match.
+            let clear = |d: &&nanodetd::postprocess::Detection| {
+                d.score > DetectionParams::LIVE.score_threshold + 2e-3
+            };
+            let got: Vec<_> = got.iter().filter(clear).collect();
+            let want: Vec<_> = want.iter().filter(clear).collect();
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "{name} {}: {got:?} vs {want:?}",
+                photo.display()
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.class_id, w.class_id, "{name} {}", photo.display());
+                assert!(
+                    (g.score - w.score).abs() < 2e-3,
+                    "{name} {}: {g:?} vs {w:?}",
+                    photo.display()
+                );
+                for (x, y) in g.bbox.iter().zip(&w.bbox) {
+                    assert!(
+                        (x - y).abs() < 0.5,
+                        "{name} {}: {g:?} vs {w:?}",
+                        photo.display()
+                    );
+                }
+            }
+            compared += got.len();
+        }
+    }
+    assert!(compared > 50, "only {compared} detections compared");
+}
+
+#[test]
+fn a_wrong_library_path_is_a_clear_error() {
+    let Some(a) = support::assets("a_wrong_library_path_is_a_clear_error") else {
+        return;
+    };
+    let model = support::model(&a, "nanodet-plus-m_320");
+    let image = support::sample(&a, "hpc203_bus.jpg");
+    let detect_with = |library: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+            .env("ORT_DYLIB_PATH", library)
+            .args(["detect", "--backend", "onnxruntime", "--model"])
+            .args([&model, &image])
+            .output()
+            .unwrap();
+        let err = support::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("onnxruntime backend unavailable"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let err = detect_with(std::path::Path::new("/nonexistent/libonnxruntime.so.1.99"));
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so.1.99") && err.contains("ORT_DYLIB_PATH"),
+        "{err}"
+    );
+    // A file that is not a library at all.
+    detect_with(&model);
+}
