@@ -20,8 +20,9 @@ use super::{
 };
 use crate::model::TensorShape;
 
-/// The library this process loaded, or why none could be.
-static LOADED: Mutex<Option<Result<PathBuf, String>>> = Mutex::new(None);
+/// The library this process loaded. A failure is not kept: a corrected
+/// path (a config reload) is tried afresh.
+static LOADED: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// The library nanodetd looks for when neither `ORT_DYLIB_PATH` nor a
 /// configured path names one.
@@ -34,13 +35,13 @@ fn unavailable(reason: String) -> BackendError {
     }
 }
 
-/// Loads ONNX Runtime once: `ORT_DYLIB_PATH`, else `configured`, else
-/// [`DEFAULT_LIBRARY`]. Later calls return the first call's outcome (a
-/// process holds one ONNX Runtime).
+/// Loads ONNX Runtime: `ORT_DYLIB_PATH`, else `configured`, else
+/// [`DEFAULT_LIBRARY`]. Once one has loaded, later calls return its path
+/// (a process holds one ONNX Runtime).
 pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, String> {
     let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(outcome) = loaded.as_ref() {
-        return outcome.clone();
+    if let Some(path) = loaded.as_ref() {
+        return Ok(path.clone());
     }
     let path = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
@@ -58,7 +59,9 @@ pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, String> {
                 ort::MINOR_VERSION
             )
         });
-    *loaded = Some(outcome.clone());
+    if let Ok(path) = &outcome {
+        *loaded = Some(path.clone());
+    }
     outcome
 }
 
@@ -157,7 +160,8 @@ impl OnnxRuntimeEngine {
         let error = |e: ort::Error| unavailable(format!("creating a session: {e}"));
         OrtSession::builder()
             .map_err(error)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            // ORT_ENABLE_ALL, Python's default: the peer we are held to.
+            .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| error(e.into()))?
             .with_intra_threads(self.options.intra_threads)
             .map_err(|e| error(e.into()))?
