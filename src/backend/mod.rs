@@ -284,9 +284,7 @@ pub fn open_engine(
                 path: model.to_owned(),
                 reason: format!("cannot read model: {e}"),
             })?;
-            let name = model
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+            let name = crate::model::file_name_stem(model);
             let trt = tensorrt::TensorRtOptions::default();
             let sources = tensorrt::OnnxSources {
                 fp32: &onnx,

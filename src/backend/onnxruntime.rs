@@ -91,6 +91,9 @@ pub struct OnnxRuntimeEngine {
     options: OnnxRuntimeOptions,
     info: ModelInfo,
     input_name: String,
+    /// The session `load` made to learn the output shapes, handed to the
+    /// first `new_session` so start-up builds the graph once.
+    spare: Mutex<Option<OrtSession>>,
 }
 
 impl OnnxRuntimeEngine {
@@ -128,6 +131,7 @@ impl OnnxRuntimeEngine {
                 outputs: Vec::new(),
             },
             input_name: String::new(),
+            spare: Mutex::new(None),
         };
         // The outputs' shapes, from one run on zeros: the file may leave
         // them symbolic, the run cannot.
@@ -153,6 +157,8 @@ impl OnnxRuntimeEngine {
                 shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
             });
         }
+        drop(outputs);
+        engine.spare = Mutex::new(Some(session));
         Ok(engine)
     }
 
@@ -185,8 +191,17 @@ impl Engine for OnnxRuntimeEngine {
     }
 
     fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let session = match spare {
+            Some(session) => session,
+            None => self.session()?,
+        };
         Ok(Box::new(OnnxRuntimeSession {
-            session: self.session()?,
+            session,
             input_name: self.input_name.clone(),
             input_shape: self.info.input.shape.iter().map(|&d| d as i64).collect(),
             per_image: self.info.input.shape.iter().product(),

@@ -30,10 +30,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
     let source_sha256 =
         quantize::file_sha256(&model.path).map_err(|e| format!("cannot read the model: {e}"))?;
     let key = quantize::cache_key(&source_sha256, &set, &options);
-    let stem = model
-        .path
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let stem = crate::model::file_name_stem(&model.path);
     let cache = ArtifactCache::new(&model.cache);
     if let Some(path) = cache.lookup(&stem, &key, KIND) {
         log::info!("INT8 model from the cache: {}", path.display());

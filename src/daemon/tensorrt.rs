@@ -34,10 +34,7 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
         TrtPrecision::Int8Qdq => Some(read(file)?),
         _ => None,
     };
-    let name = model
-        .path
-        .file_stem()
-        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let name = crate::model::file_name_stem(&model.path);
     // The legacy calibrator sees the calibration images preprocessed as
     // inference will preprocess frames: the FP32 model's layout decides.
     let calibration = match precision {

@@ -117,6 +117,13 @@ pub enum ClassNamesError {
     },
 }
 
+/// The name cached artifacts of the model file `path` go by: its stem
+/// ("nanodet-plus-m_320"), or "model" for a path without one.
+pub fn file_name_stem(path: &Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
 /// Reads one class name per line; blank lines and surrounding space are
 /// ignored.
 pub fn read_class_names(path: &Path) -> Result<Vec<String>, ClassNamesError> {
