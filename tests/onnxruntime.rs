@@ -143,3 +143,33 @@ fn a_wrong_library_path_is_a_clear_error() {
     // A file that is not a library at all.
     detect_with(&model);
 }
+
+#[test]
+fn coco128_map_within_0_002_of_tract() {
+    let test = "coco128_map_within_0_002_of_tract";
+    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+        return;
+    };
+    let coco = a.join("datasets/coco128");
+    let map = |backend: &str| -> f64 {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+            .env("ORT_DYLIB_PATH", &lib)
+            .args(["eval", "--json", "--backend", backend, "--model"])
+            .arg(support::model(&a, "nanodet-plus-m_320"))
+            .arg("--images")
+            .arg(coco.join("images"))
+            .arg("--annotations")
+            .arg(coco.join("annotations/instances_coco128.json"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["stats"][0].as_f64().unwrap()
+    };
+    let (tract, onnxruntime) = (map("tract"), map("onnxruntime"));
+    assert!(tract > 0.39, "tract mAP {tract}");
+    assert!(
+        (tract - onnxruntime).abs() <= 0.002,
+        "tract {tract}, onnxruntime {onnxruntime}"
+    );
+}
