@@ -104,6 +104,29 @@ impl<'a> InputBatch<'a> {
     pub fn host(data: &'a [f32], images: usize) -> InputBatch<'a> {
         InputBatch { data, images }
     }
+
+    /// Checks the batch against a model input of `shape` (one image) and
+    /// an engine taking at most `max_images` per run.
+    pub fn check(&self, shape: &[usize], max_images: usize) -> Result<(), BackendError> {
+        let per_image: usize = shape.iter().product();
+        if self.images == 0
+            || self.images > max_images
+            || self.data.len() != per_image * self.images
+        {
+            return Err(BackendError::Input {
+                images: self.images,
+                values: self.data.len(),
+                reason: if max_images == usize::MAX {
+                    format!("each image needs {per_image} values ({shape:?})")
+                } else {
+                    format!(
+                        "this engine takes 1 to {max_images} images of {per_image} values ({shape:?})"
+                    )
+                },
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Per-thread mutable state for running an engine.
@@ -310,6 +333,24 @@ mod tests {
         assert_eq!(o.for_image(1), vec![&[3.0, 4.0][..], &[6.0][..]]);
         o.reset(2, 1);
         assert!(o.for_image(0).iter().all(|s| s.is_empty()));
+    }
+
+    #[test]
+    fn batches_are_checked_against_shape_and_limit() {
+        let data = [0.0f32; 12];
+        let shape = [1, 3, 2, 2];
+        assert!(InputBatch::host(&data, 1).check(&shape, 1).is_ok());
+        let short = InputBatch::host(&data[..11], 1).check(&shape, usize::MAX);
+        assert!(
+            matches!(&short, Err(e) if e.to_string().contains("each image needs 12 values")),
+            "{short:?}"
+        );
+        let too_many = InputBatch::host(&data, 1).check(&[1, 3, 1, 2], 1);
+        assert!(
+            matches!(&too_many, Err(e) if e.to_string().contains("takes 1 to 1 images of 6 values")),
+            "{too_many:?}"
+        );
+        assert!(InputBatch::host(&[], 0).check(&shape, 4).is_err());
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Engine for OnnxRuntimeEngine {
             session,
             input_name: self.input_name.clone(),
             input_shape: self.info.input.shape.iter().map(|&d| d as i64).collect(),
+            image_shape: self.info.input.shape.clone(),
             per_image: self.info.input.shape.iter().product(),
             outputs: BatchOutputs::default(),
             output_count: self.info.outputs.len(),
@@ -215,6 +216,7 @@ struct OnnxRuntimeSession {
     session: OrtSession,
     input_name: String,
     input_shape: Vec<i64>,
+    image_shape: Vec<usize>,
     per_image: usize,
     outputs: BatchOutputs,
     output_count: usize,
@@ -222,16 +224,7 @@ struct OnnxRuntimeSession {
 
 impl Session for OnnxRuntimeSession {
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
-        if batch.images == 0 || batch.data.len() != self.per_image * batch.images {
-            return Err(BackendError::Input {
-                images: batch.images,
-                values: batch.data.len(),
-                reason: format!(
-                    "each image needs {} values ({:?})",
-                    self.per_image, self.input_shape
-                ),
-            });
-        }
+        batch.check(&self.image_shape, usize::MAX)?;
         let run_error = |e: ort::Error| BackendError::Run(e.to_string());
         self.outputs.reset(self.output_count, batch.images);
         for image in batch.data.chunks_exact(self.per_image) {

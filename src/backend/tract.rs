@@ -139,17 +139,8 @@ struct TractSession {
 
 impl Session for TractSession {
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
+        batch.check(&self.input_shape, usize::MAX)?;
         let per_image: usize = self.input_shape.iter().product();
-        if batch.images == 0 || batch.data.len() != per_image * batch.images {
-            return Err(BackendError::Input {
-                images: batch.images,
-                values: batch.data.len(),
-                reason: format!(
-                    "each image needs {per_image} values ({:?})",
-                    self.input_shape
-                ),
-            });
-        }
         let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
         self.outputs
             .reset(self.state.plan().model().outputs.len(), batch.images);

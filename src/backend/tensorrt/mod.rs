@@ -625,6 +625,7 @@ pub struct TrtSession {
     gpu: Arc<Gpu>,
     input: TensorBinding,
     input_buffer: CudaSlice<f32>,
+    image_shape: Vec<usize>,
     per_image: usize,
     outputs: Vec<(TensorBinding, CudaSlice<f32>, PinnedHostSlice<f32>, usize)>,
     results: BatchOutputs,
@@ -676,6 +677,7 @@ impl TrtSession {
             gpu,
             input: engine.input.clone(),
             input_buffer,
+            image_shape: engine.info.input.shape.clone(),
             per_image,
             outputs,
             results: BatchOutputs::default(),
@@ -736,17 +738,8 @@ impl TrtSession {
 
 impl Session for TrtSession {
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
+        batch.check(&self.image_shape, self.max_batch)?;
         let expected = batch.images * self.per_image;
-        if batch.data.len() != expected || batch.images == 0 || batch.images > self.max_batch {
-            return Err(BackendError::Input {
-                images: batch.images,
-                values: batch.data.len(),
-                reason: format!(
-                    "this engine takes 1 to {} images of {} values",
-                    self.max_batch, self.per_image
-                ),
-            });
-        }
         let stream = self.gpu.stream().clone();
         stream
             .memcpy_htod(batch.data, &mut self.input_buffer.slice_mut(..expected))
