@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backend::BackendKind;
+use crate::backend::BackendChoice;
+use crate::backend::onnxruntime::Provider;
 use crate::capture::CameraFormat;
 
 /// A score or IoU in [0, 1].
@@ -85,9 +86,10 @@ pub enum SourceConfig {
 pub struct ModelConfig {
     /// NanoDet ONNX file.
     pub path: PathBuf,
-    /// Inference backend.
+    /// Inference backend: one by name, or `auto`, the fastest that runs
+    /// here.
     #[serde(default = "default_backend")]
-    pub backend: BackendKind,
+    pub backend: BackendChoice,
     /// Class-name file (default: COCO's 80).
     #[serde(default)]
     pub classes: Option<PathBuf>,
@@ -117,7 +119,8 @@ pub struct ModelConfig {
     pub onnxruntime: OnnxRuntimeConfig,
 }
 
-/// `[model.onnxruntime]`: the ONNX Runtime library and its threads.
+/// `[model.onnxruntime]`: the ONNX Runtime library, its threads and its
+/// execution provider.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnnxRuntimeConfig {
@@ -127,6 +130,17 @@ pub struct OnnxRuntimeConfig {
     /// Threads inside one operator.
     #[serde(default = "default_intra_threads")]
     pub intra_threads: usize,
+    /// `cpu`, `cuda` or `tensorrt`. Unset: `cpu` for
+    /// `backend = "onnxruntime"`, `cuda` for `auto` where nanodetd was
+    /// built with feature `cuda`.
+    #[serde(default)]
+    pub provider: Option<Provider>,
+    /// CUDA device of the GPU providers.
+    #[serde(default)]
+    pub device: usize,
+    /// Replay the GPU provider's run as a CUDA graph.
+    #[serde(default = "default_true")]
+    pub cuda_graph: bool,
 }
 
 impl Default for OnnxRuntimeConfig {
@@ -134,8 +148,15 @@ impl Default for OnnxRuntimeConfig {
         OnnxRuntimeConfig {
             library: None,
             intra_threads: default_intra_threads(),
+            provider: None,
+            device: 0,
+            cuda_graph: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_intra_threads() -> usize {
@@ -591,8 +612,8 @@ fn default_method() -> String {
 fn yes() -> bool {
     true
 }
-fn default_backend() -> BackendKind {
-    BackendKind::Tract
+fn default_backend() -> BackendChoice {
+    BackendChoice::Only(crate::backend::BackendKind::Tract)
 }
 fn default_score() -> Probability {
     Probability(0.35)
@@ -961,6 +982,34 @@ source = { v4l2 = "/dev/video0" }
         .unwrap_err()
         .to_string();
         assert!(err.contains("model.onnxruntime.intra_threads"), "{err}");
+    }
+
+    #[test]
+    fn backend_auto_and_the_onnxruntime_provider_are_read() {
+        let c = parse(&MINIMAL.replace("[model]\n", "[model]\nbackend = \"auto\"\n")).unwrap();
+        assert_eq!(c.model.backend, BackendChoice::Auto);
+        assert_eq!(c.model.onnxruntime.provider, None);
+        assert!(c.model.onnxruntime.cuda_graph);
+        let c = parse(&format!(
+            "{MINIMAL}\n[model.onnxruntime]\nprovider = \"cuda\"\ndevice = 1\ncuda_graph = false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.model.onnxruntime.provider, Some(Provider::Cuda));
+        assert_eq!(c.model.onnxruntime.device, 1);
+        assert!(!c.model.onnxruntime.cuda_graph);
+        let err = parse(&MINIMAL.replace("[model]\n", "[model]\nbackend = \"fastest\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("or auto") && err.contains("backend = \"fastest\""),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}\n[model.onnxruntime]\nprovider = \"rocm\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("provider") && err.contains("cuda"), "{err}");
     }
 
     #[test]

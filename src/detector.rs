@@ -61,6 +61,10 @@ pub enum DetectorError {
     /// The outputs did not match the layout.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The GPU could not take or preprocess the frame.
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    GpuPreprocess(#[from] crate::preprocess::GpuPreprocessError),
 }
 
 /// A prepared model plus everything needed to interpret it.
@@ -141,6 +145,50 @@ impl Detector {
             .map_or("?", String::as_str)
     }
 
+    /// Raw outputs of one image → detections in image pixels, best
+    /// first. `candidates` is scratch space.
+    fn postprocess(
+        &self,
+        outputs: &[&[f32]],
+        transform: &Transform,
+        candidates: &mut Vec<Candidate>,
+    ) -> Result<Vec<Detection>, DetectorError> {
+        candidates.clear();
+        self.layout.decode(
+            outputs,
+            &DecodeParams {
+                score_threshold: self.params.score_threshold,
+                top_k_per_level: Some(self.params.top_k_per_level),
+            },
+            candidates,
+        )?;
+        let kept = postprocess::class_aware_nms(
+            candidates,
+            &NmsParams {
+                iou_threshold: self.params.iou_threshold,
+                max_detections: self.params.max_detections,
+            },
+        );
+        Ok(postprocess::to_image(&kept, transform))
+    }
+
+    /// A session whose preprocessing and inference run on the GPU, where
+    /// the engine runs there (`None` for CPU engines).
+    #[cfg(feature = "cuda")]
+    pub fn gpu_session(self: &Arc<Self>) -> Option<Result<GpuDetectorSession, DetectorError>> {
+        let session = self.engine.new_device_session()?;
+        Some(session.map_err(DetectorError::from).and_then(|session| {
+            let preprocessor = crate::preprocess::GpuPreprocessor::new(session.gpu().clone())
+                .map_err(crate::preprocess::GpuPreprocessError::from)?;
+            Ok(GpuDetectorSession {
+                detector: Arc::clone(self),
+                session,
+                preprocessor,
+                candidates: Vec::new(),
+            })
+        }))
+    }
+
     /// A session for the calling thread.
     pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
         Ok(DetectorSession {
@@ -184,25 +232,57 @@ impl DetectorSession {
 
     /// Stage 3: raw outputs → detections in image pixels, best first.
     pub fn postprocess(&mut self, transform: &Transform) -> Result<Vec<Detection>, DetectorError> {
-        let d = &self.detector;
         let outputs = self.session.outputs().for_image(0);
-        self.candidates.clear();
-        d.layout.decode(
-            &outputs,
-            &DecodeParams {
-                score_threshold: d.params.score_threshold,
-                top_k_per_level: Some(d.params.top_k_per_level),
-            },
-            &mut self.candidates,
-        )?;
-        let kept = postprocess::class_aware_nms(
-            &mut self.candidates,
-            &NmsParams {
-                iou_threshold: d.params.iou_threshold,
-                max_detections: d.params.max_detections,
-            },
-        );
-        Ok(postprocess::to_image(&kept, transform))
+        self.detector
+            .postprocess(&outputs, transform, &mut self.candidates)
+    }
+
+    /// The detector this session runs.
+    pub fn detector(&self) -> &Arc<Detector> {
+        &self.detector
+    }
+}
+
+/// Per-thread state for running a [`Detector`] on the GPU: camera bytes
+/// go up once, the preprocessing kernel writes the engine's input in
+/// place, and only the outputs come back for decoding and NMS.
+#[cfg(feature = "cuda")]
+pub struct GpuDetectorSession {
+    detector: Arc<Detector>,
+    session: Box<dyn crate::backend::DeviceSession>,
+    preprocessor: crate::preprocess::GpuPreprocessor,
+    candidates: Vec<Candidate>,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuDetectorSession {
+    /// Runs the whole pipeline on one camera image.
+    pub fn detect(
+        &mut self,
+        image: crate::preprocess::CameraImage<'_>,
+    ) -> Result<Vec<Detection>, DetectorError> {
+        self.preprocessor.stage(image)?;
+        self.detect_staged()
+    }
+
+    /// The preprocessor, to stage a frame from memory the caller already
+    /// pinned ([`GpuPreprocessor::stage_pinned`](crate::preprocess::GpuPreprocessor::stage_pinned)).
+    pub fn preprocessor(&mut self) -> &mut crate::preprocess::GpuPreprocessor {
+        &mut self.preprocessor
+    }
+
+    /// The pipeline from the frame already staged on the device.
+    pub fn detect_staged(&mut self) -> Result<Vec<Detection>, DetectorError> {
+        let input_missing = || BackendError::Run("the device session has no input buffer".into());
+        let transform = {
+            let mut input = self.session.input_image(0).ok_or_else(input_missing)?;
+            self.preprocessor
+                .launch(&self.detector.preprocess, &mut input)?
+        };
+        self.session.run_on_device(1)?;
+        let outputs = self.session.outputs().for_image(0);
+        self.detector
+            .postprocess(&outputs, &transform, &mut self.candidates)
     }
 
     /// The detector this session runs.

@@ -6,7 +6,8 @@
 //! here asks `is_culib_present()` first and turns absence into a
 //! [`GpuError`] the caller can log and fall back from.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::CompileOptions;
@@ -92,6 +93,22 @@ impl Gpu {
             name,
             compute_capability,
         })
+    }
+
+    /// The process's one [`Gpu`] for device `ordinal`, opened on first
+    /// use and never closed. Inference runtimes that are handed its stream
+    /// (ONNX Runtime's CUDA provider) keep using it in per-thread state
+    /// until the process exits, so a stream that closed with the engine
+    /// that opened it would be used after it was destroyed.
+    pub fn shared(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        static OPENED: Mutex<BTreeMap<usize, Arc<Gpu>>> = Mutex::new(BTreeMap::new());
+        let mut opened = OPENED.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(gpu) = opened.get(&ordinal) {
+            return Ok(gpu.clone());
+        }
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        opened.insert(ordinal, gpu.clone());
+        Ok(gpu)
     }
 
     /// The device's name, as the driver reports it ("NVIDIA H200",

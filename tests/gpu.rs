@@ -227,3 +227,116 @@ fn wrong_output_size_is_an_error_not_a_wild_write() {
         .unwrap_err();
     assert!(err.to_string().contains("holds 10 values"), "{err}");
 }
+
+/// onnxruntime-gpu's libonnxruntime, from `ORT_DYLIB_PATH`: the CPU-only
+/// wheel CI installs has no CUDA provider.
+fn onnxruntime_gpu_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(path) => Some(path.into()),
+        None if std::env::var_os("NANODETD_REQUIRE_GPU").is_some() => {
+            panic!(
+                "{test}: NANODETD_REQUIRE_GPU is set but ORT_DYLIB_PATH (onnxruntime-gpu's libonnxruntime) is not"
+            )
+        }
+        None => {
+            eprintln!("SKIPPED {test}: ORT_DYLIB_PATH does not name onnxruntime-gpu's library");
+            None
+        }
+    }
+}
+
+#[test]
+fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
+    use nanodetd::backend::EngineOptions;
+    use nanodetd::backend::onnxruntime::{OnnxRuntimeEngine, OnnxRuntimeOptions, Provider};
+
+    let test = "onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers";
+    let Some(assets) = support::assets(test) else {
+        return;
+    };
+    let Some(_gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+        return;
+    };
+    let model = support::model(&assets, "nanodet-plus-m_320");
+    let engine = OnnxRuntimeEngine::load(
+        &model,
+        &EngineOptions::default(),
+        &OnnxRuntimeOptions {
+            library: Some(library),
+            provider: Provider::Cuda,
+            cuda_graph: true,
+            ..OnnxRuntimeOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        engine.provider(),
+        Provider::Cuda,
+        "{:?}",
+        nanodetd::backend::Engine::notes(&engine)
+    );
+    let gpu = support::live_detector_on(Arc::new(engine));
+    let cpu = support::live_detector(&model);
+    let mut gpu_session = gpu
+        .gpu_session()
+        .expect("a CUDA engine has device sessions")
+        .unwrap();
+    let mut cpu_session = cpu.session().unwrap();
+    let mut compared = 0;
+    let (mut worst_score, mut worst_box) = (0f32, 0f32);
+    for name in [
+        "hpc203_bus.jpg",
+        "hpc203_street.png",
+        "skimage_chelsea.png",
+        "nanodet_000252.jpg",
+    ] {
+        let photo = Frame::from_file(&support::sample(&assets, name)).unwrap();
+        for format in [CameraFormat::Yuyv, CameraFormat::Nv12, CameraFormat::Bgr24] {
+            let (layout, bytes) = encode(&photo, format, 0).unwrap();
+            let origin = format!("{name} as {format:?}");
+            let image = CameraImage::Raw {
+                layout,
+                bytes: &bytes,
+                origin: &origin,
+            };
+            let got = gpu_session.detect(image).unwrap();
+            let want = cpu_session
+                .detect(&to_frame(&layout, &bytes, &origin).unwrap())
+                .unwrap();
+            // Scores clear of the 0.35 floor, so a TF32 rounding cannot
+            // put a box on one side of it and not the other.
+            for w in want.iter().filter(|d| d.score > 0.4) {
+                let matched = got
+                    .iter()
+                    .filter(|g| g.class_id == w.class_id)
+                    .min_by(|a, b| box_diff(a, w).total_cmp(&box_diff(b, w)))
+                    .unwrap_or_else(|| {
+                        panic!("{origin}: no GPU detection of class {} ({w:?})", w.class_id)
+                    });
+                worst_score = worst_score.max((matched.score - w.score).abs());
+                worst_box = worst_box.max(box_diff(matched, w));
+                compared += 1;
+            }
+            assert!(
+                worst_score <= 0.01,
+                "{origin}: score differs by {worst_score}"
+            );
+            assert!(worst_box <= 1.0, "{origin}: box differs by {worst_box} px");
+        }
+    }
+    assert!(compared >= 12, "only {compared} detections compared");
+    eprintln!(
+        "{test}: {compared} detections, worst score difference {worst_score}, worst box difference {worst_box} px"
+    );
+}
+
+fn box_diff(a: &nanodetd::postprocess::Detection, b: &nanodetd::postprocess::Detection) -> f32 {
+    a.bbox
+        .iter()
+        .zip(&b.bbox)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}

@@ -7,6 +7,7 @@
 //! copies only at these edges, and takes device buffers through a further
 //! [`InputBatch`] variant without changing the callers.
 
+mod auto;
 pub mod onnxruntime;
 #[cfg(feature = "tensorrt")]
 pub mod tensorrt;
@@ -16,6 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use self::auto::{BackendChoice, Contender, choose_fastest};
 pub use self::tract::{TractEngine, validate_batch};
 use crate::model::TensorShape;
 
@@ -28,12 +30,14 @@ pub struct ModelInfo {
     pub outputs: Vec<TensorShape>,
 }
 
-/// Settings for preparing a model, common to every backend.
+/// Settings for preparing a model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Input `(width, height)` for models whose input size is not fixed in
     /// the file.
     pub input_size: Option<(usize, usize)>,
+    /// How ONNX Runtime runs it, for `onnxruntime` (and `auto`).
+    pub onnxruntime: onnxruntime::OnnxRuntimeOptions,
 }
 
 /// A prepared model, shared between threads.
@@ -52,6 +56,37 @@ pub trait Engine: Send + Sync {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Whether inference runs on a GPU.
+    fn on_gpu(&self) -> bool {
+        false
+    }
+    /// A session whose input already lives on the GPU, for the GPU
+    /// preprocessor to write into; `None` where the engine runs on the
+    /// CPU.
+    #[cfg(feature = "cuda")]
+    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
+        None
+    }
+}
+
+/// A session with its input buffer on the GPU: the preprocessing kernel
+/// writes each image straight into it, on the device's stream, and the
+/// run follows on that stream with no copy and no sync in between. Only
+/// the (small) outputs come back to the host.
+#[cfg(feature = "cuda")]
+pub trait DeviceSession: Send {
+    /// The device the buffers are on.
+    fn gpu(&self) -> &Arc<crate::gpu::Gpu>;
+    /// Largest batch one `run_on_device` takes.
+    fn max_images(&self) -> usize;
+    /// Image `index` of the next batch, `None` past
+    /// [`max_images`](Self::max_images).
+    fn input_image(&mut self, index: usize) -> Option<cudarc::driver::CudaViewMut<'_, f32>>;
+    /// Runs the first `images` images of the input buffer and brings the
+    /// outputs to the host.
+    fn run_on_device(&mut self, images: usize) -> Result<(), BackendError>;
+    /// The last run's outputs.
+    fn outputs(&self) -> &BatchOutputs;
 }
 
 /// An engine with notes added by whoever chose it: the fallback that put
@@ -78,6 +113,13 @@ impl Engine for NotedEngine {
         let mut notes = self.notes.clone();
         notes.extend(self.inner.notes());
         notes
+    }
+    fn on_gpu(&self) -> bool {
+        self.inner.on_gpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
+        self.inner.new_device_session()
     }
 }
 
@@ -277,6 +319,9 @@ pub enum BackendError {
     /// Inference failed.
     #[error("inference failed: {0}")]
     Run(String),
+    /// `auto` found no backend that opens the model here.
+    #[error("auto: no backend runs this model here: {0}")]
+    NoneRuns(String),
     /// The backend cannot run here (no GPU, no TensorRT, a plan that
     /// cannot be built).
     #[error("{backend} backend unavailable: {reason}")]
@@ -288,7 +333,8 @@ pub enum BackendError {
     },
 }
 
-/// Prepares `model` on `backend`.
+/// Prepares `model` on `backend` with default settings for the backend
+/// (the daemon's come from its configuration).
 pub fn open_engine(
     backend: BackendKind,
     model: &Path,
@@ -299,7 +345,7 @@ pub fn open_engine(
         BackendKind::OnnxRuntime => Ok(Arc::new(onnxruntime::OnnxRuntimeEngine::load(
             model,
             options,
-            &onnxruntime::OnnxRuntimeOptions::default(),
+            &options.onnxruntime,
         )?)),
         #[cfg(feature = "tensorrt")]
         BackendKind::TensorRt => {
@@ -315,6 +361,28 @@ pub fn open_engine(
             };
             Ok(Arc::new(tensorrt::TrtEngine::open(&name, &sources, &trt)?))
         }
+    }
+}
+
+/// The engine `choice` names, opened by `open`; for `auto`, the fastest
+/// of every compiled-in backend that opens ([`choose_fastest`], GPU
+/// backends first).
+pub fn open_chosen(
+    choice: BackendChoice,
+    open: &dyn Fn(BackendKind) -> Result<Arc<dyn Engine>, BackendError>,
+) -> Result<Arc<dyn Engine>, BackendError> {
+    match choice {
+        BackendChoice::Only(kind) => open(kind),
+        BackendChoice::Auto => choose_fastest(
+            BackendKind::ALL
+                .iter()
+                .rev()
+                .map(|&kind| Contender {
+                    kind,
+                    open: Box::new(move || open(kind)),
+                })
+                .collect(),
+        ),
     }
 }
 

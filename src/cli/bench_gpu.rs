@@ -9,9 +9,13 @@ use anyhow::anyhow;
 use clap::Args;
 use cudarc::driver::sys::CUevent_flags;
 
-use nanodetd::capture::{CameraFormat, encode, to_frame};
+use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
+use nanodetd::backend::{self, BackendChoice, EngineOptions, InputBatch};
+use nanodetd::capture::{BufferLayout, CameraFormat, encode, to_frame};
+use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::frame::{Frame, PixelFormat};
 use nanodetd::gpu::Gpu;
+use nanodetd::model::LayoutOverrides;
 use nanodetd::preprocess::{
     CameraImage, GpuPreprocessor, PreprocessSpec, ResizeMode, preprocess_into,
 };
@@ -43,6 +47,20 @@ pub struct BenchGpuArgs {
     /// Timed iterations of each stage.
     #[arg(long, default_value_t = 500)]
     iters: usize,
+    /// Also time the whole detector on the GPU with this NanoDet ONNX:
+    /// the frame in pinned host memory to detections in host memory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The detector's backend: onnxruntime (its CUDA provider) or
+    /// tensorrt.
+    #[arg(long, default_value = "onnxruntime")]
+    backend: BackendChoice,
+    /// ONNX Runtime's GPU provider: cuda or tensorrt.
+    #[arg(long, default_value = "cuda", value_parser = super::parse_provider)]
+    provider: Provider,
+    /// Run ONNX Runtime's provider without a CUDA graph.
+    #[arg(long)]
+    no_cuda_graph: bool,
 }
 
 fn parse_format(s: &str) -> Result<CameraFormat, String> {
@@ -202,6 +220,182 @@ pub fn run(args: &BenchGpuArgs) -> Result<(), Failure> {
         ("GPU path end to end (stage+kernel+sync)", &mut end_to_end),
         ("CPU peer: convert to BGR", &mut cpu_convert),
         ("CPU peer: warp+normalise", &mut cpu_warp),
+    ];
+    for (name, samples) in rows {
+        let (median, p99) = quantiles_us(samples);
+        println!("  {name:<44} {median:>10.1} {p99:>10.1}");
+    }
+    if let Some(model) = &args.model {
+        bench_detector(args, model, &frame, layout, &bytes)?;
+    }
+    Ok(())
+}
+
+/// The whole detector on the GPU: a camera frame already in pinned host
+/// memory → upload → preprocessing kernel → inference → outputs to the
+/// host → decode and NMS, beside inference alone and the CPU's answer on
+/// the same frame.
+#[allow(unsafe_code)]
+fn bench_detector(
+    args: &BenchGpuArgs,
+    model: &std::path::Path,
+    frame: &Frame,
+    layout: BufferLayout,
+    bytes: &[u8],
+) -> Result<(), Failure> {
+    let runtime = |e: anyhow::Error| Failure::Runtime(e);
+    let cuda = |e: cudarc::driver::DriverError| Failure::Runtime(e.into());
+    let options = EngineOptions {
+        input_size: None,
+        onnxruntime: OnnxRuntimeOptions {
+            provider: args.provider,
+            device: args.device,
+            cuda_graph: !args.no_cuda_graph,
+            ..OnnxRuntimeOptions::default()
+        },
+    };
+    let engine = backend::open_chosen(args.backend, &|kind| {
+        backend::open_engine(kind, model, &options)
+    })
+    .map_err(|e| Failure::BadInput(e.into()))?;
+    println!(
+        "{}: {} backend; {}",
+        model.display(),
+        engine.backend(),
+        engine.notes().join("; ")
+    );
+    let params = DetectionParams::LIVE;
+    let detector = Arc::new(
+        Detector::new(engine, &LayoutOverrides::default(), None, params)
+            .map_err(|e| Failure::BadInput(e.into()))?,
+    );
+    let Some(session) = detector.gpu_session() else {
+        return Err(runtime(anyhow!(
+            "the engine runs on the CPU here (see the notes above): nothing to time on the GPU"
+        )));
+    };
+    let mut session = session.map_err(|e| runtime(e.into()))?;
+    let gpu = session.preprocessor().gpu().clone();
+    // The camera frame, where a capture into pinned memory leaves it.
+    // SAFETY: filled from `bytes` before it is read.
+    let mut pinned = unsafe { gpu.context().alloc_pinned::<u8>(bytes.len()) }.map_err(cuda)?;
+    pinned.as_mut_slice().map_err(cuda)?.copy_from_slice(bytes);
+
+    let mut detect = || {
+        session
+            .preprocessor()
+            .stage_pinned(layout, &pinned, "bench")
+            .map_err(|e| runtime(e.into()))?;
+        session.detect_staged().map_err(|e| runtime(e.into()))
+    };
+    // Warm-up: cuDNN's algorithm search, and the CUDA graph's capture.
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = detect()?;
+    }
+    let mut end_to_end = Vec::with_capacity(args.iters);
+    for _ in 0..args.iters {
+        let t0 = Instant::now();
+        let detections = detect()?;
+        end_to_end.push(t0.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(detections);
+    }
+
+    // Inference alone, and from a host tensor (what a bare session.run
+    // in another program is given), on sessions of their own.
+    let engine = detector.engine();
+    let mut device = match engine.new_device_session() {
+        Some(session) => session.map_err(|e| runtime(e.into()))?,
+        None => return Err(runtime(anyhow!("no device session"))),
+    };
+    let mut inference = Vec::with_capacity(args.iters);
+    for i in 0..args.iters + 50 {
+        let t0 = Instant::now();
+        device.run_on_device(1).map_err(|e| runtime(e.into()))?;
+        if i >= 50 {
+            inference.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let mut host = engine.new_session().map_err(|e| runtime(e.into()))?;
+    let spec = detector.preprocess_spec().clone();
+    let mut tensor = vec![0f32; spec.tensor_len()];
+    preprocess_into(frame, &spec, &mut tensor).map_err(|e| runtime(e.into()))?;
+    let mut host_run = Vec::with_capacity(args.iters);
+    for i in 0..args.iters + 50 {
+        let t0 = Instant::now();
+        host.run(InputBatch::host(&tensor, 1))
+            .map_err(|e| runtime(e.into()))?;
+        if i >= 50 {
+            host_run.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+
+    // The same frame on the CPU (tract), for agreement: raw outputs of
+    // one tensor on each path, then detections.
+    let cpu_engine = backend::open_engine(backend::BackendKind::Tract, model, &options)
+        .map_err(|e| Failure::BadInput(e.into()))?;
+    let mut tract = cpu_engine.new_session().map_err(|e| runtime(e.into()))?;
+    tract
+        .run(InputBatch::host(&tensor, 1))
+        .map_err(|e| runtime(e.into()))?;
+    if let Some(mut input) = device.input_image(0) {
+        gpu.stream()
+            .memcpy_htod(&tensor, &mut input)
+            .map_err(cuda)?;
+    }
+    device.run_on_device(1).map_err(|e| runtime(e.into()))?;
+    host.run(InputBatch::host(&tensor, 1))
+        .map_err(|e| runtime(e.into()))?;
+    let max_diff = |outputs: Vec<&[f32]>| {
+        outputs
+            .iter()
+            .zip(tract.outputs().for_image(0))
+            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max)
+    };
+    println!(
+        "  raw outputs against tract on the same tensor: device session max abs diff {:.5}, host session {:.5}",
+        max_diff(device.outputs().for_image(0)),
+        max_diff(host.outputs().for_image(0))
+    );
+    let cpu = Arc::new(
+        Detector::new(cpu_engine, &LayoutOverrides::default(), None, params)
+            .map_err(|e| Failure::BadInput(e.into()))?,
+    );
+    let converted = to_frame(&layout, bytes, "bench").map_err(|e| runtime(e.into()))?;
+    let want = cpu
+        .session()
+        .and_then(|mut s| s.detect(&converted))
+        .map_err(|e| runtime(e.into()))?;
+    let mut worst_score = 0f32;
+    let mut worst_box = 0f32;
+    for (g, c) in found.iter().zip(&want) {
+        worst_score = worst_score.max((g.score - c.score).abs());
+        for (a, b) in g.bbox.iter().zip(&c.bbox) {
+            worst_box = worst_box.max((a - b).abs());
+        }
+    }
+    let same_classes = found.len() == want.len()
+        && found
+            .iter()
+            .zip(&want)
+            .all(|(g, c)| g.class_id == c.class_id);
+    println!(
+        "  detections: GPU {} / CPU (tract) {}, same classes in order: {same_classes}; worst score diff {worst_score:.4}, worst box diff {worst_box:.2} px",
+        found.len(),
+        want.len()
+    );
+    println!(
+        "  {:<44} {:>10} {:>10}",
+        "detector on the GPU", "median µs", "p99 µs"
+    );
+    let rows: [(&str, &mut Vec<f64>); 3] = [
+        ("pinned frame -> detections in host memory", &mut end_to_end),
+        (
+            "inference alone (device in, outputs to host)",
+            &mut inference,
+        ),
+        ("host tensor -> outputs (session.run's work)", &mut host_run),
     ];
     for (name, samples) in rows {
         let (median, p99) = quantiles_us(samples);

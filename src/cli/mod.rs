@@ -20,7 +20,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use nanodetd::backend::{self, BackendKind, EngineOptions};
+use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
+use nanodetd::backend::{self, BackendChoice, EngineOptions};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::model::{self, LayoutKind, LayoutOverrides};
 use nanodetd::preprocess::ResizeMode;
@@ -90,9 +91,17 @@ pub struct ModelArgs {
     /// NanoDet ONNX file (any known export layout).
     #[arg(long, short = 'm')]
     model: PathBuf,
-    /// Inference backend.
+    /// Inference backend: tract, onnxruntime, tensorrt (feature), or auto,
+    /// the fastest that runs here.
     #[arg(long, default_value = "tract")]
-    backend: BackendKind,
+    backend: BackendChoice,
+    /// ONNX Runtime's execution provider: cpu, cuda (feature `cuda`) or
+    /// tensorrt [default: cpu; cuda for auto in a cuda build].
+    #[arg(long, value_parser = parse_provider)]
+    provider: Option<Provider>,
+    /// Run ONNX Runtime's GPU provider without capturing a CUDA graph.
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// Force the output layout instead of inferring it from the shapes.
     #[arg(long)]
     layout: Option<LayoutKind>,
@@ -115,6 +124,17 @@ pub struct ModelArgs {
     /// Input size WxH, for models whose input size is not fixed.
     #[arg(long, visible_alias = "size", value_parser = parse_size)]
     input_size: Option<(usize, usize)>,
+}
+
+pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
+    match s {
+        "cpu" => Ok(Provider::Cpu),
+        "cuda" => Ok(Provider::Cuda),
+        "tensorrt" => Ok(Provider::TensorRt),
+        other => Err(format!(
+            "{other:?}: the providers are cpu, cuda and tensorrt"
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
@@ -140,14 +160,23 @@ impl ModelArgs {
             .map(model::read_class_names)
             .transpose()
             .map_err(|e| Failure::BadInput(e.into()))?;
-        let engine = backend::open_engine(
-            self.backend,
-            &self.model,
-            &EngineOptions {
-                input_size: self.input_size,
+        let options = EngineOptions {
+            input_size: self.input_size,
+            onnxruntime: OnnxRuntimeOptions {
+                provider: self
+                    .provider
+                    .unwrap_or_else(|| Provider::default_for(self.backend)),
+                cuda_graph: !self.no_cuda_graph,
+                ..OnnxRuntimeOptions::default()
             },
-        )
+        };
+        let engine = backend::open_chosen(self.backend, &|kind| {
+            backend::open_engine(kind, &self.model, &options)
+        })
         .map_err(|e| Failure::BadInput(e.into()))?;
+        for note in engine.notes() {
+            log::info!("engine: {note}");
+        }
         let overrides = LayoutOverrides {
             layout: self.layout,
             strides: self.strides.clone(),

@@ -25,7 +25,8 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{oneshot, watch};
 
-use crate::backend::{self, EngineOptions};
+use crate::backend::onnxruntime::{OnnxRuntimeOptions, Provider, TensorRtProviderOptions};
+use crate::backend::{self, BackendChoice, BackendKind, EngineOptions};
 use crate::config::{CameraConfig, Config, ModelConfig, Precision};
 use crate::detector::{DetectionParams, Detector, DetectorError};
 use crate::model::{self, LayoutOverrides};
@@ -75,10 +76,17 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         Some(p) => Some(model::read_class_names(p).map_err(|e| failed(e.to_string()))?),
         None => None,
     };
+    let runs = |kind: BackendKind| match model.backend {
+        BackendChoice::Only(chosen) => chosen == kind,
+        BackendChoice::Auto => true,
+    };
     let file = match model.precision {
         Precision::Fp32 => model.path.clone(),
         Precision::Fp16 => {
-            if !model.backend.has_fp16_kernels() {
+            if !BackendKind::ALL
+                .iter()
+                .any(|&kind| runs(kind) && kind.has_fp16_kernels())
+            {
                 log::info!(
                     "precision fp16 applies to GPU engines; {} runs FP32",
                     model.backend
@@ -89,56 +97,51 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         // TensorRT's own calibrator works from the FP32 model.
         #[cfg(feature = "tensorrt")]
         Precision::Int8
-            if model.backend == backend::BackendKind::TensorRt
+            if model.backend == BackendChoice::Only(BackendKind::TensorRt)
                 && model.tensorrt.int8_mode == crate::config::Int8Mode::Calibrator =>
         {
             model.path.clone()
         }
         Precision::Int8 => {
             let qdq = int8::qdq_model(model).map_err(failed)?;
-            if !model.backend.has_int8_kernels() {
+            if model.backend == BackendChoice::Only(BackendKind::Tract) {
                 log::info!(
-                    "{} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not",
-                    model.backend
+                    "tract runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not"
                 );
             }
             qdq
         }
     };
+    let options = EngineOptions {
+        input_size: None,
+        onnxruntime: onnxruntime_options(model),
+    };
     let engine = match model.backend {
         // No GPU, no driver or no TensorRT on this box: the CPU runs the
         // same model, and the log and the stats topic say so.
         #[cfg(feature = "tensorrt")]
-        backend::BackendKind::TensorRt => match tensorrt::engine(model, &file) {
+        BackendChoice::Only(BackendKind::TensorRt) => match tensorrt::engine(model, &file) {
             Ok(engine) => engine,
             Err(why) => {
                 let note =
                     format!("fallback: TensorRT unavailable ({why}); running on tract, the CPU");
                 log::error!("{note}");
-                let cpu = backend::open_engine(
-                    backend::BackendKind::Tract,
-                    &file,
-                    &EngineOptions::default(),
-                )
-                .map_err(|e| failed(e.to_string()))?;
+                let cpu = backend::open_engine(BackendKind::Tract, &file, &options)
+                    .map_err(|e| failed(e.to_string()))?;
                 backend::with_notes(cpu, vec![note])
             }
         },
-        backend::BackendKind::OnnxRuntime => {
-            let runtime = backend::onnxruntime::OnnxRuntimeOptions {
-                library: model.onnxruntime.library.clone(),
-                intra_threads: model.onnxruntime.intra_threads,
-            };
-            let engine = backend::onnxruntime::OnnxRuntimeEngine::load(
-                &file,
-                &EngineOptions::default(),
-                &runtime,
-            )
-            .map_err(|e| failed(e.to_string()))?;
-            Arc::new(engine)
-        }
-        other => backend::open_engine(other, &file, &EngineOptions::default())
-            .map_err(|e| failed(e.to_string()))?,
+        choice => backend::open_chosen(choice, &|kind| match kind {
+            #[cfg(feature = "tensorrt")]
+            BackendKind::TensorRt => tensorrt::engine(model, &file).map_err(|reason| {
+                backend::BackendError::Unavailable {
+                    backend: kind,
+                    reason,
+                }
+            }),
+            _ => backend::open_engine(kind, &file, &options),
+        })
+        .map_err(|e| failed(e.to_string()))?,
     };
     for note in engine.notes() {
         log::info!("engine: {note}");
@@ -152,6 +155,25 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
     Detector::new(engine, &LayoutOverrides::default(), class_names, params)
         .map(Arc::new)
         .map_err(|e: DetectorError| failed(e.to_string()))
+}
+
+/// ONNX Runtime's settings from `[model.onnxruntime]` and `[model]`.
+fn onnxruntime_options(model: &ModelConfig) -> OnnxRuntimeOptions {
+    let ort = &model.onnxruntime;
+    OnnxRuntimeOptions {
+        library: ort.library.clone(),
+        intra_threads: ort.intra_threads,
+        provider: ort
+            .provider
+            .unwrap_or_else(|| Provider::default_for(model.backend)),
+        device: ort.device,
+        cuda_graph: ort.cuda_graph,
+        tensorrt: TensorRtProviderOptions {
+            cache: model.cache.join("onnxruntime-tensorrt"),
+            fp16: model.precision != Precision::Fp32,
+            int8: model.precision == Precision::Int8,
+        },
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config` was loaded from
@@ -183,7 +205,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     log::info!(
         "model {} on {:?}: {:?} layout, {}x{} input, {} classes",
         config.model.path.display(),
-        config.model.backend,
+        detector.engine().backend(),
         detector.layout().kind,
         detector.layout().input_width,
         detector.layout().input_height,
@@ -497,7 +519,7 @@ impl Reporter {
             .clone();
         StatsSnapshot {
             uptime: self.started.elapsed().as_secs_f64(),
-            backend: model.config.backend,
+            backend: model.backend,
             model: model.config.path.display().to_string(),
             engine_notes: model.engine_notes,
             cameras: per_camera,

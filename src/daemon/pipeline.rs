@@ -101,6 +101,8 @@ struct CameraTrack {
 pub struct ModelInService {
     /// Its settings.
     pub config: ModelConfig,
+    /// The backend running it, after `auto` and any fallback.
+    pub backend: crate::backend::BackendKind,
     /// The backend's notes on it: fallbacks, where its plan came from.
     pub engine_notes: Vec<String>,
 }
@@ -110,6 +112,7 @@ impl ModelInService {
     pub fn new(config: ModelConfig, detector: &Detector) -> ModelInService {
         ModelInService {
             config,
+            backend: detector.engine().backend(),
             engine_notes: detector.engine().notes(),
         }
     }

@@ -151,17 +151,14 @@ impl GpuPreprocessor {
     #[allow(unsafe_code)]
     pub fn stage(&mut self, image: CameraImage<'_>) -> Result<(), GpuPreprocessError> {
         let (staged, bytes) = layout_of(image)?;
-        let stream = self.gpu.stream().clone();
-        let (staging, source) = match (self.staging.as_mut(), self.source.as_mut()) {
-            (Some(staging), Some(source)) if staging.len() == bytes.len() => (staging, source),
+        let staging = match self.staging.as_mut() {
+            Some(staging) if staging.len() == bytes.len() => staging,
             _ => {
-                // SAFETY: both are filled completely (below) before
-                // anything reads them.
+                // SAFETY: filled completely (below) before anything reads
+                // it.
                 let staging = unsafe { self.gpu.context().alloc_pinned::<u8>(bytes.len()) }
                     .map_err(GpuError::driver("allocating pinned staging memory"))?;
-                let source = unsafe { stream.alloc::<u8>(bytes.len()) }
-                    .map_err(GpuError::driver("allocating the frame buffer"))?;
-                (self.staging.insert(staging), self.source.insert(source))
+                self.staging.insert(staging)
             }
         };
         // Waits for the previous upload from this staging buffer to finish.
@@ -169,8 +166,66 @@ impl GpuPreprocessor {
             .as_mut_slice()
             .map_err(GpuError::driver("waiting for the staging buffer"))?
             .copy_from_slice(bytes);
+        let Some(staging) = self.staging.take() else {
+            return Err(GpuPreprocessError::NothingStaged);
+        };
+        let uploaded = self.upload(staged, &staging);
+        self.staging = Some(staging);
+        uploaded
+    }
+
+    /// Queues the upload of a raw camera buffer the caller holds in pinned
+    /// memory already (a frame captured into it, or registered with the
+    /// driver): no copy on the host at all.
+    pub fn stage_pinned(
+        &mut self,
+        layout: BufferLayout,
+        pinned: &PinnedHostSlice<u8>,
+        origin: &str,
+    ) -> Result<(), GpuPreprocessError> {
+        let (staged, bytes) = layout_of(CameraImage::Raw {
+            layout,
+            bytes: pinned
+                .as_slice()
+                .map_err(GpuError::driver("waiting for the pinned frame"))?,
+            origin,
+        })?;
+        if bytes.len() != pinned.len() {
+            return Err(GpuPreprocessError::Unsupported {
+                origin: origin.to_owned(),
+                reason: format!(
+                    "the pinned buffer holds {} bytes, the {}x{} frame {}",
+                    pinned.len(),
+                    layout.width,
+                    layout.height,
+                    bytes.len()
+                ),
+            });
+        }
+        self.upload(staged, pinned)
+    }
+
+    /// Queues the copy of `pinned` (exactly the staged frame's bytes) to
+    /// the device frame buffer.
+    #[allow(unsafe_code)]
+    fn upload(
+        &mut self,
+        staged: Staged,
+        pinned: &PinnedHostSlice<u8>,
+    ) -> Result<(), GpuPreprocessError> {
+        let stream = self.gpu.stream().clone();
+        let source = match self.source.as_mut() {
+            Some(source) if source.len() == pinned.len() => source,
+            _ => {
+                // SAFETY: filled completely by the copy below before the
+                // kernel reads it (same stream).
+                let source = unsafe { stream.alloc::<u8>(pinned.len()) }
+                    .map_err(GpuError::driver("allocating the frame buffer"))?;
+                self.source.insert(source)
+            }
+        };
         stream
-            .memcpy_htod(staging, source)
+            .memcpy_htod(pinned, source)
             .map_err(GpuError::driver("copying the frame to the device"))?;
         self.staged = Some(staged);
         Ok(())

@@ -18,7 +18,9 @@ use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
 
 pub use self::library::{BuildProgress, BuildRequest, TensorRt, TrtVersion};
 use self::library::{Calibration, DATA_TYPE_FLOAT, ExecutionContext, LoadedPlan, TensorBinding};
-use super::{BackendError, BackendKind, BatchOutputs, Engine, InputBatch, ModelInfo, Session};
+use super::{
+    BackendError, BackendKind, BatchOutputs, DeviceSession, Engine, InputBatch, ModelInfo, Session,
+};
 use crate::engine_cache::{
     BuiltPlan, PlanBuilder, PlanCache, PlanKey, Provenance, write_atomically,
 };
@@ -599,6 +601,14 @@ impl Engine for TrtEngine {
         Ok(Box::new(TrtSession::new(self)?))
     }
 
+    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
+        Some(TrtSession::new(self).map(|s| Box::new(s) as Box<dyn DeviceSession>))
+    }
+
+    fn on_gpu(&self) -> bool {
+        true
+    }
+
     fn notes(&self) -> Vec<String> {
         let r = &self.report;
         let mut notes = vec![format!(
@@ -685,10 +695,24 @@ impl TrtSession {
             dynamic: engine.input.dims.first().is_some_and(|&d| d < 0),
         })
     }
+}
+
+impl DeviceSession for TrtSession {
+    fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn max_images(&self) -> usize {
+        self.max_batch
+    }
+
+    fn outputs(&self) -> &BatchOutputs {
+        &self.results
+    }
 
     /// The engine's input buffer, for the GPU preprocessor to write
     /// image `index` of the next batch into.
-    pub fn input_image(&mut self, index: usize) -> Option<cudarc::driver::CudaViewMut<'_, f32>> {
+    fn input_image(&mut self, index: usize) -> Option<cudarc::driver::CudaViewMut<'_, f32>> {
         (index < self.max_batch).then(|| {
             self.input_buffer
                 .slice_mut(index * self.per_image..(index + 1) * self.per_image)
@@ -697,7 +721,7 @@ impl TrtSession {
 
     /// Runs the `images` already in the device input buffer.
     #[allow(unsafe_code)]
-    pub fn run_on_device(&mut self, images: usize) -> Result<(), BackendError> {
+    fn run_on_device(&mut self, images: usize) -> Result<(), BackendError> {
         if images == 0 || images > self.max_batch {
             return Err(BackendError::Input {
                 images,

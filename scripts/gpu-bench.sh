@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 6: nanodetd's whole detector on ONNX Runtime's
+# CUDA provider, beside Python onnxruntime-gpu and PyTorch, on a lent GPU
+# machine that has CUDA 13, cuDNN 9 and PyTorch but no ONNX Runtime and no
+# Rust. Nothing fetched here enters the repository.
+#
+# At most 64 MiB travel to that machine per call and its repository copy
+# is laid anew each time, but /tmp survives between calls while it stays
+# warm. So the onnxruntime-gpu wheel (about 250 MB) goes over in parts:
+#
+#   here:    scripts/gpu-bench.sh prepare        # build, split the wheel
+#   there:   scripts/gpu-bench.sh receive        # once per part, carrying
+#                                                # devrun/part (one part)
+#   there:   scripts/gpu-bench.sh run            # carrying devrun/bin and
+#                                                # devrun/assets
+#
+# `prepare` prints the exact sequence. The figures go to
+# docs/PERFORMANCE.md with the card, the command and this output.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEEL_VERSION=1.31.1
+WHEEL=onnxruntime_gpu-$WHEEL_VERSION-cp312-cp312-manylinux_2_28_x86_64.whl
+PARTS=${PARTS:-/work/ortgpu/parts}
+REMOTE=/tmp/nanodetd-ort
+
+prepare() {
+    local assets=${NANODETD_ASSETS:-../shared}
+    mkdir -p "$PARTS" devrun/bin devrun/assets/models devrun/assets/samples
+    if [ ! -s "$PARTS/../$WHEEL" ]; then
+        python3 -m pip download --quiet "onnxruntime-gpu==$WHEEL_VERSION" --no-deps \
+            --only-binary=:all: --python-version 3.12 \
+            --platform manylinux_2_28_x86_64 -d "$PARTS/.."
+    fi
+    rm -f "$PARTS"/part-*
+    split -b 52M -d "$PARTS/../$WHEEL" "$PARTS/part-"
+
+    cargo build --release --features cuda
+    # The GPU tests, at the dev profile (dependencies optimised anyway).
+    local test_bin
+    test_bin=$(cargo test --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+        print(m["executable"])')
+    # Compressed: the stripped binaries are ~55 MB, a third of that
+    # gzipped, and the whole carry must stay under 64 MiB.
+    rm -rf devrun/bin/* devrun/assets/models/* devrun/assets/samples/*
+    strip -o devrun/bin/nanodetd target/release/nanodetd
+    strip -o devrun/bin/gpu-tests "$test_bin"
+    gzip -9 devrun/bin/nanodetd devrun/bin/gpu-tests
+    cp benches/gpu_peer.py devrun/bin/
+    (cd "$PARTS/.." && sha256sum "$WHEEL" | cut -d' ' -f1) > devrun/bin/wheel.sha256
+    cp "$assets"/models/nanodet-plus-m_320.onnx devrun/assets/models/
+    for photo in hpc203_bus.jpg hpc203_street.png skimage_chelsea.png nanodet_000252.jpg; do
+        cp "$assets/samples/$photo" devrun/assets/samples/
+    done
+    du -sh devrun/bin devrun/assets "$PARTS"/part-*
+    echo "then, one call each (device tool, carry [\"devrun/part\"]):"
+    for part in "$PARTS"/part-*; do
+        echo "  cp $part devrun/part  &&  run: scripts/gpu-bench.sh receive"
+    done
+    echo "and last (carry [\"devrun/bin\", \"devrun/assets\"]): scripts/gpu-bench.sh run"
+}
+
+receive() {
+    mkdir -p "$REMOTE/parts"
+    local n
+    n=$(find "$REMOTE/parts" -name 'part-*' | wc -l)
+    cp devrun/part "$REMOTE/parts/part-$(printf %02d "$n")"
+    ls -la "$REMOTE/parts"
+}
+
+# Directories holding the CUDA 13 runtime libraries and cuDNN 9 that the
+# provider links against, wherever this machine keeps them.
+cuda_library_path() {
+    local dirs=()
+    for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcufft.so.12 libcurand.so.10 libcudnn.so.9; do
+        local found
+        found=$(find /usr/local/cuda*/lib64 /usr/lib/x86_64-linux-gnu /usr/local/lib/python3*/dist-packages /usr/local/lib/python3*/site-packages \
+            /usr/lib/python3/dist-packages "$HOME"/.local/lib /opt -name "$lib" 2>/dev/null | head -1 || true)
+        [ -n "$found" ] && dirs+=("$(dirname "$found")")
+    done
+    printf '%s\n' "${dirs[@]}" | sort -u | paste -sd:
+}
+
+run() {
+    local wheel=$REMOTE/$WHEEL
+    if [ ! -d "$REMOTE/site/onnxruntime" ]; then
+        cat "$REMOTE"/parts/part-* > "$wheel"
+        echo "wheel sha256: $(sha256sum "$wheel" | cut -d' ' -f1), expected $(cat devrun/bin/wheel.sha256)"
+        python3 -m pip install --quiet --no-index --no-deps --target "$REMOTE/site" "$wheel"
+    fi
+    mkdir -p "$REMOTE/bin"
+    gunzip -c devrun/bin/nanodetd.gz > "$REMOTE/bin/nanodetd"
+    gunzip -c devrun/bin/gpu-tests.gz > "$REMOTE/bin/gpu-tests"
+    chmod +x "$REMOTE"/bin/*
+    export PYTHONPATH=$REMOTE/site
+    export LD_LIBRARY_PATH=$(cuda_library_path):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export ORT_DYLIB_PATH=$REMOTE/site/onnxruntime/capi/libonnxruntime.so.$WHEEL_VERSION
+    export NANODETD_ASSETS=$PWD/devrun/assets
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    local frame=devrun/assets/samples/hpc203_street.png iters=${ITERS:-1000} failed=0
+    # Each step runs even when one before it failed: one call to that
+    # machine is precious, and every figure in it counts.
+    for model in nanodet-plus-m_320; do
+        echo "== nanodetd bench-gpu, $model, CUDA graph"
+        "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/$model.onnx \
+            --image "$frame" --iters "$iters" || failed=1
+        echo "== nanodetd bench-gpu, $model, no CUDA graph"
+        "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/$model.onnx \
+            --image "$frame" --iters "$iters" --no-cuda-graph || failed=1
+        echo "== nanodetd bench-gpu, $model, TensorRT provider asked (no TensorRT here: falls back)"
+        "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/$model.onnx \
+            --image "$frame" --iters 100 --provider tensorrt 2>&1 | grep -v '^  ' || failed=1
+        echo "== peers, $model"
+        python3 devrun/bin/gpu_peer.py devrun/assets/models/$model.onnx --iters "$iters" || failed=1
+    done
+    echo "== tests/gpu.rs"
+    NANODETD_REQUIRE_GPU=1 "$REMOTE/bin/gpu-tests" --test-threads 1 --nocapture || failed=1
+    return $failed
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    receive) receive ;;
+    run) run ;;
+    *) echo "usage: $0 prepare|receive|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,517 @@
+//! The onnxruntime backend: ONNX Runtime through the `ort` crate, with the
+//! library loaded at run time (`load-dynamic`), so nothing is downloaded at
+//! build time and a box without libonnxruntime still starts on tract.
+//!
+//! The library comes from `ORT_DYLIB_PATH`, else the path the caller
+//! gives, else `libonnxruntime.so` on the loader's path. It is loaded
+//! once per process through ort's fallible init, so a missing or too old
+//! library is an error, never a panic.
+//!
+//! Three execution providers: the CPU's, CUDA's (onnxruntime-gpu, and
+//! feature `cuda` for the device buffers) and TensorRT's (onnxruntime-gpu
+//! built with it, and TensorRT installed). A GPU provider that cannot be
+//! registered falls back to the next one, and the engine's notes say so.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use ort::ep::ExecutionProviderDispatch;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{IoBinding, Session as OrtSession};
+use ort::value::{Tensor, TensorRef};
+
+use super::{
+    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelInfo, Session,
+};
+use crate::model::TensorShape;
+
+/// The library this process loaded. A failure is not kept: a corrected
+/// path (a config reload) is tried afresh.
+static LOADED: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The library nanodetd looks for when neither `ORT_DYLIB_PATH` nor a
+/// configured path names one.
+pub const DEFAULT_LIBRARY: &str = "libonnxruntime.so";
+
+fn unavailable(reason: String) -> BackendError {
+    BackendError::Unavailable {
+        backend: BackendKind::OnnxRuntime,
+        reason,
+    }
+}
+
+/// Loads ONNX Runtime: `ORT_DYLIB_PATH`, else `configured`, else
+/// [`DEFAULT_LIBRARY`]. Once one has loaded, later calls return its path
+/// (a process holds one ONNX Runtime).
+pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, String> {
+    let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(path) = loaded.as_ref() {
+        return Ok(path.clone());
+    }
+    let path = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .or_else(|| configured.map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBRARY));
+    let outcome = ort::init_from(&path)
+        .map(|environment| {
+            environment.with_name("nanodetd").commit();
+            path.clone()
+        })
+        .map_err(|e| {
+            format!(
+                "ONNX Runtime: {e} (set ORT_DYLIB_PATH or [model.onnxruntime] library to libonnxruntime.so {}.{} or newer; the PyPI onnxruntime wheel ships it in onnxruntime/capi/)",
+                1,
+                ort::MINOR_VERSION
+            )
+        });
+    if let Ok(path) = &outcome {
+        *loaded = Some(path.clone());
+    }
+    outcome
+}
+
+/// Where ONNX Runtime runs the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// The CPU execution provider, in every onnxruntime build.
+    #[default]
+    Cpu,
+    /// The CUDA execution provider (onnxruntime-gpu; nanodetd built with
+    /// feature `cuda`), with input and outputs in device memory.
+    Cuda,
+    /// The TensorRT execution provider, with CUDA for what it leaves
+    /// (onnxruntime-gpu built with TensorRT, and TensorRT installed).
+    TensorRt,
+}
+
+impl Provider {
+    /// The provider when the configuration names none: the GPU's for
+    /// `auto` where this build can drive one, the CPU's otherwise.
+    pub fn default_for(choice: super::BackendChoice) -> Provider {
+        if choice == super::BackendChoice::Auto && cfg!(feature = "cuda") {
+            Provider::Cuda
+        } else {
+            Provider::Cpu
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Cpu => "CPU",
+            Provider::Cuda => "CUDA",
+            Provider::TensorRt => "TensorRT",
+        })
+    }
+}
+
+/// Settings of the TensorRT execution provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TensorRtProviderOptions {
+    /// Where it keeps built engines and its timing cache: ONNX Runtime
+    /// keys engines by model and GPU itself.
+    pub cache: PathBuf,
+    /// FP16 for the float layers.
+    pub fp16: bool,
+    /// INT8 from the Q/DQ nodes of the model (no calibration table).
+    pub int8: bool,
+}
+
+/// How ONNX Runtime runs a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnnxRuntimeOptions {
+    /// The library, when `ORT_DYLIB_PATH` is not set.
+    pub library: Option<PathBuf>,
+    /// Threads inside one operator on the CPU. 1 keeps a small box's other
+    /// cores for capture and MQTT, and matches tract, which runs on one
+    /// thread.
+    pub intra_threads: usize,
+    /// The execution provider asked for.
+    pub provider: Provider,
+    /// CUDA device, for the GPU providers.
+    pub device: usize,
+    /// Capture the CUDA provider's run in a CUDA graph and replay it.
+    pub cuda_graph: bool,
+    /// The TensorRT provider's settings.
+    pub tensorrt: TensorRtProviderOptions,
+}
+
+impl Default for OnnxRuntimeOptions {
+    fn default() -> Self {
+        OnnxRuntimeOptions {
+            library: None,
+            intra_threads: 1,
+            provider: Provider::Cpu,
+            device: 0,
+            cuda_graph: true,
+            tensorrt: TensorRtProviderOptions::default(),
+        }
+    }
+}
+
+/// A model prepared for ONNX Runtime. Sessions are made from the bytes,
+/// one per thread (`ort`'s run takes `&mut`).
+pub struct OnnxRuntimeEngine {
+    onnx: Vec<u8>,
+    options: OnnxRuntimeOptions,
+    info: ModelInfo,
+    input_name: String,
+    /// The provider sessions run on, after any fallback.
+    provider: Provider,
+    /// The device sessions share, when the provider is a GPU one.
+    #[cfg(feature = "cuda")]
+    gpu: Option<std::sync::Arc<crate::gpu::Gpu>>,
+    notes: Vec<String>,
+    /// The session `load` made, handed to the first `new_session` so
+    /// start-up builds the graph once.
+    spare: Mutex<Option<OrtSession>>,
+}
+
+impl OnnxRuntimeEngine {
+    /// Loads `path` on ONNX Runtime, on the provider `runtime` asks for
+    /// or, where that cannot run here, the next one down (noted).
+    pub fn load(
+        path: &Path,
+        options: &EngineOptions,
+        runtime: &OnnxRuntimeOptions,
+    ) -> Result<OnnxRuntimeEngine, BackendError> {
+        let fail = |reason: String| BackendError::ModelFile {
+            path: path.to_owned(),
+            reason,
+        };
+        load_library(runtime.library.as_deref()).map_err(unavailable)?;
+        let onnx = std::fs::read(path).map_err(|e| fail(format!("cannot read model: {e}")))?;
+        if onnx.is_empty() {
+            return Err(fail("empty file (0 bytes), not an ONNX model".into()));
+        }
+        let mut input = match options.input_size {
+            Some((w, h)) => vec![1, 3, h, w],
+            None => crate::model::input_shape(&onnx)
+                .map_err(|e| fail(format!("{e}; give the input size (--size WxH)")))?,
+        };
+        if let Some(batch) = input.first_mut() {
+            *batch = 1;
+        }
+        let mut engine = OnnxRuntimeEngine {
+            onnx,
+            options: runtime.clone(),
+            info: ModelInfo {
+                input: TensorShape {
+                    name: String::new(),
+                    shape: input,
+                },
+                outputs: Vec::new(),
+            },
+            input_name: String::new(),
+            provider: Provider::Cpu,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            notes: Vec::new(),
+            spare: Mutex::new(None),
+        };
+        // The outputs' shapes, from one run on zeros on the CPU: the file
+        // may leave them symbolic, the run cannot, and a CUDA-graph
+        // session must not see a run without its bound buffers.
+        let mut session = engine
+            .session_on(Provider::Cpu)
+            .map_err(|e| fail(e.to_string()))?;
+        let Some(first) = session.inputs().first() else {
+            return Err(fail("the model has no input".into()));
+        };
+        engine.input_name = first.name().to_owned();
+        engine.info.input.name = engine.input_name.clone();
+        let zeros = vec![0f32; engine.info.input.shape.iter().product()];
+        let shape: Vec<i64> = engine.info.input.shape.iter().map(|&d| d as i64).collect();
+        let tensor = TensorRef::from_array_view((shape, zeros.as_slice()))
+            .map_err(|e| fail(e.to_string()))?;
+        let outputs = session
+            .run(ort::inputs![engine.input_name.as_str() => tensor])
+            .map_err(|e| fail(format!("a run on zeros failed: {e}")))?;
+        for (name, value) in outputs.iter() {
+            let (shape, _) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| fail(format!("output {name}: {e}")))?;
+            engine.info.outputs.push(TensorShape {
+                name: name.to_owned(),
+                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+            });
+        }
+        drop(outputs);
+        let spare = engine.on_provider(runtime.provider, session);
+        engine.spare = Mutex::new(Some(spare));
+        for note in &engine.notes {
+            log::warn!("{}: {note}", path.display());
+        }
+        Ok(engine)
+    }
+
+    /// The session on `asked`, or on the next provider down where that
+    /// one cannot start: TensorRT → CUDA → CPU. `cpu` is the CPU session
+    /// already made, kept when everything else fails.
+    fn on_provider(&mut self, asked: Provider, cpu: OrtSession) -> OrtSession {
+        let mut next = asked;
+        loop {
+            if next == Provider::Cpu {
+                self.provider = Provider::Cpu;
+                return cpu;
+            }
+            match self.gpu_session(next) {
+                Ok(session) => {
+                    self.provider = next;
+                    return session;
+                }
+                Err(why) => {
+                    let down = if next == Provider::TensorRt {
+                        Provider::Cuda
+                    } else {
+                        Provider::Cpu
+                    };
+                    self.notes.push(format!(
+                        "fallback: ONNX Runtime's {next} provider unavailable ({why}); running on its {down} provider"
+                    ));
+                    next = down;
+                }
+            }
+        }
+    }
+
+    /// A session on a GPU provider, with the device it runs on opened.
+    #[cfg(feature = "cuda")]
+    fn gpu_session(&mut self, provider: Provider) -> Result<OrtSession, String> {
+        // The shared one: the provider is handed its stream, and ONNX
+        // Runtime needs that stream until the process exits.
+        let gpu = crate::gpu::Gpu::shared(self.options.device).map_err(|e| e.to_string())?;
+        self.gpu = Some(gpu);
+        self.session_on(provider).map_err(|e| e.to_string())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn gpu_session(&mut self, _provider: Provider) -> Result<OrtSession, String> {
+        Err("this nanodetd was built without feature `cuda`, which binds the provider's input and outputs to device memory".into())
+    }
+
+    /// The execution providers to register for `provider`, best first.
+    fn providers(&self, provider: Provider) -> Vec<ExecutionProviderDispatch> {
+        let device = i32::try_from(self.options.device).unwrap_or(0);
+        let mut list = Vec::new();
+        if provider == Provider::TensorRt {
+            let trt = &self.options.tensorrt;
+            let mut ep = ort::ep::TensorRT::default()
+                .with_device_id(device)
+                .with_fp16(trt.fp16)
+                .with_int8(trt.int8)
+                .with_cuda_graph(self.options.cuda_graph);
+            // ONNX Runtime refuses an empty path: no directory, no cache.
+            if !trt.cache.as_os_str().is_empty() {
+                let cache = trt.cache.to_string_lossy().into_owned();
+                ep = ep
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&cache)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&cache);
+            }
+            list.push(ep.build().error_on_failure());
+        }
+        if provider != Provider::Cpu {
+            #[allow(unused_mut)]
+            let mut cuda = ort::ep::CUDA::default()
+                .with_device_id(device)
+                .with_cuda_graph(self.options.cuda_graph && provider == Provider::Cuda);
+            #[cfg(feature = "cuda")]
+            if let Some(gpu) = &self.gpu {
+                // SAFETY: the stream is the Gpu's, which every session of
+                // this engine holds (an Arc) for as long as it lives.
+                #[allow(unsafe_code)]
+                {
+                    cuda = unsafe { cuda.with_compute_stream(gpu.stream().cu_stream().cast()) };
+                }
+            }
+            list.push(cuda.build().error_on_failure());
+        }
+        list
+    }
+
+    fn session_on(&self, provider: Provider) -> Result<OrtSession, BackendError> {
+        let error = |e: ort::Error| unavailable(format!("creating a {provider} session: {e}"));
+        OrtSession::builder()
+            .map_err(error)?
+            // ORT_ENABLE_ALL, Python's default: the peer we are held to.
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| error(e.into()))?
+            .with_intra_threads(self.options.intra_threads)
+            .map_err(|e| error(e.into()))?
+            .with_execution_providers(self.providers(provider))
+            .map_err(|e| error(e.into()))?
+            .commit_from_memory(&self.onnx)
+            .map_err(error)
+    }
+
+    /// The provider sessions run on.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// A session with device buffers, where the provider is a GPU one.
+    #[cfg(feature = "cuda")]
+    fn cuda_session(&self) -> Option<Result<cuda::CudaSession, BackendError>> {
+        let gpu = self
+            .gpu
+            .as_ref()
+            .filter(|_| self.provider != Provider::Cpu)?;
+        Some(
+            self.take_session()
+                .and_then(|session| cuda::CudaSession::new(session, self, gpu.clone())),
+        )
+    }
+
+    fn take_session(&self) -> Result<OrtSession, BackendError> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match spare {
+            Some(session) => Ok(session),
+            None => self.session_on(self.provider),
+        }
+    }
+}
+
+impl Engine for OnnxRuntimeEngine {
+    fn backend(&self) -> BackendKind {
+        BackendKind::OnnxRuntime
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn max_batch(&self) -> usize {
+        // Batch-1 exports: bigger batches run image by image.
+        usize::MAX
+    }
+
+    fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
+        #[cfg(feature = "cuda")]
+        if let Some(session) = self.cuda_session() {
+            return Ok(Box::new(session?));
+        }
+        let session = self.take_session()?;
+        Ok(Box::new(CpuSession::new(session, self)?))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn new_device_session(&self) -> Option<Result<Box<dyn super::DeviceSession>, BackendError>> {
+        self.cuda_session().map(|session| {
+            session.map(|session| Box::new(session) as Box<dyn super::DeviceSession>)
+        })
+    }
+
+    fn on_gpu(&self) -> bool {
+        self.provider != Provider::Cpu
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = self.notes.clone();
+        notes.push(format!(
+            "ONNX Runtime {} provider{}",
+            self.provider,
+            if self.provider != Provider::Cpu && self.options.cuda_graph {
+                ", CUDA graph"
+            } else {
+                ""
+            }
+        ));
+        notes
+    }
+}
+
+/// A session on the CPU provider. Outputs are bound once to tensors ONNX
+/// Runtime fills in place on every run; the input is a view of the
+/// caller's buffer, bound per run: no copy, no per-frame output
+/// allocation.
+struct CpuSession {
+    // Drop order: the bound outputs, then the allocator that made them
+    // (ONNX Runtime frees them through it), then the session.
+    binding: IoBinding,
+    _allocator: Allocator,
+    session: OrtSession,
+    input_name: String,
+    input_shape: Vec<i64>,
+    image_shape: Vec<usize>,
+    per_image: usize,
+    outputs: BatchOutputs,
+    output_count: usize,
+}
+
+impl CpuSession {
+    fn new(session: OrtSession, engine: &OnnxRuntimeEngine) -> Result<CpuSession, BackendError> {
+        let error = |e: ort::Error| unavailable(format!("binding the outputs: {e}"));
+        let mut binding = session.create_binding().map_err(error)?;
+        let allocator = Allocator::new(
+            &session,
+            MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )
+            .map_err(error)?,
+        )
+        .map_err(error)?;
+        for output in &engine.info.outputs {
+            let tensor = Tensor::<f32>::new(&allocator, output.shape.as_slice()).map_err(error)?;
+            binding
+                .bind_output(output.name.as_str(), tensor)
+                .map_err(error)?;
+        }
+        Ok(CpuSession {
+            binding,
+            _allocator: allocator,
+            session,
+            input_name: engine.input_name.clone(),
+            input_shape: engine.info.input.shape.iter().map(|&d| d as i64).collect(),
+            image_shape: engine.info.input.shape.clone(),
+            per_image: engine.info.input.shape.iter().product(),
+            outputs: BatchOutputs::default(),
+            output_count: engine.info.outputs.len(),
+        })
+    }
+}
+
+impl Session for CpuSession {
+    fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
+        batch.check(&self.image_shape, usize::MAX)?;
+        let run_error = |e: ort::Error| BackendError::Run(e.to_string());
+        self.outputs.reset(self.output_count, batch.images);
+        let mut run = || {
+            for image in batch.data.chunks_exact(self.per_image) {
+                let input = TensorRef::from_array_view((self.input_shape.as_slice(), image))
+                    .map_err(run_error)?;
+                self.binding
+                    .bind_input(self.input_name.as_str(), &input)
+                    .map_err(run_error)?;
+                let results = self.session.run_binding(&self.binding).map_err(run_error)?;
+                for (index, (_, value)) in results.iter().enumerate() {
+                    let (_, values) = value.try_extract_tensor::<f32>().map_err(run_error)?;
+                    self.outputs.push(index, values);
+                }
+            }
+            Ok(())
+        };
+        let outcome = run();
+        // The view borrows the caller's buffer: never kept past this call.
+        self.binding.clear_inputs();
+        outcome
+    }
+
+    fn outputs(&self) -> &BatchOutputs {
+        &self.outputs
+    }
+}
