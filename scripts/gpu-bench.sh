@@ -109,6 +109,8 @@ run() {
         echo "== nanodetd bench-gpu, $model, CUDA graph"
         "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/$model.onnx \
             --image "$frame" --iters "$iters" || failed=1
+        # QUICK=1: the CUDA-graph figures and the tests only.
+        [ "${QUICK:-0}" = 1 ] && continue
         echo "== nanodetd bench-gpu, $model, no CUDA graph"
         "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/$model.onnx \
             --image "$frame" --iters "$iters" --no-cuda-graph || failed=1

@@ -172,39 +172,55 @@ impl Detector {
         Ok(postprocess::to_image(&kept, transform))
     }
 
-    /// A session whose preprocessing and inference run on the GPU, where
-    /// the engine runs there (`None` for CPU engines).
-    #[cfg(feature = "cuda")]
-    pub fn gpu_session(self: &Arc<Self>) -> Option<Result<GpuDetectorSession, DetectorError>> {
-        let session = self.engine.new_device_session()?;
-        Some(session.map_err(DetectorError::from).and_then(|session| {
+    /// A session for the calling thread: on the GPU where the engine runs
+    /// there (the frame is preprocessed there too), on the host otherwise.
+    pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
+        #[cfg(feature = "cuda")]
+        if let Some(session) = self.engine.new_device_session() {
+            let session = session?;
             let preprocessor = crate::preprocess::GpuPreprocessor::new(session.gpu().clone())
                 .map_err(crate::preprocess::GpuPreprocessError::from)?;
-            Ok(GpuDetectorSession {
-                detector: Arc::clone(self),
-                session,
-                preprocessor,
+            return Ok(DetectorSession {
+                runner: Runner::Device {
+                    session,
+                    preprocessor: Box::new(preprocessor),
+                },
                 candidates: Vec::new(),
-            })
-        }))
-    }
-
-    /// A session for the calling thread.
-    pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
+                detector: Arc::clone(self),
+            });
+        }
         Ok(DetectorSession {
-            session: self.engine.new_session()?,
-            input: vec![0.0; self.preprocess.tensor_len()],
+            runner: Runner::Host {
+                session: self.engine.new_session()?,
+                input: vec![0.0; self.preprocess.tensor_len()],
+            },
             candidates: Vec::new(),
             detector: Arc::clone(self),
         })
     }
 }
 
+/// Where a session's tensors live.
+enum Runner {
+    /// Preprocessed into host memory, handed to the engine from there.
+    Host {
+        session: Box<dyn Session>,
+        input: Vec<f32>,
+    },
+    /// Frames go up to the GPU once; the kernel writes the engine's
+    /// input in place, and only the outputs come back.
+    #[cfg(feature = "cuda")]
+    Device {
+        session: Box<dyn crate::backend::DeviceSession>,
+        // Boxed: one per thread, and it would triple the enum's size.
+        preprocessor: Box<crate::preprocess::GpuPreprocessor>,
+    },
+}
+
 /// Per-thread buffers for running a [`Detector`].
 pub struct DetectorSession {
     detector: Arc<Detector>,
-    session: Box<dyn Session>,
-    input: Vec<f32>,
+    runner: Runner,
     candidates: Vec<Candidate>,
 }
 
@@ -216,73 +232,109 @@ impl DetectorSession {
         self.postprocess(&transform)
     }
 
+    /// Whether this session runs on the GPU.
+    pub fn on_gpu(&self) -> bool {
+        !matches!(self.runner, Runner::Host { .. })
+    }
+
     /// Stage 1: frame → input tensor; returns the way back.
     pub fn preprocess(&mut self, frame: &Frame) -> Result<Transform, DetectorError> {
-        Ok(preprocess::preprocess_into(
-            frame,
-            &self.detector.preprocess,
-            &mut self.input,
-        )?)
+        match &mut self.runner {
+            Runner::Host { input, .. } => Ok(preprocess::preprocess_into(
+                frame,
+                &self.detector.preprocess,
+                input,
+            )?),
+            #[cfg(feature = "cuda")]
+            Runner::Device { .. } => {
+                self.preprocess_camera(crate::preprocess::CameraImage::Frame(frame))
+            }
+        }
+    }
+
+    /// Stage 1 from what a camera gives: a raw buffer is converted on the
+    /// GPU where the session runs there, on the host otherwise.
+    #[cfg(feature = "cuda")]
+    pub fn preprocess_camera(
+        &mut self,
+        image: crate::preprocess::CameraImage<'_>,
+    ) -> Result<Transform, DetectorError> {
+        use crate::preprocess::CameraImage;
+        match (&mut self.runner, image) {
+            (Runner::Device { preprocessor, .. }, image) => {
+                preprocessor.stage(image)?;
+                self.launch_preprocessing()
+            }
+            (Runner::Host { .. }, CameraImage::Frame(frame)) => self.preprocess(frame),
+            (
+                Runner::Host { .. },
+                CameraImage::Raw {
+                    layout,
+                    bytes,
+                    origin,
+                },
+            ) => {
+                let frame = crate::capture::to_frame(&layout, bytes, origin)
+                    .map_err(crate::preprocess::GpuPreprocessError::from)?;
+                self.preprocess(&frame)
+            }
+        }
+    }
+
+    /// Stage 1 from a raw camera buffer the caller holds in pinned memory:
+    /// one upload, no host copy (GPU sessions only).
+    #[cfg(feature = "cuda")]
+    pub fn preprocess_pinned(
+        &mut self,
+        layout: crate::capture::BufferLayout,
+        pinned: &cudarc::driver::PinnedHostSlice<u8>,
+        origin: &str,
+    ) -> Result<Transform, DetectorError> {
+        let Runner::Device { preprocessor, .. } = &mut self.runner else {
+            return Err(BackendError::Run(format!(
+                "{origin}: a pinned frame needs a session on the GPU"
+            ))
+            .into());
+        };
+        preprocessor.stage_pinned(layout, pinned, origin)?;
+        self.launch_preprocessing()
+    }
+
+    /// The kernel on the staged frame, into the engine's input.
+    #[cfg(feature = "cuda")]
+    fn launch_preprocessing(&mut self) -> Result<Transform, DetectorError> {
+        let Runner::Device {
+            session,
+            preprocessor,
+        } = &mut self.runner
+        else {
+            return Err(BackendError::Run("not a GPU session".into()).into());
+        };
+        let mut input = session
+            .input_image(0)
+            .ok_or_else(|| BackendError::Run("the device session has no input buffer".into()))?;
+        Ok(preprocessor.launch(&self.detector.preprocess, &mut input)?)
     }
 
     /// Stage 2: input tensor → raw outputs.
     pub fn infer(&mut self) -> Result<(), DetectorError> {
-        Ok(self.session.run(InputBatch::host(&self.input, 1))?)
+        match &mut self.runner {
+            Runner::Host { session, input } => Ok(session.run(InputBatch::host(input, 1))?),
+            #[cfg(feature = "cuda")]
+            Runner::Device { session, .. } => Ok(session.run_on_device(1)?),
+        }
     }
 
     /// Stage 3: raw outputs → detections in image pixels, best first.
     pub fn postprocess(&mut self, transform: &Transform) -> Result<Vec<Detection>, DetectorError> {
-        let outputs = self.session.outputs().for_image(0);
+        let outputs = match &self.runner {
+            Runner::Host { session, .. } => session.outputs(),
+            #[cfg(feature = "cuda")]
+            Runner::Device { session, .. } => session.outputs(),
+        }
+        .for_image(0);
         self.detector
             .postprocess(&outputs, transform, &mut self.candidates)
-    }
-
-    /// The detector this session runs.
-    pub fn detector(&self) -> &Arc<Detector> {
-        &self.detector
-    }
-}
-
-/// Per-thread state for running a [`Detector`] on the GPU: camera bytes
-/// go up once, the preprocessing kernel writes the engine's input in
-/// place, and only the outputs come back for decoding and NMS.
-#[cfg(feature = "cuda")]
-pub struct GpuDetectorSession {
-    detector: Arc<Detector>,
-    session: Box<dyn crate::backend::DeviceSession>,
-    preprocessor: crate::preprocess::GpuPreprocessor,
-    candidates: Vec<Candidate>,
-}
-
-#[cfg(feature = "cuda")]
-impl GpuDetectorSession {
-    /// Runs the whole pipeline on one camera image.
-    pub fn detect(
-        &mut self,
-        image: crate::preprocess::CameraImage<'_>,
-    ) -> Result<Vec<Detection>, DetectorError> {
-        self.preprocessor.stage(image)?;
-        self.detect_staged()
-    }
-
-    /// The preprocessor, to stage a frame from memory the caller already
-    /// pinned ([`GpuPreprocessor::stage_pinned`](crate::preprocess::GpuPreprocessor::stage_pinned)).
-    pub fn preprocessor(&mut self) -> &mut crate::preprocess::GpuPreprocessor {
-        &mut self.preprocessor
-    }
-
-    /// The pipeline from the frame already staged on the device.
-    pub fn detect_staged(&mut self) -> Result<Vec<Detection>, DetectorError> {
-        let input_missing = || BackendError::Run("the device session has no input buffer".into());
-        let transform = {
-            let mut input = self.session.input_image(0).ok_or_else(input_missing)?;
-            self.preprocessor
-                .launch(&self.detector.preprocess, &mut input)?
-        };
-        self.session.run_on_device(1)?;
-        let outputs = self.session.outputs().for_image(0);
-        self.detector
-            .postprocess(&outputs, &transform, &mut self.candidates)
     }
 
     /// The detector this session runs.

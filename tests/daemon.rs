@@ -1216,3 +1216,40 @@ fn int8_is_calibrated_on_first_start_cached_and_reused() {
     assert_eq!(now.len(), 1, "{now:?}");
     assert_ne!(now, files, "a new key, a new file");
 }
+
+#[test]
+fn backend_auto_says_on_stats_which_backend_runs_and_why() {
+    let test = "backend_auto_says_on_stats_which_backend_runs_and_why";
+    let Some((_serial, assets)) = setup(test, true) else {
+        return;
+    };
+    let Some(library) = support::onnxruntime_library(test) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "au/stats", false);
+    let samples = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", samples.path(), "repeat = 3");
+    let auto = format!(
+        "backend = \"auto\"\n[model.onnxruntime]\nlibrary = \"{}\"\n[mqtt]",
+        library.display()
+    );
+    let text = config(&assets, broker.port, "au", &camera).replacen("[mqtt]", &auto, 1);
+    let daemon = Daemon::start(&text, &[]);
+    sub.wait_for("stats", Duration::from_secs(60), |m| !m.is_empty());
+    let stats = sub.all()[0].json();
+    let backend = stats["backend"].as_str().unwrap().to_owned();
+    let notes: Vec<&str> = stats["engine_notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes[0].starts_with(&format!("auto: {backend} is the fastest here")),
+        "{notes:?}"
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("auto: "), "{log}");
+}

@@ -280,10 +280,8 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
     );
     let gpu = support::live_detector_on(Arc::new(engine));
     let cpu = support::live_detector(&model);
-    let mut gpu_session = gpu
-        .gpu_session()
-        .expect("a CUDA engine has device sessions")
-        .unwrap();
+    let mut gpu_session = gpu.session().unwrap();
+    assert!(gpu_session.on_gpu());
     let mut cpu_session = cpu.session().unwrap();
     let mut compared = 0;
     let (mut worst_score, mut worst_box) = (0f32, 0f32);
@@ -302,7 +300,9 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
                 bytes: &bytes,
                 origin: &origin,
             };
-            let got = gpu_session.detect(image).unwrap();
+            let transform = gpu_session.preprocess_camera(image).unwrap();
+            gpu_session.infer().unwrap();
+            let got = gpu_session.postprocess(&transform).unwrap();
             let want = cpu_session
                 .detect(&to_frame(&layout, &bytes, &origin).unwrap())
                 .unwrap();

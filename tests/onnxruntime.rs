@@ -16,38 +16,10 @@ use nanodetd::backend::{
 use nanodetd::detector::DetectionParams;
 use nanodetd::frame::Frame;
 
-/// libonnxruntime: `ORT_DYLIB_PATH`, else the Python wheel's.
-fn library(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| {
-        let out = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
-            ])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    });
-    match found {
-        Some(path) if path.is_file() => Some(path),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("{test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)")
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED {test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)"
-            );
-            None
-        }
-    }
-}
-
 #[test]
 fn same_detections_as_tract_for_every_model_and_photo() {
     let test = "same_detections_as_tract_for_every_model_and_photo";
-    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
         return;
     };
     let runtime = OnnxRuntimeOptions {
@@ -149,7 +121,7 @@ fn a_wrong_library_path_is_a_clear_error() {
 #[test]
 fn coco128_map_within_0_002_of_tract() {
     let test = "coco128_map_within_0_002_of_tract";
-    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
         return;
     };
     let coco = a.join("datasets/coco128");
@@ -179,7 +151,7 @@ fn coco128_map_within_0_002_of_tract() {
 #[test]
 fn auto_times_the_cpu_backends_and_keeps_the_faster() {
     let test = "auto_times_the_cpu_backends_and_keeps_the_faster";
-    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
         return;
     };
     let model = support::model(&a, "nanodet-plus-m_320");
@@ -222,7 +194,7 @@ fn auto_times_the_cpu_backends_and_keeps_the_faster() {
 #[test]
 fn a_cuda_provider_that_cannot_start_falls_back_to_the_cpu_and_says_why() {
     let test = "a_cuda_provider_that_cannot_start_falls_back_to_the_cpu_and_says_why";
-    let (Some(a), Some(lib)) = (support::assets(test), library(test)) else {
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
         return;
     };
     for asked in [Provider::Cuda, Provider::TensorRt] {

@@ -269,24 +269,26 @@ fn bench_detector(
         Detector::new(engine, &LayoutOverrides::default(), None, params)
             .map_err(|e| Failure::BadInput(e.into()))?,
     );
-    let Some(session) = detector.gpu_session() else {
+    let mut session = detector.session().map_err(|e| runtime(e.into()))?;
+    if !session.on_gpu() {
         return Err(runtime(anyhow!(
             "the engine runs on the CPU here (see the notes above): nothing to time on the GPU"
         )));
-    };
-    let mut session = session.map_err(|e| runtime(e.into()))?;
-    let gpu = session.preprocessor().gpu().clone();
+    }
+    let gpu = Gpu::shared(args.device).map_err(|e| runtime(e.into()))?;
     // The camera frame, where a capture into pinned memory leaves it.
     // SAFETY: filled from `bytes` before it is read.
     let mut pinned = unsafe { gpu.context().alloc_pinned::<u8>(bytes.len()) }.map_err(cuda)?;
     pinned.as_mut_slice().map_err(cuda)?.copy_from_slice(bytes);
 
     let mut detect = || {
-        session
-            .preprocessor()
-            .stage_pinned(layout, &pinned, "bench")
+        let transform = session
+            .preprocess_pinned(layout, &pinned, "bench")
             .map_err(|e| runtime(e.into()))?;
-        session.detect_staged().map_err(|e| runtime(e.into()))
+        session.infer().map_err(|e| runtime(e.into()))?;
+        session
+            .postprocess(&transform)
+            .map_err(|e| runtime(e.into()))
     };
     // Warm-up: cuDNN's algorithm search, and the CUDA graph's capture.
     let mut found = Vec::new();

@@ -276,3 +276,31 @@ pub fn one_hot_dfl(bins: [usize; 4]) -> Vec<f32> {
     }
     v
 }
+
+/// libonnxruntime: `ORT_DYLIB_PATH`, else the Python wheel's.
+pub fn onnxruntime_library(test: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*')))[-1])",
+            ])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    });
+    match found {
+        Some(path) if path.is_file() => Some(path),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)")
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED {test}: no libonnxruntime (pip install onnxruntime, or set ORT_DYLIB_PATH)"
+            );
+            None
+        }
+    }
+}
