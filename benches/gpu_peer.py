@@ -57,36 +57,24 @@ def onnxruntime_peers(model, x, iters, warmup):
     report("Python onnxruntime-gpu session.run (host in/out)",
            timed(lambda: sess.run(None, {name: x}), iters, warmup))
 
-    graph = ort.InferenceSession(
-        model, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
     x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
     outs = [ort.OrtValue.ortvalue_from_shape_and_type(o.shape, np.float32, "cuda", 0)
             for o in ref]
-    binding = graph.io_binding()
-    binding.bind_ortvalue_input(name, x_dev)
-    for o, v in zip(graph.get_outputs(), outs):
-        binding.bind_ortvalue_output(o.name, v)
+    for label, options in (
+        ("IOBinding + CUDA graph", {"enable_cuda_graph": "1"}),
+        ("IOBinding + CUDA graph + NHWC", {"enable_cuda_graph": "1", "prefer_nhwc": "1"}),
+    ):
+        bound = ort.InferenceSession(model, providers=[("CUDAExecutionProvider", options)])
+        binding = bound.io_binding()
+        binding.bind_ortvalue_input(name, x_dev)
+        for o, v in zip(bound.get_outputs(), outs):
+            binding.bind_ortvalue_output(o.name, v)
 
-    def run_graph():
-        graph.run_with_iobinding(binding)
-        return [v.numpy() for v in outs]
+        def run_bound():
+            bound.run_with_iobinding(binding)
+            return [v.numpy() for v in outs]
 
-    report("Python onnxruntime-gpu IOBinding + CUDA graph",
-           timed(run_graph, iters, warmup))
-
-    nhwc = ort.InferenceSession(model, providers=[
-        ("CUDAExecutionProvider", {"enable_cuda_graph": "1", "prefer_nhwc": "1"})])
-    nhwc_binding = nhwc.io_binding()
-    nhwc_binding.bind_ortvalue_input(name, x_dev)
-    for o, v in zip(nhwc.get_outputs(), outs):
-        nhwc_binding.bind_ortvalue_output(o.name, v)
-
-    def run_nhwc():
-        nhwc.run_with_iobinding(nhwc_binding)
-        return [v.numpy() for v in outs]
-
-    report("Python onnxruntime-gpu IOBinding + CUDA graph + NHWC",
-           timed(run_nhwc, iters, warmup))
+        report(f"Python onnxruntime-gpu {label}", timed(run_bound, iters, warmup))
     return ref
 
 

@@ -104,9 +104,11 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         }
         Precision::Int8 => {
             let qdq = int8::qdq_model(model).map_err(failed)?;
-            if model.backend == BackendChoice::Only(BackendKind::Tract) {
+            if let BackendChoice::Only(kind) = model.backend
+                && !kind.has_int8_kernels()
+            {
                 log::info!(
-                    "tract runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not"
+                    "{kind} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not"
                 );
             }
             qdq
