@@ -165,6 +165,51 @@ impl Session for TractSession {
     }
 }
 
+/// `onnx` made batchable for up to `max_batch` images, where the graph
+/// allows it: rewritten by [`crate::model::dynamic_batch`] and checked by
+/// [`validate_batch`] (batch 2 against single runs), else the export as it
+/// is at batch 1, with the reason. The check costs a few seconds of CPU,
+/// so its verdict is kept in `memo` (a directory: the engine cache), keyed
+/// by the rewritten model's hash, and later starts read it instead.
+pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Option<String>) {
+    if max_batch <= 1 {
+        return (onnx.to_vec(), 1, None);
+    }
+    let rewritten = match crate::model::dynamic_batch(onnx) {
+        Ok((rewritten, _)) => rewritten,
+        Err(why) => return (onnx.to_vec(), 1, Some(why)),
+    };
+    let file = memo.join(format!(
+        "batch-check-{}.txt",
+        &crate::engine_cache::sha256_hex(&rewritten)[..16]
+    ));
+    let verdict = match std::fs::read_to_string(&file) {
+        Ok(memo) if memo == "ok" => Ok(()),
+        Ok(memo) => Err(memo),
+        Err(_) => {
+            let verdict = crate::model::input_shape(&rewritten)
+                .ok()
+                .and_then(|s| Some((*s.get(3)?, *s.get(2)?)))
+                .ok_or_else(|| "no fixed input size".to_owned())
+                .and_then(|size| validate_batch(&rewritten, size, 2));
+            let text = verdict.as_ref().err().map_or("ok", String::as_str);
+            let kept = std::fs::create_dir_all(memo)
+                .and_then(|()| crate::engine_cache::write_atomically(&file, text.as_bytes()));
+            if let Err(e) = kept {
+                log::warn!(
+                    "{}: cannot keep the batch check's verdict ({e}); the next start checks again",
+                    file.display()
+                );
+            }
+            verdict
+        }
+    };
+    match verdict {
+        Ok(()) => (rewritten, max_batch, None),
+        Err(why) => (onnx.to_vec(), 1, Some(why)),
+    }
+}
+
 /// Checks, on the CPU, that `onnx` (rewritten for a symbolic batch by
 /// [`crate::model::dynamic_batch`]) computes for a batch of `batch` images
 /// exactly what it computes for each image alone: same output shapes, and

@@ -415,7 +415,16 @@ impl TrtEngine {
             }
             _ => sources.fp32,
         };
-        let (onnx, max_batch) = batchable(onnx, options.max_batch);
+        // The CPU check of the batch rewrite runs once per model: its
+        // verdict is kept beside the plans.
+        let (onnx, max_batch, why_not) =
+            super::batchable(onnx, options.max_batch, &options.engines);
+        if let Some(why) = why_not {
+            log::warn!(
+                "max_batch {} asked, but this export cannot batch ({why}): building batch 1",
+                options.max_batch
+            );
+        }
         let input_shape = declared_input(&onnx)?;
         let (major, minor) = gpu.compute_capability();
         let request = BuildRequest {
@@ -543,32 +552,6 @@ impl TrtEngine {
     /// How this engine came to be.
     pub fn report(&self) -> &EngineReport {
         &self.report
-    }
-}
-
-/// The ONNX to build and its batch: rewritten for a symbolic batch when
-/// more than one image is asked for and the rewrite holds on the CPU,
-/// else the export as it is, at batch 1, with the reason logged.
-fn batchable(onnx: &[u8], max_batch: u32) -> (Vec<u8>, u32) {
-    if max_batch <= 1 {
-        return (onnx.to_vec(), 1);
-    }
-    let checked = crate::model::dynamic_batch(onnx).and_then(|(rewritten, _)| {
-        let (width, height) = declared_input(&rewritten)
-            .ok()
-            .and_then(|s| Some((*s.get(3)?, *s.get(2)?)))
-            .ok_or("no fixed input size")?;
-        super::validate_batch(&rewritten, (width, height), 2)?;
-        Ok::<_, String>(rewritten)
-    });
-    match checked {
-        Ok(rewritten) => (rewritten, max_batch),
-        Err(why) => {
-            log::warn!(
-                "max_batch {max_batch} asked, but this export cannot batch ({why}): building batch 1"
-            );
-            (onnx.to_vec(), 1)
-        }
     }
 }
 
