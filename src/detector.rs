@@ -61,6 +61,9 @@ pub enum DetectorError {
     /// The outputs did not match the layout.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A raw camera buffer does not hold the frame its layout describes.
+    #[error(transparent)]
+    Frame(#[from] crate::frame::FrameError),
     /// The GPU could not take or preprocess the frame.
     #[cfg(feature = "cuda")]
     #[error(transparent)]
@@ -252,8 +255,29 @@ impl DetectorSession {
         }
     }
 
-    /// Stage 1 from what a camera gives: a raw buffer is converted on the
-    /// GPU where the session runs there, on the host otherwise.
+    /// Stage 1 from a camera's raw buffer: converted by the GPU's kernel
+    /// where the session runs there, on the host otherwise.
+    pub fn preprocess_raw(
+        &mut self,
+        layout: crate::capture::BufferLayout,
+        bytes: &[u8],
+        origin: &str,
+    ) -> Result<Transform, DetectorError> {
+        match &mut self.runner {
+            Runner::Host { .. } => {
+                let frame = crate::capture::to_frame(&layout, bytes, origin)?;
+                self.preprocess(&frame)
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Device { .. } => self.preprocess_camera(crate::preprocess::CameraImage::Raw {
+                layout,
+                bytes,
+                origin,
+            }),
+        }
+    }
+
+    /// Stage 1 from what a camera gives, decoded or raw.
     #[cfg(feature = "cuda")]
     pub fn preprocess_camera(
         &mut self,
@@ -273,11 +297,7 @@ impl DetectorSession {
                     bytes,
                     origin,
                 },
-            ) => {
-                let frame = crate::capture::to_frame(&layout, bytes, origin)
-                    .map_err(crate::preprocess::GpuPreprocessError::from)?;
-                self.preprocess(&frame)
-            }
+            ) => self.preprocess_raw(layout, bytes, origin),
         }
     }
 

@@ -1,9 +1,65 @@
 //! A configured camera's source, whatever it is: the daemon's camera
 //! threads and `nanodetd calibrate` open cameras the same way.
 
-use super::{FolderSource, V4l2Camera, V4l2Error, V4l2Request};
+use super::{
+    BufferLayout, CameraFormat, FolderSource, V4l2Camera, V4l2Error, V4l2Request, to_frame,
+};
 use crate::config::{CameraConfig, SourceConfig};
 use crate::frame::{Frame, FrameError};
+
+/// One captured image: decoded, or the camera's raw buffer for a GPU to
+/// convert (the CPU conversion of a 1080p YUYV frame costs ~8 ms).
+#[derive(Debug, Clone)]
+pub enum Captured {
+    /// A decoded frame (image files, MJPEG, or a converted buffer).
+    Frame(Frame),
+    /// A raw V4L2 buffer, checked against its layout.
+    Raw {
+        /// Its geometry.
+        layout: BufferLayout,
+        /// Its bytes.
+        bytes: Vec<u8>,
+        /// Names it in errors.
+        origin: String,
+    },
+}
+
+impl Captured {
+    /// Width and height in pixels.
+    pub fn size(&self) -> (usize, usize) {
+        match self {
+            Captured::Frame(frame) => (frame.width(), frame.height()),
+            Captured::Raw { layout, .. } => (layout.width, layout.height),
+        }
+    }
+
+    /// The decoded frame, converting a raw buffer on the CPU.
+    pub fn into_frame(self) -> Result<Frame, FrameError> {
+        match self {
+            Captured::Frame(frame) => Ok(frame),
+            Captured::Raw {
+                layout,
+                bytes,
+                origin,
+            } => to_frame(&layout, &bytes, &origin),
+        }
+    }
+
+    /// A raw buffer kept as it is, where `layout` is one a GPU converts
+    /// (everything but MJPEG, which is decoded here); checked, so a short
+    /// buffer is a broken frame now rather than later.
+    pub fn raw(layout: BufferLayout, bytes: &[u8], origin: String) -> Result<Captured, FrameError> {
+        if layout.format == CameraFormat::Mjpeg {
+            return to_frame(&layout, bytes, &origin).map(Captured::Frame);
+        }
+        layout.check(bytes.len(), &origin)?;
+        Ok(Captured::Raw {
+            layout,
+            bytes: bytes[..layout.needed()].to_vec(),
+            origin,
+        })
+    }
+}
 
 /// An opened source.
 pub enum Source {
@@ -51,15 +107,71 @@ impl Source {
 
     /// The next frame (blocking on a live camera).
     pub fn next_frame(&mut self) -> Result<Frame, Miss> {
+        self.next_capture(false)
+            .and_then(|c| c.into_frame().map_err(Miss::Broken))
+    }
+
+    /// The next image; with `raw`, a live camera's buffer as it came
+    /// (image files are always decoded).
+    pub fn next_capture(&mut self, raw: bool) -> Result<Captured, Miss> {
         match self {
             Source::Folder(folder) => match folder.next_frame() {
                 None => Err(Miss::Finished),
-                Some((_, frame)) => frame.map_err(Miss::Broken),
+                Some((_, frame)) => frame.map(Captured::Frame).map_err(Miss::Broken),
             },
-            Source::V4l2(camera) => camera.next_frame().map_err(|e| match e {
+            Source::V4l2(camera) => camera.next_capture(raw).map_err(|e| match e {
                 V4l2Error::Broken(e) => Miss::Broken(e),
                 other => Miss::Lost(other.to_string()),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::encode;
+    use crate::frame::PixelFormat;
+
+    fn photo() -> Frame {
+        let pixels: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        Frame::from_packed(64, 48, PixelFormat::Rgb8, pixels, "test").unwrap()
+    }
+
+    #[test]
+    fn a_raw_capture_keeps_the_buffer_and_converts_as_the_camera_thread_would() {
+        for format in [CameraFormat::Yuyv, CameraFormat::Nv12, CameraFormat::Grey] {
+            let (layout, mut bytes) = encode(&photo(), format, 8).unwrap();
+            let want = to_frame(&layout, &bytes, "want").unwrap();
+            // Drivers may report more bytes than the frame needs.
+            bytes.extend_from_slice(&[0; 16]);
+            let raw = Captured::raw(layout, &bytes, "cam frame 1".into()).unwrap();
+            assert_eq!(raw.size(), (64, 48));
+            let Captured::Raw { bytes: kept, .. } = &raw else {
+                panic!("{format:?} was not kept raw");
+            };
+            assert_eq!(kept.len(), layout.needed(), "{format:?}");
+            assert_eq!(raw.into_frame().unwrap().data(), want.data(), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_raw_buffer_is_a_broken_frame_and_mjpeg_is_decoded_at_once() {
+        let (layout, bytes) = encode(&photo(), CameraFormat::Yuyv, 0).unwrap();
+        let err = Captured::raw(layout, &bytes[..bytes.len() / 2], "cam frame 7".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cam frame 7"), "{err}");
+        let jpeg = photo().to_jpeg(90).unwrap();
+        let layout = BufferLayout {
+            format: CameraFormat::Mjpeg,
+            width: 64,
+            height: 48,
+            bytes_per_line: 0,
+        };
+        assert!(matches!(
+            Captured::raw(layout, &jpeg, "cam frame 8".into()).unwrap(),
+            Captured::Frame(_)
+        ));
     }
 }

@@ -14,6 +14,7 @@ use v4l::prelude::MmapStream;
 use v4l::video::Capture;
 use v4l::{Device, FourCC, Fraction};
 
+use super::Captured;
 use super::convert::{BufferLayout, CameraFormat, to_frame};
 use crate::frame::{Frame, FrameError};
 
@@ -298,6 +299,14 @@ impl V4l2Camera {
     /// The next frame. [`V4l2Error::Broken`] is one bad frame; anything
     /// else means the device must be re-opened.
     pub fn next_frame(&mut self) -> Result<Frame, V4l2Error> {
+        self.next_capture(false)?
+            .into_frame()
+            .map_err(V4l2Error::Broken)
+    }
+
+    /// The next image: with `raw`, the buffer as the driver filled it (one
+    /// copy out of the mmap ring, no conversion), for a GPU to convert.
+    pub fn next_capture(&mut self, raw: bool) -> Result<Captured, V4l2Error> {
         let Some(stream) = self.stream.as_mut() else {
             return Err(self.gone("stream already failed", io::ErrorKind::NotConnected.into()));
         };
@@ -308,7 +317,14 @@ impl V4l2Camera {
         self.sequence += 1;
         let used = (meta.bytesused as usize).min(bytes.len());
         let origin = format!("{} frame {}", self.path.display(), meta.sequence);
-        Ok(to_frame(&self.layout, &bytes[..used], &origin)?)
+        if raw {
+            return Ok(Captured::raw(self.layout, &bytes[..used], origin)?);
+        }
+        Ok(Captured::Frame(to_frame(
+            &self.layout,
+            &bytes[..used],
+            &origin,
+        )?))
     }
 
     fn gone(&mut self, what: &'static str, source: io::Error) -> V4l2Error {

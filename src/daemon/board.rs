@@ -4,10 +4,11 @@
 //! counted. Replays without a set rate wait instead, so none is lost.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::frame::Frame;
+use crate::capture::Captured;
 
 /// Now, in seconds since the Unix epoch: the clock events and frames are
 /// stamped with (0 if the clock is before 1970).
@@ -22,8 +23,8 @@ pub fn wall_time() -> f64 {
 pub struct CapturedFrame {
     /// The camera's name.
     pub camera: String,
-    /// The image.
-    pub frame: Frame,
+    /// The image, decoded or raw.
+    pub image: Captured,
     /// Monotonic capture time, for latency figures.
     pub captured: Instant,
     /// Wall-clock capture time, seconds since the Unix epoch.
@@ -52,9 +53,23 @@ pub struct FrameBoard {
     slots: Mutex<BTreeMap<String, Slot>>,
     /// Signalled when a frame arrives (detector) or is taken (replays).
     changed: Condvar,
+    /// Set while the detector runs on a GPU that converts camera buffers
+    /// itself: cameras then hand over raw buffers instead of converting.
+    raw_wanted: AtomicBool,
 }
 
 impl FrameBoard {
+    /// Whether cameras should hand over raw buffers.
+    pub fn raw_wanted(&self) -> bool {
+        self.raw_wanted.load(Ordering::Relaxed)
+    }
+
+    /// Set by the detector for the session in service. Frames already
+    /// waiting of the other kind are still taken: the detector reads both.
+    pub fn set_raw_wanted(&self, raw: bool) {
+        self.raw_wanted.store(raw, Ordering::Relaxed);
+    }
+
     fn slots(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -73,6 +88,9 @@ impl FrameBoard {
 
     /// Offers a frame once the previous one of its camera has been taken,
     /// waiting at most `timeout`. Gives the frame back on timeout.
+    // The frame comes back to the one caller, which offers it again: a
+    // move of a few words per retry, not worth a box per frame.
+    #[allow(clippy::result_large_err)]
     pub fn put_when_free(
         &self,
         frame: CapturedFrame,
@@ -147,12 +165,14 @@ impl FrameBoard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::PixelFormat;
+    use crate::frame::{Frame, PixelFormat};
 
     fn captured(camera: &str, tag: u8) -> CapturedFrame {
         CapturedFrame {
             camera: camera.into(),
-            frame: Frame::from_packed(1, 1, PixelFormat::Gray8, vec![tag], "test").unwrap(),
+            image: Captured::Frame(
+                Frame::from_packed(1, 1, PixelFormat::Gray8, vec![tag], "test").unwrap(),
+            ),
             captured: Instant::now(),
             wall_time: 0.0,
         }
@@ -160,7 +180,10 @@ mod tests {
 
     fn tag(work: Option<Work>) -> String {
         match work {
-            Some(Work::Frame(f)) => format!("{} {}", f.camera, f.frame.data()[0]),
+            Some(Work::Frame(f)) => match f.image {
+                Captured::Frame(frame) => format!("{} {}", f.camera, frame.data()[0]),
+                Captured::Raw { .. } => format!("{} raw", f.camera),
+            },
             Some(Work::Ended(c)) => format!("{c} ended"),
             None => "none".into(),
         }

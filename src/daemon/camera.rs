@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, FrameBoard, wall_time};
+use crate::capture::Captured;
 use crate::capture::{Miss, Source};
 use crate::config::CameraConfig;
-use crate::frame::Frame;
 use crate::watchdog::Heartbeat;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -233,7 +233,7 @@ impl CameraRunner {
         let mut due = Instant::now();
         while !self.stopping() {
             self.heartbeat.touch();
-            let frame = match source.next_frame() {
+            let frame = match source.next_capture(self.board.raw_wanted()) {
                 Ok(frame) => frame,
                 Err(Miss::Broken(e)) => {
                     let n = self.counters.broken.fetch_add(1, Ordering::Relaxed) + 1;
@@ -277,10 +277,10 @@ impl CameraRunner {
 
     /// Hands one frame to the detector. Replays without a rate wait for
     /// it; everything else replaces an untaken frame. False on stop.
-    fn deliver(&self, frame: Frame, wait: bool) -> bool {
+    fn deliver(&self, image: Captured, wait: bool) -> bool {
         let mut captured = CapturedFrame {
             camera: self.name().to_owned(),
-            frame,
+            image,
             captured: Instant::now(),
             wall_time: wall_time(),
         };

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::board::{CapturedFrame, FrameBoard, Work, wall_time};
 use super::stats::{Latencies, Stage};
+use crate::capture::Captured;
 use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorSession};
 use crate::mqtt::{self, Outbox};
@@ -145,6 +146,9 @@ impl DetectorTask {
     pub fn run(mut self, mut session: DetectorSession) {
         let mut config = self.config.borrow_and_update().clone();
         let mut cameras: BTreeMap<String, CameraTrack> = BTreeMap::new();
+        // A GPU session converts camera buffers in its kernel: cameras
+        // skip their own conversion.
+        self.board.set_raw_wanted(session.on_gpu());
         loop {
             self.heartbeat.touch();
             if let Some((model, detector)) = self.models.try_iter().last() {
@@ -157,6 +161,7 @@ impl DetectorTask {
                             .unwrap_or_else(PoisonError::into_inner) =
                             ModelInService::new(model, &detector);
                         session = s;
+                        self.board.set_raw_wanted(session.on_gpu());
                         self.retune(&config, &session, &mut cameras);
                     }
                     Err(e) => log::error!("detector: new model unusable, keeping the old: {e}"),
@@ -229,7 +234,15 @@ impl DetectorTask {
         else {
             return; // removed by a reload while its last frame waited
         };
-        let result = session.preprocess(&captured.frame).and_then(|transform| {
+        let preprocessed = match &captured.image {
+            Captured::Frame(frame) => session.preprocess(frame),
+            Captured::Raw {
+                layout,
+                bytes,
+                origin,
+            } => session.preprocess_raw(*layout, bytes, origin),
+        };
+        let result = preprocessed.and_then(|transform| {
             let preprocessed = Instant::now();
             session.infer()?;
             let inferred = Instant::now();
@@ -255,7 +268,7 @@ impl DetectorTask {
                 last_frame: taken,
                 last_detections: None,
             });
-        let size = (captured.frame.width(), captured.frame.height());
+        let size = captured.image.size();
         if cam.frame_size != size && cam.frame_size != (0, 0) {
             // A new resolution is a new scene (a replay's next photo, a
             // renegotiated camera): boxes of the old one mean nothing in it.
