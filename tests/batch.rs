@@ -1,6 +1,7 @@
-//! Batch-1 exports made batchable for GPUs that serve several cameras:
-//! the rewrite on the real models, checked by running batch 4 against
-//! four single runs on the CPU.
+//! Rewrites of the real exports for GPU engines, checked on the CPU:
+//! batch-1 exports made batchable for GPUs that serve several cameras
+//! (batch 4 against four single runs), and the FP16 copy TensorRT 11
+//! builds (its detections against the FP32 model's).
 
 #![allow(clippy::unwrap_used)]
 
@@ -84,4 +85,80 @@ fn the_batch_check_runs_once_per_model_and_its_verdict_is_kept() {
     let (same, batch, why) = batchable(&plus, 1, &memo.path().join("unused"));
     assert_eq!((same == plus, batch, why), (true, 1, None));
     assert!(!memo.path().join("unused").exists());
+}
+
+#[test]
+fn the_fp16_copy_finds_what_the_fp32_model_finds() {
+    use std::sync::Arc;
+
+    use nanodetd::backend::{BackendKind, EngineOptions, open_engine};
+    use nanodetd::frame::Frame;
+    use nanodetd::model::to_fp16;
+
+    let Some(a) = assets("the_fp16_copy_finds_what_the_fp32_model_finds") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["nanodet-plus-m_320", "nanodet-m_320"] {
+        let fp32 = model(&a, name);
+        let (half, report) = to_fp16(&std::fs::read(&fp32).unwrap()).unwrap();
+        assert!(report.converted > 100, "{name}: {report:?}");
+        let half_path = dir.path().join(format!("{name}.fp16.onnx"));
+        std::fs::write(&half_path, &half).unwrap();
+        let detector = |path: &std::path::Path| {
+            support::live_detector_on(
+                open_engine(BackendKind::Tract, path, &EngineOptions::default()).unwrap(),
+            )
+        };
+        let (full, halved): (Arc<_>, Arc<_>) = (detector(&fp32), detector(&half_path));
+        let (mut full, mut halved) = (full.session().unwrap(), halved.session().unwrap());
+        let mut compared = 0;
+        for photo in ["hpc203_bus.jpg", "hpc203_zidane.jpg", "skimage_chelsea.png"] {
+            let frame = Frame::from_file(&support::sample(&a, photo)).unwrap();
+            let (want, got) = (full.detect(&frame).unwrap(), halved.detect(&frame).unwrap());
+            // float16 keeps 11 bits: scores move in the third decimal, so
+            // only detections clear of the floor are matched.
+            for w in want.iter().filter(|d| d.score > 0.45) {
+                let g = got
+                    .iter()
+                    .filter(|g| g.class_id == w.class_id)
+                    .min_by(|x, y| {
+                        let d = |d: &&nanodetd::postprocess::Detection| {
+                            d.bbox
+                                .iter()
+                                .zip(&w.bbox)
+                                .map(|(p, q)| (p - q).abs())
+                                .fold(0f32, f32::max)
+                        };
+                        d(x).total_cmp(&d(y))
+                    })
+                    .unwrap_or_else(|| panic!("{name} {photo}: FP16 lost {w:?}"));
+                assert!(
+                    (g.score - w.score).abs() < 0.02,
+                    "{name} {photo}: {g:?} vs {w:?}"
+                );
+                for (p, q) in g.bbox.iter().zip(&w.bbox) {
+                    assert!((p - q).abs() < 2.0, "{name} {photo}: {g:?} vs {w:?}");
+                }
+                compared += 1;
+            }
+        }
+        assert!(compared >= 3, "{name}: only {compared} detections compared");
+        // The ONNX checker, where Python has it (CI installs onnx).
+        let checked = std::process::Command::new("python3")
+            .args(["-c", "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)"])
+            .arg(&half_path)
+            .output()
+            .unwrap();
+        if std::env::var_os("CI").is_some() || checked.status.success() {
+            assert!(
+                checked.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
+    // Bad input is one line, not a panic.
+    let garbage = to_fp16(b"not onnx").unwrap_err();
+    assert!(garbage.contains("not an ONNX model"), "{garbage}");
 }

@@ -3,12 +3,14 @@
 
 mod batch;
 mod decode;
+mod fp16;
 mod layout;
 
 use std::path::{Path, PathBuf};
 
 pub use batch::{BATCH, BatchRewrite, dynamic_batch, input_shape};
 pub use decode::{Candidate, DecodeError, DecodeParams};
+pub use fp16::{HalfConversion, to_fp16};
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
 };

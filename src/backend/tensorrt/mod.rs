@@ -130,14 +130,6 @@ pub fn plan_precision(
         ));
         precision = TrtPrecision::Fp32;
     }
-    if precision == TrtPrecision::Fp16 && library.major >= 11 {
-        // Strongly typed: the ONNX's types decide, and an FP32 export
-        // stays FP32. Converting the model to FP16 is not done yet.
-        fallbacks.push(format!(
-            "FP16 asked, but TensorRT {library} builds the ONNX's own types and this model is FP32: building FP32"
-        ));
-        precision = TrtPrecision::Fp32;
-    }
     let float_layers_fp16 = library.major < 11 && fast_fp16(compute_capability);
     let dla_core = match dla_core {
         Some(core) if core >= dla_cores => {
@@ -393,7 +385,7 @@ impl TrtEngine {
                 TensorRt::header_major()
             )));
         }
-        let plan = plan_precision(
+        let mut plan = plan_precision(
             options.precision,
             version,
             gpu.compute_capability(),
@@ -405,13 +397,37 @@ impl TrtEngine {
         }
 
         // A Q/DQ graph needs INT8 enabled: a fallback from INT8 builds
-        // the float model.
+        // the float model. TensorRT 11 builds the ONNX's own types, so FP16
+        // there means an FP16 copy of the model.
+        let half;
         let onnx = match (plan.precision, sources.qdq) {
             (TrtPrecision::Int8Qdq, Some(qdq)) => qdq,
             (TrtPrecision::Int8Qdq, None) => {
                 return Err(unavailable(
                     "INT8 from Q/DQ asked, but no Q/DQ model was given".into(),
                 ));
+            }
+            (TrtPrecision::Fp16, _) if version.major >= 11 => {
+                match crate::model::to_fp16(sources.fp32) {
+                    Ok((bytes, report)) => {
+                        log::info!(
+                            "TensorRT {version} builds the ONNX's own types: an FP16 copy of the model ({} weights in float16, {} kept float32)",
+                            report.converted,
+                            report.kept_float
+                        );
+                        half = bytes;
+                        &half
+                    }
+                    Err(why) => {
+                        let note = format!(
+                            "FP16 asked, but TensorRT {version} builds the ONNX's own types and the FP16 copy failed ({why}): building FP32"
+                        );
+                        log::warn!("{note}");
+                        plan.fallbacks.push(note);
+                        plan.precision = TrtPrecision::Fp32;
+                        sources.fp32
+                    }
+                }
             }
             _ => sources.fp32,
         };
@@ -823,13 +839,10 @@ mod tests {
         assert_eq!(calibrator.precision, TrtPrecision::Int8Qdq);
         assert!(calibrator.fallbacks[0].contains("removed the implicit calibrator"));
         assert!(!calibrator.float_layers_fp16);
+        // FP16 stays FP16: the engine builds an FP16 copy of the model.
         let fp16 = plan_precision(TrtPrecision::Fp16, TRT_11, (9, 0), None, 0);
-        assert_eq!(fp16.precision, TrtPrecision::Fp32);
-        assert!(
-            fp16.fallbacks[0].contains("ONNX's own types"),
-            "{:?}",
-            fp16.fallbacks
-        );
+        assert_eq!(fp16.precision, TrtPrecision::Fp16);
+        assert!(fp16.fallbacks.is_empty(), "{:?}", fp16.fallbacks);
         // The legacy calibrator is still there before 11.
         let legacy = plan_precision(TrtPrecision::Int8Calibrator, TRT_10, (8, 7), None, 0);
         assert_eq!(legacy.precision, TrtPrecision::Int8Calibrator);
