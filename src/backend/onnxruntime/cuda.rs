@@ -41,6 +41,9 @@ pub(super) struct CudaSession {
     /// A view of `_input_tensor`'s memory: ONNX Runtime frees it.
     input: ManuallyDrop<CudaSlice<f32>>,
     gpu: Arc<Gpu>,
+    /// Whether the provider runs on the GPU's stream (CUDA's does; the
+    /// TensorRT provider's has its own, so the input is synced first).
+    shares_stream: bool,
     image_shape: Vec<usize>,
     per_image: usize,
     results: BatchOutputs,
@@ -104,9 +107,13 @@ impl CudaSession {
             outputs.push(OutputBuffer { device, host });
         }
         let mut run_options = RunOptions::new().map_err(error)?;
-        // The copies to the host follow on the same stream, and one sync
-        // after them does for both.
-        run_options.disable_device_sync().map_err(error)?;
+        // The CUDA provider runs on nanodetd's stream, so the copies to the
+        // host follow it there and one sync after them does for both. The
+        // TensorRT provider has a stream of its own: the run syncs.
+        let shares_stream = engine.provider == super::Provider::Cuda;
+        if shares_stream {
+            run_options.disable_device_sync().map_err(error)?;
+        }
         Ok(CudaSession {
             binding,
             _input_tensor: input_tensor,
@@ -116,6 +123,7 @@ impl CudaSession {
             outputs,
             input,
             gpu,
+            shares_stream,
             image_shape: engine.info.input.shape.clone(),
             per_image,
             results: BatchOutputs::default(),
@@ -127,6 +135,11 @@ impl CudaSession {
     #[allow(unsafe_code)]
     fn run_image(&mut self) -> Result<(), BackendError> {
         let stream = self.gpu.stream().clone();
+        if !self.shares_stream {
+            stream
+                .synchronize()
+                .map_err(driver("waiting for the input"))?;
+        }
         self.session
             .run_binding_with_options(&self.binding, &self.run_options)
             .map_err(|e| BackendError::Run(e.to_string()))?;
