@@ -119,27 +119,16 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
             // float16 keeps 11 bits: scores move in the third decimal, so
             // only detections clear of the floor are matched.
             for w in want.iter().filter(|d| d.score > 0.45) {
-                let g = got
-                    .iter()
-                    .filter(|g| g.class_id == w.class_id)
-                    .min_by(|x, y| {
-                        let d = |d: &&nanodetd::postprocess::Detection| {
-                            d.bbox
-                                .iter()
-                                .zip(&w.bbox)
-                                .map(|(p, q)| (p - q).abs())
-                                .fold(0f32, f32::max)
-                        };
-                        d(x).total_cmp(&d(y))
-                    })
+                let g = support::nearest(&got, w)
                     .unwrap_or_else(|| panic!("{name} {photo}: FP16 lost {w:?}"));
                 assert!(
                     (g.score - w.score).abs() < 0.02,
                     "{name} {photo}: {g:?} vs {w:?}"
                 );
-                for (p, q) in g.bbox.iter().zip(&w.bbox) {
-                    assert!((p - q).abs() < 2.0, "{name} {photo}: {g:?} vs {w:?}");
-                }
+                assert!(
+                    support::box_diff(g, w) < 2.0,
+                    "{name} {photo}: {g:?} vs {w:?}"
+                );
                 compared += 1;
             }
         }

@@ -309,15 +309,11 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
             // Scores clear of the 0.35 floor, so a TF32 rounding cannot
             // put a box on one side of it and not the other.
             for w in want.iter().filter(|d| d.score > 0.4) {
-                let matched = got
-                    .iter()
-                    .filter(|g| g.class_id == w.class_id)
-                    .min_by(|a, b| box_diff(a, w).total_cmp(&box_diff(b, w)))
-                    .unwrap_or_else(|| {
-                        panic!("{origin}: no GPU detection of class {} ({w:?})", w.class_id)
-                    });
+                let matched = support::nearest(&got, w).unwrap_or_else(|| {
+                    panic!("{origin}: no GPU detection of class {} ({w:?})", w.class_id)
+                });
                 worst_score = worst_score.max((matched.score - w.score).abs());
-                worst_box = worst_box.max(box_diff(matched, w));
+                worst_box = worst_box.max(support::box_diff(matched, w));
                 compared += 1;
             }
             assert!(
@@ -331,12 +327,4 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
     eprintln!(
         "{test}: {compared} detections, worst score difference {worst_score}, worst box difference {worst_box} px"
     );
-}
-
-fn box_diff(a: &nanodetd::postprocess::Detection, b: &nanodetd::postprocess::Detection) -> f32 {
-    a.bbox
-        .iter()
-        .zip(&b.bbox)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use nanodetd::backend::{self, BackendKind, EngineOptions};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::model::LayoutOverrides;
+use nanodetd::postprocess::Detection;
 
 use prost::Message;
 use tract_onnx::pb;
@@ -303,4 +304,22 @@ pub fn onnxruntime_library(test: &str) -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// Largest difference between two boxes' coordinates, in pixels.
+pub fn box_diff(a: &Detection, b: &Detection) -> f32 {
+    a.bbox
+        .iter()
+        .zip(&b.bbox)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The detection in `found` of `wanted`'s class whose box is nearest to
+/// it: how two runs' answers are paired when scores reorder them.
+pub fn nearest<'a>(found: &'a [Detection], wanted: &Detection) -> Option<&'a Detection> {
+    found
+        .iter()
+        .filter(|d| d.class_id == wanted.class_id)
+        .min_by(|a, b| box_diff(a, wanted).total_cmp(&box_diff(b, wanted)))
 }
