@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 
 use super::{ChannelOrder, PreprocessSpec, ResizeMode, Transform, placement, taps};
@@ -166,12 +167,9 @@ impl GpuPreprocessor {
             .as_mut_slice()
             .map_err(GpuError::driver("waiting for the staging buffer"))?
             .copy_from_slice(bytes);
-        let Some(staging) = self.staging.take() else {
-            return Err(GpuPreprocessError::NothingStaged);
-        };
-        let uploaded = self.upload(staged, &staging);
-        self.staging = Some(staging);
-        uploaded
+        upload(self.gpu.stream(), &mut self.source, staging)?;
+        self.staged = Some(staged);
+        Ok(())
     }
 
     /// Queues the upload of a raw camera buffer the caller holds in pinned
@@ -202,31 +200,7 @@ impl GpuPreprocessor {
                 ),
             });
         }
-        self.upload(staged, pinned)
-    }
-
-    /// Queues the copy of `pinned` (exactly the staged frame's bytes) to
-    /// the device frame buffer.
-    #[allow(unsafe_code)]
-    fn upload(
-        &mut self,
-        staged: Staged,
-        pinned: &PinnedHostSlice<u8>,
-    ) -> Result<(), GpuPreprocessError> {
-        let stream = self.gpu.stream().clone();
-        let source = match self.source.as_mut() {
-            Some(source) if source.len() == pinned.len() => source,
-            _ => {
-                // SAFETY: filled completely by the copy below before the
-                // kernel reads it (same stream).
-                let source = unsafe { stream.alloc::<u8>(pinned.len()) }
-                    .map_err(GpuError::driver("allocating the frame buffer"))?;
-                self.source.insert(source)
-            }
-        };
-        stream
-            .memcpy_htod(pinned, source)
-            .map_err(GpuError::driver("copying the frame to the device"))?;
+        upload(self.gpu.stream(), &mut self.source, pinned)?;
         self.staged = Some(staged);
         Ok(())
     }
@@ -327,6 +301,29 @@ impl GpuPreprocessor {
         self.stage(image)?;
         self.launch(spec, out)
     }
+}
+
+/// Queues the copy of `pinned` (exactly the staged frame's bytes) into
+/// the device frame buffer `source`, made or remade to its size.
+#[allow(unsafe_code)]
+fn upload(
+    stream: &Arc<CudaStream>,
+    source: &mut Option<CudaSlice<u8>>,
+    pinned: &PinnedHostSlice<u8>,
+) -> Result<(), GpuError> {
+    let source = match source {
+        Some(source) if source.len() == pinned.len() => source,
+        _ => {
+            // SAFETY: filled completely by the copy below before the
+            // kernel reads it (same stream).
+            let buffer = unsafe { stream.alloc::<u8>(pinned.len()) }
+                .map_err(GpuError::driver("allocating the frame buffer"))?;
+            source.insert(buffer)
+        }
+    };
+    stream
+        .memcpy_htod(pinned, source)
+        .map_err(GpuError::driver("copying the frame to the device"))
 }
 
 fn as_int(value: usize) -> Result<i32, GpuPreprocessError> {
