@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::backend::BackendChoice;
 use crate::backend::onnxruntime::Provider;
-use crate::capture::CameraFormat;
+use crate::capture::{CameraFormat, IfUnsupported};
 
 /// A score or IoU in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -537,13 +537,17 @@ pub struct CameraConfig {
     /// track real (the tracker needs several frames).
     #[serde(default = "default_repeat")]
     pub repeat: u32,
-    /// V4L2 pixel format (mjpeg, yuyv, nv12, grey, rgb24, bgr24); chosen
+    /// V4L2 pixel format (mjpeg, yuyv, uyvy, nv12, grey, rgb24, bgr24); chosen
     /// from what the device offers when unset.
     #[serde(default)]
     pub format: Option<CameraFormat>,
     /// V4L2 `[width, height]`; chosen when unset.
     #[serde(default)]
     pub size: Option<[u32; 2]>,
+    /// When the device lacks `format` or `size`: `negotiate` (stream what
+    /// it offers, with a warning) or `refuse` (an error, retried).
+    #[serde(default)]
+    pub if_unsupported: IfUnsupported,
     /// Named polygons in image pixels.
     #[serde(default)]
     pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
@@ -563,6 +567,7 @@ impl CameraConfig {
             self.repeat,
             self.format,
             self.size,
+            self.if_unsupported,
         ) == (
             &other.source,
             other.fps,
@@ -570,6 +575,7 @@ impl CameraConfig {
             other.repeat,
             other.format,
             other.size,
+            other.if_unsupported,
         )
     }
 }

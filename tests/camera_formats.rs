@@ -69,3 +69,59 @@ fn sample_folder_plays_every_photo_once() {
     }
     assert_eq!(decoded, listed);
 }
+
+/// JPEG segments: (marker, whole segment bytes) up to the start of scan,
+/// then the rest.
+fn split_segments(jpeg: &[u8]) -> (Vec<(u8, Vec<u8>)>, Vec<u8>) {
+    assert_eq!(&jpeg[..2], &[0xFF, 0xD8]);
+    let mut at = 2;
+    let mut segments = Vec::new();
+    loop {
+        assert_eq!(jpeg[at], 0xFF, "marker expected at {at}");
+        let marker = jpeg[at + 1];
+        let len = usize::from(u16::from_be_bytes([jpeg[at + 2], jpeg[at + 3]]));
+        if marker == 0xDA {
+            return (segments, jpeg[at..].to_vec());
+        }
+        segments.push((marker, jpeg[at..at + 2 + len].to_vec()));
+        at += 2 + len;
+    }
+}
+
+#[test]
+fn uvc_mjpeg_without_huffman_tables_decodes_like_the_full_jpeg() {
+    let Some(a) = assets("uvc_mjpeg_without_huffman_tables_decodes_like_the_full_jpeg") else {
+        return;
+    };
+    let original = Frame::from_file(&sample(&a, "skimage_chelsea.png")).unwrap();
+    let jpeg = original.to_jpeg(85).unwrap();
+    let (segments, scan) = split_segments(&jpeg);
+    assert!(
+        segments.iter().any(|(m, _)| *m == 0xC4),
+        "the encoder wrote no DHT to take out"
+    );
+    // What UVC webcams send: an APP0 "AVI1" segment in place of JFIF, and
+    // no DHT: the decoder must supply JPEG's standard (Annex K) tables.
+    let mut uvc = vec![0xFF, 0xD8];
+    uvc.extend_from_slice(&[0xFF, 0xE0, 0x00, 0x10]);
+    uvc.extend_from_slice(b"AVI1\0\0\0\0\0\0\0\0\0\0");
+    for (marker, bytes) in &segments {
+        if *marker != 0xC4 && *marker != 0xE0 {
+            uvc.extend_from_slice(bytes);
+        }
+    }
+    uvc.extend_from_slice(&scan);
+    let layout = nanodetd::capture::BufferLayout {
+        format: CameraFormat::Mjpeg,
+        width: original.width(),
+        height: original.height(),
+        bytes_per_line: 0,
+    };
+    let full = to_frame(&layout, &jpeg, "full").unwrap();
+    let stripped = to_frame(&layout, &uvc, "uvc frame 1").unwrap();
+    assert_eq!(
+        (stripped.width(), stripped.height()),
+        (full.width(), full.height())
+    );
+    assert_eq!(stripped.data(), full.data());
+}

@@ -102,6 +102,7 @@ fn cases(assets: &Path) -> Vec<Case> {
         CameraFormat::Bgr24,
         CameraFormat::Grey,
         CameraFormat::Yuyv,
+        CameraFormat::Uyvy,
         CameraFormat::Nv12,
     ];
     let specs = [(320, 320), (416, 416), (320, 192)];

@@ -12,6 +12,8 @@ pub enum CameraFormat {
     Mjpeg,
     /// Packed 4:2:2, Y0 U Y1 V.
     Yuyv,
+    /// Packed 4:2:2, U Y0 V Y1 (many HDMI grabbers and industrial cameras).
+    Uyvy,
     /// Planar Y, then interleaved U V at half resolution both ways.
     Nv12,
     /// 8-bit luma only.
@@ -20,6 +22,32 @@ pub enum CameraFormat {
     Rgb24,
     /// Packed B G R.
     Bgr24,
+}
+
+impl CameraFormat {
+    /// Every format, by its configuration name.
+    pub const NAMED: [(&'static str, CameraFormat); 7] = [
+        ("mjpeg", CameraFormat::Mjpeg),
+        ("yuyv", CameraFormat::Yuyv),
+        ("uyvy", CameraFormat::Uyvy),
+        ("nv12", CameraFormat::Nv12),
+        ("grey", CameraFormat::Grey),
+        ("rgb24", CameraFormat::Rgb24),
+        ("bgr24", CameraFormat::Bgr24),
+    ];
+}
+
+impl std::str::FromStr for CameraFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<CameraFormat, String> {
+        let names: Vec<&str> = CameraFormat::NAMED.iter().map(|(n, _)| *n).collect();
+        CameraFormat::NAMED
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(s))
+            .map(|(_, f)| *f)
+            .ok_or_else(|| format!("{s:?}: the formats are {}", names.join(", ")))
+    }
 }
 
 /// Geometry of one raw buffer.
@@ -41,7 +69,7 @@ impl BufferLayout {
         match self.format {
             // Chroma comes per pixel pair, so an odd width still needs
             // the whole last pair.
-            CameraFormat::Yuyv => self.width.div_ceil(2) * 4,
+            CameraFormat::Yuyv | CameraFormat::Uyvy => self.width.div_ceil(2) * 4,
             CameraFormat::Nv12 => self.width.div_ceil(2) * 2,
             CameraFormat::Rgb24 | CameraFormat::Bgr24 => self.width * 3,
             CameraFormat::Grey | CameraFormat::Mjpeg => self.width,
@@ -120,13 +148,19 @@ pub fn to_frame(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Fra
             PixelFormat::Bgr8,
             rows.flat_map(|r| &r[..w * 3]).copied().collect(),
         ),
-        CameraFormat::Yuyv => {
+        CameraFormat::Yuyv | CameraFormat::Uyvy => {
+            // Byte offsets of Y0, Cb, Y1, Cr within a pixel pair.
+            let [y0, cb, y1, cr] = if layout.format == CameraFormat::Yuyv {
+                [0, 1, 2, 3]
+            } else {
+                [1, 0, 3, 2]
+            };
             let mut out = Vec::with_capacity(w * h * 3);
             for row in rows {
                 for x in 0..w {
                     let pair = &row[(x / 2) * 4..(x / 2) * 4 + 4];
-                    let y = if x % 2 == 0 { pair[0] } else { pair[2] };
-                    out.extend_from_slice(&ycbcr_to_bgr(y, pair[1], pair[3]));
+                    let y = if x % 2 == 0 { pair[y0] } else { pair[y1] };
+                    out.extend_from_slice(&ycbcr_to_bgr(y, pair[cb], pair[cr]));
                 }
             }
             (PixelFormat::Bgr8, out)
@@ -201,11 +235,15 @@ pub fn encode(
     for y in 0..h {
         let row = &mut bytes[y * stride..][..row_bytes];
         match format {
-            CameraFormat::Yuyv => {
+            CameraFormat::Yuyv | CameraFormat::Uyvy => {
                 for (pair, out) in row.chunks_exact_mut(4).enumerate() {
                     let a = bgr_to_ycbcr(bgr_at(2 * pair, y));
                     let b = bgr_to_ycbcr(bgr_at(2 * pair + 1, y));
-                    out.copy_from_slice(&[a[0], a[1], b[0], a[2]]);
+                    out.copy_from_slice(&if format == CameraFormat::Yuyv {
+                        [a[0], a[1], b[0], a[2]]
+                    } else {
+                        [a[1], a[0], a[2], b[0]]
+                    });
                 }
             }
             CameraFormat::Nv12 | CameraFormat::Grey => {
@@ -269,6 +307,16 @@ mod tests {
         let f = to_frame(&layout(CameraFormat::Yuyv, 2, 2, 6), &bytes, "cam0 #1").unwrap();
         assert_eq!(f.format(), PixelFormat::Bgr8);
         assert_eq!(f.data(), &[0, 0, 0, 255, 255, 255, 255, 255, 255, 0, 0, 0]);
+    }
+
+    #[test]
+    fn uyvy_is_yuyv_with_chroma_first() {
+        let yuyv = [16, 90, 235, 240, 81, 128, 81, 128];
+        let uyvy = [90, 16, 240, 235, 128, 81, 128, 81];
+        let a = to_frame(&layout(CameraFormat::Yuyv, 2, 2, 4), &yuyv, "a").unwrap();
+        let b = to_frame(&layout(CameraFormat::Uyvy, 2, 2, 4), &uyvy, "b").unwrap();
+        assert_eq!(a.data(), b.data());
+        assert_ne!(a.data()[..3], a.data()[3..6]);
     }
 
     #[test]
@@ -377,7 +425,7 @@ mod tests {
         }
         // Chroma is shared by pairs (and rows, for NV12): each pixel comes
         // back close to the pair's first pixel's colour at least.
-        for format in [CameraFormat::Yuyv, CameraFormat::Nv12] {
+        for format in [CameraFormat::Yuyv, CameraFormat::Uyvy, CameraFormat::Nv12] {
             let (layout, bytes) = encode(&frame, format, 3).unwrap();
             assert_eq!(bytes.len(), layout.needed());
             let back = to_frame(&layout, &bytes, "t").unwrap();

@@ -11,4 +11,7 @@ mod v4l2;
 pub use convert::{BufferLayout, CameraFormat, encode, to_frame};
 pub use folder::{FolderError, FolderSource};
 pub use source::{Captured, Miss, Source};
-pub use v4l2::{FormatOffer, SizeOffer, V4l2Camera, V4l2Error, V4l2Request, negotiate};
+pub use v4l2::{
+    FormatOffer, IfUnsupported, Negotiated, SizeOffer, V4l2Camera, V4l2Error, V4l2Request,
+    negotiate, negotiate_or_fall_back,
+};

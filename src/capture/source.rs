@@ -92,6 +92,7 @@ impl Source {
                     format: camera.format,
                     size: camera.size.map(|[w, h]| (w, h)),
                     fps: camera.fps,
+                    if_unsupported: camera.if_unsupported,
                 };
                 V4l2Camera::open(path, &request)
                     .map(|c| Source::V4l2(Box::new(c)))

@@ -22,6 +22,10 @@ use crate::frame::{Frame, FrameError};
 /// that the newest frame is never far behind.
 const BUFFERS: u32 = 4;
 
+/// errno of an ioctl on a device whose driver has gone (Linux, every
+/// architecture).
+const ENODEV: i32 = 19;
+
 /// With no size configured, the smallest size at least this wide is chosen:
 /// NanoDet sees 320 to 416 pixels, so more only costs USB bandwidth and
 /// conversion time.
@@ -76,6 +80,17 @@ pub struct FormatOffer {
     pub sizes: SizeOffer,
 }
 
+/// What to do when a device does not offer the configured format or size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfUnsupported {
+    /// Stream what the device does offer, chosen as if unset, and say so.
+    #[default]
+    Negotiate,
+    /// Fail, listing what the device offers (and keep retrying).
+    Refuse,
+}
+
 /// What the configuration asks of a camera; `None` lets nanodetd choose.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct V4l2Request {
@@ -85,6 +100,8 @@ pub struct V4l2Request {
     pub size: Option<(u32, u32)>,
     /// Frames per second.
     pub fps: Option<f32>,
+    /// When `format` or `size` is not offered.
+    pub if_unsupported: IfUnsupported,
 }
 
 /// The fourcc of each supported format.
@@ -92,6 +109,7 @@ fn fourcc(format: CameraFormat) -> FourCC {
     FourCC::new(match format {
         CameraFormat::Mjpeg => b"MJPG",
         CameraFormat::Yuyv => b"YUYV",
+        CameraFormat::Uyvy => b"UYVY",
         CameraFormat::Nv12 => b"NV12",
         CameraFormat::Grey => b"GREY",
         CameraFormat::Rgb24 => b"RGB3",
@@ -103,6 +121,7 @@ fn from_fourcc(code: &FourCC) -> Option<CameraFormat> {
     Some(match &code.repr {
         b"MJPG" | b"JPEG" => CameraFormat::Mjpeg,
         b"YUYV" => CameraFormat::Yuyv,
+        b"UYVY" => CameraFormat::Uyvy,
         b"NV12" => CameraFormat::Nv12,
         b"GREY" => CameraFormat::Grey,
         b"RGB3" => CameraFormat::Rgb24,
@@ -113,8 +132,9 @@ fn from_fourcc(code: &FourCC) -> Option<CameraFormat> {
 
 /// Cheapest conversion first: YUYV and NV12 convert in one pass, MJPEG
 /// needs a decode, packed RGB costs bandwidth, grey loses colour.
-const FORMAT_PREFERENCE: [CameraFormat; 6] = [
+const FORMAT_PREFERENCE: [CameraFormat; 7] = [
     CameraFormat::Yuyv,
+    CameraFormat::Uyvy,
     CameraFormat::Nv12,
     CameraFormat::Mjpeg,
     CameraFormat::Bgr24,
@@ -185,6 +205,59 @@ pub fn negotiate(
     ))
 }
 
+/// [`negotiate`] under the request's [`IfUnsupported`] policy: when the
+/// asked format or size is not offered, `Negotiate` drops the format
+/// first (a camera's sizes matter more to zones and masks), then both,
+/// and returns the warning to log beside the choice.
+pub fn negotiate_or_fall_back(
+    offers: &[FormatOffer],
+    request: &V4l2Request,
+) -> Result<Negotiated, String> {
+    let refusal = match negotiate(offers, request) {
+        Ok((format, size)) => {
+            return Ok(Negotiated {
+                format,
+                size,
+                warning: None,
+            });
+        }
+        Err(refusal) => refusal,
+    };
+    if request.if_unsupported == IfUnsupported::Refuse {
+        return Err(format!("{refusal} (if_unsupported = \"refuse\")"));
+    }
+    let any_format = V4l2Request {
+        format: None,
+        ..*request
+    };
+    let anything = V4l2Request {
+        size: None,
+        ..any_format
+    };
+    let (format, size) =
+        negotiate(offers, &any_format).or_else(|_| negotiate(offers, &anything))?;
+    let warning = format!(
+        "{refusal}; streaming {format:?} {}x{} instead (if_unsupported = \"refuse\" makes this an error)",
+        size.0, size.1
+    );
+    Ok(Negotiated {
+        format,
+        size,
+        warning: Some(warning),
+    })
+}
+
+/// What [`negotiate_or_fall_back`] settled on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Pixel format.
+    pub format: CameraFormat,
+    /// Width and height.
+    pub size: (u32, u32),
+    /// Why it is not what was asked for, when it is not.
+    pub warning: Option<String>,
+}
+
 /// A streaming V4L2 capture device.
 pub struct V4l2Camera {
     path: PathBuf,
@@ -192,6 +265,7 @@ pub struct V4l2Camera {
     stream: Option<MmapStream<'static>>,
     _device: Device,
     layout: BufferLayout,
+    frame_rate: Option<f32>,
     sequence: u64,
 }
 
@@ -240,16 +314,27 @@ impl V4l2Camera {
                 sizes: size_offer(sizes.into_iter().map(|s| s.size)),
             });
         }
-        let (format, (width, height)) =
-            negotiate(&offers, request).map_err(|reason| V4l2Error::Unsupported {
-                path: path.to_owned(),
-                reason,
-            })?;
+        let Negotiated {
+            format,
+            size: (width, height),
+            warning,
+        } = negotiate_or_fall_back(&offers, request).map_err(|reason| V4l2Error::Unsupported {
+            path: path.to_owned(),
+            reason,
+        })?;
+        if let Some(warning) = warning {
+            log::warn!("{}: {warning}", path.display());
+        }
 
         let mut wanted = device.format().map_err(lost("VIDIOC_G_FMT"))?;
         wanted.width = width;
         wanted.height = height;
         wanted.fourcc = fourcc(format);
+        // G_FMT returned the previous format's row pitch and image size;
+        // passed on, a driver may honour them as padding (vivid does).
+        // Zero lets it choose for the new format.
+        wanted.stride = 0;
+        wanted.size = 0;
         let actual = device.set_format(&wanted).map_err(lost("VIDIOC_S_FMT"))?;
         if from_fourcc(&actual.fourcc) != Some(format) {
             return Err(V4l2Error::Unsupported {
@@ -275,13 +360,22 @@ impl V4l2Camera {
             height: actual.height as usize,
             bytes_per_line: (actual.stride as usize).max(1),
         };
+        // Drivers without VIDIOC_G_PARM (or a zero interval) leave the rate
+        // unknown; it is only reported.
+        let frame_rate = device
+            .params()
+            .ok()
+            .map(|p| p.interval)
+            .filter(|i| i.numerator > 0 && i.denominator > 0)
+            .map(|i| i.denominator as f32 / i.numerator as f32);
         log::info!(
-            "{}: streaming {:?} {}x{}, {} bytes per line",
+            "{}: streaming {:?} {}x{}, {} bytes per line, {} fps",
             path.display(),
             format,
             layout.width,
             layout.height,
-            layout.bytes_per_line
+            layout.bytes_per_line,
+            frame_rate.map_or_else(|| "unknown".to_owned(), |r| format!("{r:.2}"))
         );
         let mut stream = MmapStream::with_buffers(&device, Type::VideoCapture, BUFFERS)
             .map_err(lost("VIDIOC_REQBUFS"))?;
@@ -292,8 +386,19 @@ impl V4l2Camera {
             stream: Some(stream),
             _device: device,
             layout,
+            frame_rate,
             sequence: 0,
         })
+    }
+
+    /// The negotiated format and geometry.
+    pub fn layout(&self) -> BufferLayout {
+        self.layout
+    }
+
+    /// The frame rate the driver settled on, when it says.
+    pub fn frame_rate(&self) -> Option<f32> {
+        self.frame_rate
     }
 
     /// The next frame. [`V4l2Error::Broken`] is one bad frame; anything
@@ -330,13 +435,22 @@ impl V4l2Camera {
     fn gone(&mut self, what: &'static str, source: io::Error) -> V4l2Error {
         if let Some(mut stream) = self.stream.take() {
             use v4l::io::traits::Stream;
-            // v4l's Stream panics in Drop when STREAMOFF fails with
-            // anything but ENODEV (an unplug can give EIO). Stop it here;
-            // if that fails, leak it rather than abort the daemon.
-            if stream.stop().is_ok() {
-                drop(stream);
-            } else {
-                std::mem::forget(stream);
+            // v4l's Stream (and its buffer arena) panics in Drop when an
+            // ioctl fails with anything but ENODEV. ENODEV is what a driver
+            // that went away answers, and dropping then closes the file,
+            // which must happen: a leaked descriptor pins the driver
+            // (rmmod refuses) and its buffers. Any other failure (an
+            // unplug can give EIO) leaks the stream rather than abort.
+            match stream.stop() {
+                Ok(()) => drop(stream),
+                Err(e) if e.raw_os_error() == Some(ENODEV) => drop(stream),
+                Err(e) => {
+                    log::warn!(
+                        "{}: STREAMOFF failed ({e}); leaking its buffers and descriptor",
+                        self.path.display()
+                    );
+                    std::mem::forget(stream);
+                }
             }
         }
         V4l2Error::Lost {
@@ -400,7 +514,7 @@ mod tests {
         let mjpeg_720 = V4l2Request {
             format: Some(CameraFormat::Mjpeg),
             size: Some((1280, 720)),
-            fps: None,
+            ..V4l2Request::default()
         };
         assert_eq!(
             negotiate(&c920(), &mjpeg_720),
@@ -429,6 +543,51 @@ mod tests {
     }
 
     #[test]
+    fn an_unoffered_format_is_negotiated_away_or_refused_as_configured() {
+        let mjpeg = V4l2Request {
+            format: Some(CameraFormat::Mjpeg),
+            size: Some((640, 480)),
+            ..V4l2Request::default()
+        };
+        let yuyv_only = &c920()[..1];
+        let chosen = negotiate_or_fall_back(yuyv_only, &mjpeg).unwrap();
+        assert_eq!(
+            (chosen.format, chosen.size),
+            (CameraFormat::Yuyv, (640, 480))
+        );
+        let warning = chosen.warning.unwrap();
+        assert!(
+            warning.contains("format=Some(Mjpeg)") && warning.contains("streaming Yuyv 640x480"),
+            "{warning}"
+        );
+        // A size nothing offers goes too, as a last resort.
+        let odd = V4l2Request {
+            size: Some((333, 222)),
+            ..mjpeg
+        };
+        let chosen = negotiate_or_fall_back(yuyv_only, &odd).unwrap();
+        assert_eq!(
+            (chosen.format, chosen.size),
+            (CameraFormat::Yuyv, (640, 480))
+        );
+        let refuse = V4l2Request {
+            if_unsupported: IfUnsupported::Refuse,
+            ..mjpeg
+        };
+        let err = negotiate_or_fall_back(yuyv_only, &refuse).unwrap_err();
+        assert!(
+            err.contains("the device offers: Yuyv")
+                && err.ends_with("(if_unsupported = \"refuse\")"),
+            "{err}"
+        );
+        // What is offered is taken without a word.
+        assert_eq!(
+            negotiate_or_fall_back(&c920(), &mjpeg).unwrap().warning,
+            None
+        );
+    }
+
+    #[test]
     fn stepwise_sizes_and_fourcc_names() {
         let vivid_like = [FormatOffer {
             format: CameraFormat::Nv12,
@@ -444,7 +603,7 @@ mod tests {
         for f in FORMAT_PREFERENCE {
             assert_eq!(from_fourcc(&fourcc(f)), Some(f));
         }
-        assert_eq!(from_fourcc(&FourCC::new(b"UYVY")), None);
+        assert_eq!(from_fourcc(&FourCC::new(b"YVYU")), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct BenchGpuArgs {
     /// Camera frame as WIDTHxHEIGHT.
     #[arg(long, default_value = "1920x1080", value_parser = parse_size)]
     frame: (usize, usize),
-    /// Camera pixel format: yuyv, nv12, grey, rgb24 or bgr24.
+    /// Camera pixel format: yuyv, uyvy, nv12, grey, rgb24 or bgr24.
     #[arg(long, default_value = "yuyv", value_parser = parse_format)]
     format: CameraFormat,
     /// Network input as WIDTHxHEIGHT.
@@ -64,15 +64,9 @@ pub struct BenchGpuArgs {
 }
 
 fn parse_format(s: &str) -> Result<CameraFormat, String> {
-    match s {
-        "yuyv" => Ok(CameraFormat::Yuyv),
-        "nv12" => Ok(CameraFormat::Nv12),
-        "grey" => Ok(CameraFormat::Grey),
-        "rgb24" => Ok(CameraFormat::Rgb24),
-        "bgr24" => Ok(CameraFormat::Bgr24),
-        other => Err(format!(
-            "{other:?}: the GPU path takes yuyv, nv12, grey, rgb24 or bgr24"
-        )),
+    match s.parse::<CameraFormat>()? {
+        CameraFormat::Mjpeg => Err("the GPU path takes raw formats, not mjpeg".into()),
+        format => Ok(format),
     }
 }
 

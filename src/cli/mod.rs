@@ -8,6 +8,7 @@ mod bench;
 #[cfg(feature = "cuda")]
 mod bench_gpu;
 mod calibrate;
+mod camera;
 mod detect;
 mod eval;
 mod quantize;
@@ -52,6 +53,10 @@ enum Command {
     /// Capture calibration frames from a configured camera (near-duplicates
     /// skipped) into the INT8 calibration directory.
     Calibrate(calibrate::CalibrateArgs),
+    /// Open a V4L2 camera as the daemon would, stream frames through the
+    /// conversion, and report the negotiated format and the frame rate
+    /// (one JSON line); optionally save a converted frame.
+    Camera(camera::CameraArgs),
     /// Run the daemon: cameras -> detector -> tracked MQTT events, until
     /// SIGTERM. Exit 78 (EX_CONFIG) for a bad config.
     Run(run::RunArgs),
@@ -137,7 +142,7 @@ pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
     }
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize), String> {
+pub(super) fn parse_size(s: &str) -> Result<(usize, usize), String> {
     let (w, h) = s
         .split_once('x')
         .ok_or_else(|| format!("{s:?} is not WxH"))?;
@@ -257,6 +262,7 @@ pub fn main() -> ExitCode {
         Command::BenchGpu(args) => bench_gpu::run(&args),
         Command::Quantize(args) => quantize::run(&args),
         Command::Calibrate(args) => calibrate::run(&args),
+        Command::Camera(args) => camera::run(&args),
         Command::Run(args) => run::run(&args),
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {

@@ -97,6 +97,7 @@ enum SourceFormat {
     Gray = 2,
     Yuyv = 3,
     Nv12 = 4,
+    Uyvy = 5,
 }
 
 /// What is on the device now.
@@ -364,6 +365,7 @@ fn layout_of(image: CameraImage<'_>) -> Result<(Staged, &[u8]), GpuPreprocessErr
                 CameraFormat::Rgb24 => SourceFormat::Rgb,
                 CameraFormat::Grey => SourceFormat::Gray,
                 CameraFormat::Yuyv => SourceFormat::Yuyv,
+                CameraFormat::Uyvy => SourceFormat::Uyvy,
                 CameraFormat::Nv12 => SourceFormat::Nv12,
                 CameraFormat::Mjpeg => {
                     return Err(unsupported(
@@ -398,7 +400,7 @@ fn plane_sources(format: SourceFormat, order: ChannelOrder) -> [i32; 3] {
     let frame_is_bgr = match format {
         SourceFormat::Gray => return [0, 1, 2],
         SourceFormat::Rgb => false,
-        SourceFormat::Bgr | SourceFormat::Yuyv | SourceFormat::Nv12 => true,
+        SourceFormat::Bgr | SourceFormat::Yuyv | SourceFormat::Uyvy | SourceFormat::Nv12 => true,
     };
     if frame_is_bgr == (order == ChannelOrder::Bgr) {
         [0, 1, 2]

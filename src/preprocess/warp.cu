@@ -1,5 +1,5 @@
 // The whole of nanodetd's preprocessing as one CUDA kernel, compiled by
-// NVRTC at start: camera pixels (packed BGR/RGB/gray, YUYV or NV12) →
+// NVRTC at start: camera pixels (packed BGR/RGB/gray, YUYV, UYVY or NV12) →
 // the CPU path's fixed-point bilinear warp → per-plane normalisation →
 // CHW f32 or f16, written straight into the engine's input buffer.
 //
@@ -15,6 +15,7 @@
 #define FORMAT_GRAY 2
 #define FORMAT_YUYV 3
 #define FORMAT_NV12 4
+#define FORMAT_UYVY 5
 
 __device__ __forceinline__ unsigned char clip8(int v)
 {
@@ -45,6 +46,10 @@ __device__ __forceinline__ uchar3 fetch(
     case FORMAT_YUYV: {
         const unsigned char* pair = row + (x / 2) * 4;
         return ycbcr_to_bgr((x & 1) ? pair[2] : pair[0], pair[1], pair[3]);
+    }
+    case FORMAT_UYVY: {
+        const unsigned char* pair = row + (x / 2) * 4;
+        return ycbcr_to_bgr((x & 1) ? pair[3] : pair[1], pair[0], pair[2]);
     }
     case FORMAT_NV12: {
         const unsigned char* uv = src + (size_t) stride * height + (size_t) (y / 2) * stride + (x / 2) * 2;
