@@ -32,6 +32,9 @@ BARS = [
     (0, 0, 191),
     (0, 0, 0),
 ]
+# 15 fps, not vivid's 25: under emulation its pattern generator cannot keep
+# 25 fps in RGB24 on a busy 2-core host (18 to 22 fps measured).
+RATE = 15.0
 # Integer YCbCr conversion and 4:2:2 chroma cost a few levels.
 COLOUR_TOLERANCE = 10
 
@@ -116,10 +119,10 @@ for fmt in FORMATS:
           f"{fmt}: negotiated {report['format']} {report['width']}x{report['height']}", logs)
     check(report["bytes_per_line"] == PITCH[fmt],
           f"{fmt}: {report['bytes_per_line']} bytes per line (unpadded: {PITCH[fmt]})", logs)
-    check(report["frames"] == 40 and report["broken"] == 0,
-          f"{fmt}: 40 frames converted, {report['broken']} broken", logs)
+    check(report["frames"] == 30 and report["broken"] == 0,
+          f"{fmt}: 30 frames converted, {report['broken']} broken", logs)
     negotiated, measured = report["negotiated_fps"], report["measured_fps"]
-    check(negotiated is not None and measured is not None and abs(measured - negotiated) <= 0.2 * negotiated,
+    check(negotiated == RATE and measured is not None and abs(measured - negotiated) <= 0.2 * negotiated,
           f"{fmt}: {measured} fps measured against {negotiated} negotiated (within 20%)", logs)
     ppm = results / f"{fmt}.ppm"
     if not check(ppm.exists(), f"{fmt}: a converted frame was saved", logs):

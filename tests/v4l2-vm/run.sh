@@ -21,42 +21,27 @@ timeout_s=${VM_TIMEOUT:-170}
 start=$(date +%s)
 mkdir -p "$work"
 
-# --- Tools. qemu comes from bookworm-backports: bookworm's 7.2 makes apt
-# remove the preinstalled qemu-utils. A private apt configuration (its own
-# sources, lists and cache under $work/apt) leaves the system's untouched.
-apt_dir=$work/apt
-apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
-private_apt_update() {
-    [[ -f $apt_dir/updated ]] && return
-    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-    cat >"$apt_dir/sources.list" <<'EOF'
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian bookworm-backports main
-EOF
-    apt-get "${apt_opts[@]}" update -qq
-    touch "$apt_dir/updated"
-}
+# --- Tools, through a private apt configuration (scripts/apt-private.sh).
+source "$repo/scripts/apt-private.sh"
+apt_private_init "$work/apt"
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
 command -v depmod >/dev/null || need+=(kmod)
 if ((${#need[@]})); then
-    private_apt_update
-    DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install -y -qq \
-        --no-install-recommends -t bookworm-backports "${need[@]}"
+    apt_private_install "${need[@]}"
 fi
 
 # --- Kernel and the vivid module chain, kept between runs (about 15 MB);
 # the unpacked package (about 400 MB) is deleted.
 kernel=$work/kernel
 if [[ ! -f $kernel/ready ]]; then
-    private_apt_update
+    apt_private_update
     rm -rf "$kernel" && mkdir -p "$kernel/debs" "$kernel/modules"
-    image=$(apt-cache "${apt_opts[@]}" depends linux-image-amd64 |
+    image=$(apt-cache "${apt_private[@]}" depends linux-image-amd64 |
         awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    (cd "$kernel/debs" && apt-get "${apt_opts[@]}" download "$image" 2>/dev/null)
+    (cd "$kernel/debs" && apt-get "${apt_private[@]}" download "$image" 2>/dev/null)
     dpkg-deb -x "$kernel"/debs/*.deb "$kernel/root"
     version=$(ls "$kernel/root/lib/modules")
     # The package ships no modules.dep.
