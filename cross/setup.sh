@@ -13,6 +13,13 @@ done
 if ! command -v cargo-zigbuild >/dev/null || ! python3 -m ziglang version >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check ziglang cargo-zigbuild
 fi
+# pip's script directory may not be on PATH (a user install, a venv): link
+# cargo-zigbuild beside cargo, which is. It finds zig through `python3 -m
+# ziglang` by itself.
+if ! command -v cargo-zigbuild >/dev/null; then
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    ln -sf "$scripts/cargo-zigbuild" "$(dirname "$(command -v cargo)")/cargo-zigbuild"
+fi
 command -v cargo-deb >/dev/null || cargo install --quiet --locked cargo-deb
 
 need=()
