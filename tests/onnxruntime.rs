@@ -118,6 +118,71 @@ fn a_wrong_library_path_is_a_clear_error() {
     detect_with(&model);
 }
 
+/// A real libonnxruntime older than the API level nanodetd is built for:
+/// ONNX Runtime 1.14.1, from `scripts/old-onnxruntime.sh`.
+fn old_onnxruntime_library(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("NANODETD_OLD_ORT_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("target/old-onnxruntime/libonnxruntime.so.1.14.1")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "no ONNX Runtime 1.14 library at {} (run scripts/old-onnxruntime.sh, or set NANODETD_OLD_ORT_LIB)",
+        path.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{test}: {why}");
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+#[test]
+fn a_library_of_an_older_api_level_is_a_clear_error_or_an_auto_fallback() {
+    let test = "a_library_of_an_older_api_level_is_a_clear_error_or_an_auto_fallback";
+    let (Some(a), Some(old)) = (support::assets(test), old_onnxruntime_library(test)) else {
+        return;
+    };
+    let model = support::model(&a, "nanodet-plus-m_320");
+    let image = support::sample(&a, "hpc203_bus.jpg");
+    let detect = |backend: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+            .env("ORT_DYLIB_PATH", &old)
+            .env("RUST_LOG", "info")
+            .args(["detect", "--backend", backend, "--model"])
+            .args([&model, &image])
+            .output()
+            .unwrap()
+    };
+    // Asked for by name: exit 2, naming the file, its version and the
+    // version needed.
+    let out = detect("onnxruntime");
+    let err = support::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("onnxruntime backend unavailable")
+            && err.contains(&old.display().to_string())
+            && err.contains("got '1.14.1'")
+            && err.contains("or newer"),
+        "{err}"
+    );
+    // Under `auto` the same library is passed over, with the reason, and
+    // tract detects.
+    let out = detect("auto");
+    let err = support::stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("auto: onnxruntime unavailable (") && err.contains("got '1.14.1'"),
+        "{err}"
+    );
+    assert!(err.contains("auto: tract is the fastest here"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("bus"), "{stdout}");
+}
+
 #[test]
 fn coco128_map_within_0_002_of_tract() {
     let test = "coco128_map_within_0_002_of_tract";

@@ -254,6 +254,15 @@ pub fn start_logging(level: log::LevelFilter) {
 /// Parses arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Detect(_) | Command::Eval(_) | Command::Bench(_)
+    ) {
+        // Warnings (a provider that fell back, a library passed over) by
+        // default; RUST_LOG=info adds the engine's notes, such as what
+        // `--backend auto` chose and why.
+        start_logging(log::LevelFilter::Warn);
+    }
     let outcome = match cli.command {
         Command::Detect(args) => detect::run(&args),
         Command::Eval(args) => eval::run(&args),
