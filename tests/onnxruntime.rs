@@ -257,6 +257,45 @@ fn auto_times_the_cpu_backends_and_keeps_the_faster() {
 }
 
 #[test]
+fn a_dropped_cpu_session_is_reused_so_auto_builds_the_graph_once() {
+    let test = "a_dropped_cpu_session_is_reused_so_auto_builds_the_graph_once";
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let engine = OnnxRuntimeEngine::load(
+        &support::model(&a, "nanodet-plus-m_320"),
+        &EngineOptions::default(),
+        &OnnxRuntimeOptions {
+            library: Some(lib),
+            ..OnnxRuntimeOptions::default()
+        },
+    )
+    .unwrap();
+    eprintln!(
+        "{test}: load, with one graph build, took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(engine.sessions_built(), 1);
+    let input = vec![0.5f32; engine.info().input.shape.iter().product()];
+    let run = |session: &mut Box<dyn nanodetd::backend::Session>| {
+        session
+            .run(nanodetd::backend::InputBatch::host(&input, 1))
+            .unwrap();
+        session.outputs().for_image(0)[0].to_vec()
+    };
+    // What `auto` does: time a session, drop it; then the detector takes one.
+    let timed = run(&mut engine.new_session().unwrap());
+    let mut detector = engine.new_session().unwrap();
+    assert_eq!(engine.sessions_built(), 1, "the timed session was rebuilt");
+    assert_eq!(run(&mut detector), timed);
+    // A second session alive at once needs a graph of its own.
+    let mut second = engine.new_session().unwrap();
+    assert_eq!(engine.sessions_built(), 2);
+    assert_eq!(run(&mut second), timed);
+}
+
+#[test]
 fn a_cuda_provider_that_cannot_start_falls_back_to_the_cpu_and_says_why() {
     let test = "a_cuda_provider_that_cannot_start_falls_back_to_the_cpu_and_says_why";
     let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {

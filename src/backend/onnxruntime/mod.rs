@@ -16,7 +16,8 @@
 mod cuda;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ort::ep::ExecutionProviderDispatch;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
@@ -168,9 +169,13 @@ pub struct OnnxRuntimeEngine {
     #[cfg(feature = "cuda")]
     gpu: Option<std::sync::Arc<crate::gpu::Gpu>>,
     notes: Vec<String>,
-    /// The session `load` made, handed to the first `new_session` so
-    /// start-up builds the graph once.
-    spare: Mutex<Option<OrtSession>>,
+    /// A built session waiting for `new_session`: the one `load` made,
+    /// or one a dropped CPU session handed back. Start-up then builds the
+    /// graph once, though `auto` times a session before the detector
+    /// takes its own.
+    spare: Arc<Mutex<Option<OrtSession>>>,
+    /// Sessions (graph builds) made so far.
+    built: AtomicUsize,
 }
 
 impl OnnxRuntimeEngine {
@@ -213,7 +218,8 @@ impl OnnxRuntimeEngine {
             #[cfg(feature = "cuda")]
             gpu: None,
             notes: Vec::new(),
-            spare: Mutex::new(None),
+            spare: Arc::default(),
+            built: AtomicUsize::new(0),
         };
         // The outputs' shapes, from one run on zeros on the CPU: the file
         // may leave them symbolic, the run cannot, and a CUDA-graph
@@ -244,7 +250,7 @@ impl OnnxRuntimeEngine {
         }
         drop(outputs);
         let spare = engine.on_provider(runtime.provider, session);
-        engine.spare = Mutex::new(Some(spare));
+        *engine.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(spare);
         for note in &engine.notes {
             log::warn!("{}: {note}", path.display());
         }
@@ -339,6 +345,7 @@ impl OnnxRuntimeEngine {
 
     fn session_on(&self, provider: Provider) -> Result<OrtSession, BackendError> {
         let error = |e: ort::Error| unavailable(format!("creating a {provider} session: {e}"));
+        self.built.fetch_add(1, Ordering::Relaxed);
         OrtSession::builder()
             .map_err(error)?
             // ORT_ENABLE_ALL, Python's default: the peer we are held to.
@@ -355,6 +362,13 @@ impl OnnxRuntimeEngine {
     /// The provider sessions run on.
     pub fn provider(&self) -> Provider {
         self.provider
+    }
+
+    /// How many sessions this engine has built, each a graph optimisation
+    /// of the whole model: one per provider tried at load, and one per
+    /// session alive at once after that.
+    pub fn sessions_built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
     }
 
     /// A session with device buffers, where the provider is a GPU one.
@@ -438,10 +452,10 @@ impl Engine for OnnxRuntimeEngine {
 /// allocation.
 struct CpuSession {
     // Drop order: the bound outputs, then the allocator that made them
-    // (ONNX Runtime frees them through it), then the session.
+    // (ONNX Runtime frees them through it), then the session goes back.
     binding: IoBinding,
     _allocator: Allocator,
-    session: OrtSession,
+    session: HandedBack,
     input_name: String,
     input_shape: Vec<i64>,
     image_shape: Vec<usize>,
@@ -474,7 +488,10 @@ impl CpuSession {
         Ok(CpuSession {
             binding,
             _allocator: allocator,
-            session,
+            session: HandedBack {
+                session: Some(session),
+                spare: engine.spare.clone(),
+            },
             input_name: engine.input_name.clone(),
             input_shape: engine.info.input.shape.iter().map(|&d| d as i64).collect(),
             image_shape: engine.info.input.shape.clone(),
@@ -497,7 +514,11 @@ impl Session for CpuSession {
                 self.binding
                     .bind_input(self.input_name.as_str(), &input)
                     .map_err(run_error)?;
-                let results = self.session.run_binding(&self.binding).map_err(run_error)?;
+                let results = self
+                    .session
+                    .get()?
+                    .run_binding(&self.binding)
+                    .map_err(run_error)?;
                 for (index, (_, value)) in results.iter().enumerate() {
                     let (_, values) = value.try_extract_tensor::<f32>().map_err(run_error)?;
                     self.outputs.push(index, values);
@@ -513,5 +534,33 @@ impl Session for CpuSession {
 
     fn outputs(&self) -> &BatchOutputs {
         &self.outputs
+    }
+}
+
+/// A CPU session's ONNX Runtime session, handed back to its engine's
+/// spare slot when the session is dropped (when the slot is empty), so
+/// the next `new_session` need not build the graph again. GPU sessions
+/// are not handed back: their CUDA graph holds their own buffers'
+/// addresses.
+struct HandedBack {
+    session: Option<OrtSession>,
+    spare: Arc<Mutex<Option<OrtSession>>>,
+}
+
+impl HandedBack {
+    fn get(&mut self) -> Result<&mut OrtSession, BackendError> {
+        // Only `drop` takes it.
+        self.session
+            .as_mut()
+            .ok_or_else(|| BackendError::Run("the session was handed back".into()))
+    }
+}
+
+impl Drop for HandedBack {
+    fn drop(&mut self) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.is_none() {
+            *spare = self.session.take();
+        }
     }
 }
