@@ -43,6 +43,14 @@ fn preprocess(c: &mut Criterion) {
             },
         );
     }
+    // The photo `benches/compare_onnxruntime.sh` times beside Python, at
+    // nanodet-plus-m_416's input.
+    let photo = Frame::from_file(&assets().join("samples/hpc203_bus.jpg")).expect("sample photo");
+    let spec = PreprocessSpec::nanodet(416, 416, ResizeMode::Stretch);
+    let mut out = vec![0.0; spec.tensor_len()];
+    c.bench_function("preprocess 810x1080 photo -> 416x416 Stretch", |b| {
+        b.iter(|| preprocess_into(black_box(&photo), &spec, &mut out).expect("sized buffer"))
+    });
 }
 
 fn decode_and_nms(c: &mut Criterion) {
