@@ -196,6 +196,9 @@ pub struct TensorRtConfig {
     /// Where INT8 ranges come from.
     #[serde(default)]
     pub int8_mode: Int8Mode,
+    /// Replay each batch size's enqueue from a CUDA graph.
+    #[serde(default = "default_true")]
+    pub cuda_graph: bool,
     /// Plan directory (default: `engines/` under `[model] cache`).
     #[serde(default)]
     pub engines: Option<PathBuf>,
@@ -213,6 +216,7 @@ impl Default for TensorRtConfig {
             max_batch: default_max_batch(),
             dla_core: None,
             int8_mode: Int8Mode::Qdq,
+            cuda_graph: true,
             engines: None,
             cache_limit_mib: default_engine_cache_mib(),
         }
@@ -1003,6 +1007,12 @@ source = { v4l2 = "/dev/video0" }
         assert_eq!(c.model.onnxruntime.provider, Some(Provider::Cuda));
         assert_eq!(c.model.onnxruntime.device, 1);
         assert!(!c.model.onnxruntime.cuda_graph);
+        assert!(c.model.tensorrt.cuda_graph, "on unless turned off");
+        let c = parse(&format!(
+            "{MINIMAL}\n[model.tensorrt]\ncuda_graph = false\n"
+        ))
+        .unwrap();
+        assert!(!c.model.tensorrt.cuda_graph);
         let err = parse(&MINIMAL.replace("[model]\n", "[model]\nbackend = \"fastest\"\n"))
             .unwrap_err()
             .to_string();

@@ -163,3 +163,132 @@ impl Gpu {
             .map_err(GpuError::driver("finding a kernel in its module"))
     }
 }
+
+/// Stream work replayed from a CUDA graph, for work that launches many
+/// small kernels (an inference engine at batch 1), where launching costs
+/// about as much as computing.
+///
+/// The first run of a shape runs plainly, so the work can finish any
+/// lazy setup (TensorRT allocates on its first enqueue); the second is
+/// captured into a graph and launched; later runs only launch it. A new
+/// shape drops the graph and starts over. Work that cannot be captured
+/// (it syncs, or allocates, inside) runs plainly from then on, and
+/// [`Self::not_replaying`] says why.
+///
+/// The work must do the same thing on every run of a shape, with the
+/// same buffers: a graph replays the addresses it captured.
+pub struct GraphReplay {
+    stream: Arc<CudaStream>,
+    shape: Option<usize>,
+    state: ReplayState,
+}
+
+// SAFETY: cudarc leaves `CudaGraph` !Send because it holds raw handles.
+// A graph is owned by one `GraphReplay`, used through `&mut` from one
+// thread at a time, and cudarc makes its context current on whichever
+// thread launches it; CUDA allows launching an executable graph from any
+// thread of the process.
+#[allow(unsafe_code)]
+unsafe impl Send for GraphReplay {}
+
+enum ReplayState {
+    /// The shape's first run is still to come.
+    Cold,
+    /// Ran once plainly: the next run is captured.
+    Warm,
+    /// Captured: runs launch this.
+    Captured(cudarc::driver::CudaGraph),
+    /// Capture is off, for this reason.
+    Off(String),
+}
+
+impl GraphReplay {
+    /// Replays on `stream`, or, with `enabled` false, always runs plainly.
+    pub fn new(stream: Arc<CudaStream>, enabled: bool) -> GraphReplay {
+        GraphReplay {
+            stream,
+            shape: None,
+            state: if enabled {
+                ReplayState::Cold
+            } else {
+                ReplayState::Off("turned off in the configuration".into())
+            },
+        }
+    }
+
+    /// Runs `work` for `shape` (a batch size, say): plainly, captured, or
+    /// from the graph. The caller syncs the stream when it needs results.
+    pub fn run(
+        &mut self,
+        shape: usize,
+        work: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<(), String> {
+        if matches!(self.state, ReplayState::Off(_)) {
+            return work();
+        }
+        if self.shape != Some(shape) {
+            self.shape = Some(shape);
+            self.state = ReplayState::Cold;
+        }
+        match &self.state {
+            ReplayState::Off(_) => work(),
+            ReplayState::Cold => {
+                work()?;
+                self.state = ReplayState::Warm;
+                Ok(())
+            }
+            ReplayState::Captured(graph) => graph
+                .launch()
+                .map_err(|e| format!("launching the CUDA graph: {e}")),
+            ReplayState::Warm => match self.capture(work) {
+                Ok(graph) => {
+                    graph
+                        .launch()
+                        .map_err(|e| format!("launching the CUDA graph: {e}"))?;
+                    self.state = ReplayState::Captured(graph);
+                    Ok(())
+                }
+                Err(why) => {
+                    log::warn!("CUDA graph capture failed, running without: {why}");
+                    self.state = ReplayState::Off(why);
+                    // What was captured did not run.
+                    work()
+                }
+            },
+        }
+    }
+
+    fn capture(
+        &self,
+        work: &mut dyn FnMut() -> Result<(), String>,
+    ) -> Result<cudarc::driver::CudaGraph, String> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        // Thread-local: another thread's allocation (a camera's pinned
+        // buffer) does not break this capture.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| format!("beginning the capture: {e}"))?;
+        let captured = work();
+        // Ended whatever happened, so the stream leaves capture mode.
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        captured.map_err(|e| format!("the work failed while captured: {e}"))?;
+        graph
+            .map_err(|e| format!("ending the capture: {e}"))?
+            .ok_or_else(|| "the capture was empty".to_owned())
+    }
+
+    /// Why runs are not replayed from a graph, when they are not.
+    pub fn not_replaying(&self) -> Option<&str> {
+        match &self.state {
+            ReplayState::Off(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Whether the next run of `shape` launches a captured graph.
+    pub fn replays(&self, shape: usize) -> bool {
+        self.shape == Some(shape) && matches!(self.state, ReplayState::Captured(_))
+    }
+}

@@ -329,3 +329,77 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
         "{test}: {compared} detections, worst score difference {worst_score}, worst box difference {worst_box} px"
     );
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured() {
+    use cudarc::driver::DevicePtr;
+    use nanodetd::gpu::GraphReplay;
+    let test = "graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured";
+    let Some(gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let stream = gpu.stream().clone();
+    let n = 1 << 16;
+    let mut source = stream.alloc_zeros::<u32>(n).unwrap();
+    let target = stream.alloc_zeros::<u32>(n).unwrap();
+    // The same copy between the same buffers on every run, as an
+    // engine's enqueue is: raw addresses, taken once.
+    let from = source.device_ptr(&stream).0;
+    let to = target.device_ptr(&stream).0;
+    let copy = || {
+        // SAFETY: both buffers hold `n` u32 and outlive every run.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(to, from, n * 4, stream.cu_stream()) }
+            .map_err(|e| e.to_string())
+    };
+    let mut check = |replay: &mut GraphReplay,
+                     shape: usize,
+                     value: u32,
+                     work: &mut dyn FnMut() -> Result<(), String>| {
+        stream.memcpy_htod(&vec![value; n], &mut source).unwrap();
+        replay.run(shape, work).unwrap();
+        stream.synchronize().unwrap();
+        let got = stream.clone_dtoh(&target).unwrap();
+        assert!(
+            got.iter().all(|&v| v == value),
+            "shape {shape}, value {value}"
+        );
+    };
+
+    let mut replay = GraphReplay::new(stream.clone(), true);
+    // Plain, then captured and launched, then launched: each run sees the
+    // source as it is at that run.
+    for (run, value) in [1u32, 2, 3, 4].into_iter().enumerate() {
+        check(&mut replay, 1, value, &mut || copy());
+        assert_eq!(replay.replays(1), run >= 1, "after run {run}");
+    }
+    // A new shape starts over: plain first, then captured.
+    check(&mut replay, 2, 5, &mut || copy());
+    assert!(!replay.replays(2));
+    check(&mut replay, 2, 6, &mut || copy());
+    assert!(replay.replays(2) && !replay.replays(1));
+    assert_eq!(replay.not_replaying(), None);
+
+    // Work that syncs inside cannot be captured: it runs plainly, and
+    // still right, from then on.
+    let mut replay = GraphReplay::new(stream.clone(), true);
+    let mut syncing = || {
+        copy()?;
+        stream.synchronize().map_err(|e| e.to_string())
+    };
+    for value in [7, 8, 9] {
+        check(&mut replay, 1, value, &mut syncing);
+    }
+    let why = replay.not_replaying().unwrap_or_default().to_owned();
+    assert!(
+        why.contains("while captured") || why.contains("ending the capture"),
+        "{why}"
+    );
+    assert!(!replay.replays(1));
+    eprintln!("{test}: uncapturable work: {why}");
+
+    let mut off = GraphReplay::new(stream.clone(), false);
+    check(&mut off, 1, 10, &mut || copy());
+    check(&mut off, 1, 11, &mut || copy());
+    assert!(!off.replays(1) && off.not_replaying().is_some());
+}

@@ -354,7 +354,12 @@ pub fn open_engine(
                 reason: format!("cannot read model: {e}"),
             })?;
             let name = crate::model::file_name_stem(model);
-            let trt = tensorrt::TensorRtOptions::default();
+            let trt = tensorrt::TensorRtOptions {
+                // The command line's one switch for CUDA graphs, kept with
+                // ONNX Runtime's options, covers TensorRT's too.
+                cuda_graph: options.onnxruntime.cuda_graph,
+                ..tensorrt::TensorRtOptions::default()
+            };
             let sources = tensorrt::OnnxSources {
                 fp32: &onnx,
                 qdq: None,

@@ -104,7 +104,8 @@ pub struct ModelArgs {
     /// tensorrt [default: cpu; cuda for auto in a cuda build].
     #[arg(long, value_parser = parse_provider)]
     provider: Option<Provider>,
-    /// Run ONNX Runtime's GPU provider without capturing a CUDA graph.
+    /// Run on the GPU (ONNX Runtime's GPU providers, TensorRT) without
+    /// replaying a captured CUDA graph.
     #[arg(long)]
     no_cuda_graph: bool,
     /// Force the output layout instead of inferring it from the shapes.

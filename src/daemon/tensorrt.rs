@@ -77,6 +77,7 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
         max_batch: trt.max_batch,
         dla_core: trt.dla_core,
         device: trt.device,
+        cuda_graph: trt.cuda_graph,
         engines: trt
             .engines
             .clone()

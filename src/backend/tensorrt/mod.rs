@@ -25,7 +25,7 @@ use crate::engine_cache::{
     BuiltPlan, PlanBuilder, PlanCache, PlanKey, Provenance, write_atomically,
 };
 use crate::frame::Frame;
-use crate::gpu::{Gpu, GpuError};
+use crate::gpu::{Gpu, GpuError, GraphReplay};
 use crate::model::TensorShape;
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use crate::quantize::CalibrationSet;
@@ -164,6 +164,9 @@ pub struct TensorRtOptions {
     pub dla_core: Option<u32>,
     /// CUDA device.
     pub device: usize,
+    /// Replay each batch size's enqueue from a CUDA graph (captured on
+    /// its second run), rather than launching every kernel each frame.
+    pub cuda_graph: bool,
     /// The engine cache directory.
     pub engines: PathBuf,
     /// The cache's size limit.
@@ -187,6 +190,7 @@ impl Default for TensorRtOptions {
             max_batch: 1,
             dla_core: None,
             device: 0,
+            cuda_graph: true,
             engines: PathBuf::from("/var/cache/nanodetd/engines"),
             cache_bytes: 4 << 30,
             progress: Arc::new(|status| log::info!("{status}")),
@@ -202,6 +206,7 @@ impl std::fmt::Debug for TensorRtOptions {
             .field("workspace_bytes", &self.workspace_bytes)
             .field("max_batch", &self.max_batch)
             .field("dla_core", &self.dla_core)
+            .field("cuda_graph", &self.cuda_graph)
             .field("engines", &self.engines)
             .finish_non_exhaustive()
     }
@@ -358,6 +363,7 @@ pub struct TrtEngine {
     input: TensorBinding,
     outputs: Vec<TensorBinding>,
     max_batch: usize,
+    cuda_graph: bool,
     report: EngineReport,
 }
 
@@ -509,13 +515,14 @@ impl TrtEngine {
             provenance,
             max_batch,
         };
-        TrtEngine::bind(loaded, gpu, report)
+        TrtEngine::bind(loaded, gpu, report, options.cuda_graph)
     }
 
     fn bind(
         plan: Arc<LoadedPlan>,
         gpu: Arc<Gpu>,
         report: EngineReport,
+        cuda_graph: bool,
     ) -> Result<TrtEngine, BackendError> {
         let (inputs, outputs): (Vec<_>, Vec<_>) =
             plan.tensors().iter().cloned().partition(|t| t.is_input);
@@ -561,6 +568,7 @@ impl TrtEngine {
             info,
             plan,
             gpu,
+            cuda_graph,
             report,
         })
     }
@@ -611,11 +619,12 @@ impl Engine for TrtEngine {
     fn notes(&self) -> Vec<String> {
         let r = &self.report;
         let mut notes = vec![format!(
-            "TensorRT {} on {}: {} plan, batch 1..{}, {}",
+            "TensorRT {} on {}: {} plan, batch 1..{}{}, {}",
             r.tensorrt,
             r.gpu,
             r.precision.name(),
             r.max_batch,
+            if self.cuda_graph { ", CUDA graph" } else { "" },
             match &r.provenance {
                 Provenance::Cached => "loaded from the engine cache".to_owned(),
                 Provenance::Built { why, stored: true } => format!("built ({why}) and cached"),
@@ -640,6 +649,9 @@ pub struct TrtSession {
     results: BatchOutputs,
     max_batch: usize,
     dynamic: bool,
+    /// The enqueue, replayed per batch size. The buffers are bound once
+    /// and never move, which is what a replay needs.
+    replay: GraphReplay,
 }
 
 impl TrtSession {
@@ -692,6 +704,7 @@ impl TrtSession {
             results: BatchOutputs::default(),
             max_batch: engine.max_batch,
             dynamic: engine.input.dims.first().is_some_and(|&d| d < 0),
+            replay: GraphReplay::new(stream, engine.cuda_graph),
         })
     }
 }
@@ -737,9 +750,15 @@ impl DeviceSession for TrtSession {
                 .set_input_shape(&self.input.name, &dims)
                 .map_err(run)?;
         }
-        // SAFETY: every tensor is bound to a live buffer of this session,
-        // allocated in the stream's context.
-        unsafe { self.context.enqueue(stream.cu_stream().cast()) }.map_err(run)?;
+        let context = &mut self.context;
+        let cu_stream = stream.cu_stream();
+        self.replay
+            .run(images, &mut || {
+                // SAFETY: every tensor is bound to a live buffer of this
+                // session, allocated in the stream's context.
+                unsafe { context.enqueue(cu_stream.cast()) }
+            })
+            .map_err(run)?;
         let copy = |e| run(GpuError::driver("copying outputs to the host")(e).to_string());
         for (_, device, host, len) in &mut self.outputs {
             stream
