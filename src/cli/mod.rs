@@ -85,9 +85,27 @@ impl Failure {
             Failure::Runtime(e) => (1, e),
             Failure::Config(e) => (78, e),
         };
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", one_line(&error));
         ExitCode::from(code)
     }
+}
+
+/// The error and its causes on one line, like `{:#}`, less any cause
+/// whose text the line already holds (library errors that name their
+/// source in their own message).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Model selection and the overrides for exports that break convention.
@@ -288,5 +306,27 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let os = std::io::Error::from_raw_os_error(19);
+        let lost = nanodetd::capture::V4l2Error::Lost {
+            path: "/dev/video0".into(),
+            what: "VIDIOC_QBUF",
+            source: os,
+        };
+        let error = anyhow::Error::from(lost).context("camera front");
+        assert_eq!(
+            one_line(&error),
+            "camera front: /dev/video0: VIDIOC_QBUF: No such device (os error 19)"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(one_line(&plain), "outer: inner");
     }
 }
