@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::backend::BackendChoice;
 use crate::backend::onnxruntime::Provider;
-use crate::capture::{CameraFormat, IfUnsupported};
+use crate::capture::{CameraFormat, CaptureIo, IfUnsupported};
 
 /// A score or IoU in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -552,6 +552,11 @@ pub struct CameraConfig {
     /// it offers, with a warning) or `refuse` (an error, retried).
     #[serde(default)]
     pub if_unsupported: IfUnsupported,
+    /// V4L2 streaming I/O: `auto` (USERPTR into page-locked buffers while
+    /// a GPU detector takes raw frames, where the driver allows; mmap
+    /// otherwise), `mmap` or `userptr`.
+    #[serde(default)]
+    pub io: CaptureIo,
     /// Named polygons in image pixels.
     #[serde(default)]
     pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
@@ -572,6 +577,7 @@ impl CameraConfig {
             self.format,
             self.size,
             self.if_unsupported,
+            self.io,
         ) == (
             &other.source,
             other.fps,
@@ -580,6 +586,7 @@ impl CameraConfig {
             other.format,
             other.size,
             other.if_unsupported,
+            other.io,
         )
     }
 }
@@ -953,6 +960,22 @@ source = { v4l2 = "/dev/video0" }
         assert_eq!(
             c.cameras[0].source,
             SourceConfig::V4l2("/dev/video0".into())
+        );
+        assert_eq!(c.cameras[0].io, CaptureIo::Auto);
+    }
+
+    #[test]
+    fn camera_io_is_read_and_a_change_restarts_the_camera() {
+        let userptr = parse(&format!("{MINIMAL}io = \"userptr\"\n")).unwrap();
+        assert_eq!(userptr.cameras[0].io, CaptureIo::Userptr);
+        let default = parse(MINIMAL).unwrap();
+        assert!(!userptr.cameras[0].same_source(&default.cameras[0]));
+        let err = parse(&format!("{MINIMAL}io = \"dmabuf\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`io = \"dmabuf\"`") && err.contains("userptr"),
+            "{err}"
         );
     }
 

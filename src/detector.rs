@@ -256,11 +256,14 @@ impl DetectorSession {
     }
 
     /// Stage 1 from a camera's raw buffer: converted by the GPU's kernel
-    /// where the session runs there, on the host otherwise.
+    /// where the session runs there (a lent USERPTR buffer uploaded as it
+    /// is), on the host otherwise. A lent buffer must be kept until
+    /// [`postprocess`](Self::postprocess) has returned: the upload reads it
+    /// until then.
     pub fn preprocess_raw(
         &mut self,
         layout: crate::capture::BufferLayout,
-        bytes: &[u8],
+        bytes: &crate::capture::RawBytes,
         origin: &str,
     ) -> Result<Transform, DetectorError> {
         match &mut self.runner {
@@ -269,11 +272,17 @@ impl DetectorSession {
                 self.preprocess(&frame)
             }
             #[cfg(feature = "cuda")]
-            Runner::Device { .. } => self.preprocess_camera(crate::preprocess::CameraImage::Raw {
-                layout,
-                bytes,
-                origin,
-            }),
+            Runner::Device { preprocessor, .. } => {
+                if let crate::capture::RawBytes::Leased(lease) = bytes {
+                    preprocessor.stage_lent(layout, lease, origin)?;
+                    return self.launch_preprocessing();
+                }
+                self.preprocess_camera(crate::preprocess::CameraImage::Raw {
+                    layout,
+                    bytes,
+                    origin,
+                })
+            }
         }
     }
 
@@ -297,7 +306,10 @@ impl DetectorSession {
                     bytes,
                     origin,
                 },
-            ) => self.preprocess_raw(layout, bytes, origin),
+            ) => {
+                let frame = crate::capture::to_frame(&layout, bytes, origin)?;
+                self.preprocess(&frame)
+            }
         }
     }
 

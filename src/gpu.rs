@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+
+use crate::capture::CaptureBuffer;
 use cudarc::nvrtc::CompileOptions;
 
 /// Why the GPU path is not available, or a GPU operation failed.
@@ -132,6 +134,32 @@ impl Gpu {
         &self.stream
     }
 
+    /// Page-locks a capture buffer for this device, once (later calls
+    /// return at once): uploads from it then go by DMA with no staging
+    /// copy. The registration rides on the buffer and ends before its
+    /// memory is unmapped.
+    #[allow(unsafe_code)]
+    pub fn pin_capture_buffer(&self, buffer: &CaptureBuffer) -> Result<(), GpuError> {
+        if buffer.is_pinned() || buffer.is_empty() {
+            return Ok(());
+        }
+        self.context
+            .bind_to_thread()
+            .map_err(GpuError::driver("binding the context"))?;
+        let start = buffer.as_ptr().cast_mut().cast::<std::ffi::c_void>();
+        // SAFETY: `start` and `len` describe one live anonymous mapping
+        // owned by `buffer`, which drops the registration (below) before
+        // unmapping it.
+        unsafe { cudarc::driver::sys::cuMemHostRegister_v2(start, buffer.len(), 0) }
+            .result()
+            .map_err(GpuError::driver("page-locking a capture buffer"))?;
+        buffer.attach_pin(Box::new(HostRegistration {
+            context: Arc::clone(&self.context),
+            start: start as usize,
+        }));
+        Ok(())
+    }
+
     /// Compiles `source` with NVRTC for this device and returns its
     /// function `kernel`.
     #[allow(unsafe_code)]
@@ -161,6 +189,30 @@ impl Gpu {
         module
             .load_function(kernel)
             .map_err(GpuError::driver("finding a kernel in its module"))
+    }
+}
+
+/// A host range page-locked by [`Gpu::pin_capture_buffer`]; unregistered
+/// on drop. The address is kept as a number so the registration is Send.
+struct HostRegistration {
+    context: Arc<CudaContext>,
+    start: usize,
+}
+
+impl Drop for HostRegistration {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // Unregistering needs the context current on this thread (a
+        // camera thread, when a ring goes with its stream).
+        let unregistered = self.context.bind_to_thread().and_then(|()| {
+            // SAFETY: `start` was registered by pin_capture_buffer, and its
+            // mapping is still there (CaptureBuffer drops pins first).
+            unsafe { cudarc::driver::sys::cuMemHostUnregister(self.start as *mut std::ffi::c_void) }
+                .result()
+        });
+        if let Err(e) = unregistered {
+            log::debug!("unregistering a capture buffer: {e}");
+        }
     }
 }
 

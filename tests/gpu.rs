@@ -403,3 +403,75 @@ fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured()
     check(&mut off, 1, 11, &mut || copy());
     assert!(!off.replays(1) && off.not_replaying().is_some());
 }
+
+#[test]
+#[allow(unsafe_code)]
+fn a_lent_capture_buffer_is_page_locked_once_and_uploads_what_a_copy_uploads() {
+    use nanodetd::capture::{BufferLease, CaptureBuffer};
+
+    let test = "a_lent_capture_buffer_is_page_locked_once_and_uploads_what_a_copy_uploads";
+    let Some(assets) = support::assets(test) else {
+        return;
+    };
+    let Some(gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let is_page_locked = |buffer: &CaptureBuffer| {
+        gpu.context().bind_to_thread().unwrap();
+        let mut flags = 0u32;
+        // SAFETY: only asks the driver about an address range we own.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemHostGetFlags(
+                &mut flags,
+                buffer.as_ptr().cast_mut().cast::<std::ffi::c_void>(),
+            )
+        };
+        r.result().is_ok()
+    };
+    let photo = Frame::from_file(&support::sample(&assets, "hpc203_bus.jpg")).unwrap();
+    let spec = PreprocessSpec::nanodet(320, 320, ResizeMode::Letterbox);
+    let stream = gpu.stream().clone();
+    let mut pre = GpuPreprocessor::new(gpu.clone()).unwrap();
+    for format in [CameraFormat::Yuyv, CameraFormat::Nv12, CameraFormat::Bgr24] {
+        let (layout, bytes) = encode(&photo, format, 0).unwrap();
+        // A driver's image size may exceed the frame: a page more here.
+        let mut buffer = CaptureBuffer::new(bytes.len() + 4096).unwrap();
+        buffer.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
+        let buffer = Arc::new(buffer);
+        assert!(!is_page_locked(&buffer), "{format:?}: locked before use");
+        let (give_back, returned) = std::sync::mpsc::channel();
+        let origin = format!("{format:?} lent");
+
+        let mut copied = stream.alloc_zeros::<f32>(spec.tensor_len()).unwrap();
+        pre.stage(CameraImage::Raw {
+            layout,
+            bytes: &bytes,
+            origin: &origin,
+        })
+        .unwrap();
+        pre.launch(&spec, &mut copied.slice_mut(..)).unwrap();
+        let copied = stream.clone_dtoh(&copied).unwrap();
+
+        for round in 0..2 {
+            let lease = BufferLease::lend(Arc::clone(&buffer), 5, bytes.len(), give_back.clone());
+            let mut lent = stream.alloc_zeros::<f32>(spec.tensor_len()).unwrap();
+            // The second round finds the buffer locked, and locks nothing
+            // again (a second registration of a range is a CUDA error).
+            pre.stage_lent(layout, &lease, &origin).unwrap();
+            pre.launch(&spec, &mut lent.slice_mut(..)).unwrap();
+            let lent = stream.clone_dtoh(&lent).unwrap();
+            assert!(buffer.is_pinned() && is_page_locked(&buffer), "{origin}");
+            assert_eq!(lent, copied, "{origin}, round {round}");
+            drop(lease);
+            assert_eq!(
+                returned.try_recv(),
+                Ok(5),
+                "{origin}: the lease gave its buffer back"
+            );
+        }
+        // The last holder may be a camera thread: the registration ends
+        // there, binding the context itself.
+        std::thread::spawn(move || drop(buffer)).join().unwrap();
+    }
+    eprintln!("{test}: YUYV, NV12 and BGR24 lent buffers upload exactly what a copy does");
+}

@@ -6,12 +6,14 @@
 mod convert;
 mod folder;
 mod source;
+mod userptr;
 mod v4l2;
 
 pub use convert::{BufferLayout, CameraFormat, encode, to_frame};
 pub use folder::{FolderError, FolderSource};
-pub use source::{Captured, Miss, Source};
+pub use source::{Captured, Miss, RawBytes, Source};
+pub use userptr::{BufferLease, BufferPin, CaptureBuffer};
 pub use v4l2::{
-    FormatOffer, IfUnsupported, Negotiated, SizeOffer, V4l2Camera, V4l2Error, V4l2Request,
-    negotiate, negotiate_or_fall_back,
+    CaptureIo, FormatOffer, IfUnsupported, Negotiated, SizeOffer, V4l2Camera, V4l2Error,
+    V4l2Request, negotiate, negotiate_or_fall_back,
 };

@@ -2,10 +2,39 @@
 //! threads and `nanodetd calibrate` open cameras the same way.
 
 use super::{
-    BufferLayout, CameraFormat, FolderSource, V4l2Camera, V4l2Error, V4l2Request, to_frame,
+    BufferLayout, BufferLease, CameraFormat, FolderSource, V4l2Camera, V4l2Error, V4l2Request,
+    to_frame,
 };
 use crate::config::{CameraConfig, SourceConfig};
 use crate::frame::{Frame, FrameError};
+
+/// A raw buffer's bytes: copied out of the driver's mmap ring, or the
+/// USERPTR buffer the driver filled, lent until dropped.
+#[derive(Debug)]
+pub enum RawBytes {
+    /// A copy that owes nothing to the camera.
+    Copied(Vec<u8>),
+    /// The capture buffer itself (exactly the frame's bytes).
+    Leased(BufferLease),
+}
+
+impl std::ops::Deref for RawBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            RawBytes::Copied(bytes) => bytes,
+            RawBytes::Leased(lease) => lease.bytes(),
+        }
+    }
+}
+
+impl Clone for RawBytes {
+    /// A copy: a lease is one buffer of a small ring and cannot be shared.
+    fn clone(&self) -> RawBytes {
+        RawBytes::Copied(self.to_vec())
+    }
+}
 
 /// One captured image: decoded, or the camera's raw buffer for a GPU to
 /// convert (the CPU conversion of a 1080p YUYV frame costs ~8 ms).
@@ -17,8 +46,8 @@ pub enum Captured {
     Raw {
         /// Its geometry.
         layout: BufferLayout,
-        /// Its bytes.
-        bytes: Vec<u8>,
+        /// Its bytes, exactly the frame's.
+        bytes: RawBytes,
         /// Names it in errors.
         origin: String,
     },
@@ -55,7 +84,26 @@ impl Captured {
         layout.check(bytes.len(), &origin)?;
         Ok(Captured::Raw {
             layout,
-            bytes: bytes[..layout.needed()].to_vec(),
+            bytes: RawBytes::Copied(bytes[..layout.needed()].to_vec()),
+            origin,
+        })
+    }
+
+    /// [`raw`](Self::raw) for a USERPTR buffer: the same checks, and the
+    /// buffer itself instead of a copy (MJPEG is decoded, and the buffer
+    /// given back at once).
+    pub fn leased(
+        layout: BufferLayout,
+        lease: BufferLease,
+        origin: String,
+    ) -> Result<Captured, FrameError> {
+        if layout.format == CameraFormat::Mjpeg {
+            return to_frame(&layout, lease.bytes(), &origin).map(Captured::Frame);
+        }
+        layout.check(lease.bytes().len(), &origin)?;
+        Ok(Captured::Raw {
+            layout,
+            bytes: RawBytes::Leased(lease.truncated(layout.needed())),
             origin,
         })
     }
@@ -93,6 +141,7 @@ impl Source {
                     size: camera.size.map(|[w, h]| (w, h)),
                     fps: camera.fps,
                     if_unsupported: camera.if_unsupported,
+                    io: camera.io,
                 };
                 V4l2Camera::open(path, &request)
                     .map(|c| Source::V4l2(Box::new(c)))

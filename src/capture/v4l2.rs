@@ -1,5 +1,7 @@
 //! V4L2 capture: format negotiation (pure, tested on recorded capability
-//! lists) and the thin device layer over the `v4l` crate (mmap streaming).
+//! lists) and the thin device layer over the `v4l` crate: mmap streaming,
+//! or USERPTR streaming into nanodetd's own buffers ([`super::userptr`])
+//! when a GPU takes raw buffers.
 //! Frames are converted by [`to_frame`](super::to_frame); a device error
 //! is returned as [`V4l2Error::Lost`] for the camera task to re-open.
 
@@ -16,15 +18,26 @@ use v4l::{Device, FourCC, Fraction};
 
 use super::Captured;
 use super::convert::{BufferLayout, CameraFormat, to_frame};
+use super::userptr::UserptrStream;
 use crate::frame::{Frame, FrameError};
 
 /// Buffers in the mmap ring: enough to ride out a slow frame, few enough
 /// that the newest frame is never far behind.
 const BUFFERS: u32 = 4;
 
+/// Buffers in the USERPTR ring: two more, since up to three are out at
+/// once (the camera thread's, the newest-frame slot's, the detector's).
+const USERPTR_BUFFERS: u32 = 6;
+
+/// A camera that stops sending without an error is as good as gone.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// errno of an ioctl on a device whose driver has gone (Linux, every
 /// architecture).
 const ENODEV: i32 = 19;
+
+/// errno of VIDIOC_REQBUFS for a memory type the driver lacks.
+const EINVAL: i32 = 22;
 
 /// With no size configured, the smallest size at least this wide is chosen:
 /// NanoDet sees 320 to 416 pixels, so more only costs USB bandwidth and
@@ -91,6 +104,21 @@ pub enum IfUnsupported {
     Refuse,
 }
 
+/// How frames come out of the driver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureIo {
+    /// USERPTR while the detector takes raw buffers on a GPU (no host
+    /// copy), where the driver supports it; mmap otherwise.
+    #[default]
+    Auto,
+    /// The driver's own buffers, copied out for a GPU.
+    Mmap,
+    /// nanodetd's buffers, page-locked for a GPU; an error where the
+    /// driver lacks USERPTR.
+    Userptr,
+}
+
 /// What the configuration asks of a camera; `None` lets nanodetd choose.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct V4l2Request {
@@ -102,6 +130,8 @@ pub struct V4l2Request {
     pub fps: Option<f32>,
     /// When `format` or `size` is not offered.
     pub if_unsupported: IfUnsupported,
+    /// Streaming I/O.
+    pub io: CaptureIo,
 }
 
 /// The fourcc of each supported format.
@@ -258,15 +288,26 @@ pub struct Negotiated {
     pub warning: Option<String>,
 }
 
+/// The running stream, of either kind.
+enum Streaming {
+    Mmap(MmapStream<'static>),
+    Userptr(UserptrStream),
+}
+
 /// A streaming V4L2 capture device.
 pub struct V4l2Camera {
     path: PathBuf,
     // Declared before `device` so it is dropped first.
-    stream: Option<MmapStream<'static>>,
-    _device: Device,
+    stream: Option<Streaming>,
+    device: Device,
     layout: BufferLayout,
+    /// The driver's image size, which USERPTR buffers must hold.
+    image_size: usize,
     frame_rate: Option<f32>,
     sequence: u64,
+    io: CaptureIo,
+    /// Set once the driver refused USERPTR under `io = "auto"`.
+    userptr_refused: bool,
 }
 
 impl V4l2Camera {
@@ -377,18 +418,81 @@ impl V4l2Camera {
             layout.bytes_per_line,
             frame_rate.map_or_else(|| "unknown".to_owned(), |r| format!("{r:.2}"))
         );
-        let mut stream = MmapStream::with_buffers(&device, Type::VideoCapture, BUFFERS)
-            .map_err(lost("VIDIOC_REQBUFS"))?;
-        // A camera that stops sending without an error is as good as gone.
-        stream.set_timeout(Duration::from_secs(5));
-        Ok(V4l2Camera {
+        let mut camera = V4l2Camera {
             path: path.to_owned(),
-            stream: Some(stream),
-            _device: device,
+            stream: None,
+            device,
             layout,
+            image_size: (actual.size as usize).max(layout.needed()),
             frame_rate,
             sequence: 0,
-        })
+            io: request.io,
+            userptr_refused: false,
+        };
+        camera.start_streaming(request.io == CaptureIo::Userptr)?;
+        Ok(camera)
+    }
+
+    /// Starts USERPTR or mmap streaming. Under `io = "auto"` a driver
+    /// without USERPTR gets mmap, once and for all, with a log line.
+    fn start_streaming(&mut self, userptr: bool) -> Result<(), V4l2Error> {
+        let path = self.path.display();
+        if userptr && !self.userptr_refused {
+            match UserptrStream::start(
+                &self.device,
+                USERPTR_BUFFERS,
+                self.image_size,
+                FRAME_TIMEOUT,
+            ) {
+                Ok(stream) => {
+                    log::info!(
+                        "{path}: USERPTR streaming into {} buffers of {} bytes",
+                        stream.buffer_count(),
+                        self.image_size
+                    );
+                    self.stream = Some(Streaming::Userptr(stream));
+                    return Ok(());
+                }
+                Err(("VIDIOC_REQBUFS", e)) if e.raw_os_error() == Some(EINVAL) => {
+                    let reason =
+                        format!("the driver does not stream into user memory (USERPTR): {e}");
+                    if self.io == CaptureIo::Userptr {
+                        return Err(V4l2Error::Unsupported {
+                            path: self.path.clone(),
+                            reason: format!(
+                                "{reason}; io = \"mmap\" or \"auto\" streams from its own buffers"
+                            ),
+                        });
+                    }
+                    log::info!("{path}: {reason}; raw frames are copied out of mmap buffers");
+                    self.userptr_refused = true;
+                }
+                Err((what, source)) => {
+                    return Err(V4l2Error::Lost {
+                        path: self.path.clone(),
+                        what,
+                        source,
+                    });
+                }
+            }
+        }
+        let mut stream = MmapStream::with_buffers(&self.device, Type::VideoCapture, BUFFERS)
+            .map_err(|source| V4l2Error::Lost {
+                path: self.path.clone(),
+                what: "VIDIOC_REQBUFS",
+                source,
+            })?;
+        stream.set_timeout(FRAME_TIMEOUT);
+        self.stream = Some(Streaming::Mmap(stream));
+        Ok(())
+    }
+
+    /// How the camera streams now: "userptr" or "mmap".
+    pub fn io(&self) -> &'static str {
+        match self.stream {
+            Some(Streaming::Userptr(_)) => "userptr",
+            _ => "mmap",
+        }
     }
 
     /// The negotiated format and geometry.
@@ -409,31 +513,61 @@ impl V4l2Camera {
             .map_err(V4l2Error::Broken)
     }
 
-    /// The next image: with `raw`, the buffer as the driver filled it (one
-    /// copy out of the mmap ring, no conversion), for a GPU to convert.
+    /// The next image: with `raw`, the buffer as the driver filled it, for
+    /// a GPU to convert: lent as it is when streaming USERPTR, else one
+    /// copy out of the mmap ring. Under `io = "auto"` the stream follows
+    /// `raw`: USERPTR while raw buffers are wanted.
     pub fn next_capture(&mut self, raw: bool) -> Result<Captured, V4l2Error> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(self.gone("stream already failed", io::ErrorKind::NotConnected.into()));
-        };
-        let (bytes, meta) = match stream.next() {
-            Ok(next) => next,
-            Err(source) => return Err(self.gone("VIDIOC_DQBUF", source)),
+        let userptr_now = matches!(self.stream, Some(Streaming::Userptr(_)));
+        if self.io == CaptureIo::Auto && !self.userptr_refused && raw != userptr_now {
+            self.stop_streaming();
+            self.start_streaming(raw)?;
+        }
+        let captured = match self.stream.as_mut() {
+            None => {
+                return Err(self.gone("stream already failed", io::ErrorKind::NotConnected.into()));
+            }
+            Some(Streaming::Mmap(stream)) => match stream.next() {
+                Err(source) => return Err(self.gone("VIDIOC_DQBUF", source)),
+                Ok((bytes, meta)) => {
+                    let used = (meta.bytesused as usize).min(bytes.len());
+                    let origin = format!("{} frame {}", self.path.display(), meta.sequence);
+                    if raw {
+                        Captured::raw(self.layout, &bytes[..used], origin)
+                    } else {
+                        to_frame(&self.layout, &bytes[..used], &origin).map(Captured::Frame)
+                    }
+                }
+            },
+            Some(Streaming::Userptr(stream)) => match stream.next() {
+                Err((what, source)) => return Err(self.gone(what, source)),
+                Ok((lease, sequence)) => {
+                    let origin = format!("{} frame {sequence}", self.path.display());
+                    if raw {
+                        Captured::leased(self.layout, lease, origin)
+                    } else {
+                        // Converted straight from the buffer, given back
+                        // when the lease drops here.
+                        to_frame(&self.layout, lease.bytes(), &origin).map(Captured::Frame)
+                    }
+                }
+            },
         };
         self.sequence += 1;
-        let used = (meta.bytesused as usize).min(bytes.len());
-        let origin = format!("{} frame {}", self.path.display(), meta.sequence);
-        if raw {
-            return Ok(Captured::raw(self.layout, &bytes[..used], origin)?);
-        }
-        Ok(Captured::Frame(to_frame(
-            &self.layout,
-            &bytes[..used],
-            &origin,
-        )?))
+        Ok(captured?)
     }
 
     fn gone(&mut self, what: &'static str, source: io::Error) -> V4l2Error {
-        if let Some(mut stream) = self.stream.take() {
+        self.stop_streaming();
+        V4l2Error::Lost {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn stop_streaming(&mut self) {
+        if let Some(Streaming::Mmap(mut stream)) = self.stream.take() {
             use v4l::io::traits::Stream;
             // v4l's Stream (and its buffer arena) panics in Drop when an
             // ioctl fails with anything but ENODEV. ENODEV is what a driver
@@ -453,11 +587,7 @@ impl V4l2Camera {
                 }
             }
         }
-        V4l2Error::Lost {
-            path: self.path.clone(),
-            what,
-            source,
-        }
+        // A USERPTR stream stops in its own Drop, whatever the driver says.
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::Instant;
 use anyhow::{Context, anyhow};
 use clap::Args;
 
-use nanodetd::capture::{CameraFormat, IfUnsupported, V4l2Camera, V4l2Error, V4l2Request};
+use nanodetd::capture::{
+    CameraFormat, CaptureIo, Captured, IfUnsupported, RawBytes, V4l2Camera, V4l2Error, V4l2Request,
+};
 use nanodetd::engine_cache::write_atomically;
 use nanodetd::frame::{Frame, PixelFormat};
 
@@ -37,6 +39,14 @@ pub struct CameraArgs {
     /// what is (the config's if_unsupported = "refuse").
     #[arg(long)]
     refuse: bool,
+    /// Streaming I/O (the config's io): with no GPU here, `auto` is mmap.
+    #[arg(long, value_enum, default_value_t = CaptureIo::Auto)]
+    io: CaptureIo,
+    /// Take each frame as the raw buffer a GPU detector would get, then
+    /// convert it on the CPU: the daemon's hand-off, tested without a GPU.
+    /// With `--io auto` this streams USERPTR where the driver allows.
+    #[arg(long)]
+    raw: bool,
     /// Frames to stream.
     #[arg(long, default_value_t = 50)]
     frames: u64,
@@ -53,6 +63,10 @@ struct CameraReport<'a> {
     width: usize,
     height: usize,
     bytes_per_line: usize,
+    /// "userptr" or "mmap".
+    io: &'static str,
+    /// Frames that came as the driver's own buffer, not a copy.
+    lent_buffers: u64,
     /// The rate the driver settled on.
     negotiated_fps: Option<f32>,
     /// Frames converted.
@@ -90,6 +104,7 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
         } else {
             IfUnsupported::Negotiate
         },
+        io: args.io,
     };
     let mut camera = V4l2Camera::open(&args.device, &request).map_err(|e| match e {
         V4l2Error::Unsupported { .. } => Failure::BadInput(e.into()),
@@ -98,12 +113,23 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
     let layout = camera.layout();
     let mut converted = 0u64;
     let mut broken = 0u64;
+    let mut lent_buffers = 0u64;
     let mut first: Option<Instant> = None;
     let mut last_frame: Option<Frame> = None;
     // Bad frames count towards the total, so a camera that sends only
     // garbage still ends.
     while converted + broken < args.frames {
-        match camera.next_frame() {
+        let frame = camera.next_capture(args.raw).and_then(|captured| {
+            if let Captured::Raw {
+                bytes: RawBytes::Leased(_),
+                ..
+            } = &captured
+            {
+                lent_buffers += 1;
+            }
+            captured.into_frame().map_err(V4l2Error::Broken)
+        });
+        match frame {
             Ok(frame) => {
                 converted += 1;
                 first.get_or_insert_with(Instant::now);
@@ -130,6 +156,8 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
         width: layout.width,
         height: layout.height,
         bytes_per_line: layout.bytes_per_line,
+        io: camera.io(),
+        lent_buffers,
         negotiated_fps: camera.frame_rate(),
         frames: converted,
         broken,

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, FrameBoard, wall_time};
-use crate::capture::Captured;
+use crate::capture::{Captured, RawBytes};
 use crate::capture::{Miss, Source};
 use crate::config::CameraConfig;
 use crate::watchdog::Heartbeat;
@@ -45,6 +45,9 @@ pub struct CameraCounters {
     pub broken: AtomicU64,
     /// Times the source was lost and re-opened.
     pub reopens: AtomicU64,
+    /// Frames handed over as the capture buffer itself (USERPTR), with
+    /// no copy on the host.
+    pub lent: AtomicU64,
     state: AtomicU8,
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -285,6 +288,13 @@ impl CameraRunner {
             wall_time: wall_time(),
         };
         self.counters.frames.fetch_add(1, Ordering::Relaxed);
+        if let Captured::Raw {
+            bytes: RawBytes::Leased(_),
+            ..
+        } = &captured.image
+        {
+            self.counters.lent.fetch_add(1, Ordering::Relaxed);
+        }
         if !wait {
             if self.board.put(captured) {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);

@@ -436,6 +436,7 @@ struct CameraStats {
     dropped: u64,
     broken: u64,
     reopens: u64,
+    lent: u64,
     error: Option<String>,
 }
 
@@ -511,6 +512,7 @@ impl Reporter {
                     dropped,
                     broken: c.broken.load(Ordering::Relaxed),
                     reopens: c.reopens.load(Ordering::Relaxed),
+                    lent: c.lent.load(Ordering::Relaxed),
                     error: c.last_error(),
                 },
             );

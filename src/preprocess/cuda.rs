@@ -11,12 +11,12 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaViewMut, DeviceRepr, LaunchConfig, PinnedHostSlice,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaViewMut, DeviceRepr, HostSlice, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
 };
 
 use super::{ChannelOrder, PreprocessSpec, ResizeMode, Transform, placement, taps};
-use crate::capture::{BufferLayout, CameraFormat};
+use crate::capture::{BufferLayout, BufferLease, CameraFormat};
 use crate::frame::{Frame, FrameError, PixelFormat};
 use crate::gpu::{Gpu, GpuError};
 
@@ -128,6 +128,8 @@ pub struct GpuPreprocessor {
     source: Option<CudaSlice<u8>>,
     staged: Option<Staged>,
     taps: Option<(TapsFor, CudaSlice<i32>)>,
+    /// Why capture buffers could not be page-locked, once said.
+    pin_refused: Option<String>,
 }
 
 impl GpuPreprocessor {
@@ -141,6 +143,7 @@ impl GpuPreprocessor {
             source: None,
             staged: None,
             taps: None,
+            pin_refused: None,
         })
     }
 
@@ -202,6 +205,35 @@ impl GpuPreprocessor {
             });
         }
         upload(self.gpu.stream(), &mut self.source, pinned)?;
+        self.staged = Some(staged);
+        Ok(())
+    }
+
+    /// Queues the upload of a USERPTR capture buffer straight from the
+    /// buffer, page-locking it on its first visit: no copy on the host.
+    /// The upload runs asynchronously: the caller keeps the lease until it
+    /// has waited for the frame's inference (the detector's postprocess
+    /// does), so the camera cannot refill the buffer under the copy.
+    pub fn stage_lent(
+        &mut self,
+        layout: BufferLayout,
+        lease: &BufferLease,
+        origin: &str,
+    ) -> Result<(), GpuPreprocessError> {
+        if self.pin_refused.is_none()
+            && let Err(e) = self.gpu.pin_capture_buffer(lease.buffer())
+        {
+            // Pageable memory still uploads, through the driver's own
+            // staging: slower, and never wrong.
+            log::warn!("{origin}: {e}; capture buffers are uploaded unlocked");
+            self.pin_refused = Some(e.to_string());
+        }
+        let (staged, bytes) = layout_of(CameraImage::Raw {
+            layout,
+            bytes: lease.bytes(),
+            origin,
+        })?;
+        upload(self.gpu.stream(), &mut self.source, bytes)?;
         self.staged = Some(staged);
         Ok(())
     }
@@ -307,10 +339,10 @@ impl GpuPreprocessor {
 /// Queues the copy of `pinned` (exactly the staged frame's bytes) into
 /// the device frame buffer `source`, made or remade to its size.
 #[allow(unsafe_code)]
-fn upload(
+fn upload<Host: HostSlice<u8> + ?Sized>(
     stream: &Arc<CudaStream>,
     source: &mut Option<CudaSlice<u8>>,
-    pinned: &PinnedHostSlice<u8>,
+    pinned: &Host,
 ) -> Result<(), GpuError> {
     let source = match source {
         Some(source) if source.len() == pinned.len() => source,

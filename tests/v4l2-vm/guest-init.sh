@@ -42,6 +42,31 @@ for format in yuyv uyvy nv12 rgb24 bgr24 grey; do
 done
 mark "formats done"
 
+# 1b. USERPTR streaming: the driver fills nanodetd's own buffers, which go
+# out as the raw frames a GPU detector takes (--raw), converted here. YUYV
+# asks for USERPTR; NV12 leaves it to "auto", which opens with mmap and
+# switches when the first raw frame is wanted, as the daemon does when its
+# detector is on a GPU.
+for run in "yuyv userptr" "nv12 auto"; do
+    set -- $run
+    nanodetd camera /dev/video0 --format "$1" --size 640x480 --fps 15 --refuse \
+        --io "$2" --raw --frames 30 --save "/out/userptr-$1.ppm" \
+        >"/out/userptr-$1.json" 2>"/out/userptr-$1.log"
+    echo $? >"/out/userptr-$1.rc"
+done
+# The driver goes while USERPTR buffers are queued: a clean error, no
+# crash; then the driver is bound again for the steps below.
+nanodetd camera /dev/video0 --format yuyv --size 640x480 --io userptr --raw --frames 100000 \
+    >/out/userptr-unplug.json 2>/out/userptr-unplug.log &
+camera=$!
+sleep 3
+echo vivid.0 >/sys/bus/platform/drivers/vivid/unbind || mark "unbind vivid (userptr) failed"
+wait "$camera"
+echo $? >/out/userptr-unplug.rc
+echo vivid.0 >/sys/bus/platform/drivers/vivid/bind || mark "bind vivid failed"
+for _ in $(seq 50); do [ -e /dev/video0 ] && break; sleep 0.1; done
+mark "userptr done"
+
 # 4. A format vivid lacks: negotiated away by default, refused on request.
 nanodetd camera /dev/video0 --format mjpeg --frames 5 >/out/mjpeg-negotiate.json 2>/out/mjpeg-negotiate.log
 echo $? >/out/mjpeg-negotiate.rc

@@ -138,6 +138,34 @@ for fmt in FORMATS:
           f"{fmt}: colour bars within {COLOUR_TOLERANCE} levels (worst {worst:.1f}): "
           + " ".join("/".join(f"{v:.0f}" for v in m) for m in means), logs)
 
+# --- 1b. USERPTR: the same frames from nanodetd's own buffers, lent.
+for fmt in ["yuyv", "nv12"]:
+    logs = [f"userptr-{fmt}.log"]
+    rc = read(f"userptr-{fmt}.rc")
+    if not check(rc is not None and rc.strip() == "0", f"userptr {fmt}: exits 0 (got {rc and rc.strip()})", logs):
+        continue
+    try:
+        report = json.loads(read(f"userptr-{fmt}.json") or "")
+    except json.JSONDecodeError:
+        check(False, f"userptr {fmt}: report is JSON", logs)
+        continue
+    check(report["io"] == "userptr" and report["format"] == fmt,
+          f"userptr {fmt}: streamed {report['format']} through {report['io']}", logs)
+    check(report["frames"] == 30 and report["broken"] == 0 and report["lent_buffers"] == 30,
+          f"userptr {fmt}: 30 frames, {report['broken']} broken, {report['lent_buffers']} lent as the capture buffer", logs)
+    measured = report["measured_fps"]
+    check(measured is not None and abs(measured - RATE) <= 0.2 * RATE,
+          f"userptr {fmt}: {measured} fps (within 20% of {RATE})", logs)
+    ppm = results / f"userptr-{fmt}.ppm"
+    if check(ppm.exists(), f"userptr {fmt}: a converted frame was saved", logs):
+        means = bar_means(*read_ppm(ppm))
+        worst = max(abs(m - e) for got, want in zip(means, BARS) for m, e in zip(got, want))
+        check(worst <= COLOUR_TOLERANCE, f"userptr {fmt}: colour bars within {COLOUR_TOLERANCE} levels (worst {worst:.1f})", logs)
+rc = read("userptr-unplug.rc")
+log = read("userptr-unplug.log") or ""
+check(rc is not None and rc.strip() == "1" and "/dev/video0" in log and "panicked" not in log,
+      f"userptr unplug: exit 1 with the device named, no panic (exit {rc and rc.strip()})", ["userptr-unplug.log"])
+
 # --- 4. A format vivid lacks.
 rc = read("mjpeg-negotiate.rc")
 log = read("mjpeg-negotiate.log") or ""
