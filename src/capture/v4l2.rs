@@ -433,8 +433,9 @@ impl V4l2Camera {
         Ok(camera)
     }
 
-    /// Starts USERPTR or mmap streaming. Under `io = "auto"` a driver
-    /// without USERPTR gets mmap, once and for all, with a log line.
+    /// Starts USERPTR or mmap streaming. Under `io = "auto"` a device on
+    /// which USERPTR fails gets mmap, for as long as it stays open, with
+    /// a warning.
     fn start_streaming(&mut self, userptr: bool) -> Result<(), V4l2Error> {
         let path = self.path.display();
         if userptr && !self.userptr_refused {
@@ -453,18 +454,26 @@ impl V4l2Camera {
                     self.stream = Some(Streaming::Userptr(stream));
                     return Ok(());
                 }
-                Err(("VIDIOC_REQBUFS", e)) if e.raw_os_error() == Some(EINVAL) => {
-                    let reason =
-                        format!("the driver does not stream into user memory (USERPTR): {e}");
-                    if self.io == CaptureIo::Userptr {
-                        return Err(V4l2Error::Unsupported {
-                            path: self.path.clone(),
-                            reason: format!(
-                                "{reason}; io = \"mmap\" or \"auto\" streams from its own buffers"
-                            ),
-                        });
-                    }
-                    log::info!("{path}: {reason}; raw frames are copied out of mmap buffers");
+                Err(("VIDIOC_REQBUFS", e))
+                    if e.raw_os_error() == Some(EINVAL) && self.io == CaptureIo::Userptr =>
+                {
+                    return Err(V4l2Error::Unsupported {
+                        path: self.path.clone(),
+                        reason: format!(
+                            "the driver does not stream into user memory (USERPTR): {e}; io = \"mmap\" or \"auto\" streams from its own buffers"
+                        ),
+                    });
+                }
+                // Under auto, whatever USERPTR trips on (no support, or a
+                // driver that takes only memory of its own kind and fails
+                // QBUF) leaves mmap, which this device streams; only a
+                // device that went is lost.
+                Err((what, e))
+                    if self.io == CaptureIo::Auto && e.raw_os_error() != Some(ENODEV) =>
+                {
+                    log::warn!(
+                        "{path}: USERPTR streaming failed ({what}: {e}); raw frames are copied out of mmap buffers instead"
+                    );
                     self.userptr_refused = true;
                 }
                 Err((what, source)) => {
