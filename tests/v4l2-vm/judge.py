@@ -104,16 +104,24 @@ def stats_messages(mqtt_log):
     return out
 
 
+def camera_report(run, label, logs):
+    """The JSON report of the `nanodetd camera` run `run`, when it exited
+    0; None otherwise, with the failed check saying why."""
+    rc = read(f"{run}.rc")
+    if not check(rc is not None and rc.strip() == "0", f"{label}: nanodetd camera exits 0 (got {rc and rc.strip()})", logs):
+        return None
+    try:
+        return json.loads(read(f"{run}.json") or "")
+    except json.JSONDecodeError:
+        check(False, f"{label}: report is JSON", logs)
+        return None
+
+
 # --- 1. Capture and convert, each format.
 for fmt in FORMATS:
     logs = [f"camera-{fmt}.log"]
-    rc = read(f"camera-{fmt}.rc")
-    if not check(rc is not None and rc.strip() == "0", f"{fmt}: nanodetd camera exits 0 (got {rc and rc.strip()})", logs):
-        continue
-    try:
-        report = json.loads(read(f"camera-{fmt}.json") or "")
-    except json.JSONDecodeError:
-        check(False, f"{fmt}: report is JSON", logs)
+    report = camera_report(f"camera-{fmt}", fmt, logs)
+    if report is None:
         continue
     check(report["format"] == fmt and (report["width"], report["height"]) == (640, 480),
           f"{fmt}: negotiated {report['format']} {report['width']}x{report['height']}", logs)
@@ -141,13 +149,8 @@ for fmt in FORMATS:
 # --- 1b. USERPTR: the same frames from nanodetd's own buffers, lent.
 for fmt in ["yuyv", "nv12"]:
     logs = [f"userptr-{fmt}.log"]
-    rc = read(f"userptr-{fmt}.rc")
-    if not check(rc is not None and rc.strip() == "0", f"userptr {fmt}: exits 0 (got {rc and rc.strip()})", logs):
-        continue
-    try:
-        report = json.loads(read(f"userptr-{fmt}.json") or "")
-    except json.JSONDecodeError:
-        check(False, f"userptr {fmt}: report is JSON", logs)
+    report = camera_report(f"userptr-{fmt}", f"userptr {fmt}", logs)
+    if report is None:
         continue
     check(report["io"] == "userptr" and report["format"] == fmt,
           f"userptr {fmt}: streamed {report['format']} through {report['io']}", logs)
