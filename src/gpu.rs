@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::nvrtc::CompileOptions;
 
 use crate::capture::CaptureBuffer;
-use cudarc::nvrtc::CompileOptions;
 
 /// Why the GPU path is not available, or a GPU operation failed.
 #[derive(Debug, thiserror::Error)]

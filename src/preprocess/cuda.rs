@@ -128,8 +128,8 @@ pub struct GpuPreprocessor {
     source: Option<CudaSlice<u8>>,
     staged: Option<Staged>,
     taps: Option<(TapsFor, CudaSlice<i32>)>,
-    /// Why capture buffers could not be page-locked, once said.
-    pin_refused: Option<String>,
+    /// Set once page-locking a capture buffer failed (and was logged).
+    pin_refused: bool,
 }
 
 impl GpuPreprocessor {
@@ -143,7 +143,7 @@ impl GpuPreprocessor {
             source: None,
             staged: None,
             taps: None,
-            pin_refused: None,
+            pin_refused: false,
         })
     }
 
@@ -220,13 +220,13 @@ impl GpuPreprocessor {
         lease: &BufferLease,
         origin: &str,
     ) -> Result<(), GpuPreprocessError> {
-        if self.pin_refused.is_none()
+        if !self.pin_refused
             && let Err(e) = self.gpu.pin_capture_buffer(lease.buffer())
         {
             // Pageable memory still uploads, through the driver's own
             // staging: slower, and never wrong.
             log::warn!("{origin}: {e}; capture buffers are uploaded unlocked");
-            self.pin_refused = Some(e.to_string());
+            self.pin_refused = true;
         }
         let (staged, bytes) = layout_of(CameraImage::Raw {
             layout,
