@@ -62,6 +62,17 @@ impl Captured {
         }
     }
 
+    /// True for a capture buffer lent as it is (USERPTR), not a copy.
+    pub fn is_lent(&self) -> bool {
+        matches!(
+            self,
+            Captured::Raw {
+                bytes: RawBytes::Leased(_),
+                ..
+            }
+        )
+    }
+
     /// The decoded frame, converting a raw buffer on the CPU.
     pub fn into_frame(self) -> Result<Frame, FrameError> {
         match self {
@@ -201,8 +212,33 @@ mod tests {
                 panic!("{format:?} was not kept raw");
             };
             assert_eq!(kept.len(), layout.needed(), "{format:?}");
+            assert!(!raw.is_lent());
             assert_eq!(raw.into_frame().unwrap().data(), want.data(), "{format:?}");
         }
+    }
+
+    #[test]
+    fn a_lent_buffer_converts_like_a_copy_and_a_clone_of_it_is_a_copy() {
+        use crate::capture::{BufferLease, CaptureBuffer};
+        use std::sync::Arc;
+
+        let (layout, bytes) = encode(&photo(), CameraFormat::Yuyv, 4).unwrap();
+        let mut buffer = CaptureBuffer::new(bytes.len() + 100).unwrap();
+        buffer.as_mut_slice()[..bytes.len()].copy_from_slice(&bytes);
+        let (give_back, returned) = std::sync::mpsc::channel();
+        let lease = BufferLease::lend(Arc::new(buffer), 1, bytes.len() + 100, give_back);
+        let lent = Captured::leased(layout, lease, "cam frame 2".into()).unwrap();
+        assert!(lent.is_lent());
+        let copy = lent.clone();
+        assert!(!copy.is_lent());
+        let want = to_frame(&layout, &bytes, "want").unwrap();
+        assert_eq!(lent.into_frame().unwrap().data(), want.data());
+        assert_eq!(
+            returned.try_recv(),
+            Ok(1),
+            "converting gave the buffer back"
+        );
+        assert_eq!(copy.into_frame().unwrap().data(), want.data());
     }
 
     #[test]

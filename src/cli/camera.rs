@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 
 use nanodetd::capture::{
-    CameraFormat, CaptureIo, Captured, IfUnsupported, RawBytes, V4l2Camera, V4l2Error, V4l2Request,
+    CameraFormat, CaptureIo, IfUnsupported, V4l2Camera, V4l2Error, V4l2Request,
 };
 use nanodetd::engine_cache::write_atomically;
 use nanodetd::frame::{Frame, PixelFormat};
@@ -120,13 +120,7 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
     // garbage still ends.
     while converted + broken < args.frames {
         let frame = camera.next_capture(args.raw).and_then(|captured| {
-            if let Captured::Raw {
-                bytes: RawBytes::Leased(_),
-                ..
-            } = &captured
-            {
-                lent_buffers += 1;
-            }
+            lent_buffers += u64::from(captured.is_lent());
             captured.into_frame().map_err(V4l2Error::Broken)
         });
         match frame {

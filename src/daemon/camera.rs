@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, FrameBoard, wall_time};
-use crate::capture::{Captured, RawBytes};
+use crate::capture::Captured;
 use crate::capture::{Miss, Source};
 use crate::config::CameraConfig;
 use crate::watchdog::Heartbeat;
@@ -288,11 +288,7 @@ impl CameraRunner {
             wall_time: wall_time(),
         };
         self.counters.frames.fetch_add(1, Ordering::Relaxed);
-        if let Captured::Raw {
-            bytes: RawBytes::Leased(_),
-            ..
-        } = &captured.image
-        {
+        if captured.image.is_lent() {
             self.counters.lent.fetch_add(1, Ordering::Relaxed);
         }
         if !wait {
