@@ -267,10 +267,7 @@ impl DetectorSession {
         origin: &str,
     ) -> Result<Transform, DetectorError> {
         match &mut self.runner {
-            Runner::Host { .. } => {
-                let frame = crate::capture::to_frame(&layout, bytes, origin)?;
-                self.preprocess(&frame)
-            }
+            Runner::Host { .. } => self.preprocess_converted(layout, bytes, origin),
             #[cfg(feature = "cuda")]
             Runner::Device { preprocessor, .. } => {
                 if let crate::capture::RawBytes::Leased(lease) = bytes {
@@ -306,11 +303,19 @@ impl DetectorSession {
                     bytes,
                     origin,
                 },
-            ) => {
-                let frame = crate::capture::to_frame(&layout, bytes, origin)?;
-                self.preprocess(&frame)
-            }
+            ) => self.preprocess_converted(layout, bytes, origin),
         }
+    }
+
+    /// A raw buffer converted on the host, then stage 1 as for a frame.
+    fn preprocess_converted(
+        &mut self,
+        layout: crate::capture::BufferLayout,
+        bytes: &[u8],
+        origin: &str,
+    ) -> Result<Transform, DetectorError> {
+        let frame = crate::capture::to_frame(&layout, bytes, origin)?;
+        self.preprocess(&frame)
     }
 
     /// Stage 1 from a raw camera buffer the caller holds in pinned memory:

@@ -245,9 +245,10 @@ impl UserptrStream {
         self.buffers.len()
     }
 
-    /// The next filled buffer, with the driver's frame counter. Buffers given back since the last call are
-    /// queued first; when every buffer is out (held downstream), this
-    /// waits for one to come back. Errors name the ioctl that failed.
+    /// The next filled buffer, with the driver's frame counter. Buffers
+    /// given back since the last call are queued first; when every buffer
+    /// is out (held downstream), this waits for one to come back. Errors
+    /// name the ioctl that failed.
     pub fn next(&mut self) -> Result<(BufferLease, u32), (&'static str, io::Error)> {
         let returned: Vec<usize> = self.returned.try_iter().collect();
         for index in returned {
@@ -284,7 +285,7 @@ impl UserptrStream {
             ));
         }
         let mut raw = buffer_desc();
-        self.ioctl(vidioc::VIDIOC_DQBUF, &mut raw)
+        device_ioctl(&self.handle, vidioc::VIDIOC_DQBUF, &mut raw)
             .map_err(|e| ("VIDIOC_DQBUF", e))?;
         self.queued = self.queued.saturating_sub(1);
         let index = raw.index as usize;
@@ -322,7 +323,7 @@ impl UserptrStream {
         raw.index = index as u32;
         raw.m.userptr = buffer.as_ptr() as c_ulong;
         raw.length = u32::try_from(buffer.len()).map_err(io::Error::other)?;
-        self.ioctl(vidioc::VIDIOC_QBUF, &mut raw)?;
+        device_ioctl(&self.handle, vidioc::VIDIOC_QBUF, &mut raw)?;
         self.queued += 1;
         Ok(())
     }
@@ -334,22 +335,13 @@ impl UserptrStream {
         } else {
             vidioc::VIDIOC_STREAMOFF
         };
-        self.ioctl(request, &mut kind)?;
+        device_ioctl(&self.handle, request, &mut kind)?;
         self.streaming = on;
         if !on {
             // STREAMOFF takes every queued buffer back from the driver.
             self.queued = 0;
         }
         Ok(())
-    }
-
-    #[allow(unsafe_code)]
-    fn ioctl<T>(&self, request: vidioc::_IOC_TYPE, arg: &mut T) -> io::Result<()> {
-        // SAFETY: every request passed here takes a pointer to exactly
-        // the type given with it (v4l2_buffer for QBUF/DQBUF, an int for
-        // STREAMON/OFF); the descriptor is the handle's, open while
-        // `self` lives.
-        unsafe { ioctl(self.handle.fd(), request, (arg as *mut T).cast::<c_void>()) }
     }
 }
 
@@ -382,15 +374,18 @@ fn request_buffers(handle: &Handle, count: u32) -> io::Result<u32> {
     request.count = count;
     request.type_ = Type::VideoCapture as u32;
     request.memory = Memory::UserPtr as u32;
-    // SAFETY: VIDIOC_REQBUFS takes a v4l2_requestbuffers.
-    unsafe {
-        ioctl(
-            handle.fd(),
-            vidioc::VIDIOC_REQBUFS,
-            (&mut request as *mut v4l2_requestbuffers).cast::<c_void>(),
-        )
-    }?;
+    device_ioctl(handle, vidioc::VIDIOC_REQBUFS, &mut request)?;
     Ok(request.count)
+}
+
+/// The one ioctl call of USERPTR streaming.
+#[allow(unsafe_code)]
+fn device_ioctl<T>(handle: &Handle, request: vidioc::_IOC_TYPE, arg: &mut T) -> io::Result<()> {
+    // SAFETY: every request passed here takes a pointer to exactly the
+    // type given with it (v4l2_requestbuffers for REQBUFS, v4l2_buffer
+    // for QBUF/DQBUF, an int for STREAMON/OFF); the descriptor is the
+    // handle's, open while the handle lives.
+    unsafe { ioctl(handle.fd(), request, (arg as *mut T).cast::<c_void>()) }
 }
 
 #[cfg(test)]
