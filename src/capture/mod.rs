@@ -5,9 +5,11 @@
 
 mod convert;
 mod folder;
+mod mmap;
 mod source;
 mod userptr;
 mod v4l2;
+mod videodev2;
 
 pub use convert::{BufferLayout, CameraFormat, encode, to_frame};
 pub use folder::{FolderError, FolderSource};

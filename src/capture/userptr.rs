@@ -12,18 +12,13 @@
 //! into pages nobody else is given.
 
 use std::io;
-use std::os::raw::{c_int, c_ulong, c_void};
+use std::os::raw::c_ulong;
 use std::ptr::NonNull;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use v4l::Device;
-use v4l::buffer::Type;
-use v4l::device::Handle;
-use v4l::memory::Memory;
-use v4l::v4l_sys::{v4l2_buffer, v4l2_requestbuffers};
-use v4l::v4l2::{ioctl, vidioc};
+use super::videodev2::{MEMORY_USERPTR, VideoDevice};
 
 /// A registration another part attached to a buffer (CUDA's page-locking),
 /// released before the buffer's memory is unmapped.
@@ -179,12 +174,9 @@ impl std::fmt::Debug for BufferLease {
     }
 }
 
-/// poll(2)'s POLLIN, 1 on every Linux architecture.
-const POLLIN: i16 = 1;
-
 /// USERPTR streaming on one device.
 pub struct UserptrStream {
-    handle: Arc<Handle>,
+    device: Arc<VideoDevice>,
     buffers: Vec<Arc<CaptureBuffer>>,
     give_back: Sender<usize>,
     returned: Receiver<usize>,
@@ -198,7 +190,7 @@ impl UserptrStream {
     /// format's image size), queues them all and starts streaming. A
     /// driver without USERPTR support fails VIDIOC_REQBUFS (EINVAL).
     pub fn start(
-        device: &Device,
+        device: &Arc<VideoDevice>,
         count: u32,
         size: usize,
         timeout: Duration,
@@ -209,8 +201,9 @@ impl UserptrStream {
                 io::Error::other("the driver reports a zero image size"),
             ));
         }
-        let handle = device.handle();
-        let granted = request_buffers(&handle, count).map_err(|e| ("VIDIOC_REQBUFS", e))?;
+        let granted = device
+            .request_buffers(MEMORY_USERPTR, count)
+            .map_err(|e| ("VIDIOC_REQBUFS", e))?;
         if granted == 0 {
             return Err((
                 "VIDIOC_REQBUFS",
@@ -223,7 +216,7 @@ impl UserptrStream {
             .map_err(|e| ("allocating capture buffers", e))?;
         let (give_back, returned) = channel();
         let mut stream = UserptrStream {
-            handle,
+            device: Arc::clone(device),
             buffers,
             give_back,
             returned,
@@ -272,20 +265,9 @@ impl UserptrStream {
                 }
             }
         }
-        let timeout_ms = c_int::try_from(self.timeout.as_millis()).unwrap_or(c_int::MAX);
-        if self
-            .handle
-            .poll(POLLIN, timeout_ms)
-            .map_err(|e| ("poll", e))?
-            == 0
-        {
-            return Err((
-                "VIDIOC_DQBUF",
-                io::Error::new(io::ErrorKind::TimedOut, "no frame within the timeout"),
-            ));
-        }
-        let mut raw = buffer_desc();
-        device_ioctl(&self.handle, vidioc::VIDIOC_DQBUF, &mut raw)
+        let raw = self
+            .device
+            .dequeue(MEMORY_USERPTR, self.timeout)
             .map_err(|e| ("VIDIOC_DQBUF", e))?;
         self.queued = self.queued.saturating_sub(1);
         let index = raw.index as usize;
@@ -306,42 +288,43 @@ impl UserptrStream {
         Ok((lease, raw.sequence))
     }
 
-    /// STREAMOFF, then frees the driver's hold on the buffers (REQBUFS 0).
-    /// The buffers themselves stay mapped while a lease holds them.
+    /// STREAMOFF, then frees the driver's hold on the buffers (REQBUFS 0),
+    /// whatever STREAMOFF answered. The buffers themselves stay mapped
+    /// while a lease holds them.
     pub fn stop(&mut self) -> io::Result<()> {
-        if self.streaming {
-            self.stream_switch(false)?;
-        }
-        request_buffers(&self.handle, 0).map(|_| ())
+        let off = if self.streaming {
+            self.stream_switch(false)
+        } else {
+            Ok(())
+        };
+        let freed = self.device.request_buffers(MEMORY_USERPTR, 0).map(|_| ());
+        off.and(freed)
     }
 
     fn queue(&mut self, index: usize) -> io::Result<()> {
         let Some(buffer) = self.buffers.get(index) else {
             return Err(io::Error::other(format!("no buffer {index}")));
         };
-        let mut raw = buffer_desc();
-        raw.index = index as u32;
+        let mut raw = VideoDevice::buffer(MEMORY_USERPTR);
+        raw.index = u32::try_from(index).map_err(io::Error::other)?;
         raw.m.userptr = buffer.as_ptr() as c_ulong;
         raw.length = u32::try_from(buffer.len()).map_err(io::Error::other)?;
-        device_ioctl(&self.handle, vidioc::VIDIOC_QBUF, &mut raw)?;
+        self.device.queue(&mut raw)?;
         self.queued += 1;
         Ok(())
     }
 
     fn stream_switch(&mut self, on: bool) -> io::Result<()> {
-        let mut kind = Type::VideoCapture as c_int;
-        let request = if on {
-            vidioc::VIDIOC_STREAMON
-        } else {
-            vidioc::VIDIOC_STREAMOFF
-        };
-        device_ioctl(&self.handle, request, &mut kind)?;
-        self.streaming = on;
+        let switched = self.device.stream(on);
         if !on {
-            // STREAMOFF takes every queued buffer back from the driver.
+            // STREAMOFF takes every queued buffer back from the driver;
+            // after a failed one the stream is not used again.
+            self.streaming = false;
             self.queued = 0;
+        } else if switched.is_ok() {
+            self.streaming = true;
         }
-        Ok(())
+        switched
     }
 }
 
@@ -354,38 +337,6 @@ impl Drop for UserptrStream {
             log::debug!("stopping USERPTR streaming: {e}");
         }
     }
-}
-
-fn buffer_desc() -> v4l2_buffer {
-    #[allow(unsafe_code)]
-    // SAFETY: v4l2_buffer is plain old data; all-zero is its empty value.
-    let mut raw: v4l2_buffer = unsafe { std::mem::zeroed() };
-    raw.type_ = Type::VideoCapture as u32;
-    raw.memory = Memory::UserPtr as u32;
-    raw
-}
-
-/// VIDIOC_REQBUFS for `count` USERPTR buffers; returns how many the
-/// driver granted.
-#[allow(unsafe_code)]
-fn request_buffers(handle: &Handle, count: u32) -> io::Result<u32> {
-    // SAFETY: plain old data, as above.
-    let mut request: v4l2_requestbuffers = unsafe { std::mem::zeroed() };
-    request.count = count;
-    request.type_ = Type::VideoCapture as u32;
-    request.memory = Memory::UserPtr as u32;
-    device_ioctl(handle, vidioc::VIDIOC_REQBUFS, &mut request)?;
-    Ok(request.count)
-}
-
-/// The one ioctl call of USERPTR streaming.
-#[allow(unsafe_code)]
-fn device_ioctl<T>(handle: &Handle, request: vidioc::_IOC_TYPE, arg: &mut T) -> io::Result<()> {
-    // SAFETY: every request passed here takes a pointer to exactly the
-    // type given with it (v4l2_requestbuffers for REQBUFS, v4l2_buffer
-    // for QBUF/DQBUF, an int for STREAMON/OFF); the descriptor is the
-    // handle's, open while the handle lives.
-    unsafe { ioctl(handle.fd(), request, (arg as *mut T).cast::<c_void>()) }
 }
 
 #[cfg(test)]

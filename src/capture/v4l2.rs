@@ -1,24 +1,20 @@
 //! V4L2 capture: format negotiation (pure, tested on recorded capability
-//! lists) and the thin device layer over the `v4l` crate: mmap streaming,
-//! or USERPTR streaming into nanodetd's own buffers ([`super::userptr`])
-//! when a GPU takes raw buffers.
+//! lists) and the thin device layer over [`super::videodev2`]: mmap
+//! streaming, or USERPTR streaming into nanodetd's own buffers
+//! ([`super::userptr`]) when a GPU takes raw buffers.
 //! Frames are converted by [`to_frame`](super::to_frame); a device error
 //! is returned as [`V4l2Error::Lost`] for the camera task to re-open.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-
-use v4l::buffer::Type;
-use v4l::framesize::FrameSizeEnum;
-use v4l::io::traits::CaptureStream;
-use v4l::prelude::MmapStream;
-use v4l::video::Capture;
-use v4l::{Device, FourCC, Fraction};
 
 use super::Captured;
 use super::convert::{BufferLayout, CameraFormat, to_frame};
+use super::mmap::MmapStream;
 use super::userptr::UserptrStream;
+use super::videodev2::{FrameSize, VideoDevice, v4l2_fract};
 use crate::frame::{Frame, FrameError};
 
 /// Buffers in the mmap ring: enough to ride out a slow frame, few enough
@@ -135,8 +131,8 @@ pub struct V4l2Request {
 }
 
 /// The fourcc of each supported format.
-fn fourcc(format: CameraFormat) -> FourCC {
-    FourCC::new(match format {
+fn fourcc(format: CameraFormat) -> [u8; 4] {
+    *match format {
         CameraFormat::Mjpeg => b"MJPG",
         CameraFormat::Yuyv => b"YUYV",
         CameraFormat::Uyvy => b"UYVY",
@@ -144,11 +140,11 @@ fn fourcc(format: CameraFormat) -> FourCC {
         CameraFormat::Grey => b"GREY",
         CameraFormat::Rgb24 => b"RGB3",
         CameraFormat::Bgr24 => b"BGR3",
-    })
+    }
 }
 
-fn from_fourcc(code: &FourCC) -> Option<CameraFormat> {
-    Some(match &code.repr {
+fn from_fourcc(code: [u8; 4]) -> Option<CameraFormat> {
+    Some(match &code {
         b"MJPG" | b"JPEG" => CameraFormat::Mjpeg,
         b"YUYV" => CameraFormat::Yuyv,
         b"UYVY" => CameraFormat::Uyvy,
@@ -158,6 +154,13 @@ fn from_fourcc(code: &FourCC) -> Option<CameraFormat> {
         b"BGR3" => CameraFormat::Bgr24,
         _ => return None,
     })
+}
+
+/// A fourcc as text, for logs.
+fn fourcc_text(code: [u8; 4]) -> String {
+    code.iter()
+        .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+        .collect()
 }
 
 /// Cheapest conversion first: YUYV and NV12 convert in one pass, MJPEG
@@ -290,7 +293,7 @@ pub struct Negotiated {
 
 /// The running stream, of either kind.
 enum Streaming {
-    Mmap(MmapStream<'static>),
+    Mmap(MmapStream),
     Userptr(UserptrStream),
 }
 
@@ -299,7 +302,7 @@ pub struct V4l2Camera {
     path: PathBuf,
     // Declared before `device` so it is dropped first.
     stream: Option<Streaming>,
-    device: Device,
+    device: Arc<VideoDevice>,
     layout: BufferLayout,
     /// The driver's image size, which USERPTR buffers must hold.
     image_size: usize,
@@ -318,10 +321,10 @@ impl V4l2Camera {
             let path = path.to_owned();
             move |source| V4l2Error::Lost { path, what, source }
         };
-        let device = Device::with_path(path).map_err(lost("cannot open"))?;
+        let device = Arc::new(VideoDevice::open(path).map_err(lost("cannot open"))?);
         let caps = device.query_caps().map_err(lost("VIDIOC_QUERYCAP"))?;
         log::info!(
-            "{}: {} ({}, driver {} {}.{}.{}), capabilities {}",
+            "{}: {} ({}, driver {} {}.{}.{}), capabilities {:#010x}",
             path.display(),
             caps.card,
             caps.bus,
@@ -339,20 +342,20 @@ impl V4l2Camera {
             log::info!(
                 "{}: offers {} ({}) at {}",
                 path.display(),
-                description.fourcc,
+                fourcc_text(description.fourcc),
                 description.description,
                 sizes
                     .iter()
-                    .map(|s| s.size.to_string())
+                    .map(FrameSize::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let Some(format) = from_fourcc(&description.fourcc) else {
+            let Some(format) = from_fourcc(description.fourcc) else {
                 continue;
             };
             offers.push(FormatOffer {
                 format,
-                sizes: size_offer(sizes.into_iter().map(|s| s.size)),
+                sizes: size_offer(sizes),
             });
         }
         let Negotiated {
@@ -367,31 +370,40 @@ impl V4l2Camera {
             log::warn!("{}: {warning}", path.display());
         }
 
-        let mut wanted = device.format().map_err(lost("VIDIOC_G_FMT"))?;
+        let mut wanted = device.format().map_err(lost("VIDIOC_G_FMT"))?.pix();
         wanted.width = width;
         wanted.height = height;
-        wanted.fourcc = fourcc(format);
+        wanted.pixelformat = u32::from_le_bytes(fourcc(format));
         // G_FMT returned the previous format's row pitch and image size;
         // passed on, a driver may honour them as padding (vivid does).
         // Zero lets it choose for the new format.
-        wanted.stride = 0;
-        wanted.size = 0;
-        let actual = device.set_format(&wanted).map_err(lost("VIDIOC_S_FMT"))?;
-        if from_fourcc(&actual.fourcc) != Some(format) {
+        wanted.bytesperline = 0;
+        wanted.sizeimage = 0;
+        let actual = device.set_format(wanted).map_err(lost("VIDIOC_S_FMT"))?;
+        let actual_fourcc = actual.pixelformat.to_le_bytes();
+        if from_fourcc(actual_fourcc) != Some(format) {
             return Err(V4l2Error::Unsupported {
                 path: path.to_owned(),
-                reason: format!("asked for {format:?}, the driver set {}", actual.fourcc),
+                reason: format!(
+                    "asked for {format:?}, the driver set {}",
+                    fourcc_text(actual_fourcc)
+                ),
             });
         }
         if let Some(fps) = request.fps {
             // V4L2 takes a frame interval; millisecond resolution covers
             // fractional rates such as 7.5 fps.
-            let params = v4l::video::capture::Parameters::new(Fraction::new(
-                1000,
-                (fps * 1000.0).round() as u32,
-            ));
-            match device.set_params(&params) {
-                Ok(p) => log::info!("{}: frame interval {}", path.display(), p.interval),
+            let interval = v4l2_fract {
+                numerator: 1000,
+                denominator: (fps * 1000.0).round() as u32,
+            };
+            match device.set_interval(interval) {
+                Ok(i) => log::info!(
+                    "{}: frame interval {}/{}",
+                    path.display(),
+                    i.numerator,
+                    i.denominator
+                ),
                 Err(e) => log::warn!("{}: cannot set {fps} fps: {e}", path.display()),
             }
         }
@@ -399,14 +411,14 @@ impl V4l2Camera {
             format,
             width: actual.width as usize,
             height: actual.height as usize,
-            bytes_per_line: (actual.stride as usize).max(1),
+            bytes_per_line: (actual.bytesperline as usize).max(1),
         };
         // Drivers without VIDIOC_G_PARM (or a zero interval) leave the rate
         // unknown; it is only reported.
         let frame_rate = device
             .params()
             .ok()
-            .map(|p| p.interval)
+            .map(|p| p.timeperframe)
             .filter(|i| i.numerator > 0 && i.denominator > 0)
             .map(|i| i.denominator as f32 / i.numerator as f32);
         log::info!(
@@ -423,7 +435,7 @@ impl V4l2Camera {
             stream: None,
             device,
             layout,
-            image_size: (actual.size as usize).max(layout.needed()),
+            image_size: (actual.sizeimage as usize).max(layout.needed()),
             frame_rate,
             sequence: 0,
             io: request.io,
@@ -485,13 +497,14 @@ impl V4l2Camera {
                 }
             }
         }
-        let mut stream = MmapStream::with_buffers(&self.device, Type::VideoCapture, BUFFERS)
-            .map_err(|source| V4l2Error::Lost {
-                path: self.path.clone(),
-                what: "VIDIOC_REQBUFS",
-                source,
+        let stream =
+            MmapStream::start(&self.device, BUFFERS, FRAME_TIMEOUT).map_err(|(what, source)| {
+                V4l2Error::Lost {
+                    path: self.path.clone(),
+                    what,
+                    source,
+                }
             })?;
-        stream.set_timeout(FRAME_TIMEOUT);
         self.stream = Some(Streaming::Mmap(stream));
         Ok(())
     }
@@ -537,14 +550,13 @@ impl V4l2Camera {
                 return Err(self.gone("stream already failed", io::ErrorKind::NotConnected.into()));
             }
             Some(Streaming::Mmap(stream)) => match stream.next() {
-                Err(source) => return Err(self.gone("VIDIOC_DQBUF", source)),
-                Ok((bytes, meta)) => {
-                    let used = (meta.bytesused as usize).min(bytes.len());
-                    let origin = format!("{} frame {}", self.path.display(), meta.sequence);
+                Err((what, source)) => return Err(self.gone(what, source)),
+                Ok((bytes, sequence)) => {
+                    let origin = format!("{} frame {sequence}", self.path.display());
                     if raw {
-                        Captured::raw(self.layout, &bytes[..used], origin)
+                        Captured::raw(self.layout, bytes, origin)
                     } else {
-                        to_frame(&self.layout, &bytes[..used], &origin).map(Captured::Frame)
+                        to_frame(&self.layout, bytes, &origin).map(Captured::Frame)
                     }
                 }
             },
@@ -575,48 +587,37 @@ impl V4l2Camera {
         }
     }
 
+    /// Stops either kind of stream. Both let go of the driver's buffers
+    /// whatever STREAMOFF answers (ENODEV when the device went, EIO on
+    /// some USB unplugs): a held buffer or descriptor pins the driver, and
+    /// rmmod refuses.
     fn stop_streaming(&mut self) {
-        if let Some(Streaming::Mmap(mut stream)) = self.stream.take() {
-            use v4l::io::traits::Stream;
-            // v4l's Stream (and its buffer arena) panics in Drop when an
-            // ioctl fails with anything but ENODEV. ENODEV is what a driver
-            // that went away answers, and dropping then closes the file,
-            // which must happen: a leaked descriptor pins the driver
-            // (rmmod refuses) and its buffers. Any other failure (an
-            // unplug can give EIO) leaks the stream rather than abort.
-            match stream.stop() {
-                Ok(()) => drop(stream),
-                Err(e) if e.raw_os_error() == Some(ENODEV) => drop(stream),
-                Err(e) => {
-                    log::warn!(
-                        "{}: STREAMOFF failed ({e}); leaking its buffers and descriptor",
-                        self.path.display()
-                    );
-                    std::mem::forget(stream);
-                }
+        let stopped = match self.stream.take() {
+            None => Ok(()),
+            Some(Streaming::Mmap(mut stream)) => stream.stop(),
+            Some(Streaming::Userptr(mut stream)) => stream.stop(),
+        };
+        match stopped {
+            Err(e) if e.raw_os_error() != Some(ENODEV) => {
+                log::warn!("{}: stopping the stream: {e}", self.path.display());
             }
+            _ => {}
         }
-        // A USERPTR stream stops in its own Drop, whatever the driver says.
     }
 }
 
 impl Drop for V4l2Camera {
     fn drop(&mut self) {
-        let _ = self.gone("closing", io::ErrorKind::Other.into());
+        self.stop_streaming();
     }
 }
 
-fn size_offer(sizes: impl Iterator<Item = FrameSizeEnum>) -> SizeOffer {
+fn size_offer(sizes: Vec<FrameSize>) -> SizeOffer {
     let mut discrete = Vec::new();
     for size in sizes {
         match size {
-            FrameSizeEnum::Discrete(d) => discrete.push((d.width, d.height)),
-            FrameSizeEnum::Stepwise(s) => {
-                return SizeOffer::Range {
-                    min: (s.min_width, s.min_height),
-                    max: (s.max_width, s.max_height),
-                };
-            }
+            FrameSize::Discrete(width, height) => discrete.push((width, height)),
+            FrameSize::Range { min, max } => return SizeOffer::Range { min, max },
         }
     }
     SizeOffer::Discrete(discrete)
@@ -740,9 +741,10 @@ mod tests {
             Ok((CameraFormat::Nv12, (640, 480)))
         );
         for f in FORMAT_PREFERENCE {
-            assert_eq!(from_fourcc(&fourcc(f)), Some(f));
+            assert_eq!(from_fourcc(fourcc(f)), Some(f));
         }
-        assert_eq!(from_fourcc(&FourCC::new(b"YVYU")), None);
+        assert_eq!(from_fourcc(*b"YVYU"), None);
+        assert_eq!(fourcc_text(*b"YU\x001"), "YU?1");
     }
 
     #[test]
