@@ -38,11 +38,11 @@ prepare() {
     cargo build --release --features cuda
     # The GPU tests, at the dev profile (dependencies optimised anyway).
     local test_bin
-    test_bin=$(cargo test --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
+    test_bin=$(cargo test --features cuda --test integration --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
         print(m["executable"])')
     # Compressed: the stripped binaries are ~55 MB, a third of that
     # gzipped, and the whole carry must stay under 64 MiB.
@@ -120,8 +120,8 @@ run() {
         echo "== peers, $model"
         python3 devrun/bin/gpu_peer.py devrun/assets/models/$model.onnx --iters "$iters" || failed=1
     done
-    echo "== tests/gpu.rs"
-    NANODETD_REQUIRE_GPU=1 "$REMOTE/bin/gpu-tests" --test-threads 1 --nocapture || failed=1
+    echo "== tests/integration/gpu.rs"
+    NANODETD_REQUIRE_GPU=1 "$REMOTE/bin/gpu-tests" gpu:: --test-threads 1 --nocapture || failed=1
     return $failed
 }
 

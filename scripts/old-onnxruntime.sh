@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches a real libonnxruntime of an API level older than the one nanodetd
 # is built for, so the onnxruntime backend's refusal of it can be tested
-# (tests/onnxruntime.rs). PyPI's own onnxruntime wheels before 1.17 ship no
+# (tests/integration/onnxruntime.rs). PyPI's own onnxruntime wheels before 1.17 ship no
 # libonnxruntime.so (the C API is linked into the Python module, unexported),
 # but piper-phonemize 1.1.0 bundles ONNX Runtime 1.14.1 as a shared library.
 #

@@ -6,7 +6,7 @@
 //! normalises them straight into the engine's input buffer, on the GPU's
 //! stream, so TensorRT's enqueue on that stream follows with no sync in
 //! between. The taps come from the same Rust code as the CPU path's, so
-//! both paths give the same values (tests/gpu.rs checks this on a GPU).
+//! both paths give the same values (tests/integration/gpu.rs checks this on a GPU).
 
 use std::sync::Arc;
 

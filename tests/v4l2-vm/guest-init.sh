@@ -4,6 +4,15 @@
 # /out, which goes to the virtio disk as a tar archive before power-off.
 # It judges nothing itself: judge.py does, on the host, so a step that
 # fails here still leaves its logs.
+
+# Started anywhere else (a host, by mistake) it would mount over /tmp and
+# /run, load kernel modules, overwrite /dev/vda and power the machine off.
+# So it runs only as PID 1 of the initramfs run.sh builds, which alone has
+# the marker file; the check uses shell builtins only.
+if [ "$$" != 1 ] || [ ! -f /nanodetd-v4l2-vm-guest ]; then
+    echo "guest-init.sh: refusing to run: this is the V4L2 test VM's /init, and runs only as PID 1 of its initramfs (this is PID $$)" >&2
+    exit 64
+fi
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc

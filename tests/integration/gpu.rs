@@ -6,7 +6,7 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

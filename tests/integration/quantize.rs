@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,9 +13,9 @@ use std::process::Command;
 use prost::Message;
 use tract_onnx::pb;
 
+use crate::support::{assets, model, nanodetd, stderr};
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
 use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, graph, keys};
-use support::{assets, model, nanodetd, stderr};
 
 fn calibration(a: &Path) -> PathBuf {
     a.join("datasets/calibration-80")

@@ -4,12 +4,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
+use crate::support::{MODELS, assets, fused_from_integral, live_detector, model, sample};
 use nanodetd::detector::Detector;
 use nanodetd::frame::{Frame, PixelFormat};
 use nanodetd::postprocess::Detection;
-use support::{MODELS, assets, fused_from_integral, live_detector, model, sample};
 
 fn labelled(d: &Detector, found: &[Detection]) -> Vec<(String, f32)> {
     found

@@ -4,16 +4,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::support::{TinyOutput, one_hot_dfl, tiny_nanodet};
 use nanodetd::backend::{self, BackendKind, EngineOptions};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::frame::{Frame, PixelFormat};
 use nanodetd::model::{LayoutKind, LayoutOverrides};
-use support::{TinyOutput, one_hot_dfl, tiny_nanodet};
 
 fn detector(dir: &Path, bytes: Vec<u8>, names: &[&str]) -> Arc<Detector> {
     let path = dir.join("tiny.onnx");

@@ -5,10 +5,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support::{self, free_port, terminate};
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -64,14 +63,6 @@ struct Broker {
     passwords: Option<PathBuf>,
     /// More configuration (another listener, TLS).
     extra: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Broker {
@@ -142,15 +133,6 @@ impl Drop for Broker {
             let _ = child.wait();
         }
     }
-}
-
-fn terminate(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM {}", child.id());
 }
 
 /// A received message.

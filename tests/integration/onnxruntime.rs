@@ -4,7 +4,7 @@
 //! under CI and skip, loudly, elsewhere.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
+use crate::support::{assets, live_detector, model, sample};
 use nanodetd::capture::{CameraFormat, encode, to_frame};
 use nanodetd::frame::Frame;
-use support::{assets, live_detector, model, sample};
 
 #[test]
 fn yuyv_and_nv12_from_a_real_photo_round_trip_and_detect() {

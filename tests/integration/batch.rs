@@ -5,11 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
+use crate::support::{assets, model};
 use nanodetd::backend::validate_batch;
 use nanodetd::model::dynamic_batch;
-use support::{assets, model};
 
 #[test]
 fn nanodet_exports_batch_where_the_graph_allows_and_say_why_where_not() {

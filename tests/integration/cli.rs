@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::{MODELS, TinyOutput, assets, model, nanodetd, sample, stderr, tiny_nanodet};
+use crate::support::{MODELS, TinyOutput, assets, model, nanodetd, sample, stderr, tiny_nanodet};
 
 /// `nanodetd detect --model MODEL IMAGE`.
 fn detect(model: &Path, image: &Path) -> Output {

@@ -5,7 +5,7 @@
 #![cfg(feature = "tensorrt")]
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 #[test]
 fn without_tensorrt_the_backend_says_what_is_missing() {

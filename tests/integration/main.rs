@@ -1,0 +1,20 @@
+//! The integration tests, in one binary: each file below was a test crate
+//! of its own, and each linked the whole of nanodetd (twelve links of a
+//! few hundred MB). One binary links once. Run a part with a filter, e.g.
+//! `cargo test --test integration daemon::`.
+
+mod support;
+
+mod batch;
+mod camera_formats;
+mod cli;
+mod daemon;
+mod engine_cache;
+mod gpu;
+mod onnxruntime;
+mod quantize;
+mod real_models;
+mod scripts;
+mod systemd_unit;
+mod tensorrt;
+mod tiny_model;
