@@ -407,6 +407,11 @@ pub struct MqttConfig {
     /// most this many messages per second per camera (0: off).
     #[serde(default)]
     pub detections_rate: f32,
+    /// Run an MQTT broker inside the daemon, listening on `host:port`
+    /// (loopback only), for the demo and for trying nanodetd with nothing
+    /// installed. Cold: read at start.
+    #[serde(default)]
+    pub embedded_broker: bool,
 }
 
 impl Default for MqttConfig {
@@ -416,6 +421,43 @@ impl Default for MqttConfig {
 }
 
 impl MqttConfig {
+    /// Where the embedded broker listens, when it is on and `host` is a
+    /// loopback address (`localhost` is 127.0.0.1); `Err` says why a
+    /// configured one cannot run.
+    pub fn embedded_broker_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if !self.embedded_broker {
+            return Ok(None);
+        }
+        if cfg!(not(feature = "embedded-broker")) {
+            return Err(
+                "this nanodetd was built without the embedded broker (cargo feature `embedded-broker`, left out of the packages); point host/port at a broker"
+                    .into(),
+            );
+        }
+        let ip: std::net::IpAddr = if self.host == "localhost" {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            self.host.parse().map_err(|_| {
+                format!(
+                    "the embedded broker listens on loopback only: host must be \"localhost\" or a loopback address, not {:?}",
+                    self.host
+                )
+            })?
+        };
+        if !ip.is_loopback() {
+            return Err(format!(
+                "the embedded broker listens on loopback only (it has no authentication): {ip} is not a loopback address"
+            ));
+        }
+        if self.tls.is_some() || self.username.is_some() || self.password_file.is_some() {
+            return Err(
+                "the embedded broker is plain and anonymous: leave out [mqtt.tls], username and password_file"
+                    .into(),
+            );
+        }
+        Ok(Some(std::net::SocketAddr::new(ip, self.port)))
+    }
+
     /// The topic prefix in effect.
     pub fn prefix_for(&self, device_id: &TopicLevel) -> String {
         self.prefix
@@ -488,12 +530,41 @@ pub struct LogConfig {
     /// error, warn, info, debug or trace.
     #[serde(default = "default_log_level")]
     pub level: log::LevelFilter,
+    /// Print each event as one line on standard output.
+    #[serde(default)]
+    pub events: ConsoleEvents,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: default_log_level(),
+            events: ConsoleEvents::default(),
+        }
+    }
+}
+
+/// When events are printed on standard output, one line each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleEvents {
+    /// When standard output is a terminal: someone is watching.
+    #[default]
+    Auto,
+    /// Always (the demo; piped into another program).
+    Always,
+    /// Never.
+    Never,
+}
+
+impl ConsoleEvents {
+    /// Whether to print now.
+    pub fn enabled(self) -> bool {
+        use std::io::IsTerminal;
+        match self {
+            ConsoleEvents::Auto => std::io::stdout().is_terminal(),
+            ConsoleEvents::Always => true,
+            ConsoleEvents::Never => false,
         }
     }
 }
@@ -808,6 +879,9 @@ impl Config {
                 ));
             }
         }
+        if let Err(reason) = self.mqtt.embedded_broker_addr() {
+            return Err(invalid("mqtt.embedded_broker".into(), reason));
+        }
         if let Err(reason) = crate::quantize::parse_method(&self.model.int8.method) {
             return Err(invalid("model.int8.method".into(), reason));
         }
@@ -949,6 +1023,45 @@ source = { v4l2 = "/dev/video0" }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/nanodetd/nanodetd.toml"))
+    }
+
+    #[test]
+    fn the_embedded_broker_listens_on_loopback_only_and_plain() {
+        let with = |mqtt: &str| {
+            parse(&format!(
+                "{MINIMAL}\n[mqtt]\nembedded_broker = true\n{mqtt}"
+            ))
+        };
+        if cfg!(not(feature = "embedded-broker")) {
+            let err = with("").unwrap_err().to_string();
+            assert!(err.contains("built without the embedded broker"), "{err}");
+            return;
+        }
+        let addr = |c: Config| c.mqtt.embedded_broker_addr().unwrap().unwrap();
+        assert_eq!(addr(with("").unwrap()).to_string(), "127.0.0.1:1883");
+        assert_eq!(
+            addr(with("host = \"::1\"\nport = 1999").unwrap()).to_string(),
+            "[::1]:1999"
+        );
+        for (mqtt, why) in [
+            ("host = \"0.0.0.0\"", "is not a loopback address"),
+            ("host = \"192.168.1.5\"", "is not a loopback address"),
+            (
+                "host = \"broker.lan\"",
+                "must be \"localhost\" or a loopback address",
+            ),
+            ("username = \"u\"", "plain and anonymous"),
+        ] {
+            let err = with(mqtt).unwrap_err().to_string();
+            assert!(
+                err.contains("mqtt.embedded_broker") && err.contains(why),
+                "{mqtt}: {err}"
+            );
+        }
+        assert_eq!(
+            parse(MINIMAL).unwrap().mqtt.embedded_broker_addr().unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -262,6 +262,12 @@ pub fn start_logging(level: log::LevelFilter) {
     }
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level);
+    // The embedded broker (rumqttd) traces every packet, at error level
+    // for routine ones; its failures that matter are reported by nanodetd
+    // itself. RUST_LOG=rumqttd=info brings its lines back.
+    builder
+        .filter_module("rumqttd", log::LevelFilter::Off)
+        .filter_module("tracing::span", log::LevelFilter::Off);
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
     }

@@ -8,7 +8,9 @@
 //! postprocess, tracker) → [`Outbox`] → MQTT task → broker.
 
 pub mod board;
+pub mod broker;
 pub mod camera;
+pub mod console;
 pub mod int8;
 pub mod pipeline;
 pub mod stats;
@@ -192,6 +194,20 @@ pub fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
 async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> {
     let started = Instant::now();
     let mut signals = Signals::install()?;
+
+    // The embedded broker, where the config runs one (the demo), before
+    // anything publishes.
+    match config.mqtt.embedded_broker_addr() {
+        Ok(Some(addr)) => {
+            if let Err(e) = broker::start(addr, config.mqtt.protocol) {
+                log::warn!("embedded MQTT broker: {e}");
+            }
+        }
+        Ok(None) => {}
+        // Config::check refuses this; a config that skipped it runs
+        // without the broker rather than not at all.
+        Err(reason) => log::error!("mqtt.embedded_broker: {reason}"),
+    }
 
     // The backend. Building a model can take minutes on an edge box; tell
     // systemd so it does not time the start-up out.

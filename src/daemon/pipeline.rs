@@ -187,17 +187,17 @@ impl DetectorTask {
                     // camera comes back, so consumers never see them reused.
                     if let Some(cam) = cameras.get_mut(&name) {
                         let events = cam.tracker.end_all(wall_time());
-                        self.publish(&name, cam, events, session.detector());
+                        self.publish(&config, &name, cam, events, session.detector());
                         cam.frame_size = (0, 0);
                     }
                 }
-                None => self.handle_idle(&session, &mut cameras),
+                None => self.handle_idle(&config, &session, &mut cameras),
             }
         }
         let now = wall_time();
         for (name, cam) in &mut cameras {
             let events = cam.tracker.end_all(now);
-            self.publish(name, cam, events, session.detector());
+            self.publish(&config, name, cam, events, session.detector());
         }
     }
 
@@ -273,12 +273,12 @@ impl DetectorTask {
             // A new resolution is a new scene (a replay's next photo, a
             // renegotiated camera): boxes of the old one mean nothing in it.
             let events = cam.tracker.end_all(captured.wall_time);
-            self.publish(&captured.camera, cam, events, &detector);
+            self.publish(config, &captured.camera, cam, events, &detector);
         }
         cam.frame_size = size;
         cam.last_frame = taken;
         let events = cam.tracker.update(&detections, captured.wall_time);
-        self.publish(&captured.camera, cam, events, &detector);
+        self.publish(config, &captured.camera, cam, events, &detector);
         let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
         let timing = mqtt::FrameTiming {
             queue: secs(captured.captured, taken) * 1e3,
@@ -317,12 +317,17 @@ impl DetectorTask {
 
     /// With no frames coming, a camera's objects still have to end once
     /// unseen for `lost_after`.
-    fn handle_idle(&self, session: &DetectorSession, cameras: &mut BTreeMap<String, CameraTrack>) {
+    fn handle_idle(
+        &self,
+        config: &Config,
+        session: &DetectorSession,
+        cameras: &mut BTreeMap<String, CameraTrack>,
+    ) {
         let now = wall_time();
         for (name, cam) in cameras.iter_mut() {
             if cam.last_frame.elapsed() > IDLE {
                 let events = cam.tracker.update(&[], now);
-                self.publish(name, cam, events, session.detector());
+                self.publish(config, name, cam, events, session.detector());
             }
         }
     }
@@ -330,13 +335,18 @@ impl DetectorTask {
     /// Events, then any count that changed.
     fn publish(
         &self,
+        config: &Config,
         camera: &str,
         cam: &mut CameraTrack,
         events: Vec<crate::track::TrackEvent>,
         detector: &Detector,
     ) {
+        let print = config.log.events.enabled();
         for event in &events {
             let label = detector.class_name(event.after.class_id);
+            if print {
+                super::console::print(&super::console::event_line(camera, event, label));
+            }
             self.outbox.push(mqtt::event_message(
                 camera,
                 cam.events,

@@ -9,6 +9,7 @@ mod batch;
 mod camera_formats;
 mod cli;
 mod daemon;
+mod demo;
 mod engine_cache;
 mod gpu;
 mod onnxruntime;

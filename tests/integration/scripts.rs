@@ -48,6 +48,18 @@ fn the_vm_init_script_refuses_to_run_on_a_host() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+/// The inner half of scripts/fresh-machine.sh runs inside the fresh root
+/// only, where fresh-machine.sh leaves its marker.
+#[test]
+fn the_fresh_root_script_refuses_to_run_outside_its_root() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fresh-machine-inside.sh");
+    let out = Command::new("bash").arg(&script).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("refusing to run"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
 fn running_as_root() -> bool {
     // The tests' own uid, without a dependency: `id -u`.
     Command::new("id")
