@@ -793,6 +793,15 @@ pub enum ConfigError {
         /// The parser's message, one line.
         message: String,
     },
+    /// Larger than any real configuration: refused before parsing, which
+    /// would take the reload watcher seconds and memory in proportion.
+    #[error("{path}: {size} bytes; a configuration file may be at most {MAX_CONFIG_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size, or the bytes read before giving up.
+        size: u64,
+    },
     /// Values that do not fit together.
     #[error("{path}: {key}: {reason}")]
     Invalid {
@@ -808,10 +817,23 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read_error)?
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_owned(),
+                size: text.len() as u64,
+            });
+        }
         Config::parse(&text, path)
     }
 
@@ -823,6 +845,129 @@ impl Config {
         })?;
         config.check(path)?;
         Ok(config)
+    }
+
+    /// Every numeric key within a range that keeps the daemon's memory,
+    /// time and arithmetic bounded: the first key outside its range, and
+    /// why. A value that parses is not enough (`history = 2^64 - 1` once
+    /// aborted the daemon on its first frame).
+    fn check_ranges(&self) -> Result<(), (String, String)> {
+        let mut ranges = RangeCheck::default();
+        let m = &self.model;
+        ranges.int("model.max_detections", m.max_detections, 1, MAX_DETECTIONS);
+        ranges.int(
+            "model.onnxruntime.intra_threads",
+            m.onnxruntime.intra_threads,
+            1,
+            256,
+        );
+        ranges.int("model.onnxruntime.device", m.onnxruntime.device, 0, 63);
+        let trt = &m.tensorrt;
+        ranges.int("model.tensorrt.device", trt.device, 0, 63);
+        ranges.int(
+            "model.tensorrt.workspace_mib",
+            trt.workspace_mib,
+            1,
+            1 << 20,
+        );
+        ranges.int("model.tensorrt.max_batch", trt.max_batch, 1, 64);
+        if let Some(core) = trt.dla_core {
+            ranges.int("model.tensorrt.dla_core", core, 0, 15);
+        }
+        ranges.int(
+            "model.tensorrt.cache_limit_mib",
+            trt.cache_limit_mib,
+            1,
+            1 << 24,
+        );
+        if let Some(images) = m.int8.images {
+            ranges.int("model.int8.images", images, 1, 100_000);
+        }
+        let mqtt = &self.mqtt;
+        ranges.int("mqtt.port", mqtt.port, 1, u16::MAX);
+        // MQTT 5's client refuses less than 5 s; the protocol field is 16 bits.
+        ranges.int("mqtt.keep_alive", mqtt.keep_alive, 5, u16::MAX);
+        // Each queued message is at most MAX_MESSAGE_BYTES.
+        ranges.int("mqtt.queue", mqtt.queue, 1, MAX_QUEUE);
+        // Upper bounds keep every derived Duration representable.
+        ranges.real("mqtt.reconnect_max", mqtt.reconnect_max, Open(0.0), 3600.0);
+        ranges.real(
+            "mqtt.stats_interval",
+            mqtt.stats_interval,
+            Open(0.0),
+            86_400.0,
+        );
+        ranges.real(
+            "mqtt.detections_rate",
+            mqtt.detections_rate,
+            Closed(0.0),
+            1000.0,
+        );
+        let t = &self.tracker;
+        // The median sorts `history` scores per object per frame.
+        ranges.int("tracker.history", t.history, 1, MAX_HISTORY);
+        ranges.real("tracker.lost_after", t.lost_after, Open(0.0), 3600.0);
+        ranges.real("tracker.heartbeat", t.heartbeat, Open(0.0), 86_400.0);
+        for (label, f) in &self.filters {
+            let key = |k: &str| format!("filters.{label}.{k}");
+            ranges.real(&key("min_area"), f.min_area, Closed(0.0), f32::MAX);
+            ranges.real(&key("min_ratio"), f.min_ratio, Closed(0.0), f32::MAX);
+            // Infinite, the default, means no upper limit.
+            ranges.real(&key("max_area"), f.max_area, Closed(0.0), f32::INFINITY);
+            ranges.real(&key("max_ratio"), f.max_ratio, Closed(0.0), f32::INFINITY);
+        }
+        ranges.int("camera", self.cameras.len(), 1, MAX_CAMERAS);
+        for (i, cam) in self.cameras.iter().enumerate() {
+            let key = |k: &str| format!("camera[{i}].{k}");
+            if let Some(fps) = cam.fps {
+                ranges.real(&key("fps"), fps, Closed(0.001), 1000.0);
+            }
+            ranges.int(&key("repeat"), cam.repeat, 1, 100_000);
+            if let Some([w, h]) = cam.size {
+                ranges.int(&key("size[0]"), w, 1, MAX_SIDE);
+                ranges.int(&key("size[1]"), h, 1, MAX_SIDE);
+            }
+            ranges.int(&key("zones"), cam.zones.len(), 0, MAX_POLYGONS);
+            ranges.int(&key("masks"), cam.masks.len(), 0, MAX_POLYGONS);
+            let polygons = cam
+                .zones
+                .iter()
+                .map(|(z, p)| (key(&format!("zones.{}", z.as_str())), p))
+                .chain(
+                    cam.masks
+                        .iter()
+                        .enumerate()
+                        .map(|(m, p)| (key(&format!("masks[{m}]")), p)),
+                );
+            for (key, polygon) in polygons {
+                if !(3..=MAX_POLYGON_POINTS).contains(&polygon.len()) {
+                    ranges.fail(
+                        &key,
+                        format!(
+                            "a polygon needs 3 to {MAX_POLYGON_POINTS} points, got {}",
+                            polygon.len()
+                        ),
+                    );
+                }
+                for (p, [x, y]) in polygon.iter().enumerate() {
+                    let point = format!("{key}[{p}]");
+                    ranges.real(
+                        &point,
+                        *x,
+                        Closed(-f64::from(MAX_COORDINATE)),
+                        MAX_COORDINATE,
+                    );
+                    ranges.real(
+                        &point,
+                        *y,
+                        Closed(-f64::from(MAX_COORDINATE)),
+                        MAX_COORDINATE,
+                    );
+                }
+            }
+        }
+        ranges.int("filters", self.filters.len(), 0, 10_000);
+        ranges.first.map_or(Ok(()), Err)
     }
 
     /// Rules that span fields.
@@ -846,30 +991,6 @@ impl Config {
                     format!("{:?} is used by an earlier camera", cam.name.as_str()),
                 ));
             }
-            if cam.fps.is_some_and(|f| !(0.001..=1000.0).contains(&f)) {
-                return Err(invalid(
-                    format!("camera[{i}].fps"),
-                    "must be within [0.001, 1000]".into(),
-                ));
-            }
-            let polygons = cam
-                .zones
-                .iter()
-                .map(|(z, p)| (format!("camera[{i}].zones.{}", z.as_str()), p))
-                .chain(
-                    cam.masks
-                        .iter()
-                        .enumerate()
-                        .map(|(m, p)| (format!("camera[{i}].masks[{m}]"), p)),
-                );
-            for (key, polygon) in polygons {
-                if polygon.len() < 3 {
-                    return Err(invalid(
-                        key,
-                        format!("a polygon needs 3 or more points, got {}", polygon.len()),
-                    ));
-                }
-            }
         }
         for (label, f) in &self.filters {
             if f.min_area > f.max_area || f.min_ratio > f.max_ratio {
@@ -885,35 +1006,9 @@ impl Config {
         if let Err(reason) = crate::quantize::parse_method(&self.model.int8.method) {
             return Err(invalid("model.int8.method".into(), reason));
         }
-        if self.model.int8.images == Some(0) {
-            return Err(invalid(
-                "model.int8.images".into(),
-                "must be at least 1 (leave it out to use every image)".into(),
-            ));
-        }
+        self.check_ranges()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         let mqtt = &self.mqtt;
-        // Upper bounds keep every derived Duration representable.
-        let seconds = [
-            ("mqtt.reconnect_max", mqtt.reconnect_max, 3600.0),
-            ("mqtt.stats_interval", mqtt.stats_interval, 86400.0),
-        ];
-        for (key, v, max) in seconds {
-            if !(v > 0.0 && v <= max) {
-                return Err(invalid(
-                    key.into(),
-                    format!("must be more than 0 and at most {max} seconds, got {v}"),
-                ));
-            }
-        }
-        if !(mqtt.detections_rate >= 0.0 && mqtt.detections_rate.is_finite()) {
-            return Err(invalid(
-                "mqtt.detections_rate".into(),
-                "must be 0 (off) or a positive rate".into(),
-            ));
-        }
-        if mqtt.queue == 0 {
-            return Err(invalid("mqtt.queue".into(), "must be at least 1".into()));
-        }
         if let Some(prefix) = &mqtt.prefix
             && let Some(level) = prefix
                 .split('/')
@@ -938,48 +1033,92 @@ impl Config {
                 "a password needs mqtt.username".into(),
             ));
         }
-        let t = &self.tracker;
-        let positive = |v: f64| v > 0.0 && v.is_finite();
-        if t.history == 0 || !positive(t.lost_after) || !positive(t.heartbeat) {
-            return Err(invalid(
-                "tracker".into(),
-                "history, lost_after and heartbeat must be positive".into(),
-            ));
-        }
-        for (i, cam) in self.cameras.iter().enumerate() {
-            if cam.repeat == 0 {
-                return Err(invalid(
-                    format!("camera[{i}].repeat"),
-                    "must be at least 1".into(),
-                ));
+        Ok(())
+    }
+}
+
+/// Largest configuration file, in bytes: a generous config with 256
+/// cameras and their zones is under 200 KB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Largest `model.max_detections`: more boxes than any scene holds, and a
+/// bound on the tracker's per-frame work.
+pub const MAX_DETECTIONS: usize = 1000;
+/// Largest `mqtt.queue`, in messages.
+pub const MAX_QUEUE: usize = 100_000;
+/// Largest `tracker.history`, in frames.
+pub const MAX_HISTORY: usize = 100;
+/// Most cameras one daemon runs.
+pub const MAX_CAMERAS: usize = 256;
+/// Largest camera side in pixels (V4L2 `size`).
+pub const MAX_SIDE: u32 = 16_384;
+/// Most zones, and most masks, per camera.
+pub const MAX_POLYGONS: usize = 64;
+/// Most points per zone or mask polygon.
+pub const MAX_POLYGON_POINTS: usize = 1000;
+/// Largest polygon coordinate magnitude, in pixels.
+pub const MAX_COORDINATE: f32 = 1.0e6;
+
+/// The lower end of a real range.
+#[derive(Clone, Copy)]
+enum Low {
+    /// The value must be above this.
+    Open(f64),
+    /// The value may equal this.
+    Closed(f64),
+}
+use Low::{Closed, Open};
+
+/// An unsigned integer, widened for comparing.
+trait Wide: Copy + std::fmt::Display {
+    fn wide(self) -> u128;
+}
+
+macro_rules! wide {
+    ($($t:ty),*) => {$(
+        impl Wide for $t {
+            fn wide(self) -> u128 {
+                // Lossless: every unsigned type here is at most 64 bits.
+                self as u128
             }
         }
-        if self.model.max_detections == 0 {
-            return Err(invalid(
-                "model.max_detections".into(),
-                "must be at least 1".into(),
-            ));
+    )*};
+}
+wide!(u16, u32, u64, usize);
+
+/// Collects the first key outside its range.
+#[derive(Default)]
+struct RangeCheck {
+    first: Option<(String, String)>,
+}
+
+impl RangeCheck {
+    fn fail(&mut self, key: &str, reason: String) {
+        if self.first.is_none() {
+            self.first = Some((key.to_owned(), reason));
         }
-        if self.model.onnxruntime.intra_threads == 0 {
-            return Err(invalid(
-                "model.onnxruntime.intra_threads".into(),
-                "must be at least 1".into(),
-            ));
+    }
+
+    fn int<T: Wide>(&mut self, key: &str, v: T, lo: T, hi: T) {
+        if !(lo.wide()..=hi.wide()).contains(&v.wide()) {
+            self.fail(key, format!("must be within {lo}..={hi}, got {v}"));
         }
-        let trt = &self.model.tensorrt;
-        if trt.max_batch == 0 || trt.max_batch > 64 {
-            return Err(invalid(
-                "model.tensorrt.max_batch".into(),
-                format!("{} is not within 1..=64", trt.max_batch),
-            ));
+    }
+
+    fn real<T: Copy + Into<f64> + std::fmt::Display>(&mut self, key: &str, v: T, lo: Low, hi: T) {
+        let (x, top) = (v.into(), hi.into());
+        let above = match lo {
+            Open(l) => x > l,
+            Closed(l) => x >= l,
+        };
+        // NaN fails both comparisons.
+        if !(above && x <= top) {
+            let low = match lo {
+                Open(l) => format!("more than {l}"),
+                Closed(l) => format!("at least {l}"),
+            };
+            self.fail(key, format!("must be {low} and at most {hi}, got {v}"));
         }
-        if trt.workspace_mib == 0 {
-            return Err(invalid(
-                "model.tensorrt.workspace_mib".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -1023,6 +1162,138 @@ source = { v4l2 = "/dev/video0" }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/nanodetd/nanodetd.toml"))
+    }
+
+    /// Issue 17: values that parsed and then aborted or starved the
+    /// daemon (`history = 2^64 - 1`: "capacity overflow" on the first
+    /// frame) are refused by check-config, naming the key.
+    #[test]
+    fn every_numeric_key_has_a_range_issue_17() {
+        let max = "18446744073709551615";
+        let square = "[[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]";
+        let cases = [
+            (format!("[tracker]\nhistory = {max}"), "tracker.history"),
+            (
+                "[tracker]\nhistory = 100000000".to_owned(),
+                "tracker.history",
+            ),
+            (
+                "[tracker]\nlost_after = nan".to_owned(),
+                "tracker.lost_after",
+            ),
+            ("[tracker]\nheartbeat = inf".to_owned(), "tracker.heartbeat"),
+            (
+                "[filters.person]\nmin_area = nan".to_owned(),
+                "filters.person.min_area",
+            ),
+            (
+                "[filters.person]\nmin_area = inf".to_owned(),
+                "filters.person.min_area",
+            ),
+            (
+                "[filters.person]\nmax_ratio = nan".to_owned(),
+                "filters.person.max_ratio",
+            ),
+            (
+                "[filters.person]\nmin_ratio = -1.0".to_owned(),
+                "filters.person.min_ratio",
+            ),
+            (format!("[mqtt]\nqueue = {max}"), "mqtt.queue"),
+            ("[mqtt]\nkeep_alive = 1".to_owned(), "mqtt.keep_alive"),
+            ("[mqtt]\nport = 0".to_owned(), "mqtt.port"),
+            (
+                "[mqtt]\ndetections_rate = inf".to_owned(),
+                "mqtt.detections_rate",
+            ),
+            (
+                "[mqtt]\nreconnect_max = nan".to_owned(),
+                "mqtt.reconnect_max",
+            ),
+        ];
+        for (table, key) in cases {
+            let err = parse(&format!("{MINIMAL}{table}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!(": {key}: must be")), "{table}: {err}");
+        }
+        let model_cases = [
+            (format!("max_detections = {max}"), "model.max_detections"),
+            (
+                "[model.tensorrt]\nworkspace_mib = 0".to_owned(),
+                "model.tensorrt.workspace_mib",
+            ),
+            ("[model.int8]\nimages = 0".to_owned(), "model.int8.images"),
+        ];
+        for (table, key) in model_cases {
+            // A key of [model] goes under its path; a sub-table at the end.
+            let text = if table.starts_with('[') {
+                format!("{MINIMAL}{table}\n")
+            } else {
+                MINIMAL.replace("[model]\n", &format!("[model]\n{table}\n"))
+            };
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!(": {key}: must be")), "{table}: {err}");
+        }
+        let camera = |rest: &str| {
+            format!(
+                "{MINIMAL}\n[[camera]]\nname = \"second\"\nsource = {{ folder = \"/x\" }}\n{rest}\n"
+            )
+        };
+        let camera_cases = [
+            ("fps = nan".to_owned(), "camera[1].fps"),
+            ("repeat = 0".to_owned(), "camera[1].repeat"),
+            ("size = [0, 480]".to_owned(), "camera[1].size[0]"),
+            (
+                "zones = { door = [[0.0, 0.0], [nan, 0.0], [1.0, 1.0]] }".to_owned(),
+                "camera[1].zones.door[1]",
+            ),
+            (
+                "masks = [[[0.0, 0.0], [1e9, 0.0], [1.0, 1.0]]]".to_owned(),
+                "camera[1].masks[0][1]",
+            ),
+            (
+                format!(
+                    "zones = {{ big = [{}] }}",
+                    vec!["[1.0, 2.0]"; MAX_POLYGON_POINTS + 1].join(", ")
+                ),
+                "camera[1].zones.big",
+            ),
+            (
+                "zones = { line = [[0.0, 0.0], [1.0, 1.0]] }".to_owned(),
+                "camera[1].zones.line",
+            ),
+        ];
+        for (rest, key) in camera_cases {
+            let err = parse(&camera(&rest)).unwrap_err().to_string();
+            let short: String = rest.chars().take(60).collect();
+            assert!(
+                err.contains(&format!(": {key}: must be"))
+                    || err.contains(&format!(": {key}: a polygon needs 3 to 1000 points")),
+                "{short}: {}",
+                err.chars().take(300).collect::<String>()
+            );
+        }
+        // The limits themselves are accepted.
+        parse(&format!(
+            "{MINIMAL}[tracker]\nhistory = {MAX_HISTORY}\n[mqtt]\nqueue = {MAX_QUEUE}\n[filters.cat]\nmax_area = inf\n"
+        ))
+        .unwrap();
+        parse(&camera(&format!("zones = {{ ok = {square} }}"))).unwrap();
+    }
+
+    #[test]
+    fn a_config_file_over_1_mib_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.toml");
+        let mut text = MINIMAL.to_owned();
+        while (text.len() as u64) <= MAX_CONFIG_BYTES {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&path, &text).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(matches!(err, ConfigError::TooLarge { .. }), "{err}");
+        std::fs::write(&path, MINIMAL).unwrap();
+        Config::load(&path).unwrap();
     }
 
     #[test]
@@ -1225,13 +1496,13 @@ source = { v4l2 = "/dev/video0" }
         );
         let err = parse(&zone).unwrap_err().to_string();
         assert!(
-            err.contains("camera[0].zones.door: a polygon needs 3 or more points"),
+            err.contains("camera[0].zones.door: a polygon needs 3 to 1000 points, got 2"),
             "{err}"
         );
         let slow = MINIMAL.replace("source = {", "fps = 0.0\nsource = {");
         let err = parse(&slow).unwrap_err().to_string();
         assert!(
-            err.contains("camera[0].fps: must be within [0.001, 1000]"),
+            err.contains("camera[0].fps: must be at least 0.001 and at most 1000, got 0"),
             "{err}"
         );
         let forever = MINIMAL.replace("[model]", "[mqtt]\nreconnect_max = 1e30\n[model]");

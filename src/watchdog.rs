@@ -104,8 +104,12 @@ pub async fn run(heartbeats: Heartbeats) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
+    let Some(period) = ping_period(interval) else {
+        log::info!("systemd watchdog: WATCHDOG_USEC=0, which turns it off");
+        return;
+    };
     log::info!("systemd watchdog: {interval:?}");
-    let mut tick = tokio::time::interval(interval / 2);
+    let mut tick = tokio::time::interval(period);
     let mut reported: Vec<String> = Vec::new();
     loop {
         tick.tick().await;
@@ -124,9 +128,30 @@ pub async fn run(heartbeats: Heartbeats) {
     }
 }
 
+/// How often to ping for a watchdog of `interval`: every half interval,
+/// as sd_watchdog_enabled(3) advises. `None` for 0, which systemd reads as
+/// "off" (and a zero period would panic tokio's timer).
+fn ping_period(interval: Duration) -> Option<Duration> {
+    (!interval.is_zero()).then(|| (interval / 2).max(Duration::from_micros(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: `WATCHDOG_USEC=0` aborted the daemon at start.
+    #[test]
+    fn a_zero_watchdog_is_off_and_a_tiny_one_still_ticks_issue_17() {
+        assert_eq!(ping_period(Duration::ZERO), None);
+        assert_eq!(
+            ping_period(Duration::from_micros(1)),
+            Some(Duration::from_micros(1))
+        );
+        assert_eq!(
+            ping_period(Duration::from_secs(10)),
+            Some(Duration::from_secs(5))
+        );
+    }
 
     #[test]
     fn stale_until_touched_and_gone_when_dropped() {

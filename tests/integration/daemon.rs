@@ -1235,3 +1235,30 @@ fn backend_auto_says_on_stats_which_backend_runs_and_why() {
     assert!(status.success(), "{log}");
     assert!(log.contains("auto: "), "{log}");
 }
+
+/// Issue 17: `WATCHDOG_USEC=0` (systemd's "off") aborted the daemon at
+/// start, a crash loop under `Restart=`. Runs on the bundled demo model;
+/// no broker is needed for this.
+#[test]
+fn a_zero_watchdog_usec_is_off_not_a_crash_issue_17() {
+    let _serial = serial();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = format!(
+        "[model]\npath = \"{}\"\n[mqtt]\nport = {}\n[[camera]]\nname = \"demo\"\nsource = {{ folder = \"{}\" }}\n",
+        repo.join("demo/models/nanodet-plus-m_320.onnx").display(),
+        free_port(),
+        repo.join("demo/photos").display(),
+    );
+    let mut daemon = Daemon::start(&config, &[("WATCHDOG_USEC", "0")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemon.log().contains("running: ") {
+        assert!(daemon.alive(), "exited at start:\n{}", daemon.log());
+        assert!(Instant::now() < deadline, "never ran:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.alive(), "{}", daemon.log());
+    assert!(daemon.log().contains("WATCHDOG_USEC=0, which turns it off"));
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{status}:\n{log}");
+}
