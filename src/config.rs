@@ -51,16 +51,23 @@ impl TryFrom<String> for TopicLevel {
         if s.is_empty() || s.len() > 64 {
             return Err(format!("must be 1 to 64 bytes, got {} bytes", s.len()));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| matches!(c, '/' | '+' | '#') || c.is_control())
-        {
+        if let Some(c) = s.chars().find(|&c| !topic_level_char(c)) {
             return Err(format!(
                 "{s:?} contains {c:?}, which is not allowed in an MQTT topic level"
             ));
         }
         Ok(TopicLevel(s))
     }
+}
+
+/// Whether `c` may stand in an MQTT topic level: not a separator or
+/// wildcard, not a control character, and not a Unicode non-character
+/// (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF), which MQTT's UTF-8 rules exclude and
+/// on which mosquitto drops the connection.
+pub fn topic_level_char(c: char) -> bool {
+    let code = u32::from(c);
+    let noncharacter = (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE;
+    !(matches!(c, '/' | '+' | '#') || c.is_control() || noncharacter)
 }
 
 impl TopicLevel {
@@ -407,6 +414,11 @@ pub struct MqttConfig {
     /// most this many messages per second per camera (0: off).
     #[serde(default)]
     pub detections_rate: f32,
+    /// Largest MQTT packet the daemon sends or takes, in bytes. A message
+    /// that would be larger is dropped and counted, never retried. Keep it
+    /// at or below the broker's limit (mosquitto: `message_size_limit`).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Run an MQTT broker inside the daemon, listening on `host:port`
     /// (loopback only), for the demo and for trying nanodetd with nothing
     /// installed. Cold: read at start.
@@ -466,7 +478,8 @@ impl MqttConfig {
     }
 
     /// True when the connection itself differs, so a reload must reconnect.
-    /// The prefix counts: the last will names `<prefix>/available`.
+    /// The prefix counts: the last will names `<prefix>/available`; so does
+    /// the packet limit, which the client takes at connect.
     pub fn needs_reconnect(&self, other: &MqttConfig) -> bool {
         (
             &self.host,
@@ -478,6 +491,7 @@ impl MqttConfig {
             &self.password_file,
             &self.tls,
             self.keep_alive,
+            self.max_message_bytes,
         ) != (
             &other.host,
             other.port,
@@ -488,6 +502,7 @@ impl MqttConfig {
             &other.password_file,
             &other.tls,
             other.keep_alive,
+            other.max_message_bytes,
         )
     }
 }
@@ -715,6 +730,9 @@ fn default_iou() -> Probability {
 fn default_max_detections() -> usize {
     100
 }
+fn default_max_message_bytes() -> usize {
+    256 * 1024
+}
 fn default_host() -> String {
     "localhost".into()
 }
@@ -887,8 +905,15 @@ impl Config {
         ranges.int("mqtt.port", mqtt.port, 1, u16::MAX);
         // MQTT 5's client refuses less than 5 s; the protocol field is 16 bits.
         ranges.int("mqtt.keep_alive", mqtt.keep_alive, 5, u16::MAX);
-        // Each queued message is at most MAX_MESSAGE_BYTES.
+        // With max_message_bytes, this bounds the outbox's memory.
         ranges.int("mqtt.queue", mqtt.queue, 1, MAX_QUEUE);
+        // MQTT's largest packet is 256 MiB; below 1 KiB not even stats fit.
+        ranges.int(
+            "mqtt.max_message_bytes",
+            mqtt.max_message_bytes,
+            1024,
+            268_435_455,
+        );
         // Upper bounds keep every derived Duration representable.
         ranges.real("mqtt.reconnect_max", mqtt.reconnect_max, Open(0.0), 3600.0);
         ranges.real(
@@ -1294,6 +1319,31 @@ source = { v4l2 = "/dev/video0" }
         assert!(matches!(err, ConfigError::TooLarge { .. }), "{err}");
         std::fs::write(&path, MINIMAL).unwrap();
         Config::load(&path).unwrap();
+    }
+
+    /// Issue 17: a camera named with a non-character was accepted, and
+    /// mosquitto then dropped the connection on every topic of it.
+    #[test]
+    fn topic_levels_refuse_what_mqtt_brokers_refuse_issue_17() {
+        for bad in [
+            "a/b",
+            "a+",
+            "#",
+            "tab\there",
+            "cam\u{FFFF}",
+            "x\u{FDD0}",
+            "\u{1FFFE}",
+            "\u{85}",
+        ] {
+            assert!(TopicLevel::try_from(bad.to_owned()).is_err(), "{bad:?}");
+        }
+        for good in ["front door", "café", "カメラ", "cam-1_\u{FDCF}"] {
+            assert!(TopicLevel::try_from(good.to_owned()).is_ok(), "{good:?}");
+        }
+        let err = parse(&MINIMAL.replace("name = \"front\"", "name = \"cam\u{FFFF}\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not allowed in an MQTT topic level"), "{err}");
     }
 
     #[test]

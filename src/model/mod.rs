@@ -117,7 +117,23 @@ pub enum ClassNamesError {
         /// The file.
         path: PathBuf,
     },
+    /// A name is longer than [`MAX_CLASS_NAME_BYTES`].
+    #[error(
+        "{path}: line {line}: a class name of {bytes} bytes; at most {MAX_CLASS_NAME_BYTES} are allowed"
+    )]
+    TooLong {
+        /// The file.
+        path: PathBuf,
+        /// The name's line, from 1 (blank lines counted out).
+        line: usize,
+        /// Its length.
+        bytes: usize,
+    },
 }
+
+/// Longest class name, in bytes: it becomes a topic level and a field of
+/// every event.
+pub const MAX_CLASS_NAME_BYTES: usize = 128;
 
 /// The name cached artifacts of the model file `path` go by: its stem
 /// ("nanodet-plus-m_320"), or "model" for a path without one.
@@ -144,5 +160,39 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>, ClassNamesError> {
             path: path.to_owned(),
         });
     }
+    // A name is a topic level and a JSON field in every event: one of 10 KB
+    // made messages no broker took.
+    if let Some((line, name)) = names
+        .iter()
+        .enumerate()
+        .find(|(_, n)| n.len() > MAX_CLASS_NAME_BYTES)
+    {
+        return Err(ClassNamesError::TooLong {
+            path: path.to_owned(),
+            line: line + 1,
+            bytes: name.len(),
+        });
+    }
     Ok(names)
+}
+
+#[cfg(test)]
+mod class_name_tests {
+    use super::*;
+
+    /// Issue 17: a class name over 10 KB made every event for it a message
+    /// no broker took.
+    #[test]
+    fn an_overlong_class_name_is_refused_with_its_line_issue_17() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("classes.txt");
+        std::fs::write(&path, format!("person\n\n{}\n", "x".repeat(10_240))).unwrap();
+        let err = read_class_names(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("line 2: a class name of 10240 bytes; at most 128 are allowed"),
+            "{err}"
+        );
+        std::fs::write(&path, format!("person\n{}\n", "y".repeat(128))).unwrap();
+        assert_eq!(read_class_names(&path).unwrap().len(), 2);
+    }
 }

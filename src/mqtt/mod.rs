@@ -58,6 +58,7 @@ struct OutboxState {
     queue: Mutex<VecDeque<Message>>,
     capacity: AtomicUsize,
     dropped: AtomicU64,
+    oversized: AtomicU64,
     events_queued: AtomicU64,
     events_delivered: AtomicU64,
     notify: Notify,
@@ -76,6 +77,9 @@ pub struct OutboxSnapshot {
     pub queued: usize,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// Messages dropped because they were larger than
+    /// `mqtt.max_message_bytes`: no broker would take them.
+    pub oversized: u64,
     /// Event messages accepted since start.
     pub events_queued: u64,
     /// Event messages the broker acknowledged since start.
@@ -89,6 +93,7 @@ impl Outbox {
             queue: Mutex::new(VecDeque::new()),
             capacity: AtomicUsize::new(capacity.max(1)),
             dropped: AtomicU64::new(0),
+            oversized: AtomicU64::new(0),
             events_queued: AtomicU64::new(0),
             events_delivered: AtomicU64::new(0),
             notify: Notify::new(),
@@ -134,6 +139,7 @@ impl Outbox {
         OutboxSnapshot {
             queued: self.queue().len(),
             dropped: self.0.dropped.load(Ordering::Relaxed),
+            oversized: self.0.oversized.load(Ordering::Relaxed),
             events_queued: self.0.events_queued.load(Ordering::Relaxed),
             events_delivered: self.0.events_delivered.load(Ordering::Relaxed),
         }
@@ -242,7 +248,10 @@ impl Link {
         Ok(match config.protocol {
             MqttProtocol::V311 => {
                 let mut o = rumqttc::MqttOptions::new(client_id, &config.host, config.port);
+                // rumqttc's default limit is 10 KiB each way; feed() keeps
+                // every message within max_message_bytes.
                 o.set_keep_alive(keep_alive)
+                    .set_max_packet_size(config.max_message_bytes, config.max_message_bytes)
                     .set_clean_session(true)
                     .set_transport(transport)
                     .set_last_will(rumqttc::LastWill::new(will_topic, "offline", qos, true));
@@ -256,6 +265,7 @@ impl Link {
                 use rumqttc::v5::mqttbytes::v5::LastWill;
                 let mut o = rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port);
                 o.set_keep_alive(keep_alive)
+                    .set_max_packet_size(u32::try_from(config.max_message_bytes).ok())
                     .set_clean_start(true)
                     .set_transport(transport)
                     .set_last_will(LastWill::new(will_topic, "offline", qos5(qos), true, None));
@@ -372,6 +382,7 @@ struct Session {
     link: Link,
     prefix: String,
     qos: QosConfig,
+    max_message_bytes: usize,
     connected: bool,
     in_flight: VecDeque<InFlight>,
 }
@@ -417,6 +428,7 @@ impl MqttTask {
             link: Link::open(&config.mqtt, &client_id, &prefix)?,
             prefix,
             qos: config.mqtt.qos,
+            max_message_bytes: config.mqtt.max_message_bytes,
             connected: false,
             in_flight: VecDeque::new(),
         })
@@ -520,7 +532,11 @@ impl MqttTask {
         }
     }
 
-    /// Moves messages from the outbox to rumqttc while it has room.
+    /// Moves messages from the outbox to rumqttc while it has room. One
+    /// that could never be sent, being larger than the packet limit, is
+    /// dropped and counted here: given to rumqttc it would fail the
+    /// connection, come back to the head of the queue, and block
+    /// everything behind it for good.
     fn feed(&self, session: &mut Session) {
         if !session.connected {
             return;
@@ -528,6 +544,17 @@ impl MqttTask {
         while let Some(message) = self.outbox.pop() {
             let qos = qos_of(message.class, &session.qos);
             let topic = format!("{}/{}", session.prefix, message.topic);
+            let size = publish_size(&topic, &message.payload);
+            if size > session.max_message_bytes {
+                let n = self.outbox.0.oversized.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::warn!(
+                        "MQTT: dropped a {size}-byte message on {topic}, over mqtt.max_message_bytes = {} ({n} so far)",
+                        session.max_message_bytes
+                    );
+                }
+                continue;
+            }
             if !session
                 .link
                 .try_publish(topic, qos, message.retain, message.payload.clone())
@@ -634,6 +661,14 @@ impl MqttTask {
         }
         self.requeue(session);
     }
+}
+
+/// An upper bound on the size of the PUBLISH packet carrying `payload` on
+/// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
+/// topic length (2), packet id (2), MQTT 5's empty properties (1), with
+/// room to spare.
+fn publish_size(topic: &str, payload: &[u8]) -> usize {
+    topic.len().saturating_add(payload.len()).saturating_add(16)
 }
 
 fn next_backoff(current: Duration, config: &MqttConfig) -> Duration {

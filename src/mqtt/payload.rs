@@ -96,15 +96,17 @@ pub fn event_message(
 }
 
 /// A class name as one topic level: class files are not checked like the
-/// config, so `/`, `+`, `#` and control characters become `_`.
+/// config, so whatever a topic level may not hold (`/`, `+`, `#`, control
+/// characters, non-characters: [`topic_level_char`](crate::config::topic_level_char))
+/// becomes `_`.
 fn label_level(label: &str) -> String {
     let level: String = label
         .chars()
         .map(|c| {
-            if matches!(c, '/' | '+' | '#') || c.is_control() {
-                '_'
-            } else {
+            if crate::config::topic_level_char(c) {
                 c
+            } else {
+                '_'
             }
         })
         .collect();
@@ -285,6 +287,11 @@ mod tests {
         assert_eq!(count_message("cam", "a/b+#", 0).topic, "cam/a_b__");
         assert_eq!(count_message("cam", "", 0).topic, "cam/_");
         assert_eq!(count_message("cam", "x", 3).payload, b"3");
+        // Issue 17: non-characters, on which mosquitto drops the link.
+        assert_eq!(
+            count_message("cam", "cat\u{FFFF}\u{FDD0}", 1).topic,
+            "cam/cat__"
+        );
     }
 
     #[test]

@@ -163,6 +163,8 @@ impl Subscriber {
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options.set_clean_session(!persistent);
         options.set_keep_alive(Duration::from_secs(5));
+        // rumqttc's 10 KiB default would refuse the daemon's larger messages.
+        options.set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut connection) = rumqttc::Client::new(options, 100);
         client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
         let messages = Arc::new(Mutex::new(Vec::new()));
@@ -1261,4 +1263,83 @@ fn a_zero_watchdog_usec_is_off_not_a_crash_issue_17() {
     assert!(daemon.log().contains("WATCHDOG_USEC=0, which turns it off"));
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{status}:\n{log}");
+}
+
+/// Issue 17: rumqttc's default 10 KiB packet limit was never raised, so a
+/// detections message at a low score failed the connection, came back to
+/// the head of the queue, and wedged MQTT (29 reconnects in 20 s, no
+/// event). Now the limit is `max_message_bytes`: within it, large
+/// messages go through; over it, they are dropped and counted, and the
+/// events behind them still arrive.
+#[test]
+fn a_message_over_the_packet_limit_is_dropped_and_counted_never_a_wedge_issue_17() {
+    let Some((_serial, assets)) = setup("oversized", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg", "skimage_chelsea.png"]);
+    let config = |limit: &str| {
+        format!(
+            "device_id = \"test\"\n[model]\npath = \"{}\"\nscore = 0.05\n[mqtt]\nport = {}\nprefix = \"ov\"\nreconnect_max = 1.0\nstats_interval = 1.0\ndetections_rate = 4.0\n{limit}\n[tracker]\nlost_after = 0.6\n{}",
+            support::model(&assets, "nanodet-plus-m_320").display(),
+            broker.port,
+            replay("cam", photos.path(), "repeat = 6"),
+        )
+    };
+    let finished = |m: &[Received]| {
+        m.iter()
+            .any(|m| m.topic == "ov/stats" && m.json()["cameras"]["cam"]["state"] == "finished")
+    };
+    let last_stats = |m: &[Received]| {
+        m.iter()
+            .rev()
+            .find(|m| m.topic == "ov/stats")
+            .map(Received::json)
+            .unwrap()
+    };
+
+    // The default limit (256 KiB): detections over 10 KiB are delivered.
+    let sub = Subscriber::new(broker.port, "ov/#", false);
+    let daemon = Daemon::start(&config(""), &[]);
+    sub.wait_for("the replay's end", Duration::from_secs(90), finished);
+    let all = sub.all();
+    let biggest = all
+        .iter()
+        .filter(|m| m.topic == "ov/cam/detections")
+        .map(|m| m.payload.len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        biggest > 10 * 1024,
+        "largest detections message {biggest} bytes"
+    );
+    let stats = last_stats(&all);
+    assert_eq!(stats["mqtt"]["reconnects"], 0, "{stats}");
+    assert_eq!(stats["mqtt"]["oversized"], 0, "{stats}");
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    drop(sub);
+
+    // A 2 KiB limit: those messages are dropped and counted; the events
+    // and stats behind them still arrive, on one connection.
+    let sub = Subscriber::new(broker.port, "ov/#", false);
+    let daemon = Daemon::start(&config("max_message_bytes = 2048"), &[]);
+    sub.wait_for("the replay's end", Duration::from_secs(90), finished);
+    let all = sub.all();
+    let stats = last_stats(&all);
+    assert!(stats["mqtt"]["oversized"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(stats["mqtt"]["reconnects"], 0, "{stats}");
+    assert!(
+        all.iter()
+            .filter(|m| m.topic.starts_with("ov/"))
+            .all(|m| m.topic.len() + m.payload.len() + 16 <= 2048),
+        "a message over the limit was sent"
+    );
+    let news = labels_of(&events(&all, "ov/cam/events"), "new");
+    for label in ["bus", "cat"] {
+        assert!(news.contains(&label.to_owned()), "no new {label}: {news:?}");
+    }
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("over mqtt.max_message_bytes = 2048"), "{log}");
 }
