@@ -2,6 +2,13 @@
 //! camera holding only its newest frame. A live camera never waits for the
 //! detector; a frame replaced before the detector took it is a drop, and
 //! counted. Replays without a set rate wait instead, so none is lost.
+//!
+//! The detector serves the camera that has been waiting longest: a slot
+//! keeps the time it was first filled when its frame is replaced. Under
+//! overload that is round-robin, since a camera just served waits behind
+//! every camera that was already waiting. (Keyed on the newest frame's
+//! capture time instead, a camera whose frame kept being replaced was
+//! never the oldest, and starved.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +51,20 @@ pub enum Work {
 #[derive(Debug, Default)]
 struct Slot {
     frame: Option<CapturedFrame>,
+    /// When the slot was filled after the detector last emptied it: the
+    /// capture time of the first frame put since, kept through
+    /// replacements.
+    waiting_since: Option<Instant>,
     ended: bool,
+}
+
+impl Slot {
+    /// Holds `frame`; returns whether it replaced an untaken one.
+    fn fill(&mut self, frame: CapturedFrame) -> bool {
+        self.ended = false;
+        self.waiting_since.get_or_insert(frame.captured);
+        self.frame.replace(frame).is_some()
+    }
 }
 
 /// Newest-frame slots of every camera.
@@ -78,9 +98,7 @@ impl FrameBoard {
     /// was replaced (dropped).
     pub fn put(&self, frame: CapturedFrame) -> bool {
         let mut slots = self.slots();
-        let slot = slots.entry(frame.camera.clone()).or_default();
-        slot.ended = false;
-        let dropped = slot.frame.replace(frame).is_some();
+        let dropped = slots.entry(frame.camera.clone()).or_default().fill(frame);
         drop(slots);
         self.changed.notify_all();
         dropped
@@ -109,9 +127,7 @@ impl FrameBoard {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        let slot = slots.entry(frame.camera.clone()).or_default();
-        slot.ended = false;
-        slot.frame = Some(frame);
+        slots.entry(frame.camera.clone()).or_default().fill(frame);
         drop(slots);
         self.changed.notify_all();
         Ok(())
@@ -124,18 +140,23 @@ impl FrameBoard {
         self.changed.notify_all();
     }
 
-    /// The oldest waiting frame of any camera (so no camera starves), or a
-    /// camera's end; `None` after `timeout` with nothing to do.
+    /// The frame of the camera that has waited longest (so no camera
+    /// starves), or a camera's end; `None` after `timeout` with nothing to
+    /// do.
     pub fn next(&self, timeout: Duration) -> Option<Work> {
         let mut slots = self.slots();
         let deadline = Instant::now() + timeout;
         loop {
-            let oldest = slots
+            let longest = slots
                 .iter()
-                .filter_map(|(name, s)| s.frame.as_ref().map(|f| (f.captured, name.clone())))
+                .filter(|(_, s)| s.frame.is_some())
+                .filter_map(|(name, s)| s.waiting_since.map(|since| (since, name.clone())))
                 .min();
-            if let Some((_, name)) = oldest {
-                let frame = slots.get_mut(&name).and_then(|s| s.frame.take());
+            if let Some((_, name)) = longest {
+                let frame = slots.get_mut(&name).and_then(|s| {
+                    s.waiting_since = None;
+                    s.frame.take()
+                });
                 drop(slots);
                 self.changed.notify_all();
                 return frame.map(Work::Frame);
@@ -168,14 +189,55 @@ mod tests {
     use crate::frame::{Frame, PixelFormat};
 
     fn captured(camera: &str, tag: u8) -> CapturedFrame {
+        captured_at(camera, tag, Instant::now())
+    }
+
+    fn captured_at(camera: &str, tag: u8, at: Instant) -> CapturedFrame {
         CapturedFrame {
             camera: camera.into(),
             image: Captured::Frame(
                 Frame::from_packed(1, 1, PixelFormat::Gray8, vec![tag], "test").unwrap(),
             ),
-            captured: Instant::now(),
+            captured: at,
             wall_time: 0.0,
         }
+    }
+
+    /// Issue 17: 16 cameras at 5 fps on a detector that manages 20 frames
+    /// a second. Keyed on the newest frame's time, six cameras were served
+    /// under 20% of the time. Waiting-since makes it round-robin: every
+    /// camera gets a quarter of its frames, within one frame of the others.
+    /// Time is simulated: capture times are a fake clock's, not the real one.
+    #[test]
+    fn under_overload_every_camera_is_served_at_the_same_rate_issue_17() {
+        let board = FrameBoard::default();
+        let start = Instant::now();
+        let cameras: Vec<String> = (0..16).map(|i| format!("cam{i:02}")).collect();
+        let mut served: BTreeMap<String, u32> = BTreeMap::new();
+        // 100 ms steps over 60 s: each camera puts a frame every 200 ms,
+        // at its own phase; the detector takes 2 frames per step.
+        for step in 0..600u32 {
+            let now = start + Duration::from_millis(u64::from(step) * 100);
+            for (i, camera) in cameras.iter().enumerate() {
+                // Phases spread each camera's frames over the 200 ms.
+                if (step + i as u32).is_multiple_of(2) {
+                    let at = now + Duration::from_millis(i as u64 * 6);
+                    board.put(captured_at(camera, 0, at));
+                }
+            }
+            for _ in 0..2 {
+                if let Some(Work::Frame(f)) = board.next(Duration::ZERO) {
+                    *served.entry(f.camera).or_default() += 1;
+                }
+            }
+        }
+        let counts: Vec<u32> = cameras
+            .iter()
+            .map(|c| served.get(c).copied().unwrap_or(0))
+            .collect();
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert_eq!(counts.iter().sum::<u32>(), 1200, "the detector never idled");
+        assert!(max - min <= 1, "served per camera: {counts:?}");
     }
 
     fn tag(work: Option<Work>) -> String {
@@ -190,14 +252,15 @@ mod tests {
     }
 
     #[test]
-    fn keeps_the_newest_frame_oldest_camera_first_then_the_end() {
+    fn keeps_the_newest_frame_longest_waiting_camera_first_then_the_end() {
         let board = FrameBoard::default();
         assert!(!board.put(captured("a", 1)));
         assert!(!board.put(captured("b", 1)));
         assert!(board.put(captured("a", 2)), "replacing counts as a drop");
         board.end("b");
-        assert_eq!(tag(board.next(Duration::ZERO)), "b 1");
+        // `a` has waited since its first frame, before `b`'s.
         assert_eq!(tag(board.next(Duration::ZERO)), "a 2");
+        assert_eq!(tag(board.next(Duration::ZERO)), "b 1");
         assert_eq!(tag(board.next(Duration::ZERO)), "b ended");
         assert_eq!(tag(board.next(Duration::from_millis(10))), "none");
     }
