@@ -81,11 +81,26 @@ pub async fn run(
         };
         tokio::time::sleep(DEBOUNCE).await;
         while changes.try_recv().is_ok() {}
-        match Config::load(&path) {
+        // Off the async thread: a large file takes a while to parse.
+        let file = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&file))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::config::ConfigError::Read {
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })
+            });
+        match loaded {
             Ok(new) => {
                 let changed = **configs.borrow() != new;
                 if changed {
                     log::info!("{}: reloaded ({why})", path.display());
+                }
+                // SIGHUP applies the file even when its text is the same:
+                // a model file fixed in place after a failed load is then
+                // loaded again.
+                if changed || why == "SIGHUP" {
                     configs.send_replace(Arc::new(new));
                 }
                 outbox.push(mqtt::status_message(None));

@@ -243,6 +243,11 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         config.model.clone(),
         &detector,
     )));
+    let models = ModelLoads {
+        results: model_tx,
+        generation: pipeline::ModelGeneration::default(),
+        in_service: Arc::clone(&in_service),
+    };
     let stop_detector = Arc::new(AtomicBool::new(false));
     let detector_task = DetectorTask {
         board: board.clone(),
@@ -297,7 +302,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
             changed = config_rx.changed() => {
                 if changed.is_err() { break; }
                 let new = config_rx.borrow_and_update().clone();
-                apply(&current, &new, &board, &heartbeats, &mut cameras, &model_tx, &outbox);
+                apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
                 current = new;
             }
             _ = tick.tick() => {
@@ -373,7 +378,7 @@ fn apply(
     board: &Arc<FrameBoard>,
     heartbeats: &Heartbeats,
     cameras: &mut BTreeMap<String, CameraTask>,
-    models: &std::sync::mpsc::Sender<(ModelConfig, Arc<Detector>)>,
+    models: &ModelLoads,
     outbox: &Outbox,
 ) {
     log::set_max_level(new.log.level);
@@ -404,14 +409,61 @@ fn apply(
             start_camera(camera, board, heartbeats, cameras);
         }
     }
-    if new.model != old.model {
-        log::info!("model settings changed: loading in the background");
+    models.follow(old, new, outbox);
+}
+
+/// Background model loads, and which of them is wanted.
+struct ModelLoads {
+    /// Where finished loads go (the detector thread).
+    results: std::sync::mpsc::Sender<pipeline::LoadedModel>,
+    /// The load the config wants now.
+    generation: pipeline::ModelGeneration,
+    /// The model the detector runs.
+    in_service: Arc<Mutex<pipeline::ModelInService>>,
+}
+
+impl ModelLoads {
+    /// Starts loading `new`'s model when it changed, or when the config is
+    /// the same but its model is not the one in service (a reload forced
+    /// by SIGHUP after a failed load: the file at the same path may have
+    /// been fixed). Every decision supersedes the loads before it, so the
+    /// model that goes into service is the one the latest config names.
+    fn follow(&self, old: &Config, new: &Arc<Config>, outbox: &Outbox) {
+        let in_service = self
+            .in_service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .config
+            .clone();
+        let retry = *old == **new && new.model != in_service;
+        if new.model == old.model && !retry {
+            return;
+        }
+        let generation = self.generation.advance();
+        if new.model == in_service {
+            log::info!("model settings back to the model in service: pending loads dropped");
+            return;
+        }
+        log::info!(
+            "model settings {}: loading in the background",
+            if retry {
+                "not in service yet"
+            } else {
+                "changed"
+            }
+        );
         let model = new.model.clone();
-        let models = models.clone();
+        let results = self.results.clone();
+        let wanted = self.generation.clone();
         let outbox = outbox.clone();
         tokio::task::spawn_blocking(move || match load_detector(&model) {
             Ok(detector) => {
-                let _ = models.send((model, detector));
+                let _ = results.send(pipeline::LoadedModel {
+                    generation,
+                    wanted,
+                    config: model,
+                    detector,
+                });
             }
             Err(e) => {
                 log::error!("{e}; keeping the running model");

@@ -119,6 +119,52 @@ impl ModelInService {
     }
 }
 
+/// The generation of the model load the config wants now: every load the
+/// daemon starts takes the next number, and a config that takes back a
+/// pending change takes one too. A finished load whose number is not the
+/// current one was superseded.
+#[derive(Debug, Clone, Default)]
+pub struct ModelGeneration(Arc<std::sync::atomic::AtomicU64>);
+
+impl ModelGeneration {
+    /// Supersedes every load started so far; returns the new number.
+    pub fn advance(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The number the config wants.
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A model loaded in the background.
+pub struct LoadedModel {
+    /// The load's number ([`ModelGeneration::advance`] at its start).
+    pub generation: u64,
+    /// Which generation is wanted now.
+    pub wanted: ModelGeneration,
+    /// Its settings.
+    pub config: ModelConfig,
+    /// The model.
+    pub detector: Arc<Detector>,
+}
+
+impl LoadedModel {
+    /// False once a later load started or the change was taken back; such
+    /// a model is dropped, and logged.
+    pub fn is_wanted(&self) -> bool {
+        let wanted = self.generation == self.wanted.current();
+        if !wanted {
+            log::info!(
+                "detector: {} loaded, but a later config superseded it; not put in service",
+                self.config.path.display()
+            );
+        }
+        wanted
+    }
+}
+
 /// The detector thread's state.
 pub struct DetectorTask {
     /// Frames in.
@@ -126,8 +172,8 @@ pub struct DetectorTask {
     /// Hot settings.
     pub config: watch::Receiver<Arc<Config>>,
     /// Models loaded in the background, with their settings, swapped in
-    /// when they arrive.
-    pub models: Receiver<(ModelConfig, Arc<Detector>)>,
+    /// when they arrive, if still wanted.
+    pub models: Receiver<LoadedModel>,
     /// The settings of the model in service, for the stats: after a failed
     /// or pending reload they differ from the config's.
     pub in_service: Arc<Mutex<ModelInService>>,
@@ -151,7 +197,15 @@ impl DetectorTask {
         self.board.set_raw_wanted(session.on_gpu());
         loop {
             self.heartbeat.touch();
-            if let Some((model, detector)) = self.models.try_iter().last() {
+            // A load that a later config superseded (a slow INT8 build
+            // finishing after a quick one) never goes into service.
+            let wanted = self.models.try_iter().filter(|m| m.is_wanted()).last();
+            if let Some(LoadedModel {
+                config: model,
+                detector,
+                ..
+            }) = wanted
+            {
                 match detector.session() {
                     Ok(s) => {
                         log::info!("detector: new model in service: {}", model.path.display());

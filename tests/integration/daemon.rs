@@ -1405,3 +1405,129 @@ fn under_overload_every_camera_is_processed_at_the_same_rate_issue_17() {
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
+
+fn hangup(daemon: &Daemon) {
+    let ok = Command::new("kill")
+        .args(["-HUP", &daemon.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// The model the stats say is in service.
+fn model_in_service(m: &[Received], prefix: &str) -> Option<String> {
+    m.iter()
+        .rev()
+        .find(|m| m.topic == format!("{prefix}/stats"))
+        .and_then(|m| m.json()["model"].as_str().map(str::to_owned))
+}
+
+/// Issue 17: a slow INT8 build, then 2 s later an FP32 edit. The FP32 model
+/// went into service, then the INT8 one replaced it when its build ended,
+/// for good: `status` said ok and the file said 320, the stats said 416.
+/// A load that a later config superseded must never go into service.
+#[test]
+fn a_slow_model_load_superseded_by_a_later_edit_never_goes_into_service_issue_17() {
+    let Some((_serial, assets)) = setup("superseded", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "sp/stats", false);
+    let cache = tempfile::tempdir().unwrap();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
+    let with_model = |name: &str, extra: &str| {
+        config(&assets, broker.port, "sp", &camera).replacen(
+            &format!(
+                "path = \"{}\"",
+                support::model(&assets, "nanodet-plus-m_320").display()
+            ),
+            &format!(
+                "path = \"{}\"\ncache = \"{}\"\n{extra}",
+                support::model(&assets, name).display(),
+                cache.path().display()
+            ),
+            1,
+        )
+    };
+    let daemon = Daemon::start(&with_model("nanodet-m-0.5x_320", ""), &[]);
+    sub.wait_for("the first model", Duration::from_secs(30), |m| {
+        model_in_service(m, "sp").is_some_and(|p| p.ends_with("nanodet-m-0.5x_320.onnx"))
+    });
+    let int8 = format!(
+        "precision = \"int8\"\n[model.int8]\ncalibration = \"{}\"\nimages = 40",
+        assets.join("datasets/calibration-80").display()
+    );
+    daemon.edit(&with_model("nanodet-plus-m_416", &int8));
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.edit(&with_model("nanodet-plus-m_320", ""));
+    sub.wait_for("the last edit's model", Duration::from_secs(30), |m| {
+        model_in_service(m, "sp").is_some_and(|p| p.ends_with("nanodet-plus-m_320.onnx"))
+    });
+    // The INT8 build finishes later, and is dropped.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !daemon.log().contains("superseded it; not put in service") {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seen = sub.all().len();
+    sub.wait_for("two more stats", Duration::from_secs(10), |m| {
+        m.len() >= seen + 2
+    });
+    let model = model_in_service(&sub.all(), "sp").unwrap();
+    assert!(model.ends_with("nanodet-plus-m_320.onnx"), "{model}");
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("nanodet-plus-m_416"),
+        "the INT8 load never ran:\n{log}"
+    );
+}
+
+/// Issue 17: a config naming a file that is not a model is rejected on
+/// `status`. Fixing the file itself (same path, same config text) and
+/// sending SIGHUP said `ok` but loaded nothing. Now SIGHUP retries a model
+/// that is not in service.
+#[test]
+fn sighup_loads_a_model_fixed_in_place_after_a_failed_load_issue_17() {
+    let Some((_serial, assets)) = setup("fixed in place", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "fx/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
+    let good = config(&assets, broker.port, "fx", &camera);
+    let daemon = Daemon::start(&good, &[]);
+    sub.wait_for("the first model", Duration::from_secs(30), |m| {
+        model_in_service(m, "fx").is_some()
+    });
+    let spare = tempfile::tempdir().unwrap();
+    let bad = spare.path().join("model.onnx");
+    std::fs::write(&bad, b"not a model").unwrap();
+    let original = support::model(&assets, "nanodet-plus-m_320");
+    daemon.edit(&good.replacen(
+        &original.display().to_string(),
+        &bad.display().to_string(),
+        1,
+    ));
+    sub.wait_for(
+        "the model rejected on status",
+        Duration::from_secs(30),
+        |m| {
+            m.iter().any(|m| {
+                m.topic == "fx/status"
+                    && m.json()["config"] == "rejected"
+                    && m.payload.contains("model.onnx")
+            })
+        },
+    );
+    std::fs::copy(support::model(&assets, "nanodet-m-0.5x_320"), &bad).unwrap();
+    hangup(&daemon);
+    sub.wait_for("the fixed model in service", Duration::from_secs(30), |m| {
+        model_in_service(m, "fx").is_some_and(|p| p == bad.display().to_string())
+    });
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
