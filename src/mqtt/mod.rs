@@ -439,8 +439,16 @@ impl MqttTask {
     pub async fn run(mut self, mut drain: oneshot::Receiver<Duration>) {
         let mut backoff = Duration::from_millis(500);
         let mut first = true;
+        let mut checked: Option<MqttConfig> = None;
         loop {
             let config = self.config.borrow_and_update().clone();
+            // Once per configuration, not per connection attempt.
+            if checked.as_ref() != Some(&config.mqtt) {
+                for warning in secret_warnings(&config.mqtt) {
+                    log::warn!("MQTT: {warning}");
+                }
+                checked = Some(config.mqtt.clone());
+            }
             let mut session = match self.open_session(&config) {
                 Ok(s) => s,
                 Err(e) => {
@@ -663,6 +671,38 @@ impl MqttTask {
     }
 }
 
+/// What is unsafe about how the password travels or is stored: sent over
+/// plain TCP to another machine, or kept in a file others can read (as
+/// ssh warns of a readable key).
+fn secret_warnings(config: &MqttConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Some(path) = &config.password_file else {
+        return warnings;
+    };
+    let loopback = config.host == "localhost"
+        || config
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if config.tls.is_none() && !loopback {
+        warnings.push(format!(
+            "the password is sent to {} over plain TCP, readable by anyone on the network; add [mqtt.tls]",
+            config.host
+        ));
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            warnings.push(format!(
+                "{}: mode {mode:04o} lets other users read the password; chmod 600 it (or 640 with group nanodetd)",
+                path.display()
+            ));
+        }
+    }
+    warnings
+}
+
 /// An upper bound on the size of the PUBLISH packet carrying `payload` on
 /// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
 /// topic length (2), packet id (2), MQTT 5's empty properties (1), with
@@ -681,6 +721,35 @@ fn next_backoff(current: Duration, config: &MqttConfig) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: a password went over plain TCP, and a 0644 password file
+    /// was taken, both without a word.
+    #[test]
+    fn a_password_in_the_clear_or_in_a_readable_file_is_warned_of_issue_17() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "secret").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config: MqttConfig = toml::from_str(&format!(
+            "host = \"broker.lan\"\nusername = \"u\"\npassword_file = {:?}",
+            file
+        ))
+        .unwrap();
+        let warnings = secret_warnings(&config);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("over plain TCP"), "{warnings:?}");
+        assert!(warnings[1].contains("mode 0644"), "{warnings:?}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        config.host = "127.0.0.1".into();
+        assert!(secret_warnings(&config).is_empty());
+        config.password_file = None;
+        config.host = "broker.lan".into();
+        assert!(
+            secret_warnings(&config).is_empty(),
+            "no password, nothing to warn of"
+        );
+    }
 
     fn msg(n: usize) -> Message {
         Message {

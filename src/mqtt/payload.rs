@@ -10,6 +10,21 @@ use crate::track::{ObjectSnapshot, TrackEvent};
 /// Version of every JSON payload's layout; raised on breaking changes.
 pub const SCHEMA: u32 = 1;
 
+/// This run of the daemon: `<start time, Unix ms>-<pid>`, fixed at the
+/// first call. Events carry it beside `seq` and the object ids, which
+/// restart from 0 with every start: `(boot, seq)` and `(boot, id)` are
+/// unique across restarts, so a consumer that drops repeated `seq`s drops
+/// only redeliveries.
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        format!("{ms}-{}", std::process::id())
+    })
+}
+
 /// One object as events describe it.
 #[derive(Serialize)]
 struct ObjectJson<'a> {
@@ -75,6 +90,7 @@ pub fn event_message(
         #[serde(rename = "type")]
         kind: crate::track::EventKind,
         camera: &'a str,
+        boot: &'a str,
         seq: u64,
         before: Option<ObjectJson<'a>>,
         after: ObjectJson<'a>,
@@ -83,6 +99,7 @@ pub fn event_message(
         schema: SCHEMA,
         kind: event.kind,
         camera,
+        boot: boot_id(),
         seq,
         before: event.before.as_ref().map(|b| object(b, label, frame_size)),
         after: object(&event.after, label, frame_size),
@@ -257,6 +274,12 @@ mod tests {
         assert_eq!(v["schema"], SCHEMA);
         assert_eq!(v["type"], "update");
         assert_eq!(v["seq"], 3);
+        // Issue 17: ids and seq restart at 0; the boot tells runs apart.
+        let boot = v["boot"].as_str().unwrap();
+        assert_eq!(boot, boot_id());
+        let (ms, pid) = boot.split_once('-').unwrap();
+        assert!(ms.parse::<u64>().unwrap() > 1_700_000_000_000, "{boot}");
+        assert_eq!(pid.parse::<u32>().unwrap(), std::process::id());
         let after = &v["after"];
         for key in [
             "id",
