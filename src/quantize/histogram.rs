@@ -48,7 +48,10 @@ impl Histogram {
             return;
         }
         if self.counts.is_empty() {
-            self.width = batch_max / DEFAULT_BINS as f32;
+            // A subnormal maximum (below ~3e-42) would make the width 0,
+            // and grow_to would double 0 forever: the width stays a normal
+            // number, so doubling reaches any finite maximum.
+            self.width = (batch_max / DEFAULT_BINS as f32).max(f32::MIN_POSITIVE);
             self.counts = vec![0; DEFAULT_BINS];
         }
         self.amax = self.amax.max(batch_max);
@@ -235,6 +238,18 @@ pub fn weight_scales(weights: &[f32], out_channels: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    /// Issue 17: an activation whose first non-zero maximum was subnormal
+    /// made the bin width 0, and the next batch looped forever.
+    #[test]
+    fn a_subnormal_first_maximum_does_not_hang_issue_17() {
+        let mut h = Histogram::default();
+        h.add(&[1e-42, 0.0]);
+        h.add(&[1.0, 3e38]);
+        assert_eq!(h.counts().iter().sum::<u64>(), 4);
+        assert_eq!(h.amax(), 3e38);
+        assert!(h.counts().len() <= MAX_BINS);
+    }
+
     use super::*;
 
     /// A deterministic bell-ish sample: the sum of four uniform draws.
