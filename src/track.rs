@@ -188,9 +188,10 @@ struct Track {
 }
 
 impl Track {
-    /// Median of the last `n` scores, where frames before the track began
-    /// count as 0: a track must be seen in more than half of `n` frames
-    /// before it can be real, so one confident flicker never is.
+    /// Median of the last `n` frames' scores, where frames that missed the
+    /// track and frames before it began count as 0: a track must be seen in
+    /// more than half of `n` frames before it can be real, so one confident
+    /// flicker never is.
     fn median(&self, n: usize) -> f32 {
         let mut s = self.scores.clone();
         s.resize(n.max(s.len()), 0.0);
@@ -237,8 +238,18 @@ impl Tracker {
     }
 
     /// Feeds one frame's detections, taken at `now` (seconds), and returns
-    /// the events it causes.
+    /// the events it causes. An object this frame missed scores 0 in it.
     pub fn update(&mut self, detections: &[Detection], now: f64) -> Vec<TrackEvent> {
+        self.step(detections, now, true)
+    }
+
+    /// With no frame coming: ends the objects unseen for `lost_after` and
+    /// sends heartbeats, at `now`, without counting a missed frame.
+    pub fn expire(&mut self, now: f64) -> Vec<TrackEvent> {
+        self.step(&[], now, false)
+    }
+
+    fn step(&mut self, detections: &[Detection], now: f64, frame: bool) -> Vec<TrackEvent> {
         let admitted: Vec<&Detection> = detections
             .iter()
             .filter(|d| self.config.filter(d.class_id).admits(d))
@@ -270,6 +281,23 @@ impl Tracker {
         }
 
         let history = self.config.score_history.max(1);
+        if frame {
+            // docs/MQTT.md's rule: the median runs over the last `history`
+            // frames, and a frame that missed the object counts as 0. (Only
+            // matched frames were counted, so an object seen once in five
+            // frames became real after three sightings.)
+            for (track, _) in self
+                .tracks
+                .iter_mut()
+                .zip(&track_taken)
+                .filter(|(_, taken)| !**taken)
+            {
+                track.scores.push(0.0);
+                if track.scores.len() > history {
+                    track.scores.remove(0);
+                }
+            }
+        }
         for (t, d) in matches {
             let det = admitted[d];
             let zones = self.zones_of(&det.bbox);
@@ -408,6 +436,44 @@ mod tests {
             }
         }
         panic!("no event in 10 frames");
+    }
+
+    /// Issue 17: docs/MQTT.md says frames that missed an object count as 0
+    /// in its median; only frames it was seen in were counted, so an object
+    /// seen in one frame of five became real after three sightings.
+    #[test]
+    fn missed_frames_count_as_zero_in_the_median_issue_17() {
+        let mut t = Tracker::new(TrackerConfig::default());
+        // Seen in frame 0, 5, 10, ... at 0.9; missed in the frames between.
+        for frame in 0..40 {
+            let now = 0.1 * f64::from(frame);
+            let dets = if frame % 5 == 0 {
+                vec![det(0, 0.9, PERSON)]
+            } else {
+                vec![]
+            };
+            let events = t.update(&dets, now);
+            assert!(events.is_empty(), "frame {frame}: {events:?}");
+        }
+        // Seen in three frames of five: real.
+        let mut t = Tracker::new(TrackerConfig::default());
+        let mut news = 0;
+        for frame in 0..10 {
+            let dets = if frame % 5 < 3 {
+                vec![det(0, 0.9, PERSON)]
+            } else {
+                vec![]
+            };
+            news += t.update(&dets, 0.1 * f64::from(frame)).len();
+        }
+        assert_eq!(news, 1);
+        // Ticks without a frame are not missed frames.
+        let mut t = Tracker::new(TrackerConfig::default());
+        for frame in 0..3 {
+            t.update(&[det(0, 0.9, PERSON)], 0.1 * f64::from(frame));
+            assert!(t.expire(0.1 * f64::from(frame) + 0.05).is_empty());
+        }
+        assert_eq!(t.tracks[0].scores, vec![0.9, 0.9, 0.9]);
     }
 
     #[test]

@@ -380,7 +380,7 @@ impl DetectorTask {
         let now = wall_time();
         for (name, cam) in cameras.iter_mut() {
             if cam.last_frame.elapsed() > IDLE {
-                let events = cam.tracker.update(&[], now);
+                let events = cam.tracker.expire(now);
                 self.publish(config, name, cam, events, session.detector());
             }
         }
