@@ -184,6 +184,9 @@ impl ModelArgs {
             .map(model::read_class_names)
             .transpose()
             .map_err(|e| Failure::BadInput(e.into()))?;
+        model::check_file_sizes(&self.model).map_err(|e| {
+            Failure::BadInput(anyhow::Error::new(e).context(self.model.display().to_string()))
+        })?;
         let options = EngineOptions {
             input_size: self.input_size,
             onnxruntime: OnnxRuntimeOptions {

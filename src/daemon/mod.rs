@@ -78,6 +78,9 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         Some(p) => Some(model::read_class_names(p).map_err(|e| failed(e.to_string()))?),
         None => None,
     };
+    // Before any backend sizes its buffers from the model's shapes: a
+    // hostile one would make it allocate gigabytes and abort the daemon.
+    model::check_file_sizes(&model.path).map_err(|e| failed(e.to_string()))?;
     let runs = |kind: BackendKind| match model.backend {
         BackendChoice::Only(chosen) => chosen == kind,
         BackendChoice::Auto => true,

@@ -5,6 +5,7 @@ mod batch;
 mod decode;
 mod fp16;
 mod layout;
+mod limits;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,9 @@ pub use decode::{Candidate, DecodeError, DecodeParams};
 pub use fp16::{HalfConversion, to_fp16};
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
+};
+pub use limits::{
+    MAX_INPUT_SIDE, MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, SizeError, check_file_sizes, check_sizes,
 };
 
 /// The 80 COCO class names in NanoDet's training order, used when no

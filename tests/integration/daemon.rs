@@ -1531,3 +1531,67 @@ fn sighup_loads_a_model_fixed_in_place_after_a_failed_load_issue_17() {
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// Issue 17: a model whose declared input is 1×3×100000×100000 passed the
+/// loading checks, and on a hot swap tract tried to allocate 92 GB: the
+/// whole daemon aborted. Its sizes are now checked before any backend
+/// builds it; the running model stays, and `status` says why.
+#[test]
+fn a_model_with_a_huge_input_is_refused_on_a_hot_swap_and_the_old_one_runs_on_issue_17() {
+    let Some((_serial, assets)) = setup("huge model", true) else {
+        return;
+    };
+    use tract_onnx::pb;
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "hg/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
+    let good = config(&assets, broker.port, "hg", &camera);
+    let daemon = Daemon::start(&good, &[]);
+    sub.wait_for("the first model", Duration::from_secs(30), |m| {
+        model_in_service(m, "hg").is_some()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = dir.path().join("huge.onnx");
+    let side = 100_000;
+    std::fs::write(
+        &hostile,
+        support::encode(pb::GraphProto {
+            input: vec![support::value_info("data", &[1, 3, side, side])],
+            node: vec![pb::NodeProto {
+                op_type: "Identity".into(),
+                input: vec!["data".into()],
+                output: vec!["out".into()],
+                ..Default::default()
+            }],
+            output: vec![support::value_info("out", &[1, 3, side, side])],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    let original = support::model(&assets, "nanodet-plus-m_320");
+    daemon.edit(&good.replacen(
+        &original.display().to_string(),
+        &hostile.display().to_string(),
+        1,
+    ));
+    sub.wait_for("the huge model rejected", Duration::from_secs(30), |m| {
+        m.iter().any(|m| {
+            m.topic == "hg/status"
+                && m.json()["config"] == "rejected"
+                && m.payload.contains("a side over 4096 pixels")
+        })
+    });
+    let seen = sub.all().len();
+    sub.wait_for("stats after", Duration::from_secs(10), |m| {
+        m[seen..].iter().any(|m| m.topic == "hg/stats")
+    });
+    assert_eq!(
+        model_in_service(&sub.all(), "hg").unwrap(),
+        original.display().to_string()
+    );
+    let mut daemon = daemon;
+    assert!(daemon.alive());
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}

@@ -1,0 +1,201 @@
+//! Sizes a model file may declare, checked on its ONNX graph before any
+//! backend builds it. A backend sizes its buffers from these shapes: an
+//! input of 1×3×100000×100000 made tract ask for 92 GB, a million classes
+//! for 8.4 GB, and the failed allocation aborted the whole daemon, on a hot
+//! swap too. Real NanoDet exports are far inside every limit.
+
+use prost::Message;
+use tract_onnx::pb::{ModelProto, ValueInfoProto, tensor_shape_proto, type_proto};
+
+/// Largest model file read, in bytes (NanoDet-Plus-m 416 is 4.8 MB).
+pub const MAX_MODEL_BYTES: u64 = 512 << 20;
+/// Largest input side, in pixels.
+pub const MAX_INPUT_SIDE: i64 = 4096;
+/// Most elements in one declared input or output, batch included (a
+/// NanoDet-Plus 416 output is 0.4 M; 64 of them are 26 M).
+pub const MAX_TENSOR_ELEMENTS: u64 = 64 << 20;
+
+/// Why a model's declared sizes are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SizeError {
+    /// The file cannot be read.
+    #[error("cannot read the model: {0}")]
+    Read(#[from] std::io::Error),
+    /// The file is larger than [`MAX_MODEL_BYTES`].
+    #[error("the model file is {bytes} bytes; at most {MAX_MODEL_BYTES} are read")]
+    File {
+        /// Its size.
+        bytes: u64,
+    },
+    /// Not an ONNX model.
+    #[error("not an ONNX model: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// An input's height or width is over [`MAX_INPUT_SIDE`].
+    #[error("input {name:?} is {dims:?}: a side over {MAX_INPUT_SIDE} pixels")]
+    InputSide {
+        /// The input.
+        name: String,
+        /// Its declared dimensions (-1: not fixed).
+        dims: Vec<i64>,
+    },
+    /// A declared tensor holds more than [`MAX_TENSOR_ELEMENTS`].
+    #[error("{what} {name:?} is {dims:?}: over {MAX_TENSOR_ELEMENTS} elements")]
+    Elements {
+        /// "input", "output" or "initializer".
+        what: &'static str,
+        /// The tensor.
+        name: String,
+        /// Its declared dimensions (-1: not fixed).
+        dims: Vec<i64>,
+    },
+}
+
+/// [`check_sizes`] on the file at `path`, reading at most
+/// [`MAX_MODEL_BYTES`] of it.
+pub fn check_file_sizes(path: &std::path::Path) -> Result<(), SizeError> {
+    use std::io::Read;
+    let mut onnx = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_MODEL_BYTES + 1)
+        .read_to_end(&mut onnx)?;
+    check_sizes(&onnx)
+}
+
+/// Checks the sizes `onnx` declares: its inputs (sides and elements), its
+/// outputs and its initializers (elements). Dimensions that are not fixed
+/// (a symbolic batch) count as 1.
+pub fn check_sizes(onnx: &[u8]) -> Result<(), SizeError> {
+    if onnx.len() as u64 > MAX_MODEL_BYTES {
+        return Err(SizeError::File {
+            bytes: onnx.len() as u64,
+        });
+    }
+    let model = ModelProto::decode(onnx)?;
+    let Some(graph) = model.graph else {
+        return Ok(());
+    };
+    for input in &graph.input {
+        let dims = dims_of(input);
+        // NCHW: the last two are the image's sides.
+        if dims.len() >= 2 && dims[dims.len() - 2..].iter().any(|&d| d > MAX_INPUT_SIDE) {
+            return Err(SizeError::InputSide {
+                name: input.name.clone(),
+                dims,
+            });
+        }
+        check_elements("input", &input.name, dims)?;
+    }
+    for output in &graph.output {
+        check_elements("output", &output.name, dims_of(output))?;
+    }
+    for initializer in &graph.initializer {
+        check_elements("initializer", &initializer.name, initializer.dims.clone())?;
+    }
+    Ok(())
+}
+
+fn check_elements(what: &'static str, name: &str, dims: Vec<i64>) -> Result<(), SizeError> {
+    let elements = dims.iter().try_fold(1u64, |n, &d| {
+        n.checked_mul(u64::try_from(d.max(1)).unwrap_or(u64::MAX))
+    });
+    if elements.is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+        return Err(SizeError::Elements {
+            what,
+            name: name.to_owned(),
+            dims,
+        });
+    }
+    Ok(())
+}
+
+/// Declared dimensions; -1 where one is not fixed.
+fn dims_of(value: &ValueInfoProto) -> Vec<i64> {
+    let Some(type_proto::Value::TensorType(tensor)) =
+        value.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Vec::new();
+    };
+    tensor
+        .shape
+        .as_ref()
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(tensor_shape_proto::dimension::Value::DimValue(v)) => v,
+                    _ => -1,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::{GraphProto, TypeProto, ValueInfoProto, tensor_proto};
+
+    fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
+        ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: tensor_proto::DataType::Float as i32,
+                    shape: Some(tract_onnx::pb::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|&d| tensor_shape_proto::Dimension {
+                                value: Some(if d > 0 {
+                                    tensor_shape_proto::dimension::Value::DimValue(d)
+                                } else {
+                                    tensor_shape_proto::dimension::Value::DimParam("N".into())
+                                }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn model(input: &[i64], output: &[i64]) -> Vec<u8> {
+        ModelProto {
+            graph: Some(GraphProto {
+                input: vec![value("data", input)],
+                output: vec![value("output", output)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// Issue 17: shapes that made tract allocate 92 GB and 8.4 GB, and
+    /// abort the daemon, are refused before any backend sees them.
+    #[test]
+    fn huge_inputs_and_outputs_are_refused_before_building_issue_17() {
+        let err = check_sizes(&model(&[1, 3, 100_000, 100_000], &[1, 2125, 112])).unwrap_err();
+        assert!(matches!(err, SizeError::InputSide { .. }), "{err}");
+        let err = check_sizes(&model(&[1, 3, 320, 320], &[1, 2125, 1_000_032])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("output \"output\" is [1, 2125, 1000032]: over"),
+            "{err}"
+        );
+        let err = check_sizes(&model(&[1, 3000, 4096, 4096], &[1, 2125, 112])).unwrap_err();
+        assert!(
+            matches!(err, SizeError::Elements { what: "input", .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            check_sizes(b"\xff\xff\xff not onnx"),
+            Err(SizeError::Decode(_))
+        ));
+        // Real shapes, fixed or with a symbolic batch, pass.
+        check_sizes(&model(&[1, 3, 416, 416], &[1, 3598, 112])).unwrap();
+        check_sizes(&model(&[-1, 3, 320, 320], &[-1, 2125, 112])).unwrap();
+    }
+}
