@@ -26,21 +26,20 @@ declare -A package=(
     [mosquitto_sub]=mosquitto-clients
     [openssl]=openssl
     [systemd-analyze]=systemd
-    [kill]=procps
     [chattr]=e2fsprogs
     [python3]=python3
     [cc]=gcc
 )
 need=()
+# type -P: the program on PATH, which the tests spawn; `command -v` would
+# also accept a shell builtin (kill is one).
 for tool in "${!package[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || need+=("${package[$tool]}")
+    type -P "$tool" >/dev/null 2>&1 || need+=("${package[$tool]}")
 done
 # The V4L2 layout test compiles against the kernel's header.
 [[ -f /usr/include/linux/videodev2.h ]] || need+=(linux-libc-dev)
 # The virtual environment: Debian splits venv and ensurepip out of python3.
-if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-    need+=(python3-venv)
-elif ! command -v python3 >/dev/null 2>&1; then
+if ! type -P python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     need+=(python3-venv)
 fi
 if ((${#need[@]})); then

@@ -562,11 +562,7 @@ fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
     // republishes the status.
     let statuses = |m: &[Received]| m.iter().filter(|m| m.topic == "nd/status").count();
     let before = statuses(&sub.all());
-    let hup = Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    support::signal(&daemon.child, nix::sys::signal::Signal::SIGHUP);
     sub.wait_for("the status after SIGHUP", Duration::from_secs(5), |m| {
         statuses(m) > before
     });
@@ -1407,12 +1403,7 @@ fn under_overload_every_camera_is_processed_at_the_same_rate_issue_17() {
 }
 
 fn hangup(daemon: &Daemon) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &daemon.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    support::signal(&daemon.child, nix::sys::signal::Signal::SIGHUP);
 }
 
 /// The model the stats say is in service.

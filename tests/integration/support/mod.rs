@@ -33,12 +33,13 @@ pub fn free_port() -> u16 {
 
 /// SIGTERM to `child`, as systemd stops the service.
 pub fn terminate(child: &std::process::Child) {
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM {}", child.id());
+    signal(child, nix::sys::signal::Signal::SIGTERM);
+}
+
+/// Sends `signal` to `child` with kill(2): no `kill` program needed.
+pub fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to {pid}: {e}"));
 }
 
 /// A command's standard error, as text.
