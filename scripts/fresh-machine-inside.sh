@@ -6,8 +6,11 @@
 # photos; the second (the tests) must pass. Refuses to run anywhere but in
 # a root that fresh-machine.sh made: it installs packages as it goes.
 set -uo pipefail
-if [[ ! -f /etc/nanodetd-fresh-root ]]; then
-    echo "fresh-machine-inside.sh: refusing to run: this runs only inside the root scripts/fresh-machine.sh builds (no /etc/nanodetd-fresh-root here)" >&2
+# Both the root's marker file and the variable fresh-machine.sh sets: the
+# test suite, which runs inside that root too, checks the refusal with the
+# variable removed.
+if [[ ! -f /etc/nanodetd-fresh-root || ${NANODETD_FRESH_ROOT:-} != 1 ]]; then
+    echo "fresh-machine-inside.sh: refusing to run: this runs only inside the root scripts/fresh-machine.sh builds (/etc/nanodetd-fresh-root and NANODETD_FRESH_ROOT=1)" >&2
     exit 64
 fi
 cd "$(dirname "$0")/.."

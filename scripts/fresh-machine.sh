@@ -107,6 +107,7 @@ bwrap --bind "$root" / \
     --setenv CARGO_HOME /root/.cargo \
     --setenv LANG C.UTF-8 \
     --setenv CI "${CI:-true}" \
+    --setenv NANODETD_FRESH_ROOT 1 \
     --setenv FRESH_SKIP_TESTS "${FRESH_SKIP_TESTS:-}" \
     --setenv SSL_CERT_FILE /etc/ssl/certs/ca-certificates.crt \
     --setenv PIP_CERT /etc/ssl/certs/ca-certificates.crt \

@@ -27,6 +27,8 @@ declare -A package=(
     [openssl]=openssl
     [systemd-analyze]=systemd
     [chattr]=e2fsprogs
+    # systemd-analyze verify checks the unit's ExecReload=/bin/kill.
+    [kill]=procps
     [python3]=python3
     [cc]=gcc
 )

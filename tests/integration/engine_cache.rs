@@ -228,7 +228,9 @@ fn a_writer_killed_mid_store_leaves_nothing_that_loads() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
-            "child_stores_a_big_plan",
+            // The full test path: this file is a module of the one
+            // integration binary.
+            "engine_cache::child_stores_a_big_plan",
             "--exact",
             "--ignored",
             "--nocapture",
