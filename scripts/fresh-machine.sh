@@ -67,9 +67,12 @@ rm -rf "$root" && mkdir -p "$root"
 tar -C "$root" -xf "$pristine"
 say "fresh root at $root ($(du -sh "$root" | cut -f1)), $(($(date +%s) - start)) s"
 # The registries are reached through this machine's CA bundle, and names
-# through its resolver.
+# through its resolver and hosts file (the root shares its network).
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# debootstrap writes no /etc/hosts, which every installed machine has: without
+# it "localhost" (the daemon's default broker host) does not resolve.
+cp /etc/hosts "$root/etc/hosts"
 # The marker fresh-machine-inside.sh checks before it does anything.
 echo "made by scripts/fresh-machine.sh" >"$root/etc/nanodetd-fresh-root"
 mkdir -p "$root/work" "$root/opt/rust"
