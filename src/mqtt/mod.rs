@@ -19,8 +19,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::config::{Config, MqttConfig, MqttProtocol, QosConfig};
+use sweep::CountSweep;
 
 mod payload;
+mod sweep;
 
 pub use payload::{
     FrameTiming, SCHEMA, count_message, detections_message, event_message, stats_message,
@@ -156,6 +158,11 @@ impl Outbox {
         }
     }
 
+    /// Whether a message on `topic` is waiting.
+    fn holds(&self, topic: &str) -> bool {
+        self.queue().iter().any(|m| m.topic == topic)
+    }
+
     fn is_empty(&self) -> bool {
         self.queue().is_empty()
     }
@@ -195,6 +202,15 @@ enum LinkEvent {
     Acked(u16),
     /// Our DISCONNECT was written.
     Closed,
+    /// A message the broker held retained, sent because we subscribed.
+    Retained {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The broker acknowledged our SUBSCRIBE.
+    Subscribed,
+    /// The broker acknowledged our UNSUBSCRIBE.
+    Unsubscribed,
     Other,
 }
 
@@ -294,6 +310,12 @@ impl Link {
                     Event::Incoming(Packet::ConnAck(_)) => LinkEvent::Connected,
                     Event::Incoming(Packet::PubAck(a)) => LinkEvent::Acked(a.pkid),
                     Event::Incoming(Packet::PubComp(a)) => LinkEvent::Acked(a.pkid),
+                    Event::Incoming(Packet::SubAck(_)) => LinkEvent::Subscribed,
+                    Event::Incoming(Packet::UnsubAck(_)) => LinkEvent::Unsubscribed,
+                    Event::Incoming(Packet::Publish(p)) if p.retain => LinkEvent::Retained {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    },
                     Event::Incoming(_) => LinkEvent::Other,
                     Event::Outgoing(o) => outgoing(o),
                 })
@@ -305,11 +327,40 @@ impl Link {
                     Event::Incoming(Packet::ConnAck(_)) => LinkEvent::Connected,
                     Event::Incoming(Packet::PubAck(a)) => LinkEvent::Acked(a.pkid),
                     Event::Incoming(Packet::PubComp(a)) => LinkEvent::Acked(a.pkid),
+                    Event::Incoming(Packet::SubAck(_)) => LinkEvent::Subscribed,
+                    Event::Incoming(Packet::UnsubAck(_)) => LinkEvent::Unsubscribed,
+                    Event::Incoming(Packet::Publish(p)) if p.retain => {
+                        match String::from_utf8(p.topic.to_vec()) {
+                            Ok(topic) => LinkEvent::Retained {
+                                topic,
+                                payload: p.payload.to_vec(),
+                            },
+                            Err(_) => LinkEvent::Other,
+                        }
+                    }
                     Event::Incoming(_) => LinkEvent::Other,
                     Event::Outgoing(o) => outgoing(o),
                 })
             }
         }
+    }
+
+    /// QoS 0: the sweep is best effort, and a lost SUBSCRIBE is retried on
+    /// the next connect.
+    fn try_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Link::V4(c, _) => c.try_subscribe(filter, rumqttc::QoS::AtMostOnce).is_ok(),
+            Link::V5(c, _) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                .is_ok(),
+        }
+    }
+
+    fn try_unsubscribe(&self, filter: &str) {
+        let _ = match self {
+            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        };
     }
 
     /// False when rumqttc's channel is full.
@@ -395,6 +446,8 @@ pub struct MqttTask {
     status: Arc<LinkStatus>,
     /// Retained messages as the broker last acknowledged them, by topic.
     retained: BTreeMap<String, Message>,
+    /// Clears counts an earlier run left retained.
+    sweep: CountSweep,
 }
 
 impl MqttTask {
@@ -409,6 +462,7 @@ impl MqttTask {
             outbox,
             status,
             retained: BTreeMap::new(),
+            sweep: CountSweep::new(),
         }
     }
 
@@ -474,13 +528,38 @@ impl MqttTask {
                             backoff = Duration::from_millis(500);
                             session.connected = true;
                             self.status.connected.store(true, Ordering::Relaxed);
+                            // Before the announce fills rumqttc's channel.
+                            if self.sweep.connected()
+                                && !session.link.try_subscribe(&CountSweep::filter(&session.prefix))
+                            {
+                                self.sweep.not_subscribed();
+                            }
                             self.announce(&mut session);
                             self.feed(&mut session);
+                        }
+                        Ok(LinkEvent::Subscribed) => {
+                            if self.sweep.subscribed() {
+                                session.link.try_unsubscribe(&CountSweep::filter(&session.prefix));
+                            }
+                        }
+                        Ok(LinkEvent::Unsubscribed) => self.sweep.unsubscribed(),
+                        Ok(LinkEvent::Retained { topic, payload }) => {
+                            let ours = |t: &str| self.sets(&session, t);
+                            if let Some(zero) = sweep::stale_count(&session.prefix, &topic, &payload, ours) {
+                                log::info!(
+                                    "MQTT: {topic} was left retained at {} by an earlier run; publishing 0",
+                                    String::from_utf8_lossy(&payload)
+                                );
+                                self.outbox.push(zero);
+                            }
                         }
                         Ok(LinkEvent::Sent(pkid)) => { self.handle_sent(&mut session, pkid); self.feed(&mut session); }
                         Ok(LinkEvent::Acked(pkid)) => { self.handle_acked(&mut session, pkid); self.feed(&mut session); }
                         Ok(LinkEvent::Closed | LinkEvent::Other) => self.feed(&mut session),
                         Err(e) => {
+                            if let Some(warning) = self.sweep.connection_lost() {
+                                log::warn!("MQTT: {warning}");
+                            }
                             if session.connected {
                                 log::warn!("MQTT: connection lost: {e}; {} unacknowledged messages requeued", session.in_flight.len());
                             } else {
@@ -513,6 +592,14 @@ impl MqttTask {
                 }
             }
         }
+    }
+
+    /// Whether this run has set the retained `topic` (relative to the
+    /// prefix): acknowledged, in flight or queued.
+    fn sets(&self, session: &Session, topic: &str) -> bool {
+        self.retained.contains_key(topic)
+            || session.in_flight.iter().any(|f| f.message.topic == topic)
+            || self.outbox.holds(topic)
     }
 
     /// `online` and the last acknowledged retained state, on every connect.

@@ -1586,3 +1586,118 @@ fn a_model_with_a_huge_input_is_refused_on_a_hot_swap_and_the_old_one_runs_on_is
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// Publishes `payload` retained on `topic` and waits for the broker's
+/// acknowledgement.
+fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut options = rumqttc::MqttOptions::new(format!("pub-{}", free_port()), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .unwrap();
+    for event in connection.iter() {
+        match event {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing to {topic}: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+/// The last retained value of `topic`, as a newcomer sees it.
+fn retained_value(port: u16, topic: &str) -> Option<String> {
+    let late = Subscriber::new(port, topic, false);
+    std::thread::sleep(Duration::from_millis(500));
+    late.all()
+        .into_iter()
+        .filter(|m| m.retain)
+        .map(|m| m.payload)
+        .next_back()
+}
+
+/// Issue 17: after a `kill -9`, `person 2` stayed retained through any
+/// number of clean restarts, and those objects never got an `end`.
+#[test]
+fn counts_a_killed_run_left_retained_are_set_to_0_at_the_next_start_issue_17() {
+    let Some((_serial, assets)) = setup("stale counts", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let bus = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let first = config(
+        &assets,
+        broker.port,
+        "sc",
+        &replay("front", bus.path(), "repeat = 100000\nfps = 5"),
+    );
+    let sub = Subscriber::new(broker.port, "sc/#", false);
+    let mut daemon = Daemon::start(&first, &[]);
+    sub.wait_for("a retained count of people", Duration::from_secs(60), |m| {
+        m.iter()
+            .any(|m| m.topic == "sc/front/person" && m.payload != "0")
+    });
+    let kill = daemon.child.kill();
+    kill.unwrap();
+    daemon.child.wait().unwrap();
+    let left = retained_value(broker.port, "sc/front/person").unwrap();
+    assert_ne!(left, "0", "the killed run left its count");
+
+    // The next run has a different camera, which sees no one; another
+    // prefix's count is not its business.
+    publish_retained(broker.port, "other/front/person", b"4".to_vec());
+    let empty = tempfile::tempdir().unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([128, 128, 128]))
+        .save(empty.path().join("grey.png"))
+        .unwrap();
+    let second = config(
+        &assets,
+        broker.port,
+        "sc",
+        &replay("back", empty.path(), "repeat = 100000\nfps = 5"),
+    );
+    let daemon = Daemon::start(&second, &[]);
+    sub.wait_for("the stale count set to 0", Duration::from_secs(30), |m| {
+        m.iter()
+            .rev()
+            .find(|m| m.topic == "sc/front/person")
+            .is_some_and(|m| m.payload == "0")
+    });
+    assert_eq!(
+        retained_value(broker.port, "sc/front/person").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        retained_value(broker.port, "other/front/person").as_deref(),
+        Some("4")
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("left retained at"), "{log}");
+
+    // A retained message under the prefix over the packet limit fails the
+    // sweep's connection when it arrives: after two tries the sweep is
+    // off, and events flow.
+    publish_retained(broker.port, "sc/x/huge", vec![b'1'; 300 * 1024]);
+    let third = config(
+        &assets,
+        broker.port,
+        "sc",
+        &replay("front", bus.path(), "repeat = 100000\nfps = 5"),
+    );
+    let since = sub.all().len();
+    let daemon = Daemon::start(&third, &[]);
+    sub.wait_for(
+        "events after the sweep gave up",
+        Duration::from_secs(60),
+        |m| {
+            m[since..]
+                .iter()
+                .any(|m| m.topic == "sc/front/events" && m.json()["type"] == "new")
+        },
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("no longer cleared"), "{log}");
+}
