@@ -9,7 +9,8 @@
 //!
 //! The daemon's shell: [`capture`] reads cameras, [`daemon`] wires the
 //! threads and tasks, [`mqtt`] publishes, [`reload`] watches the config,
-//! [`watchdog`] tells systemd the pipeline is alive.
+//! [`watchdog`] tells systemd the pipeline is alive, [`logging`] sends lines
+//! to journald or stderr.
 //!
 //! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
 //! [`engine_cache`] keeps such built artifacts between runs.
@@ -27,6 +28,7 @@ pub mod eval;
 pub mod frame;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod logging;
 pub mod model;
 pub mod mqtt;
 pub mod postprocess;

@@ -12,7 +12,7 @@ use nanodetd::config::Config;
 use nanodetd::engine_cache::write_atomically;
 use nanodetd::quantize::calibration::Thumbnail;
 
-use super::{Failure, start_logging};
+use super::Failure;
 
 /// Arguments of `calibrate`.
 #[derive(Args, Debug)]
@@ -57,7 +57,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: &CalibrateArgs) -> Result<(), Failure> {
-    start_logging(log::LevelFilter::Info);
+    nanodetd::logging::start(log::LevelFilter::Info);
     let config = Config::load(&args.config).map_err(|e| Failure::Config(e.into()))?;
     let camera = config
         .cameras

@@ -17,7 +17,7 @@ use nanodetd::capture::{
 use nanodetd::engine_cache::write_atomically;
 use nanodetd::frame::{Frame, PixelFormat};
 
-use super::{Failure, parse_size, start_logging};
+use super::{Failure, parse_size};
 
 /// Arguments of `camera`.
 #[derive(Args, Debug)]
@@ -86,7 +86,7 @@ fn format_name(format: CameraFormat) -> &'static str {
 }
 
 pub fn run(args: &CameraArgs) -> Result<(), Failure> {
-    start_logging(log::LevelFilter::Info);
+    nanodetd::logging::start(log::LevelFilter::Info);
     if args.frames == 0 {
         return Err(Failure::BadInput(anyhow!("--frames must be at least 1")));
     }

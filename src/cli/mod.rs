@@ -252,33 +252,6 @@ impl ThresholdArgs {
     }
 }
 
-/// Journald when systemd started us (it sets JOURNAL_STREAM to our
-/// stderr), stderr otherwise. RUST_LOG, when set, overrides the config's
-/// level for stderr.
-pub fn start_logging(level: log::LevelFilter) {
-    if systemd_journal_logger::connected_to_journal()
-        && let Ok(journal) = systemd_journal_logger::JournalLog::new()
-        && journal.install().is_ok()
-    {
-        log::set_max_level(level);
-        return;
-    }
-    let mut builder = env_logger::Builder::new();
-    builder.filter_level(level);
-    // The embedded broker (rumqttd) traces every packet, at error level
-    // for routine ones; its failures that matter are reported by nanodetd
-    // itself. RUST_LOG=rumqttd=info brings its lines back.
-    builder
-        .filter_module("rumqttd", log::LevelFilter::Off)
-        .filter_module("tracing::span", log::LevelFilter::Off);
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        builder.parse_filters(&spec);
-    }
-    if builder.try_init().is_ok() {
-        log::set_max_level(level.max(log::max_level()));
-    }
-}
-
 /// Parses arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -289,7 +262,7 @@ pub fn main() -> ExitCode {
         // Warnings (a provider that fell back, a library passed over) by
         // default; RUST_LOG=info adds the engine's notes, such as what
         // `--backend auto` chose and why.
-        start_logging(log::LevelFilter::Warn);
+        nanodetd::logging::start(log::LevelFilter::Warn);
     }
     let outcome = match cli.command {
         Command::Detect(args) => detect::run(&args),

@@ -10,7 +10,7 @@ use nanodetd::detector::DetectionParams;
 use nanodetd::engine_cache::write_atomically;
 use nanodetd::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions};
 
-use super::{Failure, ModelArgs, start_logging};
+use super::{Failure, ModelArgs};
 
 /// Arguments of `quantize`.
 #[derive(Args, Debug)]
@@ -40,7 +40,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
-    start_logging(log::LevelFilter::Info);
+    nanodetd::logging::start(log::LevelFilter::Info);
     let detector = args.model.detector(DetectionParams::LIVE)?;
     let set = CalibrationSet::scan(&args.calibration, args.images).map_err(bad_input)?;
     let options = QuantizeOptions {

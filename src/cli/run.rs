@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 
-use super::{Failure, start_logging};
+use super::Failure;
 use nanodetd::config::Config;
+use nanodetd::daemon::DaemonError;
 
 /// Arguments of `run`.
 #[derive(Args, Debug)]
@@ -20,10 +20,17 @@ pub struct RunArgs {
 /// Runs the daemon.
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let config = Config::load(&args.config).map_err(|e| Failure::Config(e.into()))?;
-    start_logging(config.log.level);
+    nanodetd::logging::start(config.log.level);
     // rustls needs one process-wide crypto provider; ring is the one built in.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    nanodetd::daemon::run(&args.config, config)
-        .context("nanodetd run")
-        .map_err(Failure::Runtime)
+    nanodetd::daemon::run(&args.config, config).map_err(|e| match e {
+        // The config names a model this box cannot use: restarting into
+        // the same config would fail the same way (and redo an INT8
+        // calibration each time), so it is EX_CONFIG, which the unit does
+        // not restart on.
+        e @ DaemonError::Model { .. } => {
+            Failure::Config(anyhow::Error::new(e).context("nanodetd run"))
+        }
+        e => Failure::Runtime(anyhow::Error::new(e).context("nanodetd run")),
+    })
 }

@@ -32,7 +32,11 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
     let key = quantize::cache_key(&source_sha256, &set, &options);
     let stem = crate::model::file_name_stem(&model.path);
     let cache = ArtifactCache::new(&model.cache);
-    if let Some(path) = cache.lookup(&stem, &key, KIND) {
+    let fallback = fallback_cache();
+    if let Some(path) = std::iter::once(&cache)
+        .chain(fallback.as_ref())
+        .find_map(|c| c.lookup(&stem, &key, KIND))
+    {
         log::info!("INT8 model from the cache: {}", path.display());
         return Ok(path);
     }
@@ -65,9 +69,31 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
         &mut |done, total| progress.update(done, total),
     )
     .map_err(|e| e.to_string())?;
-    let path = cache
-        .store(&stem, &key, KIND, &quantized.bytes)
-        .map_err(|e| format!("cannot cache the INT8 model: {e}"))?;
+    // A cache that cannot be written (full, read-only) must not cost the
+    // calibration: the model goes to the temporary directory instead, and
+    // the daemon runs it, where failing would restart into the same
+    // calibration again and again.
+    let path = match cache.store(&stem, &key, KIND, &quantized.bytes) {
+        Ok(path) => path,
+        Err(e) => {
+            let path = fallback
+                .ok_or_else(|| "no private temporary directory".to_owned())
+                .and_then(|f| {
+                    f.store(&stem, &key, KIND, &quantized.bytes)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e2| {
+                    format!(
+                        "cannot cache the INT8 model: {e}; nor in the temporary directory: {e2}"
+                    )
+                })?;
+            log::warn!(
+                "cannot cache the INT8 model: {e}; running it from {} (model.cache needs room and write access, or the next start calibrates again)",
+                path.display()
+            );
+            path
+        }
+    };
     let r = &quantized.report;
     log::info!(
         "INT8 model {} made in {:.1} s: {} Convs INT8, {} float, {} images ({} skipped)",
@@ -79,4 +105,18 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
         r.images_skipped.len()
     );
     Ok(path)
+}
+
+/// Where a built model goes when `model.cache` cannot take it: a
+/// directory of the temporary one that only this user can write (under
+/// systemd, PrivateTmp= makes it the unit's own). `None` when another
+/// user owns it or could plant a model there.
+fn fallback_cache() -> Option<ArtifactCache> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = std::env::temp_dir().join(format!("nanodetd-cache-{}", nix::unistd::geteuid()));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    let private =
+        meta.is_dir() && meta.uid() == nix::unistd::geteuid().as_raw() && meta.mode() & 0o077 == 0;
+    private.then(|| ArtifactCache::new(dir))
 }

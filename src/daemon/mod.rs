@@ -384,7 +384,7 @@ fn apply(
     models: &ModelLoads,
     outbox: &Outbox,
 ) {
-    log::set_max_level(new.log.level);
+    crate::logging::set_level(new.log.level);
     let wanted: BTreeMap<&str, &CameraConfig> =
         new.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
     let gone: Vec<String> = cameras

@@ -65,6 +65,7 @@ impl ArtifactCache {
             path: self.dir.clone(),
             source,
         })?;
+        remove_abandoned_writes(&self.dir);
         let path = self.path(stem, key, kind);
         write_atomically(&path, bytes).map_err(|source| CacheError {
             path: path.clone(),
@@ -87,6 +88,41 @@ impl ArtifactCache {
             }
         }
         Ok(path)
+    }
+}
+
+/// How old a temporary file of [`write_atomically`] must be to count as
+/// abandoned: a writer killed mid-write (`kill -9`, the OOM killer) leaves
+/// it behind, and one per crash would fill the disk. A live write of even
+/// a large engine plan takes seconds.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a directory entry is a temporary file of [`write_atomically`]
+/// old enough to be abandoned.
+fn is_abandoned_write(name: &str, age: std::time::Duration) -> bool {
+    name.starts_with(".nanodetd-") && name.ends_with(".partial") && age >= ABANDONED_AFTER
+}
+
+/// Removes the abandoned temporary files in `dir`, before a store that
+/// may need their room.
+fn remove_abandoned_writes(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if is_abandoned_write(&entry.file_name().to_string_lossy(), age) {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {}, left by an interrupted write", path.display()),
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
     }
 }
 
@@ -125,6 +161,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: a write killed midway left its temporary file for good.
+    #[test]
+    fn a_store_removes_temporary_files_an_interrupted_write_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".nanodetd-AbCd12.partial");
+        let fresh = dir.path().join(".nanodetd-EfGh34.partial");
+        let other = dir.path().join("notes.partial");
+        for f in [&old, &fresh, &other] {
+            std::fs::write(f, b"half a model").unwrap();
+        }
+        let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        for f in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(two_minutes_ago)
+                .unwrap();
+        }
+        ArtifactCache::new(dir.path())
+            .store("m", "0123456789abcdef0123", "int8.onnx", b"model")
+            .unwrap();
+        assert!(!old.exists(), "abandoned: removed");
+        assert!(fresh.exists(), "maybe a live write: kept");
+        assert!(other.exists(), "not ours: kept");
+        assert!(!is_abandoned_write(
+            ".nanodetd-x.partial",
+            std::time::Duration::from_secs(59)
+        ));
+        assert!(is_abandoned_write(".nanodetd-x.partial", ABANDONED_AFTER));
+    }
 
     #[test]
     fn a_store_replaces_older_keys_and_lookup_finds_it() {

@@ -271,17 +271,46 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("nanodetd.toml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nanodetd"));
+        command
             .arg("run")
             .arg("--config")
             .arg(dir.path().join("nanodetd.toml"))
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
+            .stderr(log);
+        // An empty RUST_LOG in `env` means none: the config's level rules.
+        if env.contains(&("RUST_LOG", "")) {
+            command.env_remove("RUST_LOG");
+        }
+        let child = command.spawn().unwrap();
+        Daemon { child, dir }
+    }
+
+    /// As [`start`](Self::start), in a mount namespace of the daemon's
+    /// own where a fresh tmpfs with `options` (`size=1m`, `ro`) covers
+    /// `dir`: nothing is mounted on this machine. Needs root.
+    fn start_on_tmpfs(config: &str, dir: &Path, options: &str, env: &[(&str, &str)]) -> Daemon {
+        let home = tempfile::tempdir().unwrap();
+        let config_path = home.path().join("nanodetd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(home.path().join("daemon.log")).unwrap();
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount -t tmpfs -o \"$1\" nanodetd-test \"$2\" && exec \"$3\" run --config \"$4\"")
+            .arg("sh")
+            .arg(options)
+            .arg(dir)
+            .arg(env!("CARGO_BIN_EXE_nanodetd"))
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        Daemon { child, dir }
+        Daemon { child, dir: home }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -1700,4 +1729,228 @@ fn counts_a_killed_run_left_retained_are_set_to_0_at_the_next_start_issue_17() {
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     assert!(log.contains("no longer cleared"), "{log}");
+}
+
+/// Issue 17: `[log]` is documented as hot, but env_logger kept the level
+/// the daemon started with, so a reload could lower it and never raise it.
+#[test]
+fn a_reload_raises_and_lowers_the_log_level_issue_17() {
+    let Some((_serial, assets)) = setup("log level", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "repeat = 100000\nfps = 2");
+    let at = |level: &str, heartbeat: u32| {
+        config(
+            &assets,
+            broker.port,
+            "ll",
+            &format!("heartbeat = {heartbeat}.0\n[log]\nlevel = \"{level}\"\n{camera}"),
+        )
+    };
+    let sub = Subscriber::new(broker.port, "ll/#", false);
+    let daemon = Daemon::start(&at("warn", 60), &[("RUST_LOG", "")]);
+    sub.wait_for("online", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|m| m.topic == "ll/available" && m.payload == "online")
+    });
+    let reloads = |log: &str| log.matches(": reloaded (").count();
+    assert!(!daemon.log().contains(" INFO "), "{}", daemon.log());
+    let wait_reloads = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(&daemon.log()) < n {
+            assert!(Instant::now() < deadline, "{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Raised: the reload after it is logged at info.
+    daemon.edit(&at("info", 61));
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.edit(&at("info", 62));
+    wait_reloads(1);
+    // Lowered again: no more info lines, whatever reloads follow.
+    daemon.edit(&at("warn", 63));
+    std::thread::sleep(Duration::from_secs(2));
+    let before = reloads(&daemon.log());
+    daemon.edit(&at("warn", 64));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(reloads(&daemon.log()), before, "{}", daemon.log());
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// Root and unshare(1), for the tests that give the daemon a tmpfs of its
+/// own; a skip without them (a failure under CI, which runs as root).
+fn can_mount_privately(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let unshare = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(root && unshare) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: needs root and unshare(1) (util-linux) to mount a tmpfs in a private mount namespace"
+        );
+        eprintln!("SKIPPED {test}: needs root and unshare(1)");
+    }
+    root && unshare
+}
+
+/// The `[model]` lines of an INT8 config caching in `cache`.
+fn int8_model(assets: &Path, cache: &Path) -> String {
+    format!(
+        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\n[mqtt]",
+        cache.display(),
+        assets.join("datasets/calibration-80").display()
+    )
+}
+
+/// Issue 17: an INT8 build whose cache could not be written exited 1, and
+/// systemd restarted it into the same calibration every 5 s. Now the model
+/// runs from a private temporary directory and the daemon says why.
+#[test]
+fn a_full_or_read_only_cache_during_an_int8_build_costs_no_restart_issue_17() {
+    let test = "cache faults";
+    let Some((_serial, assets)) = setup(test, true) else {
+        return;
+    };
+    if !can_mount_privately(test) {
+        return;
+    }
+    let broker = Broker::start();
+    let samples = photo_folder(&assets, &["hpc203_bus.jpg", "hpc203_zidane.jpg"]);
+    for (prefix, options) in [("full", "size=1m"), ("ro", "ro,size=1m")] {
+        let sub = Subscriber::new(broker.port, &format!("{prefix}/#"), false);
+        let cache = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let camera = replay("cam", samples.path(), "repeat = 3");
+        let text = config(&assets, broker.port, prefix, &camera).replacen(
+            "[mqtt]",
+            &int8_model(&assets, cache.path()),
+            1,
+        );
+        let tmpdir = tmp.path().to_str().unwrap();
+        let daemon = Daemon::start_on_tmpfs(&text, cache.path(), options, &[("TMPDIR", tmpdir)]);
+        sub.wait_for(
+            &format!("a person from the INT8 model ({options})"),
+            Duration::from_secs(180),
+            |m| {
+                labels_of(&events(m, &format!("{prefix}/cam/events")), "new")
+                    .contains(&"person".to_owned())
+            },
+        );
+        let (status, _, log) = daemon.terminate();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("cannot cache the INT8 model"), "{log}");
+        let mut fallback: Vec<PathBuf> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|e| e.unwrap().path())
+            .collect();
+        fallback.retain(|p| p.to_string_lossy().ends_with(".int8.onnx"));
+        assert_eq!(fallback.len(), 1, "{fallback:?}\n{log}");
+    }
+}
+
+/// Issue 17: a daemon killed during its INT8 build, then started again,
+/// must build again and run, never load a half-written model.
+#[test]
+fn sigkill_during_an_int8_build_then_a_restart_runs_issue_17() {
+    let Some((_serial, assets)) = setup("sigkill int8", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "kb/#", false);
+    let cache = tempfile::tempdir().unwrap();
+    let samples = photo_folder(&assets, &["hpc203_bus.jpg", "hpc203_zidane.jpg"]);
+    let camera = replay("cam", samples.path(), "repeat = 3");
+    let text = config(&assets, broker.port, "kb", &camera).replacen(
+        "[mqtt]",
+        &int8_model(&assets, cache.path()),
+        1,
+    );
+    let mut daemon = Daemon::start(&text, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !daemon.log().contains("making the INT8 model") {
+        assert!(
+            daemon.alive() && Instant::now() < deadline,
+            "{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Into the calibration, well before its end (several seconds here).
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    assert!(
+        !daemon.log().contains(" made in "),
+        "killed too late: {}",
+        daemon.log()
+    );
+
+    let daemon = Daemon::start(&text, &[]);
+    sub.wait_for(
+        "a person after the restart",
+        Duration::from_secs(180),
+        |m| labels_of(&events(m, "kb/cam/events"), "new").contains(&"person".to_owned()),
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("making the INT8 model"), "{log}");
+    let files: Vec<PathBuf> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let proto = <tract_onnx::pb::ModelProto as prost::Message>::decode(
+        std::fs::read(&files[0]).unwrap().as_slice(),
+    )
+    .unwrap();
+    nanodetd::quantize::check(&proto).unwrap();
+}
+
+/// Issue 17: a valid config naming a model this box cannot use exited 1,
+/// so `Restart=on-failure` retried it (and its INT8 calibration) every
+/// 5 s. It is EX_CONFIG (78) now, which the unit does not restart on.
+#[test]
+fn an_unusable_model_or_calibration_set_exits_78_issue_17() {
+    let Some((_serial, assets)) = setup("exit 78", false) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"not a model").unwrap();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "");
+    let good_model = support::model(&assets, "nanodet-plus-m_320");
+    let cases = [
+        config(&assets, free_port(), "x", &camera).replace(
+            &good_model.display().to_string(),
+            &garbage.display().to_string(),
+        ),
+        config(&assets, free_port(), "x", &camera).replacen(
+            "[mqtt]",
+            &int8_model(&assets, dir.path()).replace(
+                "datasets/calibration-80",
+                "datasets/no-such-calibration-set",
+            ),
+            1,
+        ),
+    ];
+    for text in cases {
+        let mut daemon = Daemon::start(&text, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(78), "{}", daemon.log());
+        assert!(daemon.log().contains("error: "), "{}", daemon.log());
+    }
 }
