@@ -166,6 +166,31 @@ impl Source {
         matches!(self, Source::Folder(_))
     }
 
+    /// After a broken frame, the `in_a_row`th without a good one between:
+    /// why to give the source up and open it again, if it should be. A
+    /// replay folder reads its files without waiting, so one whose files
+    /// are gone or all broken would otherwise spin a core for good; opening
+    /// it again lists the folder anew, with the caller's back-off. A live
+    /// camera waits on its driver for each frame, so it carries on.
+    pub fn give_up_after_broken(&self, in_a_row: usize, error: &FrameError) -> Option<String> {
+        let Source::Folder(folder) = self else {
+            return None;
+        };
+        if let FrameError::Read { path, source } = error
+            && source.kind() == std::io::ErrorKind::NotFound
+        {
+            return Some(format!(
+                "{}: gone; listing the folder again",
+                path.display()
+            ));
+        }
+        (in_a_row >= folder.files().len()).then(|| {
+            format!(
+                "all {in_a_row} files in a row were unreadable or broken; listing the folder again"
+            )
+        })
+    }
+
     /// The next frame (blocking on a live camera).
     pub fn next_frame(&mut self) -> Result<Frame, Miss> {
         self.next_capture(false)
@@ -193,6 +218,27 @@ mod tests {
     use super::*;
     use crate::capture::encode;
     use crate::frame::PixelFormat;
+
+    /// Issue 17: a looping folder of broken files, or one removed under
+    /// its camera, spun a core at 100% and was never listed again.
+    #[test]
+    fn a_folder_is_given_up_after_a_pass_of_broken_files_or_a_vanished_one_issue_17() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.jpg", "b.png"] {
+            std::fs::write(dir.path().join(name), b"not an image").unwrap();
+        }
+        let source = Source::Folder(crate::capture::FolderSource::open(dir.path(), true).unwrap());
+        let broken = Frame::decode(b"not an image", "a.jpg").unwrap_err();
+        assert_eq!(source.give_up_after_broken(1, &broken), None);
+        let why = source.give_up_after_broken(2, &broken).unwrap();
+        assert!(why.contains("all 2 files"), "{why}");
+        let gone = FrameError::Read {
+            path: dir.path().join("a.jpg"),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        let why = source.give_up_after_broken(1, &gone).unwrap();
+        assert!(why.contains("a.jpg: gone"), "{why}");
+    }
 
     fn photo() -> Frame {
         let pixels: Vec<u8> = (0..64 * 48 * 3).map(|i| (i * 37 % 251) as u8).collect();

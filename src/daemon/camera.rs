@@ -234,6 +234,7 @@ impl CameraRunner {
             .map(|f| Duration::from_secs_f64(1.0 / f64::from(f)));
         let repeat = if replay { self.config.repeat.max(1) } else { 1 };
         let mut due = Instant::now();
+        let mut broken_in_a_row = 0;
         while !self.stopping() {
             self.heartbeat.touch();
             let frame = match source.next_capture(self.board.raw_wanted()) {
@@ -246,10 +247,15 @@ impl CameraRunner {
                             self.name()
                         );
                     }
+                    broken_in_a_row += 1;
+                    if let Some(why) = source.give_up_after_broken(broken_in_a_row, &e) {
+                        return Miss::Lost(why);
+                    }
                     continue;
                 }
                 Err(miss) => return miss,
             };
+            broken_in_a_row = 0;
             *backoff = BACKOFF_FIRST;
             let mut frame = Some(frame);
             for shown in 0..repeat {

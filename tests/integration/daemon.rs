@@ -1954,3 +1954,83 @@ fn an_unusable_model_or_calibration_set_exits_78_issue_17() {
         assert!(daemon.log().contains("error: "), "{}", daemon.log());
     }
 }
+
+/// Issue 17: a looping folder whose files are all broken, or that is
+/// removed under its camera, spun a core and was never listed again. Now
+/// the camera is re-opened with back-off, and comes back when the folder
+/// does.
+#[test]
+fn a_broken_or_removed_replay_folder_is_reopened_with_back_off_not_spun_issue_17() {
+    let Some((_serial, assets)) = setup("broken folder", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "bf/#", false);
+    let parent = tempfile::tempdir().unwrap();
+    let folder = parent.path().join("replay");
+    std::fs::create_dir(&folder).unwrap();
+    for name in ["a.jpg", "b.png"] {
+        std::fs::write(folder.join(name), b"not an image").unwrap();
+    }
+    let camera = replay("cam", &folder, "looping = true\nfps = 10");
+    let daemon = Daemon::start(&config(&assets, broker.port, "bf", &camera), &[]);
+    let cam = |m: &Received| m.json()["cameras"]["cam"].clone();
+    sub.wait_for("a re-open", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|m| m.topic == "bf/stats" && cam(m)["reopens"].as_u64() >= Some(2))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let stats = sub
+        .all()
+        .into_iter()
+        .rev()
+        .find(|m| m.topic == "bf/stats")
+        .map(|m| cam(&m))
+        .unwrap();
+    // Spinning, this was millions within seconds; with back-off, two files
+    // per attempt and a handful of attempts.
+    let broken = stats["broken"].as_u64().unwrap();
+    assert!(broken < 40, "{stats}");
+    assert!(
+        stats["error"]
+            .as_str()
+            .unwrap()
+            .contains("listing the folder again"),
+        "{stats}"
+    );
+
+    // A good photo: the camera comes back on its next attempt.
+    std::fs::copy(
+        support::sample(&assets, "hpc203_bus.jpg"),
+        folder.join("c.jpg"),
+    )
+    .unwrap();
+    sub.wait_for(
+        "a bus once the folder has a photo",
+        Duration::from_secs(60),
+        |m| labels_of(&events(m, "bf/cam/events"), "new").contains(&"bus".to_owned()),
+    );
+
+    // The folder removed under the running camera, then put back.
+    std::fs::remove_dir_all(&folder).unwrap();
+    sub.wait_for("the camera re-opening", Duration::from_secs(30), |m| {
+        m.iter()
+            .rev()
+            .find(|m| m.topic == "bf/stats")
+            .is_some_and(|m| cam(m)["state"] == "reopening")
+    });
+    let before = events(&sub.all(), "bf/cam/events").len();
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(
+        support::sample(&assets, "hpc203_zidane.jpg"),
+        folder.join("d.jpg"),
+    )
+    .unwrap();
+    sub.wait_for(
+        "a person from the folder put back",
+        Duration::from_secs(60),
+        |m| labels_of(&events(m, "bf/cam/events")[before..], "new").contains(&"person".to_owned()),
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
