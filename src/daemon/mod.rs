@@ -190,7 +190,12 @@ pub fn run(config_path: &Path, config: Config) -> Result<(), DaemonError> {
         .enable_all()
         .build()
         .map_err(io_error("cannot start the async runtime"))?;
-    runtime.block_on(serve(config_path.to_owned(), config))
+    let served = runtime.block_on(serve(config_path.to_owned(), config));
+    // A model still loading on a blocking thread (an INT8 calibration or a
+    // TensorRT build on a reload) is left behind: dropping the runtime
+    // would wait for it, minutes past the 2 s that SIGTERM promises.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    served
 }
 
 /// The whole daemon, top to bottom.
@@ -215,7 +220,22 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     // The backend. Building a model can take minutes on an edge box; tell
     // systemd so it does not time the start-up out.
     notify(&[NotifyState::ExtendTimeoutUsec(600_000_000)]);
-    let detector = load_detector(&config.model)?;
+    // On a blocking thread, so that SIGTERM during a first INT8
+    // calibration or TensorRT build ends the daemon at once.
+    let loading = tokio::task::spawn_blocking({
+        let model = config.model.clone();
+        move || load_detector(&model)
+    });
+    let detector = tokio::select! {
+        loaded = loading => loaded.map_err(|e| DaemonError::Model {
+            path: config.model.path.clone(),
+            reason: format!("the model load failed: {e}"),
+        })??,
+        signal = signals.next() => {
+            log::info!("{signal} while the model loads: stopped");
+            return Ok(());
+        }
+    };
     let session = detector.session().map_err(|e| DaemonError::Model {
         path: config.model.path.clone(),
         reason: e.to_string(),

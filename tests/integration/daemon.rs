@@ -2034,3 +2034,57 @@ fn a_broken_or_removed_replay_folder_is_reopened_with_back_off_not_spun_issue_17
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// Issue 17: SIGTERM during an INT8 calibration waited for the whole
+/// build, at start and on a reload; the promise is 2 s.
+#[test]
+fn sigterm_during_an_int8_build_exits_0_within_2_s_issue_17() {
+    let Some((_serial, assets)) = setup("sigterm int8", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "tb/#", false);
+    let cache = tempfile::tempdir().unwrap();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "repeat = 100000\nfps = 2");
+    let fp32 = config(&assets, broker.port, "tb", &camera);
+    // All 80 images: a build of many seconds.
+    let int8 = fp32.replacen(
+        "[mqtt]",
+        &int8_model(&assets, cache.path()).replace("images = 8", "images = 80"),
+        1,
+    );
+    let building = |daemon: &mut Daemon| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !daemon.log().contains("making the INT8 model") {
+            assert!(
+                daemon.alive() && Instant::now() < deadline,
+                "{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    // The first start's build.
+    let mut daemon = Daemon::start(&int8, &[]);
+    building(&mut daemon);
+    let (status, took, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(took < Duration::from_secs(2), "{took:?}\n{log}");
+    assert!(!log.contains(" made in "), "the build ended first: {log}");
+
+    // A reload's build, with the FP32 model in service meanwhile.
+    let mut daemon = Daemon::start(&fp32, &[]);
+    sub.wait_for("online", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|m| m.topic == "tb/available" && m.payload == "online")
+    });
+    daemon.edit(&int8);
+    building(&mut daemon);
+    let (status, took, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(took < Duration::from_secs(2), "{took:?}\n{log}");
+    assert!(!log.contains(" made in "), "the build ended first: {log}");
+}
