@@ -643,6 +643,12 @@ pub struct CameraConfig {
     /// otherwise), `mmap` or `userptr`.
     #[serde(default)]
     pub io: CaptureIo,
+    /// The most pixels one frame of this camera may have; a larger image
+    /// file or MJPEG frame is refused before it is decoded, a larger V4L2
+    /// format before it streams. Unset: `size`'s pixels for a V4L2 camera
+    /// with a `size`, 1920x1080 for one without, 16 Mi for a folder.
+    #[serde(default)]
+    pub max_pixels: Option<u64>,
     /// Named polygons in image pixels.
     #[serde(default)]
     pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
@@ -652,28 +658,39 @@ pub struct CameraConfig {
 }
 
 impl CameraConfig {
+    /// The most pixels one of its frames may have: `max_pixels`, or the
+    /// default for its kind of source.
+    pub fn frame_budget(&self) -> u64 {
+        self.max_pixels.unwrap_or(match (&self.source, self.size) {
+            (SourceConfig::V4l2(_), Some([w, h])) => u64::from(w) * u64::from(h),
+            (SourceConfig::V4l2(_), None) => 1920 * 1080,
+            (SourceConfig::Folder(_), _) => DEFAULT_FOLDER_PIXELS,
+        })
+    }
+
     /// True when both read the same source the same way, so a reload that
     /// changed only zones or masks leaves the camera running.
     pub fn same_source(&self, other: &CameraConfig) -> bool {
-        (
-            &self.source,
-            self.fps,
-            self.looping,
-            self.repeat,
-            self.format,
-            self.size,
-            self.if_unsupported,
-            self.io,
-        ) == (
-            &other.source,
-            other.fps,
-            other.looping,
-            other.repeat,
-            other.format,
-            other.size,
-            other.if_unsupported,
-            other.io,
-        )
+        self.frame_budget() == other.frame_budget()
+            && (
+                &self.source,
+                self.fps,
+                self.looping,
+                self.repeat,
+                self.format,
+                self.size,
+                self.if_unsupported,
+                self.io,
+            ) == (
+                &other.source,
+                other.fps,
+                other.looping,
+                other.repeat,
+                other.format,
+                other.size,
+                other.if_unsupported,
+                other.io,
+            )
     }
 }
 
@@ -698,10 +715,41 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Limits across cameras.
+    #[serde(default)]
+    pub capture: CaptureConfig,
     /// Cameras (`[[camera]]` tables).
     #[serde(rename = "camera")]
     pub cameras: Vec<CameraConfig>,
 }
+
+/// `[capture]`: what all cameras together may hold.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// The cameras' frame budgets (`camera.max_pixels`) may add up to at
+    /// most this. A camera holds up to three frames (being captured,
+    /// waiting, being detected) of 3 bytes a pixel, so frames take at most
+    /// about 9 bytes per pixel of this: 1.1 GiB at the default.
+    #[serde(default = "default_max_pixels_total")]
+    pub max_pixels_total: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            max_pixels_total: default_max_pixels_total(),
+        }
+    }
+}
+
+fn default_max_pixels_total() -> u64 {
+    128 << 20
+}
+
+/// A folder camera's frame budget when `max_pixels` is unset: 16 Mi
+/// pixels, a 4096x4096 photo.
+pub const DEFAULT_FOLDER_PIXELS: u64 = 16 << 20;
 
 fn default_cache() -> PathBuf {
     PathBuf::from("/var/cache/nanodetd")
@@ -944,6 +992,9 @@ impl Config {
         ranges.int("camera", self.cameras.len(), 1, MAX_CAMERAS);
         for (i, cam) in self.cameras.iter().enumerate() {
             let key = |k: &str| format!("camera[{i}].{k}");
+            if let Some(max) = cam.max_pixels {
+                ranges.int(&key("max_pixels"), max, 1, crate::frame::MAX_PIXELS);
+            }
             if let Some(fps) = cam.fps {
                 ranges.real(&key("fps"), fps, Closed(0.001), 1000.0);
             }
@@ -990,6 +1041,23 @@ impl Config {
                     );
                 }
             }
+        }
+        // After the cameras' own ranges, which name the key at fault.
+        let total = self.capture.max_pixels_total;
+        ranges.int("capture.max_pixels_total", total, 1, MAX_PIXELS_TOTAL);
+        let budgets = self
+            .cameras
+            .iter()
+            .map(CameraConfig::frame_budget)
+            .fold(0u64, u64::saturating_add);
+        if budgets > total {
+            ranges.fail(
+                "capture.max_pixels_total",
+                format!(
+                    "the cameras' frame budgets (camera.max_pixels, or their defaults) add up to {budgets} pixels, over {total}; \
+                     lower camera.max_pixels or raise capture.max_pixels_total"
+                ),
+            );
         }
         ranges.int("filters", self.filters.len(), 0, 10_000);
         ranges.first.map_or(Ok(()), Err)
@@ -1077,6 +1145,8 @@ pub const MAX_HISTORY: usize = 100;
 pub const MAX_CAMERAS: usize = 256;
 /// Largest camera side in pixels (V4L2 `size`).
 pub const MAX_SIDE: u32 = 16_384;
+/// Largest `capture.max_pixels_total`: 64 Gi pixels, beyond any box.
+pub const MAX_PIXELS_TOTAL: u64 = 1 << 36;
 /// Most zones, and most masks, per camera.
 pub const MAX_POLYGONS: usize = 64;
 /// Most points per zone or mask polygon.
@@ -1287,6 +1357,8 @@ source = { v4l2 = "/dev/video0" }
                 "zones = { line = [[0.0, 0.0], [1.0, 1.0]] }".to_owned(),
                 "camera[1].zones.line",
             ),
+            ("max_pixels = 0".to_owned(), "camera[1].max_pixels"),
+            (format!("max_pixels = {max}"), "camera[1].max_pixels"),
         ];
         for (rest, key) in camera_cases {
             let err = parse(&camera(&rest)).unwrap_err().to_string();
@@ -1304,6 +1376,65 @@ source = { v4l2 = "/dev/video0" }
         ))
         .unwrap();
         parse(&camera(&format!("zones = {{ ok = {square} }}"))).unwrap();
+    }
+
+    /// Issue 17: four folder cameras on one 11000x11000 PNG reached
+    /// 3.3 GB. Each camera has a frame budget, and together they have one.
+    #[test]
+    fn frame_budgets_have_defaults_and_a_total_issue_17() {
+        let folder = |name: &str, rest: &str| {
+            format!("[[camera]]\nname = \"{name}\"\nsource = {{ folder = \"/x\" }}\n{rest}\n")
+        };
+        let v4l2 = |name: &str, rest: &str| {
+            format!(
+                "[[camera]]\nname = \"{name}\"\nsource = {{ v4l2 = \"/dev/video0\" }}\n{rest}\n"
+            )
+        };
+        let config = parse(&format!(
+            "{MINIMAL}{}{}{}",
+            folder("b", "max_pixels = 1000"),
+            v4l2("c", "size = [640, 480]"),
+            v4l2("d", "")
+        ))
+        .unwrap();
+        let budgets: Vec<u64> = config
+            .cameras
+            .iter()
+            .map(CameraConfig::frame_budget)
+            .collect();
+        assert_eq!(budgets, [1920 * 1080, 1000, 640 * 480, 1920 * 1080]);
+        assert_eq!(config.capture.max_pixels_total, 128 << 20);
+
+        // The 1080p camera and seven folders at the default fit in the
+        // default total; an eighth folder is one too many, refused with
+        // what to change.
+        let eight: String = (1..8).map(|i| folder(&format!("f{i}"), "")).collect();
+        parse(&format!("{MINIMAL}{eight}")).unwrap();
+        let err = parse(&format!("{MINIMAL}{eight}{}", folder("f8", "")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("capture.max_pixels_total: the cameras' frame budgets (camera.max_pixels, or their defaults) add up to 136291328 pixels, over 134217728"),
+            "{err}"
+        );
+        parse(&format!(
+            "{MINIMAL}{eight}{}[capture]\nmax_pixels_total = 136291328\n",
+            folder("f8", "")
+        ))
+        .unwrap();
+        let err = parse(&format!("{MINIMAL}[capture]\nmax_pixels_total = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("capture.max_pixels_total: must be within"),
+            "{err}"
+        );
+
+        // A changed budget restarts the camera; zones alone do not.
+        let a = &config.cameras[1];
+        let mut b = a.clone();
+        b.max_pixels = Some(2000);
+        assert!(!a.same_source(&b));
     }
 
     #[test]

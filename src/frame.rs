@@ -64,6 +64,29 @@ pub enum FrameError {
         /// What the decoder said.
         reason: String,
     },
+    /// The image is larger than its camera's pixel budget; refused before
+    /// it is decoded.
+    #[error("{origin}: {width}x{height} is over the frame budget of {max_pixels} pixels")]
+    TooLarge {
+        /// File name or frame label.
+        origin: String,
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The budget.
+        max_pixels: u64,
+    },
+    /// The file is larger than any image within the budget could be.
+    #[error("{path}: {size} bytes is more than an image of at most {max_pixels} pixels takes")]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The budget.
+        max_pixels: u64,
+    },
     /// Width or height is zero, or the buffer does not match them.
     #[error("{origin}: bad frame geometry: {reason}")]
     Geometry {
@@ -72,6 +95,16 @@ pub enum FrameError {
         /// What does not add up.
         reason: String,
     },
+}
+
+/// The most pixels a frame may have where no smaller budget is set:
+/// 16384 × 16384, the largest V4L2 size the config takes.
+pub const MAX_PIXELS: u64 = 16_384 * 16_384;
+
+/// The largest file that can hold an image of `max_pixels` pixels: 8 bytes
+/// a pixel (16-bit RGBA stored uncompressed), plus 1 MiB for metadata.
+fn max_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(1 << 20)
 }
 
 /// Whether a JPEG ends with its end-of-image marker (FF D9). UVC cameras
@@ -117,21 +150,47 @@ impl Frame {
         })
     }
 
-    /// Reads and decodes an image file.
+    /// Reads and decodes an image file of at most [`MAX_PIXELS`].
     pub fn from_file(path: &Path) -> Result<Frame, FrameError> {
-        let bytes = std::fs::read(path).map_err(|source| FrameError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Frame::decode(&bytes, &path.display().to_string())
+        Frame::from_file_within(path, MAX_PIXELS)
     }
 
-    /// Decodes an encoded image (JPEG or PNG, sniffed from the bytes).
+    /// Reads and decodes an image file of at most `max_pixels` pixels. A
+    /// file larger than such an image could be is not read at all.
+    pub fn from_file_within(path: &Path, max_pixels: u64) -> Result<Frame, FrameError> {
+        use std::io::Read;
+        let read_error = |source| FrameError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let limit = max_file_bytes(max_pixels);
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limit.saturating_add(1)).read_to_end(&mut bytes))
+            .map_err(read_error)?;
+        if bytes.len() as u64 > limit {
+            return Err(FrameError::FileTooLarge {
+                path: path.to_owned(),
+                size: std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len()),
+                max_pixels,
+            });
+        }
+        Frame::decode_within(&bytes, &path.display().to_string(), max_pixels)
+    }
+
+    /// Decodes an encoded image of at most [`MAX_PIXELS`].
+    pub fn decode(bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
+        Frame::decode_within(bytes, origin, MAX_PIXELS)
+    }
+
+    /// Decodes an encoded image (JPEG or PNG, sniffed from the bytes) of at
+    /// most `max_pixels` pixels, checked from its header before anything
+    /// is decoded: a small file can declare a huge image.
     ///
     /// 16-bit samples are scaled to 8 bits and alpha is dropped: NanoDet was
     /// trained on opaque 8-bit photos, and a transparent pixel's colour is
     /// what the camera would have seen.
-    pub fn decode(bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
+    pub fn decode_within(bytes: &[u8], origin: &str, max_pixels: u64) -> Result<Frame, FrameError> {
         if bytes.is_empty() {
             return Err(FrameError::Empty {
                 origin: origin.to_owned(),
@@ -150,14 +209,30 @@ impl Frame {
                 reason: "truncated JPEG: no end-of-image marker".into(),
             });
         }
-        let image = ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| FrameError::Decode {
+        let reader = || {
+            ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| FrameError::Decode {
+                    origin: origin.to_owned(),
+                    reason: e.to_string(),
+                })
+        };
+        let (width, height) = reader()?.into_dimensions().map_err(decode_error)?;
+        if u64::from(width) * u64::from(height) > max_pixels {
+            return Err(FrameError::TooLarge {
                 origin: origin.to_owned(),
-                reason: e.to_string(),
-            })?
-            .decode()
-            .map_err(decode_error)?;
+                width,
+                height,
+                max_pixels,
+            });
+        }
+        // The decoder's own allocations, bounded too: 16-bit RGBA is 8
+        // bytes a pixel.
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+        let mut reader = reader()?;
+        reader.limits(limits);
+        let image = reader.decode().map_err(decode_error)?;
         let (width, height) = (image.width() as usize, image.height() as usize);
         let (format, data) = match image {
             DynamicImage::ImageLuma8(gray) => (PixelFormat::Gray8, gray.into_raw()),
@@ -238,6 +313,63 @@ impl Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn grey_png(width: u32, height: u32) -> Vec<u8> {
+        let mut png = Vec::new();
+        image::GrayImage::new(width, height)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        png
+    }
+
+    /// Issue 17: a 470 KB PNG declaring 11000x11000 RGBA decoded to
+    /// 480 MB per camera. The budget is checked from the header, before
+    /// anything is decoded, and bounds the file read too.
+    #[test]
+    fn an_image_over_the_pixel_budget_is_refused_before_decoding_issue_17() {
+        let png = grey_png(2000, 1000);
+        assert!(png.len() < 20_000, "{} bytes", png.len());
+        let e = Frame::decode_within(&png, "big.png", 1_999_999).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::TooLarge {
+                    width: 2000,
+                    height: 1000,
+                    max_pixels: 1_999_999,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "big.png: 2000x1000 is over the frame budget of 1999999 pixels"
+        );
+        let frame = Frame::decode_within(&png, "big.png", 2_000_000).unwrap();
+        assert_eq!((frame.width(), frame.height()), (2000, 1000));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        std::fs::write(&path, vec![0u8; (max_file_bytes(1000) + 1) as usize]).unwrap();
+        let e = Frame::from_file_within(&path, 1000).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::FileTooLarge {
+                    max_pixels: 1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        std::fs::write(&path, grey_png(40, 25)).unwrap();
+        assert!(Frame::from_file_within(&path, 1000).is_ok());
+        assert!(matches!(
+            Frame::from_file_within(&path, 999).unwrap_err(),
+            FrameError::TooLarge { .. }
+        ));
+    }
 
     #[test]
     fn rejects_buffer_that_does_not_match_geometry() {

@@ -129,7 +129,7 @@ fn ycbcr_to_bgr(y: u8, cb: u8, cr: u8) -> [u8; 3] {
 /// errors (camera and sequence number).
 pub fn to_frame(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
     if layout.format == CameraFormat::Mjpeg {
-        return Frame::decode(bytes, origin);
+        return decode_mjpeg(layout, bytes, origin);
     }
     layout.check(bytes.len(), origin)?;
     let (w, h) = (layout.width, layout.height);
@@ -178,9 +178,18 @@ pub fn to_frame(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Fra
             }
             (PixelFormat::Bgr8, out)
         }
-        CameraFormat::Mjpeg => return Frame::decode(bytes, origin),
+        CameraFormat::Mjpeg => return decode_mjpeg(layout, bytes, origin),
     };
     Frame::from_packed(w, h, format, data, origin)
+}
+
+/// An MJPEG buffer's JPEG may declare any size; one much larger than the
+/// negotiated format (which the frame budget bounds) is refused before it
+/// is decoded. 16 pixels of slack a side allow for encoders that round up
+/// to whole macroblocks.
+fn decode_mjpeg(layout: &BufferLayout, bytes: &[u8], origin: &str) -> Result<Frame, FrameError> {
+    let max = (layout.width as u64 + 16).saturating_mul(layout.height as u64 + 16);
+    Frame::decode_within(bytes, origin, max)
 }
 
 /// BT.601 limited-range B, G, R → Y, Cb, Cr: the camera's side of

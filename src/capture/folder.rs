@@ -39,6 +39,7 @@ pub struct FolderSource {
     files: Vec<PathBuf>,
     next: usize,
     looping: bool,
+    max_pixels: u64,
 }
 
 fn is_image(path: &Path) -> bool {
@@ -90,7 +91,15 @@ impl FolderSource {
             files,
             next: 0,
             looping,
+            max_pixels: crate::frame::MAX_PIXELS,
         })
+    }
+
+    /// Refuses images of more than `max_pixels` pixels, before decoding
+    /// them (the camera's frame budget).
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> FolderSource {
+        self.max_pixels = max_pixels;
+        self
     }
 
     /// The files played, in order.
@@ -110,7 +119,7 @@ impl FolderSource {
         }
         let path = self.files[self.next].clone();
         self.next += 1;
-        let frame = Frame::from_file(&path);
+        let frame = Frame::from_file_within(&path, self.max_pixels);
         Some((path, frame))
     }
 }

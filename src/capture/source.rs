@@ -144,7 +144,7 @@ impl Source {
     pub fn open(camera: &CameraConfig) -> Result<Source, String> {
         match &camera.source {
             SourceConfig::Folder(dir) => FolderSource::open(dir, camera.looping)
-                .map(Source::Folder)
+                .map(|f| Source::Folder(f.with_max_pixels(camera.frame_budget())))
                 .map_err(|e| e.to_string()),
             SourceConfig::V4l2(path) => {
                 let request = V4l2Request {
@@ -153,6 +153,7 @@ impl Source {
                     fps: camera.fps,
                     if_unsupported: camera.if_unsupported,
                     io: camera.io,
+                    max_pixels: camera.frame_budget(),
                 };
                 V4l2Camera::open(path, &request)
                     .map(|c| Source::V4l2(Box::new(c)))

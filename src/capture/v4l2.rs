@@ -116,7 +116,7 @@ pub enum CaptureIo {
 }
 
 /// What the configuration asks of a camera; `None` lets nanodetd choose.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct V4l2Request {
     /// Pixel format.
     pub format: Option<CameraFormat>,
@@ -128,6 +128,22 @@ pub struct V4l2Request {
     pub if_unsupported: IfUnsupported,
     /// Streaming I/O.
     pub io: CaptureIo,
+    /// The most pixels a frame may have (the camera's frame budget): a
+    /// larger format is refused before it streams.
+    pub max_pixels: u64,
+}
+
+impl Default for V4l2Request {
+    fn default() -> Self {
+        V4l2Request {
+            format: None,
+            size: None,
+            fps: None,
+            if_unsupported: IfUnsupported::default(),
+            io: CaptureIo::default(),
+            max_pixels: crate::frame::MAX_PIXELS,
+        }
+    }
 }
 
 /// The fourcc of each supported format.
@@ -406,6 +422,16 @@ impl V4l2Camera {
                 ),
                 Err(e) => log::warn!("{}: cannot set {fps} fps: {e}", path.display()),
             }
+        }
+        let pixels = u64::from(actual.width) * u64::from(actual.height);
+        if pixels > request.max_pixels {
+            return Err(V4l2Error::Unsupported {
+                path: path.to_owned(),
+                reason: format!(
+                    "{}x{} is over the camera's frame budget of {} pixels; set size, or raise max_pixels",
+                    actual.width, actual.height, request.max_pixels
+                ),
+            });
         }
         let layout = BufferLayout {
             format,

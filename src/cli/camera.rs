@@ -105,6 +105,7 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
             IfUnsupported::Negotiate
         },
         io: args.io,
+        max_pixels: nanodetd::frame::MAX_PIXELS,
     };
     let mut camera = V4l2Camera::open(&args.device, &request).map_err(|e| match e {
         V4l2Error::Unsupported { .. } => Failure::BadInput(e.into()),

@@ -2088,3 +2088,59 @@ fn sigterm_during_an_int8_build_exits_0_within_2_s_issue_17() {
     assert!(took < Duration::from_secs(2), "{took:?}\n{log}");
     assert!(!log.contains(" made in "), "the build ended first: {log}");
 }
+
+/// The daemon's peak resident memory so far, in bytes (VmHWM).
+fn peak_rss(daemon: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// Issue 17: four folder cameras on an 11000x11000 PNG (470 KB on disk)
+/// reached 3.3 GB. Each camera's frame budget refuses it before decoding;
+/// the photo beside it is still detected on every camera.
+#[test]
+fn an_image_over_the_frame_budget_is_refused_before_decoding_on_every_camera_issue_17() {
+    let Some((_serial, assets)) = setup("frame budget", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "fb/#", false);
+    let folder = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    // 100 Mi pixels, a few hundred KB as PNG: 100 MB a camera decoded.
+    image::GrayImage::new(10_240, 10_240)
+        .save(folder.path().join("99_huge.png"))
+        .unwrap();
+    let cameras: String = (0..4)
+        .map(|i| replay(&format!("c{i}"), folder.path(), "looping = true\nfps = 4"))
+        .collect();
+    let daemon = Daemon::start(&config(&assets, broker.port, "fb", &cameras), &[]);
+    sub.wait_for(
+        "a bus and a refused frame on every camera",
+        Duration::from_secs(90),
+        |m| {
+            let stats = m
+                .iter()
+                .rev()
+                .find(|m| m.topic == "fb/stats")
+                .map(Received::json);
+            (0..4).all(|i| {
+                labels_of(&events(m, &format!("fb/c{i}/events")), "new").contains(&"bus".to_owned())
+                    && stats.as_ref().is_some_and(|s| {
+                        s["cameras"][format!("c{i}")]["broken"].as_u64() >= Some(2)
+                    })
+            })
+        },
+    );
+    let peak = peak_rss(&daemon);
+    eprintln!("frame budget: peak RSS {} MiB", peak >> 20);
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("10240x10240 is over the frame budget of 16777216 pixels"),
+        "{log}"
+    );
+    // Decoded, the big image alone would be 100 MiB per camera.
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+}
