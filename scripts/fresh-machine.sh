@@ -100,7 +100,7 @@ set +e
 bwrap --bind "$root" / \
     --ro-bind "$sysroot" /opt/rust \
     --ro-bind "$assets" /work/shared \
-    --proc /proc --dev /dev --tmpfs /tmp --tmpfs /run \
+    --proc /proc --dev /dev --perms 1777 --tmpfs /tmp --tmpfs /run \
     --unshare-pid --unshare-ipc --unshare-uts --hostname fresh \
     --die-with-parent --cap-add ALL \
     --chdir /work/nanodetd \
