@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -227,6 +227,10 @@ fn read_file(path: &PathBuf, what: &'static str) -> Result<Vec<u8>, MqttError> {
         source,
     })
 }
+
+/// How long a connection must last for the reconnect back-off to start
+/// over from its first step.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// rumqttc's request channel; beyond it messages wait in the outbox.
 const CHANNEL: usize = 64;
@@ -492,6 +496,7 @@ impl MqttTask {
     /// `deadline`), publishes `offline` and disconnects.
     pub async fn run(mut self, mut drain: oneshot::Receiver<Duration>) {
         let mut backoff = Duration::from_millis(500);
+        let mut connected_at = Instant::now();
         let mut first = true;
         let mut checked: Option<MqttConfig> = None;
         loop {
@@ -525,7 +530,7 @@ impl MqttTask {
                                 self.status.reconnects.fetch_add(1, Ordering::Relaxed);
                             }
                             first = false;
-                            backoff = Duration::from_millis(500);
+                            connected_at = Instant::now();
                             session.connected = true;
                             self.status.connected.store(true, Ordering::Relaxed);
                             // Before the announce fills rumqttc's channel.
@@ -557,6 +562,13 @@ impl MqttTask {
                         Ok(LinkEvent::Acked(pkid)) => { self.handle_acked(&mut session, pkid); self.feed(&mut session); }
                         Ok(LinkEvent::Closed | LinkEvent::Other) => self.feed(&mut session),
                         Err(e) => {
+                            // Back-off starts over only after a connection
+                            // that lasted: a broker that closes each one
+                            // right after its CONNACK is not retried at
+                            // the first step's rate for ever.
+                            if session.connected && connected_at.elapsed() >= STABLE_CONNECTION {
+                                backoff = Duration::from_millis(500);
+                            }
                             if let Some(warning) = self.sweep.connection_lost() {
                                 log::warn!("MQTT: {warning}");
                             }

@@ -2144,3 +2144,103 @@ fn an_image_over_the_frame_budget_is_refused_before_decoding_on_every_camera_iss
     // Decoded, the big image alone would be 100 MiB per camera.
     assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+/// How a hostile broker answers each connection.
+#[derive(Clone, Copy, Debug)]
+enum BadBroker {
+    /// Accepts, reads, never answers.
+    Silent,
+    /// Sends a CONNACK, then closes.
+    ClosesAfterConnack,
+    /// Sends bytes that are no MQTT packet.
+    Garbage,
+}
+
+/// A broker that misbehaves as `kind` on every connection, on its own
+/// thread; the count is of connections accepted.
+fn bad_broker(kind: BadBroker) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                match kind {
+                    BadBroker::Silent => while matches!(stream.read(&mut buf), Ok(n) if n > 0) {},
+                    BadBroker::ClosesAfterConnack => {
+                        let _ = stream.read(&mut buf);
+                        let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x00]);
+                    }
+                    BadBroker::Garbage => {
+                        let _ = stream.read(&mut buf);
+                        let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+                        let _ = stream.write_all(&junk);
+                        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                    }
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+/// Issue 17: a broker that accepts TCP but never sends CONNACK, one that
+/// closes right after CONNACK, and one that sends garbage. The daemon
+/// retries with back-off (no hot loop, no wedge), keeps detecting and its
+/// watchdog fed, moves to a good broker on an edit, and stops in 2 s.
+#[test]
+fn hostile_brokers_cost_retries_with_back_off_never_a_wedge_issue_17() {
+    let Some((_serial, assets)) = setup("hostile brokers", true) else {
+        return;
+    };
+    let good = Broker::start();
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "repeat = 100000\nfps = 4");
+    for kind in [
+        BadBroker::Silent,
+        BadBroker::ClosesAfterConnack,
+        BadBroker::Garbage,
+    ] {
+        let (port, connections) = bad_broker(kind);
+        let notify = NotifySocket::new();
+        let started = Instant::now();
+        let socket = notify.path.to_str().unwrap().to_owned();
+        let mut daemon = Daemon::start(
+            &config(&assets, port, "hb", &camera),
+            &[
+                ("NOTIFY_SOCKET", socket.as_str()),
+                ("WATCHDOG_USEC", "2000000"),
+            ],
+        );
+        std::thread::sleep(Duration::from_secs(10));
+        assert!(daemon.alive(), "{kind:?}: {}", daemon.log());
+        let tries = connections.load(std::sync::atomic::Ordering::Relaxed);
+        // reconnect_max = 1 s: about one try a second at most; a hot loop
+        // would make thousands, a wedge one.
+        assert!(
+            (2..=13).contains(&tries),
+            "{kind:?}: {tries} connections\n{}",
+            daemon.log()
+        );
+        let pings = notify.pings_since(started);
+        assert!(pings >= 5, "{kind:?}: {pings} watchdog pings in 10 s");
+        eprintln!("hostile broker {kind:?}: {tries} connections, {pings} watchdog pings in 10 s");
+
+        // An edit to a good broker: events flow.
+        let sub = Subscriber::new(good.port, "hb/#", false);
+        daemon.edit(&config(&assets, good.port, "hb", &camera));
+        sub.wait_for(
+            "a bus through the good broker",
+            Duration::from_secs(30),
+            |m| labels_of(&events(m, "hb/cam/events"), "new").contains(&"bus".to_owned()),
+        );
+        let (status, took, log) = daemon.terminate();
+        assert!(status.success(), "{kind:?}: {log}");
+        assert!(took < Duration::from_secs(2), "{kind:?}: {took:?}");
+    }
+}
