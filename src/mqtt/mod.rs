@@ -60,6 +60,7 @@ struct OutboxState {
     queue: Mutex<VecDeque<Message>>,
     capacity: AtomicUsize,
     dropped: AtomicU64,
+    events_dropped: AtomicU64,
     oversized: AtomicU64,
     events_queued: AtomicU64,
     events_delivered: AtomicU64,
@@ -79,6 +80,9 @@ pub struct OutboxSnapshot {
     pub queued: usize,
     /// Messages dropped because the queue was full.
     pub dropped: u64,
+    /// Of those, event messages: with `events_delivered`, what accounts
+    /// for every event queued.
+    pub events_dropped: u64,
     /// Messages dropped because they were larger than
     /// `mqtt.max_message_bytes`: no broker would take them.
     pub oversized: u64,
@@ -95,6 +99,7 @@ impl Outbox {
             queue: Mutex::new(VecDeque::new()),
             capacity: AtomicUsize::new(capacity.max(1)),
             dropped: AtomicU64::new(0),
+            events_dropped: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
             events_queued: AtomicU64::new(0),
             events_delivered: AtomicU64::new(0),
@@ -114,8 +119,12 @@ impl Outbox {
         let dropped = {
             let mut queue = self.queue();
             let dropped = queue.len() >= self.0.capacity.load(Ordering::Relaxed);
-            if dropped {
-                queue.pop_front();
+            if dropped
+                && queue
+                    .pop_front()
+                    .is_some_and(|m| m.class == TopicClass::Events)
+            {
+                self.0.events_dropped.fetch_add(1, Ordering::Relaxed);
             }
             queue.push_back(message);
             dropped
@@ -141,6 +150,7 @@ impl Outbox {
         OutboxSnapshot {
             queued: self.queue().len(),
             dropped: self.0.dropped.load(Ordering::Relaxed),
+            events_dropped: self.0.events_dropped.load(Ordering::Relaxed),
             oversized: self.0.oversized.load(Ordering::Relaxed),
             events_queued: self.0.events_queued.load(Ordering::Relaxed),
             events_delivered: self.0.events_delivered.load(Ordering::Relaxed),
@@ -866,7 +876,10 @@ mod tests {
             outbox.push(msg(n));
         }
         let s = outbox.snapshot();
-        assert_eq!((s.queued, s.dropped, s.events_queued), (3, 2, 5));
+        assert_eq!(
+            (s.queued, s.dropped, s.events_dropped, s.events_queued),
+            (3, 2, 2, 5)
+        );
         assert_eq!(outbox.pop().unwrap().topic, "cam/2");
         outbox.unpop([msg(0), msg(1)].into_iter());
         let order: Vec<String> = std::iter::from_fn(|| outbox.pop())
