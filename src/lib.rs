@@ -12,6 +12,8 @@
 //! [`watchdog`] tells systemd the pipeline is alive, [`logging`] sends lines
 //! to journald or stderr.
 //!
+//! [`fuzzing`] holds the entry points of the fuzz targets (`fuzz/`).
+//!
 //! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
 //! [`engine_cache`] keeps such built artifacts between runs.
 //!
@@ -26,6 +28,7 @@ pub mod detector;
 pub mod engine_cache;
 pub mod eval;
 pub mod frame;
+pub mod fuzzing;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod logging;

@@ -22,16 +22,29 @@ pub struct TractEngine {
 impl TractEngine {
     /// Loads, shape-checks and optimises an ONNX file.
     pub fn load(path: &Path, options: &EngineOptions) -> Result<TractEngine, BackendError> {
+        let bytes = std::fs::read(path).map_err(|e| BackendError::ModelFile {
+            path: path.to_owned(),
+            reason: format!("cannot read model: {e}"),
+        })?;
+        TractEngine::from_bytes(&bytes, path, options)
+    }
+
+    /// [`load`](Self::load) for a model already read; `path` names it in
+    /// errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        options: &EngineOptions,
+    ) -> Result<TractEngine, BackendError> {
         let fail = |reason: String| BackendError::ModelFile {
             path: path.to_owned(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read model: {e}")))?;
         if bytes.is_empty() {
             return Err(fail("empty file (0 bytes), not an ONNX model".into()));
         }
         let mut model = tract_onnx::onnx()
-            .model_for_read(&mut bytes.as_slice())
+            .model_for_read(&mut &*bytes)
             .map_err(|e| fail(format!("not a loadable ONNX model: {e:#}")))?;
         if model.inputs.len() != 1 || model.outputs.is_empty() {
             return Err(fail(format!(

@@ -65,6 +65,16 @@ enum Command {
         /// The TOML file.
         file: PathBuf,
     },
+    /// The daemon's trial load of a model, in a child process (see
+    /// nanodetd::daemon::probe): exit 0, 2 for a clean refusal, or a crash.
+    #[command(hide = true)]
+    ProbeModel {
+        /// The address-space limit to run under, in bytes.
+        #[arg(long)]
+        max_memory: Option<u64>,
+        /// The ONNX file.
+        file: PathBuf,
+    },
 }
 
 /// How a command failed, which decides the exit code.
@@ -252,6 +262,39 @@ impl ThresholdArgs {
     }
 }
 
+/// `probe-model`: loads the model with tract under `max_memory` bytes of
+/// address space and runs it once on a grey frame. A failed allocation
+/// aborts this process, which is the point: the daemon that started it
+/// then refuses the model instead of aborting itself.
+fn probe_model(max_memory: Option<u64>, file: &std::path::Path) -> Result<(), Failure> {
+    use nanodetd::frame::{Frame, PixelFormat};
+    if let Some(limit) = max_memory {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
+            .map_err(|e| Failure::Runtime(anyhow::Error::new(e).context("setrlimit")))?;
+    }
+    let bad = |e: anyhow::Error| Failure::BadInput(e.context(file.display().to_string()));
+    model::check_file_sizes(file).map_err(|e| bad(e.into()))?;
+    let engine = backend::open_engine(backend::BackendKind::Tract, file, &EngineOptions::default())
+        .map_err(|e| bad(e.into()))?;
+    let detector = Detector::new(
+        engine,
+        &model::LayoutOverrides::default(),
+        None,
+        DetectionParams::LIVE,
+    )
+    .map(Arc::new)
+    .map_err(|e| bad(e.into()))?;
+    let (w, h) = (
+        detector.layout().input_width,
+        detector.layout().input_height,
+    );
+    let frame = Frame::from_packed(w, h, PixelFormat::Rgb8, vec![114; w * h * 3], "probe")
+        .map_err(|e| bad(e.into()))?;
+    let mut session = detector.session().map_err(|e| bad(e.into()))?;
+    session.detect(&frame).map_err(|e| bad(e.into()))?;
+    Ok(())
+}
+
 /// Parses arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -274,6 +317,7 @@ pub fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(&args),
         Command::Camera(args) => camera::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::ProbeModel { max_memory, file } => probe_model(max_memory, &file),
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {
                 println!(

@@ -13,6 +13,7 @@ pub mod camera;
 pub mod console;
 pub mod int8;
 pub mod pipeline;
+pub mod probe;
 pub mod stats;
 #[cfg(feature = "tensorrt")]
 mod tensorrt;
@@ -164,6 +165,24 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         .map_err(|e: DetectorError| failed(e.to_string()))
 }
 
+/// [`load_detector`], after a trial load of the model file in a child
+/// process ([`probe`]): what could abort the daemon aborts the child.
+fn probe_and_load(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
+    if let Some(exe) = probe::probe_executable() {
+        match probe::verdict(&probe::run_probe(&exe, &model.path)) {
+            Ok(None) => {}
+            Ok(Some(warning)) => log::warn!("{warning}"),
+            Err(refusal) => {
+                return Err(DaemonError::Model {
+                    path: model.path.clone(),
+                    reason: refusal.to_string(),
+                });
+            }
+        }
+    }
+    load_detector(model)
+}
+
 /// ONNX Runtime's settings from `[model.onnxruntime]` and `[model]`.
 fn onnxruntime_options(model: &ModelConfig) -> OnnxRuntimeOptions {
     let ort = &model.onnxruntime;
@@ -224,7 +243,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     // calibration or TensorRT build ends the daemon at once.
     let loading = tokio::task::spawn_blocking({
         let model = config.model.clone();
-        move || load_detector(&model)
+        move || probe_and_load(&model)
     });
     let detector = tokio::select! {
         loaded = loading => loaded.map_err(|e| DaemonError::Model {
@@ -479,7 +498,7 @@ impl ModelLoads {
         let results = self.results.clone();
         let wanted = self.generation.clone();
         let outbox = outbox.clone();
-        tokio::task::spawn_blocking(move || match load_detector(&model) {
+        tokio::task::spawn_blocking(move || match probe_and_load(&model) {
             Ok(detector) => {
                 let _ = results.send(pipeline::LoadedModel {
                     generation,

@@ -32,6 +32,14 @@ pub enum SizeError {
         /// Its declared dimensions (-1: not fixed).
         dims: Vec<i64>,
     },
+    /// A graph output that no node, input or initializer produces:
+    /// tract-onnx 0.23 panics on it (found by fuzzing), which a release
+    /// build turns into an abort.
+    #[error("output {name:?} is produced by no node, input or initializer")]
+    UnproducedOutput {
+        /// The output.
+        name: String,
+    },
     /// A declared tensor holds more than [`MAX_TENSOR_ELEMENTS`].
     #[error("{what} {name:?} is {dims:?}: over {MAX_TENSOR_ELEMENTS} elements")]
     Elements {
@@ -87,6 +95,22 @@ pub fn check_sizes(onnx: &[u8]) -> Result<(), SizeError> {
     }
     for initializer in &graph.initializer {
         check_elements("initializer", &initializer.name, initializer.dims.clone())?;
+    }
+    let produced: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .chain(graph.input.iter().map(|i| i.name.as_str()))
+        .chain(graph.initializer.iter().map(|t| t.name.as_str()))
+        .collect();
+    if let Some(output) = graph
+        .output
+        .iter()
+        .find(|o| !produced.contains(o.name.as_str()))
+    {
+        return Err(SizeError::UnproducedOutput {
+            name: output.name.clone(),
+        });
     }
     Ok(())
 }
@@ -163,6 +187,12 @@ mod tests {
             graph: Some(GraphProto {
                 input: vec![value("data", input)],
                 output: vec![value("output", output)],
+                node: vec![tract_onnx::pb::NodeProto {
+                    op_type: "Identity".into(),
+                    input: vec!["data".into()],
+                    output: vec!["output".into()],
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             ..Default::default()
@@ -192,5 +222,21 @@ mod tests {
         // Real shapes, fixed or with a symbolic batch, pass.
         check_sizes(&model(&[1, 3, 416, 416], &[1, 3598, 112])).unwrap();
         check_sizes(&model(&[-1, 3, 320, 320], &[-1, 2125, 112])).unwrap();
+    }
+
+    /// Found by fuzzing (issue 17): a graph output that nothing produces
+    /// made tract-onnx panic ("no entry found for key"), an abort in a
+    /// release build.
+    #[test]
+    fn an_output_nothing_produces_is_refused_before_tract_sees_it() {
+        let mut proto =
+            ModelProto::decode(model(&[1, 3, 320, 320], &[1, 2125, 112]).as_slice()).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        graph.node.clear();
+        let err = check_sizes(&proto.encode_to_vec()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "output \"output\" is produced by no node, input or initializer"
+        );
     }
 }

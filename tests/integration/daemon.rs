@@ -2344,3 +2344,92 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
         growth >> 10
     );
 }
+
+/// A model whose declared shapes are all small (a NanoDet-Plus 320 input
+/// and output) but whose graph expands its input to 40000 copies, 49 GB,
+/// before reducing it again.
+fn model_with_a_huge_intermediate() -> Vec<u8> {
+    use support::{int_tensor, ints_attr, node, value_info};
+    use tract_onnx::pb;
+    let mut graph = pb::GraphProto {
+        input: vec![value_info("data", &[1, 3, 320, 320])],
+        output: vec![value_info("output", &[1, 2125, 112])],
+        ..Default::default()
+    };
+    graph.initializer = vec![
+        int_tensor("big_shape", vec![40_000, 3, 320, 320]),
+        int_tensor("flat", vec![1, 307_200]),
+        int_tensor("starts", vec![0]),
+        int_tensor("ends", vec![2125 * 112]),
+        int_tensor("axes", vec![1]),
+        int_tensor("head", vec![1, 2125, 112]),
+    ];
+    graph.node = vec![
+        node("Expand", &["data", "big_shape"], "big", vec![]),
+        node(
+            "ReduceMean",
+            &["big"],
+            "mean",
+            vec![ints_attr("axes", &[0]), {
+                let mut keep = ints_attr("keepdims", &[]);
+                keep.r#type = pb::attribute_proto::AttributeType::Int as i32;
+                keep.i = 0;
+                keep
+            }],
+        ),
+        node("Reshape", &["mean", "flat"], "row", vec![]),
+        node("Slice", &["row", "starts", "ends", "axes"], "cut", vec![]),
+        node("Reshape", &["cut", "head"], "output", vec![]),
+    ];
+    support::encode(graph)
+}
+
+/// Issue 17: a hostile model whose declared shapes are small but whose
+/// graph computes a huge intermediate passed every size check, and the
+/// backend's failed allocation aborted the daemon, on a hot swap too. Its
+/// trial load in a child process now dies instead, and the running model
+/// stays.
+#[test]
+fn a_model_that_crashes_its_trial_load_is_refused_and_the_old_one_runs_on_issue_17() {
+    let Some((_serial, assets)) = setup("probe", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "pr/#", false);
+    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
+    let good = config(&assets, broker.port, "pr", &camera);
+    let daemon = Daemon::start(&good, &[]);
+    sub.wait_for("the first model", Duration::from_secs(30), |m| {
+        model_in_service(m, "pr").is_some()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = dir.path().join("expands.onnx");
+    std::fs::write(&hostile, model_with_a_huge_intermediate()).unwrap();
+    let original = support::model(&assets, "nanodet-plus-m_320");
+    daemon.edit(&good.replacen(
+        &original.display().to_string(),
+        &hostile.display().to_string(),
+        1,
+    ));
+    sub.wait_for("the hostile model refused", Duration::from_secs(120), |m| {
+        m.iter().any(|m| {
+            m.topic == "pr/status"
+                && m.json()["config"] == "rejected"
+                // tract panics on the failed allocation: an abort in a
+                // release build, exit 101 in this test's debug build.
+                && (m.payload.contains("a trial load in a child process was killed by SIGABRT")
+                    || m.payload.contains("a trial load in a child process exited 101"))
+        })
+    });
+    let seen = sub.all().len();
+    sub.wait_for("stats after", Duration::from_secs(10), |m| {
+        m[seen..].iter().any(|m| m.topic == "pr/stats")
+    });
+    assert_eq!(
+        model_in_service(&sub.all(), "pr").unwrap(),
+        original.display().to_string()
+    );
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}

@@ -11,6 +11,7 @@ mod cli;
 mod daemon;
 mod demo;
 mod engine_cache;
+mod fuzz_corpora;
 mod gpu;
 mod onnxruntime;
 mod quantize;

@@ -138,7 +138,7 @@ fn float_tensor(name: &str, shape: &[i64], data: Vec<f32>) -> pb::TensorProto {
     }
 }
 
-fn int_tensor(name: &str, data: Vec<i64>) -> pb::TensorProto {
+pub fn int_tensor(name: &str, data: Vec<i64>) -> pb::TensorProto {
     pb::TensorProto {
         name: name.into(),
         dims: vec![data.len() as i64],
@@ -148,7 +148,7 @@ fn int_tensor(name: &str, data: Vec<i64>) -> pb::TensorProto {
     }
 }
 
-fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
+pub fn ints_attr(name: &str, v: &[i64]) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: pb::attribute_proto::AttributeType::Ints as i32,

@@ -1,0 +1,163 @@
+//! A model's trial load, in a child process, before the daemon loads it.
+//!
+//! tract-onnx's loader panics on some malformed models (fuzzing found one,
+//! which `model::limits` now refuses by name), and a graph whose declared
+//! shapes are small can still compute intermediates of many gigabytes. In
+//! a release build a panic is an abort, and so is a failed allocation: the
+//! model would take the whole daemon down, on a hot swap the running model
+//! with it, and systemd would restart it into the same config. So before a
+//! model is loaded, `nanodetd probe-model` loads it with tract and runs it
+//! once on a blank frame, under an address-space limit. Only a child that
+//! crashed (a signal, or out of time) refuses the model; one that refused
+//! it cleanly leaves the verdict to the backend, which says why in its own
+//! words when the daemon loads it (the probe runs tract, which may lack an
+//! operator another backend has).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The probe's address-space limit: tract runs NanoDet-Plus 416 in well
+/// under 1 GiB.
+pub const PROBE_ADDRESS_SPACE: u64 = 4 << 30;
+/// The longest a probe may take; tract loads and runs NanoDet in about a
+/// second on a desktop, tens of seconds on the slowest edge boards.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The exit code with which a probe refuses a model cleanly.
+pub const PROBE_REFUSED: i32 = 2;
+
+/// How a probe ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal ended it (an abort, a segfault, the OOM killer).
+    Signaled(String),
+    /// It ran past [`PROBE_TIMEOUT`] and was killed.
+    TimedOut,
+    /// It could not be started at all.
+    NotStarted(String),
+}
+
+/// Why a model was refused without being loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a trial load in a child process {what}; the model is not loaded (it would have taken the daemon down)"
+)]
+pub struct ProbeRefusal {
+    /// What happened to the child.
+    pub what: String,
+}
+
+/// The verdict on a probe's outcome: only a crash refuses the model. A
+/// probe that could not start is let through with a warning, since the
+/// daemon must still load models when, say, its binary was replaced by an
+/// upgrade while it ran.
+pub fn verdict(outcome: &ProbeOutcome) -> Result<Option<String>, ProbeRefusal> {
+    match outcome {
+        ProbeOutcome::Exited(0) | ProbeOutcome::Exited(PROBE_REFUSED) => Ok(None),
+        ProbeOutcome::Exited(code) => Err(ProbeRefusal {
+            what: format!("exited {code}"),
+        }),
+        ProbeOutcome::Signaled(signal) => Err(ProbeRefusal {
+            what: format!("was killed by {signal}"),
+        }),
+        ProbeOutcome::TimedOut => Err(ProbeRefusal {
+            what: format!("took over {} s", PROBE_TIMEOUT.as_secs()),
+        }),
+        ProbeOutcome::NotStarted(why) => Ok(Some(format!(
+            "cannot start the trial load of the model ({why}); loading it untried"
+        ))),
+    }
+}
+
+/// Runs `exe probe-model` on `model` and waits for it.
+pub fn run_probe(exe: &Path, model: &Path) -> ProbeOutcome {
+    use std::os::unix::process::ExitStatusExt;
+    let child = Command::new(exe)
+        .arg("probe-model")
+        .arg("--max-memory")
+        .arg(PROBE_ADDRESS_SPACE.to_string())
+        .arg(model)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => return ProbeOutcome::NotStarted(e.to_string()),
+    };
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return match (status.code(), status.signal()) {
+                    (Some(code), _) => ProbeOutcome::Exited(code),
+                    (None, Some(signal)) => ProbeOutcome::Signaled(
+                        nix::sys::signal::Signal::try_from(signal)
+                            .map_or_else(|_| format!("signal {signal}"), |s| s.to_string()),
+                    ),
+                    (None, None) => ProbeOutcome::Signaled("an unknown signal".into()),
+                };
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return ProbeOutcome::TimedOut;
+            }
+            Err(e) => return ProbeOutcome::NotStarted(e.to_string()),
+        }
+    }
+}
+
+/// The executable that probes models: this one, as the daemon runs.
+pub fn probe_executable() -> Option<PathBuf> {
+    std::env::current_exe().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_crashed_or_hung_probe_refuses_the_model() {
+        assert_eq!(verdict(&ProbeOutcome::Exited(0)), Ok(None));
+        assert_eq!(verdict(&ProbeOutcome::Exited(PROBE_REFUSED)), Ok(None));
+        let refusal = verdict(&ProbeOutcome::Signaled("SIGABRT".into())).unwrap_err();
+        assert_eq!(
+            refusal.to_string(),
+            "a trial load in a child process was killed by SIGABRT; the model is not loaded (it would have taken the daemon down)"
+        );
+        assert!(verdict(&ProbeOutcome::Exited(101)).is_err());
+        assert!(
+            verdict(&ProbeOutcome::TimedOut)
+                .unwrap_err()
+                .what
+                .contains("300 s")
+        );
+        let warning = verdict(&ProbeOutcome::NotStarted("gone".into()))
+            .unwrap()
+            .unwrap();
+        assert!(warning.contains("loading it untried"), "{warning}");
+    }
+
+    /// The real child: a missing executable is "not started", and an
+    /// executable that is killed by a signal is a refusal.
+    #[test]
+    fn a_child_killed_by_a_signal_is_reported_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            run_probe(&dir.path().join("missing"), Path::new("m.onnx")),
+            ProbeOutcome::NotStarted(_)
+        ));
+        let script = dir.path().join("abort.sh");
+        std::fs::write(&script, "#!/bin/sh\nkill -ABRT $$\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            run_probe(&script, Path::new("m.onnx")),
+            ProbeOutcome::Signaled("SIGABRT".into())
+        );
+    }
+}
