@@ -646,7 +646,7 @@ pub struct CameraConfig {
     /// The most pixels one frame of this camera may have; a larger image
     /// file or MJPEG frame is refused before it is decoded, a larger V4L2
     /// format before it streams. Unset: `size`'s pixels for a V4L2 camera
-    /// with a `size`, 1920x1080 for one without, 16 Mi for a folder.
+    /// with a `size`, 1920x1080 for one without, 8 Mi for a folder.
     #[serde(default)]
     pub max_pixels: Option<u64>,
     /// Named polygons in image pixels.
@@ -747,9 +747,10 @@ fn default_max_pixels_total() -> u64 {
     128 << 20
 }
 
-/// A folder camera's frame budget when `max_pixels` is unset: 16 Mi
-/// pixels, a 4096x4096 photo.
-pub const DEFAULT_FOLDER_PIXELS: u64 = 16 << 20;
+/// A folder camera's frame budget when `max_pixels` is unset: 8 Mi
+/// pixels, room for a 4K UHD frame (3840x2160), and for 16 such cameras
+/// within the default `capture.max_pixels_total`.
+pub const DEFAULT_FOLDER_PIXELS: u64 = 8 << 20;
 
 fn default_cache() -> PathBuf {
     PathBuf::from("/var/cache/nanodetd")
@@ -1405,12 +1406,12 @@ source = { v4l2 = "/dev/video0" }
         assert_eq!(budgets, [1920 * 1080, 1000, 640 * 480, 1920 * 1080]);
         assert_eq!(config.capture.max_pixels_total, 128 << 20);
 
-        // The 1080p camera and seven folders at the default fit in the
-        // default total; an eighth folder is one too many, refused with
+        // The 1080p camera and fifteen folders at the default fit in the
+        // default total; a sixteenth folder is one too many, refused with
         // what to change.
-        let eight: String = (1..8).map(|i| folder(&format!("f{i}"), "")).collect();
-        parse(&format!("{MINIMAL}{eight}")).unwrap();
-        let err = parse(&format!("{MINIMAL}{eight}{}", folder("f8", "")))
+        let fifteen: String = (1..16).map(|i| folder(&format!("f{i}"), "")).collect();
+        parse(&format!("{MINIMAL}{fifteen}")).unwrap();
+        let err = parse(&format!("{MINIMAL}{fifteen}{}", folder("f16", "")))
             .unwrap_err()
             .to_string();
         assert!(
@@ -1418,8 +1419,8 @@ source = { v4l2 = "/dev/video0" }
             "{err}"
         );
         parse(&format!(
-            "{MINIMAL}{eight}{}[capture]\nmax_pixels_total = 136291328\n",
-            folder("f8", "")
+            "{MINIMAL}{fifteen}{}[capture]\nmax_pixels_total = 136291328\n",
+            folder("f16", "")
         ))
         .unwrap();
         let err = parse(&format!("{MINIMAL}[capture]\nmax_pixels_total = 0\n"))

@@ -240,11 +240,10 @@ fn coco128_accuracy_matches_reference_and_pycocotools() {
     };
     let check_pycocotools = pycocotools_available();
     if !check_pycocotools {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install pycocotools"
+        crate::support::skip_or_fail(
+            "the pycocotools comparison",
+            "python3 -c 'import pycocotools' failed (scripts/test.sh installs it)",
         );
-        eprintln!("SKIPPED the pycocotools comparison: python3 -c 'import pycocotools' failed");
     }
     let images = a.join("datasets/coco128/images");
     let annotations = a.join("datasets/coco128/annotations/instances_coco128.json");

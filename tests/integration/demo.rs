@@ -74,8 +74,10 @@ fn the_demo_prints_events_and_serves_them_to_mosquitto_sub() {
     {
         let why =
             "mosquitto_sub is missing (Debian: mosquitto-clients; scripts/test.sh installs it)";
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        eprintln!("SKIPPED the_demo_prints_events_and_serves_them_to_mosquitto_sub: {why}");
+        crate::support::skip_or_fail(
+            "the_demo_prints_events_and_serves_them_to_mosquitto_sub",
+            why,
+        );
         return;
     }
     // The demo config as shipped, on a free port instead of 1883.

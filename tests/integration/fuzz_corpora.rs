@@ -61,3 +61,30 @@ fn the_onnx_seed_is_a_model_the_detector_takes() {
         (32, 32)
     );
 }
+
+/// Inputs that crash a third-party loader (tract-onnx panics on them) can
+/// never be replayed in-process. Each is kept in fuzz/crashes/onnx_model/,
+/// and the daemon must refuse every one before tract runs in its own
+/// process: by its own checks (`model::check_sizes`), or because the trial
+/// load in a child process (`daemon::probe`) crashed.
+#[test]
+fn every_model_that_crashes_tract_is_refused_before_the_daemon_loads_it() {
+    use nanodetd::daemon::probe::{ProbeOutcome, run_probe, verdict};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/crashes/onnx_model");
+    let exe = Path::new(env!("CARGO_BIN_EXE_nanodetd"));
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let outcome = run_probe(exe, &path);
+        let refused_by_our_checks =
+            nanodetd::model::check_sizes(&std::fs::read(&path).unwrap()).is_err();
+        assert!(
+            verdict(&outcome).is_err()
+                || (outcome == ProbeOutcome::Exited(2) && refused_by_our_checks),
+            "{}: {outcome:?}",
+            path.display()
+        );
+        count += 1;
+    }
+    assert!(count >= 2, "{count} crash inputs");
+}

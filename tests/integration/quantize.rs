@@ -37,11 +37,10 @@ fn onnx_python_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install onnx and onnxruntime (pip)"
+        crate::support::skip_or_fail(
+            "the onnxruntime comparison",
+            "python3 cannot import onnx, onnxruntime (scripts/test.sh installs them)",
         );
-        eprintln!("SKIPPED the onnxruntime comparison: python3 cannot import onnx, onnxruntime");
     }
     ok
 }

@@ -13,11 +13,10 @@ fn systemd_analyze() -> bool {
         .output()
         .is_ok();
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-analyze is missing; .ci/run installs systemd"
+        crate::support::skip_or_fail(
+            "the systemd unit checks",
+            "systemd-analyze is missing (scripts/test.sh installs systemd)",
         );
-        eprintln!("SKIPPED: systemd-analyze is not installed");
     }
     found
 }
