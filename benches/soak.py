@@ -32,6 +32,8 @@ MINUTES = float(os.environ.get("SOAK_MINUTES", "30"))
 CAMERAS = int(os.environ.get("SOAK_CAMERAS", "16"))
 WARM_UP = min(180.0, MINUTES * 60 / 4)
 WATCHDOG_USEC = 10_000_000
+# Each photo is shown for 5 s (25 frames at 5 fps), so that objects become
+# real and end even when overload leaves each camera 2 frames a second.
 PHOTOS = ["hpc203_bus.jpg", "skimage_chelsea.png", "skimage_astronaut.png", "hpc203_zidane.jpg"]
 
 work = tempfile.mkdtemp(prefix="nanodetd-soak-")
@@ -82,7 +84,7 @@ for i, name in enumerate(PHOTOS):
 def config(heartbeat):
     cams = "".join(
         f'[[camera]]\nname = "c{i:02}"\nsource = {{ folder = "{photos}" }}\n'
-        f"looping = true\nrepeat = 3\nfps = 5\n" for i in range(CAMERAS))
+        f"looping = true\nrepeat = 25\nfps = 5\n" for i in range(CAMERAS))
     return (f'device_id = "soak"\n[model]\npath = "{ASSETS}/models/nanodet-plus-m_320.onnx"\n'
             f'[mqtt]\nport = {port}\nprefix = "soak"\nreconnect_max = 1.0\nstats_interval = 5.0\n'
             f"queue = 100000\n[tracker]\nlost_after = 0.6\nheartbeat = {heartbeat}\n{cams}")
@@ -191,6 +193,8 @@ misses = sum(1 for g in gaps if g > WATCHDOG_USEC / 1e6)
 print(f"soak: {duration / 60:.1f} min, {restarts} broker restarts, {edits} config edits")
 print(f"soak: RSS after warm-up {after[0] / 2**20:.1f} MiB, peak {max(after) / 2**20:.1f} MiB, "
       f"growth {growth / 2**10:.0f} KiB")
+timeline = [f"{t / 60:.0f} min {r / 2**20:.1f}" for t, r in samples[::60]]
+print("soak: RSS every 5 min (MiB): " + ", ".join(timeline))
 print(f"soak: events queued {queued}, received {received_events} distinct, "
       f"missing seqs {missing}, dropped by the outbox {dropped}, lost {lost}")
 print(f"soak: {len(pings)} watchdog pings, longest gap {max(gaps):.2f} s, misses {misses}")

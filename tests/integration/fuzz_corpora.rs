@@ -1,7 +1,7 @@
-//! Every committed fuzz corpus (fuzz/corpus/<target>/), run through its
-//! target on stable: what the fuzzers found interesting, including every
-//! input that once crashed, stays a regression test. The fuzzers
-//! themselves run on nightly (fuzz/Cargo.toml, docs/RELIABILITY.md).
+//! Every committed fuzz input, the hand-made seeds (fuzz/seeds/<target>/)
+//! and what the fuzzers found (fuzz/corpus/<target>/), run through its
+//! target on stable: each stays a regression test. The fuzzers themselves
+//! run on nightly (fuzz/Cargo.toml, docs/RELIABILITY.md).
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,15 +10,17 @@ use nanodetd::fuzzing::TARGETS;
 
 #[test]
 fn every_committed_fuzz_input_runs_without_a_panic() {
-    let corpora = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     for (name, target) in TARGETS {
-        let dir = corpora.join(name);
-        let mut inputs: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|e| e.unwrap().path())
-            .collect();
+        // The seeds must be there; a corpus only once a fuzzer has run.
+        let seeds = std::fs::read_dir(fuzz.join("seeds").join(name))
+            .unwrap_or_else(|e| panic!("fuzz/seeds/{name}: {e}"));
+        let corpus = std::fs::read_dir(fuzz.join("corpus").join(name))
+            .into_iter()
+            .flatten();
+        let mut inputs: Vec<_> = seeds.chain(corpus).map(|e| e.unwrap().path()).collect();
         inputs.sort();
-        assert!(!inputs.is_empty(), "{name}: an empty corpus");
+        assert!(!inputs.is_empty(), "{name}: no seeds");
         let started = Instant::now();
         for input in &inputs {
             let bytes = std::fs::read(input).unwrap();
@@ -38,7 +40,7 @@ fn every_committed_fuzz_input_runs_without_a_panic() {
 #[test]
 fn the_onnx_seed_is_a_model_the_detector_takes() {
     let seed =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/onnx_model/tiny_nanodet_plus_32");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/onnx_model/tiny_nanodet_plus_32");
     let bytes = std::fs::read(&seed).unwrap();
     let engine = nanodetd::backend::TractEngine::from_bytes(
         &bytes,
