@@ -599,16 +599,11 @@ fn an_invalid_edit_keeps_the_old_config_and_says_why_on_status() {
     assert!(status.success(), "{log}");
 }
 
-#[test]
-fn a_broker_restart_loses_no_event() {
-    let Some((_serial, assets)) = setup("broker restart", true) else {
-        return;
-    };
-    let mut broker = Broker::start();
-    let sub = Subscriber::new(broker.port, "nd/#", true);
-    // Alternating scenes make objects come and go all the time.
+/// A camera `loop` replaying three photos in turn at 10 fps: alternating
+/// scenes make objects come and go all the time, so events never stop.
+fn alternating_scenes(assets: &Path) -> (tempfile::TempDir, String) {
     let photos = photo_folder(
-        &assets,
+        assets,
         &[
             "hpc203_bus.jpg",
             "skimage_chelsea.png",
@@ -620,6 +615,17 @@ fn a_broker_restart_loses_no_event() {
         photos.path(),
         "looping = true\nrepeat = 3\nfps = 10",
     );
+    (photos, camera)
+}
+
+#[test]
+fn a_broker_restart_loses_no_event() {
+    let Some((_serial, assets)) = setup("broker restart", true) else {
+        return;
+    };
+    let mut broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", true);
+    let (_photos, camera) = alternating_scenes(&assets);
     let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
     sub.wait_for("events", Duration::from_secs(30), |m| {
         events(m, "nd/loop/events").len() >= 4
@@ -2266,19 +2272,7 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
         .unwrap_or(60u64);
     let mut broker = Broker::start();
     let sub = Subscriber::new(broker.port, "lo/#", true);
-    let photos = photo_folder(
-        &assets,
-        &[
-            "hpc203_bus.jpg",
-            "skimage_chelsea.png",
-            "skimage_astronaut.png",
-        ],
-    );
-    let camera = replay(
-        "loop",
-        photos.path(),
-        "looping = true\nrepeat = 3\nfps = 10",
-    );
+    let (_photos, camera) = alternating_scenes(&assets);
     let text =
         config(&assets, broker.port, "lo", &camera).replacen("[mqtt]", "[mqtt]\nqueue = 200", 1);
     let daemon = Daemon::start(&text, &[]);
