@@ -162,7 +162,13 @@ pub fn read_f32(tensor: &TensorProto) -> Result<Vec<f32>, GraphError> {
             "stored in an external data file, which the quantizer does not read",
         ));
     }
-    let expected: i64 = tensor.dims.iter().product();
+    // Checked: the dims come from the file (the qdq_writer fuzzer found a
+    // product that overflowed).
+    let expected = tensor
+        .dims
+        .iter()
+        .try_fold(1i64, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| fail(&format!("dims {:?} overflow", tensor.dims)))?;
     let values: Vec<f32> = if !tensor.raw_data.is_empty() {
         tensor
             .raw_data
