@@ -1567,58 +1567,22 @@ fn a_model_with_a_huge_input_is_refused_on_a_hot_swap_and_the_old_one_runs_on_is
         return;
     };
     use tract_onnx::pb;
-    let broker = Broker::start();
-    let sub = Subscriber::new(broker.port, "hg/#", false);
-    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
-    let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
-    let good = config(&assets, broker.port, "hg", &camera);
-    let daemon = Daemon::start(&good, &[]);
-    sub.wait_for("the first model", Duration::from_secs(30), |m| {
-        model_in_service(m, "hg").is_some()
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let hostile = dir.path().join("huge.onnx");
     let side = 100_000;
-    std::fs::write(
-        &hostile,
-        support::encode(pb::GraphProto {
-            input: vec![support::value_info("data", &[1, 3, side, side])],
-            node: vec![pb::NodeProto {
-                op_type: "Identity".into(),
-                input: vec!["data".into()],
-                output: vec!["out".into()],
-                ..Default::default()
-            }],
-            output: vec![support::value_info("out", &[1, 3, side, side])],
+    let hostile = support::encode(pb::GraphProto {
+        input: vec![support::value_info("data", &[1, 3, side, side])],
+        node: vec![pb::NodeProto {
+            op_type: "Identity".into(),
+            input: vec!["data".into()],
+            output: vec!["out".into()],
             ..Default::default()
-        }),
-    )
-    .unwrap();
-    let original = support::model(&assets, "nanodet-plus-m_320");
-    daemon.edit(&good.replacen(
-        &original.display().to_string(),
-        &hostile.display().to_string(),
-        1,
-    ));
-    sub.wait_for("the huge model rejected", Duration::from_secs(30), |m| {
-        m.iter().any(|m| {
-            m.topic == "hg/status"
-                && m.json()["config"] == "rejected"
-                && m.payload.contains("a side over 4096 pixels")
-        })
+        }],
+        output: vec![support::value_info("out", &[1, 3, side, side])],
+        ..Default::default()
     });
-    let seen = sub.all().len();
-    sub.wait_for("stats after", Duration::from_secs(10), |m| {
-        m[seen..].iter().any(|m| m.topic == "hg/stats")
+    let within = Duration::from_secs(30);
+    hot_swap_is_refused_and_the_old_model_runs_on(&assets, "hg", &hostile, within, |status| {
+        status.contains("a side over 4096 pixels")
     });
-    assert_eq!(
-        model_in_service(&sub.all(), "hg").unwrap(),
-        original.display().to_string()
-    );
-    let mut daemon = daemon;
-    assert!(daemon.alive());
-    let (status, _, log) = daemon.terminate();
-    assert!(status.success(), "{log}");
 }
 
 /// Publishes `payload` retained on `topic` and waits for the broker's
@@ -2385,42 +2349,61 @@ fn a_model_that_crashes_its_trial_load_is_refused_and_the_old_one_runs_on_issue_
     let Some((_serial, assets)) = setup("probe", true) else {
         return;
     };
+    let hostile = model_with_a_huge_intermediate();
+    let within = Duration::from_secs(120);
+    hot_swap_is_refused_and_the_old_model_runs_on(&assets, "pr", &hostile, within, |status| {
+        // tract panics on the failed allocation: an abort in a release
+        // build, exit 101 in this test's debug build.
+        status.contains("a trial load in a child process was killed by SIGABRT")
+            || status.contains("a trial load in a child process exited 101")
+    });
+}
+
+/// Runs a daemon on the plus-320 model, edits its config to the `hostile`
+/// model, and checks that `status` says `rejected` with a payload `why`
+/// accepts `within` the edit, that stats go on, and that the original model is still the
+/// one in service.
+fn hot_swap_is_refused_and_the_old_model_runs_on(
+    assets: &Path,
+    prefix: &str,
+    hostile: &[u8],
+    within: Duration,
+    why: impl Fn(&str) -> bool,
+) {
     let broker = Broker::start();
-    let sub = Subscriber::new(broker.port, "pr/#", false);
-    let photos = photo_folder(&assets, &["hpc203_bus.jpg"]);
+    let sub = Subscriber::new(broker.port, &format!("{prefix}/#"), false);
+    let photos = photo_folder(assets, &["hpc203_bus.jpg"]);
     let camera = replay("cam", photos.path(), "fps = 2\nlooping = true");
-    let good = config(&assets, broker.port, "pr", &camera);
+    let good = config(assets, broker.port, prefix, &camera);
     let daemon = Daemon::start(&good, &[]);
     sub.wait_for("the first model", Duration::from_secs(30), |m| {
-        model_in_service(m, "pr").is_some()
+        model_in_service(m, prefix).is_some()
     });
     let dir = tempfile::tempdir().unwrap();
-    let hostile = dir.path().join("expands.onnx");
-    std::fs::write(&hostile, model_with_a_huge_intermediate()).unwrap();
-    let original = support::model(&assets, "nanodet-plus-m_320");
+    let path = dir.path().join("hostile.onnx");
+    std::fs::write(&path, hostile).unwrap();
+    let original = support::model(assets, "nanodet-plus-m_320");
     daemon.edit(&good.replacen(
         &original.display().to_string(),
-        &hostile.display().to_string(),
+        &path.display().to_string(),
         1,
     ));
-    sub.wait_for("the hostile model refused", Duration::from_secs(120), |m| {
-        m.iter().any(|m| {
-            m.topic == "pr/status"
-                && m.json()["config"] == "rejected"
-                // tract panics on the failed allocation: an abort in a
-                // release build, exit 101 in this test's debug build.
-                && (m.payload.contains("a trial load in a child process was killed by SIGABRT")
-                    || m.payload.contains("a trial load in a child process exited 101"))
-        })
+    let status_topic = format!("{prefix}/status");
+    sub.wait_for("the hostile model refused", within, |m| {
+        m.iter()
+            .any(|m| m.topic == status_topic && m.json()["config"] == "rejected" && why(&m.payload))
     });
     let seen = sub.all().len();
+    let stats_topic = format!("{prefix}/stats");
     sub.wait_for("stats after", Duration::from_secs(10), |m| {
-        m[seen..].iter().any(|m| m.topic == "pr/stats")
+        m[seen..].iter().any(|m| m.topic == stats_topic)
     });
     assert_eq!(
-        model_in_service(&sub.all(), "pr").unwrap(),
+        model_in_service(&sub.all(), prefix).unwrap(),
         original.display().to_string()
     );
+    let mut daemon = daemon;
+    assert!(daemon.alive());
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
