@@ -92,6 +92,13 @@ pub fn run_probe(exe: &Path, model: &Path) -> ProbeOutcome {
         match child.try_wait() {
             Ok(Some(status)) => {
                 return match (status.code(), status.signal()) {
+                    // 126 and 127 are how an exec that failed in the child
+                    // is reported where the spawn itself cannot see it
+                    // (glibc's posix_spawn under some sandboxes, a
+                    // wrapper shell); `probe-model` never exits with them.
+                    (Some(code @ (126 | 127)), _) => ProbeOutcome::NotStarted(format!(
+                        "it exited {code}: the executable could not be run"
+                    )),
                     (Some(code), _) => ProbeOutcome::Exited(code),
                     (None, Some(signal)) => ProbeOutcome::Signaled(
                         nix::sys::signal::Signal::try_from(signal)
@@ -147,17 +154,49 @@ mod tests {
     #[test]
     fn a_child_killed_by_a_signal_is_reported_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            run_probe(&dir.path().join("missing"), Path::new("m.onnx")),
-            ProbeOutcome::NotStarted(_)
-        ));
-        let script = dir.path().join("abort.sh");
-        std::fs::write(&script, "#!/bin/sh\nkill -ABRT $$\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Where exec fails is seen at the spawn on most machines; CI's saw
+        // a successful spawn and an exit of 127 instead. Both are "not
+        // started", so an upgrade that replaced the binary never refuses
+        // a model.
+        let missing = run_probe(&dir.path().join("missing"), Path::new("m.onnx"));
+        assert!(
+            matches!(missing, ProbeOutcome::NotStarted(_)),
+            "{missing:?}"
+        );
+        let not_found = script(dir.path(), "not-found.sh", "exit 127");
+        let outcome = run_script_probe(&not_found);
+        assert!(
+            matches!(outcome, ProbeOutcome::NotStarted(ref why) if why.contains("exited 127")),
+            "{outcome:?}"
+        );
+        let abort = script(dir.path(), "abort.sh", "kill -ABRT $$");
         assert_eq!(
-            run_probe(&script, Path::new("m.onnx")),
+            run_script_probe(&abort),
             ProbeOutcome::Signaled("SIGABRT".into())
         );
+    }
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// A script just written can be "busy" for a moment: another test's
+    /// fork may hold its descriptor until that child execs.
+    fn run_script_probe(script: &Path) -> ProbeOutcome {
+        let mut outcome = run_probe(script, Path::new("m.onnx"));
+        for _ in 0..50 {
+            match &outcome {
+                ProbeOutcome::NotStarted(why) if why.contains("busy") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    outcome = run_probe(script, Path::new("m.onnx"));
+                }
+                _ => break,
+            }
+        }
+        outcome
     }
 }
