@@ -87,6 +87,17 @@ pub enum FrameError {
         /// The budget.
         max_pixels: u64,
     },
+    /// The image decoder panicked on these bytes (a decoder bug that a
+    /// hostile or corrupt image reaches); contained, so only this image
+    /// is lost.
+    #[error("{origin}: the image decoder failed on it ({source})")]
+    DecoderPanicked {
+        /// File name or frame label.
+        origin: String,
+        /// The panic.
+        #[source]
+        source: crate::contain::ContainedPanic,
+    },
     /// Width or height is zero, or the buffer does not match them.
     #[error("{origin}: bad frame geometry: {reason}")]
     Geometry {
@@ -109,6 +120,54 @@ fn max_file_bytes(max_pixels: u64) -> u64 {
 
 /// Whether a JPEG ends with its end-of-image marker (FF D9). UVC cameras
 /// may pad a frame after the marker, with zeros or 0xFF fill bytes.
+/// Decodes `bytes` with the image crate, within `max_pixels`: width,
+/// height, the packed format and its pixels.
+fn decode_image(
+    bytes: &[u8],
+    origin: &str,
+    max_pixels: u64,
+) -> Result<(usize, usize, PixelFormat, Vec<u8>), FrameError> {
+    let decode_error = |e: image::ImageError| FrameError::Decode {
+        origin: origin.to_owned(),
+        reason: e.to_string(),
+    };
+    let reader = || {
+        ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| FrameError::Decode {
+                origin: origin.to_owned(),
+                reason: e.to_string(),
+            })
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(decode_error)?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(FrameError::TooLarge {
+            origin: origin.to_owned(),
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    // The decoder's own allocations, bounded too: 16-bit RGBA is 8
+    // bytes a pixel.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
+    let mut reader = reader()?;
+    reader.limits(limits);
+    let image = reader.decode().map_err(decode_error)?;
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let (format, data) = match image {
+        DynamicImage::ImageLuma8(gray) => (PixelFormat::Gray8, gray.into_raw()),
+        DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_) => {
+            (PixelFormat::Gray8, image.to_luma8().into_raw())
+        }
+        DynamicImage::ImageLumaA16(_) => (PixelFormat::Gray8, image.to_luma8().into_raw()),
+        DynamicImage::ImageRgb8(rgb) => (PixelFormat::Rgb8, rgb.into_raw()),
+        other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
+    };
+    Ok((width, height, format, data))
+}
+
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
     let tail = bytes.len().saturating_sub(4096);
     bytes[tail..].windows(2).any(|w| w == [0xFF, 0xD9])
@@ -196,10 +255,6 @@ impl Frame {
                 origin: origin.to_owned(),
             });
         }
-        let decode_error = |e: image::ImageError| FrameError::Decode {
-            origin: origin.to_owned(),
-            reason: e.to_string(),
-        };
         if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
             // zune-jpeg fills a cut-off scan with grey and succeeds; a
             // camera frame cut short by USB trouble would then be detected
@@ -209,40 +264,15 @@ impl Frame {
                 reason: "truncated JPEG: no end-of-image marker".into(),
             });
         }
-        let reader = || {
-            ImageReader::new(std::io::Cursor::new(bytes))
-                .with_guessed_format()
-                .map_err(|e| FrameError::Decode {
+        // Both the header read and the decode run third-party code on
+        // outside bytes: a panic there is this image's error.
+        let (width, height, format, data) =
+            crate::contain::contain(|| decode_image(bytes, origin, max_pixels)).map_err(
+                |source| FrameError::DecoderPanicked {
                     origin: origin.to_owned(),
-                    reason: e.to_string(),
-                })
-        };
-        let (width, height) = reader()?.into_dimensions().map_err(decode_error)?;
-        if u64::from(width) * u64::from(height) > max_pixels {
-            return Err(FrameError::TooLarge {
-                origin: origin.to_owned(),
-                width,
-                height,
-                max_pixels,
-            });
-        }
-        // The decoder's own allocations, bounded too: 16-bit RGBA is 8
-        // bytes a pixel.
-        let mut limits = image::Limits::default();
-        limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
-        let mut reader = reader()?;
-        reader.limits(limits);
-        let image = reader.decode().map_err(decode_error)?;
-        let (width, height) = (image.width() as usize, image.height() as usize);
-        let (format, data) = match image {
-            DynamicImage::ImageLuma8(gray) => (PixelFormat::Gray8, gray.into_raw()),
-            DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_) => {
-                (PixelFormat::Gray8, image.to_luma8().into_raw())
-            }
-            DynamicImage::ImageLumaA16(_) => (PixelFormat::Gray8, image.to_luma8().into_raw()),
-            DynamicImage::ImageRgb8(rgb) => (PixelFormat::Rgb8, rgb.into_raw()),
-            other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
-        };
+                    source,
+                },
+            )??;
         Frame::from_packed(width, height, format, data, origin)
     }
 
@@ -385,6 +415,38 @@ mod tests {
         let f = Frame::from_packed(1, 2, PixelFormat::Gray8, vec![7, 9], "x").unwrap();
         let p = f.padded_with_black(2, 2);
         assert_eq!((p.width(), p.height(), p.data()), (2, 2, &[7, 0, 9, 0][..]));
+    }
+
+    /// Issue 17: the uvc_mjpeg fuzzer found a JPEG on which zune-jpeg
+    /// 0.5.15's AVX2 IDCT unwraps `None`; in a release build that aborted
+    /// the daemon. It is now this frame's error, and the next frame
+    /// decodes. (The scalar IDCT, on a machine without AVX2, refuses the
+    /// same bytes without a panic.)
+    #[test]
+    fn a_jpeg_that_panics_the_decoder_is_that_frames_error_issue_17() {
+        let input = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus/uvc_mjpeg/zune-jpeg-avx2-idct-unwrap-none"
+        ))
+        .unwrap();
+        // The fuzz input is 4 bytes of frame size, then the JPEG.
+        let err = Frame::decode(&input[4..], "cam0 frame 9").unwrap_err();
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            match &err {
+                FrameError::DecoderPanicked { origin, source } => {
+                    assert_eq!(origin, "cam0 frame 9");
+                    assert!(source.what.contains("unwrap()` on a `None`"), "{source}");
+                }
+                other => panic!("expected the decoder's panic, got {other}"),
+            }
+        }
+        assert!(err.to_string().starts_with("cam0 frame 9: "), "{err}");
+        let mut good = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new(&mut good)
+            .encode(&[200u8; 16 * 8 * 3], 16, 8, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert_eq!(Frame::decode(&good, "cam0 frame 10").unwrap().width(), 16);
     }
 
     #[test]

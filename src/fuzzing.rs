@@ -2,8 +2,13 @@
 //! on nightly) and the corpus replay test runs on stable, so both reach
 //! exactly the same code. Each takes arbitrary bytes, feeds them where
 //! outside input enters the daemon, and panics only when an invariant
-//! breaks: a panic here is a crash loop in the field, where release builds
-//! abort on panic and systemd restarts into the same input.
+//! breaks: a panic here is a crash loop in the field, where every panic
+//! outside a contained decoder aborts (`crate::contain`) and systemd
+//! restarts into the same input.
+//!
+//! Each target first installs [`crate::contain`]'s hook, as the daemon
+//! does, so that a panic a decoder's caller contains is not taken for a
+//! crash, and every other panic still is (the fuzzer's own hook runs).
 //!
 //! Sizes are kept small (a 4 Mi-pixel budget, 2048-pixel sides) so that
 //! the fuzzers spend their time on paths, not on big allocations, which
@@ -22,8 +27,15 @@ use crate::frame::Frame;
 /// The frame budget the image targets decode within.
 const BUDGET: u64 = 1 << 22;
 
+/// The daemon's panic hook, over the fuzzer's, once.
+fn hook_as_the_daemon_does() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| crate::contain::install_hook(crate::contain::Uncontained::PreviousHook));
+}
+
 /// Config text, as `check-config`, start-up and every reload read it.
 pub fn config_text(data: &[u8]) {
+    hook_as_the_daemon_does();
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -45,6 +57,7 @@ pub fn config_text(data: &[u8]) {
 
 /// An image file's bytes, as a replay folder reads them.
 pub fn image_bytes(data: &[u8]) {
+    hook_as_the_daemon_does();
     if let Ok(frame) = Frame::decode_within(data, "fuzz", BUDGET) {
         assert!((frame.width() * frame.height()) as u64 <= BUDGET);
     }
@@ -61,6 +74,7 @@ fn u16_at(data: &[u8], at: usize) -> usize {
 /// A raw V4L2 buffer: the first 7 bytes choose the format, size and row
 /// padding the driver claimed, the rest is the buffer.
 pub fn v4l2_buffer(data: &[u8]) {
+    hook_as_the_daemon_does();
     const RAW: [CameraFormat; 6] = [
         CameraFormat::Yuyv,
         CameraFormat::Uyvy,
@@ -98,6 +112,7 @@ pub fn v4l2_buffer(data: &[u8]) {
 /// A UVC camera's MJPEG buffer: the first 4 bytes are the negotiated size,
 /// the rest the JPEG the camera sent, whatever size it declares.
 pub fn uvc_mjpeg(data: &[u8]) {
+    hook_as_the_daemon_does();
     if data.len() < 4 {
         return;
     }
@@ -117,6 +132,7 @@ pub fn uvc_mjpeg(data: &[u8]) {
 /// ONNX bytes, as a model file: the size checks, then tract's loader and
 /// the layout detection, as the daemon loads a model.
 pub fn onnx_model(data: &[u8]) {
+    hook_as_the_daemon_does();
     if crate::model::check_sizes(data).is_err() {
         return;
     }
@@ -138,6 +154,7 @@ pub fn onnx_model(data: &[u8]) {
 /// the topics built from them must be valid MQTT topics of exactly the
 /// levels intended, and the payloads JSON.
 pub fn names(data: &[u8]) {
+    hook_as_the_daemon_does();
     let text = String::from_utf8_lossy(data);
     let (camera, label) = text.split_once('\n').unwrap_or((&text, ""));
     // A camera name reaches topics only through the config's check.
@@ -196,6 +213,7 @@ fn toml_string(s: &str) -> String {
 /// Conv is quantized; a model the writer accepts must pass the same rule
 /// check the quantizer applies to what it writes.
 pub fn qdq_writer(data: &[u8]) {
+    hook_as_the_daemon_does();
     let Some((seed, model)) = data.split_at_checked(8) else {
         return;
     };

@@ -12,6 +12,9 @@
 //! [`watchdog`] tells systemd the pipeline is alive, [`logging`] sends lines
 //! to journald or stderr.
 //!
+//! [`contain`] turns a panic in a third-party decoder into that input's
+//! error; every other panic aborts.
+//!
 //! [`fuzzing`] holds the entry points of the fuzz targets (`fuzz/`).
 //!
 //! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
@@ -23,6 +26,7 @@
 pub mod backend;
 pub mod capture;
 pub mod config;
+pub mod contain;
 pub mod daemon;
 pub mod detector;
 pub mod engine_cache;

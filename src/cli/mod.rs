@@ -297,6 +297,7 @@ fn probe_model(max_memory: Option<u64>, file: &std::path::Path) -> Result<(), Fa
 
 /// Parses arguments, runs the command and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    nanodetd::contain::install_hook(nanodetd::contain::Uncontained::Abort);
     let cli = Cli::parse();
     if matches!(
         cli.command,
