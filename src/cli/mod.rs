@@ -72,6 +72,12 @@ enum Command {
         /// The address-space limit to run under, in bytes.
         #[arg(long)]
         max_memory: Option<u64>,
+        /// Load it with ONNX Runtime's CPU provider instead of tract.
+        #[arg(long)]
+        onnxruntime: bool,
+        /// The libonnxruntime to load (else the default search).
+        #[arg(long, requires = "onnxruntime")]
+        onnxruntime_library: Option<PathBuf>,
         /// The ONNX file.
         file: PathBuf,
     },
@@ -266,7 +272,12 @@ impl ThresholdArgs {
 /// address space and runs it once on a grey frame. A failed allocation
 /// aborts this process, which is the point: the daemon that started it
 /// then refuses the model instead of aborting itself.
-fn probe_model(max_memory: Option<u64>, file: &std::path::Path) -> Result<(), Failure> {
+fn probe_model(
+    max_memory: Option<u64>,
+    kind: backend::BackendKind,
+    onnxruntime_library: Option<PathBuf>,
+    file: &std::path::Path,
+) -> Result<(), Failure> {
     use nanodetd::frame::{Frame, PixelFormat};
     if let Some(limit) = max_memory {
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, limit, limit)
@@ -274,8 +285,14 @@ fn probe_model(max_memory: Option<u64>, file: &std::path::Path) -> Result<(), Fa
     }
     let bad = |e: anyhow::Error| Failure::BadInput(e.context(file.display().to_string()));
     model::check_file_sizes(file).map_err(|e| bad(e.into()))?;
-    let engine = backend::open_engine(backend::BackendKind::Tract, file, &EngineOptions::default())
-        .map_err(|e| bad(e.into()))?;
+    let options = EngineOptions {
+        onnxruntime: backend::onnxruntime::OnnxRuntimeOptions {
+            library: onnxruntime_library,
+            ..Default::default()
+        },
+        ..EngineOptions::default()
+    };
+    let engine = backend::open_engine(kind, file, &options).map_err(|e| bad(e.into()))?;
     let detector = Detector::new(
         engine,
         &model::LayoutOverrides::default(),
@@ -318,7 +335,19 @@ pub fn main() -> ExitCode {
         Command::Calibrate(args) => calibrate::run(&args),
         Command::Camera(args) => camera::run(&args),
         Command::Run(args) => run::run(&args),
-        Command::ProbeModel { max_memory, file } => probe_model(max_memory, &file),
+        Command::ProbeModel {
+            max_memory,
+            onnxruntime,
+            onnxruntime_library,
+            file,
+        } => {
+            let kind = if onnxruntime {
+                backend::BackendKind::OnnxRuntime
+            } else {
+                backend::BackendKind::Tract
+            };
+            probe_model(max_memory, kind, onnxruntime_library, &file)
+        }
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {
                 println!(

@@ -169,14 +169,17 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
 /// process ([`probe`]): what could abort the daemon aborts the child.
 fn probe_and_load(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
     if let Some(exe) = probe::probe_executable() {
-        match probe::verdict(&probe::run_probe(&exe, &model.path)) {
-            Ok(None) => {}
-            Ok(Some(warning)) => log::warn!("{warning}"),
-            Err(refusal) => {
-                return Err(DaemonError::Model {
-                    path: model.path.clone(),
-                    reason: refusal.to_string(),
-                });
+        let library = model.onnxruntime.library.as_deref();
+        for engine in probe::engines_to_probe(model.backend, library) {
+            match probe::verdict(&probe::run_probe(&exe, &model.path, &engine)) {
+                Ok(None) => {}
+                Ok(Some(warning)) => log::warn!("{warning}"),
+                Err(refusal) => {
+                    return Err(DaemonError::Model {
+                        path: model.path.clone(),
+                        reason: refusal.to_string(),
+                    });
+                }
             }
         }
     }

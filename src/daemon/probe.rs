@@ -6,16 +6,66 @@
 //! a release build a panic is an abort, and so is a failed allocation: the
 //! model would take the whole daemon down, on a hot swap the running model
 //! with it, and systemd would restart it into the same config. So before a
-//! model is loaded, `nanodetd probe-model` loads it with tract and runs it
-//! once on a blank frame, under an address-space limit. Only a child that
-//! crashed (a signal, or out of time) refuses the model; one that refused
-//! it cleanly leaves the verdict to the backend, which says why in its own
-//! words when the daemon loads it (the probe runs tract, which may lack an
-//! operator another backend has).
+//! model is loaded, `nanodetd probe-model` loads it and runs it once on a
+//! blank frame, under an address-space limit, with each engine the daemon
+//! may run it on ([`engines_to_probe`]): tract, and ONNX Runtime on the
+//! CPU, whose C++ loader a hostile model may crash too. TensorRT's builder
+//! is not probed: a build takes minutes. Only a child that crashed (a
+//! signal, or out of time) refuses the model; one that refused it cleanly
+//! leaves the verdict to the backend, which says why in its own words when
+//! the daemon loads it.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::backend::{BackendChoice, BackendKind};
+
+/// The engine a probe loads the model with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeEngine {
+    /// tract, as the daemon runs it.
+    Tract,
+    /// ONNX Runtime's CPU provider, from this library (else the default
+    /// search). Its GPU providers share the graph loading that a hostile
+    /// model attacks.
+    OnnxRuntimeCpu {
+        /// `[model.onnxruntime] library`.
+        library: Option<PathBuf>,
+    },
+}
+
+impl ProbeEngine {
+    /// The `probe-model` arguments that select this engine.
+    pub fn args(&self) -> Vec<OsString> {
+        match self {
+            ProbeEngine::Tract => Vec::new(),
+            ProbeEngine::OnnxRuntimeCpu { library: None } => vec!["--onnxruntime".into()],
+            ProbeEngine::OnnxRuntimeCpu {
+                library: Some(library),
+            } => vec![
+                "--onnxruntime".into(),
+                "--onnxruntime-library".into(),
+                library.into(),
+            ],
+        }
+    }
+}
+
+/// The engines to probe a model with, for the backend the config chose:
+/// those the daemon may run it on. TensorRT falls back to tract; `auto`
+/// may pick ONNX Runtime or tract.
+pub fn engines_to_probe(choice: BackendChoice, library: Option<&Path>) -> Vec<ProbeEngine> {
+    let onnxruntime = ProbeEngine::OnnxRuntimeCpu {
+        library: library.map(Path::to_path_buf),
+    };
+    match choice {
+        BackendChoice::Only(BackendKind::OnnxRuntime) => vec![onnxruntime],
+        BackendChoice::Auto => vec![ProbeEngine::Tract, onnxruntime],
+        BackendChoice::Only(_) => vec![ProbeEngine::Tract],
+    }
+}
 
 /// The probe's address-space limit: tract runs NanoDet-Plus 416 in well
 /// under 1 GiB.
@@ -71,13 +121,14 @@ pub fn verdict(outcome: &ProbeOutcome) -> Result<Option<String>, ProbeRefusal> {
     }
 }
 
-/// Runs `exe probe-model` on `model` and waits for it.
-pub fn run_probe(exe: &Path, model: &Path) -> ProbeOutcome {
+/// Runs `exe probe-model` on `model` with `engine` and waits for it.
+pub fn run_probe(exe: &Path, model: &Path, engine: &ProbeEngine) -> ProbeOutcome {
     use std::os::unix::process::ExitStatusExt;
     let child = Command::new(exe)
         .arg("probe-model")
         .arg("--max-memory")
         .arg(PROBE_ADDRESS_SPACE.to_string())
+        .args(engine.args())
         .arg(model)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -149,6 +200,37 @@ mod tests {
         assert!(warning.contains("loading it untried"), "{warning}");
     }
 
+    #[test]
+    fn the_engines_probed_are_those_the_daemon_may_run() {
+        let lib = Path::new("/opt/ort/libonnxruntime.so");
+        let ort = ProbeEngine::OnnxRuntimeCpu {
+            library: Some(lib.to_path_buf()),
+        };
+        let only = BackendChoice::Only;
+        assert_eq!(
+            engines_to_probe(only(BackendKind::Tract), Some(lib)),
+            [ProbeEngine::Tract]
+        );
+        assert_eq!(
+            engines_to_probe(only(BackendKind::OnnxRuntime), Some(lib)),
+            std::slice::from_ref(&ort)
+        );
+        assert_eq!(
+            engines_to_probe(BackendChoice::Auto, Some(lib)),
+            [ProbeEngine::Tract, ort.clone()]
+        );
+        assert_eq!(
+            ort.args(),
+            [
+                "--onnxruntime",
+                "--onnxruntime-library",
+                "/opt/ort/libonnxruntime.so"
+            ]
+            .map(OsString::from)
+        );
+        assert!(ProbeEngine::Tract.args().is_empty());
+    }
+
     /// The real child: a missing executable is "not started", and an
     /// executable that is killed by a signal is a refusal.
     #[test]
@@ -158,7 +240,11 @@ mod tests {
         // a successful spawn and an exit of 127 instead. Both are "not
         // started", so an upgrade that replaced the binary never refuses
         // a model.
-        let missing = run_probe(&dir.path().join("missing"), Path::new("m.onnx"));
+        let missing = run_probe(
+            &dir.path().join("missing"),
+            Path::new("m.onnx"),
+            &ProbeEngine::Tract,
+        );
         assert!(
             matches!(missing, ProbeOutcome::NotStarted(_)),
             "{missing:?}"
@@ -187,12 +273,13 @@ mod tests {
     /// A script just written can be "busy" for a moment: another test's
     /// fork may hold its descriptor until that child execs.
     fn run_script_probe(script: &Path) -> ProbeOutcome {
-        let mut outcome = run_probe(script, Path::new("m.onnx"));
+        let probe = || run_probe(script, Path::new("m.onnx"), &ProbeEngine::Tract);
+        let mut outcome = probe();
         for _ in 0..50 {
             match &outcome {
                 ProbeOutcome::NotStarted(why) if why.contains("busy") => {
                     std::thread::sleep(Duration::from_millis(20));
-                    outcome = run_probe(script, Path::new("m.onnx"));
+                    outcome = probe();
                 }
                 _ => break,
             }

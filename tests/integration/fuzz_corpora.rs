@@ -71,13 +71,13 @@ fn the_onnx_seed_is_a_model_the_detector_takes() {
 /// load in a child process (`daemon::probe`) crashed.
 #[test]
 fn every_model_that_crashes_tract_is_refused_before_the_daemon_loads_it() {
-    use nanodetd::daemon::probe::{ProbeOutcome, run_probe, verdict};
+    use nanodetd::daemon::probe::{ProbeEngine, ProbeOutcome, run_probe, verdict};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/crashes/onnx_model");
     let exe = Path::new(env!("CARGO_BIN_EXE_nanodetd"));
     let mut count = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        let outcome = run_probe(exe, &path);
+        let outcome = run_probe(exe, &path, &ProbeEngine::Tract);
         let refused_by_our_checks =
             nanodetd::model::check_sizes(&std::fs::read(&path).unwrap()).is_err();
         assert!(

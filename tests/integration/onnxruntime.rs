@@ -342,3 +342,35 @@ fn a_cuda_provider_that_cannot_start_falls_back_to_the_cpu_and_says_why() {
         );
     }
 }
+
+/// Issue 17: the daemon's trial load of a model runs ONNX Runtime too,
+/// in the child process, where the daemon may run the model on it: its
+/// C++ loader is as exposed to a hostile model as tract's. The child
+/// takes the configured library; without one it refuses cleanly (exit 2),
+/// which tract, needing none, would not.
+#[test]
+fn the_trial_load_runs_onnxruntime_in_the_child_issue_17() {
+    use nanodetd::daemon::probe::{ProbeEngine, ProbeOutcome, run_probe};
+    let test = "the_trial_load_runs_onnxruntime_in_the_child_issue_17";
+    let (Some(a), Some(lib)) = (support::assets(test), support::onnxruntime_library(test)) else {
+        return;
+    };
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_nanodetd"));
+    let model = support::model(&a, "nanodet-plus-m_320");
+    let with = |library: PathBuf| ProbeEngine::OnnxRuntimeCpu {
+        library: Some(library),
+    };
+    assert_eq!(run_probe(exe, &model, &with(lib)), ProbeOutcome::Exited(0));
+    assert_eq!(
+        run_probe(
+            exe,
+            &model,
+            &with("/nonexistent/libonnxruntime.so.1.99".into())
+        ),
+        ProbeOutcome::Exited(2)
+    );
+    assert_eq!(
+        run_probe(exe, &model, &ProbeEngine::Tract),
+        ProbeOutcome::Exited(0)
+    );
+}
