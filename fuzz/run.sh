@@ -3,10 +3,11 @@
 #   fuzz/run.sh TARGET SECONDS [libFuzzer options...]
 # New inputs go to fuzz/corpus/TARGET/, beside the hand-made seeds in
 # fuzz/seeds/TARGET/. Crashes land in fuzz/artifacts/TARGET/; once fixed, each goes into
-# fuzz/corpus/TARGET/ under a name that says what it found, so that the
-# replay test (tests/integration/fuzz_corpora.rs) keeps it fixed. Before a
-# commit, `fuzz/run.sh TARGET merge` shrinks the corpus to the inputs that
-# add coverage.
+# fuzz/seeds/TARGET/ under a name that says what it found, so that the
+# replay test (tests/integration/fuzz_corpora.rs) keeps it fixed (not into
+# the corpus: a merge drops inputs that add no coverage). Before a commit,
+# `fuzz/run.sh TARGET merge` shrinks the corpus to the inputs that add
+# coverage.
 set -euo pipefail
 cd "$(dirname "$0")"
 target=$1 seconds=$2

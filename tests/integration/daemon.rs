@@ -853,7 +853,7 @@ fn broken_frames_and_a_missing_folder_are_counted_not_fatal() {
     // the first, which the sampled warnings always show).
     let panics = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/fuzz/corpus/uvc_mjpeg/zune-jpeg-avx2-idct-unwrap-none"
+        "/fuzz/seeds/uvc_mjpeg/zune-jpeg-avx2-idct-unwrap-none"
     ))
     .unwrap();
     std::fs::write(
