@@ -37,6 +37,14 @@ pub enum ProbeEngine {
 }
 
 impl ProbeEngine {
+    /// The engine's name, as the config spells its backend.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProbeEngine::Tract => "tract",
+            ProbeEngine::OnnxRuntimeCpu { .. } => "onnxruntime",
+        }
+    }
+
     /// The `probe-model` arguments that select this engine.
     pub fn args(&self) -> Vec<OsString> {
         match self {
@@ -229,6 +237,10 @@ mod tests {
             .map(OsString::from)
         );
         assert!(ProbeEngine::Tract.args().is_empty());
+        assert_eq!(
+            (ProbeEngine::Tract.name(), ort.name()),
+            ("tract", "onnxruntime")
+        );
     }
 
     /// The real child: a missing executable is "not started", and an
