@@ -2276,10 +2276,23 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
         peak = peak.max(memory(&daemon, "VmRSS"));
     }
     broker.launch();
-    sub.wait_for("a reconnect", Duration::from_secs(30), |m| {
-        m.iter()
-            .any(|m| m.topic == "lo/stats" && m.json()["mqtt"]["reconnects"].as_u64() >= Some(1))
-    });
+    // Events in flight (sent, not yet acknowledged) are neither delivered
+    // nor dropped: the accounting closes on a stats message sent once the
+    // backlog has settled. One sent mid-flush showed 5 events in flight.
+    let settled = |m: &Received| {
+        if m.topic != "lo/stats" {
+            return false;
+        }
+        let mqtt = &m.json()["mqtt"];
+        let count = |key: &str| mqtt[key].as_u64().unwrap_or(0);
+        count("reconnects") >= 1
+            && count("events_queued") == count("events_delivered") + count("events_dropped")
+    };
+    sub.wait_for(
+        "a reconnect, then every event delivered or dropped",
+        Duration::from_secs(30),
+        |m| m.iter().any(settled),
+    );
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     sub.wait_for("offline", Duration::from_secs(10), |m| {
@@ -2287,19 +2300,17 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
             .any(|m| m.topic == "lo/available" && m.payload == "offline")
     });
     let all = sub.all();
-    let last = all
-        .iter()
-        .rev()
-        .find(|m| m.topic == "lo/stats")
-        .unwrap()
-        .json();
+    let last = all.iter().find(|m| settled(m)).unwrap().json();
     let mqtt = &last["mqtt"];
     let queued = mqtt["events_queued"].as_u64().unwrap();
     let delivered = mqtt["events_delivered"].as_u64().unwrap();
     let dropped = mqtt["events_dropped"].as_u64().unwrap();
+    // The events queued by then: seqs 0..queued. Later ones are not in
+    // that message's counts.
     let mut seqs: Vec<u64> = events(&all, "lo/loop/events")
         .iter()
         .map(|e| e["seq"].as_u64().unwrap())
+        .filter(|&seq| seq < queued)
         .collect();
     seqs.dedup();
     let growth = peak.saturating_sub(start_rss);
@@ -2310,7 +2321,9 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
         growth >> 10
     );
     assert!(dropped > 0, "the queue never filled: {last}");
-    assert_eq!(queued, delivered + dropped, "{last}");
+    // queued = delivered + dropped holds by the choice of message; that
+    // such a message came within 30 s of the reconnect is the check, and
+    // the seqs received say whether the counts are true.
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order");
     assert_eq!(seqs.len() as u64, delivered, "{last}");
     assert_eq!(seqs.last().copied(), Some(queued - 1), "the newest arrive");
