@@ -120,6 +120,11 @@ fn max_file_bytes(max_pixels: u64) -> u64 {
 
 /// Whether a JPEG ends with its end-of-image marker (FF D9). UVC cameras
 /// may pad a frame after the marker, with zeros or 0xFF fill bytes.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let tail = bytes.len().saturating_sub(4096);
+    bytes[tail..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
 /// Decodes `bytes` with the image crate, within `max_pixels`: width,
 /// height, the packed format and its pixels.
 fn decode_image(
@@ -166,11 +171,6 @@ fn decode_image(
         other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
     };
     Ok((width, height, format, data))
-}
-
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let tail = bytes.len().saturating_sub(4096);
-    bytes[tail..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 impl Frame {

@@ -177,7 +177,7 @@ fn probe_and_load(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
                 Err(refusal) => {
                     return Err(DaemonError::Model {
                         path: model.path.clone(),
-                        reason: format!("{refusal} [trial load on {}]", engine.name()),
+                        reason: format!("{refusal} [trial load on {}]", engine.backend()),
                     });
                 }
             }

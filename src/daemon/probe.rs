@@ -37,11 +37,11 @@ pub enum ProbeEngine {
 }
 
 impl ProbeEngine {
-    /// The engine's name, as the config spells its backend.
-    pub fn name(&self) -> &'static str {
+    /// The backend this engine is.
+    pub fn backend(&self) -> BackendKind {
         match self {
-            ProbeEngine::Tract => "tract",
-            ProbeEngine::OnnxRuntimeCpu { .. } => "onnxruntime",
+            ProbeEngine::Tract => BackendKind::Tract,
+            ProbeEngine::OnnxRuntimeCpu { .. } => BackendKind::OnnxRuntime,
         }
     }
 
@@ -238,8 +238,11 @@ mod tests {
         );
         assert!(ProbeEngine::Tract.args().is_empty());
         assert_eq!(
-            (ProbeEngine::Tract.name(), ort.name()),
-            ("tract", "onnxruntime")
+            (
+                ProbeEngine::Tract.backend().to_string(),
+                ort.backend().to_string()
+            ),
+            ("tract".to_owned(), "onnxruntime".to_owned())
         );
     }
 
