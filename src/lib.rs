@@ -12,6 +12,8 @@
 //! [`watchdog`] tells systemd the pipeline is alive, [`logging`] sends lines
 //! to journald or stderr.
 //!
+//! [`allocator`] sets how glibc's malloc keeps the daemon's memory.
+//!
 //! [`contain`] turns a panic in a third-party decoder into that input's
 //! error; every other panic aborts.
 //!
@@ -23,6 +25,7 @@
 //! GPU (feature `cuda`): `gpu` finds a CUDA device at run time, and
 //! `preprocess` gains a kernel doing the same preprocessing on it.
 
+pub mod allocator;
 pub mod backend;
 pub mod capture;
 pub mod config;

@@ -21,6 +21,14 @@ pub struct RunArgs {
 pub fn run(args: &RunArgs) -> Result<(), Failure> {
     let config = Config::load(&args.config).map_err(|e| Failure::Config(e.into()))?;
     nanodetd::logging::start(config.log.level);
+    // Before any thread starts: arenas are handed out as threads first
+    // allocate.
+    let environment = std::env::var_os("MALLOC_ARENA_MAX");
+    if let Some(arenas) = nanodetd::allocator::arena_limit(environment.as_deref())
+        && nanodetd::allocator::limit_arenas(arenas)
+    {
+        log::info!("malloc: at most {arenas} arenas (MALLOC_ARENA_MAX overrides)");
+    }
     // rustls needs one process-wide crypto provider; ring is the one built in.
     let _ = rustls::crypto::ring::default_provider().install_default();
     nanodetd::daemon::run(&args.config, config).map_err(|e| match e {
