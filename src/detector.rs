@@ -143,9 +143,12 @@ impl Detector {
 
     /// Name of a class index (`"?"` when out of range).
     pub fn class_name(&self, class_id: u32) -> &str {
-        self.class_names
-            .get(class_id as usize)
-            .map_or("?", String::as_str)
+        class_name(&self.class_names, class_id)
+    }
+
+    /// Every class name, by class index.
+    pub fn class_names(&self) -> &[String] {
+        &self.class_names
     }
 
     /// Raw outputs of one image → detections in image pixels, best
@@ -378,4 +381,9 @@ impl DetectorSession {
     pub fn detector(&self) -> &Arc<Detector> {
         &self.detector
     }
+}
+
+/// Name of a class index in `names` (`"?"` when out of range).
+pub fn class_name(names: &[String], class_id: u32) -> &str {
+    names.get(class_id as usize).map_or("?", String::as_str)
 }

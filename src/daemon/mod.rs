@@ -5,7 +5,15 @@
 //!
 //! A frame travels one way: camera thread → [`board`] (newest frame per
 //! camera) → detector thread ([`pipeline`]: preprocess, inference,
-//! postprocess, tracker) → [`Outbox`] → MQTT task → broker.
+//! postprocess, then the camera's [`publisher`]) → [`Outbox`] → MQTT task
+//! → broker.
+//!
+//! Decisions are made in state machines and pure functions that take
+//! inputs and the time and return what to do, each unit-tested with a
+//! fake clock: [`publisher`] (a camera's events, counts and detections),
+//! [`plan`] (what a reload restarts or loads), [`board`] (which camera is
+//! served next), and in [`crate::mqtt`] the delivery and the count sweep.
+//! The threads and tasks here only carry their answers out.
 
 pub mod board;
 pub mod broker;
@@ -13,7 +21,9 @@ pub mod camera;
 pub mod console;
 pub mod int8;
 pub mod pipeline;
+pub mod plan;
 pub mod probe;
+pub mod publisher;
 pub mod stats;
 #[cfg(feature = "tensorrt")]
 mod tensorrt;
@@ -91,8 +101,7 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
         Precision::Fp16 => {
             if !BackendKind::ALL
                 .iter()
-                .any(|&kind| runs(kind) && kind.has_fp16_kernels())
-            {
+                .any(|&kind| runs(kind) && kind.has_fp16_kernels()) {
                 log::info!(
                     "precision fp16 applies to GPU engines; {} runs FP32",
                     model.backend
@@ -427,19 +436,17 @@ fn apply(
     outbox: &Outbox,
 ) {
     crate::logging::set_level(new.log.level);
-    let wanted: BTreeMap<&str, &CameraConfig> =
-        new.cameras.iter().map(|c| (c.name.as_str(), c)).collect();
-    let gone: Vec<String> = cameras
-        .iter()
-        .filter(|(name, task)| {
-            wanted
-                .get(name.as_str())
-                .is_none_or(|c| !c.same_source(&task.config))
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in gone {
-        if let Some(task) = cameras.remove(&name) {
+    let in_service = models.in_service();
+    let plan = plan::plan(
+        old,
+        new,
+        cameras
+            .iter()
+            .map(|(name, task)| (name.as_str(), &task.config)),
+        &in_service,
+    );
+    for name in &plan.stop {
+        if let Some(task) = cameras.remove(name) {
             log::info!("camera {name}: source changed or removed, stopping");
             // Joining may take a moment; it must not hold up MQTT.
             tokio::task::spawn_blocking(move || {
@@ -448,13 +455,15 @@ fn apply(
             });
         }
     }
-    for camera in &new.cameras {
-        if !cameras.contains_key(camera.name.as_str()) {
-            log::info!("camera {}: starting", camera.name.as_str());
-            start_camera(camera, board, heartbeats, cameras);
-        }
+    for camera in new
+        .cameras
+        .iter()
+        .filter(|c| plan.start.iter().any(|s| s == c.name.as_str()))
+    {
+        log::info!("camera {}: starting", camera.name.as_str());
+        start_camera(camera, board, heartbeats, cameras);
     }
-    models.follow(old, new, outbox);
+    models.follow(plan.model, new, outbox);
 }
 
 /// Background model loads, and which of them is wanted.
@@ -468,27 +477,29 @@ struct ModelLoads {
 }
 
 impl ModelLoads {
-    /// Starts loading `new`'s model when it changed, or when the config is
-    /// the same but its model is not the one in service (a reload forced
-    /// by SIGHUP after a failed load: the file at the same path may have
-    /// been fixed). Every decision supersedes the loads before it, so the
-    /// model that goes into service is the one the latest config names.
-    fn follow(&self, old: &Config, new: &Arc<Config>, outbox: &Outbox) {
-        let in_service = self
-            .in_service
+    /// The settings of the model the detector runs.
+    fn in_service(&self) -> ModelConfig {
+        self.in_service
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .config
-            .clone();
-        let retry = *old == **new && new.model != in_service;
-        if new.model == old.model && !retry {
-            return;
-        }
+            .clone()
+    }
+
+    /// Carries out a reload plan's model step. Every step but `Keep`
+    /// supersedes the loads before it, so the model that goes into service
+    /// is the one the latest config names.
+    fn follow(&self, step: plan::ModelStep, new: &Arc<Config>, outbox: &Outbox) {
+        let retry = match step {
+            plan::ModelStep::Keep => return,
+            plan::ModelStep::BackToInService => {
+                self.generation.advance();
+                log::info!("model settings back to the model in service: pending loads dropped");
+                return;
+            }
+            plan::ModelStep::Load { retry } => retry,
+        };
         let generation = self.generation.advance();
-        if new.model == in_service {
-            log::info!("model settings back to the model in service: pending loads dropped");
-            return;
-        }
         log::info!(
             "model settings {}: loading in the background",
             if retry {

@@ -1,7 +1,8 @@
 //! The detector task: one thread that takes frames off the board and
 //! carries each down the straight line — preprocess, inference,
-//! postprocess, the camera's tracker — and turns what comes out into
-//! messages in the outbox. A new model arrives ready-built and is swapped
+//! postprocess — then hands the detections to the camera's
+//! [`CameraPublisher`] and carries out what it decides: lines printed,
+//! messages put in the outbox. A new model arrives ready-built and is swapped
 //! in between two frames; new hot settings apply at the next frame.
 
 use std::collections::BTreeMap;
@@ -13,17 +14,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::board::{CapturedFrame, FrameBoard, Work, wall_time};
+use super::publisher::{Action, CameraPublisher, Seen, Settings};
 use super::stats::{Latencies, Stage};
 use crate::capture::Captured;
 use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorSession};
 use crate::mqtt::{self, Outbox};
-use crate::track::{LabelFilter, Tracker, TrackerConfig, Zone};
+use crate::track::{LabelFilter, TrackerConfig, Zone};
 use crate::watchdog::Heartbeat;
 
 /// How long the detector waits for a frame before doing idle work
-/// (ending objects of silent cameras, checking for a stop).
-const IDLE: Duration = Duration::from_millis(200);
+/// (ending objects of silent cameras, checking for a stop): as long as a
+/// camera must be silent before its objects age without frames.
+const IDLE: Duration = super::publisher::SILENT_AFTER;
 
 /// The tracker configuration for one camera from the whole config: label
 /// names become the model's class ids.
@@ -83,18 +86,6 @@ pub fn unknown_labels(config: &Config, detector: &Detector) -> Vec<String> {
         .filter(|label| !(0..n).any(|c| detector.class_name(c) == label.as_str()))
         .cloned()
         .collect()
-}
-
-/// One camera's tracking state in the detector task.
-struct CameraTrack {
-    tracker: Tracker,
-    /// Counts as last published, per class.
-    counts: BTreeMap<u32, usize>,
-    /// Events sent so far, the `seq` of the next.
-    events: u64,
-    frame_size: (usize, usize),
-    last_frame: Instant,
-    last_detections: Option<Instant>,
 }
 
 /// The model the detector runs now, for the stats.
@@ -191,7 +182,7 @@ impl DetectorTask {
     /// Runs until stopped, starting with `session`.
     pub fn run(mut self, mut session: DetectorSession) {
         let mut config = self.config.borrow_and_update().clone();
-        let mut cameras: BTreeMap<String, CameraTrack> = BTreeMap::new();
+        let mut cameras: BTreeMap<String, CameraPublisher> = BTreeMap::new();
         // A GPU session converts camera buffers in its kernel: cameras
         // skip their own conversion.
         self.board.set_raw_wanted(session.on_gpu());
@@ -240,18 +231,17 @@ impl DetectorTask {
                     // The entry stays: ids and `seq` go on counting when the
                     // camera comes back, so consumers never see them reused.
                     if let Some(cam) = cameras.get_mut(&name) {
-                        let events = cam.tracker.end_all(wall_time());
-                        self.publish(&config, &name, cam, events, session.detector());
-                        cam.frame_size = (0, 0);
+                        let settings = settings(&config, session.detector());
+                        self.carry_out(cam.end(wall_time(), &settings));
                     }
                 }
                 None => self.handle_idle(&config, &session, &mut cameras),
             }
         }
         let now = wall_time();
-        for (name, cam) in &mut cameras {
-            let events = cam.tracker.end_all(now);
-            self.publish(&config, name, cam, events, session.detector());
+        let settings = settings(&config, session.detector());
+        for cam in cameras.values_mut() {
+            self.carry_out(cam.end(now, &settings));
         }
     }
 
@@ -260,15 +250,14 @@ impl DetectorTask {
         &self,
         config: &Config,
         session: &DetectorSession,
-        cameras: &mut BTreeMap<String, CameraTrack>,
+        cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
         for label in unknown_labels(config, session.detector()) {
             log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
         }
         for camera in &config.cameras {
             if let Some(cam) = cameras.get_mut(camera.name.as_str()) {
-                cam.tracker
-                    .set_config(tracker_config(config, camera, session.detector()));
+                cam.retune(tracker_config(config, camera, session.detector()));
             }
         }
     }
@@ -278,7 +267,7 @@ impl DetectorTask {
         captured: CapturedFrame,
         config: &Config,
         session: &mut DetectorSession,
-        cameras: &mut BTreeMap<String, CameraTrack>,
+        cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
         let taken = Instant::now();
         let Some(camera) = config
@@ -311,28 +300,11 @@ impl DetectorTask {
             }
         };
         let postprocessed = Instant::now();
-        let detector = session.detector().clone();
-        let cam = cameras
-            .entry(captured.camera.clone())
-            .or_insert_with(|| CameraTrack {
-                tracker: Tracker::new(tracker_config(config, camera, &detector)),
-                counts: BTreeMap::new(),
-                events: 0,
-                frame_size: (0, 0),
-                last_frame: taken,
-                last_detections: None,
-            });
-        let size = captured.image.size();
-        if cam.frame_size != size && cam.frame_size != (0, 0) {
-            // A new resolution is a new scene (a replay's next photo, a
-            // renegotiated camera): boxes of the old one mean nothing in it.
-            let events = cam.tracker.end_all(captured.wall_time);
-            self.publish(config, &captured.camera, cam, events, &detector);
-        }
-        cam.frame_size = size;
-        cam.last_frame = taken;
-        let events = cam.tracker.update(&detections, captured.wall_time);
-        self.publish(config, &captured.camera, cam, events, &detector);
+        let detector = session.detector();
+        let cam = cameras.entry(captured.camera.clone()).or_insert_with(|| {
+            let tracker = tracker_config(config, camera, detector);
+            CameraPublisher::new(&captured.camera, tracker, taken)
+        });
         let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
         let timing = mqtt::FrameTiming {
             queue: secs(captured.captured, taken) * 1e3,
@@ -340,22 +312,14 @@ impl DetectorTask {
             inference: secs(preprocessed, inferred) * 1e3,
             postprocess: secs(inferred, postprocessed) * 1e3,
         };
-        let rate = config.mqtt.detections_rate;
-        if rate > 0.0
-            && cam
-                .last_detections
-                .is_none_or(|t| t.elapsed().as_secs_f32() >= 1.0 / rate)
-        {
-            cam.last_detections = Some(taken);
-            self.outbox.push(mqtt::detections_message(
-                &captured.camera,
-                captured.wall_time,
-                cam.frame_size,
-                &detections,
-                |c| detector.class_name(c).to_owned(),
-                timing,
-            ));
-        }
+        let seen = Seen {
+            detections: &detections,
+            size: captured.image.size(),
+            taken,
+            wall_time: captured.wall_time,
+            timing,
+        };
+        self.carry_out(cam.frame(seen, &settings(config, detector)));
         let done = Instant::now();
         let mut l = self
             .latencies
@@ -375,50 +339,31 @@ impl DetectorTask {
         &self,
         config: &Config,
         session: &DetectorSession,
-        cameras: &mut BTreeMap<String, CameraTrack>,
+        cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
-        let now = wall_time();
-        for (name, cam) in cameras.iter_mut() {
-            if cam.last_frame.elapsed() > IDLE {
-                let events = cam.tracker.expire(now);
-                self.publish(config, name, cam, events, session.detector());
-            }
+        let (now, wall) = (Instant::now(), wall_time());
+        let settings = settings(config, session.detector());
+        for cam in cameras.values_mut() {
+            self.carry_out(cam.idle(now, wall, &settings));
         }
     }
 
-    /// Events, then any count that changed.
-    fn publish(
-        &self,
-        config: &Config,
-        camera: &str,
-        cam: &mut CameraTrack,
-        events: Vec<crate::track::TrackEvent>,
-        detector: &Detector,
-    ) {
-        let print = config.log.events.enabled();
-        for event in &events {
-            let label = detector.class_name(event.after.class_id);
-            if print {
-                super::console::print(&super::console::event_line(camera, event, label));
-            }
-            self.outbox.push(mqtt::event_message(
-                camera,
-                cam.events,
-                event,
-                label,
-                cam.frame_size,
-            ));
-            cam.events += 1;
-        }
-        let counts = cam.tracker.counts();
-        let classes: Vec<u32> = counts.keys().chain(cam.counts.keys()).copied().collect();
-        for class in classes {
-            let now = counts.get(&class).copied().unwrap_or(0);
-            if cam.counts.get(&class) != Some(&now) {
-                cam.counts.insert(class, now);
-                self.outbox
-                    .push(mqtt::count_message(camera, detector.class_name(class), now));
+    /// What a camera's publisher decided.
+    fn carry_out(&self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Print(line) => super::console::print(&line),
+                Action::Send(message) => self.outbox.push(message),
             }
         }
+    }
+}
+
+/// What the publishers read from the config and the model in service.
+fn settings<'a>(config: &Config, detector: &'a Detector) -> Settings<'a> {
+    Settings {
+        labels: detector.class_names(),
+        detections_rate: config.mqtt.detections_rate,
+        print_events: config.log.events.enabled(),
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! Delivery is at least once and in order, across reconnects and broker
 //! restarts: a message leaves the outbox for rumqttc only while connected,
-//! and stays in this task's in-flight list until the broker acknowledges
-//! it (QoS 1/2) or it is written (QoS 0). On a connection error everything
-//! unacknowledged goes back to the front of the outbox. rumqttc's own
+//! and stays in the in-flight list until the broker acknowledges it
+//! (QoS 1/2) or it is written (QoS 0). On a connection error everything
+//! unacknowledged goes back to the front of the outbox. Those decisions
+//! are made in `delivery`, a state machine the task feeds with link
+//! events and the time; the task polls rumqttc and sleeps. rumqttc's own
 //! replay is not relied on: with a clean session it drops its pending
 //! packets on reconnect. Topics in [`Message`] are relative to the prefix,
 //! which is applied when the message is sent.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,8 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::config::{Config, MqttConfig, MqttProtocol, QosConfig};
-use sweep::CountSweep;
+use delivery::{Delivery, Requests};
 
+mod delivery;
 mod payload;
 mod sweep;
 
@@ -238,10 +241,6 @@ fn read_file(path: &PathBuf, what: &'static str) -> Result<Vec<u8>, MqttError> {
     })
 }
 
-/// How long a connection must last for the reconnect back-off to start
-/// over from its first step.
-const STABLE_CONNECTION: Duration = Duration::from_secs(10);
-
 /// rumqttc's request channel; beyond it messages wait in the outbox.
 const CHANNEL: usize = 64;
 
@@ -359,26 +358,16 @@ impl Link {
         }
     }
 
-    /// QoS 0: the sweep is best effort, and a lost SUBSCRIBE is retried on
-    /// the next connect.
-    fn try_subscribe(&self, filter: &str) -> bool {
-        match self {
-            Link::V4(c, _) => c.try_subscribe(filter, rumqttc::QoS::AtMostOnce).is_ok(),
-            Link::V5(c, _) => c
-                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
-                .is_ok(),
-        }
-    }
-
-    fn try_unsubscribe(&self, filter: &str) {
+    fn try_disconnect(&self) {
         let _ = match self {
-            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
-            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V4(c, _) => c.try_disconnect().map_err(|e| e.to_string()),
+            Link::V5(c, _) => c.try_disconnect().map_err(|e| e.to_string()),
         };
     }
+}
 
-    /// False when rumqttc's channel is full.
-    fn try_publish(&self, topic: String, qos: u8, retain: bool, payload: Vec<u8>) -> bool {
+impl Requests for Link {
+    fn publish(&mut self, topic: String, qos: u8, retain: bool, payload: Vec<u8>) -> bool {
         match self {
             Link::V4(c, _) => c
                 .try_publish(topic, qos_level(qos), retain, payload)
@@ -389,10 +378,21 @@ impl Link {
         }
     }
 
-    fn try_disconnect(&self) {
+    /// QoS 0: the sweep is best effort, and a lost SUBSCRIBE is retried on
+    /// the next connect.
+    fn subscribe(&mut self, filter: &str) -> bool {
+        match self {
+            Link::V4(c, _) => c.try_subscribe(filter, rumqttc::QoS::AtMostOnce).is_ok(),
+            Link::V5(c, _) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                .is_ok(),
+        }
+    }
+
+    fn unsubscribe(&mut self, filter: &str) {
         let _ = match self {
-            Link::V4(c, _) => c.try_disconnect().map_err(|e| e.to_string()),
-            Link::V5(c, _) => c.try_disconnect().map_err(|e| e.to_string()),
+            Link::V4(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Link::V5(c, _) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
         };
     }
 }
@@ -432,36 +432,12 @@ impl LinkStatus {
     }
 }
 
-/// A message handed to rumqttc, kept until the broker has it.
-struct InFlight {
-    message: Message,
-    qos: u8,
-    pkid: Option<u16>,
-    /// `online` or a retained republish: sent again on every connect, so
-    /// never requeued or counted.
-    announce: bool,
-}
-
-/// One session's publishing state.
-struct Session {
-    link: Link,
-    prefix: String,
-    qos: QosConfig,
-    max_message_bytes: usize,
-    connected: bool,
-    in_flight: VecDeque<InFlight>,
-}
-
-/// The MQTT task: owns the connection, reconnects with back-off, and
-/// republishes `online` and the retained state on every connect.
+/// The MQTT task: the shell around [`Delivery`]. It owns the connection,
+/// polls it, sleeps the back-off and follows config changes.
 pub struct MqttTask {
     config: watch::Receiver<Arc<Config>>,
     outbox: Outbox,
     status: Arc<LinkStatus>,
-    /// Retained messages as the broker last acknowledged them, by topic.
-    retained: BTreeMap<String, Message>,
-    /// Clears counts an earlier run left retained.
-    sweep: CountSweep,
 }
 
 impl MqttTask {
@@ -475,39 +451,13 @@ impl MqttTask {
             config,
             outbox,
             status,
-            retained: BTreeMap::new(),
-            sweep: CountSweep::new(),
         }
-    }
-
-    fn open_session(&self, config: &Config) -> Result<Session, MqttError> {
-        let prefix = config.mqtt.prefix_for(&config.device_id);
-        let client_id = config
-            .mqtt
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("nanodetd-{}", config.device_id.as_str()));
-        log::info!(
-            "MQTT: connecting to {}:{} as {client_id}, topics under {prefix}/",
-            config.mqtt.host,
-            config.mqtt.port
-        );
-        Ok(Session {
-            link: Link::open(&config.mqtt, &client_id, &prefix)?,
-            prefix,
-            qos: config.mqtt.qos,
-            max_message_bytes: config.mqtt.max_message_bytes,
-            connected: false,
-            in_flight: VecDeque::new(),
-        })
     }
 
     /// Runs until `drain` fires, then delivers what is queued (bounded by
     /// `deadline`), publishes `offline` and disconnects.
     pub async fn run(mut self, mut drain: oneshot::Receiver<Duration>) {
-        let mut backoff = Duration::from_millis(500);
-        let mut connected_at = Instant::now();
-        let mut first = true;
+        let mut delivery: Option<Delivery> = None;
         let mut checked: Option<MqttConfig> = None;
         loop {
             let config = self.config.borrow_and_update().clone();
@@ -518,97 +468,98 @@ impl MqttTask {
                 }
                 checked = Some(config.mqtt.clone());
             }
-            let mut session = match self.open_session(&config) {
-                Ok(s) => s,
+            let prefix = config.mqtt.prefix_for(&config.device_id);
+            let m = &config.mqtt;
+            let delivery = match &mut delivery {
+                Some(d) => {
+                    d.settings(prefix, m.qos, m.max_message_bytes, m.reconnect_max);
+                    d
+                }
+                None => delivery.insert(Delivery::new(
+                    prefix,
+                    m.qos,
+                    m.max_message_bytes,
+                    m.reconnect_max,
+                )),
+            };
+            let client_id = m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("nanodetd-{}", config.device_id.as_str()));
+            log::info!(
+                "MQTT: connecting to {}:{} as {client_id}, topics under {}/",
+                m.host,
+                m.port,
+                delivery.prefix()
+            );
+            let mut link = match Link::open(m, &client_id, delivery.prefix()) {
+                Ok(link) => link,
                 Err(e) => {
-                    log::error!("MQTT: {e}; retrying in {backoff:?}");
+                    let retry_in = delivery.cannot_open();
+                    log::error!("MQTT: {e}; retrying in {retry_in:?}");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                         _ = self.config.changed() => {}
                         d = &mut drain => { let _ = d; return; }
                     }
-                    backoff = next_backoff(backoff, &config.mqtt);
                     continue;
                 }
             };
             loop {
                 tokio::select! {
-                    event = session.link.poll() => match event {
+                    event = link.poll() => match event {
                         Ok(LinkEvent::Connected) => {
-                            log::info!("MQTT: connected to {}:{}", config.mqtt.host, config.mqtt.port);
-                            if !first {
-                                self.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                            }
-                            first = false;
-                            connected_at = Instant::now();
-                            session.connected = true;
+                            log::info!("MQTT: connected to {}:{}", m.host, m.port);
+                            delivery.connected(Instant::now(), &mut link, &self.outbox);
                             self.status.connected.store(true, Ordering::Relaxed);
-                            // Before the announce fills rumqttc's channel.
-                            if self.sweep.connected()
-                                && !session.link.try_subscribe(&CountSweep::filter(&session.prefix))
-                            {
-                                self.sweep.not_subscribed();
-                            }
-                            self.announce(&mut session);
-                            self.feed(&mut session);
+                            self.status
+                                .reconnects
+                                .store(delivery.connections().saturating_sub(1), Ordering::Relaxed);
                         }
-                        Ok(LinkEvent::Subscribed) => {
-                            if self.sweep.subscribed() {
-                                session.link.try_unsubscribe(&CountSweep::filter(&session.prefix));
-                            }
-                        }
-                        Ok(LinkEvent::Unsubscribed) => self.sweep.unsubscribed(),
+                        Ok(LinkEvent::Subscribed) => delivery.subscribed(&mut link),
+                        Ok(LinkEvent::Unsubscribed) => delivery.unsubscribed(),
                         Ok(LinkEvent::Retained { topic, payload }) => {
-                            let ours = |t: &str| self.sets(&session, t);
-                            if let Some(zero) = sweep::stale_count(&session.prefix, &topic, &payload, ours) {
-                                log::info!(
-                                    "MQTT: {topic} was left retained at {} by an earlier run; publishing 0",
-                                    String::from_utf8_lossy(&payload)
-                                );
-                                self.outbox.push(zero);
-                            }
+                            delivery.retained_seen(&topic, &payload, &self.outbox);
                         }
-                        Ok(LinkEvent::Sent(pkid)) => { self.handle_sent(&mut session, pkid); self.feed(&mut session); }
-                        Ok(LinkEvent::Acked(pkid)) => { self.handle_acked(&mut session, pkid); self.feed(&mut session); }
-                        Ok(LinkEvent::Closed | LinkEvent::Other) => self.feed(&mut session),
+                        Ok(LinkEvent::Sent(pkid)) => {
+                            delivery.sent(pkid, &self.outbox);
+                            delivery.feed(&mut link, &self.outbox);
+                        }
+                        Ok(LinkEvent::Acked(pkid)) => {
+                            delivery.acked(pkid, &self.outbox);
+                            delivery.feed(&mut link, &self.outbox);
+                        }
+                        Ok(LinkEvent::Closed | LinkEvent::Other) => delivery.feed(&mut link, &self.outbox),
                         Err(e) => {
-                            // Back-off starts over only after a connection
-                            // that lasted: a broker that closes each one
-                            // right after its CONNACK is not retried at
-                            // the first step's rate for ever.
-                            if session.connected && connected_at.elapsed() >= STABLE_CONNECTION {
-                                backoff = Duration::from_millis(500);
-                            }
-                            if let Some(warning) = self.sweep.connection_lost() {
-                                log::warn!("MQTT: {warning}");
-                            }
-                            if session.connected {
-                                log::warn!("MQTT: connection lost: {e}; {} unacknowledged messages requeued", session.in_flight.len());
+                            let lost = delivery.lost(Instant::now(), &self.outbox);
+                            self.status.connected.store(false, Ordering::Relaxed);
+                            if lost.was_connected {
+                                log::warn!("MQTT: connection lost: {e}; {} unacknowledged messages requeued", lost.requeued);
                             } else {
-                                log::warn!("MQTT: cannot connect to {}:{}: {e}; retrying in {backoff:?}", config.mqtt.host, config.mqtt.port);
+                                log::warn!("MQTT: cannot connect to {}:{}: {e}; retrying in {:?}", m.host, m.port, lost.retry_in);
                             }
-                            self.requeue(&mut session);
-                            tokio::time::sleep(backoff).await;
-                            backoff = next_backoff(backoff, &config.mqtt);
+                            tokio::time::sleep(lost.retry_in).await;
                         }
                     },
-                    _ = self.outbox.0.notify.notified(), if session.connected => self.feed(&mut session),
+                    _ = self.outbox.0.notify.notified(), if delivery.is_connected() => {
+                        delivery.feed(&mut link, &self.outbox);
+                    }
                     changed = self.config.changed() => {
                         if changed.is_err() { return; }
                         let new = self.config.borrow().clone();
                         self.outbox.set_capacity(new.mqtt.queue);
-                        session.qos = new.mqtt.qos;
-                        if new.mqtt.needs_reconnect(&config.mqtt) || new.device_id != config.device_id {
+                        delivery.set_qos(new.mqtt.qos);
+                        if new.mqtt.needs_reconnect(m) || new.device_id != config.device_id {
                             log::info!("MQTT: settings changed, reconnecting");
                             // No flush: what is queued belongs under the
                             // new prefix, which may be on a new broker.
-                            self.close(&mut session, Duration::from_secs(1), false).await;
+                            self.close(delivery, &mut link, Duration::from_secs(1), false).await;
                             break;
                         }
                     }
                     d = &mut drain => {
                         let deadline = d.unwrap_or(Duration::from_secs(1));
-                        self.close(&mut session, deadline, true).await;
+                        self.close(delivery, &mut link, deadline, true).await;
                         return;
                     }
                 }
@@ -616,155 +567,35 @@ impl MqttTask {
         }
     }
 
-    /// Whether this run has set the retained `topic` (relative to the
-    /// prefix): acknowledged, in flight or queued.
-    fn sets(&self, session: &Session, topic: &str) -> bool {
-        self.retained.contains_key(topic)
-            || session.in_flight.iter().any(|f| f.message.topic == topic)
-            || self.outbox.holds(topic)
-    }
-
-    /// `online` and the last acknowledged retained state, on every connect.
-    fn announce(&self, session: &mut Session) {
-        let online = Message {
-            topic: "available".into(),
-            payload: b"online".to_vec(),
-            class: TopicClass::State,
-            retain: true,
-        };
-        for message in std::iter::once(&online).chain(self.retained.values()) {
-            let qos = qos_of(message.class, &session.qos);
-            let topic = format!("{}/{}", session.prefix, message.topic);
-            if session
-                .link
-                .try_publish(topic, qos, true, message.payload.clone())
-            {
-                session.in_flight.push_back(InFlight {
-                    message: message.clone(),
-                    qos,
-                    pkid: None,
-                    announce: true,
-                });
-            }
-        }
-    }
-
-    /// Moves messages from the outbox to rumqttc while it has room. One
-    /// that could never be sent, being larger than the packet limit, is
-    /// dropped and counted here: given to rumqttc it would fail the
-    /// connection, come back to the head of the queue, and block
-    /// everything behind it for good.
-    fn feed(&self, session: &mut Session) {
-        if !session.connected {
-            return;
-        }
-        while let Some(message) = self.outbox.pop() {
-            let qos = qos_of(message.class, &session.qos);
-            let topic = format!("{}/{}", session.prefix, message.topic);
-            let size = publish_size(&topic, &message.payload);
-            if size > session.max_message_bytes {
-                let n = self.outbox.0.oversized.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    log::warn!(
-                        "MQTT: dropped a {size}-byte message on {topic}, over mqtt.max_message_bytes = {} ({n} so far)",
-                        session.max_message_bytes
-                    );
-                }
-                continue;
-            }
-            if !session
-                .link
-                .try_publish(topic, qos, message.retain, message.payload.clone())
-            {
-                self.outbox.unpop(std::iter::once(message));
-                return;
-            }
-            session.in_flight.push_back(InFlight {
-                message,
-                qos,
-                pkid: None,
-                announce: false,
-            });
-        }
-    }
-
-    /// rumqttc sends in channel order, so the oldest unnumbered message is
-    /// the one just written.
-    fn handle_sent(&mut self, session: &mut Session, pkid: u16) {
-        let Some(i) = session.in_flight.iter().position(|f| f.pkid.is_none()) else {
-            return; // `offline` at shutdown
-        };
-        if session.in_flight[i].qos == 0 {
-            if let Some(done) = session.in_flight.remove(i) {
-                self.delivered(done);
-            }
-        } else {
-            session.in_flight[i].pkid = Some(pkid);
-        }
-    }
-
-    fn handle_acked(&mut self, session: &mut Session, pkid: u16) {
-        if let Some(i) = session.in_flight.iter().position(|f| f.pkid == Some(pkid))
-            && let Some(done) = session.in_flight.remove(i)
-        {
-            self.delivered(done);
-        }
-    }
-
-    fn delivered(&mut self, done: InFlight) {
-        if done.announce {
-            return;
-        }
-        let message = done.message;
-        if message.class == TopicClass::Events {
-            self.outbox
-                .0
-                .events_delivered
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        if message.retain {
-            self.retained.insert(message.topic.clone(), message);
-        }
-    }
-
-    fn requeue(&self, session: &mut Session) {
-        session.connected = false;
-        self.status.connected.store(false, Ordering::Relaxed);
-        let pending: Vec<Message> = session
-            .in_flight
-            .drain(..)
-            .filter(|f| !f.announce)
-            .map(|f| f.message)
-            .collect();
-        self.outbox.unpop(pending.into_iter());
-    }
-
     /// Delivers what is queued within `deadline` (with `flush`), then says
     /// `offline` and disconnects, so the last will is not needed.
-    async fn close(&mut self, session: &mut Session, deadline: Duration, flush: bool) {
+    async fn close(
+        &self,
+        delivery: &mut Delivery,
+        link: &mut Link,
+        deadline: Duration,
+        flush: bool,
+    ) {
+        let outbox = &self.outbox;
         let flush = async {
             while flush
-                && session.connected
-                && !(self.outbox.is_empty() && session.in_flight.is_empty())
+                && delivery.is_connected()
+                && !(outbox.is_empty() && delivery.in_flight() == 0)
             {
-                self.feed(session);
-                match session.link.poll().await {
-                    Ok(LinkEvent::Sent(p)) => self.handle_sent(session, p),
-                    Ok(LinkEvent::Acked(p)) => self.handle_acked(session, p),
+                delivery.feed(link, outbox);
+                match link.poll().await {
+                    Ok(LinkEvent::Sent(p)) => delivery.sent(p, outbox),
+                    Ok(LinkEvent::Acked(p)) => delivery.acked(p, outbox),
                     Ok(_) => {}
                     Err(_) => break,
                 }
             }
-            if !session.connected {
+            if !delivery.say_offline(link) {
                 return;
             }
-            let topic = format!("{}/available", session.prefix);
-            session
-                .link
-                .try_publish(topic, session.qos.state.get(), true, b"offline".to_vec());
-            session.link.try_disconnect();
+            link.try_disconnect();
             // Poll until rumqttc has written the disconnect.
-            while let Ok(e) = session.link.poll().await {
+            while let Ok(e) = link.poll().await {
                 if matches!(e, LinkEvent::Closed) {
                     break;
                 }
@@ -773,10 +604,11 @@ impl MqttTask {
         if tokio::time::timeout(deadline, flush).await.is_err() {
             log::warn!(
                 "MQTT: gave up flushing after {deadline:?}; {} messages undelivered",
-                self.outbox.snapshot().queued + session.in_flight.len()
+                outbox.snapshot().queued + delivery.in_flight()
             );
         }
-        self.requeue(session);
+        delivery.closed(outbox);
+        self.status.connected.store(false, Ordering::Relaxed);
     }
 }
 
@@ -810,21 +642,6 @@ fn secret_warnings(config: &MqttConfig) -> Vec<String> {
         }
     }
     warnings
-}
-
-/// An upper bound on the size of the PUBLISH packet carrying `payload` on
-/// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
-/// topic length (2), packet id (2), MQTT 5's empty properties (1), with
-/// room to spare.
-fn publish_size(topic: &str, payload: &[u8]) -> usize {
-    topic.len().saturating_add(payload.len()).saturating_add(16)
-}
-
-fn next_backoff(current: Duration, config: &MqttConfig) -> Duration {
-    // The config keeps reconnect_max within (0, 3600].
-    (current * 2).min(Duration::from_secs_f64(
-        f64::from(config.reconnect_max).max(0.5),
-    ))
 }
 
 #[cfg(test)]
