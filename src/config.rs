@@ -432,40 +432,56 @@ impl Default for MqttConfig {
     }
 }
 
+/// Why a configured embedded broker cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmbeddedBrokerError {
+    /// The build left the broker out.
+    #[error(
+        "this nanodetd was built without the embedded broker (cargo feature `embedded-broker`, left out of the packages); point host/port at a broker"
+    )]
+    NotCompiledIn,
+    /// `host` is a name other than `localhost`.
+    #[error(
+        "the embedded broker listens on loopback only: host must be \"localhost\" or a loopback address, not {0:?}"
+    )]
+    NotAnAddress(String),
+    /// `host` is an address off this machine.
+    #[error(
+        "the embedded broker listens on loopback only (it has no authentication): {0} is not a loopback address"
+    )]
+    NotLoopback(std::net::IpAddr),
+    /// TLS or credentials were configured for it.
+    #[error(
+        "the embedded broker is plain and anonymous: leave out [mqtt.tls], username and password_file"
+    )]
+    Secured,
+}
+
 impl MqttConfig {
     /// Where the embedded broker listens, when it is on and `host` is a
     /// loopback address (`localhost` is 127.0.0.1); `Err` says why a
     /// configured one cannot run.
-    pub fn embedded_broker_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+    pub fn embedded_broker_addr(
+        &self,
+    ) -> Result<Option<std::net::SocketAddr>, EmbeddedBrokerError> {
         if !self.embedded_broker {
             return Ok(None);
         }
         if cfg!(not(feature = "embedded-broker")) {
-            return Err(
-                "this nanodetd was built without the embedded broker (cargo feature `embedded-broker`, left out of the packages); point host/port at a broker"
-                    .into(),
-            );
+            return Err(EmbeddedBrokerError::NotCompiledIn);
         }
         let ip: std::net::IpAddr = if self.host == "localhost" {
             std::net::Ipv4Addr::LOCALHOST.into()
         } else {
-            self.host.parse().map_err(|_| {
-                format!(
-                    "the embedded broker listens on loopback only: host must be \"localhost\" or a loopback address, not {:?}",
-                    self.host
-                )
-            })?
+            self.host
+                .parse()
+                .map_err(|_| EmbeddedBrokerError::NotAnAddress(self.host.clone()))?
         };
         if !ip.is_loopback() {
-            return Err(format!(
-                "the embedded broker listens on loopback only (it has no authentication): {ip} is not a loopback address"
-            ));
+            return Err(EmbeddedBrokerError::NotLoopback(ip));
         }
         if self.tls.is_some() || self.username.is_some() || self.password_file.is_some() {
-            return Err(
-                "the embedded broker is plain and anonymous: leave out [mqtt.tls], username and password_file"
-                    .into(),
-            );
+            return Err(EmbeddedBrokerError::Secured);
         }
         Ok(Some(std::net::SocketAddr::new(ip, self.port)))
     }
@@ -1095,10 +1111,10 @@ impl Config {
             }
         }
         if let Err(reason) = self.mqtt.embedded_broker_addr() {
-            return Err(invalid("mqtt.embedded_broker".into(), reason));
+            return Err(invalid("mqtt.embedded_broker".into(), reason.to_string()));
         }
         if let Err(reason) = crate::quantize::parse_method(&self.model.int8.method) {
-            return Err(invalid("model.int8.method".into(), reason));
+            return Err(invalid("model.int8.method".into(), reason.to_string()));
         }
         self.check_ranges()
             .map_err(|(key, reason)| invalid(key, reason))?;

@@ -33,14 +33,14 @@ impl fmt::Display for BackendChoice {
 }
 
 impl std::str::FromStr for BackendChoice {
-    type Err = String;
+    type Err = super::UnknownBackend;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s == "auto" {
             return Ok(BackendChoice::Auto);
         }
         s.parse::<BackendKind>()
             .map(BackendChoice::Only)
-            .map_err(|e| format!("{e}, or auto"))
+            .map_err(|e| super::UnknownBackend { or_auto: true, ..e })
     }
 }
 
@@ -141,7 +141,7 @@ mod tests {
             "tract".parse::<BackendChoice>(),
             Ok(BackendChoice::Only(BackendKind::Tract))
         );
-        let err = "openvino".parse::<BackendChoice>().unwrap_err();
+        let err = "openvino".parse::<BackendChoice>().unwrap_err().to_string();
         assert!(err.contains("tract") && err.ends_with("or auto"), "{err}");
         assert_eq!(BackendChoice::Auto.to_string(), "auto");
     }

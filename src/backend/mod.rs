@@ -222,7 +222,7 @@ impl BatchOutputs {
     }
 }
 
-/// Backends compiled into this binary.
+/// Every backend nanodetd knows, whether or not this binary runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
@@ -230,19 +230,38 @@ pub enum BackendKind {
     Tract,
     /// ONNX Runtime's CPU execution provider, loaded at run time.
     OnnxRuntime,
-    /// TensorRT on an NVIDIA GPU (feature `tensorrt`).
-    #[cfg(feature = "tensorrt")]
+    /// TensorRT on an NVIDIA GPU. Only a build with the `tensorrt` feature
+    /// runs it; in others, opening it answers [`TENSORRT_NOT_COMPILED_IN`].
     TensorRt,
 }
 
+/// Why a build without the `tensorrt` feature cannot open TensorRT.
+pub const TENSORRT_NOT_COMPILED_IN: &str =
+    "not compiled in: this nanodetd was built without the `tensorrt` feature";
+
 impl BackendKind {
-    /// Every backend this binary can run.
+    /// Every backend nanodetd knows.
     pub const ALL: &[BackendKind] = &[
         BackendKind::Tract,
         BackendKind::OnnxRuntime,
-        #[cfg(feature = "tensorrt")]
         BackendKind::TensorRt,
     ];
+
+    /// Whether this binary can run it.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            BackendKind::Tract | BackendKind::OnnxRuntime => true,
+            BackendKind::TensorRt => cfg!(feature = "tensorrt"),
+        }
+    }
+
+    /// Every backend this binary can run, in [`BackendKind::ALL`]'s order.
+    pub fn compiled() -> impl DoubleEndedIterator<Item = BackendKind> {
+        BackendKind::ALL
+            .iter()
+            .copied()
+            .filter(|kind| kind.compiled_in())
+    }
 }
 
 impl BackendKind {
@@ -251,9 +270,7 @@ impl BackendKind {
     pub fn has_int8_kernels(self) -> bool {
         match self {
             BackendKind::Tract => false,
-            BackendKind::OnnxRuntime => true,
-            #[cfg(feature = "tensorrt")]
-            BackendKind::TensorRt => true,
+            BackendKind::OnnxRuntime | BackendKind::TensorRt => true,
         }
     }
 
@@ -261,7 +278,6 @@ impl BackendKind {
     pub fn has_fp16_kernels(self) -> bool {
         match self {
             BackendKind::Tract | BackendKind::OnnxRuntime => false,
-            #[cfg(feature = "tensorrt")]
             BackendKind::TensorRt => true,
         }
     }
@@ -272,25 +288,31 @@ impl fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Tract => "tract",
             BackendKind::OnnxRuntime => "onnxruntime",
-            #[cfg(feature = "tensorrt")]
             BackendKind::TensorRt => "tensorrt",
         })
     }
 }
 
+/// A backend name nanodetd does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend {name:?}; known: tract, onnxruntime, tensorrt{}", if *.or_auto { ", or auto" } else { "" })]
+pub struct UnknownBackend {
+    /// The name given.
+    pub name: String,
+    /// Whether `auto` was an option too.
+    pub or_auto: bool,
+}
+
 impl std::str::FromStr for BackendKind {
-    type Err = String;
+    type Err = UnknownBackend;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         BackendKind::ALL
             .iter()
             .copied()
             .find(|k| k.to_string() == s)
-            .ok_or_else(|| {
-                let known: Vec<String> = BackendKind::ALL.iter().map(|k| k.to_string()).collect();
-                format!(
-                    "unknown or not compiled-in backend {s:?}; this build has: {}",
-                    known.join(", ")
-                )
+            .ok_or_else(|| UnknownBackend {
+                name: s.to_owned(),
+                or_auto: false,
             })
     }
 }
@@ -347,26 +369,36 @@ pub fn open_engine(
             options,
             &options.onnxruntime,
         )?)),
-        #[cfg(feature = "tensorrt")]
-        BackendKind::TensorRt => {
-            let onnx = std::fs::read(model).map_err(|e| BackendError::ModelFile {
-                path: model.to_owned(),
-                reason: format!("cannot read model: {e}"),
-            })?;
-            let name = crate::model::file_name_stem(model);
-            let trt = tensorrt::TensorRtOptions {
-                // The command line's one switch for CUDA graphs, kept with
-                // ONNX Runtime's options, covers TensorRT's too.
-                cuda_graph: options.onnxruntime.cuda_graph,
-                ..tensorrt::TensorRtOptions::default()
-            };
-            let sources = tensorrt::OnnxSources {
-                fp32: &onnx,
-                qdq: None,
-            };
-            Ok(Arc::new(tensorrt::TrtEngine::open(&name, &sources, &trt)?))
-        }
+        BackendKind::TensorRt => open_tensorrt(model, options),
     }
+}
+
+#[cfg(feature = "tensorrt")]
+fn open_tensorrt(model: &Path, options: &EngineOptions) -> Result<Arc<dyn Engine>, BackendError> {
+    let onnx = std::fs::read(model).map_err(|e| BackendError::ModelFile {
+        path: model.to_owned(),
+        reason: format!("cannot read model: {e}"),
+    })?;
+    let name = crate::model::file_name_stem(model);
+    let trt = tensorrt::TensorRtOptions {
+        // The command line's one switch for CUDA graphs, kept with
+        // ONNX Runtime's options, covers TensorRT's too.
+        cuda_graph: options.onnxruntime.cuda_graph,
+        ..tensorrt::TensorRtOptions::default()
+    };
+    let sources = tensorrt::OnnxSources {
+        fp32: &onnx,
+        qdq: None,
+    };
+    Ok(Arc::new(tensorrt::TrtEngine::open(&name, &sources, &trt)?))
+}
+
+#[cfg(not(feature = "tensorrt"))]
+fn open_tensorrt(_: &Path, _: &EngineOptions) -> Result<Arc<dyn Engine>, BackendError> {
+    Err(BackendError::Unavailable {
+        backend: BackendKind::TensorRt,
+        reason: TENSORRT_NOT_COMPILED_IN.into(),
+    })
 }
 
 /// The engine `choice` names, opened by `open`; for `auto`, the fastest
@@ -379,10 +411,9 @@ pub fn open_chosen(
     match choice {
         BackendChoice::Only(kind) => open(kind),
         BackendChoice::Auto => choose_fastest(
-            BackendKind::ALL
-                .iter()
+            BackendKind::compiled()
                 .rev()
-                .map(|&kind| Contender {
+                .map(|kind| Contender {
                     kind,
                     open: Box::new(move || open(kind)),
                 })
@@ -428,11 +459,41 @@ mod tests {
 
     #[test]
     fn unknown_backend_lists_known_ones() {
-        let err = "openvino".parse::<BackendKind>().unwrap_err();
-        assert!(err.contains("this build has: tract, onnxruntime"), "{err}");
+        let err = "openvino".parse::<BackendKind>().unwrap_err().to_string();
         assert_eq!(
-            "tensorrt".parse::<BackendKind>().is_ok(),
-            cfg!(feature = "tensorrt")
+            err,
+            r#"unknown backend "openvino"; known: tract, onnxruntime, tensorrt"#
+        );
+        let err = "openvino".parse::<BackendChoice>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            r#"unknown backend "openvino"; known: tract, onnxruntime, tensorrt, or auto"#
+        );
+        // The list in the message is every backend there is.
+        let names: Vec<String> = BackendKind::ALL.iter().map(ToString::to_string).collect();
+        assert!(err.contains(&names.join(", ")), "{err}");
+        assert_eq!("tensorrt".parse(), Ok(BackendKind::TensorRt));
+        assert_eq!(
+            BackendKind::compiled().collect::<Vec<_>>().len(),
+            if cfg!(feature = "tensorrt") { 3 } else { 2 }
+        );
+    }
+
+    #[cfg(not(feature = "tensorrt"))]
+    #[test]
+    fn tensorrt_in_a_build_without_it_answers_not_compiled_in() {
+        let err = open_engine(
+            BackendKind::TensorRt,
+            Path::new("any.onnx"),
+            &EngineOptions::default(),
+        )
+        .err()
+        .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "tensorrt backend unavailable: not compiled in: this nanodetd was built without the `tensorrt` feature"
+            )
         );
     }
 }

@@ -190,7 +190,7 @@ pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Opt
     }
     let rewritten = match crate::model::dynamic_batch(onnx) {
         Ok((rewritten, _)) => rewritten,
-        Err(why) => return (onnx.to_vec(), 1, Some(why)),
+        Err(why) => return (onnx.to_vec(), 1, Some(why.to_string())),
     };
     let file = memo.join(format!(
         "batch-check-{}.txt",

@@ -37,16 +37,20 @@ impl CameraFormat {
     ];
 }
 
-impl std::str::FromStr for CameraFormat {
-    type Err = String;
+/// A pixel format name nanodetd does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: the formats are {names}", names = CameraFormat::NAMED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))]
+pub struct UnknownFormat(pub String);
 
-    fn from_str(s: &str) -> Result<CameraFormat, String> {
-        let names: Vec<&str> = CameraFormat::NAMED.iter().map(|(n, _)| *n).collect();
+impl std::str::FromStr for CameraFormat {
+    type Err = UnknownFormat;
+
+    fn from_str(s: &str) -> Result<CameraFormat, UnknownFormat> {
         CameraFormat::NAMED
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(s))
             .map(|(_, f)| *f)
-            .ok_or_else(|| format!("{s:?}: the formats are {}", names.join(", ")))
+            .ok_or_else(|| UnknownFormat(s.to_owned()))
     }
 }
 

@@ -11,9 +11,9 @@ mod userptr;
 mod v4l2;
 mod videodev2;
 
-pub use convert::{BufferLayout, CameraFormat, encode, to_frame};
+pub use convert::{BufferLayout, CameraFormat, UnknownFormat, encode, to_frame};
 pub use folder::{FolderError, FolderSource};
-pub use source::{Captured, Miss, RawBytes, Source};
+pub use source::{Captured, Miss, RawBytes, Source, SourceError};
 pub use userptr::{BufferLease, BufferPin, CaptureBuffer};
 pub use v4l2::{
     CaptureIo, FormatOffer, IfUnsupported, Negotiated, SizeOffer, V4l2Camera, V4l2Error,

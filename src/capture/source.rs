@@ -1,9 +1,11 @@
 //! A configured camera's source, whatever it is: the daemon's camera
 //! threads and `nanodetd calibrate` open cameras the same way.
 
+use std::path::PathBuf;
+
 use super::{
-    BufferLayout, BufferLease, CameraFormat, FolderSource, V4l2Camera, V4l2Error, V4l2Request,
-    to_frame,
+    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, V4l2Camera, V4l2Error,
+    V4l2Request, to_frame,
 };
 use crate::config::{CameraConfig, SourceConfig};
 use crate::frame::{Frame, FrameError};
@@ -128,24 +130,46 @@ pub enum Source {
     V4l2(Box<V4l2Camera>),
 }
 
+/// Why a source cannot go on: it is opened again, with back-off.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The image folder cannot be opened.
+    #[error(transparent)]
+    Folder(#[from] FolderError),
+    /// The camera cannot be opened, or failed while streaming.
+    #[error(transparent)]
+    V4l2(#[from] V4l2Error),
+    /// A replay file vanished: the folder is listed again.
+    #[error("{}: gone; listing the folder again", path.display())]
+    Vanished {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A whole pass of a replay folder was unreadable.
+    #[error("all {in_a_row} files in a row were unreadable or broken; listing the folder again")]
+    AllBroken {
+        /// How many.
+        in_a_row: usize,
+    },
+}
+
 /// Why a source gave no frame.
 #[derive(Debug)]
 pub enum Miss {
     /// One bad frame: count, skip.
     Broken(FrameError),
     /// The source is gone: re-open.
-    Lost(String),
+    Lost(SourceError),
     /// A replay has played every file.
     Finished,
 }
 
 impl Source {
-    /// Opens the source `camera` describes. The error is one line.
-    pub fn open(camera: &CameraConfig) -> Result<Source, String> {
+    /// Opens the source `camera` describes.
+    pub fn open(camera: &CameraConfig) -> Result<Source, SourceError> {
         match &camera.source {
-            SourceConfig::Folder(dir) => FolderSource::open(dir, camera.looping)
-                .map(|f| Source::Folder(f.with_max_pixels(camera.frame_budget())))
-                .map_err(|e| e.to_string()),
+            SourceConfig::Folder(dir) => Ok(FolderSource::open(dir, camera.looping)
+                .map(|f| Source::Folder(f.with_max_pixels(camera.frame_budget())))?),
             SourceConfig::V4l2(path) => {
                 let request = V4l2Request {
                     format: camera.format,
@@ -155,9 +179,7 @@ impl Source {
                     io: camera.io,
                     max_pixels: camera.frame_budget(),
                 };
-                V4l2Camera::open(path, &request)
-                    .map(|c| Source::V4l2(Box::new(c)))
-                    .map_err(|e| e.to_string())
+                Ok(V4l2Camera::open(path, &request).map(|c| Source::V4l2(Box::new(c)))?)
             }
         }
     }
@@ -173,23 +195,16 @@ impl Source {
     /// are gone or all broken would otherwise spin a core for good; opening
     /// it again lists the folder anew, with the caller's back-off. A live
     /// camera waits on its driver for each frame, so it carries on.
-    pub fn give_up_after_broken(&self, in_a_row: usize, error: &FrameError) -> Option<String> {
+    pub fn give_up_after_broken(&self, in_a_row: usize, error: &FrameError) -> Option<SourceError> {
         let Source::Folder(folder) = self else {
             return None;
         };
         if let FrameError::Read { path, source } = error
             && source.kind() == std::io::ErrorKind::NotFound
         {
-            return Some(format!(
-                "{}: gone; listing the folder again",
-                path.display()
-            ));
+            return Some(SourceError::Vanished { path: path.clone() });
         }
-        (in_a_row >= folder.files().len()).then(|| {
-            format!(
-                "all {in_a_row} files in a row were unreadable or broken; listing the folder again"
-            )
-        })
+        (in_a_row >= folder.files().len()).then_some(SourceError::AllBroken { in_a_row })
     }
 
     /// The next frame (blocking on a live camera).
@@ -208,7 +223,7 @@ impl Source {
             },
             Source::V4l2(camera) => camera.next_capture(raw).map_err(|e| match e {
                 V4l2Error::Broken(e) => Miss::Broken(e),
-                other => Miss::Lost(other.to_string()),
+                other => Miss::Lost(other.into()),
             }),
         }
     }
@@ -230,15 +245,21 @@ mod tests {
         }
         let source = Source::Folder(crate::capture::FolderSource::open(dir.path(), true).unwrap());
         let broken = Frame::decode(b"not an image", "a.jpg").unwrap_err();
-        assert_eq!(source.give_up_after_broken(1, &broken), None);
+        assert!(source.give_up_after_broken(1, &broken).is_none());
         let why = source.give_up_after_broken(2, &broken).unwrap();
-        assert!(why.contains("all 2 files"), "{why}");
+        assert!(
+            matches!(why, SourceError::AllBroken { in_a_row: 2 }),
+            "{why}"
+        );
         let gone = FrameError::Read {
             path: dir.path().join("a.jpg"),
             source: std::io::ErrorKind::NotFound.into(),
         };
-        let why = source.give_up_after_broken(1, &gone).unwrap();
-        assert!(why.contains("a.jpg: gone"), "{why}");
+        let why = source.give_up_after_broken(1, &gone).unwrap().to_string();
+        assert!(
+            why.ends_with("a.jpg: gone; listing the folder again"),
+            "{why}"
+        );
     }
 
     fn photo() -> Frame {

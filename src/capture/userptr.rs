@@ -40,6 +40,8 @@ pub struct CaptureBuffer {
 // never queues a leased index (see UserptrStream::next).
 #[allow(unsafe_code)]
 unsafe impl Send for CaptureBuffer {}
+// SAFETY: as for Send: shared references only read, and only while the
+// buffer is dequeued.
 #[allow(unsafe_code)]
 unsafe impl Sync for CaptureBuffer {}
 

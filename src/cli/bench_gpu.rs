@@ -64,7 +64,7 @@ pub struct BenchGpuArgs {
 }
 
 fn parse_format(s: &str) -> Result<CameraFormat, String> {
-    match s.parse::<CameraFormat>()? {
+    match s.parse::<CameraFormat>().map_err(|e| e.to_string())? {
         CameraFormat::Mjpeg => Err("the GPU path takes raw formats, not mjpeg".into()),
         format => Ok(format),
     }

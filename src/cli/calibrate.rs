@@ -81,8 +81,9 @@ pub fn run(args: &CalibrateArgs) -> Result<(), Failure> {
         .unwrap_or_else(|| config.model.int8.calibration.clone());
     std::fs::create_dir_all(&out)
         .map_err(|e| Failure::Runtime(anyhow!("{}: cannot create: {e}", out.display())))?;
-    let mut source = Source::open(camera)
-        .map_err(|e| Failure::Runtime(anyhow!("camera {}: {e}", args.camera)))?;
+    let mut source = Source::open(camera).map_err(|e| {
+        Failure::Runtime(anyhow::Error::new(e).context(format!("camera {}", args.camera)))
+    })?;
     let replay = source.is_replay();
 
     let mut last: Option<Thumbnail> = None;

@@ -211,6 +211,12 @@ mod tests {
             assert_eq!(format_name(format), name);
             assert_eq!(name.parse::<CameraFormat>(), Ok(format));
         }
-        assert!("h264".parse::<CameraFormat>().unwrap_err().contains("uyvy"));
+        assert!(
+            "h264"
+                .parse::<CameraFormat>()
+                .unwrap_err()
+                .to_string()
+                .contains("uyvy")
+        );
     }
 }

@@ -350,6 +350,14 @@ pub fn main() -> ExitCode {
         }
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {
+                if let nanodetd::backend::BackendChoice::Only(kind) = c.model.backend
+                    && !kind.compiled_in()
+                {
+                    eprintln!(
+                        "{}: warning: model.backend = \"{kind}\" is not compiled into this nanodetd; the daemon will run the model on tract, the CPU",
+                        file.display()
+                    );
+                }
                 println!(
                     "{}: ok ({} camera{})",
                     file.display(),

@@ -191,7 +191,10 @@ impl CameraRunner {
                     if reported.take().is_some() {
                         log::info!("camera {}: source is back", self.name());
                     }
-                    self.stream(source, &mut backoff)
+                    match self.stream(source, &mut backoff) {
+                        Some(miss) => miss,
+                        None => break, // asked to stop
+                    }
                 }
                 Err(e) => Miss::Lost(e),
             };
@@ -204,6 +207,7 @@ impl CameraRunner {
                 Miss::Lost(error) if !self.stopping() => {
                     self.counters.set_state(CameraState::Reopening);
                     self.counters.reopens.fetch_add(1, Ordering::Relaxed);
+                    let error = error.to_string();
                     // Log a new error once, not every back-off round.
                     if reported.as_ref() != Some(&error) {
                         log::error!(
@@ -224,8 +228,9 @@ impl CameraRunner {
         self.board.end(self.name());
     }
 
-    /// Delivers frames until the source is lost or finished, or a stop.
-    fn stream(&self, mut source: Source, backoff: &mut Duration) -> Miss {
+    /// Delivers frames until the source is lost or finished (that miss),
+    /// or a stop (None).
+    fn stream(&self, mut source: Source, backoff: &mut Duration) -> Option<Miss> {
         let replay = source.is_replay();
         // The config keeps fps within [0.001, 1000], so this is finite.
         let interval = self
@@ -249,11 +254,11 @@ impl CameraRunner {
                     }
                     broken_in_a_row += 1;
                     if let Some(why) = source.give_up_after_broken(broken_in_a_row, &e) {
-                        return Miss::Lost(why);
+                        return Some(Miss::Lost(why));
                     }
                     continue;
                 }
-                Err(miss) => return miss,
+                Err(miss) => return Some(miss),
             };
             broken_in_a_row = 0;
             *backoff = BACKOFF_FIRST;
@@ -263,7 +268,7 @@ impl CameraRunner {
                     // Replays are paced by the clock; a live camera by its
                     // driver, so only replays sleep.
                     if replay && !self.sleep_until(due) {
-                        return Miss::Lost("stopping".into());
+                        return None;
                     }
                     // After a stall, pace from now rather than racing to
                     // catch up.
@@ -277,11 +282,11 @@ impl CameraRunner {
                 };
                 let Some(copy) = copy else { break };
                 if !self.deliver(copy, replay && interval.is_none()) {
-                    return Miss::Lost("stopping".into());
+                    return None;
                 }
             }
         }
-        Miss::Lost("stopping".into())
+        None
     }
 
     /// Hands one frame to the detector. Replays without a rate wait for

@@ -6,19 +6,47 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{self, BackendKind, EngineOptions};
+use crate::backend::{self, BackendError, BackendKind, EngineOptions};
 use crate::config::ModelConfig;
-use crate::detector::{DetectionParams, Detector};
-use crate::engine_cache::ArtifactCache;
+use crate::detector::{DetectionParams, Detector, DetectorError};
+use crate::engine_cache::{ArtifactCache, CacheError};
 use crate::model::LayoutOverrides;
-use crate::quantize::{self, CalibrationSet, QuantizeOptions};
+use crate::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions, UnknownMethod};
+
+/// Why the INT8 model could not be made or found.
+#[derive(Debug, thiserror::Error)]
+pub enum Int8Error {
+    /// `model.int8.method` names no method.
+    #[error(transparent)]
+    Method(#[from] UnknownMethod),
+    /// The FP32 model cannot be read to key the cache.
+    #[error("cannot read the model: {0}")]
+    ReadModel(#[source] std::io::Error),
+    /// The FP32 model does not open on tract, whose preprocessing the
+    /// calibration repeats.
+    #[error(transparent)]
+    Fp32(#[from] BackendError),
+    /// Its layout is not a detector's.
+    #[error(transparent)]
+    Layout(#[from] DetectorError),
+    /// The calibration set or the calibration itself failed.
+    #[error(transparent)]
+    Quantize(#[from] QuantizeError),
+    /// Neither the cache nor the private temporary directory took it.
+    #[error("cannot cache the INT8 model: {cache}; nor in the temporary directory: {}", fallback.as_ref().map_or_else(|| "there is no private one".to_owned(), ToString::to_string))]
+    Store {
+        /// Why `model.cache` did not take it.
+        cache: CacheError,
+        /// Why the temporary directory did not, if there is one.
+        fallback: Option<CacheError>,
+    },
+}
 
 /// File kind of cached Q/DQ models.
 const KIND: &str = "int8.onnx";
 
 /// The Q/DQ model for `model`, from the cache or freshly calibrated.
-/// Errors are one readable line.
-pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
+pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
     let int8 = &model.int8;
     let options = QuantizeOptions {
         method: quantize::parse_method(&int8.method)?,
@@ -26,9 +54,8 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
         keep_float: int8.keep_float.clone(),
         equalize: int8.equalize,
     };
-    let set = CalibrationSet::scan(&int8.calibration, int8.images).map_err(|e| e.to_string())?;
-    let source_sha256 =
-        quantize::file_sha256(&model.path).map_err(|e| format!("cannot read the model: {e}"))?;
+    let set = CalibrationSet::scan(&int8.calibration, int8.images)?;
+    let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;
     let key = quantize::cache_key(&source_sha256, &set, &options);
     let stem = crate::model::file_name_stem(&model.path);
     let cache = ArtifactCache::new(&model.cache);
@@ -49,16 +76,14 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
     );
     // The calibration images are preprocessed exactly as inference will
     // preprocess frames, so the FP32 model's layout decides it.
-    let engine = backend::open_engine(BackendKind::Tract, &model.path, &EngineOptions::default())
-        .map_err(|e| e.to_string())?;
+    let engine = backend::open_engine(BackendKind::Tract, &model.path, &EngineOptions::default())?;
     let fp32 = Detector::new(
         engine,
         &LayoutOverrides::default(),
         None,
         DetectionParams::LIVE,
     )
-    .map(Arc::new)
-    .map_err(|e| e.to_string())?;
+    .map(Arc::new)?;
     let started = Instant::now();
     let mut progress = quantize::TenthsLog::new("INT8 calibration");
     let quantized = quantize::quantize(
@@ -67,8 +92,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
         &set,
         &options,
         &mut |done, total| progress.update(done, total),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     // A cache that cannot be written (full, read-only) must not cost the
     // calibration: the model goes to the temporary directory instead, and
     // the daemon runs it, where failing would restart into the same
@@ -76,17 +100,14 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, String> {
     let path = match cache.store(&stem, &key, KIND, &quantized.bytes) {
         Ok(path) => path,
         Err(e) => {
-            let path = fallback
-                .ok_or_else(|| "no private temporary directory".to_owned())
-                .and_then(|f| {
-                    f.store(&stem, &key, KIND, &quantized.bytes)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e2| {
-                    format!(
-                        "cannot cache the INT8 model: {e}; nor in the temporary directory: {e2}"
-                    )
-                })?;
+            let stored = match &fallback {
+                Some(f) => f.store(&stem, &key, KIND, &quantized.bytes).map_err(Some),
+                None => Err(None),
+            };
+            let path = match stored {
+                Ok(path) => path,
+                Err(fallback) => return Err(Int8Error::Store { cache: e, fallback }),
+            };
             log::warn!(
                 "cannot cache the INT8 model: {e}; running it from {} (model.cache needs room and write access, or the next start calibrates again)",
                 path.display()

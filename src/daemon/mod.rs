@@ -27,6 +27,18 @@ pub mod publisher;
 pub mod stats;
 #[cfg(feature = "tensorrt")]
 mod tensorrt;
+/// A build without TensorRT: a model configured for it falls back, as on a
+/// box without a GPU, and says why.
+#[cfg(not(feature = "tensorrt"))]
+mod tensorrt {
+    /// Always [`crate::backend::TENSORRT_NOT_COMPILED_IN`].
+    pub fn engine(
+        _: &crate::config::ModelConfig,
+        _: &std::path::Path,
+    ) -> Result<std::sync::Arc<dyn crate::backend::Engine>, String> {
+        Err(crate::backend::TENSORRT_NOT_COMPILED_IN.into())
+    }
+}
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,9 +111,7 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
     let file = match model.precision {
         Precision::Fp32 => model.path.clone(),
         Precision::Fp16 => {
-            if !BackendKind::ALL
-                .iter()
-                .any(|&kind| runs(kind) && kind.has_fp16_kernels()) {
+            if !BackendKind::compiled().any(|kind| runs(kind) && kind.has_fp16_kernels()) {
                 log::info!(
                     "precision fp16 applies to GPU engines; {} runs FP32",
                     model.backend
@@ -110,7 +120,6 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
             model.path.clone()
         }
         // TensorRT's own calibrator works from the FP32 model.
-        #[cfg(feature = "tensorrt")]
         Precision::Int8
             if model.backend == BackendChoice::Only(BackendKind::TensorRt)
                 && model.tensorrt.int8_mode == crate::config::Int8Mode::Calibrator =>
@@ -118,7 +127,7 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
             model.path.clone()
         }
         Precision::Int8 => {
-            let qdq = int8::qdq_model(model).map_err(failed)?;
+            let qdq = int8::qdq_model(model).map_err(|e| failed(e.to_string()))?;
             if let BackendChoice::Only(kind) = model.backend
                 && !kind.has_int8_kernels()
             {
@@ -136,7 +145,6 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
     let engine = match model.backend {
         // No GPU, no driver or no TensorRT on this box: the CPU runs the
         // same model, and the log and the stats topic say so.
-        #[cfg(feature = "tensorrt")]
         BackendChoice::Only(BackendKind::TensorRt) => match tensorrt::engine(model, &file) {
             Ok(engine) => engine,
             Err(why) => {
@@ -149,7 +157,6 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
             }
         },
         choice => backend::open_chosen(choice, &|kind| match kind {
-            #[cfg(feature = "tensorrt")]
             BackendKind::TensorRt => tensorrt::engine(model, &file).map_err(|reason| {
                 backend::BackendError::Unavailable {
                     backend: kind,

@@ -9,6 +9,7 @@
 use prost::Message;
 use tract_onnx::pb::{self, ModelProto, tensor_proto, tensor_shape_proto, type_proto};
 
+use super::RewriteError;
 use crate::quantize::graph::runtime_inputs;
 
 /// The symbolic batch dimension.
@@ -24,13 +25,13 @@ pub struct BatchRewrite {
     pub untouched: usize,
 }
 
-/// Rewrites `onnx` for a symbolic batch. The error is one line.
-pub fn dynamic_batch(onnx: &[u8]) -> Result<(Vec<u8>, BatchRewrite), String> {
-    let mut model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
-    let graph = model.graph.as_mut().ok_or("the model has no graph")?;
+/// Rewrites `onnx` for a symbolic batch.
+pub fn dynamic_batch(onnx: &[u8]) -> Result<(Vec<u8>, BatchRewrite), RewriteError> {
+    let mut model = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
+    let graph = model.graph.as_mut().ok_or(RewriteError::NoGraph)?;
     let inputs = runtime_inputs(graph);
     let [input] = inputs.as_slice() else {
-        return Err(format!("{} inputs; a detector has one", inputs.len()));
+        return Err(RewriteError::Inputs(inputs.len()));
     };
     let input = input.clone();
     for value in graph.input.iter_mut().filter(|v| v.name == input) {
@@ -95,22 +96,22 @@ pub fn dynamic_batch(onnx: &[u8]) -> Result<(Vec<u8>, BatchRewrite), String> {
 
 /// The image input's shape as declared in `onnx`, with a symbolic batch
 /// read as 1. Any other symbolic dimension is an error naming it.
-pub fn input_shape(onnx: &[u8]) -> Result<Vec<usize>, String> {
-    let model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
-    let graph = model.graph.as_ref().ok_or("the model has no graph")?;
+pub fn input_shape(onnx: &[u8]) -> Result<Vec<usize>, RewriteError> {
+    let model = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
+    let graph = model.graph.as_ref().ok_or(RewriteError::NoGraph)?;
     let inputs = runtime_inputs(graph);
     let [input] = inputs.as_slice() else {
-        return Err(format!("{} inputs; a detector has one", inputs.len()));
+        return Err(RewriteError::Inputs(inputs.len()));
     };
     let value = graph
         .input
         .iter()
         .find(|v| &v.name == input)
-        .ok_or_else(|| format!("input {input:?} is not declared"))?;
+        .ok_or_else(|| RewriteError::Undeclared(input.clone()))?;
     let Some(type_proto::Value::TensorType(t)) =
         value.r#type.as_ref().and_then(|t| t.value.as_ref())
     else {
-        return Err(format!("{input:?} is not a tensor"));
+        return Err(RewriteError::NotATensor(input.clone()));
     };
     let dims = t
         .shape
@@ -124,9 +125,10 @@ pub fn input_shape(onnx: &[u8]) -> Result<Vec<usize>, String> {
                 Ok(*v as usize)
             }
             (_, 0) => Ok(1),
-            (other, _) => Err(format!(
-                "input {input:?} dimension {i} is not fixed: {other:?}"
-            )),
+            (_, index) => Err(RewriteError::NotFixed {
+                input: input.clone(),
+                index,
+            }),
         })
         .collect()
 }
@@ -152,14 +154,14 @@ fn lead_one_to_zero(t: &mut pb::TensorProto) -> bool {
     }
 }
 
-fn set_leading_dim(value: &mut pb::ValueInfoProto) -> Result<(), String> {
+fn set_leading_dim(value: &mut pb::ValueInfoProto) -> Result<(), RewriteError> {
     let Some(type_proto::Value::TensorType(t)) =
         value.r#type.as_mut().and_then(|t| t.value.as_mut())
     else {
-        return Err(format!("{:?} is not a tensor", value.name));
+        return Err(RewriteError::NotATensor(value.name.clone()));
     };
     let Some(dim) = t.shape.as_mut().and_then(|s| s.dim.first_mut()) else {
-        return Err(format!("{:?} has no shape", value.name));
+        return Err(RewriteError::NoShape(value.name.clone()));
     };
     dim.value = Some(tensor_shape_proto::dimension::Value::DimParam(BATCH.into()));
     Ok(())

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use prost::Message;
 use tract_onnx::pb::{self, ModelProto, TensorProto, tensor_proto, type_proto};
 
+use super::RewriteError;
 use crate::quantize::graph::{read_f32, runtime_inputs};
 
 const FLOAT: i32 = tensor_proto::DataType::Float as i32;
@@ -25,16 +26,16 @@ pub struct HalfConversion {
 }
 
 /// `onnx` with every float weight in float16 and Casts at the input and
-/// outputs. The error is one line.
-pub fn to_fp16(onnx: &[u8]) -> Result<(Vec<u8>, HalfConversion), String> {
-    let mut model = ModelProto::decode(onnx).map_err(|e| format!("not an ONNX model: {e}"))?;
-    let graph = model.graph.as_mut().ok_or("the model has no graph")?;
+/// outputs.
+pub fn to_fp16(onnx: &[u8]) -> Result<(Vec<u8>, HalfConversion), RewriteError> {
+    let mut model = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
+    let graph = model.graph.as_mut().ok_or(RewriteError::NoGraph)?;
     if graph
         .node
         .iter()
         .any(|n| n.op_type == "QuantizeLinear" || n.op_type == "DequantizeLinear")
     {
-        return Err("a Q/DQ model keeps its float scales: build it as INT8 instead".into());
+        return Err(RewriteError::QdqToFp16);
     }
     // Inputs that the ONNX spec types as float32 whatever the data type.
     let must_stay_float: HashSet<String> = graph
@@ -105,9 +106,7 @@ pub fn to_fp16(onnx: &[u8]) -> Result<(Vec<u8>, HalfConversion), String> {
     graph.value_info.clear();
 
     let mut bytes = Vec::new();
-    model
-        .encode(&mut bytes)
-        .map_err(|e| format!("cannot encode the FP16 model: {e}"))?;
+    model.encode(&mut bytes).map_err(RewriteError::Encode)?;
     Ok((bytes, report))
 }
 
@@ -115,7 +114,7 @@ fn half_tensor(
     tensor: &mut TensorProto,
     keep: &HashSet<String>,
     report: &mut HalfConversion,
-) -> Result<(), String> {
+) -> Result<(), RewriteError> {
     if tensor.data_type != FLOAT {
         return Ok(());
     }
@@ -123,7 +122,7 @@ fn half_tensor(
         report.kept_float += 1;
         return Ok(());
     }
-    let values = read_f32(tensor).map_err(|e| e.to_string())?;
+    let values = read_f32(tensor)?;
     tensor.raw_data = values
         .iter()
         .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())

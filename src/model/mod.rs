@@ -6,6 +6,7 @@ mod decode;
 mod fp16;
 mod layout;
 mod limits;
+mod rewrite;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ pub use layout::{
 pub use limits::{
     MAX_INPUT_SIDE, MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, SizeError, check_file_sizes, check_sizes,
 };
+pub use rewrite::RewriteError;
 
 /// The 80 COCO class names in NanoDet's training order, used when no
 /// class-name file is given.

@@ -92,17 +92,22 @@ pub fn method_name(method: Method) -> String {
     }
 }
 
+/// A calibration method name that is none of the known ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown calibration method {0:?}; known: entropy, percentile, percentile:P (0 < P <= 100), minmax"
+)]
+pub struct UnknownMethod(pub String);
+
 /// Parses `entropy`, `minmax`, `percentile` (99.99) or `percentile:P`.
-pub fn parse_method(s: &str) -> Result<Method, String> {
+pub fn parse_method(s: &str) -> Result<Method, UnknownMethod> {
     match s {
         "entropy" => Ok(Method::Entropy),
         "minmax" => Ok(Method::MinMax),
         "percentile" => Ok(Method::Percentile(99.99)),
         other => match other.strip_prefix("percentile:").map(str::parse::<f64>) {
             Some(Ok(p)) if p > 0.0 && p <= 100.0 => Ok(Method::Percentile(p)),
-            _ => Err(format!(
-                "unknown calibration method {other:?}; known: entropy, percentile, percentile:P (0 < P <= 100), minmax"
-            )),
+            _ => Err(UnknownMethod(other.to_owned())),
         },
     }
 }
@@ -495,6 +500,11 @@ mod tests {
             Method::Percentile(99.99)
         );
         assert!(parse_method("percentile:120").is_err());
-        assert!(parse_method("kl").unwrap_err().contains("known: entropy"));
+        assert!(
+            parse_method("kl")
+                .unwrap_err()
+                .to_string()
+                .contains("known: entropy")
+        );
     }
 }

@@ -147,7 +147,14 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
             );
         }
     }
-    // Bad input is one line, not a panic.
+    // Bad input is a typed error, not a panic.
     let garbage = to_fp16(b"not onnx").unwrap_err();
-    assert!(garbage.contains("not an ONNX model"), "{garbage}");
+    assert!(
+        matches!(garbage, nanodetd::model::RewriteError::Decode(_)),
+        "{garbage}"
+    );
+    assert!(
+        garbage.to_string().starts_with("not an ONNX model: "),
+        "{garbage}"
+    );
 }

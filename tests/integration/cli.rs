@@ -358,4 +358,20 @@ fn check_config_accepts_the_shipped_example_and_rejects_bad_edits() {
             && err.contains("must be within [0, 1]"),
         "{err}"
     );
+
+    // A backend this build lacks is no error (the daemon falls back to
+    // the CPU), but check-config says so.
+    let trt = dir.path().join("tensorrt.toml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let text = text.replacen("backend = \"tract\"", "backend = \"tensorrt\"", 1);
+    assert!(text.contains("backend = \"tensorrt\""));
+    std::fs::write(&trt, text).unwrap();
+    let o = nanodetd(&["check-config", trt.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.contains("model.backend = \"tensorrt\" is not compiled into this nanodetd"),
+        !cfg!(feature = "tensorrt"),
+        "{err}"
+    );
 }

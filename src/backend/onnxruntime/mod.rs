@@ -45,10 +45,22 @@ fn unavailable(reason: String) -> BackendError {
     }
 }
 
+/// ONNX Runtime's library could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "ONNX Runtime: {source} (set ORT_DYLIB_PATH or [model.onnxruntime] library to libonnxruntime.so 1.{minor} or newer; the PyPI onnxruntime wheel ships it in onnxruntime/capi/)",
+    minor = ort::MINOR_VERSION
+)]
+pub struct LibraryError {
+    /// What ort reported (the path, dlopen's message, or the API version).
+    #[source]
+    pub source: ort::LoadDynamicError,
+}
+
 /// Loads ONNX Runtime: `ORT_DYLIB_PATH`, else `configured`, else
 /// [`DEFAULT_LIBRARY`]. Once one has loaded, later calls return its path
 /// (a process holds one ONNX Runtime).
-pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, String> {
+pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, LibraryError> {
     let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(path) = loaded.as_ref() {
         return Ok(path.clone());
@@ -62,13 +74,7 @@ pub fn load_library(configured: Option<&Path>) -> Result<PathBuf, String> {
             environment.with_name("nanodetd").commit();
             path.clone()
         })
-        .map_err(|e| {
-            format!(
-                "ONNX Runtime: {e} (set ORT_DYLIB_PATH or [model.onnxruntime] library to libonnxruntime.so {}.{} or newer; the PyPI onnxruntime wheel ships it in onnxruntime/capi/)",
-                1,
-                ort::MINOR_VERSION
-            )
-        });
+        .map_err(|source| LibraryError { source });
     if let Ok(path) = &outcome {
         *loaded = Some(path.clone());
     }
@@ -190,7 +196,7 @@ impl OnnxRuntimeEngine {
             path: path.to_owned(),
             reason,
         };
-        load_library(runtime.library.as_deref()).map_err(unavailable)?;
+        load_library(runtime.library.as_deref()).map_err(|e| unavailable(e.to_string()))?;
         let onnx = std::fs::read(path).map_err(|e| fail(format!("cannot read model: {e}")))?;
         if onnx.is_empty() {
             return Err(fail("empty file (0 bytes), not an ONNX model".into()));
@@ -331,10 +337,10 @@ impl OnnxRuntimeEngine {
                 .with_cuda_graph(self.options.cuda_graph && provider == Provider::Cuda);
             #[cfg(feature = "cuda")]
             if let Some(gpu) = &self.gpu {
-                // SAFETY: the stream is the Gpu's, which every session of
-                // this engine holds (an Arc) for as long as it lives.
                 #[allow(unsafe_code)]
                 {
+                    // SAFETY: the stream is the Gpu's, which every session
+                    // of this engine holds (an Arc) for as long as it lives.
                     cuda = unsafe { cuda.with_compute_stream(gpu.stream().cu_stream().cast()) };
                 }
             }

@@ -47,8 +47,20 @@ impl fmt::Display for TrtVersion {
     }
 }
 
+/// What TensorRT, or the shim around it, reported when a call failed: the
+/// C++ side hands over text, kept whole here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TrtError(pub String);
+
+impl From<&str> for TrtError {
+    fn from(message: &str) -> TrtError {
+        TrtError(message.to_owned())
+    }
+}
+
 /// Calls a shim function that reports failure through an error buffer.
-fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TrtError> {
     let mut error = vec![0u8; 8192];
     if call(error.as_mut_ptr().cast(), error.len()) == 0 {
         return Ok(());
@@ -56,11 +68,11 @@ fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
     let message = CStr::from_bytes_until_nul(&error)
         .map(|m| m.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Err(if message.is_empty() {
+    Err(TrtError(if message.is_empty() {
         "TensorRT failed without a message".into()
     } else {
         message
-    })
+    }))
 }
 
 /// Copies and frees a shim-allocated buffer.
@@ -103,6 +115,7 @@ pub struct TensorRt {
 // and runtimes are made per call.
 #[allow(unsafe_code)]
 unsafe impl Send for TensorRt {}
+// SAFETY: as for Send.
 #[allow(unsafe_code)]
 unsafe impl Sync for TensorRt {}
 
@@ -184,6 +197,7 @@ unsafe extern "C" fn forward_calibration(user: *mut c_void, input: *const c_char
     // SAFETY: `user` is the `&mut dyn FnMut` build() passed, alive for the
     // whole build; `input` is NUL-terminated.
     let next = unsafe { &mut *user.cast::<&mut dyn FnMut(&str) -> Option<u64>>() };
+    // SAFETY: as above.
     let input = unsafe { CStr::from_ptr(input) }.to_string_lossy();
     next(&input).map_or(std::ptr::null_mut(), |address| address as *mut c_void)
 }
@@ -203,6 +217,7 @@ unsafe extern "C" fn forward_progress(
     // SAFETY: `user` is the `&mut ProgressCallback` build() passed, alive
     // for the whole build; `phase` is NUL-terminated.
     let callback = unsafe { &mut *user.cast::<ProgressCallback<'_>>() };
+    // SAFETY: as above.
     let phase = unsafe { CStr::from_ptr(phase) }.to_string_lossy();
     let progress = match event {
         0 => BuildProgress::PhaseStart {
@@ -222,7 +237,7 @@ impl TensorRt {
     /// Loads TensorRT: from the directory given at build time
     /// (`TENSORRT_LIB` / `TENSORRT_ROOT`), else through the loader's path.
     #[allow(unsafe_code)]
-    pub fn open() -> Result<Arc<TensorRt>, String> {
+    pub fn open() -> Result<Arc<TensorRt>, TrtError> {
         // SAFETY: a constant.
         let major = unsafe { ffi::ndt_header_major() };
         let mut attempts = Vec::new();
@@ -234,7 +249,7 @@ impl TensorRt {
             ));
         }
         attempts.push((None, None));
-        let mut why = String::new();
+        let mut why = TrtError::from("no library to try");
         for (infer, parser) in attempts {
             let path = |p: Option<std::path::PathBuf>| {
                 p.and_then(|p| CString::new(p.display().to_string()).ok())
@@ -300,7 +315,7 @@ impl TensorRt {
         timing_cache: &[u8],
         mut progress: ProgressCallback<'_>,
         calibration: Option<Calibration<'_>>,
-    ) -> Result<BuildOutput, String> {
+    ) -> Result<BuildOutput, TrtError> {
         let (table, mut next_batch) = match calibration {
             Some(c) => (c.table, Some(c.next_batch)),
             None => (&[][..], None),
@@ -382,7 +397,7 @@ impl TensorRt {
         self: &Arc<Self>,
         plan: &[u8],
         dla_core: Option<u32>,
-    ) -> Result<LoadedPlan, String> {
+    ) -> Result<LoadedPlan, TrtError> {
         let mut raw = std::ptr::null_mut();
         checked(|error, len| {
             // SAFETY: `plan` outlives the call (TensorRT copies it).
@@ -415,14 +430,21 @@ impl TensorRt {
                 rank: 0,
                 dims: [0; 8],
             };
+            // SAFETY: a live engine, an index below its count, an out
+            // struct on this frame.
             if unsafe { ffi::ndt_engine_tensor(raw.as_ptr(), index, &mut info) } != 0
                 || info.name.is_null()
             {
-                return Err(format!("cannot read I/O tensor {index} of the plan"));
+                return Err(TrtError(format!(
+                    "cannot read I/O tensor {index} of the plan"
+                )));
             }
             let rank = info.rank.clamp(0, 8) as usize;
+            // SAFETY: checked non-null above; TensorRT's name is
+            // NUL-terminated and lives as long as the engine.
+            let name = unsafe { CStr::from_ptr(info.name) }.to_owned();
             loaded.tensors.push(TensorBinding {
-                name: unsafe { CStr::from_ptr(info.name) }.to_owned(),
+                name,
                 is_input: info.is_input != 0,
                 data_type: info.data_type,
                 dims: info.dims[..rank].to_vec(),
@@ -459,6 +481,7 @@ pub struct LoadedPlan {
 // creating contexts from several threads.
 #[allow(unsafe_code)]
 unsafe impl Send for LoadedPlan {}
+// SAFETY: as for Send.
 #[allow(unsafe_code)]
 unsafe impl Sync for LoadedPlan {}
 
@@ -478,7 +501,7 @@ impl LoadedPlan {
 
     /// A new execution context.
     #[allow(unsafe_code)]
-    pub fn context(self: &Arc<Self>) -> Result<ExecutionContext, String> {
+    pub fn context(self: &Arc<Self>) -> Result<ExecutionContext, TrtError> {
         let mut raw = std::ptr::null_mut();
         checked(|error, len| {
             // SAFETY: a live engine.
@@ -513,7 +536,7 @@ impl Drop for ExecutionContext {
 impl ExecutionContext {
     /// Sets a dynamic input's shape for the next enqueue.
     #[allow(unsafe_code)]
-    pub fn set_input_shape(&mut self, name: &CStr, dims: &[i64]) -> Result<(), String> {
+    pub fn set_input_shape(&mut self, name: &CStr, dims: &[i64]) -> Result<(), TrtError> {
         checked(|error, len| {
             // SAFETY: live context, valid C string, `dims` of `rank`.
             unsafe {
@@ -535,7 +558,7 @@ impl ExecutionContext {
     /// `address` must point to device memory large enough for the tensor
     /// at the shape set, alive until the enqueued work has finished.
     #[allow(unsafe_code)]
-    pub unsafe fn set_tensor_address(&mut self, name: &CStr, address: u64) -> Result<(), String> {
+    pub unsafe fn set_tensor_address(&mut self, name: &CStr, address: u64) -> Result<(), TrtError> {
         checked(|error, len| {
             // SAFETY: live context, valid C string; the address is the
             // caller's promise.
@@ -557,7 +580,7 @@ impl ExecutionContext {
     /// Every tensor must be bound to live device memory, and `stream`
     /// must belong to the context the memory was allocated in.
     #[allow(unsafe_code)]
-    pub unsafe fn enqueue(&mut self, stream: *mut c_void) -> Result<(), String> {
+    pub unsafe fn enqueue(&mut self, stream: *mut c_void) -> Result<(), TrtError> {
         checked(|error, len| {
             // SAFETY: the caller's promise.
             unsafe { ffi::ndt_context_enqueue(self.raw.as_ptr(), stream, error, len) }

@@ -268,10 +268,10 @@ impl PlanBuilder for TrtPlanBuilder<'_> {
             true
         };
         let built = match self.calibrator {
-            None => {
-                self.tensorrt
-                    .build(self.onnx, &self.request, &timing, &mut on_progress, None)?
-            }
+            None => self
+                .tensorrt
+                .build(self.onnx, &self.request, &timing, &mut on_progress, None)
+                .map_err(|e| e.to_string())?,
             Some((set, spec, gpu, ref table_path)) => {
                 let built =
                     self.build_calibrated(set, spec, gpu, table_path, &timing, &mut on_progress)?;
@@ -342,16 +342,18 @@ impl TrtPlanBuilder<'_> {
             }
             None
         };
-        self.tensorrt.build(
-            self.onnx,
-            &self.request,
-            timing,
-            on_progress,
-            Some(Calibration {
-                table: &table,
-                next_batch: &mut next_batch,
-            }),
-        )
+        self.tensorrt
+            .build(
+                self.onnx,
+                &self.request,
+                timing,
+                on_progress,
+                Some(Calibration {
+                    table: &table,
+                    next_batch: &mut next_batch,
+                }),
+            )
+            .map_err(|e| e.0)
     }
 }
 
@@ -367,10 +369,10 @@ pub struct TrtEngine {
     report: EngineReport,
 }
 
-fn unavailable(reason: String) -> BackendError {
+fn unavailable(reason: impl ToString) -> BackendError {
     BackendError::Unavailable {
         backend: BackendKind::TensorRt,
-        reason,
+        reason: reason.to_string(),
     }
 }
 
@@ -410,7 +412,7 @@ impl TrtEngine {
             (TrtPrecision::Int8Qdq, Some(qdq)) => qdq,
             (TrtPrecision::Int8Qdq, None) => {
                 return Err(unavailable(
-                    "INT8 from Q/DQ asked, but no Q/DQ model was given".into(),
+                    "INT8 from Q/DQ asked, but no Q/DQ model was given",
                 ));
             }
             (TrtPrecision::Fp16, _) if version.major >= 11 => {
@@ -495,7 +497,7 @@ impl TrtEngine {
                 )),
                 (None, TrtPrecision::Int8Calibrator) => {
                     return Err(unavailable(
-                        "int8_mode \"calibrator\" needs calibration images".into(),
+                        "int8_mode \"calibrator\" needs calibration images",
                     ));
                 }
                 _ => None,
@@ -503,7 +505,9 @@ impl TrtEngine {
         };
         let (loaded, provenance) = cache
             .get_or_build(&key, &builder, &mut |bytes| {
-                tensorrt.load(bytes, plan.dla_core)
+                tensorrt
+                    .load(bytes, plan.dla_core)
+                    .map_err(|e| e.to_string())
             })
             .map_err(unavailable)?;
         let loaded = Arc::new(loaded);
@@ -743,12 +747,13 @@ impl DeviceSession for TrtSession {
         }
         let stream = self.gpu.stream().clone();
         let run = |e: String| BackendError::Run(e);
+        let trt = |e: library::TrtError| BackendError::Run(e.0);
         if self.dynamic {
             let mut dims: Vec<i64> = self.input.dims.clone();
             dims[0] = images as i64;
             self.context
                 .set_input_shape(&self.input.name, &dims)
-                .map_err(run)?;
+                .map_err(trt)?;
         }
         let context = &mut self.context;
         let cu_stream = stream.cu_stream();
@@ -756,7 +761,7 @@ impl DeviceSession for TrtSession {
             .run(images, &mut || {
                 // SAFETY: every tensor is bound to a live buffer of this
                 // session, allocated in the stream's context.
-                unsafe { context.enqueue(cu_stream.cast()) }
+                unsafe { context.enqueue(cu_stream.cast()) }.map_err(|e| e.0)
             })
             .map_err(run)?;
         let copy = |e| run(GpuError::driver("copying outputs to the host")(e).to_string());
