@@ -885,16 +885,25 @@ pub enum ConfigError {
         /// Its size, or the bytes read before giving up.
         size: u64,
     },
-    /// Values that do not fit together.
-    #[error("{path}: {key}: {reason}")]
+    /// Values out of range or that do not fit together: every one found,
+    /// in the file's order of sections, so one edit can fix them all.
+    #[error("{path}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// The key, as a dotted path.
-        key: String,
-        /// What is wrong.
-        reason: String,
+        /// What is wrong, at least one.
+        problems: Vec<Problem>,
     },
+}
+
+/// One value that is out of range or does not fit with another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct Problem {
+    /// The key, as a dotted path.
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
 }
 
 impl Config {
@@ -934,7 +943,7 @@ impl Config {
     /// time and arithmetic bounded: the first key outside its range, and
     /// why. A value that parses is not enough (`history = 2^64 - 1` once
     /// aborted the daemon on its first frame).
-    fn check_ranges(&self) -> Result<(), (String, String)> {
+    fn check_ranges(&self) -> Vec<Problem> {
         let mut ranges = RangeCheck::default();
         let m = &self.model;
         ranges.int("model.max_detections", m.max_detections, 1, MAX_DETECTIONS);
@@ -1077,73 +1086,73 @@ impl Config {
             );
         }
         ranges.int("filters", self.filters.len(), 0, 10_000);
-        ranges.first.map_or(Ok(()), Err)
+        ranges.problems
     }
 
     /// Rules that span fields.
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, reason: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            reason,
-        };
+        let mut problems = Vec::new();
+        let mut invalid = |key: String, reason: String| problems.push(Problem { key, reason });
         if self.cameras.is_empty() {
-            return Err(invalid(
-                "camera".into(),
-                "at least one [[camera]] is needed".into(),
-            ));
+            invalid("camera".into(), "at least one [[camera]] is needed".into());
         }
         let mut names = BTreeSet::new();
         for (i, cam) in self.cameras.iter().enumerate() {
             if !names.insert(cam.name.as_str()) {
-                return Err(invalid(
+                invalid(
                     format!("camera[{i}].name"),
                     format!("{:?} is used by an earlier camera", cam.name.as_str()),
-                ));
+                );
             }
         }
         for (label, f) in &self.filters {
             if f.min_area > f.max_area || f.min_ratio > f.max_ratio {
-                return Err(invalid(
+                invalid(
                     format!("filters.{label}"),
                     "min_area/min_ratio must not exceed max_area/max_ratio".into(),
-                ));
+                );
             }
         }
         if let Err(reason) = self.mqtt.embedded_broker_addr() {
-            return Err(invalid("mqtt.embedded_broker".into(), reason.to_string()));
+            invalid("mqtt.embedded_broker".into(), reason.to_string());
         }
         if let Err(reason) = crate::quantize::parse_method(&self.model.int8.method) {
-            return Err(invalid("model.int8.method".into(), reason.to_string()));
+            invalid("model.int8.method".into(), reason.to_string());
         }
-        self.check_ranges()
-            .map_err(|(key, reason)| invalid(key, reason))?;
         let mqtt = &self.mqtt;
         if let Some(prefix) = &mqtt.prefix
             && let Some(level) = prefix
                 .split('/')
                 .find(|l| TopicLevel::try_from(l.to_string()).is_err())
         {
-            return Err(invalid(
+            invalid(
                 "mqtt.prefix".into(),
                 format!("level {level:?} is empty or holds +, # or a control character"),
-            ));
+            );
         }
         if let Some(tls) = &mqtt.tls
             && tls.cert.is_some() != tls.key.is_some()
         {
-            return Err(invalid(
+            invalid(
                 "mqtt.tls".into(),
                 "cert and key go together: give both or neither".into(),
-            ));
+            );
         }
         if mqtt.password_file.is_some() && mqtt.username.is_none() {
-            return Err(invalid(
+            invalid(
                 "mqtt.password_file".into(),
                 "a password needs mqtt.username".into(),
-            ));
+            );
         }
-        Ok(())
+        problems.extend(self.check_ranges());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
     }
 }
 
@@ -1201,14 +1210,15 @@ wide!(u16, u32, u64, usize);
 /// Collects the first key outside its range.
 #[derive(Default)]
 struct RangeCheck {
-    first: Option<(String, String)>,
+    problems: Vec<Problem>,
 }
 
 impl RangeCheck {
     fn fail(&mut self, key: &str, reason: String) {
-        if self.first.is_none() {
-            self.first = Some((key.to_owned(), reason));
-        }
+        self.problems.push(Problem {
+            key: key.to_owned(),
+            reason,
+        });
     }
 
     fn int<T: Wide>(&mut self, key: &str, v: T, lo: T, hi: T) {
@@ -1277,6 +1287,31 @@ source = { v4l2 = "/dev/video0" }
     }
 
     /// Issue 17: values that parsed and then aborted or starved the
+    /// One edit should fix every problem: check reports them all.
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = format!(
+            "{MINIMAL}\n[tracker]\nhistory = 0\nmatch_iou = 2.0\n[mqtt]\nusername_is_missing_but = 1\n"
+        );
+        // An unknown key stops the parser: the file is not read further.
+        assert!(parse(&text).is_err());
+        let text = format!(
+            "{MINIMAL}\n[mqtt]\npassword_file = \"/p\"\nqueue = 0\n[tracker]\nhistory = 0\n"
+        );
+        let err = parse(&text).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["mqtt.password_file", "mqtt.queue", "tracker.history"]);
+        let line = err.to_string();
+        assert!(
+            line.ends_with("; tracker.history: must be within 1..=100, got 0"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "one line for the journal: {line}");
+    }
+
     /// daemon (`history = 2^64 - 1`: "capacity overflow" on the first
     /// frame) are refused by check-config, naming the key.
     #[test]
