@@ -1,7 +1,9 @@
-//! The hand-off between camera threads and the detector: one slot per
-//! camera holding only its newest frame. A live camera never waits for the
-//! detector; a frame replaced before the detector took it is a drop, and
-//! counted. Replays without a set rate wait instead, so none is lost.
+//! The detector thread's one inbox: one slot per camera holding only its
+//! newest frame, and, ahead of any frame, the daemon's [`Control`]
+//! messages (new settings, a loaded model, stop), in the order sent. A
+//! live camera never waits for the detector; a frame replaced before the
+//! detector took it is a drop, and counted. Replays without a set rate
+//! wait instead, so none is lost.
 //!
 //! The detector serves cameras in turn: of those with a frame waiting, the
 //! one served longest ago, so under overload every camera is served once
@@ -13,12 +15,14 @@
 //! frames again as the rest. Cameras never served, or waiting equally
 //! long, go in the order their frames came.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::pipeline::LoadedModel;
 use crate::capture::Captured;
+use crate::config::Config;
 
 /// Now, in seconds since the Unix epoch: the clock events and frames are
 /// stamped with (0 if the clock is before 1970).
@@ -41,9 +45,33 @@ pub struct CapturedFrame {
     pub wall_time: f64,
 }
 
+/// What the rest of the daemon tells the detector thread.
+pub enum Control {
+    /// New settings: the hot ones apply from the next frame.
+    Config(Arc<Config>),
+    /// A model loaded in the background, swapped in if still wanted.
+    /// Boxed: it holds its whole `[model]` table, and one arrives per
+    /// reload at most.
+    Model(Box<LoadedModel>),
+    /// Finish the frames waiting, end every object, return.
+    Stop,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::Config(_) => f.write_str("Config"),
+            Control::Model(m) => write!(f, "Model({})", m.config.path.display()),
+            Control::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
 /// What the detector gets next.
 #[derive(Debug)]
 pub enum Work {
+    /// A message from the daemon: always before any frame.
+    Control(Control),
     /// A frame to detect in.
     Frame(CapturedFrame),
     /// The camera's thread has stopped (source ended, camera removed or
@@ -73,13 +101,21 @@ impl Slot {
     }
 }
 
-/// Newest-frame slots of every camera.
+/// What the board's lock guards.
+#[derive(Debug, Default)]
+struct Inbox {
+    slots: BTreeMap<String, Slot>,
+    control: VecDeque<Control>,
+}
+
+/// Newest-frame slots of every camera, and the control messages.
 #[derive(Debug, Default)]
 pub struct FrameBoard {
-    slots: Mutex<BTreeMap<String, Slot>>,
+    inbox: Mutex<Inbox>,
     /// Frames taken so far; changed only with `slots` locked.
     services: AtomicU64,
-    /// Signalled when a frame arrives (detector) or is taken (replays).
+    /// Signalled when a frame or a message arrives (detector) or a frame
+    /// is taken (replays).
     changed: Condvar,
     /// Set while the detector runs on a GPU that converts camera buffers
     /// itself: cameras then hand over raw buffers instead of converting.
@@ -98,16 +134,26 @@ impl FrameBoard {
         self.raw_wanted.store(raw, Ordering::Relaxed);
     }
 
-    fn slots(&self) -> MutexGuard<'_, BTreeMap<String, Slot>> {
-        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the detector something; it hears it before any frame.
+    pub fn send(&self, control: Control) {
+        self.inbox().control.push_back(control);
+        self.changed.notify_all();
     }
 
     /// Offers a frame, replacing an untaken one. Returns true when a frame
     /// was replaced (dropped).
     pub fn put(&self, frame: CapturedFrame) -> bool {
-        let mut slots = self.slots();
-        let dropped = slots.entry(frame.camera.clone()).or_default().fill(frame);
-        drop(slots);
+        let mut inbox = self.inbox();
+        let dropped = inbox
+            .slots
+            .entry(frame.camera.clone())
+            .or_default()
+            .fill(frame);
+        drop(inbox);
         self.changed.notify_all();
         dropped
     }
@@ -122,21 +168,29 @@ impl FrameBoard {
         frame: CapturedFrame,
         timeout: Duration,
     ) -> Result<(), CapturedFrame> {
-        let mut slots = self.slots();
+        let mut inbox = self.inbox();
         let deadline = Instant::now() + timeout;
-        while slots.get(&frame.camera).is_some_and(|s| s.frame.is_some()) {
+        while inbox
+            .slots
+            .get(&frame.camera)
+            .is_some_and(|s| s.frame.is_some())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(frame);
             }
-            slots = self
+            inbox = self
                 .changed
-                .wait_timeout(slots, left)
+                .wait_timeout(inbox, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        slots.entry(frame.camera.clone()).or_default().fill(frame);
-        drop(slots);
+        inbox
+            .slots
+            .entry(frame.camera.clone())
+            .or_default()
+            .fill(frame);
+        drop(inbox);
         self.changed.notify_all();
         Ok(())
     }
@@ -144,17 +198,25 @@ impl FrameBoard {
     /// Marks a camera's thread as stopped; the detector hears of it after
     /// taking its last frame.
     pub fn end(&self, camera: &str) {
-        self.slots().entry(camera.to_owned()).or_default().ended = true;
+        self.inbox()
+            .slots
+            .entry(camera.to_owned())
+            .or_default()
+            .ended = true;
         self.changed.notify_all();
     }
 
-    /// The frame of the camera whose turn it is (served longest ago, so no
-    /// camera starves), or a camera's end; `None` after `timeout` with
-    /// nothing to do.
+    /// A control message, else the frame of the camera whose turn it is
+    /// (served longest ago, so no camera starves), else a camera's end;
+    /// `None` after `timeout` with nothing to do.
     pub fn next(&self, timeout: Duration) -> Option<Work> {
-        let mut slots = self.slots();
+        let mut inbox = self.inbox();
         let deadline = Instant::now() + timeout;
         loop {
+            if let Some(control) = inbox.control.pop_front() {
+                return Some(Work::Control(control));
+            }
+            let slots = &mut inbox.slots;
             let turn = slots
                 .iter()
                 .filter(|(_, s)| s.frame.is_some())
@@ -171,7 +233,7 @@ impl FrameBoard {
                     s.last_served = service;
                     s.frame.take()
                 });
-                drop(slots);
+                drop(inbox);
                 self.changed.notify_all();
                 return frame.map(Work::Frame);
             }
@@ -183,17 +245,18 @@ impl FrameBoard {
             if left.is_zero() {
                 return None;
             }
-            slots = self
+            inbox = self
                 .changed
-                .wait_timeout(slots, left)
+                .wait_timeout(inbox, left)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
     }
 
-    /// Whether any frame is waiting.
-    pub fn has_frames(&self) -> bool {
-        self.slots().values().any(|s| s.frame.is_some())
+    /// Whether any frame or message is waiting.
+    pub fn has_work(&self) -> bool {
+        let inbox = self.inbox();
+        !inbox.control.is_empty() || inbox.slots.values().any(|s| s.frame.is_some())
     }
 }
 
@@ -306,8 +369,36 @@ mod tests {
                 Captured::Raw { .. } => format!("{} raw", f.camera),
             },
             Some(Work::Ended(c)) => format!("{c} ended"),
+            Some(Work::Control(c)) => format!("{c:?}"),
             None => "none".into(),
         }
+    }
+
+    #[test]
+    fn control_messages_come_before_any_frame_in_the_order_sent() {
+        let board = FrameBoard::default();
+        board.put(captured("a", 1));
+        assert!(board.has_work());
+        board.send(Control::Stop);
+        let config = Config::parse(
+            "[model]\npath = \"m.onnx\"\n[[camera]]\nname = \"a\"\nsource = { folder = \"/a\" }\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        board.send(Control::Config(Arc::new(config)));
+        let order: Vec<String> = (0..4).map(|_| tag(board.next(Duration::ZERO))).collect();
+        assert_eq!(order, ["Stop", "Config", "a 1", "none"]);
+        assert!(!board.has_work());
+    }
+
+    #[test]
+    fn a_message_wakes_a_detector_waiting_for_frames() {
+        let board = Arc::new(FrameBoard::default());
+        let sender = Arc::clone(&board);
+        let waiter = std::thread::spawn(move || tag(board.next(Duration::from_secs(60))));
+        std::thread::sleep(Duration::from_millis(20));
+        sender.send(Control::Stop);
+        assert_eq!(waiter.join().unwrap(), "Stop");
     }
 
     #[test]

@@ -42,7 +42,7 @@ mod tensorrt {
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -57,7 +57,7 @@ use crate::detector::{DetectionParams, Detector, DetectorError};
 use crate::model::{self, LayoutOverrides};
 use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
 use crate::watchdog::{self, Heartbeats};
-use board::FrameBoard;
+use board::{Control, FrameBoard};
 use camera::{CameraState, CameraTask};
 use pipeline::DetectorTask;
 use stats::Latencies;
@@ -299,26 +299,22 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let latencies = Arc::new(Mutex::new(Latencies::default()));
 
     // The detector thread, then a thread per camera.
-    let (model_tx, model_rx) = std::sync::mpsc::channel();
     let in_service = Arc::new(Mutex::new(pipeline::ModelInService::new(
         config.model.clone(),
         &detector,
     )));
     let models = ModelLoads {
-        results: model_tx,
+        results: board.clone(),
         generation: pipeline::ModelGeneration::default(),
         in_service: Arc::clone(&in_service),
     };
-    let stop_detector = Arc::new(AtomicBool::new(false));
     let detector_task = DetectorTask {
         board: board.clone(),
-        config: config_rx.clone(),
-        models: model_rx,
+        config: config.clone(),
         in_service: in_service.clone(),
         outbox: outbox.clone(),
         latencies: latencies.clone(),
         heartbeat: heartbeats.register("detector"),
-        stop: stop_detector.clone(),
     };
     let detector_thread = std::thread::Builder::new()
         .name("detector".into())
@@ -363,6 +359,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
             changed = config_rx.changed() => {
                 if changed.is_err() { break; }
                 let new = config_rx.borrow_and_update().clone();
+                board.send(Control::Config(new.clone()));
                 apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
                 current = new;
             }
@@ -385,7 +382,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     for camera in cameras.values() {
         camera.request_stop();
     }
-    stop_detector.store(true, Ordering::Relaxed);
+    board.send(Control::Stop);
     let joined = tokio::task::spawn_blocking(move || {
         for camera in cameras.values_mut() {
             camera.stop(Duration::from_millis(300));
@@ -475,8 +472,8 @@ fn apply(
 
 /// Background model loads, and which of them is wanted.
 struct ModelLoads {
-    /// Where finished loads go (the detector thread).
-    results: std::sync::mpsc::Sender<pipeline::LoadedModel>,
+    /// Where finished loads go: the detector thread's inbox.
+    results: Arc<FrameBoard>,
     /// The load the config wants now.
     generation: pipeline::ModelGeneration,
     /// The model the detector runs.
@@ -521,12 +518,12 @@ impl ModelLoads {
         let outbox = outbox.clone();
         tokio::task::spawn_blocking(move || match probe_and_load(&model) {
             Ok(detector) => {
-                let _ = results.send(pipeline::LoadedModel {
+                results.send(Control::Model(Box::new(pipeline::LoadedModel {
                     generation,
                     wanted,
                     config: model,
                     detector,
-                });
+                })));
             }
             Err(e) => {
                 log::error!("{e}; keeping the running model");

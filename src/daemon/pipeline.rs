@@ -6,14 +6,11 @@
 //! in between two frames; new hot settings apply at the next frame.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
-use super::board::{CapturedFrame, FrameBoard, Work, wall_time};
+use super::board::{CapturedFrame, Control, FrameBoard, Work, wall_time};
 use super::publisher::{Action, CameraPublisher, Seen, Settings};
 use super::stats::{Latencies, Stage};
 use crate::capture::Captured;
@@ -158,13 +155,11 @@ impl LoadedModel {
 
 /// The detector thread's state.
 pub struct DetectorTask {
-    /// Frames in.
+    /// Frames and control messages in: new settings, models loaded in the
+    /// background (swapped in if still wanted), stop.
     pub board: Arc<FrameBoard>,
-    /// Hot settings.
-    pub config: watch::Receiver<Arc<Config>>,
-    /// Models loaded in the background, with their settings, swapped in
-    /// when they arrive, if still wanted.
-    pub models: Receiver<LoadedModel>,
+    /// The settings at start.
+    pub config: Arc<Config>,
     /// The settings of the model in service, for the stats: after a failed
     /// or pending reload they differ from the config's.
     pub in_service: Arc<Mutex<ModelInService>>,
@@ -174,56 +169,56 @@ pub struct DetectorTask {
     pub latencies: Arc<Mutex<Latencies>>,
     /// Liveness for the watchdog.
     pub heartbeat: Heartbeat,
-    /// Set at shutdown: finish the frames waiting, end every object, return.
-    pub stop: Arc<AtomicBool>,
 }
 
 impl DetectorTask {
-    /// Runs until stopped, starting with `session`.
-    pub fn run(mut self, mut session: DetectorSession) {
-        let mut config = self.config.borrow_and_update().clone();
+    /// Runs until told to stop, starting with `session`.
+    pub fn run(self, mut session: DetectorSession) {
+        let mut config = self.config.clone();
         let mut cameras: BTreeMap<String, CameraPublisher> = BTreeMap::new();
         // A GPU session converts camera buffers in its kernel: cameras
         // skip their own conversion.
         self.board.set_raw_wanted(session.on_gpu());
+        let mut stopping = false;
         loop {
             self.heartbeat.touch();
-            // A load that a later config superseded (a slow INT8 build
-            // finishing after a quick one) never goes into service.
-            let wanted = self.models.try_iter().filter(|m| m.is_wanted()).last();
-            if let Some(LoadedModel {
-                config: model,
-                detector,
-                ..
-            }) = wanted
-            {
-                match detector.session() {
-                    Ok(s) => {
-                        log::info!("detector: new model in service: {}", model.path.display());
-                        *self
-                            .in_service
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) =
-                            ModelInService::new(model, &detector);
-                        session = s;
-                        self.board.set_raw_wanted(session.on_gpu());
-                        self.retune(&config, &session, &mut cameras);
-                    }
-                    Err(e) => log::error!("detector: new model unusable, keeping the old: {e}"),
-                }
-            }
-            if self.config.has_changed().unwrap_or(false) {
-                config = self.config.borrow_and_update().clone();
-                self.retune(&config, &session, &mut cameras);
-            }
-            let stopping = self.stop.load(Ordering::Relaxed);
-            if stopping && !self.board.has_frames() {
+            if stopping && !self.board.has_work() {
                 break;
             }
             match self
                 .board
                 .next(if stopping { Duration::ZERO } else { IDLE })
             {
+                Some(Work::Control(Control::Config(new))) => {
+                    config = new;
+                    self.retune(&config, &session, &mut cameras);
+                }
+                // A load that a later config superseded (a slow INT8 build
+                // finishing after a quick one) never goes into service.
+                Some(Work::Control(Control::Model(loaded))) if loaded.is_wanted() => {
+                    let LoadedModel {
+                        config: model,
+                        detector,
+                        ..
+                    } = *loaded;
+                    match detector.session() {
+                        Ok(s) => {
+                            log::info!("detector: new model in service: {}", model.path.display());
+                            *self
+                                .in_service
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner) =
+                                ModelInService::new(model, &detector);
+                            session = s;
+                            self.board.set_raw_wanted(session.on_gpu());
+                            self.retune(&config, &session, &mut cameras);
+                        }
+                        Err(e) => log::error!("detector: new model unusable, keeping the old: {e}"),
+                    }
+                }
+                Some(Work::Control(Control::Model(_))) => {}
+                // Finish the frames waiting, then end every object.
+                Some(Work::Control(Control::Stop)) => stopping = true,
                 Some(Work::Frame(frame)) => {
                     self.handle_frame(frame, &config, &mut session, &mut cameras)
                 }
