@@ -156,6 +156,7 @@ while time.monotonic() < end:
         sys.exit(f"soak: the daemon exited {daemon.returncode}; see {work}/daemon.log")
     samples.append((now - start, rss()))
     rss_log.write(f"{now - start:.1f}\t{samples[-1][1]}\n")
+    rss_log.flush()
     if now >= next_edit:
         edits += 1
         write_config(config(60.0 + edits % 2))
@@ -214,6 +215,13 @@ print(f"soak: RSS medians over {window:.0f} s: {first_window / 2**20:.1f} MiB af
 print(f"soak: RSS first sample after warm-up {after[0][1] / 2**20:.1f} MiB, "
       f"peak {max(r for _, r in after) / 2**20:.1f} MiB, overall peak "
       f"{max(r for _, r in samples) / 2**20:.1f} MiB")
+# RSS swings with the photos on show (each camera's frames are 0.4 to
+# 2.8 MB), between levels a window's median can flip between: the lowest
+# and highest samples of the same windows say whether the levels moved.
+low = min(r for t, r in after if t < WARM_UP + window), min(r for t, r in after if t >= duration - window)
+high = max(r for t, r in after if t < WARM_UP + window), max(r for t, r in after if t >= duration - window)
+print(f"soak: RSS lowest {low[0] / 2**20:.1f} then {low[1] / 2**20:.1f} MiB, highest "
+      f"{high[0] / 2**20:.1f} then {high[1] / 2**20:.1f} MiB (first and last windows)")
 medians = [f"{m} min {median([r for t, r in samples if m * 60 <= t < (m + 5) * 60]) / 2**20:.1f}"
            for m in range(0, int(duration // 60) - 4, 5)]
 print("soak: RSS median of each 5 minutes (MiB): " + ", ".join(medians))

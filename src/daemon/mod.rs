@@ -349,6 +349,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let mut current = config;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_stats = Instant::now();
+    let mut last_trim = Instant::now();
     let mut reporter = Reporter::new(started);
     loop {
         tokio::select! {
@@ -364,6 +365,10 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 current = new;
             }
             _ = tick.tick() => {
+                if last_trim.elapsed() >= crate::allocator::TRIM_EVERY {
+                    last_trim = Instant::now();
+                    crate::allocator::return_free_memory();
+                }
                 let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
