@@ -1303,7 +1303,10 @@ source = { v4l2 = "/dev/video0" }
             panic!("{err}");
         };
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["mqtt.password_file", "mqtt.queue", "tracker.history"]);
+        assert_eq!(
+            keys,
+            ["mqtt.password_file", "mqtt.queue", "tracker.history"]
+        );
         let line = err.to_string();
         assert!(
             line.ends_with("; tracker.history: must be within 1..=100, got 0"),
