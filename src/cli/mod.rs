@@ -78,6 +78,9 @@ enum Command {
         /// The libonnxruntime to load (else the default search).
         #[arg(long, requires = "onnxruntime")]
         onnxruntime_library: Option<PathBuf>,
+        /// ONNX Runtime's execution provider: cpu, cuda or tensorrt.
+        #[arg(long, requires = "onnxruntime", default_value = "cpu", value_parser = parse_provider)]
+        provider: Provider,
         /// The ONNX file.
         file: PathBuf,
     },
@@ -275,7 +278,7 @@ impl ThresholdArgs {
 fn probe_model(
     max_memory: Option<u64>,
     kind: backend::BackendKind,
-    onnxruntime_library: Option<PathBuf>,
+    onnxruntime: OnnxRuntimeOptions,
     file: &std::path::Path,
 ) -> Result<(), Failure> {
     use nanodetd::frame::{Frame, PixelFormat};
@@ -286,10 +289,7 @@ fn probe_model(
     let bad = |e: anyhow::Error| Failure::BadInput(e.context(file.display().to_string()));
     model::check_file_sizes(file).map_err(|e| bad(e.into()))?;
     let options = EngineOptions {
-        onnxruntime: backend::onnxruntime::OnnxRuntimeOptions {
-            library: onnxruntime_library,
-            ..Default::default()
-        },
+        onnxruntime,
         ..EngineOptions::default()
     };
     let engine = backend::open_engine(kind, file, &options).map_err(|e| bad(e.into()))?;
@@ -309,6 +309,14 @@ fn probe_model(
         .map_err(|e| bad(e.into()))?;
     let mut session = detector.session().map_err(|e| bad(e.into()))?;
     session.detect(&frame).map_err(|e| bad(e.into()))?;
+    // The daemon does not read it; a person or a test running the probe
+    // by hand sees where it ran.
+    println!(
+        "{}: loaded and ran once on {}: {}",
+        file.display(),
+        detector.engine().backend(),
+        detector.engine().notes().join("; ")
+    );
     Ok(())
 }
 
@@ -339,6 +347,7 @@ pub fn main() -> ExitCode {
             max_memory,
             onnxruntime,
             onnxruntime_library,
+            provider,
             file,
         } => {
             let kind = if onnxruntime {
@@ -346,7 +355,12 @@ pub fn main() -> ExitCode {
             } else {
                 backend::BackendKind::Tract
             };
-            probe_model(max_memory, kind, onnxruntime_library, &file)
+            let ort = OnnxRuntimeOptions {
+                library: onnxruntime_library,
+                provider,
+                ..Default::default()
+            };
+            probe_model(max_memory, kind, ort, &file)
         }
         Command::CheckConfig { file } => nanodetd::config::Config::load(&file)
             .map(|c| {

@@ -186,14 +186,15 @@ pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> 
 fn probe_and_load(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
     if let Some(exe) = probe::probe_executable() {
         let library = model.onnxruntime.library.as_deref();
-        for engine in probe::engines_to_probe(model.backend, library) {
+        let provider = onnxruntime_options(model).provider;
+        for engine in probe::engines_to_probe(model.backend, library, provider) {
             match probe::verdict(&probe::run_probe(&exe, &model.path, &engine)) {
                 Ok(None) => {}
                 Ok(Some(warning)) => log::warn!("{warning}"),
                 Err(refusal) => {
                     return Err(DaemonError::Model {
                         path: model.path.clone(),
-                        reason: format!("{refusal} [trial load on {}]", engine.backend()),
+                        reason: format!("{refusal} [trial load on {}]", engine.name()),
                     });
                 }
             }
@@ -431,8 +432,9 @@ fn start_camera(
     }
 }
 
-/// Applies a new valid config: hot settings already reach the detector
-/// and MQTT tasks through the watch channel; here, the cold parts. A
+/// Applies a new valid config: hot settings reach the detector through
+/// its inbox and the MQTT task through the watch channel; here, the cold
+/// parts. A
 /// changed camera restarts alone; a changed model loads in the background
 /// and is swapped in when ready, so detection never pauses.
 fn apply(

@@ -9,8 +9,10 @@
 //! model is loaded, `nanodetd probe-model` loads it and runs it once on a
 //! blank frame, under an address-space limit, with each engine the daemon
 //! may run it on ([`engines_to_probe`]): tract, and ONNX Runtime on the
-//! CPU, whose C++ loader a hostile model may crash too. TensorRT's builder
-//! is not probed: a build takes minutes. Only a child that crashed (a
+//! CPU, whose C++ loader a hostile model may crash too, then on its CUDA
+//! provider where the daemon would use it. TensorRT's builder, and ONNX
+//! Runtime's TensorRT provider, are not probed: a build takes minutes, more
+//! on a Jetson than a probe may take. Only a child that crashed (a
 //! signal, or out of time) refuses the model; one that refused it cleanly
 //! leaves the verdict to the backend, which says why in its own words when
 //! the daemon loads it.
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::backend::onnxruntime::Provider;
 use crate::backend::{BackendChoice, BackendKind};
 
 /// The engine a probe loads the model with.
@@ -27,12 +30,13 @@ use crate::backend::{BackendChoice, BackendKind};
 pub enum ProbeEngine {
     /// tract, as the daemon runs it.
     Tract,
-    /// ONNX Runtime's CPU provider, from this library (else the default
-    /// search). Its GPU providers share the graph loading that a hostile
-    /// model attacks.
-    OnnxRuntimeCpu {
+    /// ONNX Runtime with this provider, from this library (else the
+    /// default search).
+    OnnxRuntime {
         /// `[model.onnxruntime] library`.
         library: Option<PathBuf>,
+        /// The CPU's, or CUDA's.
+        provider: Provider,
     },
 }
 
@@ -41,38 +45,75 @@ impl ProbeEngine {
     pub fn backend(&self) -> BackendKind {
         match self {
             ProbeEngine::Tract => BackendKind::Tract,
-            ProbeEngine::OnnxRuntimeCpu { .. } => BackendKind::OnnxRuntime,
+            ProbeEngine::OnnxRuntime { .. } => BackendKind::OnnxRuntime,
         }
+    }
+
+    /// Whether the child runs under [`PROBE_ADDRESS_SPACE`]. A CUDA context
+    /// reserves more address space than any such limit, so a GPU probe
+    /// runs without one; [`engines_to_probe`] puts the CPU probe of the
+    /// same model, which bounds its memory, first.
+    pub fn bounded(&self) -> bool {
+        !matches!(
+            self,
+            ProbeEngine::OnnxRuntime {
+                provider: Provider::Cuda | Provider::TensorRt,
+                ..
+            }
+        )
     }
 
     /// The `probe-model` arguments that select this engine.
     pub fn args(&self) -> Vec<OsString> {
+        let ProbeEngine::OnnxRuntime { library, provider } = self else {
+            return Vec::new();
+        };
+        let mut args: Vec<OsString> = vec!["--onnxruntime".into()];
+        if let Some(library) = library {
+            args.extend(["--onnxruntime-library".into(), library.into()]);
+        }
+        if *provider != Provider::Cpu {
+            args.extend(["--provider".into(), provider.name().into()]);
+        }
+        args
+    }
+
+    /// How the refusal names it: `tract`, `onnxruntime`, `onnxruntime
+    /// (CUDA)`.
+    pub fn name(&self) -> String {
         match self {
-            ProbeEngine::Tract => Vec::new(),
-            ProbeEngine::OnnxRuntimeCpu { library: None } => vec!["--onnxruntime".into()],
-            ProbeEngine::OnnxRuntimeCpu {
-                library: Some(library),
-            } => vec![
-                "--onnxruntime".into(),
-                "--onnxruntime-library".into(),
-                library.into(),
-            ],
+            ProbeEngine::OnnxRuntime {
+                provider: provider @ (Provider::Cuda | Provider::TensorRt),
+                ..
+            } => format!("{} ({provider})", self.backend()),
+            _ => self.backend().to_string(),
         }
     }
 }
 
-/// The engines to probe a model with, for the backend the config chose:
-/// those the daemon may run it on. TensorRT falls back to tract; `auto`
-/// may pick ONNX Runtime or tract.
-pub fn engines_to_probe(choice: BackendChoice, library: Option<&Path>) -> Vec<ProbeEngine> {
-    let onnxruntime = ProbeEngine::OnnxRuntimeCpu {
+/// The engines to probe a model with, for the backend the config chose
+/// and ONNX Runtime's provider (as the daemon resolves it): those the
+/// daemon may run it on. TensorRT falls back to tract; `auto` may pick
+/// ONNX Runtime or tract. ONNX Runtime's CUDA provider comes after its CPU
+/// one, whose probe bounds the model's memory.
+pub fn engines_to_probe(
+    choice: BackendChoice,
+    library: Option<&Path>,
+    provider: Provider,
+) -> Vec<ProbeEngine> {
+    let onnxruntime = |provider| ProbeEngine::OnnxRuntime {
         library: library.map(Path::to_path_buf),
+        provider,
     };
-    match choice {
-        BackendChoice::Only(BackendKind::OnnxRuntime) => vec![onnxruntime],
-        BackendChoice::Auto => vec![ProbeEngine::Tract, onnxruntime],
-        BackendChoice::Only(_) => vec![ProbeEngine::Tract],
+    let mut engines = match choice {
+        BackendChoice::Only(BackendKind::OnnxRuntime) => vec![onnxruntime(Provider::Cpu)],
+        BackendChoice::Auto => vec![ProbeEngine::Tract, onnxruntime(Provider::Cpu)],
+        BackendChoice::Only(_) => return vec![ProbeEngine::Tract],
+    };
+    if provider == Provider::Cuda {
+        engines.push(onnxruntime(Provider::Cuda));
     }
+    engines
 }
 
 /// The probe's address-space limit: tract runs NanoDet-Plus 416 in well
@@ -132,10 +173,17 @@ pub fn verdict(outcome: &ProbeOutcome) -> Result<Option<String>, ProbeRefusal> {
 /// Runs `exe probe-model` on `model` with `engine` and waits for it.
 pub fn run_probe(exe: &Path, model: &Path, engine: &ProbeEngine) -> ProbeOutcome {
     use std::os::unix::process::ExitStatusExt;
+    let limit: Vec<OsString> = if engine.bounded() {
+        vec![
+            "--max-memory".into(),
+            PROBE_ADDRESS_SPACE.to_string().into(),
+        ]
+    } else {
+        Vec::new()
+    };
     let child = Command::new(exe)
         .arg("probe-model")
-        .arg("--max-memory")
-        .arg(PROBE_ADDRESS_SPACE.to_string())
+        .args(limit)
         .args(engine.args())
         .arg(model)
         .stdin(Stdio::null())
@@ -211,24 +259,48 @@ mod tests {
     #[test]
     fn the_engines_probed_are_those_the_daemon_may_run() {
         let lib = Path::new("/opt/ort/libonnxruntime.so");
-        let ort = ProbeEngine::OnnxRuntimeCpu {
+        let ort = |provider| ProbeEngine::OnnxRuntime {
             library: Some(lib.to_path_buf()),
+            provider,
         };
+        let (cpu, cuda) = (ort(Provider::Cpu), ort(Provider::Cuda));
         let only = BackendChoice::Only;
+        let probed = |choice, provider| engines_to_probe(choice, Some(lib), provider);
+        for provider in [Provider::Cpu, Provider::Cuda] {
+            assert_eq!(
+                probed(only(BackendKind::Tract), provider),
+                [ProbeEngine::Tract]
+            );
+            assert_eq!(
+                probed(only(BackendKind::TensorRt), provider),
+                [ProbeEngine::Tract],
+                "TensorRT falls back to tract"
+            );
+        }
         assert_eq!(
-            engines_to_probe(only(BackendKind::Tract), Some(lib)),
-            [ProbeEngine::Tract]
+            probed(only(BackendKind::OnnxRuntime), Provider::Cpu),
+            std::slice::from_ref(&cpu)
+        );
+        // The CPU first: its probe bounds the model's memory.
+        assert_eq!(
+            probed(only(BackendKind::OnnxRuntime), Provider::Cuda),
+            [cpu.clone(), cuda.clone()]
         );
         assert_eq!(
-            engines_to_probe(only(BackendKind::OnnxRuntime), Some(lib)),
-            std::slice::from_ref(&ort)
+            probed(BackendChoice::Auto, Provider::Cpu),
+            [ProbeEngine::Tract, cpu.clone()]
         );
         assert_eq!(
-            engines_to_probe(BackendChoice::Auto, Some(lib)),
-            [ProbeEngine::Tract, ort.clone()]
+            probed(BackendChoice::Auto, Provider::Cuda),
+            [ProbeEngine::Tract, cpu.clone(), cuda.clone()]
+        );
+        // TensorRT's provider builds for minutes: not probed.
+        assert_eq!(
+            probed(only(BackendKind::OnnxRuntime), Provider::TensorRt),
+            std::slice::from_ref(&cpu)
         );
         assert_eq!(
-            ort.args(),
+            cpu.args(),
             [
                 "--onnxruntime",
                 "--onnxruntime-library",
@@ -236,14 +308,23 @@ mod tests {
             ]
             .map(OsString::from)
         );
+        assert_eq!(
+            cuda.args(),
+            [
+                "--onnxruntime",
+                "--onnxruntime-library",
+                "/opt/ort/libonnxruntime.so",
+                "--provider",
+                "cuda"
+            ]
+            .map(OsString::from)
+        );
         assert!(ProbeEngine::Tract.args().is_empty());
         assert_eq!(
-            (
-                ProbeEngine::Tract.backend().to_string(),
-                ort.backend().to_string()
-            ),
-            ("tract".to_owned(), "onnxruntime".to_owned())
+            [&ProbeEngine::Tract, &cpu, &cuda].map(ProbeEngine::name),
+            ["tract", "onnxruntime", "onnxruntime (CUDA)"]
         );
+        assert!(ProbeEngine::Tract.bounded() && cpu.bounded() && !cuda.bounded());
     }
 
     /// The real child: a missing executable is "not started", and an

@@ -9,7 +9,9 @@ use crate::support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::support::{MODELS, TinyOutput, assets, model, nanodetd, sample, stderr, tiny_nanodet};
+use crate::support::{
+    MODELS, TinyOutput, assets, model, nanodetd, sample, stderr, stdout, tiny_nanodet,
+};
 
 /// `nanodetd detect --model MODEL IMAGE`.
 fn detect(model: &Path, image: &Path) -> Output {
@@ -19,10 +21,6 @@ fn detect(model: &Path, image: &Path) -> Output {
         model.to_str().unwrap(),
         image.to_str().unwrap(),
     ])
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A valid 3-class plus-layout model that finds one box on any image.

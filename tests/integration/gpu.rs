@@ -248,6 +248,68 @@ fn onnxruntime_gpu_or_skip(test: &str) -> Option<std::path::PathBuf> {
     }
 }
 
+/// Issue 17: the trial load runs ONNX Runtime's CUDA provider in the
+/// child too, without the address-space limit a CUDA context cannot live
+/// under, and really on the GPU.
+#[test]
+fn the_trial_load_runs_the_cuda_provider_in_the_child_issue_17() {
+    use nanodetd::backend::onnxruntime::Provider;
+    use nanodetd::daemon::probe::{ProbeEngine, ProbeOutcome, run_probe};
+    let test = "the_trial_load_runs_the_cuda_provider_in_the_child_issue_17";
+    let Some(assets) = support::assets(test) else {
+        return;
+    };
+    let Some(_gpu) = gpu_or_skip(test) else {
+        return;
+    };
+    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+        return;
+    };
+    let exe = Path::new(env!("CARGO_BIN_EXE_nanodetd"));
+    let model = support::model(&assets, "nanodet-plus-m_320");
+    let cuda = ProbeEngine::OnnxRuntime {
+        library: Some(library.clone()),
+        provider: Provider::Cuda,
+    };
+    assert!(!cuda.bounded());
+    assert_eq!(run_probe(exe, &model, &cuda), ProbeOutcome::Exited(0));
+    // What the child says when run by hand: it ran on the CUDA provider,
+    // with no fallback.
+    let out = support::nanodetd(&[
+        "probe-model",
+        "--onnxruntime",
+        "--onnxruntime-library",
+        library.to_str().unwrap(),
+        "--provider",
+        "cuda",
+        model.to_str().unwrap(),
+    ]);
+    let said = support::stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", support::stderr(&out));
+    assert!(said.contains("ONNX Runtime CUDA provider"), "{said}");
+    assert!(!said.contains("fallback"), "{said}");
+    // Under the CPU probe's address-space limit, for the record (the
+    // GPU probe runs without one because a CUDA context reserves more).
+    let bounded = support::nanodetd(&[
+        "probe-model",
+        "--max-memory",
+        &nanodetd::daemon::probe::PROBE_ADDRESS_SPACE.to_string(),
+        "--onnxruntime",
+        "--onnxruntime-library",
+        library.to_str().unwrap(),
+        "--provider",
+        "cuda",
+        model.to_str().unwrap(),
+    ]);
+    eprintln!(
+        "{test}: under a {} GiB limit: {:?}, {}{}",
+        nanodetd::daemon::probe::PROBE_ADDRESS_SPACE >> 30,
+        bounded.status,
+        support::stdout(&bounded),
+        support::stderr(&bounded)
+    );
+}
+
 #[test]
 fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
     use nanodetd::backend::EngineOptions;

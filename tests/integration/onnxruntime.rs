@@ -357,8 +357,9 @@ fn the_trial_load_runs_onnxruntime_in_the_child_issue_17() {
     };
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_nanodetd"));
     let model = support::model(&a, "nanodet-plus-m_320");
-    let with = |library: PathBuf| ProbeEngine::OnnxRuntimeCpu {
+    let with = |library: PathBuf| ProbeEngine::OnnxRuntime {
         library: Some(library),
+        provider: nanodetd::backend::onnxruntime::Provider::Cpu,
     };
     assert_eq!(run_probe(exe, &model, &with(lib)), ProbeOutcome::Exited(0));
     assert_eq!(

@@ -97,6 +97,15 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// Its name in the config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+        }
+    }
+
     /// The provider when the configuration names none: the GPU's for
     /// `auto` where this build can drive one, the CPU's otherwise.
     pub fn default_for(choice: super::BackendChoice) -> Provider {

@@ -54,6 +54,11 @@ pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A command's standard output, as text.
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// The shared assets folder (`NANODETD_ASSETS`, else `../shared`). When it
 /// is missing the test fails under CI and is skipped, loudly, elsewhere.
 pub fn assets(test: &str) -> Option<PathBuf> {
