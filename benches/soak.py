@@ -180,6 +180,7 @@ sub_out.close()
 
 seqs = {}
 stats = None
+heap = []  # (uptime, bytes malloc holds), from every stats message
 with open(received) as f:
     for line in f:
         topic, _, payload = line.rstrip("\n").partition(" ")
@@ -188,6 +189,9 @@ with open(received) as f:
             seqs.setdefault(e["camera"], set()).add(e["seq"])
         elif topic == "soak/stats":
             stats = json.loads(payload)
+            in_use = stats.get("memory", {}).get("heap_in_use_bytes")
+            if in_use is not None:
+                heap.append((stats["uptime"], in_use))
 
 duration = time.monotonic() - start
 after = [(t, r) for t, r in samples if t >= WARM_UP]
@@ -222,6 +226,14 @@ low = min(r for t, r in after if t < WARM_UP + window), min(r for t, r in after 
 high = max(r for t, r in after if t < WARM_UP + window), max(r for t, r in after if t >= duration - window)
 print(f"soak: RSS lowest {low[0] / 2**20:.1f} then {low[1] / 2**20:.1f} MiB, highest "
       f"{high[0] / 2**20:.1f} then {high[1] / 2**20:.1f} MiB (first and last windows)")
+# What malloc holds, beside RSS: growth here is memory kept, where RSS
+# alone cannot tell it from memory freed but still resident.
+heap_after = [(t, b) for t, b in heap if t >= WARM_UP]
+if heap_after:
+    heap_first = median([b for t, b in heap_after if t < WARM_UP + window])
+    heap_last = median([b for t, b in heap_after if t >= duration - window - 10])
+    print(f"soak: heap in use (stats), medians over {window:.0f} s: {heap_first / 2**20:.1f} MiB after "
+          f"warm-up, {heap_last / 2**20:.1f} MiB at the end: growth {(heap_last - heap_first) / 2**10:.0f} KiB")
 medians = [f"{m} min {median([r for t, r in samples if m * 60 <= t < (m + 5) * 60]) / 2**20:.1f}"
            for m in range(0, int(duration // 60) - 4, 5)]
 print("soak: RSS median of each 5 minutes (MiB): " + ", ".join(medians))

@@ -64,6 +64,61 @@ pub fn return_free_memory() -> bool {
     }
 }
 
+/// What the process holds, for the stats topic: what the system counts
+/// against it, and how much of the heap is in use, so that growth can be
+/// told from memory freed but still resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryUse {
+    /// Resident set size (`VmRSS`).
+    pub rss_bytes: u64,
+    /// Bytes malloc has handed out and not had back, every arena and
+    /// mapped chunk included (glibc's `mallinfo`; it counts in 32 bits, so
+    /// past 4 GiB this wraps). Absent where malloc is not glibc's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_in_use_bytes: Option<u64>,
+}
+
+/// This process's memory now; None when `/proc` cannot be read.
+pub fn memory_use() -> Option<MemoryUse> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    Some(MemoryUse {
+        rss_bytes: vm_rss(&status)?,
+        heap_in_use_bytes: heap_in_use(),
+    })
+}
+
+/// `VmRSS` from the text of `/proc/<pid>/status`, in bytes.
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+fn heap_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // mallinfo2 would count in 64 bits, but needs glibc 2.33; the
+        // packages run on 2.31 (JetPack 5).
+        // SAFETY: mallinfo only reads malloc's counters, under its locks.
+        #[allow(unsafe_code, deprecated)]
+        let info = unsafe { nix::libc::mallinfo() };
+        // The counters are C ints that wrap; read them as the unsigned
+        // 32-bit values they are.
+        let unsigned = |v: nix::libc::c_int| u64::from(v as u32);
+        Some(unsigned(info.uordblks) + unsigned(info.hblkhd))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +134,29 @@ mod tests {
     #[test]
     fn glibc_accepts_the_limit() {
         assert!(limit_arenas(DAEMON_ARENAS));
+    }
+
+    #[test]
+    fn vm_rss_is_read_from_proc_status() {
+        let status = "Name:\tnanodetd\nVmPeak:\t  200 kB\nVmRSS:\t  123456 kB\nThreads:\t3\n";
+        assert_eq!(vm_rss(status), Some(123_456 * 1024));
+        assert_eq!(vm_rss("Name:\tx\n"), None);
+        assert_eq!(vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(vm_rss("VmRSS:\t99999999999999999999 kB\n"), None);
+        let now = memory_use().unwrap();
+        assert!(now.rss_bytes > 1 << 20, "{now:?}");
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn heap_in_use_follows_what_is_allocated() {
+        let before = heap_in_use().unwrap();
+        let block = vec![7u8; 50 << 20];
+        let during = heap_in_use().unwrap();
+        assert_eq!(block[0], 7);
+        drop(block);
+        // Other tests allocate meanwhile: only the 50 MiB is certain.
+        assert!(during >= before + (40 << 20), "{before} -> {during}");
     }
 
     /// Freed pages in the middle of the heap become non-resident: a block

@@ -354,31 +354,33 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let mut reporter = Reporter::new(started);
     loop {
         tokio::select! {
-            signal = signals.next() => {
-                log::info!("{signal}: shutting down");
-                break;
-            }
-            changed = config_rx.changed() => {
-                if changed.is_err() { break; }
-                let new = config_rx.borrow_and_update().clone();
-                board.send(Control::Config(new.clone()));
-                apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
-                current = new;
-            }
-            _ = tick.tick() => {
-                if last_trim.elapsed() >= crate::allocator::TRIM_EVERY {
-                    last_trim = Instant::now();
-                    crate::allocator::return_free_memory();
+                signal = signals.next() => {
+                    log::info!("{signal}: shutting down");
+                    break;
                 }
-                let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
-                notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
-                if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
-                    last_stats = Instant::now();
-                    snapshot.latency_ms = percentiles(&latencies);
-                    outbox.push(mqtt::stats_message(&snapshot));
+                changed = config_rx.changed() => {
+                    if changed.is_err() { break; }
+                    let new = config_rx.borrow_and_update().clone();
+                    board.send(Control::Config(new.clone()));
+                    apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
+                    current = new;
+                }
+                _ = tick.tick() => {
+                    if last_trim.elapsed() >= crate::allocator::TRIM_EVERY {
+                        last_trim = Instant::now();
+                        crate::allocator::return_free_memory();
+                    }
+                    let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
+                    notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
+                    if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
+                        last_stats = Instant::now();
+                        snapshot.latency_ms = percentiles(&latencies);
+        snapshot.memory = crate::allocator::memory_use();
+                        snapshot.memory = crate::allocator::memory_use();
+                        outbox.push(mqtt::stats_message(&snapshot));
+                    }
                 }
             }
-        }
     }
 
     // Drain: capture stops, the detector finishes what it has and ends
@@ -402,6 +404,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     // Final figures, so a consumer can check every event arrived.
     let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
     snapshot.latency_ms = percentiles(&latencies);
+    snapshot.memory = crate::allocator::memory_use();
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());
     let _ = drain_tx.send(left.max(Duration::from_millis(300)));
@@ -587,6 +590,10 @@ struct StatsSnapshot {
     cameras: BTreeMap<String, CameraStats>,
     latency_ms: BTreeMap<stats::Stage, stats::Percentiles>,
     mqtt: MqttStats,
+    /// Filled for the stats topic only: mallinfo walks malloc's free
+    /// lists, too much for the once-a-second STATUS= line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<crate::allocator::MemoryUse>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -663,6 +670,7 @@ impl Reporter {
             engine_notes: model.engine_notes,
             cameras: per_camera,
             latency_ms: BTreeMap::new(),
+            memory: None,
             mqtt: MqttStats {
                 connected: link.connected(),
                 reconnects: link.reconnects(),

@@ -654,6 +654,13 @@ fn a_broker_restart_loses_no_event() {
         .json();
     let produced = final_stats["mqtt"]["events_queued"].as_u64().unwrap();
     assert_eq!(final_stats["mqtt"]["dropped"], 0);
+    // What the daemon holds: at least a real model's weights (NanoDet-Plus
+    // 320 is 4.6 MB of them).
+    let (rss, heap) = (
+        final_stats["memory"]["rss_bytes"].as_u64().unwrap(),
+        final_stats["memory"]["heap_in_use_bytes"].as_u64().unwrap(),
+    );
+    assert!(heap > 4 << 20 && rss > 4 << 20, "heap {heap}, rss {rss}");
     // QoS 1 may repeat a message whose ack was lost; `seq` tells.
     let mut seqs: Vec<u64> = events(&all, "nd/loop/events")
         .iter()
