@@ -354,33 +354,32 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let mut reporter = Reporter::new(started);
     loop {
         tokio::select! {
-                signal = signals.next() => {
-                    log::info!("{signal}: shutting down");
-                    break;
+            signal = signals.next() => {
+                log::info!("{signal}: shutting down");
+                break;
+            }
+            changed = config_rx.changed() => {
+                if changed.is_err() { break; }
+                let new = config_rx.borrow_and_update().clone();
+                board.send(Control::Config(new.clone()));
+                apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
+                current = new;
+            }
+            _ = tick.tick() => {
+                if last_trim.elapsed() >= crate::allocator::TRIM_EVERY {
+                    last_trim = Instant::now();
+                    crate::allocator::return_free_memory();
                 }
-                changed = config_rx.changed() => {
-                    if changed.is_err() { break; }
-                    let new = config_rx.borrow_and_update().clone();
-                    board.send(Control::Config(new.clone()));
-                    apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
-                    current = new;
-                }
-                _ = tick.tick() => {
-                    if last_trim.elapsed() >= crate::allocator::TRIM_EVERY {
-                        last_trim = Instant::now();
-                        crate::allocator::return_free_memory();
-                    }
-                    let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
-                    notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
-                    if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
-                        last_stats = Instant::now();
-                        snapshot.latency_ms = percentiles(&latencies);
-        snapshot.memory = crate::allocator::memory_use();
-                        snapshot.memory = crate::allocator::memory_use();
-                        outbox.push(mqtt::stats_message(&snapshot));
-                    }
+                let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
+                notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
+                if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
+                    last_stats = Instant::now();
+                    snapshot.latency_ms = percentiles(&latencies);
+                    snapshot.memory = crate::allocator::memory_use();
+                    outbox.push(mqtt::stats_message(&snapshot));
                 }
             }
+        }
     }
 
     // Drain: capture stops, the detector finishes what it has and ends
@@ -437,9 +436,8 @@ fn start_camera(
 
 /// Applies a new valid config: hot settings reach the detector through
 /// its inbox and the MQTT task through the watch channel; here, the cold
-/// parts. A
-/// changed camera restarts alone; a changed model loads in the background
-/// and is swapped in when ready, so detection never pauses.
+/// parts. A changed camera restarts alone; a changed model loads in the
+/// background and is swapped in when ready, so detection never pauses.
 fn apply(
     old: &Config,
     new: &Arc<Config>,
