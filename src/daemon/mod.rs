@@ -333,6 +333,10 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         tokio::spawn(MqttTask::new(config_rx.clone(), outbox.clone(), link.clone()).run(drain_rx));
     let reload_path = config_path.clone();
     let reload_outbox = outbox.clone();
+    // The watcher may fail to start (inotify's instance limit) and drop its
+    // sender: this one keeps the channel open, or every receiver would take
+    // the closed channel for a shutdown and the daemon would stop.
+    let _config_tx = config_tx.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::reload::run(reload_path, config_tx, reload_outbox).await {
             log::error!("{e}; edit-and-reload is off, restart to apply changes");
