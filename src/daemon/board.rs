@@ -112,7 +112,7 @@ struct Inbox {
 #[derive(Debug, Default)]
 pub struct FrameBoard {
     inbox: Mutex<Inbox>,
-    /// Frames taken so far; changed only with `slots` locked.
+    /// Frames taken so far; changed only with `inbox` locked.
     services: AtomicU64,
     /// Signalled when a frame or a message arrives (detector) or a frame
     /// is taken (replays).

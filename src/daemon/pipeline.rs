@@ -20,9 +20,9 @@ use crate::mqtt::{self, Outbox};
 use crate::track::{LabelFilter, TrackerConfig, Zone};
 use crate::watchdog::Heartbeat;
 
-/// How long the detector waits for a frame before doing idle work
-/// (ending objects of silent cameras, checking for a stop): as long as a
-/// camera must be silent before its objects age without frames.
+/// How long the detector waits for a frame or a message before doing idle
+/// work (ending objects of silent cameras): as long as a camera must be
+/// silent before its objects age without frames.
 const IDLE: Duration = super::publisher::SILENT_AFTER;
 
 /// The tracker configuration for one camera from the whole config: label
@@ -311,6 +311,7 @@ impl DetectorTask {
             detections: &detections,
             size: captured.image.size(),
             taken,
+            ready: postprocessed,
             wall_time: captured.wall_time,
             timing,
         };

@@ -4,7 +4,8 @@
 //! daemon's shell carries the plan out ([`super::apply`]).
 //!
 //! Hot settings (filters, zones, MQTT rates, the log level) need no plan:
-//! the detector and MQTT tasks read them from the config channel.
+//! the detector gets the new config in its inbox, the MQTT task from the
+//! config channel.
 
 use crate::config::{CameraConfig, Config, ModelConfig};
 

@@ -55,6 +55,9 @@ pub struct Seen<'a> {
     pub size: (usize, usize),
     /// When the detector took it.
     pub taken: Instant,
+    /// When its detections were ready: the rate limit counts from the
+    /// last detections message to this.
+    pub ready: Instant,
     /// When it was captured, in Unix seconds: the time its events carry.
     pub wall_time: f64,
     /// Where its time went, for the detections message.
@@ -112,7 +115,7 @@ impl CameraPublisher {
         self.publish(events, settings, &mut actions);
         let rate = settings.detections_rate;
         let due = self.last_detections.is_none_or(|last| {
-            seen.taken.saturating_duration_since(last).as_secs_f32() >= 1.0 / rate
+            seen.ready.saturating_duration_since(last).as_secs_f32() >= 1.0 / rate
         });
         if rate > 0.0 && due {
             self.last_detections = Some(seen.taken);
@@ -250,6 +253,8 @@ mod tests {
                 detections: &detections,
                 size,
                 taken: self.at(t),
+                // 30 ms of detection: the rate limit counts to here.
+                ready: self.at(t) + Duration::from_millis(30),
                 wall_time: 1000.0 + t,
                 timing: FrameTiming::default(),
             };

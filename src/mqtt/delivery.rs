@@ -22,7 +22,7 @@ use crate::config::QosConfig;
 pub(super) const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// The first reconnect delay.
-pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
 /// What delivery asks of the link. Each request may be refused when
 /// rumqttc's request channel is full.
@@ -263,8 +263,7 @@ impl Delivery {
             log::warn!("MQTT: {warning}");
         }
         let requeued = self.requeue(outbox);
-        let retry_in = self.backoff;
-        self.backoff = (self.backoff * 2).min(self.backoff_max);
+        let retry_in = self.next_backoff();
         Lost {
             was_connected,
             requeued,
@@ -281,6 +280,11 @@ impl Delivery {
     /// Connecting could not even start (a certificate unreadable): how
     /// long to wait.
     pub(super) fn cannot_open(&mut self) -> Duration {
+        self.next_backoff()
+    }
+
+    /// This retry's wait; the next one's doubles, up to the maximum.
+    fn next_backoff(&mut self) -> Duration {
         let retry_in = self.backoff;
         self.backoff = (self.backoff * 2).min(self.backoff_max);
         retry_in
@@ -350,7 +354,7 @@ impl Delivery {
 /// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
 /// topic length (2), packet id (2), MQTT 5's empty properties (1), with
 /// room to spare.
-pub(super) fn publish_size(topic: &str, payload: &[u8]) -> usize {
+fn publish_size(topic: &str, payload: &[u8]) -> usize {
     topic.len().saturating_add(payload.len()).saturating_add(16)
 }
 
