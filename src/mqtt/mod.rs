@@ -539,6 +539,13 @@ impl MqttTask {
                                 log::warn!("MQTT: cannot connect to {}:{}: {e}; retrying in {:?}", m.host, m.port, lost.retry_in);
                             }
                             tokio::time::sleep(lost.retry_in).await;
+                            // A new client for the next connection: rumqttc's
+                            // request channel may still hold publishes handed
+                            // over before the loss, which it would write after
+                            // reconnecting, ahead of the requeued copies. Their
+                            // packet ids would then number the wrong in-flight
+                            // messages, and the last ones would wait for ever.
+                            break;
                         }
                     },
                     _ = self.outbox.0.notify.notified(), if delivery.is_connected() => {
