@@ -2305,11 +2305,19 @@ fn a_long_outage_with_the_queue_full_keeps_memory_flat_and_accounts_for_every_ev
         count("reconnects") >= 1
             && count("events_queued") == count("events_delivered") + count("events_dropped")
     };
-    sub.wait_for(
-        "a reconnect, then every event delivered or dropped",
-        Duration::from_secs(30),
-        |m| m.iter().any(settled),
-    );
+    // By hand rather than wait_for: a failure must show the counts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sub.all().iter().any(settled) {
+        if Instant::now() > deadline {
+            let all = sub.all();
+            let last = all.iter().rev().find(|m| m.topic == "lo/stats");
+            panic!(
+                "no stats message in 30 s with every event delivered or dropped; the last one's mqtt: {}",
+                last.map_or_else(|| "none".to_owned(), |m| m.json()["mqtt"].to_string())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     sub.wait_for("offline", Duration::from_secs(10), |m| {
