@@ -261,6 +261,19 @@ mod tests {
             self.step(|publisher, settings| publisher.frame(seen, settings))
         }
 
+        /// Frames `ticks` (tenths of a second), all of one size and
+        /// content: what they sent, as [`sent`] gives it.
+        fn frames(
+            &mut self,
+            ticks: std::ops::Range<i32>,
+            size: (usize, usize),
+            found: &[(u32, [f32; 4])],
+        ) -> Vec<String> {
+            ticks
+                .flat_map(|i| sent(&self.frame(f64::from(i) * 0.1, size, found)))
+                .collect()
+        }
+
         fn idle(&mut self, t: f64) -> Vec<Action> {
             let now = self.at(t);
             self.step(|publisher, settings| publisher.idle(now, 1000.0 + t, settings))
@@ -297,14 +310,7 @@ mod tests {
     #[test]
     fn an_object_seen_in_a_row_is_announced_once_with_its_count() {
         let mut cam = Camera::new();
-        let mut all = Vec::new();
-        for i in 0..5 {
-            all.extend(sent(&cam.frame(
-                f64::from(i) * 0.1,
-                (640, 480),
-                &[(0, PERSON)],
-            )));
-        }
+        let all = cam.frames(0..5, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             all,
             [r#"door/events "new" "person" seq 0"#, "door/person 1"]
@@ -314,17 +320,8 @@ mod tests {
     #[test]
     fn a_new_frame_size_ends_the_old_scene_before_the_new_one_starts() {
         let mut cam = Camera::new();
-        for i in 0..3 {
-            cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]);
-        }
-        let mut all = Vec::new();
-        for i in 3..6 {
-            all.extend(sent(&cam.frame(
-                f64::from(i) * 0.1,
-                (800, 600),
-                &[(1, CAT)],
-            )));
-        }
+        cam.frames(0..3, (640, 480), &[(0, PERSON)]);
+        let all = cam.frames(3..6, (800, 600), &[(1, CAT)]);
         assert_eq!(
             all,
             [
@@ -339,9 +336,7 @@ mod tests {
     #[test]
     fn the_old_scene_ends_at_its_own_size() {
         let mut cam = Camera::new();
-        for i in 0..3 {
-            cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]);
-        }
+        cam.frames(0..3, (640, 480), &[(0, PERSON)]);
         let actions = cam.frame(0.3, (800, 600), &[]);
         let Some(Action::Send(end)) = actions.first() else {
             panic!("no end event: {actions:?}");
@@ -379,9 +374,7 @@ mod tests {
     #[test]
     fn a_silent_cameras_objects_end_once_unseen_for_lost_after() {
         let mut cam = Camera::new();
-        for i in 0..3 {
-            cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]);
-        }
+        cam.frames(0..3, (640, 480), &[(0, PERSON)]);
         // lost_after is 2 s after the last sighting, at 0.2 s.
         assert!(sent(&cam.idle(0.3)).is_empty(), "not silent long enough");
         assert!(sent(&cam.idle(2.1)).is_empty(), "not lost yet");
@@ -395,22 +388,13 @@ mod tests {
     #[test]
     fn a_camera_that_ends_and_comes_back_goes_on_counting_seq() {
         let mut cam = Camera::new();
-        for i in 0..3 {
-            cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]);
-        }
+        cam.frames(0..3, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             sent(&cam.end(0.5)),
             [r#"door/events "end" "person" seq 1"#, "door/person 0"]
         );
         // Back at the same size: a new scene all the same, no second end.
-        let mut all = Vec::new();
-        for i in 10..13 {
-            all.extend(sent(&cam.frame(
-                f64::from(i) * 0.1,
-                (640, 480),
-                &[(0, PERSON)],
-            )));
-        }
+        let all = cam.frames(10..13, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             all,
             [r#"door/events "new" "person" seq 2"#, "door/person 1"]
@@ -445,14 +429,7 @@ mod tests {
     fn a_class_the_model_does_not_name_is_published_as_a_question_mark() {
         // `?` is a valid topic level: only `+`, `#` and `/` are not.
         let mut cam = Camera::new();
-        let mut all = Vec::new();
-        for i in 0..3 {
-            all.extend(sent(&cam.frame(
-                f64::from(i) * 0.1,
-                (640, 480),
-                &[(7, CAT)],
-            )));
-        }
+        let all = cam.frames(0..3, (640, 480), &[(7, CAT)]);
         assert_eq!(all, [r#"door/events "new" "?" seq 0"#, "door/? 1"]);
     }
 }
