@@ -273,34 +273,26 @@ fn the_trial_load_runs_the_cuda_provider_in_the_child_issue_17() {
     };
     assert!(!cuda.bounded());
     assert_eq!(run_probe(exe, &model, &cuda), ProbeOutcome::Exited(0));
-    // What the child says when run by hand: it ran on the CUDA provider,
-    // with no fallback.
-    let out = support::nanodetd(&[
-        "probe-model",
-        "--onnxruntime",
-        "--onnxruntime-library",
-        library.to_str().unwrap(),
-        "--provider",
-        "cuda",
-        model.to_str().unwrap(),
-    ]);
+    // What the child says, run with the arguments the daemon gives it: it
+    // ran on the CUDA provider, with no fallback.
+    let limit = nanodetd::daemon::probe::PROBE_ADDRESS_SPACE.to_string();
+    let probe = |max_memory: Option<&str>| {
+        let mut args = vec!["probe-model".to_owned()];
+        if let Some(limit) = max_memory {
+            args.extend(["--max-memory".to_owned(), limit.to_owned()]);
+        }
+        args.extend(cuda.args().iter().map(|a| a.to_string_lossy().into_owned()));
+        args.push(model.to_str().unwrap().to_owned());
+        support::nanodetd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = probe(None);
     let said = support::stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{}", support::stderr(&out));
     assert!(said.contains("ONNX Runtime CUDA provider"), "{said}");
     assert!(!said.contains("fallback"), "{said}");
     // Under the CPU probe's address-space limit, for the record (the
     // GPU probe runs without one because a CUDA context reserves more).
-    let bounded = support::nanodetd(&[
-        "probe-model",
-        "--max-memory",
-        &nanodetd::daemon::probe::PROBE_ADDRESS_SPACE.to_string(),
-        "--onnxruntime",
-        "--onnxruntime-library",
-        library.to_str().unwrap(),
-        "--provider",
-        "cuda",
-        model.to_str().unwrap(),
-    ]);
+    let bounded = probe(Some(&limit));
     eprintln!(
         "{test}: under a {} GiB limit: {:?}, {}{}",
         nanodetd::daemon::probe::PROBE_ADDRESS_SPACE >> 30,
