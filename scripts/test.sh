@@ -77,4 +77,5 @@ export PATH="$PWD/$venv/bin:$PATH"
 # --- An older libonnxruntime, which the onnxruntime backend must refuse.
 scripts/old-onnxruntime.sh
 
-exec cargo test "$@"
+# --no-fail-fast: one failing target must not hide the others' results.
+exec cargo test --no-fail-fast "$@"
