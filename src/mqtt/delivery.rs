@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::sweep::{self, CountSweep};
-use super::{Message, Outbox, TopicClass, qos_of};
+use super::{Message, Outbox, Taken, TopicClass, qos_of};
 use crate::config::QosConfig;
 
 /// How long a connection must last for the reconnect back-off to start
@@ -42,6 +42,8 @@ struct InFlight {
     qos: u8,
     /// Set when the link wrote it.
     pkid: Option<u16>,
+    /// Written to an earlier connection and never acknowledged.
+    was_in_doubt: bool,
     /// `online` or a retained republish: sent again on every connect, so
     /// never requeued or counted.
     announce: bool,
@@ -218,7 +220,7 @@ impl Delivery {
         if !self.is_connected() {
             return;
         }
-        while let Some(message) = outbox.pop() {
+        while let Some(Taken { message, in_doubt }) = outbox.pop() {
             let qos = qos_of(message.class, &self.qos);
             let topic = format!("{}/{}", self.prefix, message.topic);
             let size = publish_size(&topic, &message.payload);
@@ -233,13 +235,14 @@ impl Delivery {
                 continue;
             }
             if !link.publish(topic, qos, message.retain, message.payload.clone()) {
-                outbox.unpop(std::iter::once(message));
+                outbox.unpop(std::iter::once(Taken { message, in_doubt }));
                 return;
             }
             self.in_flight.push_back(InFlight {
                 message,
                 qos,
                 pkid: None,
+                was_in_doubt: in_doubt,
                 announce: false,
             });
         }
@@ -317,6 +320,7 @@ impl Delivery {
                     message: message.clone(),
                     qos,
                     pkid: None,
+                    was_in_doubt: false,
                     announce: true,
                 });
             }
@@ -338,11 +342,16 @@ impl Delivery {
 
     fn requeue(&mut self, outbox: &Outbox) -> usize {
         self.connected_at = None;
-        let pending: Vec<Message> = self
+        // Written (numbered) means the broker may have it; so may a message
+        // in doubt from before that this connection never wrote.
+        let pending: Vec<Taken> = self
             .in_flight
             .drain(..)
             .filter(|f| !f.announce)
-            .map(|f| f.message)
+            .map(|f| Taken {
+                in_doubt: f.was_in_doubt || f.pkid.is_some(),
+                message: f.message,
+            })
             .collect();
         let n = pending.len();
         outbox.unpop(pending.into_iter());
@@ -429,7 +438,7 @@ mod tests {
 
     fn queued(outbox: &Outbox) -> Vec<String> {
         std::iter::from_fn(|| outbox.pop())
-            .map(|m| m.topic)
+            .map(|t| t.message.topic)
             .collect()
     }
 
@@ -565,6 +574,46 @@ mod tests {
         );
     }
 
+    /// Issue 17: the fresh root received an event counted dropped. It had
+    /// been written, its ack was lost with the connection, and the full
+    /// outbox dropped it during the outage.
+    #[test]
+    fn what_was_written_stays_in_doubt_across_connections_and_is_never_dropped() {
+        let outbox = Outbox::new(2);
+        let mut d = delivery(1);
+        let mut link = FakeLink::with_room(10);
+        let t0 = Instant::now();
+        d.connected(t0, &mut link, &outbox);
+        for n in 0..2 {
+            outbox.push(event(n));
+        }
+        d.feed(&mut link, &outbox);
+        // online and event 0 written; event 1 still in the channel.
+        d.sent(1, &outbox);
+        d.sent(2, &outbox);
+        d.lost(t0 + Duration::from_secs(1), &outbox);
+        // The outage: three new events into an outbox of two.
+        for n in 2..5 {
+            outbox.push(event(n));
+        }
+        let s = outbox.snapshot();
+        assert_eq!((s.queued, s.events_dropped), (3, 2), "{s:?}");
+        // The next connection fails before writing anything: event 0 is
+        // still in doubt, and survives the next overflow too.
+        let mut again = FakeLink::with_room(10);
+        d.connected(t0 + Duration::from_secs(2), &mut again, &outbox);
+        assert_eq!(again.topics()[1], "home/cam/door/events/0");
+        d.lost(t0 + Duration::from_secs(3), &outbox);
+        outbox.push(event(5));
+        outbox.push(event(6));
+        assert_eq!(
+            queued(&outbox),
+            ["door/events/0", "door/events/5", "door/events/6"]
+        );
+        let s = outbox.snapshot();
+        assert_eq!((s.events_queued, s.events_dropped), (7, 4), "{s:?}");
+    }
+
     #[test]
     fn acknowledged_retained_state_is_announced_again_on_every_connect() {
         let outbox = Outbox::new(10);
@@ -655,7 +704,7 @@ mod tests {
         d.retained_seen("home/cam/door/cat", b"3", &outbox);
         d.retained_seen("home/cam/door/dog", b"0", &outbox);
         let zeros: Vec<(String, Vec<u8>)> = std::iter::from_fn(|| outbox.pop())
-            .map(|m| (m.topic, m.payload))
+            .map(|t| (t.message.topic, t.message.payload))
             .collect();
         assert_eq!(
             zeros,

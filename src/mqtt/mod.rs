@@ -58,9 +58,31 @@ pub struct Message {
     pub retain: bool,
 }
 
+/// The outbox's two queues, under one lock.
+#[derive(Debug, Default)]
+struct Queues {
+    /// Messages written to an earlier connection and never acknowledged:
+    /// the broker may have them. They go out first and are never dropped
+    /// for room, or a message the broker passed on would be counted
+    /// dropped. Their number is bounded by what a connection can have in
+    /// flight ([`IN_FLIGHT_WINDOW`]).
+    in_doubt: VecDeque<Message>,
+    /// Messages never written: bounded by the capacity, the oldest
+    /// dropped first.
+    unsent: VecDeque<Message>,
+}
+
+/// A message taken from the outbox.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    pub(crate) message: Message,
+    /// Written to an earlier connection and never acknowledged.
+    pub(crate) in_doubt: bool,
+}
+
 #[derive(Debug)]
 struct OutboxState {
-    queue: Mutex<VecDeque<Message>>,
+    queue: Mutex<Queues>,
     capacity: AtomicUsize,
     dropped: AtomicU64,
     events_dropped: AtomicU64,
@@ -71,17 +93,20 @@ struct OutboxState {
 }
 
 /// The bounded queue between the pipeline and the broker. When full, the
-/// oldest message is dropped and counted, so a long outage costs history,
-/// never memory.
+/// oldest message never written to the broker is dropped and counted, so a
+/// long outage costs history, never memory. Messages written and not
+/// acknowledged when a connection failed are kept and sent again: the
+/// broker may have passed them on, and QoS 1 promises at least once.
 #[derive(Debug, Clone)]
 pub struct Outbox(Arc<OutboxState>);
 
 /// Outbox counters, for the stats topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct OutboxSnapshot {
-    /// Messages waiting.
+    /// Messages waiting, those in doubt included.
     pub queued: usize,
-    /// Messages dropped because the queue was full.
+    /// Messages dropped because the queue was full; never one that was
+    /// written to the broker.
     pub dropped: u64,
     /// Of those, event messages: with `events_delivered`, what accounts
     /// for every event queued.
@@ -99,7 +124,7 @@ impl Outbox {
     /// An empty outbox holding at most `capacity` messages.
     pub fn new(capacity: usize) -> Outbox {
         Outbox(Arc::new(OutboxState {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queues::default()),
             capacity: AtomicUsize::new(capacity.max(1)),
             dropped: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
@@ -110,26 +135,26 @@ impl Outbox {
         }))
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Message>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queues> {
         self.0.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a message, dropping the oldest if full.
+    /// Queues a message, dropping the oldest unsent one if full.
     pub fn push(&self, message: Message) {
         if message.class == TopicClass::Events {
             self.0.events_queued.fetch_add(1, Ordering::Relaxed);
         }
         let dropped = {
-            let mut queue = self.queue();
-            let dropped = queue.len() >= self.0.capacity.load(Ordering::Relaxed);
+            let unsent = &mut self.queue().unsent;
+            let dropped = unsent.len() >= self.0.capacity.load(Ordering::Relaxed);
             if dropped
-                && queue
+                && unsent
                     .pop_front()
                     .is_some_and(|m| m.class == TopicClass::Events)
             {
                 self.0.events_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            queue.push_back(message);
+            unsent.push_back(message);
             dropped
         };
         if dropped {
@@ -150,8 +175,12 @@ impl Outbox {
 
     /// Current counters.
     pub fn snapshot(&self) -> OutboxSnapshot {
+        let queued = {
+            let queue = self.queue();
+            queue.in_doubt.len() + queue.unsent.len()
+        };
         OutboxSnapshot {
-            queued: self.queue().len(),
+            queued,
             dropped: self.0.dropped.load(Ordering::Relaxed),
             events_dropped: self.0.events_dropped.load(Ordering::Relaxed),
             oversized: self.0.oversized.load(Ordering::Relaxed),
@@ -160,24 +189,49 @@ impl Outbox {
         }
     }
 
-    fn pop(&self) -> Option<Message> {
-        self.queue().pop_front()
+    /// The next message to send: those in doubt first.
+    fn pop(&self) -> Option<Taken> {
+        let mut queue = self.queue();
+        if let Some(message) = queue.in_doubt.pop_front() {
+            return Some(Taken {
+                message,
+                in_doubt: true,
+            });
+        }
+        let message = queue.unsent.pop_front()?;
+        Some(Taken {
+            message,
+            in_doubt: false,
+        })
     }
 
-    fn unpop(&self, messages: impl DoubleEndedIterator<Item = Message>) {
+    /// Puts taken messages back at the front, in their order. Those in
+    /// doubt go before the others whatever the order given: they were
+    /// taken first.
+    fn unpop(&self, taken: impl DoubleEndedIterator<Item = Taken>) {
         let mut queue = self.queue();
-        for m in messages.rev() {
-            queue.push_front(m);
+        for t in taken.rev() {
+            if t.in_doubt {
+                queue.in_doubt.push_front(t.message);
+            } else {
+                queue.unsent.push_front(t.message);
+            }
         }
     }
 
     /// Whether a message on `topic` is waiting.
     fn holds(&self, topic: &str) -> bool {
-        self.queue().iter().any(|m| m.topic == topic)
+        let queue = self.queue();
+        queue
+            .in_doubt
+            .iter()
+            .chain(&queue.unsent)
+            .any(|m| m.topic == topic)
     }
 
     fn is_empty(&self) -> bool {
-        self.queue().is_empty()
+        let queue = self.queue();
+        queue.in_doubt.is_empty() && queue.unsent.is_empty()
     }
 }
 
@@ -244,6 +298,12 @@ fn read_file(path: &PathBuf, what: &'static str) -> Result<Vec<u8>, MqttError> {
 /// rumqttc's request channel; beyond it messages wait in the outbox.
 const CHANNEL: usize = 64;
 
+/// Publishes written and not yet acknowledged, at most (rumqttc's 3.1.1
+/// default; MQTT 5 would otherwise take the broker's receive maximum, up
+/// to 65535). It also bounds the messages kept in doubt after a lost
+/// connection, which the outbox's capacity does not count.
+const IN_FLIGHT_WINDOW: u16 = 100;
+
 impl Link {
     fn open(config: &MqttConfig, client_id: &str, prefix: &str) -> Result<Link, MqttError> {
         let password = match &config.password_file {
@@ -281,6 +341,7 @@ impl Link {
                 // every message within max_message_bytes.
                 o.set_keep_alive(keep_alive)
                     .set_max_packet_size(config.max_message_bytes, config.max_message_bytes)
+                    .set_inflight(IN_FLIGHT_WINDOW)
                     .set_clean_session(true)
                     .set_transport(transport)
                     .set_last_will(rumqttc::LastWill::new(will_topic, "offline", qos, true));
@@ -295,6 +356,7 @@ impl Link {
                 let mut o = rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port);
                 o.set_keep_alive(keep_alive)
                     .set_max_packet_size(u32::try_from(config.max_message_bytes).ok())
+                    .set_outgoing_inflight_upper_limit(IN_FLIGHT_WINDOW)
                     .set_clean_start(true)
                     .set_transport(transport)
                     .set_last_will(LastWill::new(will_topic, "offline", qos5(qos), true, None));
@@ -704,11 +766,45 @@ mod tests {
             (s.queued, s.dropped, s.events_dropped, s.events_queued),
             (3, 2, 2, 5)
         );
-        assert_eq!(outbox.pop().unwrap().topic, "cam/2");
-        outbox.unpop([msg(0), msg(1)].into_iter());
+        assert_eq!(outbox.pop().unwrap().message.topic, "cam/2");
+        let unsent = |n| Taken {
+            message: msg(n),
+            in_doubt: false,
+        };
+        outbox.unpop([unsent(0), unsent(1)].into_iter());
         let order: Vec<String> = std::iter::from_fn(|| outbox.pop())
-            .map(|m| m.topic)
+            .map(|t| t.message.topic)
             .collect();
         assert_eq!(order, ["cam/0", "cam/1", "cam/3", "cam/4"]);
+    }
+
+    /// The fresh root once received an event counted dropped: written,
+    /// its ack lost with the connection, requeued, then dropped for room
+    /// while the broker was down.
+    #[test]
+    fn messages_in_doubt_go_first_and_are_never_dropped_for_room() {
+        let outbox = Outbox::new(2);
+        outbox.unpop(
+            [0, 1, 2]
+                .map(|n| Taken {
+                    message: msg(n),
+                    in_doubt: true,
+                })
+                .into_iter(),
+        );
+        for n in 3..8 {
+            outbox.push(msg(n));
+        }
+        let s = outbox.snapshot();
+        assert_eq!(
+            (s.queued, s.dropped, s.events_dropped, s.events_queued),
+            (5, 3, 3, 5)
+        );
+        let order: Vec<(String, bool)> = std::iter::from_fn(|| outbox.pop())
+            .map(|t| (t.message.topic, t.in_doubt))
+            .collect();
+        let expected = [(0, true), (1, true), (2, true), (6, false), (7, false)]
+            .map(|(n, doubt)| (format!("cam/{n}"), doubt));
+        assert_eq!(order, expected);
     }
 }

@@ -2249,7 +2249,9 @@ fn hostile_brokers_cost_retries_with_back_off_never_a_wedge_issue_17() {
 }
 
 /// Issue 17: the broker down with the outbox full. Memory stays flat, the
-/// oldest messages are dropped and counted, and nothing else is lost:
+/// oldest messages never written are dropped and counted (one written
+/// whose ack was lost is kept and sent again: the broker may have passed
+/// it on), and nothing else is lost:
 /// every event is delivered or counted as dropped, and the `seq`s missing
 /// at the subscriber are exactly that many. 60 s of outage here; set
 /// NANODETD_OUTAGE_S=600 for the 10 minutes of docs/RELIABILITY.md.
