@@ -19,7 +19,7 @@ for f in "$trt/NvInfer.h" "$cuda/cuda_runtime_api.h" "$parser/NvOnnxParser.h"; d
 done
 cxx=${CXX:-g++}
 here=$(cd "$(dirname "$0")/.." && pwd)
-shim=$here/src/backend/tensorrt/shim.cpp
+shim=$here/crates/core/src/backend/tensorrt/shim.cpp
 flags=(-std=c++17 -Wall -Wextra -Werror -isystem "$trt" -isystem "$parser" -isystem "$cuda")
 version=$(printf '#include <NvInferVersion.h>\nNV_TENSORRT_MAJOR.NV_TENSORRT_MINOR.NV_TENSORRT_PATCH\n' |
     "$cxx" -E -P -isystem "$trt" -x c++ - | tail -n 1 | tr -d ' ')

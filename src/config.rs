@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::backend::BackendChoice;
 use crate::backend::onnxruntime::Provider;
-use crate::capture::{CameraFormat, CaptureIo, IfUnsupported};
+use crate::capture::{CameraFormat, CaptureIo, IfUnsupported, SourceSpec, V4l2Request};
 
 /// A score or IoU in [0, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -124,6 +124,26 @@ pub struct ModelConfig {
     /// Where ONNX Runtime is, when `backend = "onnxruntime"`.
     #[serde(default)]
     pub onnxruntime: OnnxRuntimeConfig,
+}
+
+impl ModelConfig {
+    /// `[model]` with `path = path` and every other key at its default:
+    /// what a command starts from before its flags.
+    pub fn for_file(path: PathBuf) -> ModelConfig {
+        ModelConfig {
+            path,
+            backend: default_backend(),
+            classes: None,
+            score: default_score(),
+            iou: default_iou(),
+            max_detections: default_max_detections(),
+            precision: Precision::default(),
+            int8: Int8Config::default(),
+            cache: default_cache(),
+            tensorrt: TensorRtConfig::default(),
+            onnxruntime: OnnxRuntimeConfig::default(),
+        }
+    }
 }
 
 /// `[model.onnxruntime]`: the ONNX Runtime library, its threads and its
@@ -241,7 +261,9 @@ fn default_engine_cache_mib() -> u64 {
 }
 
 /// Numeric precision of inference.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// The model as exported.
@@ -682,6 +704,29 @@ impl CameraConfig {
             (SourceConfig::V4l2(_), None) => 1920 * 1080,
             (SourceConfig::Folder(_), _) => DEFAULT_FOLDER_PIXELS,
         })
+    }
+
+    /// What the capture layer opens for this camera.
+    pub fn source_spec(&self) -> SourceSpec {
+        let max_pixels = self.frame_budget();
+        match &self.source {
+            SourceConfig::Folder(path) => SourceSpec::Folder {
+                path: path.clone(),
+                looping: self.looping,
+                max_pixels,
+            },
+            SourceConfig::V4l2(path) => SourceSpec::V4l2 {
+                path: path.clone(),
+                request: V4l2Request {
+                    format: self.format,
+                    size: self.size.map(|[w, h]| (w, h)),
+                    fps: self.fps,
+                    if_unsupported: self.if_unsupported,
+                    io: self.io,
+                    max_pixels,
+                },
+            },
+        }
     }
 
     /// True when both read the same source the same way, so a reload that
@@ -1431,6 +1476,13 @@ source = { v4l2 = "/dev/video0" }
         ))
         .unwrap();
         parse(&camera(&format!("zones = {{ ok = {square} }}"))).unwrap();
+    }
+
+    /// A command's `[model]` starts where the daemon's does.
+    #[test]
+    fn a_model_table_for_a_file_has_the_file_s_defaults() {
+        let parsed: ModelConfig = toml::from_str("path = \"/m.onnx\"").unwrap();
+        assert_eq!(ModelConfig::for_file("/m.onnx".into()), parsed);
     }
 
     /// Issue 17: four folder cameras on one 11000x11000 PNG reached

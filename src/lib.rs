@@ -1,49 +1,34 @@
 //! nanodetd: NanoDet object detection for edge cameras.
 //!
-//! The library is the pure core plus the backends: [`frame`] decodes
-//! images, [`preprocess`] turns them into network input, [`backend`] runs
-//! the network, [`model`] understands its outputs, [`postprocess`] applies
-//! NMS, and [`detector`] strings those together for one frame. [`track`]
-//! turns a camera's detections into objects with lifecycle events. [`eval`]
-//! scores detections the way pycocotools does.
+//! The detection core is the `nanodetd-core` crate (crates/core), re-exported
+//! here under the same module names: [`frame`], [`pixels`], [`buffer`],
+//! [`preprocess`], [`backend`], [`model`], [`postprocess`], [`detector`],
+//! [`track`], [`eval`], [`quantize`], [`engine_cache`], [`contain`].
 //!
-//! The daemon's shell: [`capture`] reads cameras, [`daemon`] wires the
-//! threads and tasks, [`mqtt`] publishes, [`reload`] watches the config,
-//! [`watchdog`] tells systemd the pipeline is alive, [`logging`] sends lines
-//! to journald or stderr.
-//!
-//! [`allocator`] sets how glibc's malloc keeps the daemon's memory.
-//!
-//! [`contain`] turns a panic in a third-party decoder into that input's
-//! error; every other panic aborts.
+//! This crate is the daemon's shell above it: [`capture`] reads cameras,
+//! [`config`] reads and checks the TOML, [`daemon`] wires the threads and
+//! tasks, [`mqtt`] publishes, [`reload`] watches the config, [`watchdog`]
+//! tells systemd the pipeline is alive, [`prepare`] makes a model ready (the
+//! one path the daemon and every command take), [`logging`] sends lines to journald
+//! or stderr, and [`allocator`] sets how glibc's malloc keeps the daemon's
+//! memory.
 //!
 //! [`fuzzing`] holds the entry points of the fuzz targets (`fuzz/`).
-//!
-//! INT8: [`quantize`] calibrates an FP32 model into explicit Q/DQ ONNX;
-//! [`engine_cache`] keeps such built artifacts between runs.
-//!
-//! GPU (feature `cuda`): `gpu` finds a CUDA device at run time, and
-//! `preprocess` gains a kernel doing the same preprocessing on it.
+
+#[cfg(feature = "cuda")]
+pub use nanodetd_core::gpu;
+pub use nanodetd_core::{
+    backend, buffer, contain, detector, engine_cache, errors, eval, frame, model, pixels,
+    postprocess, preprocess, quantize, track,
+};
 
 pub mod allocator;
-pub mod backend;
 pub mod capture;
 pub mod config;
-pub mod contain;
 pub mod daemon;
-pub mod detector;
-pub mod engine_cache;
-pub mod eval;
-pub mod frame;
 pub mod fuzzing;
-#[cfg(feature = "cuda")]
-pub mod gpu;
 pub mod logging;
-pub mod model;
 pub mod mqtt;
-pub mod postprocess;
-pub mod preprocess;
-pub mod quantize;
+pub mod prepare;
 pub mod reload;
-pub mod track;
 pub mod watchdog;

@@ -1,42 +1,15 @@
-//! A configured camera's source, whatever it is: the daemon's camera
-//! threads and `nanodetd calibrate` open cameras the same way.
+//! A camera's source, whatever it is: the daemon's camera threads and
+//! `nanodetd calibrate` open cameras the same way. What to open comes as a
+//! [`SourceSpec`], which the config builds: capture knows nothing of the
+//! config file.
 
 use std::path::PathBuf;
 
 use super::{
-    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, V4l2Camera, V4l2Error,
-    V4l2Request, to_frame,
+    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, RawBytes, V4l2Camera,
+    V4l2Error, V4l2Request, to_frame,
 };
-use crate::config::{CameraConfig, SourceConfig};
 use crate::frame::{Frame, FrameError};
-
-/// A raw buffer's bytes: copied out of the driver's mmap ring, or the
-/// USERPTR buffer the driver filled, lent until dropped.
-#[derive(Debug)]
-pub enum RawBytes {
-    /// A copy that owes nothing to the camera.
-    Copied(Vec<u8>),
-    /// The capture buffer itself (exactly the frame's bytes).
-    Leased(BufferLease),
-}
-
-impl std::ops::Deref for RawBytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            RawBytes::Copied(bytes) => bytes,
-            RawBytes::Leased(lease) => lease.bytes(),
-        }
-    }
-}
-
-impl Clone for RawBytes {
-    /// A copy: a lease is one buffer of a small ring and cannot be shared.
-    fn clone(&self) -> RawBytes {
-        RawBytes::Copied(self.to_vec())
-    }
-}
 
 /// One captured image: decoded, or the camera's raw buffer for a GPU to
 /// convert (the CPU conversion of a 1080p YUYV frame costs ~8 ms).
@@ -122,6 +95,27 @@ impl Captured {
     }
 }
 
+/// What to open.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceSpec {
+    /// A folder of images, or a glob pattern.
+    Folder {
+        /// The folder or pattern.
+        path: PathBuf,
+        /// Start over after the last file.
+        looping: bool,
+        /// Larger images are refused before they are decoded.
+        max_pixels: u64,
+    },
+    /// A V4L2 device.
+    V4l2 {
+        /// `/dev/videoN`, or a stable `/dev/v4l/by-id` link.
+        path: PathBuf,
+        /// The format, size and rate to ask for.
+        request: V4l2Request,
+    },
+}
+
 /// An opened source.
 pub enum Source {
     /// A replayed folder or glob of images.
@@ -165,21 +159,17 @@ pub enum Miss {
 }
 
 impl Source {
-    /// Opens the source `camera` describes.
-    pub fn open(camera: &CameraConfig) -> Result<Source, SourceError> {
-        match &camera.source {
-            SourceConfig::Folder(dir) => Ok(FolderSource::open(dir, camera.looping)
-                .map(|f| Source::Folder(f.with_max_pixels(camera.frame_budget())))?),
-            SourceConfig::V4l2(path) => {
-                let request = V4l2Request {
-                    format: camera.format,
-                    size: camera.size.map(|[w, h]| (w, h)),
-                    fps: camera.fps,
-                    if_unsupported: camera.if_unsupported,
-                    io: camera.io,
-                    max_pixels: camera.frame_budget(),
-                };
-                Ok(V4l2Camera::open(path, &request).map(|c| Source::V4l2(Box::new(c)))?)
+    /// Opens the source `spec` names.
+    pub fn open(spec: &SourceSpec) -> Result<Source, SourceError> {
+        match spec {
+            SourceSpec::Folder {
+                path,
+                looping,
+                max_pixels,
+            } => Ok(FolderSource::open(path, *looping)
+                .map(|f| Source::Folder(f.with_max_pixels(*max_pixels)))?),
+            SourceSpec::V4l2 { path, request } => {
+                Ok(V4l2Camera::open(path, request).map(|c| Source::V4l2(Box::new(c)))?)
             }
         }
     }

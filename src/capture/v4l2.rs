@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Captured;
-use super::convert::{BufferLayout, CameraFormat, to_frame};
 use super::mmap::MmapStream;
 use super::userptr::UserptrStream;
 use super::videodev2::{FrameSize, VideoDevice, v4l2_fract};
 use crate::frame::{Frame, FrameError};
+use crate::pixels::{BufferLayout, CameraFormat, to_frame};
 
 /// Buffers in the mmap ring: enough to ride out a slow frame, few enough
 /// that the newest frame is never far behind.
@@ -54,12 +54,43 @@ pub enum V4l2Error {
         source: io::Error,
     },
     /// The device offers nothing nanodetd can use, or not what was asked.
-    #[error("{path}: {reason}")]
-    Unsupported {
+    #[error("{}: no usable format", path.display())]
+    NoMatch {
         /// The device node.
         path: PathBuf,
         /// What is missing, with what the device offers.
-        reason: String,
+        #[source]
+        reason: NoMatch,
+    },
+    /// The driver set another format than the one negotiated.
+    #[error("{}: asked for {asked:?}, the driver set {set}", path.display())]
+    FormatRefused {
+        /// The device node.
+        path: PathBuf,
+        /// The negotiated format.
+        asked: CameraFormat,
+        /// The driver's fourcc.
+        set: String,
+    },
+    /// `io = "userptr"` on a driver that does not stream into user memory.
+    #[error("{}: the driver does not stream into user memory (USERPTR); io = \"mmap\" or \"auto\" streams from its own buffers", path.display())]
+    NoUserptr {
+        /// The device node.
+        path: PathBuf,
+        /// VIDIOC_REQBUFS's error.
+        source: io::Error,
+    },
+    /// The negotiated format is over the camera's frame budget.
+    #[error("{}: {width}x{height} is over the camera's frame budget of {max_pixels} pixels; set size, or raise max_pixels", path.display())]
+    OverBudget {
+        /// The device node.
+        path: PathBuf,
+        /// The format's width.
+        width: u32,
+        /// Its height.
+        height: u32,
+        /// The budget.
+        max_pixels: u64,
     },
     /// One frame was short or corrupt; the stream goes on.
     #[error(transparent)]
@@ -220,13 +251,48 @@ fn preferred_size(sizes: &SizeOffer) -> Option<(u32, u32)> {
         .copied()
 }
 
+/// No format and size the device offers matches what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct NoMatch {
+    /// The format asked for.
+    pub format: Option<CameraFormat>,
+    /// The size asked for.
+    pub size: Option<(u32, u32)>,
+    /// What the device offers, in formats nanodetd converts.
+    pub offered: Vec<FormatOffer>,
+    /// Set when `if_unsupported = "refuse"` made this an error rather than
+    /// a fallback.
+    pub refused: bool,
+}
+
+impl std::fmt::Display for NoMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no offered format matches format={:?} size={:?}; the device offers: ",
+            self.format, self.size
+        )?;
+        if self.offered.is_empty() {
+            f.write_str("nothing nanodetd can convert")?;
+        }
+        for (i, offer) in self.offered.iter().enumerate() {
+            let separator = if i == 0 { "" } else { "; " };
+            write!(f, "{separator}{:?} {:?}", offer.format, offer.sizes)?;
+        }
+        if self.refused {
+            f.write_str(" (if_unsupported = \"refuse\")")?;
+        }
+        Ok(())
+    }
+}
+
 /// Picks format and size from what a device offers. Asked-for values must
 /// be offered; unset ones are chosen by [`FORMAT_PREFERENCE`] and
 /// [`preferred_size`].
 pub fn negotiate(
     offers: &[FormatOffer],
     request: &V4l2Request,
-) -> Result<(CameraFormat, (u32, u32)), String> {
+) -> Result<(CameraFormat, (u32, u32)), NoMatch> {
     let usable = |o: &&FormatOffer| {
         request.format.is_none_or(|f| f == o.format)
             && request.size.is_none_or(|s| offers_size(&o.sizes, s))
@@ -238,20 +304,12 @@ pub fn negotiate(
             return Ok((offer.format, size));
         }
     }
-    let offered: Vec<String> = offers
-        .iter()
-        .map(|o| format!("{:?} {:?}", o.format, o.sizes))
-        .collect();
-    Err(format!(
-        "no offered format matches format={:?} size={:?}; the device offers: {}",
-        request.format,
-        request.size,
-        if offered.is_empty() {
-            "nothing nanodetd can convert".to_owned()
-        } else {
-            offered.join("; ")
-        }
-    ))
+    Err(NoMatch {
+        format: request.format,
+        size: request.size,
+        offered: offers.to_vec(),
+        refused: false,
+    })
 }
 
 /// [`negotiate`] under the request's [`IfUnsupported`] policy: when the
@@ -261,7 +319,7 @@ pub fn negotiate(
 pub fn negotiate_or_fall_back(
     offers: &[FormatOffer],
     request: &V4l2Request,
-) -> Result<Negotiated, String> {
+) -> Result<Negotiated, NoMatch> {
     let refusal = match negotiate(offers, request) {
         Ok((format, size)) => {
             return Ok(Negotiated {
@@ -273,7 +331,10 @@ pub fn negotiate_or_fall_back(
         Err(refusal) => refusal,
     };
     if request.if_unsupported == IfUnsupported::Refuse {
-        return Err(format!("{refusal} (if_unsupported = \"refuse\")"));
+        return Err(NoMatch {
+            refused: true,
+            ..refusal
+        });
     }
     let any_format = V4l2Request {
         format: None,
@@ -378,7 +439,7 @@ impl V4l2Camera {
             format,
             size: (width, height),
             warning,
-        } = negotiate_or_fall_back(&offers, request).map_err(|reason| V4l2Error::Unsupported {
+        } = negotiate_or_fall_back(&offers, request).map_err(|reason| V4l2Error::NoMatch {
             path: path.to_owned(),
             reason,
         })?;
@@ -398,12 +459,10 @@ impl V4l2Camera {
         let actual = device.set_format(wanted).map_err(lost("VIDIOC_S_FMT"))?;
         let actual_fourcc = actual.pixelformat.to_le_bytes();
         if from_fourcc(actual_fourcc) != Some(format) {
-            return Err(V4l2Error::Unsupported {
+            return Err(V4l2Error::FormatRefused {
                 path: path.to_owned(),
-                reason: format!(
-                    "asked for {format:?}, the driver set {}",
-                    fourcc_text(actual_fourcc)
-                ),
+                asked: format,
+                set: fourcc_text(actual_fourcc),
             });
         }
         if let Some(fps) = request.fps {
@@ -425,12 +484,11 @@ impl V4l2Camera {
         }
         let pixels = u64::from(actual.width) * u64::from(actual.height);
         if pixels > request.max_pixels {
-            return Err(V4l2Error::Unsupported {
+            return Err(V4l2Error::OverBudget {
                 path: path.to_owned(),
-                reason: format!(
-                    "{}x{} is over the camera's frame budget of {} pixels; set size, or raise max_pixels",
-                    actual.width, actual.height, request.max_pixels
-                ),
+                width: actual.width,
+                height: actual.height,
+                max_pixels: request.max_pixels,
             });
         }
         let layout = BufferLayout {
@@ -495,11 +553,9 @@ impl V4l2Camera {
                 Err(("VIDIOC_REQBUFS", e))
                     if e.raw_os_error() == Some(EINVAL) && self.io == CaptureIo::Userptr =>
                 {
-                    return Err(V4l2Error::Unsupported {
+                    return Err(V4l2Error::NoUserptr {
                         path: self.path.clone(),
-                        reason: format!(
-                            "the driver does not stream into user memory (USERPTR): {e}; io = \"mmap\" or \"auto\" streams from its own buffers"
-                        ),
+                        source: e,
                     });
                 }
                 // Under auto, whatever USERPTR trips on (no support, or a
@@ -699,11 +755,12 @@ mod tests {
             format: Some(CameraFormat::Nv12),
             ..V4l2Request::default()
         };
-        let err = negotiate(&c920(), &nv12).unwrap_err();
+        let err = negotiate(&c920(), &nv12).unwrap_err().to_string();
         assert!(err.contains("the device offers: Yuyv"), "{err}");
         assert!(
             negotiate(&[], &V4l2Request::default())
                 .unwrap_err()
+                .to_string()
                 .contains("nothing nanodetd can convert")
         );
     }
@@ -740,7 +797,9 @@ mod tests {
             if_unsupported: IfUnsupported::Refuse,
             ..mjpeg
         };
-        let err = negotiate_or_fall_back(yuyv_only, &refuse).unwrap_err();
+        let err = negotiate_or_fall_back(yuyv_only, &refuse)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("the device offers: Yuyv")
                 && err.ends_with("(if_unsupported = \"refuse\")"),

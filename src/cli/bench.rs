@@ -9,13 +9,15 @@ use clap::Args;
 use nanodetd::detector::DetectionParams;
 use nanodetd::frame::Frame;
 
-use super::{Failure, ModelArgs};
+use super::{Failure, ModelArgs, PrecisionArgs};
 
 /// Arguments of `bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Image to run (default: a synthetic 1920x1080 JPEG, made in memory).
     #[arg(long)]
     image: Option<PathBuf>,
@@ -72,7 +74,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     if args.iters == 0 {
         return Err(Failure::BadInput(anyhow!("--iters must be at least 1")));
     }
-    let detector = args.model.detector(DetectionParams::LIVE)?;
+    let detector = args
+        .model
+        .detector_at(DetectionParams::LIVE, &args.precision)?;
     let mut session = detector.session().map_err(|e| Failure::Runtime(e.into()))?;
     let (bytes, origin) = match &args.image {
         Some(path) => (

@@ -81,7 +81,7 @@ pub fn run(args: &CalibrateArgs) -> Result<(), Failure> {
         .unwrap_or_else(|| config.model.int8.calibration.clone());
     std::fs::create_dir_all(&out)
         .map_err(|e| Failure::Runtime(anyhow!("{}: cannot create: {e}", out.display())))?;
-    let mut source = Source::open(camera).map_err(|e| {
+    let mut source = Source::open(&camera.source_spec()).map_err(|e| {
         Failure::Runtime(anyhow::Error::new(e).context(format!("camera {}", args.camera)))
     })?;
     let replay = source.is_replay();

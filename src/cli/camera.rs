@@ -108,7 +108,10 @@ pub fn run(args: &CameraArgs) -> Result<(), Failure> {
         max_pixels: nanodetd::frame::MAX_PIXELS,
     };
     let mut camera = V4l2Camera::open(&args.device, &request).map_err(|e| match e {
-        V4l2Error::Unsupported { .. } => Failure::BadInput(e.into()),
+        V4l2Error::NoMatch { .. }
+        | V4l2Error::FormatRefused { .. }
+        | V4l2Error::NoUserptr { .. }
+        | V4l2Error::OverBudget { .. } => Failure::BadInput(e.into()),
         other => Failure::Runtime(other.into()),
     })?;
     let layout = camera.layout();

@@ -10,13 +10,15 @@ use nanodetd::detector::DetectionParams;
 use nanodetd::eval::{default_category_id, to_coco_bbox};
 use nanodetd::frame::Frame;
 
-use super::{Failure, ModelArgs, ThresholdArgs};
+use super::{Failure, ModelArgs, PrecisionArgs, ThresholdArgs};
 
 /// Arguments of `detect`.
 #[derive(Args, Debug)]
 pub struct DetectArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     #[command(flatten)]
     thresholds: ThresholdArgs,
     /// Print COCO results JSON instead of a table.
@@ -36,9 +38,10 @@ struct JsonDetection {
 }
 
 pub fn run(args: &DetectArgs) -> Result<(), Failure> {
-    let detector = args
-        .model
-        .detector(args.thresholds.params(DetectionParams::LIVE)?)?;
+    let detector = args.model.detector_at(
+        args.thresholds.params(DetectionParams::LIVE)?,
+        &args.precision,
+    )?;
     let mut session = detector.session().map_err(|e| Failure::Runtime(e.into()))?;
     let num_classes = detector.layout().num_classes;
     let (mut unreadable, mut failed) = (0usize, 0usize);

@@ -9,13 +9,15 @@ use nanodetd::detector::DetectionParams;
 use nanodetd::eval::{CocoDataset, CocoDetection, CocoStats, evaluate, to_coco_bbox};
 use nanodetd::frame::Frame;
 
-use super::{Failure, ModelArgs, ThresholdArgs};
+use super::{Failure, ModelArgs, PrecisionArgs, ThresholdArgs};
 
 /// Arguments of `eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     #[command(flatten)]
     thresholds: ThresholdArgs,
     /// Folder holding the dataset's images.
@@ -35,9 +37,10 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     let dataset =
         CocoDataset::from_file(&args.annotations).map_err(|e| Failure::BadInput(e.into()))?;
-    let detector = args
-        .model
-        .detector(args.thresholds.params(DetectionParams::EVAL)?)?;
+    let detector = args.model.detector_at(
+        args.thresholds.params(DetectionParams::EVAL)?,
+        &args.precision,
+    )?;
     let categories = dataset.sorted_category_ids();
     if categories.len() != detector.layout().num_classes {
         return Err(Failure::BadInput(anyhow!(

@@ -23,8 +23,10 @@ use clap::{Args, Parser, Subcommand};
 
 use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
 use nanodetd::backend::{self, BackendChoice, EngineOptions};
+use nanodetd::config::{ModelConfig, Precision};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::model::{self, LayoutKind, LayoutOverrides};
+use nanodetd::prepare::{LoadOptions, load_detector};
 use nanodetd::preprocess::ResizeMode;
 
 /// NanoDet object detection for edge cameras.
@@ -109,22 +111,9 @@ impl Failure {
     }
 }
 
-/// The error and its causes on one line, like `{:#}`, less any cause
-/// whose text the line already holds (library errors that name their
-/// source in their own message).
+/// The error and its causes on one line ([`nanodetd::prepare::one_line`]).
 fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    nanodetd::prepare::one_line(error.as_ref())
 }
 
 /// Model selection and the overrides for exports that break convention.
@@ -169,6 +158,59 @@ pub struct ModelArgs {
     input_size: Option<(usize, usize)>,
 }
 
+/// The precision a command runs at, with the `[model.int8]` options:
+/// `detect`, `eval` and `bench` run the model the daemon runs.
+#[derive(Args, Debug, Default)]
+pub struct PrecisionArgs {
+    /// Precision: fp32, fp16 (GPU engines) or int8 (the Q/DQ model
+    /// nanodetd calibrates, as the daemon's `[model] precision`).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    precision: Precision,
+    /// Calibration images for --precision int8 (`[model.int8]
+    /// calibration`).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Calibration method: percentile, percentile:P, entropy or minmax
+    /// (`[model.int8] method`).
+    #[arg(long)]
+    int8_method: Option<String>,
+    /// Use at most this many calibration images (`[model.int8] images`).
+    #[arg(long)]
+    int8_images: Option<usize>,
+    /// Convs left in float: names, patterns, @first, @last; repeatable
+    /// (`[model.int8] keep_float`).
+    #[arg(long)]
+    int8_keep_float: Vec<String>,
+    /// No channel equalization before depthwise Convs (`[model.int8]
+    /// equalize = false`).
+    #[arg(long)]
+    int8_no_equalize: bool,
+    /// Where built models are kept (`[model] cache`): the daemon's by
+    /// default, so a command reuses the INT8 model and engines it made.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+impl PrecisionArgs {
+    /// Applies these flags to `model`.
+    fn apply(&self, model: &mut ModelConfig) {
+        model.precision = self.precision;
+        if let Some(cache) = &self.cache {
+            model.cache = cache.clone();
+        }
+        let int8 = &mut model.int8;
+        if let Some(dir) = &self.calibration {
+            int8.calibration = dir.clone();
+        }
+        if let Some(method) = &self.int8_method {
+            int8.method = method.clone();
+        }
+        int8.images = self.int8_images.or(int8.images);
+        int8.keep_float.extend(self.int8_keep_float.iter().cloned());
+        int8.equalize &= !self.int8_no_equalize;
+    }
+}
+
 pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
     match s {
         "cpu" => Ok(Provider::Cpu),
@@ -194,47 +236,49 @@ pub(super) fn parse_size(s: &str) -> Result<(usize, usize), String> {
 }
 
 impl ModelArgs {
-    /// Loads the model and works out its layout: every failure here is a
-    /// bad input file.
+    /// The `[model]` table these flags stand for, at `precision`.
+    fn model_config(&self, precision: &PrecisionArgs) -> ModelConfig {
+        let mut model = ModelConfig::for_file(self.model.clone());
+        model.backend = self.backend;
+        model.classes = self.classes.clone();
+        model.onnxruntime.provider = self.provider;
+        model.onnxruntime.cuda_graph = !self.no_cuda_graph;
+        model.tensorrt.cuda_graph = !self.no_cuda_graph;
+        precision.apply(&mut model);
+        model
+    }
+
+    /// Loads the FP32 model; see [`ModelArgs::detector_at`].
     fn detector(&self, params: DetectionParams) -> Result<Arc<Detector>, Failure> {
-        let class_names = self
-            .classes
-            .as_deref()
-            .map(model::read_class_names)
-            .transpose()
-            .map_err(|e| Failure::BadInput(e.into()))?;
-        model::check_file_sizes(&self.model).map_err(|e| {
-            Failure::BadInput(anyhow::Error::new(e).context(self.model.display().to_string()))
-        })?;
-        let options = EngineOptions {
-            input_size: self.input_size,
-            onnxruntime: OnnxRuntimeOptions {
-                provider: self
-                    .provider
-                    .unwrap_or_else(|| Provider::default_for(self.backend)),
-                cuda_graph: !self.no_cuda_graph,
-                ..OnnxRuntimeOptions::default()
+        self.detector_at(params, &PrecisionArgs::default())
+    }
+
+    /// Loads the model at `precision` through the daemon's own path
+    /// ([`nanodetd::prepare`]): every failure here is a bad input file.
+    fn detector_at(
+        &self,
+        params: DetectionParams,
+        precision: &PrecisionArgs,
+    ) -> Result<Arc<Detector>, Failure> {
+        let model = self.model_config(precision);
+        let options = LoadOptions {
+            params,
+            overrides: LayoutOverrides {
+                layout: self.layout,
+                strides: self.strides.clone(),
+                center_offset: self.center_offset,
+                resize: self.resize,
+                reg_max: self.reg_max,
+                num_classes: None,
             },
+            input_size: self.input_size,
+            // A command runs the backend it was asked for, or says why not.
+            fall_back_to_cpu: false,
+            ..LoadOptions::from_config(&model)
         };
-        let engine = backend::open_chosen(self.backend, &|kind| {
-            backend::open_engine(kind, &self.model, &options)
-        })
-        .map_err(|e| Failure::BadInput(e.into()))?;
-        for note in engine.notes() {
-            log::info!("engine: {note}");
-        }
-        let overrides = LayoutOverrides {
-            layout: self.layout,
-            strides: self.strides.clone(),
-            center_offset: self.center_offset,
-            resize: self.resize,
-            reg_max: self.reg_max,
-            num_classes: None,
-        };
-        let detector = Detector::new(engine, &overrides, class_names, params)
+        load_detector(&model, &options)
             .with_context(|| format!("{}", self.model.display()))
-            .map_err(Failure::BadInput)?;
-        Ok(Arc::new(detector))
+            .map_err(Failure::BadInput)
     }
 }
 

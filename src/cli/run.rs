@@ -36,7 +36,7 @@ pub fn run(args: &RunArgs) -> Result<(), Failure> {
         // the same config would fail the same way (and redo an INT8
         // calibration each time), so it is EX_CONFIG, which the unit does
         // not restart on.
-        e @ DaemonError::Model { .. } => {
+        e @ (DaemonError::Model { .. } | DaemonError::TrialLoad { .. }) => {
             Failure::Config(anyhow::Error::new(e).context("nanodetd run"))
         }
         e => Failure::Runtime(anyhow::Error::new(e).context("nanodetd run")),

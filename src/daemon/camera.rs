@@ -185,7 +185,7 @@ impl CameraRunner {
         let mut reported: Option<String> = None;
         while !self.stopping() {
             self.counters.set_state(CameraState::Opening);
-            let miss = match Source::open(&self.config) {
+            let miss = match Source::open(&self.config.source_spec()) {
                 Ok(source) => {
                     self.counters.set_state(CameraState::Streaming);
                     if reported.take().is_some() {

@@ -19,27 +19,11 @@ pub mod board;
 pub mod broker;
 pub mod camera;
 pub mod console;
-pub mod int8;
 pub mod pipeline;
 pub mod plan;
 pub mod probe;
 pub mod publisher;
 pub mod stats;
-#[cfg(feature = "tensorrt")]
-mod tensorrt;
-/// A build without TensorRT: a model configured for it falls back, as on a
-/// box without a GPU, and says why.
-#[cfg(not(feature = "tensorrt"))]
-mod tensorrt {
-    /// Always [`crate::backend::TENSORRT_NOT_COMPILED_IN`].
-    pub fn engine(
-        _: &crate::config::ModelConfig,
-        _: &std::path::Path,
-    ) -> Result<std::sync::Arc<dyn crate::backend::Engine>, String> {
-        Err(crate::backend::TENSORRT_NOT_COMPILED_IN.into())
-    }
-}
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -50,16 +34,15 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{oneshot, watch};
 
-use crate::backend::onnxruntime::{OnnxRuntimeOptions, Provider, TensorRtProviderOptions};
-use crate::backend::{self, BackendChoice, BackendKind, EngineOptions};
-use crate::config::{CameraConfig, Config, ModelConfig, Precision};
-use crate::detector::{DetectionParams, Detector, DetectorError};
-use crate::model::{self, LayoutOverrides};
+use crate::config::{CameraConfig, Config, ModelConfig};
+use crate::detector::{Detector, DetectorError};
 use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
+use crate::prepare::{self, LoadError, LoadOptions};
 use crate::watchdog::{self, Heartbeats};
 use board::{Control, FrameBoard};
 use camera::{CameraState, CameraTask};
 use pipeline::DetectorTask;
+use probe::ProbeRefusal;
 use stats::Latencies;
 
 /// How long shutdown may take before the rest is abandoned; systemd's
@@ -69,13 +52,39 @@ const SHUTDOWN: Duration = Duration::from_millis(1500);
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The model or class-name file cannot be used.
-    #[error("{path}: {reason}")]
+    /// The model cannot be made ready.
+    #[error("{}", path.display())]
     Model {
         /// The model file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// Why.
+        source: LoadError,
+    },
+    /// A trial load of the model crashed its child process.
+    #[error("{}: trial load on {engine}", path.display())]
+    TrialLoad {
+        /// The model file.
+        path: PathBuf,
+        /// The engine the child ran.
+        engine: String,
+        /// What happened to the child.
+        source: ProbeRefusal,
+    },
+    /// The thread loading the model panicked.
+    #[error("{}: the model load failed", path.display())]
+    LoadPanicked {
+        /// The model file.
+        path: PathBuf,
+        /// The panic.
+        source: tokio::task::JoinError,
+    },
+    /// The loaded model gives no session to run frames on.
+    #[error("{}: no session", path.display())]
+    Session {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        source: DetectorError,
     },
     /// A thread, runtime or signal handler cannot be set up.
     #[error("{what}: {source}")]
@@ -91,135 +100,43 @@ fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// Builds the detector a `[model]` table describes.
-pub fn load_detector(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
-    let failed = |reason: String| DaemonError::Model {
-        path: model.path.clone(),
-        reason,
-    };
-    let class_names = match &model.classes {
-        Some(p) => Some(model::read_class_names(p).map_err(|e| failed(e.to_string()))?),
-        None => None,
-    };
-    // Before any backend sizes its buffers from the model's shapes: a
-    // hostile one would make it allocate gigabytes and abort the daemon.
-    model::check_file_sizes(&model.path).map_err(|e| failed(e.to_string()))?;
-    let runs = |kind: BackendKind| match model.backend {
-        BackendChoice::Only(chosen) => chosen == kind,
-        BackendChoice::Auto => true,
-    };
-    let file = match model.precision {
-        Precision::Fp32 => model.path.clone(),
-        Precision::Fp16 => {
-            if !BackendKind::compiled().any(|kind| runs(kind) && kind.has_fp16_kernels()) {
-                log::info!(
-                    "precision fp16 applies to GPU engines; {} runs FP32",
-                    model.backend
-                );
-            }
-            model.path.clone()
-        }
-        // TensorRT's own calibrator works from the FP32 model.
-        Precision::Int8
-            if model.backend == BackendChoice::Only(BackendKind::TensorRt)
-                && model.tensorrt.int8_mode == crate::config::Int8Mode::Calibrator =>
-        {
-            model.path.clone()
-        }
-        Precision::Int8 => {
-            let qdq = int8::qdq_model(model).map_err(|e| failed(e.to_string()))?;
-            if let BackendChoice::Only(kind) = model.backend
-                && !kind.has_int8_kernels()
-            {
-                log::info!(
-                    "{kind} runs the Q/DQ model with INT8 rounding emulated in float: the accuracy is INT8's, the speed is not"
-                );
-            }
-            qdq
-        }
-    };
-    let options = EngineOptions {
-        input_size: None,
-        onnxruntime: onnxruntime_options(model),
-    };
-    let engine = match model.backend {
-        // No GPU, no driver or no TensorRT on this box: the CPU runs the
-        // same model, and the log and the stats topic say so.
-        BackendChoice::Only(BackendKind::TensorRt) => match tensorrt::engine(model, &file) {
-            Ok(engine) => engine,
-            Err(why) => {
-                let note =
-                    format!("fallback: TensorRT unavailable ({why}); running on tract, the CPU");
-                log::error!("{note}");
-                let cpu = backend::open_engine(BackendKind::Tract, &file, &options)
-                    .map_err(|e| failed(e.to_string()))?;
-                backend::with_notes(cpu, vec![note])
-            }
-        },
-        choice => backend::open_chosen(choice, &|kind| match kind {
-            BackendKind::TensorRt => tensorrt::engine(model, &file).map_err(|reason| {
-                backend::BackendError::Unavailable {
-                    backend: kind,
-                    reason,
-                }
-            }),
-            _ => backend::open_engine(kind, &file, &options),
-        })
-        .map_err(|e| failed(e.to_string()))?,
-    };
-    for note in engine.notes() {
-        log::info!("engine: {note}");
-    }
-    let params = DetectionParams {
-        score_threshold: model.score.get(),
-        iou_threshold: model.iou.get(),
-        max_detections: model.max_detections,
-        ..DetectionParams::LIVE
-    };
-    Detector::new(engine, &LayoutOverrides::default(), class_names, params)
-        .map(Arc::new)
-        .map_err(|e: DetectorError| failed(e.to_string()))
-}
-
-/// [`load_detector`], after a trial load of the model file in a child
-/// process ([`probe`]): what could abort the daemon aborts the child.
+/// [`prepare::load_detector`], after a trial load of the model file in a
+/// child process ([`probe`]): what could abort the daemon aborts the
+/// child.
 fn probe_and_load(model: &ModelConfig) -> Result<Arc<Detector>, DaemonError> {
     if let Some(exe) = probe::probe_executable() {
         let library = model.onnxruntime.library.as_deref();
-        let provider = onnxruntime_options(model).provider;
+        let provider = prepare::onnxruntime_options(model).provider;
         for engine in probe::engines_to_probe(model.backend, library, provider) {
             match probe::verdict(&probe::run_probe(&exe, &model.path, &engine)) {
                 Ok(None) => {}
                 Ok(Some(warning)) => log::warn!("{warning}"),
                 Err(refusal) => {
-                    return Err(DaemonError::Model {
+                    return Err(DaemonError::TrialLoad {
                         path: model.path.clone(),
-                        reason: format!("{refusal} [trial load on {}]", engine.name()),
+                        engine: engine.name(),
+                        source: refusal,
                     });
                 }
             }
         }
     }
-    load_detector(model)
-}
-
-/// ONNX Runtime's settings from `[model.onnxruntime]` and `[model]`.
-fn onnxruntime_options(model: &ModelConfig) -> OnnxRuntimeOptions {
-    let ort = &model.onnxruntime;
-    OnnxRuntimeOptions {
-        library: ort.library.clone(),
-        intra_threads: ort.intra_threads,
-        provider: ort
-            .provider
-            .unwrap_or_else(|| Provider::default_for(model.backend)),
-        device: ort.device,
-        cuda_graph: ort.cuda_graph,
-        tensorrt: TensorRtProviderOptions {
-            cache: model.cache.join("onnxruntime-tensorrt"),
-            fp16: model.precision != Precision::Fp32,
-            int8: model.precision == Precision::Int8,
-        },
-    }
+    let options = LoadOptions {
+        progress: Arc::new(|status: &str| {
+            log::info!("{status}");
+            // A first TensorRT build on a Jetson takes minutes: systemd
+            // hears each step, and the start timeout is pushed out.
+            notify(&[
+                NotifyState::Status(status),
+                NotifyState::ExtendTimeoutUsec(120_000_000),
+            ]);
+        }),
+        ..LoadOptions::from_config(model)
+    };
+    prepare::load_detector(model, &options).map_err(|source| DaemonError::Model {
+        path: model.path.clone(),
+        source,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. `config` was loaded from
@@ -266,18 +183,18 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         move || probe_and_load(&model)
     });
     let detector = tokio::select! {
-        loaded = loading => loaded.map_err(|e| DaemonError::Model {
+        loaded = loading => loaded.map_err(|source| DaemonError::LoadPanicked {
             path: config.model.path.clone(),
-            reason: format!("the model load failed: {e}"),
+            source,
         })??,
         signal = signals.next() => {
             log::info!("{signal} while the model loads: stopped");
             return Ok(());
         }
     };
-    let session = detector.session().map_err(|e| DaemonError::Model {
+    let session = detector.session().map_err(|source| DaemonError::Session {
         path: config.model.path.clone(),
-        reason: e.to_string(),
+        source,
     })?;
     for label in pipeline::unknown_labels(&config, &detector) {
         log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
@@ -538,8 +455,9 @@ impl ModelLoads {
                 })));
             }
             Err(e) => {
-                log::error!("{e}; keeping the running model");
-                outbox.push(mqtt::status_message(Some(&e.to_string())));
+                let why = prepare::one_line(&e);
+                log::error!("{why}; keeping the running model");
+                outbox.push(mqtt::status_message(Some(&why)));
             }
         });
     }

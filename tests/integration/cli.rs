@@ -373,3 +373,67 @@ fn check_config_accepts_the_shipped_example_and_rejects_bad_edits() {
         "{err}"
     );
 }
+
+/// Issue 18: `detect` loads models the daemon's way, so it runs the INT8
+/// model the daemon would, made once and kept in the shared cache.
+#[test]
+fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
+    let Some(a) = assets("detect int8") else {
+        return;
+    };
+    let cache = tempfile::tempdir().unwrap();
+    let model_path = model(&a, "nanodet-plus-m_320");
+    let calibration = a.join("datasets/calibration-80");
+    let run = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nanodetd"));
+        // Info shows the calibration, which a command otherwise does quietly.
+        command.env("RUST_LOG", "info").args([
+            "detect",
+            "--json",
+            "--model",
+            model_path.to_str().unwrap(),
+            "--precision",
+            "int8",
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "--int8-images",
+            "8",
+            "--cache",
+            cache.path().to_str().unwrap(),
+            sample(&a, "hpc203_bus.jpg").to_str().unwrap(),
+        ]);
+        command.output().unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(
+        stderr(&first).contains("making the INT8 model: 8 images"),
+        "{}",
+        stderr(&first)
+    );
+    let made: Vec<PathBuf> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".int8.onnx"))
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let detections: serde_json::Value = serde_json::from_str(&stdout(&first)).unwrap();
+    // COCO id 6 is bus.
+    assert!(
+        detections
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["category_id"] == 6 && d["score"].as_f64().unwrap() > 0.5),
+        "{detections}"
+    );
+    // The second run finds it, as a daemon with this cache would.
+    let second = run();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains(&format!("INT8 model from the cache: {}", made[0].display())),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(stdout(&second), stdout(&first));
+}

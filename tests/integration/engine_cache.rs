@@ -32,8 +32,14 @@ impl StandIn {
     }
 }
 
+/// The stand-in's errors: what a real builder or deserializer would say.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{0}")]
+struct Refused(&'static str);
+
 impl PlanBuilder for StandIn {
-    fn build(&self, key: &PlanKey) -> Result<BuiltPlan, String> {
+    type Error = Refused;
+    fn build(&self, key: &PlanKey) -> Result<BuiltPlan, Refused> {
         self.builds.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.delay);
         let mut plan = format!("PLAN {}", key.digest()).into_bytes();
@@ -46,13 +52,13 @@ impl PlanBuilder for StandIn {
 }
 
 /// The stand-in's "deserializer": a plan must start with its key.
-fn loader(key: &PlanKey) -> impl FnMut(&[u8]) -> Result<String, String> + use<> {
+fn loader(key: &PlanKey) -> impl FnMut(&[u8]) -> Result<String, Refused> + use<> {
     let expected = format!("PLAN {}", key.digest());
     move |plan: &[u8]| {
         if plan.starts_with(expected.as_bytes()) {
             Ok(expected.clone())
         } else {
-            Err("not this key's plan".into())
+            Err(Refused("not this key's plan"))
         }
     }
 }
@@ -188,11 +194,12 @@ fn corruption_truncation_and_a_missing_sidecar_each_rebuild_and_say_why() {
     std::fs::write(&sidecar, "{ not json").unwrap();
     assert!(matches!(cache.lookup(&k), Lookup::Miss(why) if why.starts_with("sidecar unreadable")));
     std::fs::write(&sidecar, &sidecar_text).unwrap();
-    let mut refuse = |_: &[u8]| -> Result<String, String> { Err("magic mismatch".into()) };
+    let mut refuse = |_: &[u8]| -> Result<String, Refused> { Err(Refused("magic mismatch")) };
     let built_before = builder.builds();
     let err = cache.get_or_build(&k, &builder, &mut refuse).unwrap_err();
     assert_eq!(
-        err, "magic mismatch",
+        err,
+        Refused("magic mismatch"),
         "a fresh plan that will not load is an error"
     );
     assert_eq!(builder.builds(), built_before + 1);

@@ -390,7 +390,7 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
 #[allow(unsafe_code)]
 fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured() {
     use cudarc::driver::DevicePtr;
-    use nanodetd::gpu::GraphReplay;
+    use nanodetd::gpu::{GpuError, GraphReplay};
     let test = "graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured";
     let Some(gpu) = gpu_or_skip(test) else {
         return;
@@ -406,12 +406,12 @@ fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured()
     let copy = || {
         // SAFETY: both buffers hold `n` u32 and outlive every run.
         unsafe { cudarc::driver::result::memcpy_dtod_async(to, from, n * 4, stream.cu_stream()) }
-            .map_err(|e| e.to_string())
+            .map_err(GpuError::driver("copying"))
     };
     let mut check = |replay: &mut GraphReplay,
                      shape: usize,
                      value: u32,
-                     work: &mut dyn FnMut() -> Result<(), String>| {
+                     work: &mut dyn FnMut() -> Result<(), GpuError>| {
         stream.memcpy_htod(&vec![value; n], &mut source).unwrap();
         replay.run(shape, work).unwrap();
         stream.synchronize().unwrap();
@@ -441,7 +441,7 @@ fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured()
     let mut replay = GraphReplay::new(stream.clone(), true);
     let mut syncing = || {
         copy()?;
-        stream.synchronize().map_err(|e| e.to_string())
+        stream.synchronize().map_err(GpuError::driver("synchronizing"))
     };
     for value in [7, 8, 9] {
         check(&mut replay, 1, value, &mut syncing);

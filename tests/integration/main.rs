@@ -13,6 +13,7 @@ mod demo;
 mod engine_cache;
 mod fuzz_corpora;
 mod gpu;
+mod layers;
 mod onnxruntime;
 mod quantize;
 mod real_models;

@@ -61,7 +61,8 @@ fn daemon_falls_back_to_the_cpu_loudly_when_tensorrt_cannot_run() {
     );
     let config =
         nanodetd::config::Config::parse(&text, std::path::Path::new("/etc/nanodetd.toml")).unwrap();
-    let detector = nanodetd::daemon::load_detector(&config.model).unwrap();
+    let options = nanodetd::prepare::LoadOptions::from_config(&config.model);
+    let detector = nanodetd::prepare::load_detector(&config.model, &options).unwrap();
     assert_eq!(
         detector.engine().backend(),
         nanodetd::backend::BackendKind::Tract

@@ -265,15 +265,15 @@ impl DetectorSession {
     /// until then.
     pub fn preprocess_raw(
         &mut self,
-        layout: crate::capture::BufferLayout,
-        bytes: &crate::capture::RawBytes,
+        layout: crate::pixels::BufferLayout,
+        bytes: &crate::buffer::RawBytes,
         origin: &str,
     ) -> Result<Transform, DetectorError> {
         match &mut self.runner {
             Runner::Host { .. } => self.preprocess_converted(layout, bytes, origin),
             #[cfg(feature = "cuda")]
             Runner::Device { preprocessor, .. } => {
-                if let crate::capture::RawBytes::Leased(lease) = bytes {
+                if let crate::buffer::RawBytes::Leased(lease) = bytes {
                     preprocessor.stage_lent(layout, lease, origin)?;
                     return self.launch_preprocessing();
                 }
@@ -313,11 +313,11 @@ impl DetectorSession {
     /// A raw buffer converted on the host, then stage 1 as for a frame.
     fn preprocess_converted(
         &mut self,
-        layout: crate::capture::BufferLayout,
+        layout: crate::pixels::BufferLayout,
         bytes: &[u8],
         origin: &str,
     ) -> Result<Transform, DetectorError> {
-        let frame = crate::capture::to_frame(&layout, bytes, origin)?;
+        let frame = crate::pixels::to_frame(&layout, bytes, origin)?;
         self.preprocess(&frame)
     }
 
@@ -326,7 +326,7 @@ impl DetectorSession {
     #[cfg(feature = "cuda")]
     pub fn preprocess_pinned(
         &mut self,
-        layout: crate::capture::BufferLayout,
+        layout: crate::pixels::BufferLayout,
         pinned: &cudarc::driver::PinnedHostSlice<u8>,
         origin: &str,
     ) -> Result<Transform, DetectorError> {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::CompileOptions;
 
-use crate::capture::CaptureBuffer;
+use crate::buffer::CaptureBuffer;
 
 /// Why the GPU path is not available, or a GPU operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -270,11 +270,11 @@ impl GraphReplay {
 
     /// Runs `work` for `shape` (a batch size, say): plainly, captured, or
     /// from the graph. The caller syncs the stream when it needs results.
-    pub fn run(
+    pub fn run<E: From<GpuError> + std::fmt::Display>(
         &mut self,
         shape: usize,
-        work: &mut dyn FnMut() -> Result<(), String>,
-    ) -> Result<(), String> {
+        work: &mut dyn FnMut() -> Result<(), E>,
+    ) -> Result<(), E> {
         if matches!(self.state, ReplayState::Off(_)) {
             return work();
         }
@@ -289,14 +289,14 @@ impl GraphReplay {
                 self.state = ReplayState::Warm;
                 Ok(())
             }
-            ReplayState::Captured(graph) => graph
+            ReplayState::Captured(graph) => Ok(graph
                 .launch()
-                .map_err(|e| format!("launching the CUDA graph: {e}")),
+                .map_err(GpuError::driver("launching the CUDA graph"))?),
             ReplayState::Warm => match self.capture(work) {
                 Ok(graph) => {
                     graph
                         .launch()
-                        .map_err(|e| format!("launching the CUDA graph: {e}"))?;
+                        .map_err(GpuError::driver("launching the CUDA graph"))?;
                     self.state = ReplayState::Captured(graph);
                     Ok(())
                 }
@@ -310,9 +310,11 @@ impl GraphReplay {
         }
     }
 
-    fn capture(
+    /// The graph of `work`, or why it could not be captured (kept as the
+    /// reason replay is off).
+    fn capture<E: std::fmt::Display>(
         &self,
-        work: &mut dyn FnMut() -> Result<(), String>,
+        work: &mut dyn FnMut() -> Result<(), E>,
     ) -> Result<cudarc::driver::CudaGraph, String> {
         use cudarc::driver::sys::CUstreamCaptureMode;
         // Thread-local: another thread's allocation (a camera's pinned

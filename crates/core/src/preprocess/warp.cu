@@ -6,7 +6,7 @@
 // It reproduces src/preprocess/mod.rs bit for bit rather than
 // approximately: the taps (source index and 1/32 weights) come from the
 // host, computed by the same Rust code the CPU path uses; the YCbCr
-// conversion is capture::convert's integer formula; the blend is the same
+// conversion is pixels's integer formula; the blend is the same
 // integer arithmetic; and the normalisation is one IEEE subtract and
 // divide (NVRTC defaults to --prec-div=true and no fast math).
 
@@ -23,7 +23,7 @@ __device__ __forceinline__ unsigned char clip8(int v)
     return (unsigned char) (v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// BT.601 limited range, as capture::convert::ycbcr_to_bgr.
+// BT.601 limited range, as pixels::ycbcr_to_bgr.
 __device__ __forceinline__ uchar3 ycbcr_to_bgr(int y, int cb, int cr)
 {
     int c = 298 * (y - 16);

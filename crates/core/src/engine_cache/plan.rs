@@ -127,8 +127,10 @@ pub struct BuiltPlan {
 /// Builds plans. TensorRT behind the `tensorrt` feature; a stand-in in
 /// the tests.
 pub trait PlanBuilder {
-    /// Builds the plan `key` describes. The error is one readable line.
-    fn build(&self, key: &PlanKey) -> Result<BuiltPlan, String>;
+    /// Why a build failed; also what a plan that does not load gives.
+    type Error: std::fmt::Display;
+    /// Builds the plan `key` describes.
+    fn build(&self, key: &PlanKey) -> Result<BuiltPlan, Self::Error>;
 }
 
 /// Where a plan came from.
@@ -342,12 +344,12 @@ impl PlanCache {
     /// from the cache or built by `builder` when the cache cannot serve
     /// it. A plan that fails to load is rebuilt. One process or thread
     /// builds a key at a time; the others then find it cached.
-    pub fn get_or_build<T>(
+    pub fn get_or_build<T, E: std::fmt::Display>(
         &self,
         key: &PlanKey,
-        builder: &dyn PlanBuilder,
-        load: &mut dyn FnMut(&[u8]) -> Result<T, String>,
-    ) -> Result<(T, Provenance), String> {
+        builder: &dyn PlanBuilder<Error = E>,
+        load: &mut dyn FnMut(&[u8]) -> Result<T, E>,
+    ) -> Result<(T, Provenance), E> {
         let _lock = self.lock(key);
         let why = match self.lookup(key) {
             Lookup::Hit(plan) => match load(&plan) {

@@ -1,4 +1,4 @@
-//! The INT8 model the daemon runs: made from the FP32 model and the
+//! The INT8 model a `[model]` table asks for: made from the FP32 model and the
 //! configured calibration set on first use, then served from the cache
 //! until the model file, the set, or the calibration options change.
 

@@ -239,6 +239,17 @@ pub struct EngineReport {
     pub max_batch: u32,
 }
 
+/// Why a TensorRT plan could not be built or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanFailure {
+    /// TensorRT refused, in its own words.
+    #[error(transparent)]
+    TensorRt(#[from] library::TrtError),
+    /// The calibrator's buffer could not be set up on the GPU.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+}
+
 /// Builds plans with TensorRT for the plan cache.
 struct TrtPlanBuilder<'a> {
     tensorrt: &'a TensorRt,
@@ -252,7 +263,8 @@ struct TrtPlanBuilder<'a> {
 }
 
 impl PlanBuilder for TrtPlanBuilder<'_> {
-    fn build(&self, _key: &PlanKey) -> Result<BuiltPlan, String> {
+    type Error = PlanFailure;
+    fn build(&self, _key: &PlanKey) -> Result<BuiltPlan, PlanFailure> {
         // A missing or stale timing cache only makes the build slower.
         let timing = std::fs::read(&self.timing_cache).unwrap_or_default();
         let mut on_progress = |step: BuildProgress<'_>| {
@@ -268,10 +280,10 @@ impl PlanBuilder for TrtPlanBuilder<'_> {
             true
         };
         let built = match self.calibrator {
-            None => self
-                .tensorrt
-                .build(self.onnx, &self.request, &timing, &mut on_progress, None)
-                .map_err(|e| e.to_string())?,
+            None => {
+                self.tensorrt
+                    .build(self.onnx, &self.request, &timing, &mut on_progress, None)?
+            }
             Some((set, spec, gpu, ref table_path)) => {
                 let built =
                     self.build_calibrated(set, spec, gpu, table_path, &timing, &mut on_progress)?;
@@ -307,7 +319,7 @@ impl TrtPlanBuilder<'_> {
         table_path: &std::path::Path,
         timing: &[u8],
         on_progress: &mut dyn FnMut(BuildProgress<'_>) -> bool,
-    ) -> Result<library::BuildOutput, String> {
+    ) -> Result<library::BuildOutput, PlanFailure> {
         let table = std::fs::read(table_path).unwrap_or_default();
         if table.is_empty() {
             log::info!(
@@ -321,7 +333,7 @@ impl TrtPlanBuilder<'_> {
         let stream = gpu.stream().clone();
         let mut device = stream
             .alloc_zeros::<f32>(spec.tensor_len())
-            .map_err(|e| GpuError::driver("allocating the calibration buffer")(e).to_string())?;
+            .map_err(GpuError::driver("allocating the calibration buffer"))?;
         let mut host = vec![0f32; spec.tensor_len()];
         let mut files = set.files.iter();
         let mut next_batch = |_input: &str| -> Option<u64> {
@@ -353,8 +365,19 @@ impl TrtPlanBuilder<'_> {
                     next_batch: &mut next_batch,
                 }),
             )
-            .map_err(|e| e.0)
+            .map_err(PlanFailure::from)
     }
+}
+
+/// Why an enqueue, plain or replayed, failed.
+#[derive(Debug, thiserror::Error)]
+enum EnqueueError {
+    /// TensorRT's enqueue refused.
+    #[error(transparent)]
+    TensorRt(#[from] library::TrtError),
+    /// The CUDA graph could not be launched.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
 }
 
 /// A TensorRT engine, shared between pipeline threads.
@@ -507,7 +530,7 @@ impl TrtEngine {
             .get_or_build(&key, &builder, &mut |bytes| {
                 tensorrt
                     .load(bytes, plan.dla_core)
-                    .map_err(|e| e.to_string())
+                    .map_err(PlanFailure::from)
             })
             .map_err(unavailable)?;
         let loaded = Arc::new(loaded);
@@ -761,9 +784,9 @@ impl DeviceSession for TrtSession {
             .run(images, &mut || {
                 // SAFETY: every tensor is bound to a live buffer of this
                 // session, allocated in the stream's context.
-                unsafe { context.enqueue(cu_stream.cast()) }.map_err(|e| e.0)
+                unsafe { context.enqueue(cu_stream.cast()) }.map_err(EnqueueError::from)
             })
-            .map_err(run)?;
+            .map_err(|e| run(crate::errors::one_line(&e)))?;
         let copy = |e| run(GpuError::driver("copying outputs to the host")(e).to_string());
         for (_, device, host, len) in &mut self.outputs {
             stream

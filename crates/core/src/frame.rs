@@ -438,7 +438,7 @@ mod tests {
     fn a_jpeg_that_panics_the_decoder_is_that_frames_error_issue_17() {
         let input = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/fuzz/seeds/uvc_mjpeg/zune-jpeg-avx2-idct-unwrap-none"
+            "/../../fuzz/seeds/uvc_mjpeg/zune-jpeg-avx2-idct-unwrap-none"
         ))
         .unwrap();
         // The fuzz input is 4 bytes of frame size, then the JPEG.

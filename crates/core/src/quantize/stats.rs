@@ -5,6 +5,31 @@ use std::collections::HashMap;
 
 use tract_onnx::prelude::*;
 
+use crate::errors::Cause;
+
+/// Why the FP32 model cannot be run for statistics.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// tract cannot read it.
+    #[error("not a loadable ONNX model")]
+    Load(#[source] Cause),
+    /// Its input cannot be set to the preprocessed size.
+    #[error("its input cannot take {0:?}")]
+    Input([usize; 4], #[source] Cause),
+    /// A tensor to watch is not in the graph.
+    #[error("tensor {0:?} is not in the graph tract loaded")]
+    MissingTensor(String),
+    /// tract cannot type, optimise or plan it.
+    #[error("tract cannot prepare the model")]
+    Prepare(#[source] Cause),
+    /// A run failed.
+    #[error("inference failed")]
+    Run(#[source] Cause),
+    /// A watched output is missing or not float.
+    #[error("output {0} missing or not float")]
+    Output(usize),
+}
+
 /// The FP32 model, made runnable with the chosen tensors as its outputs.
 pub struct ActivationProbe {
     plan: Arc<TypedRunnableModel>,
@@ -17,19 +42,19 @@ pub struct ActivationProbe {
 
 impl ActivationProbe {
     /// Prepares `onnx` for a `[1, 3, height, width]` input, exposing
-    /// `tensors` (by ONNX name). The error is a readable reason.
+    /// `tensors` (by ONNX name).
     pub fn new(
         onnx: &[u8],
         (width, height): (usize, usize),
         tensors: &[String],
-    ) -> Result<ActivationProbe, String> {
+    ) -> Result<ActivationProbe, ProbeError> {
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
-            .map_err(|e| format!("not a loadable ONNX model: {e:#}"))?;
+            .map_err(|e| ProbeError::Load(e.into()))?;
         let input_shape = [1, 3, height, width];
         model
             .set_input_fact(0, f32::fact(input_shape).into())
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| ProbeError::Input(input_shape, e.into()))?;
         let input_name = model.node(model.inputs[0].node).name.clone();
         let mut outlets = Vec::new();
         let mut sources = Vec::with_capacity(tensors.len());
@@ -40,16 +65,13 @@ impl ActivationProbe {
             }
             let outlet = model
                 .find_outlet_label(t)
-                .ok_or_else(|| format!("tensor {t:?} is not in the graph tract loaded"))?;
+                .ok_or_else(|| ProbeError::MissingTensor(t.clone()))?;
             sources.push(Some(outlets.len()));
             outlets.push(outlet);
         }
-        model
-            .select_output_outlets(&outlets)
-            .map_err(|e| format!("{e:#}"))?;
-        let typed = model
-            .into_typed()
-            .map_err(|e| format!("shape inference failed: {e:#}"))?;
+        let prepare = |e: TractError| ProbeError::Prepare(e.into());
+        model.select_output_outlets(&outlets).map_err(prepare)?;
+        let typed = model.into_typed().map_err(prepare)?;
         let ranks = typed
             .outlet_labels
             .iter()
@@ -61,7 +83,7 @@ impl ActivationProbe {
         let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| format!("tract cannot optimise the model: {e:#}"))?;
+            .map_err(prepare)?;
         Ok(ActivationProbe {
             plan,
             input_shape,
@@ -81,25 +103,19 @@ impl ActivationProbe {
         &mut self,
         input: &[f32],
         seen: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), String> {
-        let tensor = Tensor::from_shape(&self.input_shape, input).map_err(|e| format!("{e:#}"))?;
-        let outputs = self
-            .plan
-            .run(tvec!(tensor.into_tvalue()))
-            .map_err(|e| format!("inference failed: {e:#}"))?;
+    ) -> Result<(), ProbeError> {
+        let run = |e: TractError| ProbeError::Run(e.into());
+        let tensor = Tensor::from_shape(&self.input_shape, input).map_err(run)?;
+        let outputs = self.plan.run(tvec!(tensor.into_tvalue())).map_err(run)?;
         for (index, source) in self.sources.iter().enumerate() {
             match source {
                 None => seen(index, input),
                 Some(i) => {
-                    let value = outputs
-                        .get(*i)
-                        .ok_or_else(|| format!("output {i} missing"))?;
-                    let values = value.cast_to::<f32>().map_err(|e| format!("{e:#}"))?;
-                    let plain = values.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
-                    seen(
-                        index,
-                        plain.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
-                    );
+                    let missing = || ProbeError::Output(*i);
+                    let value = outputs.get(*i).ok_or_else(missing)?;
+                    let values = value.cast_to::<f32>().map_err(|_| missing())?;
+                    let plain = values.try_as_plain_ram().map_err(|_| missing())?;
+                    seen(index, plain.as_slice::<f32>().map_err(|_| missing())?);
                 }
             }
         }

@@ -16,9 +16,10 @@ use cudarc::driver::{
 };
 
 use super::{ChannelOrder, PreprocessSpec, ResizeMode, Transform, placement, taps};
-use crate::capture::{BufferLayout, BufferLease, CameraFormat};
+use crate::buffer::BufferLease;
 use crate::frame::{Frame, FrameError, PixelFormat};
 use crate::gpu::{Gpu, GpuError};
+use crate::pixels::{BufferLayout, CameraFormat};
 
 const KERNEL: &str = "warp_normalise";
 const SOURCE: &str = include_str!("warp.cu");

@@ -1,13 +1,11 @@
-//! The TensorRT engine the daemon runs (feature `tensorrt`): the model's
-//! settings turned into the backend's options, with build progress sent
-//! to systemd.
+//! The TensorRT engine a `[model]` table asks for (feature `tensorrt`):
+//! the model's settings turned into the backend's options, with build
+//! progress told to the caller (the daemon tells systemd).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use sd_notify::NotifyState;
-
-use super::notify;
+use super::{LoadError, Progress, TensorRtSetupError};
 use crate::backend::tensorrt::{OnnxSources, TensorRtOptions, TrtEngine, TrtPrecision};
 use crate::backend::{self, EngineOptions};
 use crate::config::{Int8Mode, ModelConfig, Precision};
@@ -15,10 +13,13 @@ use crate::detector::{DetectionParams, Detector};
 use crate::model::LayoutOverrides;
 
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
-/// INT8) or loaded from the engine cache. While it builds, systemd hears
-/// each step (STATUS=) and the start timeout is pushed out, so a slow
-/// first build on a Jetson is not killed.
-pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend::Engine>, String> {
+/// INT8) or loaded from the engine cache. `progress` hears each step of
+/// a build.
+pub fn engine(
+    model: &ModelConfig,
+    file: &Path,
+    progress: &Progress,
+) -> Result<Arc<dyn crate::backend::Engine>, TensorRtSetupError> {
     let trt = &model.tensorrt;
     let precision = match (model.precision, trt.int8_mode) {
         (Precision::Fp32, _) => TrtPrecision::Fp32,
@@ -27,7 +28,10 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
         (Precision::Int8, Int8Mode::Calibrator) => TrtPrecision::Int8Calibrator,
     };
     let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+        std::fs::read(path).map_err(|source| TensorRtSetupError::Read {
+            path: path.to_owned(),
+            source,
+        })
     };
     let fp32 = read(&model.path)?;
     let qdq = match precision {
@@ -41,12 +45,13 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
         TrtPrecision::Int8Calibrator => {
             let set =
                 crate::quantize::CalibrationSet::scan(&model.int8.calibration, model.int8.images)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(TensorRtSetupError::Calibration)?;
             let fp32 = backend::open_engine(
                 backend::BackendKind::Tract,
                 &model.path,
                 &EngineOptions::default(),
             )
+            .map_err(LoadError::from)
             .and_then(|engine| {
                 Detector::new(
                     engine,
@@ -54,9 +59,9 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
                     None,
                     DetectionParams::LIVE,
                 )
-                .map_err(|e| backend::BackendError::Run(e.to_string()))
+                .map_err(LoadError::from)
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TensorRtSetupError::Fp32(Box::new(e)))?;
             Some((set, fp32.preprocess_spec().clone()))
         }
         _ => None,
@@ -83,18 +88,12 @@ pub fn engine(model: &ModelConfig, file: &Path) -> Result<Arc<dyn crate::backend
             .clone()
             .unwrap_or_else(|| model.cache.join("engines")),
         cache_bytes: trt.cache_limit_mib << 20,
-        progress: Arc::new(|status: &str| {
-            log::info!("{status}");
-            notify(&[
-                NotifyState::Status(status),
-                NotifyState::ExtendTimeoutUsec(120_000_000),
-            ]);
-        }),
+        progress: progress.clone(),
     };
     let sources = OnnxSources {
         fp32: &fp32,
         qdq: qdq.as_deref(),
     };
-    let engine = TrtEngine::open(&name, &sources, &options).map_err(|e| e.to_string())?;
+    let engine = TrtEngine::open(&name, &sources, &options)?;
     Ok(Arc::new(engine))
 }

@@ -27,7 +27,9 @@ use tract_onnx::pb::ModelProto;
 pub use calibration::{CalibrationSet, FEW_IMAGES};
 pub use histogram::{DEFAULT_BINS, Histogram, Method, scale, threshold, weight_scales};
 pub use rules::{RuleSummary, check};
+pub use stats::ProbeError;
 
+use crate::errors::one_line;
 use crate::frame::Frame;
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use graph::{GraphError, set_metadata};
@@ -147,6 +149,14 @@ pub enum QuantizeError {
         /// A Conv's name, to show the naming.
         example: String,
     },
+    /// The FP32 model cannot be run for its statistics.
+    #[error("{}", path.display())]
+    Probe {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        source: ProbeError,
+    },
     /// The graph could not be converted.
     #[error("{path}: {source}")]
     Graph {
@@ -229,6 +239,10 @@ pub fn quantize(
         path: source.to_owned(),
         reason,
     };
+    let probe_error = |source_error: ProbeError| QuantizeError::Probe {
+        path: source.to_owned(),
+        source: source_error,
+    };
     let graph_error = |source_error: GraphError| QuantizeError::Graph {
         path: source.to_owned(),
         source: source_error,
@@ -283,12 +297,14 @@ pub fn quantize(
     };
     if !chains.is_empty() {
         let watched: Vec<String> = chains.iter().map(|c| c.tensor.clone()).collect();
-        let mut probe = stats::ActivationProbe::new(&bytes, size, &watched).map_err(model_error)?;
+        let mut probe = stats::ActivationProbe::new(&bytes, size, &watched).map_err(probe_error)?;
         let mut ranges: Vec<Vec<f32>> = chains.iter().map(|c| vec![0.0; c.channels]).collect();
         each_input(set, spec, &mut next_image, &mut |input| {
-            probe.run(input, &mut |i, values| {
-                equalize::fold_channel_ranges(&mut ranges[i], values)
-            })
+            probe
+                .run(input, &mut |i, values| {
+                    equalize::fold_channel_ranges(&mut ranges[i], values)
+                })
+                .map_err(|e| one_line(&e))
         });
         let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
         for (chain, ranges) in chains.iter().zip(&ranges) {
@@ -301,10 +317,12 @@ pub fn quantize(
     } else {
         model.encode_to_vec()
     };
-    let mut probe = stats::ActivationProbe::new(&equalized, size, &tensors).map_err(model_error)?;
+    let mut probe = stats::ActivationProbe::new(&equalized, size, &tensors).map_err(probe_error)?;
     let mut histograms = vec![Histogram::default(); tensors.len()];
     let skipped = each_input(set, spec, &mut next_image, &mut |input| {
-        probe.run(input, &mut |i, values| histograms[i].add(values))
+        probe
+            .run(input, &mut |i, values| histograms[i].add(values))
+            .map_err(|e| one_line(&e))
     });
     for (file, reason) in &skipped {
         log::warn!("calibration image {} skipped: {reason}", file.display());
