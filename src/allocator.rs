@@ -183,9 +183,8 @@ mod tests {
             // writes one byte per page into `flags`, which has that many;
             // the range lies in this process's heap.
             #[allow(unsafe_code)]
-            let rc = unsafe {
-                nix::libc::mincore(first as *mut _, end - first, flags.as_mut_ptr())
-            };
+            let rc =
+                unsafe { nix::libc::mincore(first as *mut _, end - first, flags.as_mut_ptr()) };
             if rc != 0 {
                 // Unmapped (the heap shrank past it): nothing resident.
                 return 0;

@@ -755,6 +755,13 @@ mod tests {
         }
     }
 
+    fn taken(n: usize, in_doubt: bool) -> Taken {
+        Taken {
+            message: msg(n),
+            in_doubt,
+        }
+    }
+
     #[test]
     fn a_full_outbox_drops_the_oldest_and_counts() {
         let outbox = Outbox::new(3);
@@ -767,11 +774,7 @@ mod tests {
             (3, 2, 2, 5)
         );
         assert_eq!(outbox.pop().unwrap().message.topic, "cam/2");
-        let unsent = |n| Taken {
-            message: msg(n),
-            in_doubt: false,
-        };
-        outbox.unpop([unsent(0), unsent(1)].into_iter());
+        outbox.unpop([taken(0, false), taken(1, false)].into_iter());
         let order: Vec<String> = std::iter::from_fn(|| outbox.pop())
             .map(|t| t.message.topic)
             .collect();
@@ -784,14 +787,7 @@ mod tests {
     #[test]
     fn messages_in_doubt_go_first_and_are_never_dropped_for_room() {
         let outbox = Outbox::new(2);
-        outbox.unpop(
-            [0, 1, 2]
-                .map(|n| Taken {
-                    message: msg(n),
-                    in_doubt: true,
-                })
-                .into_iter(),
-        );
+        outbox.unpop((0..3).map(|n| taken(n, true)));
         for n in 3..8 {
             outbox.push(msg(n));
         }

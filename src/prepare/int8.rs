@@ -2,15 +2,15 @@
 //! configured calibration set on first use, then served from the cache
 //! until the model file, the set, or the calibration options change.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{self, BackendError, BackendKind, EngineOptions};
 use crate::config::ModelConfig;
-use crate::detector::{DetectionParams, Detector, DetectorError};
+use crate::detector::{DetectionParams, Detector, DetectorError, declared_preprocess};
 use crate::engine_cache::{ArtifactCache, CacheError};
-use crate::model::LayoutOverrides;
+use crate::model::{LayoutOverrides, MAX_MODEL_BYTES};
+use crate::preprocess::PreprocessSpec;
 use crate::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions, UnknownMethod};
 
 /// Why the INT8 model could not be made or found.
@@ -74,25 +74,12 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         set.dir.display(),
         int8.method
     );
-    // The calibration images are preprocessed exactly as inference will
-    // preprocess frames, so the FP32 model's layout decides it.
-    let engine = backend::open_engine(BackendKind::Tract, &model.path, &EngineOptions::default())?;
-    let fp32 = Detector::new(
-        engine,
-        &LayoutOverrides::default(),
-        None,
-        DetectionParams::LIVE,
-    )
-    .map(Arc::new)?;
+    let spec = fp32_preprocess(&model.path)?;
     let started = Instant::now();
     let mut progress = quantize::TenthsLog::new("INT8 calibration");
-    let quantized = quantize::quantize(
-        &model.path,
-        fp32.preprocess_spec(),
-        &set,
-        &options,
-        &mut |done, total| progress.update(done, total),
-    )?;
+    let quantized = quantize::quantize(&model.path, &spec, &set, &options, &mut |done, total| {
+        progress.update(done, total)
+    })?;
     // A cache that cannot be written (full, read-only) must not cost the
     // calibration: the model goes to the temporary directory instead, and
     // the daemon runs it, where failing would restart into the same
@@ -126,6 +113,29 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         r.images_skipped.len()
     );
     Ok(path)
+}
+
+/// The preprocessing of the FP32 model at `path`, which calibration
+/// repeats so that the statistics are those of the frames inference
+/// will see: read from the shapes the file declares, or, where it does
+/// not declare them all, from tract's shape inference.
+pub fn fp32_preprocess(path: &Path) -> Result<PreprocessSpec, Int8Error> {
+    use std::io::Read;
+    let mut onnx = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_MODEL_BYTES).read_to_end(&mut onnx))
+        .map_err(Int8Error::ReadModel)?;
+    if let Some(declared) = declared_preprocess(&onnx, &LayoutOverrides::default()) {
+        return Ok(declared.map_err(DetectorError::from)?);
+    }
+    let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default())?;
+    let fp32 = Detector::new(
+        engine,
+        &LayoutOverrides::default(),
+        None,
+        DetectionParams::LIVE,
+    )?;
+    Ok(fp32.preprocess_spec().clone())
 }
 
 /// Where a built model goes when `model.cache` cannot take it: a

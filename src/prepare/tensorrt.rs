@@ -7,10 +7,7 @@ use std::sync::Arc;
 
 use super::{LoadError, Progress, TensorRtSetupError};
 use crate::backend::tensorrt::{OnnxSources, TensorRtOptions, TrtEngine, TrtPrecision};
-use crate::backend::{self, EngineOptions};
 use crate::config::{Int8Mode, ModelConfig, Precision};
-use crate::detector::{DetectionParams, Detector};
-use crate::model::LayoutOverrides;
 
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
 /// INT8) or loaded from the engine cache. `progress` hears each step of
@@ -46,23 +43,9 @@ pub fn engine(
             let set =
                 crate::quantize::CalibrationSet::scan(&model.int8.calibration, model.int8.images)
                     .map_err(TensorRtSetupError::Calibration)?;
-            let fp32 = backend::open_engine(
-                backend::BackendKind::Tract,
-                &model.path,
-                &EngineOptions::default(),
-            )
-            .map_err(LoadError::from)
-            .and_then(|engine| {
-                Detector::new(
-                    engine,
-                    &LayoutOverrides::default(),
-                    None,
-                    DetectionParams::LIVE,
-                )
-                .map_err(LoadError::from)
-            })
-            .map_err(|e| TensorRtSetupError::Fp32(Box::new(e)))?;
-            Some((set, fp32.preprocess_spec().clone()))
+            let spec = super::int8::fp32_preprocess(&model.path)
+                .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?;
+            Some((set, spec))
         }
         _ => None,
     };

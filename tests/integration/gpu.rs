@@ -441,7 +441,9 @@ fn graph_replay_captures_then_replays_and_runs_plainly_what_cannot_be_captured()
     let mut replay = GraphReplay::new(stream.clone(), true);
     let mut syncing = || {
         copy()?;
-        stream.synchronize().map_err(GpuError::driver("synchronizing"))
+        stream
+            .synchronize()
+            .map_err(GpuError::driver("synchronizing"))
     };
     for value in [7, 8, 9] {
         check(&mut replay, 1, value, &mut syncing);

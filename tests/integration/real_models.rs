@@ -5,8 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use crate::support::{MODELS, assets, fused_from_integral, live_detector, model, sample};
-use nanodetd::detector::Detector;
+use nanodetd::detector::{Detector, declared_preprocess};
 use nanodetd::frame::{Frame, PixelFormat};
+use nanodetd::model::LayoutOverrides;
 use nanodetd::postprocess::Detection;
 
 fn labelled(d: &Detector, found: &[Detection]) -> Vec<(String, f32)> {
@@ -25,6 +26,23 @@ fn every_shared_model_gets_its_layout_from_shapes() {
         let d = live_detector(&model(&a, name));
         assert_eq!(d.layout().kind.to_string(), layout, "{name}");
         assert_eq!(d.layout().num_classes, 80, "{name}");
+    }
+}
+
+/// Issue 18: calibration reads the preprocessing from the shapes the file
+/// declares, without building an engine; it must be what the engine finds.
+#[test]
+fn every_shared_model_declares_the_preprocessing_its_engine_finds_issue_18() {
+    let Some(a) = assets("declared preprocessing") else {
+        return;
+    };
+    for path in MODELS.iter().map(|(name, _)| model(&a, name)) {
+        let onnx = std::fs::read(&path).unwrap();
+        let declared = declared_preprocess(&onnx, &LayoutOverrides::default())
+            .unwrap_or_else(|| panic!("{}: shapes not declared", path.display()))
+            .unwrap();
+        let found = live_detector(&path).preprocess_spec().clone();
+        assert_eq!(declared, found, "{}", path.display());
     }
 }
 

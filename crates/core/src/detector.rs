@@ -70,6 +70,23 @@ pub enum DetectorError {
     GpuPreprocess(#[from] crate::preprocess::GpuPreprocessError),
 }
 
+/// The preprocessing `onnx` asks for, read from the shapes it declares:
+/// what [`Detector::new`] finds from an engine, without building one.
+/// `None` when the file does not declare its shapes fully; a backend's
+/// shape inference must then tell.
+pub fn declared_preprocess(
+    onnx: &[u8],
+    overrides: &LayoutOverrides,
+) -> Option<Result<PreprocessSpec, LayoutError>> {
+    let (input, outputs) = crate::model::declared_shapes(onnx)?;
+    Some(Layout::detect(&input, &outputs, overrides).map(|layout| preprocess_of(&layout)))
+}
+
+/// NanoDet's preprocessing at `layout`'s input size and resize mode.
+fn preprocess_of(layout: &Layout) -> PreprocessSpec {
+    PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize)
+}
+
 /// A prepared model plus everything needed to interpret it.
 pub struct Detector {
     engine: Arc<dyn Engine>,
@@ -110,8 +127,7 @@ impl Detector {
                 layout.num_classes
             )));
         }
-        let preprocess =
-            PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize);
+        let preprocess = preprocess_of(&layout);
         Ok(Detector {
             engine,
             layout,

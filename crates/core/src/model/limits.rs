@@ -7,6 +7,8 @@
 use prost::Message;
 use tract_onnx::pb::{ModelProto, ValueInfoProto, tensor_shape_proto, type_proto};
 
+use super::TensorShape;
+
 /// Largest model file read, in bytes (NanoDet-Plus-m 416 is 4.8 MB).
 pub const MAX_MODEL_BYTES: u64 = 512 << 20;
 /// Largest input side, in pixels.
@@ -129,6 +131,51 @@ fn check_elements(what: &'static str, name: &str, dims: Vec<i64>) -> Result<(), 
     Ok(())
 }
 
+/// The image input's shape and the outputs' shapes as `onnx` declares
+/// them, at batch 1: what a backend's shape inference would find, read
+/// without building one. `None` when the file does not say: one graph
+/// input besides the initializers, and every dimension but the leading
+/// batch fixed, or the outputs' shapes absent.
+pub fn declared_shapes(onnx: &[u8]) -> Option<(Vec<usize>, Vec<TensorShape>)> {
+    let graph = ModelProto::decode(onnx).ok()?.graph?;
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut inputs = graph
+        .input
+        .iter()
+        .filter(|i| !initializers.contains(i.name.as_str()));
+    let (Some(input), None) = (inputs.next(), inputs.next()) else {
+        return None;
+    };
+    // A symbolic batch is 1; any other unknown dimension is not declared.
+    let batch_one = |dims: Vec<i64>| -> Option<Vec<usize>> {
+        dims.iter()
+            .enumerate()
+            .map(|(i, &d)| match (i, usize::try_from(d)) {
+                (_, Ok(d)) if d > 0 => Some(d),
+                (0, _) => Some(1),
+                _ => None,
+            })
+            .collect()
+    };
+    let input_shape = batch_one(dims_of(input)).filter(|s| !s.is_empty())?;
+    if graph.output.is_empty() {
+        return None;
+    }
+    let outputs = graph
+        .output
+        .iter()
+        .map(|o| {
+            let shape = batch_one(dims_of(o)).filter(|s| !s.is_empty())?;
+            Some(TensorShape {
+                name: o.name.clone(),
+                shape,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((input_shape, outputs))
+}
+
 /// Declared dimensions; -1 where one is not fixed.
 fn dims_of(value: &ValueInfoProto) -> Vec<i64> {
     let Some(type_proto::Value::TensorType(tensor)) =
@@ -237,6 +284,42 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "output \"output\" is produced by no node, input or initializer"
+        );
+    }
+
+    #[test]
+    fn declared_shapes_read_batch_one_and_refuse_what_is_not_fixed() {
+        let shape = |v: &[usize]| v.to_vec();
+        let (input, outputs) =
+            declared_shapes(&model(&[-1, 3, 320, 320], &[-1, 2125, 112])).unwrap();
+        assert_eq!(input, shape(&[1, 3, 320, 320]));
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(
+            (outputs[0].name.as_str(), outputs[0].shape.clone()),
+            ("output", shape(&[1, 2125, 112]))
+        );
+        // A size that is not fixed, or an output without a shape: the file
+        // does not say, shape inference must.
+        assert!(declared_shapes(&model(&[1, 3, -1, -1], &[1, 2125, 112])).is_none());
+        assert!(declared_shapes(&model(&[1, 3, 320, 320], &[])).is_none());
+        assert!(declared_shapes(b"not onnx").is_none());
+        // An initializer listed among the inputs (older exporters) is not
+        // the image.
+        let mut proto =
+            ModelProto::decode(model(&[1, 3, 320, 320], &[1, 2125, 112]).as_slice()).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        graph.input.push(value("weight", &[8, 3, 3, 3]));
+        graph.initializer.push(tract_onnx::pb::TensorProto {
+            name: "weight".into(),
+            dims: vec![8, 3, 3, 3],
+            ..Default::default()
+        });
+        let (input, _) = declared_shapes(&proto.encode_to_vec()).unwrap();
+        assert_eq!(input, shape(&[1, 3, 320, 320]));
+        proto.graph.as_mut().unwrap().initializer.clear();
+        assert!(
+            declared_shapes(&proto.encode_to_vec()).is_none(),
+            "two inputs"
         );
     }
 }

@@ -18,6 +18,7 @@ pub use layout::{
 };
 pub use limits::{
     MAX_INPUT_SIDE, MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, SizeError, check_file_sizes, check_sizes,
+    declared_shapes,
 };
 pub use rewrite::RewriteError;
 
