@@ -27,7 +27,10 @@ fn the_core_crate_depends_on_no_daemon_crate_issue_18() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
             "tree",
-            "--offline",
+            // Not --offline: a machine that built only the default features
+            // (the README's test command on a fresh root) has not
+            // downloaded cudarc yet, and cargo tree needs its manifest.
+            "--locked",
             "--package",
             "nanodetd-core",
             "--features",
