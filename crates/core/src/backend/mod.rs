@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::auto::{BackendChoice, Contender, choose_fastest};
-pub use self::tract::{TractEngine, batchable, validate_batch};
+pub use self::tract::{BatchMismatch, TractEngine, batchable, validate_batch};
 use crate::model::TensorShape;
 
 /// What a prepared model consumes and produces.

@@ -7,6 +7,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
+use crate::errors::Cause;
 use crate::model::TensorShape;
 
 use super::{
@@ -204,7 +205,9 @@ pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Opt
                 .ok()
                 .and_then(|s| Some((*s.get(3)?, *s.get(2)?)))
                 .ok_or_else(|| "no fixed input size".to_owned())
-                .and_then(|size| validate_batch(&rewritten, size, 2));
+                .and_then(|size| {
+                    validate_batch(&rewritten, size, 2).map_err(|e| crate::errors::one_line(&e))
+                });
             let text = verdict.as_ref().err().map_or("ok", String::as_str);
             let kept = std::fs::create_dir_all(memo)
                 .and_then(|()| crate::engine_cache::write_atomically(&file, text.as_bytes()));
@@ -223,6 +226,53 @@ pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Opt
     }
 }
 
+/// Why a batched model does not compute what it computes image by image.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchMismatch {
+    /// tract cannot build it at this batch size.
+    #[error("batch {batch} does not build")]
+    Build {
+        /// The batch size.
+        batch: usize,
+        /// tract's error.
+        source: Cause,
+    },
+    /// A run failed.
+    #[error("inference failed")]
+    Run(#[source] Cause),
+    /// An output is not a plain float tensor.
+    #[error("output {0} is not a float tensor")]
+    NotFloat(usize),
+    /// The graph moves the batch into another axis.
+    #[error(
+        "output {output} has shape {batched:?} at batch {batch} but {alone:?} at batch 1: the graph folds the batch into another axis"
+    )]
+    Folded {
+        /// The output.
+        output: usize,
+        /// The batch size.
+        batch: usize,
+        /// Its shape at that batch size.
+        batched: Vec<usize>,
+        /// Its shape at batch 1.
+        alone: Vec<usize>,
+    },
+    /// A value differs.
+    #[error("output {output}, image {image}, value {index}: {batched} in the batch, {alone} alone")]
+    Differs {
+        /// The output.
+        output: usize,
+        /// The image in the batch.
+        image: usize,
+        /// The value's index in the image's output.
+        index: usize,
+        /// The value computed in the batch.
+        batched: f32,
+        /// The value computed alone.
+        alone: f32,
+    },
+}
+
 /// Checks, on the CPU, that `onnx` (rewritten for a symbolic batch by
 /// [`crate::model::dynamic_batch`]) computes for a batch of `batch` images
 /// exactly what it computes for each image alone: same output shapes, and
@@ -232,18 +282,22 @@ pub fn validate_batch(
     onnx: &[u8],
     (width, height): (usize, usize),
     batch: usize,
-) -> Result<(), String> {
-    let plan = |n: usize| -> Result<Arc<TypedRunnableModel>, String> {
+) -> Result<(), BatchMismatch> {
+    let plan = |n: usize| -> Result<Arc<TypedRunnableModel>, BatchMismatch> {
+        let build = |e: TractError| BatchMismatch::Build {
+            batch: n,
+            source: e.into(),
+        };
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*onnx)
-            .map_err(|e| format!("not loadable: {e:#}"))?;
+            .map_err(build)?;
         model
             .set_input_fact(0, f32::fact([n, 3, height, width]).into())
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(build)?;
         model
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| format!("batch {n} does not build: {e:#}"))
+            .map_err(build)
     };
     let single = plan(1)?;
     let batched = plan(batch)?;
@@ -259,31 +313,32 @@ pub fn validate_batch(
         })
         .collect();
     let run = |plan: &Arc<TypedRunnableModel>, n: usize, data: &[f32]| {
-        let input =
-            Tensor::from_shape(&[n, 3, height, width], data).map_err(|e| format!("{e:#}"))?;
-        plan.run(tvec!(input.into_tvalue()))
-            .map_err(|e| format!("inference failed: {e:#}"))
+        let failed = |e: TractError| BatchMismatch::Run(e.into());
+        let input = Tensor::from_shape(&[n, 3, height, width], data).map_err(failed)?;
+        plan.run(tvec!(input.into_tvalue())).map_err(failed)
     };
     let together = run(&batched, batch, &values)?;
     for (image, data) in values.chunks(per_image).enumerate() {
         let alone = run(&single, 1, data)?;
         for (o, (b, s)) in together.iter().zip(alone.iter()).enumerate() {
+            let not_float = || BatchMismatch::NotFloat(o);
             let (b, s) = (
-                b.cast_to::<f32>().map_err(|e| format!("{e:#}"))?,
-                s.cast_to::<f32>().map_err(|e| format!("{e:#}"))?,
+                b.cast_to::<f32>().map_err(|_| not_float())?,
+                s.cast_to::<f32>().map_err(|_| not_float())?,
             );
             if b.shape().first() != Some(&batch) || b.shape()[1..] != s.shape()[1..] {
-                return Err(format!(
-                    "output {o} has shape {:?} at batch {batch} but {:?} at batch 1: the graph folds the batch into another axis",
-                    b.shape(),
-                    s.shape()
-                ));
+                return Err(BatchMismatch::Folded {
+                    output: o,
+                    batch,
+                    batched: b.shape().to_vec(),
+                    alone: s.shape().to_vec(),
+                });
             }
-            let b = b.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
-            let s = s.try_as_plain_ram().map_err(|e| format!("{e:#}"))?;
+            let b = b.try_as_plain_ram().map_err(|_| not_float())?;
+            let s = s.try_as_plain_ram().map_err(|_| not_float())?;
             let (b, s) = (
-                b.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
-                s.as_slice::<f32>().map_err(|e| format!("{e:#}"))?,
+                b.as_slice::<f32>().map_err(|_| not_float())?,
+                s.as_slice::<f32>().map_err(|_| not_float())?,
             );
             let part = &b[image * s.len()..(image + 1) * s.len()];
             if let Some((i, (x, y))) = part
@@ -292,9 +347,13 @@ pub fn validate_batch(
                 .enumerate()
                 .find(|(_, (x, y))| (*x - *y).abs() > 1e-4 * (1.0 + y.abs()))
             {
-                return Err(format!(
-                    "output {o}, image {image}, value {i}: {x} in the batch, {y} alone"
-                ));
+                return Err(BatchMismatch::Differs {
+                    output: o,
+                    image,
+                    index: i,
+                    batched: *x,
+                    alone: *y,
+                });
             }
         }
     }
