@@ -12,7 +12,7 @@ for arch in x86_64 aarch64; do
     cargo deb --target "$arch-unknown-linux-gnu" --no-build --no-strip --quiet
 done
 version=$(cargo metadata --no-deps --format-version 1 |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["packages"][0]["version"])')
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "nanodetd"))')
 for debarch in amd64 arm64; do
     deb=$(ls target/debian/nanodetd_"$version"-*_"$debarch".deb)
     echo "$deb: $(du -h "$deb" | cut -f1)"
