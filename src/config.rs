@@ -1252,7 +1252,7 @@ macro_rules! wide {
 }
 wide!(u16, u32, u64, usize);
 
-/// Collects the first key outside its range.
+/// Collects every key outside its range, so one check reports them all.
 #[derive(Default)]
 struct RangeCheck {
     problems: Vec<Problem>,
@@ -1331,7 +1331,6 @@ source = { v4l2 = "/dev/video0" }
         Config::parse(text, Path::new("/etc/nanodetd/nanodetd.toml"))
     }
 
-    /// Issue 17: values that parsed and then aborted or starved the
     /// One edit should fix every problem: check reports them all.
     #[test]
     fn every_problem_is_reported_at_once() {
