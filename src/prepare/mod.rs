@@ -208,14 +208,8 @@ pub fn load_detector(
             }
         }
         choice => backend::open_chosen(choice, &|kind| match kind {
-            BackendKind::TensorRt => {
-                tensorrt::engine(model, &file, &options.progress).map_err(|why| {
-                    BackendError::Unavailable {
-                        backend: kind,
-                        reason: one_line(&why),
-                    }
-                })
-            }
+            BackendKind::TensorRt => tensorrt::engine(model, &file, &options.progress)
+                .map_err(|why| BackendError::unavailable(kind, why)),
             _ => backend::open_engine(kind, &file, &engine_options),
         })?,
     };

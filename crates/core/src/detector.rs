@@ -347,10 +347,7 @@ impl DetectorSession {
         origin: &str,
     ) -> Result<Transform, DetectorError> {
         let Runner::Device { preprocessor, .. } = &mut self.runner else {
-            return Err(BackendError::Run(format!(
-                "{origin}: a pinned frame needs a session on the GPU"
-            ))
-            .into());
+            return Err(BackendError::NotOnDevice(format!("{origin}: a pinned frame")).into());
         };
         preprocessor.stage_pinned(layout, pinned, origin)?;
         self.launch_preprocessing()
@@ -364,11 +361,11 @@ impl DetectorSession {
             preprocessor,
         } = &mut self.runner
         else {
-            return Err(BackendError::Run("not a GPU session".into()).into());
+            return Err(BackendError::NotOnDevice("preprocessing on the device".into()).into());
         };
-        let mut input = session
-            .input_image(0)
-            .ok_or_else(|| BackendError::Run("the device session has no input buffer".into()))?;
+        let mut input = session.input_image(0).ok_or_else(|| {
+            BackendError::run("the device session has no input buffer for image 0")
+        })?;
         Ok(preprocessor.launch(&self.detector.preprocess, &mut input)?)
     }
 

@@ -5,13 +5,16 @@ use std::error::Error;
 
 /// An error and its causes on one line, `a: b: c`, less any cause whose
 /// text the line already holds (library errors that name their cause in
-/// their own message).
+/// their own message), and less a context that its cause repeats at its
+/// start (`/m.onnx` over `/m.onnx: not a model`).
 pub fn one_line(error: &(dyn Error + 'static)) -> String {
     let mut line = String::new();
     let mut cause = Some(error);
     while let Some(error) = cause {
         let text = error.to_string();
-        if !line.contains(&text) {
+        if !line.is_empty() && text.starts_with(&line) {
+            line = text;
+        } else if !line.contains(&text) {
             if !line.is_empty() {
                 line.push_str(": ");
             }
@@ -25,6 +28,28 @@ pub fn one_line(error: &(dyn Error + 'static)) -> String {
 /// A third-party error kept as a cause (tract's are `anyhow` errors, which
 /// are not `std::error::Error` themselves).
 pub type Cause = Box<dyn Error + Send + Sync>;
+
+/// An error and what nanodetd was doing when it came: a third-party error
+/// given the context a reader needs, with the error kept as the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {source}")]
+pub struct While {
+    /// What nanodetd was doing ("binding the outputs").
+    pub doing: String,
+    /// The error.
+    #[source]
+    pub source: Cause,
+}
+
+impl While {
+    /// `source`, met while `doing`.
+    pub fn new(doing: impl Into<String>, source: impl Into<Cause>) -> While {
+        While {
+            doing: doing.into(),
+            source: source.into(),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -43,5 +68,11 @@ mod tests {
         struct Verbose(#[source] std::io::Error);
         let verbose = Verbose(std::io::Error::other("truncated"));
         assert_eq!(one_line(&verbose), "cannot load: truncated");
+        // A context that its cause spells out again.
+        #[derive(Debug, thiserror::Error)]
+        #[error("/m.onnx")]
+        struct Model(#[source] Read);
+        let model = Model(Read(std::io::Error::other("disk on fire")));
+        assert_eq!(one_line(&model), "/m.onnx: cannot read: disk on fire");
     }
 }

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{BackendError, BackendKind, Engine, InputBatch, with_notes};
+use super::{BackendError, BackendKind, Engine, InputBatch, Skipped, with_notes};
 
 /// What a model's `backend` setting asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +72,11 @@ pub fn choose_fastest(contenders: Vec<Contender<'_>>) -> Result<Arc<dyn Engine>,
         let engine = match (contender.open)() {
             Ok(engine) => engine,
             Err(e) => {
-                skipped.push(format!("{} unavailable ({e})", contender.kind));
+                skipped.push(Skipped {
+                    kind: contender.kind,
+                    at_timing: false,
+                    error: e,
+                });
                 continue;
             }
         };
@@ -81,18 +85,22 @@ pub fn choose_fastest(contenders: Vec<Contender<'_>>) -> Result<Arc<dyn Engine>,
                 "auto: {} runs on the GPU, ahead of every CPU backend",
                 contender.kind
             )];
-            notes.extend(skipped.into_iter().map(|s| format!("auto: {s}")));
+            notes.extend(skipped.iter().map(|s| format!("auto: {s}")));
             return Ok(with_notes(engine, notes));
         }
         match median_run(engine.as_ref()) {
             Ok(time) => timed.push((engine, time)),
-            Err(e) => skipped.push(format!("{} failed a timing run ({e})", contender.kind)),
+            Err(e) => skipped.push(Skipped {
+                kind: contender.kind,
+                at_timing: true,
+                error: e,
+            }),
         }
     }
     timed.sort_by_key(|(_, time)| *time);
     let mut ranked = timed.iter();
     let Some((fastest, time)) = ranked.next() else {
-        return Err(BackendError::NoneRuns(skipped.join("; ")));
+        return Err(BackendError::NoneRuns(skipped));
     };
     let beside: Vec<String> = ranked
         .map(|(engine, t)| format!("{} {:.1} ms", engine.backend(), ms(*t)))
@@ -107,7 +115,7 @@ pub fn choose_fastest(contenders: Vec<Contender<'_>>) -> Result<Arc<dyn Engine>,
             format!(" beside {}", beside.join(", "))
         }
     )];
-    notes.extend(skipped.into_iter().map(|s| format!("auto: {s}")));
+    notes.extend(skipped.iter().map(|s| format!("auto: {s}")));
     Ok(with_notes(fastest.clone(), notes))
 }
 
@@ -150,12 +158,7 @@ mod tests {
     fn nothing_opens_is_an_error_naming_each_reason() {
         let fail = |kind, why: &'static str| Contender {
             kind,
-            open: Box::new(move || {
-                Err(BackendError::Unavailable {
-                    backend: kind,
-                    reason: why.into(),
-                })
-            }),
+            open: Box::new(move || Err(BackendError::unavailable(kind, why))),
         };
         let err = choose_fastest(vec![
             fail(BackendKind::OnnxRuntime, "no libonnxruntime"),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 pub use self::auto::{BackendChoice, Contender, choose_fastest};
 pub use self::tract::{BatchMismatch, TractEngine, batchable, validate_batch};
+use crate::errors::Cause;
 use crate::model::TensorShape;
 
 /// What a prepared model consumes and produces.
@@ -317,16 +318,20 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
-/// Why a model could not be prepared or run.
+/// Why a model could not be prepared or run. A third-party library's error
+/// is kept whole as the `source()` (a [`Cause`]); the message shows its
+/// first line too, so `to_string` and [`crate::errors::one_line`] agree.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The model file is missing, unreadable, empty or not a valid model.
-    #[error("{path}: {reason}")]
+    /// The model file is missing, unreadable, empty or not a model this
+    /// backend can prepare.
+    #[error("{path}: {problem}")]
     ModelFile {
         /// The model file.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        problem: ModelFileProblem,
     },
     /// The input batch does not match the model.
     #[error("input batch of {images} images with {values} values does not fit: {reason}")]
@@ -335,24 +340,128 @@ pub enum BackendError {
         images: usize,
         /// Values given.
         values: usize,
-        /// Why it does not fit.
+        /// What the model takes.
         reason: String,
     },
-    /// Inference failed.
+    /// Inference failed in the backend's library or on the device.
     #[error("inference failed: {0}")]
-    Run(String),
+    Run(#[source] Cause),
+    /// A call that needs a session on the GPU was made on one that is not.
+    #[error("{0} needs a session on the GPU")]
+    NotOnDevice(String),
+    /// The session was handed back after a failure and cannot run again.
+    #[error("inference failed: the session was handed back")]
+    HandedBack,
     /// `auto` found no backend that opens the model here.
-    #[error("auto: no backend runs this model here: {0}")]
-    NoneRuns(String),
+    #[error("auto: no backend runs this model here: {}", join_skipped(.0))]
+    NoneRuns(Vec<Skipped>),
     /// The backend cannot run here (no GPU, no TensorRT, a plan that
     /// cannot be built).
-    #[error("{backend} backend unavailable: {reason}")]
+    #[error("{backend} backend unavailable: {cause}")]
     Unavailable {
         /// The backend.
         backend: BackendKind,
-        /// Why.
-        reason: String,
+        /// Why: the library's or the device's error, or nanodetd's own
+        /// reason as text.
+        #[source]
+        cause: Cause,
     },
+}
+
+impl BackendError {
+    /// `backend` cannot run here, for `cause`.
+    pub fn unavailable(backend: BackendKind, cause: impl Into<Cause>) -> BackendError {
+        BackendError::Unavailable {
+            backend,
+            cause: cause.into(),
+        }
+    }
+
+    /// Inference failed, for `cause`.
+    pub fn run(cause: impl Into<Cause>) -> BackendError {
+        BackendError::Run(cause.into())
+    }
+}
+
+/// What is wrong with a model file, as a backend found it.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileProblem {
+    /// The file could not be read.
+    #[error("cannot read model: {0}")]
+    Read(#[source] std::io::Error),
+    /// The file is empty.
+    #[error("empty file (0 bytes), not an ONNX model")]
+    Empty,
+    /// The backend's library refused the model at `stage`.
+    #[error("{stage}: {cause}")]
+    Refused {
+        /// What the backend was doing ("not a loadable ONNX model",
+        /// "shape inference failed for input [1, 3, 320, 320]").
+        stage: String,
+        /// The library's error.
+        #[source]
+        cause: Cause,
+    },
+    /// Not one image input and at least one output.
+    #[error(
+        "a detector has one image input and at least one output, this model has {inputs} inputs and {outputs} outputs"
+    )]
+    NotADetector {
+        /// Inputs found.
+        inputs: usize,
+        /// Outputs found.
+        outputs: usize,
+    },
+    /// The input's height and width are not fixed, and none were given.
+    #[error(
+        "input {input:?} has shape {declared}, not a fixed [N, 3, H, W]; give the input size (--size WxH)"
+    )]
+    OpenInputSize {
+        /// The input's name.
+        input: String,
+        /// The shape it declares.
+        declared: String,
+    },
+    /// An output's shape is not fixed once the input is.
+    #[error("output {index} has a shape that depends on the input: {shape}")]
+    OpenOutputShape {
+        /// The output's position.
+        index: usize,
+        /// The shape inferred.
+        shape: String,
+    },
+}
+
+/// A backend `auto` passed over, and why.
+#[derive(Debug)]
+pub struct Skipped {
+    /// The backend.
+    pub kind: BackendKind,
+    /// Whether it failed to open, or opened and failed a timing run.
+    pub at_timing: bool,
+    /// Its error.
+    pub error: BackendError,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let stage = if self.at_timing {
+            "failed a timing run"
+        } else {
+            "unavailable"
+        };
+        write!(
+            f,
+            "{} {stage} ({})",
+            self.kind,
+            crate::errors::one_line(&self.error)
+        )
+    }
+}
+
+fn join_skipped(skipped: &[Skipped]) -> String {
+    let each: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+    each.join("; ")
 }
 
 /// Prepares `model` on `backend` with default settings for the backend
@@ -377,7 +486,7 @@ pub fn open_engine(
 fn open_tensorrt(model: &Path, options: &EngineOptions) -> Result<Arc<dyn Engine>, BackendError> {
     let onnx = std::fs::read(model).map_err(|e| BackendError::ModelFile {
         path: model.to_owned(),
-        reason: format!("cannot read model: {e}"),
+        problem: ModelFileProblem::Read(e),
     })?;
     let name = crate::model::file_name_stem(model);
     let trt = tensorrt::TensorRtOptions {
@@ -395,10 +504,10 @@ fn open_tensorrt(model: &Path, options: &EngineOptions) -> Result<Arc<dyn Engine
 
 #[cfg(not(feature = "tensorrt"))]
 fn open_tensorrt(_: &Path, _: &EngineOptions) -> Result<Arc<dyn Engine>, BackendError> {
-    Err(BackendError::Unavailable {
-        backend: BackendKind::TensorRt,
-        reason: TENSORRT_NOT_COMPILED_IN.into(),
-    })
+    Err(BackendError::unavailable(
+        BackendKind::TensorRt,
+        TENSORRT_NOT_COMPILED_IN,
+    ))
 }
 
 /// The engine `choice` names, opened by `open`; for `auto`, the fastest

@@ -11,7 +11,8 @@ use crate::errors::Cause;
 use crate::model::TensorShape;
 
 use super::{
-    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelInfo, Session,
+    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelFileProblem,
+    ModelInfo, Session,
 };
 
 /// A model optimised by tract, ready to run.
@@ -25,7 +26,7 @@ impl TractEngine {
     pub fn load(path: &Path, options: &EngineOptions) -> Result<TractEngine, BackendError> {
         let bytes = std::fs::read(path).map_err(|e| BackendError::ModelFile {
             path: path.to_owned(),
-            reason: format!("cannot read model: {e}"),
+            problem: ModelFileProblem::Read(e),
         })?;
         TractEngine::from_bytes(&bytes, path, options)
     }
@@ -37,27 +38,35 @@ impl TractEngine {
         path: &Path,
         options: &EngineOptions,
     ) -> Result<TractEngine, BackendError> {
-        let fail = |reason: String| BackendError::ModelFile {
+        let fail = |problem: ModelFileProblem| BackendError::ModelFile {
             path: path.to_owned(),
-            reason,
+            problem,
+        };
+        // tract's errors are anyhow chains: kept whole as the cause.
+        let refused = |stage: String| {
+            move |e: TractError| {
+                fail(ModelFileProblem::Refused {
+                    stage,
+                    cause: e.into(),
+                })
+            }
         };
         if bytes.is_empty() {
-            return Err(fail("empty file (0 bytes), not an ONNX model".into()));
+            return Err(fail(ModelFileProblem::Empty));
         }
         let mut model = tract_onnx::onnx()
             .model_for_read(&mut &*bytes)
-            .map_err(|e| fail(format!("not a loadable ONNX model: {e:#}")))?;
+            .map_err(refused("not a loadable ONNX model".into()))?;
         if model.inputs.len() != 1 || model.outputs.is_empty() {
-            return Err(fail(format!(
-                "a detector has one image input and at least one output, this model has {} inputs and {} outputs",
-                model.inputs.len(),
-                model.outputs.len()
-            )));
+            return Err(fail(ModelFileProblem::NotADetector {
+                inputs: model.inputs.len(),
+                outputs: model.outputs.len(),
+            }));
         }
         let input_name = model.node(model.inputs[0].node).name.clone();
         let declared: Vec<Option<usize>> = model
             .input_fact(0)
-            .map_err(|e| fail(format!("{e:#}")))?
+            .map_err(refused("reading the input's shape".into()))?
             .shape
             .dims()
             .map(|d| d.concretize().and_then(|d| d.as_usize()))
@@ -66,30 +75,29 @@ impl TractEngine {
             (_, Some((w, h))) => (h, w),
             ([_, _, Some(h), Some(w)], None) => (*h, *w),
             _ => {
-                return Err(fail(format!(
-                    "input {input_name:?} has shape {declared:?}, not a fixed [N, 3, H, W]; give the input size (--size WxH)"
-                )));
+                return Err(fail(ModelFileProblem::OpenInputSize {
+                    input: input_name,
+                    declared: format!("{declared:?}"),
+                }));
             }
         };
         let input_shape = vec![1, 3, height, width];
         model
             .set_input_fact(0, f32::fact(&input_shape).into())
-            .map_err(|e| fail(format!("{e:#}")))?;
-        let typed = model.into_typed().map_err(|e| {
-            fail(format!(
-                "shape inference failed for input {input_shape:?}: {e:#}"
-            ))
-        })?;
+            .map_err(refused(format!("setting the input to {input_shape:?}")))?;
+        let typed = model.into_typed().map_err(refused(format!(
+            "shape inference failed for input {input_shape:?}"
+        )))?;
         let mut outputs = Vec::with_capacity(typed.outputs.len());
         for (i, outlet) in typed.outputs.iter().enumerate() {
             let fact = typed
                 .outlet_fact(*outlet)
-                .map_err(|e| fail(format!("{e:#}")))?;
+                .map_err(refused(format!("reading output {i}'s shape")))?;
             let shape = fact.shape.as_concrete().ok_or_else(|| {
-                fail(format!(
-                    "output {i} has a shape that depends on the input: {:?}",
-                    fact.shape
-                ))
+                fail(ModelFileProblem::OpenOutputShape {
+                    index: i,
+                    shape: format!("{:?}", fact.shape),
+                })
             })?;
             let name = typed
                 .outlet_label(*outlet)
@@ -103,7 +111,7 @@ impl TractEngine {
         let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| fail(format!("tract cannot optimise the model: {e:#}")))?;
+            .map_err(refused("tract cannot optimise the model".into()))?;
         Ok(TractEngine {
             plan,
             info: ModelInfo {
@@ -133,10 +141,7 @@ impl Engine for TractEngine {
     }
 
     fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
-        let state = self
-            .plan
-            .spawn()
-            .map_err(|e| BackendError::Run(format!("{e:#}")))?;
+        let state = self.plan.spawn().map_err(BackendError::run)?;
         Ok(Box::new(TractSession {
             state,
             input_shape: self.info.input.shape.clone(),
@@ -155,7 +160,7 @@ impl Session for TractSession {
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
         batch.check(&self.input_shape, usize::MAX)?;
         let per_image: usize = self.input_shape.iter().product();
-        let run_error = |e: TractError| BackendError::Run(format!("{e:#}"));
+        let run_error = BackendError::run;
         self.outputs
             .reset(self.state.plan().model().outputs.len(), batch.images);
         for image in batch.data.chunks_exact(per_image) {

@@ -16,7 +16,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, RunOptions, Session as OrtSession};
 use ort::value::Tensor;
 
-use super::{OnnxRuntimeEngine, unavailable};
+use super::{OnnxRuntimeEngine, failed, unavailable};
 use crate::backend::{BackendError, BatchOutputs, DeviceSession, InputBatch, Session};
 use crate::gpu::{Gpu, GpuError};
 
@@ -50,7 +50,7 @@ pub(super) struct CudaSession {
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
-    move |e| BackendError::Run(GpuError::driver(what)(e).to_string())
+    move |e| BackendError::run(GpuError::driver(what)(e))
 }
 
 impl CudaSession {
@@ -60,9 +60,9 @@ impl CudaSession {
         engine: &OnnxRuntimeEngine,
         gpu: Arc<Gpu>,
     ) -> Result<CudaSession, BackendError> {
-        let error = |e: ort::Error| unavailable(format!("binding device buffers: {e}"));
+        let error = failed("binding device buffers");
         let cuda = |what: &'static str| {
-            move |e: cudarc::driver::DriverError| unavailable(GpuError::driver(what)(e).to_string())
+            move |e: cudarc::driver::DriverError| unavailable(GpuError::driver(what)(e))
         };
         let device = i32::try_from(engine.options.device).unwrap_or(0);
         let on_device = MemoryInfo::new(
@@ -71,18 +71,18 @@ impl CudaSession {
             AllocatorType::Device,
             MemoryType::Default,
         )
-        .map_err(error)?;
+        .map_err(&error)?;
         let stream = gpu.stream().clone();
         let per_image: usize = engine.info.input.shape.iter().product();
-        let mut binding = session.create_binding().map_err(error)?;
-        let allocator = Allocator::new(&session, on_device).map_err(error)?;
+        let mut binding = session.create_binding().map_err(&error)?;
+        let allocator = Allocator::new(&session, on_device).map_err(&error)?;
         // The input comes from the session's own allocator, and the kernel
         // writes into it through a cudarc view of the same memory. An
         // input made elsewhere (a cudarc buffer wrapped as a tensor) is
         // copied by ONNX Runtime once, when it is bound, and every run then
         // reads that first snapshot: measured on the H200.
         let mut input_tensor =
-            Tensor::<f32>::new(&allocator, engine.info.input.shape.as_slice()).map_err(error)?;
+            Tensor::<f32>::new(&allocator, engine.info.input.shape.as_slice()).map_err(&error)?;
         let address = input_tensor.data_ptr_mut() as cudarc::driver::sys::CUdeviceptr;
         // SAFETY: ONNX Runtime allocated `per_image` f32 on this device at
         // `address`; the tensor that owns them is kept (bound) for the
@@ -91,22 +91,22 @@ impl CudaSession {
             ManuallyDrop::new(unsafe { stream.upgrade_device_ptr::<f32>(address, per_image) });
         binding
             .bind_input(engine.input_name.as_str(), &input_tensor)
-            .map_err(error)?;
+            .map_err(&error)?;
         let mut outputs = Vec::new();
         for output in &engine.info.outputs {
             let len: usize = output.shape.iter().product();
-            let tensor = Tensor::<f32>::new(&allocator, output.shape.as_slice()).map_err(error)?;
+            let tensor = Tensor::<f32>::new(&allocator, output.shape.as_slice()).map_err(&error)?;
             let device = tensor.data_ptr() as cudarc::driver::sys::CUdeviceptr;
             binding
                 .bind_output(output.name.as_str(), tensor)
-                .map_err(error)?;
+                .map_err(&error)?;
             // SAFETY: only read after a device-to-host copy fills it. Not
             // write-combined: the CPU reads it.
             let host = unsafe { gpu.context().alloc_pinned_with_flags::<f32>(len, 0) }
                 .map_err(cuda("allocating pinned output memory"))?;
             outputs.push(OutputBuffer { device, host });
         }
-        let mut run_options = RunOptions::new().map_err(error)?;
+        let mut run_options = RunOptions::new().map_err(&error)?;
         // The CUDA provider runs on nanodetd's stream, so the copies to the
         // host follow it there and one sync after them does for both. The
         // TensorRT provider has a stream of its own: the run syncs.
@@ -118,7 +118,7 @@ impl CudaSession {
         // the H200). A replayed graph parks nothing, so only it skips the
         // sync; the fallback pays for it (2.6 -> 3.7 ms a frame there).
         if shares_stream && engine.options.cuda_graph {
-            run_options.disable_device_sync().map_err(error)?;
+            run_options.disable_device_sync().map_err(&error)?;
         }
         Ok(CudaSession {
             binding,
@@ -148,7 +148,7 @@ impl CudaSession {
         }
         self.session
             .run_binding_with_options(&self.binding, &self.run_options)
-            .map_err(|e| BackendError::Run(e.to_string()))?;
+            .map_err(|e: ort::Error| BackendError::run(e))?;
         let copy = driver("copying outputs to the host");
         for output in &mut self.outputs {
             let host = output.host.as_mut_slice().map_err(&copy)?;

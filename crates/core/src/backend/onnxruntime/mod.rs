@@ -26,8 +26,10 @@ use ort::session::{IoBinding, Session as OrtSession};
 use ort::value::{Tensor, TensorRef};
 
 use super::{
-    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelInfo, Session,
+    BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelFileProblem,
+    ModelInfo, Session,
 };
+use crate::errors::{Cause, While};
 use crate::model::TensorShape;
 
 /// The library this process loaded. A failure is not kept: a corrected
@@ -38,11 +40,15 @@ static LOADED: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// configured path names one.
 pub const DEFAULT_LIBRARY: &str = "libonnxruntime.so";
 
-fn unavailable(reason: String) -> BackendError {
-    BackendError::Unavailable {
-        backend: BackendKind::OnnxRuntime,
-        reason,
-    }
+fn unavailable(cause: impl Into<Cause>) -> BackendError {
+    BackendError::unavailable(BackendKind::OnnxRuntime, cause)
+}
+
+/// ONNX Runtime's error while `doing` something, as the cause of the
+/// backend's being unavailable.
+fn failed(doing: impl Into<String>) -> impl Fn(ort::Error) -> BackendError {
+    let doing = doing.into();
+    move |source| unavailable(While::new(doing.clone(), source))
 }
 
 /// ONNX Runtime's library could not be loaded.
@@ -201,19 +207,24 @@ impl OnnxRuntimeEngine {
         options: &EngineOptions,
         runtime: &OnnxRuntimeOptions,
     ) -> Result<OnnxRuntimeEngine, BackendError> {
-        let fail = |reason: String| BackendError::ModelFile {
+        let fail = |problem: ModelFileProblem| BackendError::ModelFile {
             path: path.to_owned(),
-            reason,
+            problem,
         };
-        load_library(runtime.library.as_deref()).map_err(|e| unavailable(e.to_string()))?;
-        let onnx = std::fs::read(path).map_err(|e| fail(format!("cannot read model: {e}")))?;
+        let refused = |stage: &str| {
+            let stage = stage.to_owned();
+            move |e: Cause| fail(ModelFileProblem::Refused { stage, cause: e })
+        };
+        load_library(runtime.library.as_deref()).map_err(unavailable)?;
+        let onnx = std::fs::read(path).map_err(|e| fail(ModelFileProblem::Read(e)))?;
         if onnx.is_empty() {
-            return Err(fail("empty file (0 bytes), not an ONNX model".into()));
+            return Err(fail(ModelFileProblem::Empty));
         }
         let mut input = match options.input_size {
             Some((w, h)) => vec![1, 3, h, w],
-            None => crate::model::input_shape(&onnx)
-                .map_err(|e| fail(format!("{e}; give the input size (--size WxH)")))?,
+            None => crate::model::input_shape(&onnx).map_err(|e| {
+                refused("reading the input size; give it with --size WxH")(e.into())
+            })?,
         };
         if let Some(batch) = input.first_mut() {
             *batch = 1;
@@ -241,23 +252,26 @@ impl OnnxRuntimeEngine {
         // session must not see a run without its bound buffers.
         let mut session = engine
             .session_on(Provider::Cpu)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| refused("opening a CPU session")(e.into()))?;
         let Some(first) = session.inputs().first() else {
-            return Err(fail("the model has no input".into()));
+            return Err(fail(ModelFileProblem::NotADetector {
+                inputs: 0,
+                outputs: session.outputs().len(),
+            }));
         };
         engine.input_name = first.name().to_owned();
         engine.info.input.name = engine.input_name.clone();
         let zeros = vec![0f32; engine.info.input.shape.iter().product()];
         let shape: Vec<i64> = engine.info.input.shape.iter().map(|&d| d as i64).collect();
         let tensor = TensorRef::from_array_view((shape, zeros.as_slice()))
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| refused("making a tensor of zeros")(e.into()))?;
         let outputs = session
             .run(ort::inputs![engine.input_name.as_str() => tensor])
-            .map_err(|e| fail(format!("a run on zeros failed: {e}")))?;
+            .map_err(|e| refused("a run on zeros failed")(e.into()))?;
         for (name, value) in outputs.iter() {
             let (shape, _) = value
                 .try_extract_tensor::<f32>()
-                .map_err(|e| fail(format!("output {name}: {e}")))?;
+                .map_err(|e| refused(&format!("reading output {name}"))(e.into()))?;
             engine.info.outputs.push(TensorShape {
                 name: name.to_owned(),
                 shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
@@ -359,10 +373,10 @@ impl OnnxRuntimeEngine {
     }
 
     fn session_on(&self, provider: Provider) -> Result<OrtSession, BackendError> {
-        let error = |e: ort::Error| unavailable(format!("creating a {provider} session: {e}"));
+        let error = failed(format!("creating a {provider} session"));
         self.built.fetch_add(1, Ordering::Relaxed);
         OrtSession::builder()
-            .map_err(error)?
+            .map_err(&error)?
             // ORT_ENABLE_ALL, Python's default: the peer we are held to.
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| error(e.into()))?
@@ -371,7 +385,7 @@ impl OnnxRuntimeEngine {
             .with_execution_providers(self.providers(provider))
             .map_err(|e| error(e.into()))?
             .commit_from_memory(&self.onnx)
-            .map_err(error)
+            .map_err(&error)
     }
 
     /// The provider sessions run on.
@@ -481,8 +495,8 @@ struct CpuSession {
 
 impl CpuSession {
     fn new(session: OrtSession, engine: &OnnxRuntimeEngine) -> Result<CpuSession, BackendError> {
-        let error = |e: ort::Error| unavailable(format!("binding the outputs: {e}"));
-        let mut binding = session.create_binding().map_err(error)?;
+        let error = failed("binding the outputs");
+        let mut binding = session.create_binding().map_err(&error)?;
         let allocator = Allocator::new(
             &session,
             MemoryInfo::new(
@@ -491,14 +505,14 @@ impl CpuSession {
                 AllocatorType::Device,
                 MemoryType::Default,
             )
-            .map_err(error)?,
+            .map_err(&error)?,
         )
-        .map_err(error)?;
+        .map_err(&error)?;
         for output in &engine.info.outputs {
-            let tensor = Tensor::<f32>::new(&allocator, output.shape.as_slice()).map_err(error)?;
+            let tensor = Tensor::<f32>::new(&allocator, output.shape.as_slice()).map_err(&error)?;
             binding
                 .bind_output(output.name.as_str(), tensor)
-                .map_err(error)?;
+                .map_err(&error)?;
         }
         Ok(CpuSession {
             binding,
@@ -520,7 +534,7 @@ impl CpuSession {
 impl Session for CpuSession {
     fn run(&mut self, batch: InputBatch<'_>) -> Result<(), BackendError> {
         batch.check(&self.image_shape, usize::MAX)?;
-        let run_error = |e: ort::Error| BackendError::Run(e.to_string());
+        let run_error = |e: ort::Error| BackendError::run(e);
         self.outputs.reset(self.output_count, batch.images);
         let mut run = || {
             for image in batch.data.chunks_exact(self.per_image) {
@@ -565,9 +579,7 @@ struct HandedBack {
 impl HandedBack {
     fn get(&mut self) -> Result<&mut OrtSession, BackendError> {
         // Only `drop` takes it.
-        self.session
-            .as_mut()
-            .ok_or_else(|| BackendError::Run("the session was handed back".into()))
+        self.session.as_mut().ok_or(BackendError::HandedBack)
     }
 }
 

@@ -24,6 +24,7 @@ use super::{
 use crate::engine_cache::{
     BuiltPlan, PlanBuilder, PlanCache, PlanKey, Provenance, write_atomically,
 };
+use crate::errors::{Cause, While};
 use crate::frame::Frame;
 use crate::gpu::{Gpu, GpuError, GraphReplay};
 use crate::model::TensorShape;
@@ -392,11 +393,8 @@ pub struct TrtEngine {
     report: EngineReport,
 }
 
-fn unavailable(reason: impl ToString) -> BackendError {
-    BackendError::Unavailable {
-        backend: BackendKind::TensorRt,
-        reason: reason.to_string(),
-    }
+fn unavailable(cause: impl Into<Cause>) -> BackendError {
+    BackendError::unavailable(BackendKind::TensorRt, cause)
 }
 
 impl TrtEngine {
@@ -407,7 +405,7 @@ impl TrtEngine {
         sources: &OnnxSources<'_>,
         options: &TensorRtOptions,
     ) -> Result<TrtEngine, BackendError> {
-        let gpu = Arc::new(Gpu::open(options.device).map_err(|e| unavailable(e.to_string()))?);
+        let gpu = Arc::new(Gpu::open(options.device).map_err(unavailable)?);
         let tensorrt = TensorRt::open().map_err(unavailable)?;
         let version = tensorrt.version();
         if version.major != TensorRt::header_major() {
@@ -615,7 +613,7 @@ fn declared_input(onnx: &[u8]) -> Result<Vec<usize>, BackendError> {
             }
             shape
         })
-        .map_err(|e| unavailable(format!("reading the model's input: {e}")))
+        .map_err(|e| unavailable(While::new("reading the model's input", e)))
 }
 
 impl Engine for TrtEngine {
@@ -686,7 +684,7 @@ impl TrtSession {
     fn new(engine: &TrtEngine) -> Result<TrtSession, BackendError> {
         let gpu = engine.gpu.clone();
         let stream = gpu.stream().clone();
-        let cuda = |what: &'static str| move |e| unavailable(GpuError::driver(what)(e).to_string());
+        let cuda = |what: &'static str| move |e| unavailable(GpuError::driver(what)(e));
         let mut context = engine.plan.context().map_err(unavailable)?;
         let per_image: usize = engine.info.input.shape.iter().product();
         let input_buffer = stream
@@ -769,8 +767,7 @@ impl DeviceSession for TrtSession {
             });
         }
         let stream = self.gpu.stream().clone();
-        let run = |e: String| BackendError::Run(e);
-        let trt = |e: library::TrtError| BackendError::Run(e.0);
+        let trt = |e: library::TrtError| BackendError::run(e);
         if self.dynamic {
             let mut dims: Vec<i64> = self.input.dims.clone();
             dims[0] = images as i64;
@@ -786,8 +783,8 @@ impl DeviceSession for TrtSession {
                 // session, allocated in the stream's context.
                 unsafe { context.enqueue(cu_stream.cast()) }.map_err(EnqueueError::from)
             })
-            .map_err(|e| run(crate::errors::one_line(&e)))?;
-        let copy = |e| run(GpuError::driver("copying outputs to the host")(e).to_string());
+            .map_err(BackendError::run)?;
+        let copy = |e| BackendError::run(GpuError::driver("copying outputs to the host")(e));
         for (_, device, host, len) in &mut self.outputs {
             stream
                 .memcpy_dtoh(&device.slice(..images * *len), host)
@@ -813,7 +810,7 @@ impl Session for TrtSession {
         let stream = self.gpu.stream().clone();
         stream
             .memcpy_htod(batch.data, &mut self.input_buffer.slice_mut(..expected))
-            .map_err(|e| BackendError::Run(GpuError::driver("copying the input")(e).to_string()))?;
+            .map_err(|e| BackendError::run(GpuError::driver("copying the input")(e)))?;
         self.run_on_device(batch.images)
     }
 
