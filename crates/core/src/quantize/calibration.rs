@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::QuantizeError;
+use super::{CalibrationProblem, QuantizeError};
 pub use crate::engine_cache::hex;
 use crate::frame::Frame;
 
 /// Extensions taken as calibration images; other files (a README, a
 /// `.gitkeep`) are ignored rather than counted as corrupt.
-const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+pub(super) const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// Fewer usable images than this draws a warning: the activation ranges
 /// of a handful of scenes say little about the rest.
@@ -36,14 +36,14 @@ impl CalibrationSet {
     /// Lists `dir`'s images (sorted by name), keeps `limit` of them spread
     /// evenly over the list (all when `None`), and hashes them.
     pub fn scan(dir: &Path, limit: Option<usize>) -> Result<CalibrationSet, QuantizeError> {
-        let fail = |reason: String| QuantizeError::Calibration {
+        let fail = |problem: CalibrationProblem| QuantizeError::Calibration {
             dir: dir.to_owned(),
-            reason,
+            problem,
         };
-        let entries = std::fs::read_dir(dir).map_err(|e| fail(format!("cannot list: {e}")))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| fail(CalibrationProblem::List(e)))?;
         let mut all = Vec::new();
         for entry in entries {
-            let path = entry.map_err(|e| fail(format!("cannot list: {e}")))?.path();
+            let path = entry.map_err(|e| fail(CalibrationProblem::List(e)))?.path();
             let is_image = path
                 .extension()
                 .and_then(|e| e.to_str())
@@ -54,22 +54,19 @@ impl CalibrationSet {
         }
         all.sort();
         if all.is_empty() {
-            return Err(fail(format!(
-                "no calibration images ({}) in the directory",
-                IMAGE_EXTENSIONS.join(", ")
-            )));
+            return Err(fail(CalibrationProblem::NoImages));
         }
         let available = all.len();
         let files = match limit {
-            Some(0) => return Err(fail("--images 0 leaves nothing to calibrate with".into())),
+            Some(0) => return Err(fail(CalibrationProblem::ZeroImages)),
             Some(n) if n < available => (0..n).map(|i| all[i * available / n].clone()).collect(),
             _ => all,
         };
         let mut hasher = Sha256::new();
         for file in &files {
-            let (size, content) = hash_file(file).map_err(|e| QuantizeError::Image {
+            let (size, content) = hash_file(file).map_err(|source| QuantizeError::Image {
                 path: file.clone(),
-                reason: e.to_string(),
+                source,
             })?;
             let name = file
                 .file_name()

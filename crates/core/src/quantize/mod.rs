@@ -114,32 +114,73 @@ pub fn parse_method(s: &str) -> Result<Method, UnknownMethod> {
     }
 }
 
+/// What is wrong with the model to quantize.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelProblem {
+    /// The file could not be read.
+    #[error("cannot read: {0}")]
+    Read(#[source] std::io::Error),
+    /// The bytes are not an ONNX ModelProto.
+    #[error("not an ONNX model: {0}")]
+    NotOnnx(#[source] prost::DecodeError),
+    /// The model has no graph.
+    #[error("no graph")]
+    NoGraph,
+    /// Nothing would be quantized.
+    #[error("no Conv left to quantize (the graph has none, or keep_float names them all)")]
+    NoConvLeft,
+}
+
+/// What is wrong with a calibration directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibrationProblem {
+    /// The directory could not be listed.
+    #[error("cannot list: {0}")]
+    List(#[source] std::io::Error),
+    /// It holds no image.
+    #[error("no calibration images ({}) in the directory", calibration::IMAGE_EXTENSIONS.join(", "))]
+    NoImages,
+    /// `--images 0` was asked.
+    #[error("--images 0 leaves nothing to calibrate with")]
+    ZeroImages,
+    /// Every image failed to decode.
+    #[error("none of its {images} images could be used (first: {first})")]
+    NoneUsable {
+        /// Images in the set.
+        images: usize,
+        /// The first one's error, on one line.
+        first: String,
+    },
+}
+
 /// Why quantization failed. Nothing is written when it does.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
     /// The source model cannot be read or is not usable.
-    #[error("{path}: {reason}")]
+    #[error("{path}: {problem}")]
     Model {
         /// The model file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        problem: ModelProblem,
     },
     /// The calibration directory is missing, empty or all corrupt.
-    #[error("calibration directory {dir}: {reason}")]
+    #[error("calibration directory {dir}: {problem}")]
     Calibration {
         /// The directory.
         dir: PathBuf,
         /// What is wrong.
-        reason: String,
+        #[source]
+        problem: CalibrationProblem,
     },
     /// A calibration file could not be read at all.
-    #[error("calibration image {path}: {reason}")]
+    #[error("calibration image {path}: {source}")]
     Image {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// Why.
+        source: std::io::Error,
     },
     /// A `keep_float` entry matches no Conv.
     #[error("keep_float entry {pattern:?} matches no Conv node (Convs are named like {example:?})")]
@@ -235,9 +276,9 @@ pub fn quantize(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<QuantizedModel, QuantizeError> {
     let started = Instant::now();
-    let model_error = |reason: String| QuantizeError::Model {
+    let model_error = |problem: ModelProblem| QuantizeError::Model {
         path: source.to_owned(),
-        reason,
+        problem,
     };
     let probe_error = |source_error: ProbeError| QuantizeError::Probe {
         path: source.to_owned(),
@@ -247,14 +288,14 @@ pub fn quantize(
         path: source.to_owned(),
         source: source_error,
     };
-    let bytes = std::fs::read(source).map_err(|e| model_error(format!("cannot read: {e}")))?;
+    let bytes = std::fs::read(source).map_err(|e| model_error(ModelProblem::Read(e)))?;
     let source_sha256 = calibration::hex(&Sha256::digest(&bytes));
-    let mut model = ModelProto::decode(bytes.as_slice())
-        .map_err(|e| model_error(format!("not an ONNX model: {e}")))?;
+    let mut model =
+        ModelProto::decode(bytes.as_slice()).map_err(|e| model_error(ModelProblem::NotOnnx(e)))?;
     let graph = model
         .graph
         .as_ref()
-        .ok_or_else(|| model_error("no graph".into()))?;
+        .ok_or_else(|| model_error(ModelProblem::NoGraph))?;
 
     // Which Convs to quantize, and which tensors feed them.
     let float_convs = resolve_keep_float(&model, &options.keep_float)?;
@@ -273,9 +314,7 @@ pub fn quantize(
         quantized.insert(id);
     }
     if quantized.is_empty() {
-        return Err(model_error(
-            "no Conv left to quantize (the graph has none, or keep_float names them all)".into(),
-        ));
+        return Err(model_error(ModelProblem::NoConvLeft));
     }
 
     // Equalization, measured on the images, then the statistics of the
@@ -332,10 +371,10 @@ pub fn quantize(
         let first = skipped.first().map(|(_, r)| r.as_str()).unwrap_or("");
         return Err(QuantizeError::Calibration {
             dir: set.dir.clone(),
-            reason: format!(
-                "none of its {} images could be used (first: {first})",
-                set.files.len()
-            ),
+            problem: CalibrationProblem::NoneUsable {
+                images: set.files.len(),
+                first: first.to_owned(),
+            },
         });
     }
     if used < FEW_IMAGES {

@@ -4,8 +4,11 @@
 //! A [`Detector`] is immutable and shared; each thread that detects holds a
 //! [`DetectorSession`] with the reusable buffers.
 
+mod device;
+
 use std::sync::Arc;
 
+use self::device::DeviceRunner;
 use crate::backend::{BackendError, Engine, InputBatch, Session};
 use crate::frame::Frame;
 use crate::model::{
@@ -197,16 +200,9 @@ impl Detector {
     /// A session for the calling thread: on the GPU where the engine runs
     /// there (the frame is preprocessed there too), on the host otherwise.
     pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
-        #[cfg(feature = "cuda")]
-        if let Some(session) = self.engine.new_device_session() {
-            let session = session?;
-            let preprocessor = crate::preprocess::GpuPreprocessor::new(session.gpu().clone())
-                .map_err(crate::preprocess::GpuPreprocessError::from)?;
+        if let Some(device) = DeviceRunner::open(self.engine.as_ref()) {
             return Ok(DetectorSession {
-                runner: Runner::Device {
-                    session,
-                    preprocessor: Box::new(preprocessor),
-                },
+                runner: Runner::Device(device?),
                 candidates: Vec::new(),
                 detector: Arc::clone(self),
             });
@@ -229,14 +225,8 @@ enum Runner {
         session: Box<dyn Session>,
         input: Vec<f32>,
     },
-    /// Frames go up to the GPU once; the kernel writes the engine's
-    /// input in place, and only the outputs come back.
-    #[cfg(feature = "cuda")]
-    Device {
-        session: Box<dyn crate::backend::DeviceSession>,
-        // Boxed: one per thread, and it would triple the enum's size.
-        preprocessor: Box<crate::preprocess::GpuPreprocessor>,
-    },
+    /// On the GPU ([`device`]); never built without the `cuda` feature.
+    Device(DeviceRunner),
 }
 
 /// Per-thread buffers for running a [`Detector`].
@@ -256,7 +246,7 @@ impl DetectorSession {
 
     /// Whether this session runs on the GPU.
     pub fn on_gpu(&self) -> bool {
-        !matches!(self.runner, Runner::Host { .. })
+        matches!(self.runner, Runner::Device(_))
     }
 
     /// Stage 1: frame → input tensor; returns the way back.
@@ -267,10 +257,7 @@ impl DetectorSession {
                 &self.detector.preprocess,
                 input,
             )?),
-            #[cfg(feature = "cuda")]
-            Runner::Device { .. } => {
-                self.preprocess_camera(crate::preprocess::CameraImage::Frame(frame))
-            }
+            Runner::Device(device) => device.preprocess_frame(frame, &self.detector.preprocess),
         }
     }
 
@@ -287,42 +274,9 @@ impl DetectorSession {
     ) -> Result<Transform, DetectorError> {
         match &mut self.runner {
             Runner::Host { .. } => self.preprocess_converted(layout, bytes, origin),
-            #[cfg(feature = "cuda")]
-            Runner::Device { preprocessor, .. } => {
-                if let crate::buffer::RawBytes::Leased(lease) = bytes {
-                    preprocessor.stage_lent(layout, lease, origin)?;
-                    return self.launch_preprocessing();
-                }
-                self.preprocess_camera(crate::preprocess::CameraImage::Raw {
-                    layout,
-                    bytes,
-                    origin,
-                })
+            Runner::Device(device) => {
+                device.preprocess_raw(layout, bytes, origin, &self.detector.preprocess)
             }
-        }
-    }
-
-    /// Stage 1 from what a camera gives, decoded or raw.
-    #[cfg(feature = "cuda")]
-    pub fn preprocess_camera(
-        &mut self,
-        image: crate::preprocess::CameraImage<'_>,
-    ) -> Result<Transform, DetectorError> {
-        use crate::preprocess::CameraImage;
-        match (&mut self.runner, image) {
-            (Runner::Device { preprocessor, .. }, image) => {
-                preprocessor.stage(image)?;
-                self.launch_preprocessing()
-            }
-            (Runner::Host { .. }, CameraImage::Frame(frame)) => self.preprocess(frame),
-            (
-                Runner::Host { .. },
-                CameraImage::Raw {
-                    layout,
-                    bytes,
-                    origin,
-                },
-            ) => self.preprocess_converted(layout, bytes, origin),
         }
     }
 
@@ -337,44 +291,11 @@ impl DetectorSession {
         self.preprocess(&frame)
     }
 
-    /// Stage 1 from a raw camera buffer the caller holds in pinned memory:
-    /// one upload, no host copy (GPU sessions only).
-    #[cfg(feature = "cuda")]
-    pub fn preprocess_pinned(
-        &mut self,
-        layout: crate::pixels::BufferLayout,
-        pinned: &cudarc::driver::PinnedHostSlice<u8>,
-        origin: &str,
-    ) -> Result<Transform, DetectorError> {
-        let Runner::Device { preprocessor, .. } = &mut self.runner else {
-            return Err(BackendError::NotOnDevice(format!("{origin}: a pinned frame")).into());
-        };
-        preprocessor.stage_pinned(layout, pinned, origin)?;
-        self.launch_preprocessing()
-    }
-
-    /// The kernel on the staged frame, into the engine's input.
-    #[cfg(feature = "cuda")]
-    fn launch_preprocessing(&mut self) -> Result<Transform, DetectorError> {
-        let Runner::Device {
-            session,
-            preprocessor,
-        } = &mut self.runner
-        else {
-            return Err(BackendError::NotOnDevice("preprocessing on the device".into()).into());
-        };
-        let mut input = session.input_image(0).ok_or_else(|| {
-            BackendError::run("the device session has no input buffer for image 0")
-        })?;
-        Ok(preprocessor.launch(&self.detector.preprocess, &mut input)?)
-    }
-
     /// Stage 2: input tensor → raw outputs.
     pub fn infer(&mut self) -> Result<(), DetectorError> {
         match &mut self.runner {
             Runner::Host { session, input } => Ok(session.run(InputBatch::host(input, 1))?),
-            #[cfg(feature = "cuda")]
-            Runner::Device { session, .. } => Ok(session.run_on_device(1)?),
+            Runner::Device(device) => Ok(device.infer()?),
         }
     }
 
@@ -382,8 +303,7 @@ impl DetectorSession {
     pub fn postprocess(&mut self, transform: &Transform) -> Result<Vec<Detection>, DetectorError> {
         let outputs = match &self.runner {
             Runner::Host { session, .. } => session.outputs(),
-            #[cfg(feature = "cuda")]
-            Runner::Device { session, .. } => session.outputs(),
+            Runner::Device(device) => device.outputs(),
         }
         .for_image(0);
         self.detector

@@ -1,0 +1,199 @@
+//! The GPU side of a [`DetectorSession`](super::DetectorSession): a frame goes up once, the
+//! preprocessing kernel writes the engine's input in place, and only the
+//! outputs come back.
+//!
+//! This file is the one place where the `cuda` feature gates the detector.
+//! Without it, [`DeviceRunner`] is a type with no values: the session's
+//! matches on it stay whole, and its arms are empty matches.
+
+#[cfg(feature = "cuda")]
+pub(super) use self::cuda::DeviceRunner;
+#[cfg(not(feature = "cuda"))]
+pub(super) use self::host_only::DeviceRunner;
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::PinnedHostSlice;
+
+    use super::super::{DetectorError, DetectorSession, Runner};
+    use crate::backend::{BackendError, BatchOutputs, DeviceSession, Engine};
+    use crate::buffer::RawBytes;
+    use crate::frame::Frame;
+    use crate::pixels::BufferLayout;
+    use crate::preprocess::{
+        CameraImage, GpuPreprocessError, GpuPreprocessor, PreprocessSpec, Transform,
+    };
+
+    /// A device session and the kernel that feeds it.
+    pub struct DeviceRunner {
+        session: Box<dyn DeviceSession>,
+        // Boxed: one per thread, and it would triple the runner's size.
+        preprocessor: Box<GpuPreprocessor>,
+    }
+
+    impl DeviceRunner {
+        /// A runner where `engine` runs on a GPU; `None` where it runs on
+        /// the host.
+        pub fn open(engine: &dyn Engine) -> Option<Result<DeviceRunner, DetectorError>> {
+            let session = engine.new_device_session()?;
+            Some(session.map_err(DetectorError::from).and_then(|session| {
+                let preprocessor = GpuPreprocessor::new(session.gpu().clone())
+                    .map_err(GpuPreprocessError::from)?;
+                Ok(DeviceRunner {
+                    session,
+                    preprocessor: Box::new(preprocessor),
+                })
+            }))
+        }
+
+        pub fn preprocess_frame(
+            &mut self,
+            frame: &Frame,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            self.preprocess(CameraImage::Frame(frame), spec)
+        }
+
+        /// A lent buffer is uploaded as it is (page-locked once); any
+        /// other is staged through pinned memory.
+        pub fn preprocess_raw(
+            &mut self,
+            layout: BufferLayout,
+            bytes: &RawBytes,
+            origin: &str,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            if let RawBytes::Leased(lease) = bytes {
+                self.preprocessor.stage_lent(layout, lease, origin)?;
+                return self.launch(spec);
+            }
+            self.preprocess(
+                CameraImage::Raw {
+                    layout,
+                    bytes,
+                    origin,
+                },
+                spec,
+            )
+        }
+
+        fn preprocess(
+            &mut self,
+            image: CameraImage<'_>,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            self.preprocessor.stage(image)?;
+            self.launch(spec)
+        }
+
+        fn preprocess_pinned(
+            &mut self,
+            layout: BufferLayout,
+            pinned: &PinnedHostSlice<u8>,
+            origin: &str,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            self.preprocessor.stage_pinned(layout, pinned, origin)?;
+            self.launch(spec)
+        }
+
+        /// The kernel on the staged frame, into the engine's input.
+        fn launch(&mut self, spec: &PreprocessSpec) -> Result<Transform, DetectorError> {
+            let mut input = self.session.input_image(0).ok_or_else(|| {
+                BackendError::run("the device session has no input buffer for image 0")
+            })?;
+            Ok(self.preprocessor.launch(spec, &mut input)?)
+        }
+
+        pub fn infer(&mut self) -> Result<(), BackendError> {
+            self.session.run_on_device(1)
+        }
+
+        pub fn outputs(&self) -> &BatchOutputs {
+            self.session.outputs()
+        }
+    }
+
+    /// What only a GPU build offers.
+    impl DetectorSession {
+        /// Stage 1 from what a camera gives, decoded or raw.
+        pub fn preprocess_camera(
+            &mut self,
+            image: CameraImage<'_>,
+        ) -> Result<Transform, DetectorError> {
+            match (&mut self.runner, image) {
+                (Runner::Device(device), image) => {
+                    device.preprocess(image, &self.detector.preprocess)
+                }
+                (Runner::Host { .. }, CameraImage::Frame(frame)) => self.preprocess(frame),
+                (
+                    Runner::Host { .. },
+                    CameraImage::Raw {
+                        layout,
+                        bytes,
+                        origin,
+                    },
+                ) => self.preprocess_converted(layout, bytes, origin),
+            }
+        }
+
+        /// Stage 1 from a raw camera buffer the caller holds in pinned
+        /// memory: one upload, no host copy (GPU sessions only).
+        pub fn preprocess_pinned(
+            &mut self,
+            layout: BufferLayout,
+            pinned: &PinnedHostSlice<u8>,
+            origin: &str,
+        ) -> Result<Transform, DetectorError> {
+            let Runner::Device(device) = &mut self.runner else {
+                return Err(BackendError::NotOnDevice(format!("{origin}: a pinned frame")).into());
+            };
+            device.preprocess_pinned(layout, pinned, origin, &self.detector.preprocess)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod host_only {
+    use super::super::DetectorError;
+    use crate::backend::{BackendError, BatchOutputs, Engine};
+    use crate::buffer::RawBytes;
+    use crate::frame::Frame;
+    use crate::pixels::BufferLayout;
+    use crate::preprocess::{PreprocessSpec, Transform};
+
+    /// No GPU is compiled in: never built.
+    pub enum DeviceRunner {}
+
+    impl DeviceRunner {
+        pub fn open(_: &dyn Engine) -> Option<Result<DeviceRunner, DetectorError>> {
+            None
+        }
+
+        pub fn preprocess_frame(
+            &mut self,
+            _: &Frame,
+            _: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            match *self {}
+        }
+
+        pub fn preprocess_raw(
+            &mut self,
+            _: BufferLayout,
+            _: &RawBytes,
+            _: &str,
+            _: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            match *self {}
+        }
+
+        pub fn infer(&mut self) -> Result<(), BackendError> {
+            match *self {}
+        }
+
+        pub fn outputs(&self) -> &BatchOutputs {
+            match *self {}
+        }
+    }
+}
