@@ -58,7 +58,11 @@ pub fn run(args: &DetectArgs) -> Result<(), Failure> {
         let detections = match session.detect(&frame) {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("error: {}: {e}", path.display());
+                eprintln!(
+                    "error: {}: {}",
+                    path.display(),
+                    nanodetd::errors::one_line(&e)
+                );
                 failed += 1;
                 continue;
             }

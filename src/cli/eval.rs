@@ -63,9 +63,13 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 continue;
             }
         };
-        let found = session
-            .detect(&frame)
-            .map_err(|e| Failure::Runtime(anyhow!("{}: {e}", path.display())))?;
+        let found = session.detect(&frame).map_err(|e| {
+            Failure::Runtime(anyhow!(
+                "{}: {}",
+                path.display(),
+                nanodetd::errors::one_line(&e)
+            ))
+        })?;
         detections.extend(found.iter().filter_map(|d| {
             Some(CocoDetection {
                 image_id: image.id,

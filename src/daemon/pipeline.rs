@@ -213,7 +213,10 @@ impl DetectorTask {
                             self.board.set_raw_wanted(session.on_gpu());
                             self.retune(&config, &session, &mut cameras);
                         }
-                        Err(e) => log::error!("detector: new model unusable, keeping the old: {e}"),
+                        Err(e) => log::error!(
+                            "detector: new model unusable, keeping the old: {}",
+                            crate::errors::one_line(&e)
+                        ),
                     }
                 }
                 Some(Work::Control(Control::Model(_))) => {}
@@ -290,7 +293,11 @@ impl DetectorTask {
         let (detections, preprocessed, inferred) = match result {
             Ok(r) => r,
             Err(e) => {
-                log::error!("camera {}: detection failed: {e}", captured.camera);
+                log::error!(
+                    "camera {}: detection failed: {}",
+                    captured.camera,
+                    crate::errors::one_line(&e)
+                );
                 return;
             }
         };

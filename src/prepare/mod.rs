@@ -208,8 +208,13 @@ pub fn load_detector(
             }
         }
         choice => backend::open_chosen(choice, &|kind| match kind {
-            BackendKind::TensorRt => tensorrt::engine(model, &file, &options.progress)
-                .map_err(|why| BackendError::unavailable(kind, why)),
+            BackendKind::TensorRt => {
+                tensorrt::engine(model, &file, &options.progress).map_err(|why| match why {
+                    // Already says the backend is unavailable, and why.
+                    TensorRtSetupError::Backend(e) => e,
+                    why => BackendError::unavailable(kind, why),
+                })
+            }
             _ => backend::open_engine(kind, &file, &engine_options),
         })?,
     };

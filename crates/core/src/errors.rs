@@ -5,24 +5,26 @@ use std::error::Error;
 
 /// An error and its causes on one line, `a: b: c`, less any cause whose
 /// text the line already holds (library errors that name their cause in
-/// their own message), and less a context that its cause repeats at its
-/// start (`/m.onnx` over `/m.onnx: not a model`).
+/// their own message), and less a context that the next cause repeats at
+/// its start (`/m.onnx` over `/m.onnx: not a model`).
 pub fn one_line(error: &(dyn Error + 'static)) -> String {
-    let mut line = String::new();
+    let mut parts: Vec<String> = Vec::new();
     let mut cause = Some(error);
     while let Some(error) = cause {
         let text = error.to_string();
-        if !line.is_empty() && text.starts_with(&line) {
-            line = text;
-        } else if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
+        let repeats_last = parts.last().is_some_and(|last| {
+            text.strip_prefix(last.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(": "))
+        });
+        if repeats_last {
+            parts.pop();
+            parts.push(text);
+        } else if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
         }
         cause = error.source();
     }
-    line
+    parts.join(": ")
 }
 
 /// A third-party error kept as a cause (tract's are `anyhow` errors, which
@@ -74,5 +76,11 @@ mod tests {
         struct Model(#[source] Read);
         let model = Model(Read(std::io::Error::other("disk on fire")));
         assert_eq!(one_line(&model), "/m.onnx: cannot read: disk on fire");
+        // Only a whole context: a longer name is a different file.
+        #[derive(Debug, thiserror::Error)]
+        #[error("/m")]
+        struct Short(#[source] Model);
+        let short = Short(Model(Read(std::io::Error::other("disk on fire"))));
+        assert_eq!(one_line(&short), "/m: /m.onnx: cannot read: disk on fire");
     }
 }

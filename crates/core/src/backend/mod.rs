@@ -319,8 +319,9 @@ impl std::str::FromStr for BackendKind {
 }
 
 /// Why a model could not be prepared or run. A third-party library's error
-/// is kept whole as the `source()` (a [`Cause`]); the message shows its
-/// first line too, so `to_string` and [`crate::errors::one_line`] agree.
+/// is kept whole as the `source()` (a [`Cause`]). The message shows the
+/// cause's own text, which for tract's errors is only their outermost
+/// context: print it with [`crate::errors::one_line`] to show the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     /// The model file is missing, unreadable, empty or not a model this
