@@ -54,6 +54,9 @@ for line in sys.stdin:
     gzip -9 devrun/bin/nanodetd devrun/bin/gpu-tests
     cp benches/gpu_peer.py devrun/bin/
     (cd "$PARTS/.." && sha256sum "$WHEEL" | cut -d' ' -f1) > devrun/bin/wheel.sha256
+    # The trial-load test spawns nanodetd from the path cargo compiled into
+    # it (CARGO_BIN_EXE_nanodetd); `run` puts the binary there.
+    echo "$PWD/target/debug/nanodetd" > devrun/bin/test-exe-path
     cp "$assets"/models/nanodet-plus-m_320.onnx devrun/assets/models/
     for photo in hpc203_bus.jpg hpc203_street.png skimage_chelsea.png nanodet_000252.jpg; do
         cp "$assets/samples/$photo" devrun/assets/samples/
@@ -98,6 +101,7 @@ run() {
     gunzip -c devrun/bin/nanodetd.gz > "$REMOTE/bin/nanodetd"
     gunzip -c devrun/bin/gpu-tests.gz > "$REMOTE/bin/gpu-tests"
     chmod +x "$REMOTE"/bin/*
+    install -D -m 755 "$REMOTE/bin/nanodetd" "$(cat devrun/bin/test-exe-path)"
     export PYTHONPATH=$REMOTE/site
     export LD_LIBRARY_PATH=$(cuda_library_path):/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export ORT_DYLIB_PATH=$REMOTE/site/onnxruntime/capi/libonnxruntime.so.$WHEEL_VERSION
