@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 pub use self::auto::{BackendChoice, Contender, choose_fastest};
 pub use self::tract::{BatchMismatch, TractEngine, batchable, validate_batch};
-use crate::errors::Cause;
+use crate::errors::{Cause, While};
 use crate::model::TensorShape;
 
 /// What a prepared model consumes and produces.
@@ -393,16 +393,11 @@ pub enum ModelFileProblem {
     /// The file is empty.
     #[error("empty file (0 bytes), not an ONNX model")]
     Empty,
-    /// The backend's library refused the model at `stage`.
-    #[error("{stage}: {cause}")]
-    Refused {
-        /// What the backend was doing ("not a loadable ONNX model",
-        /// "shape inference failed for input [1, 3, 320, 320]").
-        stage: String,
-        /// The library's error.
-        #[source]
-        cause: Cause,
-    },
+    /// The backend's library refused the model: its error, and what the
+    /// backend was doing ("not a loadable ONNX model", "shape inference
+    /// failed for input [1, 3, 320, 320]").
+    #[error(transparent)]
+    Refused(While),
     /// Not one image input and at least one output.
     #[error(
         "a detector has one image input and at least one output, this model has {inputs} inputs and {outputs} outputs"

@@ -7,7 +7,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::errors::Cause;
+use crate::errors::{Cause, While};
 use crate::model::TensorShape;
 
 use super::{
@@ -44,12 +44,7 @@ impl TractEngine {
         };
         // tract's errors are anyhow chains: kept whole as the cause.
         let refused = |stage: String| {
-            move |e: TractError| {
-                fail(ModelFileProblem::Refused {
-                    stage,
-                    cause: e.into(),
-                })
-            }
+            move |e: TractError| fail(ModelFileProblem::Refused(While::new(stage, e)))
         };
         if bytes.is_empty() {
             return Err(fail(ModelFileProblem::Empty));

@@ -213,7 +213,7 @@ impl OnnxRuntimeEngine {
         };
         let refused = |stage: &str| {
             let stage = stage.to_owned();
-            move |e: Cause| fail(ModelFileProblem::Refused { stage, cause: e })
+            move |e: Cause| fail(ModelFileProblem::Refused(While::new(stage, e)))
         };
         load_library(runtime.library.as_deref()).map_err(unavailable)?;
         let onnx = std::fs::read(path).map_err(|e| fail(ModelFileProblem::Read(e)))?;
