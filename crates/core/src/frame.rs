@@ -39,7 +39,79 @@ pub struct Frame {
     width: usize,
     height: usize,
     format: PixelFormat,
-    data: Arc<Vec<u8>>,
+    data: Arc<Pixels>,
+}
+
+/// Frames and files of at least this many bytes get a memory mapping of
+/// their own: glibc's default mmap threshold, which glibc itself raises
+/// as soon as a mapped block is freed (to 32 MiB at most), after which
+/// every frame would come from its arenas.
+const MAPPED_FROM: usize = 128 * 1024;
+
+/// Where a frame's bytes (or a file's) live.
+///
+/// Decoded images are 0.1 to tens of MB, of a different size with each
+/// photo, and are allocated by up to one capture thread per camera. From
+/// malloc's arenas they fragmented them: in the soak run the resident set
+/// grew by 6 MiB in 25 minutes while the heap in use stayed flat. A
+/// mapping of its own goes back to the system, whole, when its last
+/// holder drops it.
+enum Pixels {
+    /// Small buffers, and buffers built elsewhere (converters, tests).
+    Heap(Vec<u8>),
+    /// An anonymous mapping, used for its first `len` bytes.
+    Mapped { map: memmap2::MmapMut, len: usize },
+}
+
+impl Pixels {
+    /// `len` zero bytes, in a mapping of their own from [`MAPPED_FROM`].
+    fn zeroed(len: usize) -> std::io::Result<Pixels> {
+        if len < MAPPED_FROM {
+            return Ok(Pixels::Heap(vec![0; len]));
+        }
+        Ok(Pixels::Mapped {
+            map: memmap2::MmapMut::map_anon(len)?,
+            len,
+        })
+    }
+
+    /// The first `len` bytes only (a file that turned out shorter).
+    fn truncate(&mut self, to: usize) {
+        match self {
+            Pixels::Heap(bytes) => bytes.truncate(to),
+            Pixels::Mapped { len, .. } => *len = to.min(*len),
+        }
+    }
+}
+
+impl std::ops::Deref for Pixels {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Pixels::Heap(bytes) => bytes,
+            Pixels::Mapped { map, len } => &map[..*len],
+        }
+    }
+}
+
+impl std::ops::DerefMut for Pixels {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Pixels::Heap(bytes) => bytes,
+            Pixels::Mapped { map, len } => &mut map[..*len],
+        }
+    }
+}
+
+impl std::fmt::Debug for Pixels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match self {
+            Pixels::Heap(_) => "heap",
+            Pixels::Mapped { .. } => "mapped",
+        };
+        write!(f, "{} bytes ({place})", self.len())
+    }
 }
 
 /// Why a frame could not be built or decoded.
@@ -90,6 +162,16 @@ pub enum FrameError {
         /// The budget.
         max_pixels: u64,
     },
+    /// No memory could be mapped for the image's pixels.
+    #[error("{origin}: cannot map {bytes} bytes for its pixels: {source}")]
+    Memory {
+        /// File name or frame label.
+        origin: String,
+        /// How many bytes.
+        bytes: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The image decoder panicked on these bytes (a decoder bug that a
     /// hostile or corrupt image reaches); contained, so only this image
     /// is lost.
@@ -134,7 +216,8 @@ fn decode_image(
     bytes: &[u8],
     origin: &str,
     max_pixels: u64,
-) -> Result<(usize, usize, PixelFormat, Vec<u8>), FrameError> {
+) -> Result<(usize, usize, PixelFormat, Pixels), FrameError> {
+    use image::{ColorType, ImageDecoder};
     let decode_error = |e: image::ImageError| FrameError::Decode {
         origin: origin.to_owned(),
         reason: e.to_string(),
@@ -157,23 +240,104 @@ fn decode_image(
         });
     }
     // The decoder's own allocations, bounded too: 16-bit RGBA is 8
-    // bytes a pixel.
+    // bytes a pixel. Its output counts against them, as in
+    // `ImageReader::decode`.
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
     let mut reader = reader()?;
-    reader.limits(limits);
-    let image = reader.decode().map_err(decode_error)?;
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let (format, data) = match image {
-        DynamicImage::ImageLuma8(gray) => (PixelFormat::Gray8, gray.into_raw()),
-        DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA8(_) => {
-            (PixelFormat::Gray8, image.to_luma8().into_raw())
+    reader.limits(limits.clone());
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    limits
+        .reserve(decoder.total_bytes())
+        .map_err(decode_error)?;
+    decoder.set_limits(limits).map_err(decode_error)?;
+    let (width, height) = decoder.dimensions();
+    let (width, height) = (width as usize, height as usize);
+    let format = match decoder.color_type() {
+        ColorType::L8 => PixelFormat::Gray8,
+        ColorType::Rgb8 => PixelFormat::Rgb8,
+        _ => {
+            // 16 bits, alpha: reduced through a DynamicImage, then copied
+            // to where frames live. Rare in cameras and photo folders.
+            let image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+            let (format, packed) = match image {
+                DynamicImage::ImageLuma16(_)
+                | DynamicImage::ImageLumaA8(_)
+                | DynamicImage::ImageLumaA16(_) => {
+                    (PixelFormat::Gray8, image.to_luma8().into_raw())
+                }
+                other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
+            };
+            let mut pixels = zeroed_pixels(packed.len(), origin)?;
+            pixels.copy_from_slice(&packed);
+            return Ok((width, height, format, pixels));
         }
-        DynamicImage::ImageLumaA16(_) => (PixelFormat::Gray8, image.to_luma8().into_raw()),
-        DynamicImage::ImageRgb8(rgb) => (PixelFormat::Rgb8, rgb.into_raw()),
-        other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
     };
-    Ok((width, height, format, data))
+    // Within the budget checked above, so no overflow.
+    let mut pixels = zeroed_pixels(width * height * format.channels(), origin)?;
+    decoder.read_image(&mut pixels).map_err(decode_error)?;
+    Ok((width, height, format, pixels))
+}
+
+/// [`Pixels::zeroed`], its failure this image's error.
+fn zeroed_pixels(bytes: usize, origin: &str) -> Result<Pixels, FrameError> {
+    Pixels::zeroed(bytes).map_err(|source| FrameError::Memory {
+        origin: origin.to_owned(),
+        bytes,
+        source,
+    })
+}
+
+/// Reads the image file at `path`, of at most [`max_file_bytes`]`(max_pixels)`
+/// bytes. A regular file of
+/// [`MAPPED_FROM`] bytes or more is read into a mapping of its own (see
+/// [`Pixels`]), as many bytes as it had when opened.
+fn read_file_within(path: &Path, max_pixels: u64) -> Result<Pixels, FrameError> {
+    use std::io::Read;
+    let limit = max_file_bytes(max_pixels);
+    let read_error = |source| FrameError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let too_large = |size| FrameError::FileTooLarge {
+        path: path.to_owned(),
+        size,
+        max_pixels,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if metadata.is_file() {
+        let size = metadata.len();
+        if size > limit {
+            return Err(too_large(size));
+        }
+        let size = usize::try_from(size).map_err(|_| too_large(size))?;
+        if size >= MAPPED_FROM {
+            let mut bytes = zeroed_pixels(size, &path.display().to_string())?;
+            let mut filled = 0;
+            // A file cut short while read gives what it had; one that grew
+            // gives what it had when opened.
+            while filled < size {
+                match file.read(&mut bytes[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(read_error(e)),
+                }
+            }
+            bytes.truncate(filled);
+            return Ok(bytes);
+        }
+    }
+    // Small files, and FIFOs (whose size is not known until read).
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(Pixels::Heap(bytes))
 }
 
 impl Frame {
@@ -183,6 +347,16 @@ impl Frame {
         height: usize,
         format: PixelFormat,
         data: Vec<u8>,
+        origin: &str,
+    ) -> Result<Frame, FrameError> {
+        Frame::from_pixels(width, height, format, Pixels::Heap(data), origin)
+    }
+
+    fn from_pixels(
+        width: usize,
+        height: usize,
+        format: PixelFormat,
+        data: Pixels,
         origin: &str,
     ) -> Result<Frame, FrameError> {
         if width == 0 || height == 0 {
@@ -220,23 +394,7 @@ impl Frame {
     /// Reads and decodes an image file of at most `max_pixels` pixels. A
     /// file larger than such an image could be is not read at all.
     pub fn from_file_within(path: &Path, max_pixels: u64) -> Result<Frame, FrameError> {
-        use std::io::Read;
-        let read_error = |source| FrameError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let limit = max_file_bytes(max_pixels);
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(limit.saturating_add(1)).read_to_end(&mut bytes))
-            .map_err(read_error)?;
-        if bytes.len() as u64 > limit {
-            return Err(FrameError::FileTooLarge {
-                path: path.to_owned(),
-                size: std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len()),
-                max_pixels,
-            });
-        }
+        let bytes = read_file_within(path, max_pixels)?;
         Frame::decode_within(&bytes, &path.display().to_string(), max_pixels)
     }
 
@@ -276,7 +434,7 @@ impl Frame {
                     source,
                 },
             )??;
-        Frame::from_packed(width, height, format, data, origin)
+        Frame::from_pixels(width, height, format, data, origin)
     }
 
     /// This frame in the top-left corner of a black frame at least as
@@ -295,7 +453,7 @@ impl Frame {
             width,
             height,
             format: self.format,
-            data: Arc::new(data),
+            data: Arc::new(Pixels::Heap(data)),
         }
     }
 
@@ -362,6 +520,89 @@ mod tests {
         let shown_again = frame.clone();
         assert_eq!(shown_again.data().as_ptr(), frame.data().as_ptr());
         assert_eq!(shown_again.data(), &[3, 4]);
+    }
+
+    /// Issue 17 (the soak run's RSS growth): a decoded image of
+    /// `MAPPED_FROM` bytes or more, and the file it came from, live in
+    /// mappings of their own, not in malloc's arenas; the pixels are the
+    /// image crate's own decode, whichever path they took (straight into
+    /// the mapping, or reduced from 16 bits or alpha first).
+    #[test]
+    fn large_images_and_files_get_mappings_of_their_own_with_the_same_pixels_issue_17() {
+        let rgb = image::RgbImage::from_fn(400, 400, |x, y| {
+            image::Rgb([
+                (x * 7 % 256) as u8,
+                (y * 3 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        let encode = |image: DynamicImage, format| {
+            let mut bytes = Vec::new();
+            image
+                .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+                .unwrap();
+            bytes
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                "rgb.png",
+                DynamicImage::ImageRgb8(rgb.clone()),
+                image::ImageFormat::Png,
+            ),
+            (
+                "rgb.jpg",
+                DynamicImage::ImageRgb8(rgb.clone()),
+                image::ImageFormat::Jpeg,
+            ),
+            (
+                "rgba.png",
+                DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(rgb.clone()).to_rgba8()),
+                image::ImageFormat::Png,
+            ),
+            (
+                "grey16.png",
+                DynamicImage::ImageLuma16(DynamicImage::ImageRgb8(rgb.clone()).to_luma16()),
+                image::ImageFormat::Png,
+            ),
+        ];
+        for (name, image, format) in cases {
+            let bytes = encode(image, format);
+            let expected = image::load_from_memory(&bytes).unwrap();
+            let (expected_format, expected) = match expected {
+                DynamicImage::ImageLuma16(_) => {
+                    (PixelFormat::Gray8, expected.to_luma8().into_raw())
+                }
+                other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
+            };
+            let frame = Frame::decode(&bytes, name).unwrap();
+            assert!(frame.data().len() >= MAPPED_FROM, "{name}");
+            assert!(
+                matches!(*frame.data, Pixels::Mapped { .. }),
+                "{name}: {:?}",
+                frame.data
+            );
+            assert_eq!(frame.format(), expected_format, "{name}");
+            assert!(frame.data() == expected.as_slice(), "{name}: pixels differ");
+
+            // The file: read whole into a mapping when large enough.
+            let path = dir.path().join(name);
+            let padded: Vec<u8> = bytes
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, MAPPED_FROM))
+                .collect();
+            std::fs::write(&path, &padded).unwrap();
+            let read = read_file_within(&path, MAX_PIXELS).unwrap();
+            assert!(matches!(read, Pixels::Mapped { .. }), "{name}");
+            assert!(*read == *padded, "{name}: file bytes differ");
+            std::fs::write(&path, &bytes).unwrap();
+            let read = read_file_within(&path, MAX_PIXELS).unwrap();
+            assert_eq!(*read, *bytes, "{name}");
+        }
+        // Small frames stay on the heap: a page each would waste memory.
+        let small = Frame::decode(&grey_png(10, 10), "small.png").unwrap();
+        assert!(matches!(*small.data, Pixels::Heap(_)), "{:?}", small.data);
     }
 
     /// Issue 17: a 470 KB PNG declaring 11000x11000 RGBA decoded to
