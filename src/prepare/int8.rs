@@ -9,7 +9,7 @@ use crate::backend::{self, BackendError, BackendKind, EngineOptions};
 use crate::config::ModelConfig;
 use crate::detector::{DetectionParams, Detector, DetectorError, declared_preprocess};
 use crate::engine_cache::{ArtifactCache, CacheError};
-use crate::model::{LayoutOverrides, MAX_MODEL_BYTES};
+use crate::model::{LayoutOverrides, MAX_MODEL_BYTES, OnnxModel};
 use crate::preprocess::PreprocessSpec;
 use crate::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions, UnknownMethod};
 
@@ -125,7 +125,11 @@ pub fn fp32_preprocess(path: &Path) -> Result<PreprocessSpec, Int8Error> {
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_MODEL_BYTES).read_to_end(&mut onnx))
         .map_err(Int8Error::ReadModel)?;
-    if let Some(declared) = declared_preprocess(&onnx, &LayoutOverrides::default()) {
+    // Bytes that do not decode leave it to tract, which names the problem.
+    let declared = OnnxModel::from_bytes(onnx)
+        .ok()
+        .and_then(|model| declared_preprocess(&model, &LayoutOverrides::default()));
+    if let Some(declared) = declared {
         return Ok(declared.map_err(DetectorError::from)?);
     }
     let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default())?;

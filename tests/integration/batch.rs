@@ -9,7 +9,7 @@ use crate::support;
 
 use crate::support::{assets, model};
 use nanodetd::backend::validate_batch;
-use nanodetd::model::dynamic_batch;
+use nanodetd::model::OnnxModel;
 
 #[test]
 fn nanodet_exports_batch_where_the_graph_allows_and_say_why_where_not() {
@@ -26,7 +26,11 @@ fn nanodet_exports_batch_where_the_graph_allows_and_say_why_where_not() {
         ("nanodet-m-0.5x_320", 320, false),
     ] {
         let bytes = std::fs::read(model(&a, name)).unwrap();
-        let (rewritten, report) = dynamic_batch(&bytes).unwrap();
+        let (rewritten, report) = OnnxModel::parse(&bytes)
+            .unwrap()
+            .with_dynamic_batch()
+            .unwrap();
+        let rewritten = rewritten.bytes().into_owned();
         assert!(report.reshapes > 0, "{name}: {report:?}");
         let verdict = validate_batch(&rewritten, (side, side), 4);
         eprintln!("{name}: {report:?}: {verdict:?}");
@@ -62,7 +66,8 @@ fn the_batch_check_runs_once_per_model_and_its_verdict_is_kept() {
     };
 
     let plus = std::fs::read(model(&a, "nanodet-plus-m_320")).unwrap();
-    let (rewritten, batch, why) = batchable(&plus, 4, &memo_dir);
+    let plus_model = OnnxModel::parse(&plus).unwrap();
+    let (rewritten, batch, why) = batchable(&plus_model, 4, &memo_dir);
     assert_eq!((batch, why.as_deref()), (4, None));
     assert_ne!(rewritten, plus);
     let kept = memos();
@@ -70,7 +75,7 @@ fn the_batch_check_runs_once_per_model_and_its_verdict_is_kept() {
     assert_eq!(kept[0].1, "ok");
 
     let legacy = std::fs::read(model(&a, "nanodet-m_320")).unwrap();
-    let (unchanged, batch, why) = batchable(&legacy, 4, &memo_dir);
+    let (unchanged, batch, why) = batchable(&OnnxModel::parse(&legacy).unwrap(), 4, &memo_dir);
     assert_eq!((batch, unchanged == legacy), (1, true));
     let why = why.unwrap();
     assert!(why.contains("folds the batch"), "{why}");
@@ -78,11 +83,11 @@ fn the_batch_check_runs_once_per_model_and_its_verdict_is_kept() {
 
     // A kept verdict is believed, not re-checked: this one is planted.
     std::fs::write(memo_dir.join(&kept[0].0), "planted verdict").unwrap();
-    let (_, batch, why) = batchable(&plus, 4, &memo_dir);
+    let (_, batch, why) = batchable(&plus_model, 4, &memo_dir);
     assert_eq!((batch, why.as_deref()), (1, Some("planted verdict")));
 
     // Batch 1 asked: nothing to check, nothing kept.
-    let (same, batch, why) = batchable(&plus, 1, &memo.path().join("unused"));
+    let (same, batch, why) = batchable(&plus_model, 1, &memo.path().join("unused"));
     assert_eq!((same == plus, batch, why), (true, 1, None));
     assert!(!memo.path().join("unused").exists());
 }
@@ -93,7 +98,6 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
 
     use nanodetd::backend::{BackendKind, EngineOptions, open_engine};
     use nanodetd::frame::Frame;
-    use nanodetd::model::to_fp16;
 
     let Some(a) = assets("the_fp16_copy_finds_what_the_fp32_model_finds") else {
         return;
@@ -101,10 +105,14 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["nanodet-plus-m_320", "nanodet-m_320"] {
         let fp32 = model(&a, name);
-        let (half, report) = to_fp16(&std::fs::read(&fp32).unwrap()).unwrap();
+        let (half, report) = OnnxModel::parse(&std::fs::read(&fp32).unwrap())
+            .unwrap()
+            .to_fp16()
+            .unwrap();
+        let half = half.bytes();
         assert!(report.converted > 100, "{name}: {report:?}");
         let half_path = dir.path().join(format!("{name}.fp16.onnx"));
-        std::fs::write(&half_path, &half).unwrap();
+        std::fs::write(&half_path, &*half).unwrap();
         let detector = |path: &std::path::Path| {
             support::live_detector_on(
                 open_engine(BackendKind::Tract, path, &EngineOptions::default()).unwrap(),
@@ -148,7 +156,7 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
         }
     }
     // Bad input is a typed error, not a panic.
-    let garbage = to_fp16(b"not onnx").unwrap_err();
+    let garbage = OnnxModel::parse(b"not onnx").unwrap_err();
     assert!(
         matches!(garbage, nanodetd::model::RewriteError::Decode(_)),
         "{garbage}"

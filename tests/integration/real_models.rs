@@ -7,7 +7,7 @@
 use crate::support::{MODELS, assets, fused_from_integral, live_detector, model, sample};
 use nanodetd::detector::{Detector, declared_preprocess};
 use nanodetd::frame::{Frame, PixelFormat};
-use nanodetd::model::LayoutOverrides;
+use nanodetd::model::{LayoutOverrides, OnnxModel};
 use nanodetd::postprocess::Detection;
 
 fn labelled(d: &Detector, found: &[Detection]) -> Vec<(String, f32)> {
@@ -37,7 +37,7 @@ fn every_shared_model_declares_the_preprocessing_its_engine_finds_issue_18() {
         return;
     };
     for path in MODELS.iter().map(|(name, _)| model(&a, name)) {
-        let onnx = std::fs::read(&path).unwrap();
+        let onnx = OnnxModel::from_bytes(std::fs::read(&path).unwrap()).unwrap();
         let declared = declared_preprocess(&onnx, &LayoutOverrides::default())
             .unwrap_or_else(|| panic!("{}: shapes not declared", path.display()))
             .unwrap();

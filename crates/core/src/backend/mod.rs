@@ -63,12 +63,22 @@ pub trait Engine: Send + Sync {
     }
     /// A session whose input already lives on the GPU, for the GPU
     /// preprocessor to write into; `None` where the engine runs on the
-    /// CPU.
-    #[cfg(feature = "cuda")]
-    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
+    /// CPU, and in every build without feature `cuda`.
+    fn new_device_session(&self) -> Option<Result<DeviceSessionBox, BackendError>> {
         None
     }
 }
+
+/// A [`DeviceSession`], boxed. Without feature `cuda` it is a type with no
+/// values: no engine can make one, and [`Engine::new_device_session`]
+/// exists in every build, with no cfg where it is declared or passed on.
+#[cfg(feature = "cuda")]
+pub type DeviceSessionBox = Box<dyn DeviceSession>;
+
+/// See the `cuda` build's alias: without the feature, no value exists.
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub enum DeviceSessionBox {}
 
 /// A session with its input buffer on the GPU: the preprocessing kernel
 /// writes each image straight into it, on the device's stream, and the
@@ -118,8 +128,7 @@ impl Engine for NotedEngine {
     fn on_gpu(&self) -> bool {
         self.inner.on_gpu()
     }
-    #[cfg(feature = "cuda")]
-    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
+    fn new_device_session(&self) -> Option<Result<DeviceSessionBox, BackendError>> {
         self.inner.new_device_session()
     }
 }

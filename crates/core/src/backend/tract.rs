@@ -8,7 +8,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use crate::errors::{Cause, While};
-use crate::model::TensorShape;
+use crate::model::{OnnxModel, TensorShape};
 
 use super::{
     BackendError, BackendKind, BatchOutputs, Engine, EngineOptions, InputBatch, ModelFileProblem,
@@ -179,20 +179,24 @@ impl Session for TractSession {
     }
 }
 
-/// `onnx` made batchable for up to `max_batch` images, where the graph
-/// allows it: rewritten by [`crate::model::dynamic_batch`] and checked by
-/// [`validate_batch`] (batch 2 against single runs), else the export as it
-/// is at batch 1, with the reason. The check costs a few seconds of CPU,
+/// `model` made batchable for up to `max_batch` images, where the graph
+/// allows it: rewritten by [`OnnxModel::with_dynamic_batch`] and checked
+/// by [`validate_batch`] (batch 2 against single runs), else the export as
+/// it is at batch 1, with the reason. The check costs a few seconds of CPU,
 /// so its verdict is kept in `memo` (a directory: the engine cache), keyed
-/// by the rewritten model's hash, and later starts read it instead.
-pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Option<String>) {
+/// by the rewritten model's hash, and later starts read it instead. The
+/// bytes returned are what a backend's parser reads: the file's own where
+/// the model is left as it was.
+pub fn batchable(model: &OnnxModel, max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Option<String>) {
+    let as_it_is = || model.bytes().into_owned();
     if max_batch <= 1 {
-        return (onnx.to_vec(), 1, None);
+        return (as_it_is(), 1, None);
     }
-    let rewritten = match crate::model::dynamic_batch(onnx) {
-        Ok((rewritten, _)) => rewritten,
-        Err(why) => return (onnx.to_vec(), 1, Some(why.to_string())),
+    let (batched, _) = match model.with_dynamic_batch() {
+        Ok(rewritten) => rewritten,
+        Err(why) => return (as_it_is(), 1, Some(why.to_string())),
     };
+    let rewritten = batched.bytes().into_owned();
     let file = memo.join(format!(
         "batch-check-{}.txt",
         &crate::engine_cache::sha256_hex(&rewritten)[..16]
@@ -201,7 +205,8 @@ pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Opt
         Ok(memo) if memo == "ok" => Ok(()),
         Ok(memo) => Err(memo),
         Err(_) => {
-            let verdict = crate::model::input_shape(&rewritten)
+            let verdict = batched
+                .input_shape()
                 .ok()
                 .and_then(|s| Some((*s.get(3)?, *s.get(2)?)))
                 .ok_or_else(|| "no fixed input size".to_owned())
@@ -222,7 +227,7 @@ pub fn batchable(onnx: &[u8], max_batch: u32, memo: &Path) -> (Vec<u8>, u32, Opt
     };
     match verdict {
         Ok(()) => (rewritten, max_batch, None),
-        Err(why) => (onnx.to_vec(), 1, Some(why)),
+        Err(why) => (as_it_is(), 1, Some(why)),
     }
 }
 
@@ -274,7 +279,7 @@ pub enum BatchMismatch {
 }
 
 /// Checks, on the CPU, that `onnx` (rewritten for a symbolic batch by
-/// [`crate::model::dynamic_batch`]) computes for a batch of `batch` images
+/// [`OnnxModel::with_dynamic_batch`]) computes for a batch of `batch` images
 /// exactly what it computes for each image alone: same output shapes, and
 /// every value within 1e-4 (relative to its size). The error says where
 /// they part, for the log line of a fallback to batch 1.

@@ -73,15 +73,15 @@ pub enum DetectorError {
     GpuPreprocess(#[from] crate::preprocess::GpuPreprocessError),
 }
 
-/// The preprocessing `onnx` asks for, read from the shapes it declares:
+/// The preprocessing `model` asks for, read from the shapes it declares:
 /// what [`Detector::new`] finds from an engine, without building one.
 /// `None` when the file does not declare its shapes fully; a backend's
 /// shape inference must then tell.
 pub fn declared_preprocess(
-    onnx: &[u8],
+    model: &crate::model::OnnxModel,
     overrides: &LayoutOverrides,
 ) -> Option<Result<PreprocessSpec, LayoutError>> {
-    let (input, outputs) = crate::model::declared_shapes(onnx)?;
+    let (input, outputs) = model.declared_shapes()?;
     Some(Layout::detect(&input, &outputs, overrides).map(|layout| preprocess_of(&layout)))
 }
 

@@ -6,10 +6,9 @@
 //! into another axis cannot be fixed this way; the backend checks the
 //! result (`validate_batch` in the tract backend) and falls back to batch 1.
 
-use prost::Message;
-use tract_onnx::pb::{self, ModelProto, tensor_proto, tensor_shape_proto, type_proto};
+use tract_onnx::pb::{self, tensor_proto, tensor_shape_proto, type_proto};
 
-use super::RewriteError;
+use super::{OnnxModel, RewriteError};
 use crate::quantize::graph::runtime_inputs;
 
 /// The symbolic batch dimension.
@@ -25,112 +24,113 @@ pub struct BatchRewrite {
     pub untouched: usize,
 }
 
-/// Rewrites `onnx` for a symbolic batch.
-pub fn dynamic_batch(onnx: &[u8]) -> Result<(Vec<u8>, BatchRewrite), RewriteError> {
-    let mut model = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
-    let graph = model.graph.as_mut().ok_or(RewriteError::NoGraph)?;
-    let inputs = runtime_inputs(graph);
-    let [input] = inputs.as_slice() else {
-        return Err(RewriteError::Inputs(inputs.len()));
-    };
-    let input = input.clone();
-    for value in graph.input.iter_mut().filter(|v| v.name == input) {
-        set_leading_dim(value)?;
-    }
-    for value in graph.output.iter_mut() {
-        set_leading_dim(value)?;
-    }
-    // Intermediate shapes recorded by the exporter would now be wrong.
-    graph.value_info.clear();
-
-    let constants: std::collections::HashMap<String, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.op_type == "Constant")
-        .filter_map(|(i, n)| n.output.first().map(|o| (o.clone(), i)))
-        .collect();
-    let mut rewrite = BatchRewrite {
-        reshapes: 0,
-        untouched: 0,
-    };
-    let reshape_shapes: Vec<(String, bool)> = graph
-        .node
-        .iter()
-        .filter(|n| n.op_type == "Reshape")
-        .map(|n| {
-            let allow_zero = n
-                .attribute
-                .iter()
-                .any(|a| a.name == "allowzero" && a.i != 0);
-            (n.input.get(1).cloned().unwrap_or_default(), allow_zero)
-        })
-        .collect();
-    let mut done = std::collections::HashSet::new();
-    for (shape, allow_zero) in reshape_shapes {
-        if allow_zero || done.contains(&shape) {
-            rewrite.untouched += usize::from(allow_zero);
-            continue;
-        }
-        let tensor = if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == shape) {
-            Some(t)
-        } else if let Some(&i) = constants.get(&shape) {
-            graph.node[i]
-                .attribute
-                .iter_mut()
-                .find(|a| a.name == "value")
-                .and_then(|a| a.t.as_mut())
-        } else {
-            None
+impl OnnxModel {
+    /// A copy rewritten for a symbolic batch.
+    pub fn with_dynamic_batch(&self) -> Result<(OnnxModel, BatchRewrite), RewriteError> {
+        let mut model = self.rewritable();
+        let graph = model.graph_mut()?;
+        let inputs = runtime_inputs(graph);
+        let [input] = inputs.as_slice() else {
+            return Err(RewriteError::Inputs(inputs.len()));
         };
-        match tensor.map(lead_one_to_zero) {
-            Some(true) => {
-                rewrite.reshapes += 1;
-                done.insert(shape);
-            }
-            _ => rewrite.untouched += 1,
+        let input = input.clone();
+        for value in graph.input.iter_mut().filter(|v| v.name == input) {
+            set_leading_dim(value)?;
         }
-    }
-    Ok((model.encode_to_vec(), rewrite))
-}
+        for value in graph.output.iter_mut() {
+            set_leading_dim(value)?;
+        }
+        // Intermediate shapes recorded by the exporter would now be wrong.
+        graph.value_info.clear();
 
-/// The image input's shape as declared in `onnx`, with a symbolic batch
-/// read as 1. Any other symbolic dimension is an error naming it.
-pub fn input_shape(onnx: &[u8]) -> Result<Vec<usize>, RewriteError> {
-    let model = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
-    let graph = model.graph.as_ref().ok_or(RewriteError::NoGraph)?;
-    let inputs = runtime_inputs(graph);
-    let [input] = inputs.as_slice() else {
-        return Err(RewriteError::Inputs(inputs.len()));
-    };
-    let value = graph
-        .input
-        .iter()
-        .find(|v| &v.name == input)
-        .ok_or_else(|| RewriteError::Undeclared(input.clone()))?;
-    let Some(type_proto::Value::TensorType(t)) =
-        value.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
-        return Err(RewriteError::NotATensor(input.clone()));
-    };
-    let dims = t
-        .shape
-        .as_ref()
-        .map(|s| s.dim.as_slice())
-        .unwrap_or_default();
-    dims.iter()
-        .enumerate()
-        .map(|(i, d)| match (&d.value, i) {
-            (Some(tensor_shape_proto::dimension::Value::DimValue(v)), _) if *v > 0 => {
-                Ok(*v as usize)
+        let constants: std::collections::HashMap<String, usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.op_type == "Constant")
+            .filter_map(|(i, n)| n.output.first().map(|o| (o.clone(), i)))
+            .collect();
+        let mut rewrite = BatchRewrite {
+            reshapes: 0,
+            untouched: 0,
+        };
+        let reshape_shapes: Vec<(String, bool)> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Reshape")
+            .map(|n| {
+                let allow_zero = n
+                    .attribute
+                    .iter()
+                    .any(|a| a.name == "allowzero" && a.i != 0);
+                (n.input.get(1).cloned().unwrap_or_default(), allow_zero)
+            })
+            .collect();
+        let mut done = std::collections::HashSet::new();
+        for (shape, allow_zero) in reshape_shapes {
+            if allow_zero || done.contains(&shape) {
+                rewrite.untouched += usize::from(allow_zero);
+                continue;
             }
-            (_, 0) => Ok(1),
-            (_, index) => Err(RewriteError::NotFixed {
-                input: input.clone(),
-                index,
-            }),
-        })
-        .collect()
+            let tensor = if let Some(t) = graph.initializer.iter_mut().find(|t| t.name == shape) {
+                Some(t)
+            } else if let Some(&i) = constants.get(&shape) {
+                graph.node[i]
+                    .attribute
+                    .iter_mut()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_mut())
+            } else {
+                None
+            };
+            match tensor.map(lead_one_to_zero) {
+                Some(true) => {
+                    rewrite.reshapes += 1;
+                    done.insert(shape);
+                }
+                _ => rewrite.untouched += 1,
+            }
+        }
+        Ok((model, rewrite))
+    }
+
+    /// The image input's shape as declared, with a symbolic batch read as 1.
+    /// Any other symbolic dimension is an error naming it.
+    pub fn input_shape(&self) -> Result<Vec<usize>, RewriteError> {
+        let graph = self.graph()?;
+        let inputs = runtime_inputs(graph);
+        let [input] = inputs.as_slice() else {
+            return Err(RewriteError::Inputs(inputs.len()));
+        };
+        let value = graph
+            .input
+            .iter()
+            .find(|v| &v.name == input)
+            .ok_or_else(|| RewriteError::Undeclared(input.clone()))?;
+        let Some(type_proto::Value::TensorType(t)) =
+            value.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            return Err(RewriteError::NotATensor(input.clone()));
+        };
+        let dims = t
+            .shape
+            .as_ref()
+            .map(|s| s.dim.as_slice())
+            .unwrap_or_default();
+        dims.iter()
+            .enumerate()
+            .map(|(i, d)| match (&d.value, i) {
+                (Some(tensor_shape_proto::dimension::Value::DimValue(v)), _) if *v > 0 => {
+                    Ok(*v as usize)
+                }
+                (_, 0) => Ok(1),
+                (_, index) => Err(RewriteError::NotFixed {
+                    input: input.clone(),
+                    index,
+                }),
+            })
+            .collect()
+    }
 }
 
 /// Turns an int64 shape constant `[1, ...]` into `[0, ...]`.

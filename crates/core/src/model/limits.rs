@@ -4,10 +4,9 @@
 //! for 8.4 GB, and the failed allocation aborted the whole daemon, on a hot
 //! swap too. Real NanoDet exports are far inside every limit.
 
-use prost::Message;
-use tract_onnx::pb::{ModelProto, ValueInfoProto, tensor_shape_proto, type_proto};
+use tract_onnx::pb::{ValueInfoProto, tensor_shape_proto, type_proto};
 
-use super::TensorShape;
+use super::{OnnxModel, TensorShape};
 
 /// Largest model file read, in bytes (NanoDet-Plus-m 416 is 4.8 MB).
 pub const MAX_MODEL_BYTES: u64 = 512 << 20;
@@ -78,43 +77,54 @@ pub fn check_sizes(onnx: &[u8]) -> Result<(), SizeError> {
             bytes: onnx.len() as u64,
         });
     }
-    let Some(graph) = ModelProto::decode(onnx).ok().and_then(|m| m.graph) else {
-        return Ok(());
-    };
-    for input in &graph.input {
-        let dims = dims_of(input);
-        // NCHW: the last two are the image's sides.
-        if dims.len() >= 2 && dims[dims.len() - 2..].iter().any(|&d| d > MAX_INPUT_SIDE) {
-            return Err(SizeError::InputSide {
-                name: input.name.clone(),
-                dims,
+    match OnnxModel::parse(onnx) {
+        Ok(model) => model.check_sizes(),
+        Err(_) => Ok(()),
+    }
+}
+
+impl OnnxModel {
+    /// [`check_sizes`] on a decoded model: the sizes its graph declares (a
+    /// model without a graph declares none).
+    pub fn check_sizes(&self) -> Result<(), SizeError> {
+        let Ok(graph) = self.graph() else {
+            return Ok(());
+        };
+        for input in &graph.input {
+            let dims = dims_of(input);
+            // NCHW: the last two are the image's sides.
+            if dims.len() >= 2 && dims[dims.len() - 2..].iter().any(|&d| d > MAX_INPUT_SIDE) {
+                return Err(SizeError::InputSide {
+                    name: input.name.clone(),
+                    dims,
+                });
+            }
+            check_elements("input", &input.name, dims)?;
+        }
+        for output in &graph.output {
+            check_elements("output", &output.name, dims_of(output))?;
+        }
+        for initializer in &graph.initializer {
+            check_elements("initializer", &initializer.name, initializer.dims.clone())?;
+        }
+        let produced: std::collections::HashSet<&str> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(graph.input.iter().map(|i| i.name.as_str()))
+            .chain(graph.initializer.iter().map(|t| t.name.as_str()))
+            .collect();
+        if let Some(output) = graph
+            .output
+            .iter()
+            .find(|o| !produced.contains(o.name.as_str()))
+        {
+            return Err(SizeError::UnproducedOutput {
+                name: output.name.clone(),
             });
         }
-        check_elements("input", &input.name, dims)?;
+        Ok(())
     }
-    for output in &graph.output {
-        check_elements("output", &output.name, dims_of(output))?;
-    }
-    for initializer in &graph.initializer {
-        check_elements("initializer", &initializer.name, initializer.dims.clone())?;
-    }
-    let produced: std::collections::HashSet<&str> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().map(String::as_str))
-        .chain(graph.input.iter().map(|i| i.name.as_str()))
-        .chain(graph.initializer.iter().map(|t| t.name.as_str()))
-        .collect();
-    if let Some(output) = graph
-        .output
-        .iter()
-        .find(|o| !produced.contains(o.name.as_str()))
-    {
-        return Err(SizeError::UnproducedOutput {
-            name: output.name.clone(),
-        });
-    }
-    Ok(())
 }
 
 fn check_elements(what: &'static str, name: &str, dims: Vec<i64>) -> Result<(), SizeError> {
@@ -131,49 +141,51 @@ fn check_elements(what: &'static str, name: &str, dims: Vec<i64>) -> Result<(), 
     Ok(())
 }
 
-/// The image input's shape and the outputs' shapes as `onnx` declares
-/// them, at batch 1: what a backend's shape inference would find, read
-/// without building one. `None` when the file does not say: one graph
-/// input besides the initializers, and every dimension but the leading
-/// batch fixed, or the outputs' shapes absent.
-pub fn declared_shapes(onnx: &[u8]) -> Option<(Vec<usize>, Vec<TensorShape>)> {
-    let graph = ModelProto::decode(onnx).ok()?.graph?;
-    let initializers: std::collections::HashSet<&str> =
-        graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let mut inputs = graph
-        .input
-        .iter()
-        .filter(|i| !initializers.contains(i.name.as_str()));
-    let (Some(input), None) = (inputs.next(), inputs.next()) else {
-        return None;
-    };
-    // A symbolic batch is 1; any other unknown dimension is not declared.
-    let batch_one = |dims: Vec<i64>| -> Option<Vec<usize>> {
-        dims.iter()
-            .enumerate()
-            .map(|(i, &d)| match (i, usize::try_from(d)) {
-                (_, Ok(d)) if d > 0 => Some(d),
-                (0, _) => Some(1),
-                _ => None,
+impl OnnxModel {
+    /// The image input's shape and the outputs' shapes as the model declares
+    /// them, at batch 1: what a backend's shape inference would find, read
+    /// without building one. `None` when the file does not say: one graph
+    /// input besides the initializers, and every dimension but the leading
+    /// batch fixed, or the outputs' shapes absent.
+    pub fn declared_shapes(&self) -> Option<(Vec<usize>, Vec<TensorShape>)> {
+        let graph = self.graph().ok()?;
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let mut inputs = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()));
+        let (Some(input), None) = (inputs.next(), inputs.next()) else {
+            return None;
+        };
+        // A symbolic batch is 1; any other unknown dimension is not declared.
+        let batch_one = |dims: Vec<i64>| -> Option<Vec<usize>> {
+            dims.iter()
+                .enumerate()
+                .map(|(i, &d)| match (i, usize::try_from(d)) {
+                    (_, Ok(d)) if d > 0 => Some(d),
+                    (0, _) => Some(1),
+                    _ => None,
+                })
+                .collect()
+        };
+        let input_shape = batch_one(dims_of(input)).filter(|s| !s.is_empty())?;
+        if graph.output.is_empty() {
+            return None;
+        }
+        let outputs = graph
+            .output
+            .iter()
+            .map(|o| {
+                let shape = batch_one(dims_of(o)).filter(|s| !s.is_empty())?;
+                Some(TensorShape {
+                    name: o.name.clone(),
+                    shape,
+                })
             })
-            .collect()
-    };
-    let input_shape = batch_one(dims_of(input)).filter(|s| !s.is_empty())?;
-    if graph.output.is_empty() {
-        return None;
+            .collect::<Option<Vec<_>>>()?;
+        Some((input_shape, outputs))
     }
-    let outputs = graph
-        .output
-        .iter()
-        .map(|o| {
-            let shape = batch_one(dims_of(o)).filter(|s| !s.is_empty())?;
-            Some(TensorShape {
-                name: o.name.clone(),
-                shape,
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
-    Some((input_shape, outputs))
 }
 
 /// Declared dimensions; -1 where one is not fixed.
@@ -201,7 +213,8 @@ fn dims_of(value: &ValueInfoProto) -> Vec<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::{GraphProto, TypeProto, ValueInfoProto, tensor_proto};
+    use prost::Message;
+    use tract_onnx::pb::{GraphProto, ModelProto, TypeProto, ValueInfoProto, tensor_proto};
 
     fn value(name: &str, dims: &[i64]) -> ValueInfoProto {
         ValueInfoProto {
@@ -290,6 +303,7 @@ mod tests {
     #[test]
     fn declared_shapes_read_batch_one_and_refuse_what_is_not_fixed() {
         let shape = |v: &[usize]| v.to_vec();
+        let declared_shapes = |onnx: &[u8]| OnnxModel::parse(onnx).unwrap().declared_shapes();
         let (input, outputs) =
             declared_shapes(&model(&[-1, 3, 320, 320], &[-1, 2125, 112])).unwrap();
         assert_eq!(input, shape(&[1, 3, 320, 320]));
@@ -302,7 +316,7 @@ mod tests {
         // does not say, shape inference must.
         assert!(declared_shapes(&model(&[1, 3, -1, -1], &[1, 2125, 112])).is_none());
         assert!(declared_shapes(&model(&[1, 3, 320, 320], &[])).is_none());
-        assert!(declared_shapes(b"not onnx").is_none());
+        assert!(OnnxModel::parse(b"not onnx").is_err());
         // An initializer listed among the inputs (older exporters) is not
         // the image.
         let mut proto =

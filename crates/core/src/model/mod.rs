@@ -6,20 +6,21 @@ mod decode;
 mod fp16;
 mod layout;
 mod limits;
+mod onnx;
 mod rewrite;
 
 use std::path::{Path, PathBuf};
 
-pub use batch::{BATCH, BatchRewrite, dynamic_batch, input_shape};
+pub use batch::{BATCH, BatchRewrite};
 pub use decode::{Candidate, DecodeError, DecodeParams};
-pub use fp16::{HalfConversion, to_fp16};
+pub use fp16::HalfConversion;
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
 };
 pub use limits::{
     MAX_INPUT_SIDE, MAX_MODEL_BYTES, MAX_TENSOR_ELEMENTS, SizeError, check_file_sizes, check_sizes,
-    declared_shapes,
 };
+pub use onnx::OnnxModel;
 pub use rewrite::RewriteError;
 
 /// The 80 COCO class names in NanoDet's training order, used when no

@@ -9,9 +9,6 @@ pub enum RewriteError {
     /// The bytes are not an ONNX ModelProto.
     #[error("not an ONNX model: {0}")]
     Decode(#[source] prost::DecodeError),
-    /// The rewritten model could not be encoded again.
-    #[error("cannot encode the rewritten model: {0}")]
-    Encode(#[source] prost::EncodeError),
     /// The model has no graph.
     #[error("the model has no graph")]
     NoGraph,

@@ -222,9 +222,11 @@ impl OnnxRuntimeEngine {
         }
         let mut input = match options.input_size {
             Some((w, h)) => vec![1, 3, h, w],
-            None => crate::model::input_shape(&onnx).map_err(|e| {
-                refused("reading the input size; give it with --size WxH")(e.into())
-            })?,
+            None => crate::model::OnnxModel::parse(&onnx)
+                .and_then(|model| model.input_shape())
+                .map_err(|e| {
+                    refused("reading the input size; give it with --size WxH")(e.into())
+                })?,
         };
         if let Some(batch) = input.first_mut() {
             *batch = 1;
@@ -450,10 +452,9 @@ impl Engine for OnnxRuntimeEngine {
     }
 
     #[cfg(feature = "cuda")]
-    fn new_device_session(&self) -> Option<Result<Box<dyn super::DeviceSession>, BackendError>> {
-        self.cuda_session().map(|session| {
-            session.map(|session| Box::new(session) as Box<dyn super::DeviceSession>)
-        })
+    fn new_device_session(&self) -> Option<Result<super::DeviceSessionBox, BackendError>> {
+        self.cuda_session()
+            .map(|session| session.map(|session| Box::new(session) as super::DeviceSessionBox))
     }
 
     fn on_gpu(&self) -> bool {

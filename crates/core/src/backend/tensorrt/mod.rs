@@ -19,7 +19,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
 pub use self::library::{BuildProgress, BuildRequest, TensorRt, TrtVersion};
 use self::library::{Calibration, DATA_TYPE_FLOAT, ExecutionContext, LoadedPlan, TensorBinding};
 use super::{
-    BackendError, BackendKind, BatchOutputs, DeviceSession, Engine, InputBatch, ModelInfo, Session,
+    BackendError, BackendKind, BatchOutputs, DeviceSession, DeviceSessionBox, Engine, InputBatch,
+    ModelInfo, Session,
 };
 use crate::engine_cache::{
     BuiltPlan, PlanBuilder, PlanCache, PlanKey, Provenance, write_atomically,
@@ -27,7 +28,7 @@ use crate::engine_cache::{
 use crate::errors::{Cause, While};
 use crate::frame::Frame;
 use crate::gpu::{Gpu, GpuError, GraphReplay};
-use crate::model::TensorShape;
+use crate::model::{OnnxModel, TensorShape};
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use crate::quantize::CalibrationSet;
 
@@ -427,25 +428,29 @@ impl TrtEngine {
 
         // A Q/DQ graph needs INT8 enabled: a fallback from INT8 builds
         // the float model. TensorRT 11 builds the ONNX's own types, so FP16
-        // there means an FP16 copy of the model.
-        let half;
-        let onnx = match (plan.precision, sources.qdq) {
-            (TrtPrecision::Int8Qdq, Some(qdq)) => qdq,
+        // there means an FP16 copy of the model. The file is decoded once:
+        // the FP16 copy, the input shape and the batch rewrite work on the
+        // decoded model.
+        let decode = |onnx: &[u8]| {
+            OnnxModel::parse(onnx).map_err(|e| unavailable(While::new("reading the model", e)))
+        };
+        let model = match (plan.precision, sources.qdq) {
+            (TrtPrecision::Int8Qdq, Some(qdq)) => decode(qdq)?,
             (TrtPrecision::Int8Qdq, None) => {
                 return Err(unavailable(
                     "INT8 from Q/DQ asked, but no Q/DQ model was given",
                 ));
             }
             (TrtPrecision::Fp16, _) if version.major >= 11 => {
-                match crate::model::to_fp16(sources.fp32) {
-                    Ok((bytes, report)) => {
+                let fp32 = decode(sources.fp32)?;
+                match fp32.to_fp16() {
+                    Ok((half, report)) => {
                         log::info!(
                             "TensorRT {version} builds the ONNX's own types: an FP16 copy of the model ({} weights in float16, {} kept float32)",
                             report.converted,
                             report.kept_float
                         );
-                        half = bytes;
-                        &half
+                        half
                     }
                     Err(why) => {
                         let note = format!(
@@ -454,23 +459,24 @@ impl TrtEngine {
                         log::warn!("{note}");
                         plan.fallbacks.push(note);
                         plan.precision = TrtPrecision::Fp32;
-                        sources.fp32
+                        fp32
                     }
                 }
             }
-            _ => sources.fp32,
+            _ => decode(sources.fp32)?,
         };
+        // At batch 1, the same before the batch rewrite as after it.
+        let input_shape = declared_input(&model)?;
         // The CPU check of the batch rewrite runs once per model: its
         // verdict is kept beside the plans.
         let (onnx, max_batch, why_not) =
-            super::batchable(onnx, options.max_batch, &options.engines);
+            super::batchable(&model, options.max_batch, &options.engines);
         if let Some(why) = why_not {
             log::warn!(
                 "max_batch {} asked, but this export cannot batch ({why}): building batch 1",
                 options.max_batch
             );
         }
-        let input_shape = declared_input(&onnx)?;
         let (major, minor) = gpu.compute_capability();
         let request = BuildRequest {
             precision: plan.precision.code(),
@@ -605,8 +611,9 @@ impl TrtEngine {
 }
 
 /// The model's input shape at batch 1, from the ONNX.
-fn declared_input(onnx: &[u8]) -> Result<Vec<usize>, BackendError> {
-    crate::model::input_shape(onnx)
+fn declared_input(model: &OnnxModel) -> Result<Vec<usize>, BackendError> {
+    model
+        .input_shape()
         .map(|mut shape| {
             if let Some(batch) = shape.first_mut() {
                 *batch = 1;
@@ -633,8 +640,8 @@ impl Engine for TrtEngine {
         Ok(Box::new(TrtSession::new(self)?))
     }
 
-    fn new_device_session(&self) -> Option<Result<Box<dyn DeviceSession>, BackendError>> {
-        Some(TrtSession::new(self).map(|s| Box::new(s) as Box<dyn DeviceSession>))
+    fn new_device_session(&self) -> Option<Result<DeviceSessionBox, BackendError>> {
+        Some(TrtSession::new(self).map(|s| Box::new(s) as DeviceSessionBox))
     }
 
     fn on_gpu(&self) -> bool {
