@@ -46,7 +46,7 @@ pub fn config_text(data: &[u8]) {
             .iter()
             .map(|c| c.frame_budget())
             .fold(0u64, u64::saturating_add);
-        assert!(budgets <= config.capture.max_pixels_total);
+        assert!(budgets <= config.capture.max_pixels_total.get());
         for camera in &config.cameras {
             assert!(camera.same_source(camera));
         }

@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
 use nanodetd::backend::{self, BackendChoice, EngineOptions};
-use nanodetd::config::{ModelConfig, Precision};
+use nanodetd::config::{Bounded, ModelConfig, Precision};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::model::{self, LayoutKind, LayoutOverrides};
 use nanodetd::prepare::{LoadOptions, load_detector};
@@ -176,7 +176,7 @@ pub struct PrecisionArgs {
     int8_method: Option<String>,
     /// Use at most this many calibration images (`[model.int8] images`).
     #[arg(long)]
-    int8_images: Option<usize>,
+    int8_images: Option<Bounded<usize, 1, 100_000>>,
     /// Convs left in float: names, patterns, @first, @last; repeatable
     /// (`[model.int8] keep_float`).
     #[arg(long)]

@@ -11,32 +11,19 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod range;
+
+pub use range::{
+    Bounded, FrameRate, Low, NonNegative, NonNegativeOrUnlimited, Ranged, RateUpTo1000, Real,
+    RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
+};
+
 use crate::backend::BackendChoice;
 use crate::backend::onnxruntime::Provider;
 use crate::capture::{CameraFormat, CaptureIo, IfUnsupported, SourceSpec, V4l2Request};
 
 /// A score or IoU in [0, 1].
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(try_from = "f32")]
-pub struct Probability(f32);
-
-impl TryFrom<f32> for Probability {
-    type Error = String;
-    fn try_from(v: f32) -> Result<Self, Self::Error> {
-        if (0.0..=1.0).contains(&v) {
-            Ok(Probability(v))
-        } else {
-            Err(format!("must be within [0, 1], got {v}"))
-        }
-    }
-}
-
-impl Probability {
-    /// The value.
-    pub fn get(self) -> f32 {
-        self.0
-    }
-}
+pub type Probability = Real<f32, UnitInterval>;
 
 /// A name that is safe as one MQTT topic level: not empty, at most 64
 /// bytes, and free of `/`, `+`, `#` and control characters, so no camera
@@ -108,7 +95,7 @@ pub struct ModelConfig {
     pub iou: Probability,
     /// Detections kept per frame.
     #[serde(default = "default_max_detections")]
-    pub max_detections: usize,
+    pub max_detections: Bounded<usize, 1, { MAX_DETECTIONS as u64 }>,
     /// Precision the backend runs at.
     #[serde(default)]
     pub precision: Precision,
@@ -156,15 +143,15 @@ pub struct OnnxRuntimeConfig {
     pub library: Option<PathBuf>,
     /// Threads inside one operator.
     #[serde(default = "default_intra_threads")]
-    pub intra_threads: usize,
+    pub intra_threads: Bounded<usize, 1, 256>,
     /// `cpu`, `cuda` or `tensorrt`. Unset: `cpu` for
     /// `backend = "onnxruntime"`, `cuda` for `auto` where nanodetd was
     /// built with feature `cuda`.
     #[serde(default)]
     pub provider: Option<Provider>,
     /// CUDA device of the GPU providers.
-    #[serde(default)]
-    pub device: usize,
+    #[serde(default = "device_zero")]
+    pub device: Bounded<usize, 0, 63>,
     /// Replay the GPU provider's run as a CUDA graph.
     #[serde(default = "default_true")]
     pub cuda_graph: bool,
@@ -176,7 +163,7 @@ impl Default for OnnxRuntimeConfig {
             library: None,
             intra_threads: default_intra_threads(),
             provider: None,
-            device: 0,
+            device: device_zero(),
             cuda_graph: true,
         }
     }
@@ -186,8 +173,11 @@ fn default_true() -> bool {
     true
 }
 
-fn default_intra_threads() -> usize {
-    1
+fn default_intra_threads<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(1)
+}
+fn device_zero<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(0)
 }
 
 /// How an INT8 TensorRT engine gets its ranges.
@@ -208,18 +198,18 @@ pub enum Int8Mode {
 #[serde(deny_unknown_fields)]
 pub struct TensorRtConfig {
     /// CUDA device index.
-    #[serde(default)]
-    pub device: usize,
+    #[serde(default = "device_zero")]
+    pub device: Bounded<usize, 0, 63>,
     /// Builder workspace limit, MiB.
     #[serde(default = "default_workspace_mib")]
-    pub workspace_mib: u64,
+    pub workspace_mib: Bounded<u64, 1, { 1 << 20 }>,
     /// Largest batch the engine takes (cameras inferred together).
     #[serde(default = "default_max_batch")]
-    pub max_batch: u32,
+    pub max_batch: Bounded<u32, 1, 64>,
     /// DLA core (Jetson Xavier/Orin), with GPU fallback for the layers a
     /// DLA cannot run.
     #[serde(default)]
-    pub dla_core: Option<u32>,
+    pub dla_core: Option<Bounded<u32, 0, 15>>,
     /// Where INT8 ranges come from.
     #[serde(default)]
     pub int8_mode: Int8Mode,
@@ -232,13 +222,13 @@ pub struct TensorRtConfig {
     /// Size limit of the plan directory, MiB; least recently used plans
     /// go first.
     #[serde(default = "default_engine_cache_mib")]
-    pub cache_limit_mib: u64,
+    pub cache_limit_mib: Bounded<u64, 1, { 1 << 24 }>,
 }
 
 impl Default for TensorRtConfig {
     fn default() -> Self {
         TensorRtConfig {
-            device: 0,
+            device: device_zero(),
             workspace_mib: default_workspace_mib(),
             max_batch: default_max_batch(),
             dla_core: None,
@@ -250,14 +240,14 @@ impl Default for TensorRtConfig {
     }
 }
 
-fn default_workspace_mib() -> u64 {
-    1024
+fn default_workspace_mib<const LO: u64, const HI: u64>() -> Bounded<u64, LO, HI> {
+    Bounded::unchecked(1024)
 }
-fn default_max_batch() -> u32 {
-    1
+fn default_max_batch<const LO: u64, const HI: u64>() -> Bounded<u32, LO, HI> {
+    Bounded::unchecked(1)
 }
-fn default_engine_cache_mib() -> u64 {
-    4096
+fn default_engine_cache_mib<const LO: u64, const HI: u64>() -> Bounded<u64, LO, HI> {
+    Bounded::unchecked(4096)
 }
 
 /// Numeric precision of inference.
@@ -288,7 +278,7 @@ pub struct Int8Config {
     pub method: String,
     /// Use at most this many images.
     #[serde(default)]
-    pub images: Option<usize>,
+    pub images: Option<Bounded<usize, 1, 100_000>>,
     /// Convs left in float (names, patterns, @first, @last).
     #[serde(default)]
     pub keep_float: Vec<String>,
@@ -334,28 +324,8 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
-/// MQTT quality of service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "u8")]
-pub struct Qos(u8);
-
-impl TryFrom<u8> for Qos {
-    type Error = String;
-    fn try_from(v: u8) -> Result<Self, Self::Error> {
-        if v <= 2 {
-            Ok(Qos(v))
-        } else {
-            Err(format!("QoS is 0, 1 or 2, got {v}"))
-        }
-    }
-}
-
-impl Qos {
-    /// 0, 1 or 2.
-    pub fn get(self) -> u8 {
-        self.0
-    }
-}
+/// MQTT quality of service: 0, 1 or 2.
+pub type Qos = Bounded<u8, 0, 2>;
 
 /// QoS per class of topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -396,7 +366,7 @@ pub struct MqttConfig {
     pub host: String,
     /// Broker port.
     #[serde(default = "default_port")]
-    pub port: u16,
+    pub port: Bounded<u16, 1, { u16::MAX as u64 }>,
     /// Protocol version.
     #[serde(default = "default_protocol")]
     pub protocol: MqttProtocol,
@@ -419,28 +389,31 @@ pub struct MqttConfig {
     #[serde(default)]
     pub qos: QosConfig,
     /// Seconds between keep-alive pings.
+    /// MQTT 5's client refuses less than 5 s; the protocol field is 16 bits.
     #[serde(default = "default_keep_alive")]
-    pub keep_alive: u16,
+    pub keep_alive: Bounded<u16, 5, { u16::MAX as u64 }>,
     /// Longest wait between reconnect attempts (seconds); the wait doubles
     /// from 0.5 s up to this.
     #[serde(default = "default_reconnect_max")]
-    pub reconnect_max: f32,
+    pub reconnect_max: Real<f32, UpToAnHour>,
     /// Messages held while the broker is unreachable; beyond, the oldest
     /// are dropped and counted.
+    /// With max_message_bytes, this bounds the outbox's memory.
     #[serde(default = "default_queue")]
-    pub queue: usize,
+    pub queue: Bounded<usize, 1, { MAX_QUEUE as u64 }>,
     /// Seconds between `stats` messages.
     #[serde(default = "default_stats_interval")]
-    pub stats_interval: f32,
+    pub stats_interval: Real<f32, UpToADay>,
     /// Publish every frame's raw detections on `<camera>/detections`, at
     /// most this many messages per second per camera (0: off).
-    #[serde(default)]
-    pub detections_rate: f32,
+    #[serde(default = "zero")]
+    pub detections_rate: Real<f32, RateUpTo1000>,
     /// Largest MQTT packet the daemon sends or takes, in bytes. A message
     /// that would be larger is dropped and counted, never retried. Keep it
     /// at or below the broker's limit (mosquitto: `message_size_limit`).
+    /// MQTT's largest packet is 256 MiB; below 1 KiB not even stats fit.
     #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: usize,
+    pub max_message_bytes: Bounded<usize, 1024, 268_435_455>,
     /// Run an MQTT broker inside the daemon, listening on `host:port`
     /// (loopback only), for the demo and for trying nanodetd with nothing
     /// installed. Cold: read at start.
@@ -505,7 +478,7 @@ impl MqttConfig {
         if self.tls.is_some() || self.username.is_some() || self.password_file.is_some() {
             return Err(EmbeddedBrokerError::Secured);
         }
-        Ok(Some(std::net::SocketAddr::new(ip, self.port)))
+        Ok(Some(std::net::SocketAddr::new(ip, self.port.get())))
     }
 
     /// The topic prefix in effect.
@@ -550,14 +523,15 @@ impl MqttConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrackerSettings {
     /// Scores remembered per object for the median (frames).
+    /// The median sorts `history` scores per object per frame.
     #[serde(default = "default_history")]
-    pub history: usize,
+    pub history: Bounded<usize, 1, { MAX_HISTORY as u64 }>,
     /// IoU with its last box for a detection to continue an object.
     #[serde(default = "default_match_iou")]
     pub match_iou: Probability,
     /// Seconds unseen before an object ends.
     #[serde(default = "default_lost_after")]
-    pub lost_after: f64,
+    pub lost_after: Real<f64, UpToAnHour>,
     /// An object whose box overlaps its last published one by less than
     /// this IoU has moved enough for an `update`.
     #[serde(default = "default_moved_iou")]
@@ -567,7 +541,7 @@ pub struct TrackerSettings {
     pub score_step: Probability,
     /// Seconds after which an unchanged object gets an `update` anyway.
     #[serde(default = "default_heartbeat")]
-    pub heartbeat: f64,
+    pub heartbeat: Real<f64, UpToADay>,
 }
 
 impl Default for TrackerSettings {
@@ -633,17 +607,17 @@ pub struct FilterConfig {
     #[serde(default = "default_threshold")]
     pub threshold: Probability,
     /// Smallest box area, pixels.
-    #[serde(default)]
-    pub min_area: f32,
+    #[serde(default = "zero")]
+    pub min_area: Real<f32, NonNegative>,
     /// Largest box area, pixels.
     #[serde(default = "infinite")]
-    pub max_area: f32,
+    pub max_area: Real<f32, NonNegativeOrUnlimited>,
     /// Smallest width / height.
-    #[serde(default)]
-    pub min_ratio: f32,
+    #[serde(default = "zero")]
+    pub min_ratio: Real<f32, NonNegative>,
     /// Largest width / height.
     #[serde(default = "infinite")]
-    pub max_ratio: f32,
+    pub max_ratio: Real<f32, NonNegativeOrUnlimited>,
 }
 
 /// One camera. Its source settings are cold (the camera restarts alone);
@@ -657,21 +631,21 @@ pub struct CameraConfig {
     pub source: SourceConfig,
     /// Frames per second asked of the source (folder: playback rate).
     #[serde(default)]
-    pub fps: Option<f32>,
+    pub fps: Option<Real<f32, FrameRate>>,
     /// Replay a folder forever.
     #[serde(default)]
     pub looping: bool,
     /// Folder: frames each image is shown for, so one photo can make a
     /// track real (the tracker needs several frames).
     #[serde(default = "default_repeat")]
-    pub repeat: u32,
+    pub repeat: Bounded<u32, 1, 100_000>,
     /// V4L2 pixel format (mjpeg, yuyv, uyvy, nv12, grey, rgb24, bgr24); chosen
     /// from what the device offers when unset.
     #[serde(default)]
     pub format: Option<CameraFormat>,
     /// V4L2 `[width, height]`; chosen when unset.
     #[serde(default)]
-    pub size: Option<[u32; 2]>,
+    pub size: Option<[Bounded<u32, 1, { MAX_SIDE as u64 }>; 2]>,
     /// When the device lacks `format` or `size`: `negotiate` (stream what
     /// it offers, with a warning) or `refuse` (an error, retried).
     #[serde(default)]
@@ -686,7 +660,7 @@ pub struct CameraConfig {
     /// format before it streams. Unset: `size`'s pixels for a V4L2 camera
     /// with a `size`, 1920x1080 for one without, 8 Mi for a folder.
     #[serde(default)]
-    pub max_pixels: Option<u64>,
+    pub max_pixels: Option<Bounded<u64, 1, { crate::frame::MAX_PIXELS }>>,
     /// Named polygons in image pixels.
     #[serde(default)]
     pub zones: BTreeMap<TopicLevel, Vec<[f32; 2]>>,
@@ -699,11 +673,14 @@ impl CameraConfig {
     /// The most pixels one of its frames may have: `max_pixels`, or the
     /// default for its kind of source.
     pub fn frame_budget(&self) -> u64 {
-        self.max_pixels.unwrap_or(match (&self.source, self.size) {
-            (SourceConfig::V4l2(_), Some([w, h])) => u64::from(w) * u64::from(h),
-            (SourceConfig::V4l2(_), None) => 1920 * 1080,
-            (SourceConfig::Folder(_), _) => DEFAULT_FOLDER_PIXELS,
-        })
+        self.max_pixels.map_or(
+            match (&self.source, self.size) {
+                (SourceConfig::V4l2(_), Some([w, h])) => u64::from(w.get()) * u64::from(h.get()),
+                (SourceConfig::V4l2(_), None) => 1920 * 1080,
+                (SourceConfig::Folder(_), _) => DEFAULT_FOLDER_PIXELS,
+            },
+            Bounded::get,
+        )
     }
 
     /// What the capture layer opens for this camera.
@@ -719,8 +696,8 @@ impl CameraConfig {
                 path: path.clone(),
                 request: V4l2Request {
                     format: self.format,
-                    size: self.size.map(|[w, h]| (w, h)),
-                    fps: self.fps,
+                    size: self.size.map(|[w, h]| (w.get(), h.get())),
+                    fps: self.fps.map(Real::get),
                     if_unsupported: self.if_unsupported,
                     io: self.io,
                     max_pixels,
@@ -793,7 +770,7 @@ pub struct CaptureConfig {
     /// waiting, being detected) of 3 bytes a pixel, so frames take at most
     /// about 9 bytes per pixel of this: 1.1 GiB at the default.
     #[serde(default = "default_max_pixels_total")]
-    pub max_pixels_total: u64,
+    pub max_pixels_total: Bounded<u64, 1, MAX_PIXELS_TOTAL>,
 }
 
 impl Default for CaptureConfig {
@@ -804,8 +781,8 @@ impl Default for CaptureConfig {
     }
 }
 
-fn default_max_pixels_total() -> u64 {
-    128 << 20
+fn default_max_pixels_total<const LO: u64, const HI: u64>() -> Bounded<u64, LO, HI> {
+    Bounded::unchecked(128 << 20)
 }
 
 /// A folder camera's frame budget when `max_pixels` is unset: 8 Mi
@@ -829,73 +806,76 @@ fn default_backend() -> BackendChoice {
     BackendChoice::Only(crate::backend::BackendKind::Tract)
 }
 fn default_score() -> Probability {
-    Probability(0.35)
+    Real::unchecked(0.35)
 }
 fn default_threshold() -> Probability {
-    Probability(0.5)
+    Real::unchecked(0.5)
 }
 fn default_iou() -> Probability {
-    Probability(0.6)
+    Real::unchecked(0.6)
 }
-fn default_max_detections() -> usize {
-    100
+fn default_max_detections<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(100)
 }
-fn default_max_message_bytes() -> usize {
-    256 * 1024
+fn default_max_message_bytes<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(256 * 1024)
 }
 fn default_host() -> String {
     "localhost".into()
 }
-fn default_port() -> u16 {
-    1883
+fn default_port<const LO: u64, const HI: u64>() -> Bounded<u16, LO, HI> {
+    Bounded::unchecked(1883)
 }
 fn default_device_id() -> TopicLevel {
     TopicLevel("nanodetd".into())
 }
-fn infinite() -> f32 {
-    f32::INFINITY
+fn infinite<R: RealRange>() -> Real<f32, R> {
+    Real::unchecked(f32::INFINITY)
 }
-fn default_repeat() -> u32 {
-    1
+fn zero<R: RealRange>() -> Real<f32, R> {
+    Real::unchecked(0.0)
+}
+fn default_repeat<const LO: u64, const HI: u64>() -> Bounded<u32, LO, HI> {
+    Bounded::unchecked(1)
 }
 fn qos0() -> Qos {
-    Qos(0)
+    Bounded::unchecked(0)
 }
 fn qos1() -> Qos {
-    Qos(1)
+    Bounded::unchecked(1)
 }
 fn default_protocol() -> MqttProtocol {
     MqttProtocol::V311
 }
-fn default_keep_alive() -> u16 {
-    30
+fn default_keep_alive<const LO: u64, const HI: u64>() -> Bounded<u16, LO, HI> {
+    Bounded::unchecked(30)
 }
-fn default_reconnect_max() -> f32 {
-    30.0
+fn default_reconnect_max<R: RealRange>() -> Real<f32, R> {
+    Real::unchecked(30.0)
 }
-fn default_queue() -> usize {
-    10_000
+fn default_queue<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(10_000)
 }
-fn default_stats_interval() -> f32 {
-    60.0
+fn default_stats_interval<R: RealRange>() -> Real<f32, R> {
+    Real::unchecked(60.0)
 }
-fn default_history() -> usize {
-    5
+fn default_history<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(5)
 }
 fn default_match_iou() -> Probability {
-    Probability(0.3)
+    Real::unchecked(0.3)
 }
-fn default_lost_after() -> f64 {
-    2.0
+fn default_lost_after<R: RealRange>() -> Real<f64, R> {
+    Real::unchecked(2.0)
 }
 fn default_moved_iou() -> Probability {
-    Probability(0.5)
+    Real::unchecked(0.5)
 }
 fn default_score_step() -> Probability {
-    Probability(0.05)
+    Real::unchecked(0.05)
 }
-fn default_heartbeat() -> f64 {
-    60.0
+fn default_heartbeat<R: RealRange>() -> Real<f64, R> {
+    Real::unchecked(60.0)
 }
 fn default_log_level() -> log::LevelFilter {
     log::LevelFilter::Info
@@ -991,91 +971,62 @@ impl Config {
     fn check_ranges(&self) -> Vec<Problem> {
         let mut ranges = RangeCheck::default();
         let m = &self.model;
-        ranges.int("model.max_detections", m.max_detections, 1, MAX_DETECTIONS);
-        ranges.int(
+        ranges.key("model.score", m.score);
+        ranges.key("model.iou", m.iou);
+        ranges.key("model.max_detections", m.max_detections);
+        ranges.key(
             "model.onnxruntime.intra_threads",
             m.onnxruntime.intra_threads,
-            1,
-            256,
         );
-        ranges.int("model.onnxruntime.device", m.onnxruntime.device, 0, 63);
+        ranges.key("model.onnxruntime.device", m.onnxruntime.device);
         let trt = &m.tensorrt;
-        ranges.int("model.tensorrt.device", trt.device, 0, 63);
-        ranges.int(
-            "model.tensorrt.workspace_mib",
-            trt.workspace_mib,
-            1,
-            1 << 20,
-        );
-        ranges.int("model.tensorrt.max_batch", trt.max_batch, 1, 64);
-        if let Some(core) = trt.dla_core {
-            ranges.int("model.tensorrt.dla_core", core, 0, 15);
-        }
-        ranges.int(
-            "model.tensorrt.cache_limit_mib",
-            trt.cache_limit_mib,
-            1,
-            1 << 24,
-        );
-        if let Some(images) = m.int8.images {
-            ranges.int("model.int8.images", images, 1, 100_000);
-        }
+        ranges.key("model.tensorrt.device", trt.device);
+        ranges.key("model.tensorrt.workspace_mib", trt.workspace_mib);
+        ranges.key("model.tensorrt.max_batch", trt.max_batch);
+        ranges.key("model.tensorrt.dla_core", trt.dla_core);
+        ranges.key("model.tensorrt.cache_limit_mib", trt.cache_limit_mib);
+        ranges.key("model.int8.images", m.int8.images);
         let mqtt = &self.mqtt;
-        ranges.int("mqtt.port", mqtt.port, 1, u16::MAX);
-        // MQTT 5's client refuses less than 5 s; the protocol field is 16 bits.
-        ranges.int("mqtt.keep_alive", mqtt.keep_alive, 5, u16::MAX);
-        // With max_message_bytes, this bounds the outbox's memory.
-        ranges.int("mqtt.queue", mqtt.queue, 1, MAX_QUEUE);
-        // MQTT's largest packet is 256 MiB; below 1 KiB not even stats fit.
-        ranges.int(
-            "mqtt.max_message_bytes",
-            mqtt.max_message_bytes,
-            1024,
-            268_435_455,
-        );
-        // Upper bounds keep every derived Duration representable.
-        ranges.real("mqtt.reconnect_max", mqtt.reconnect_max, Open(0.0), 3600.0);
-        ranges.real(
-            "mqtt.stats_interval",
-            mqtt.stats_interval,
-            Open(0.0),
-            86_400.0,
-        );
-        ranges.real(
-            "mqtt.detections_rate",
-            mqtt.detections_rate,
-            Closed(0.0),
-            1000.0,
-        );
+        ranges.key("mqtt.port", mqtt.port);
+        ranges.key("mqtt.keep_alive", mqtt.keep_alive);
+        ranges.key("mqtt.queue", mqtt.queue);
+        ranges.key("mqtt.max_message_bytes", mqtt.max_message_bytes);
+        ranges.key("mqtt.reconnect_max", mqtt.reconnect_max);
+        ranges.key("mqtt.stats_interval", mqtt.stats_interval);
+        ranges.key("mqtt.detections_rate", mqtt.detections_rate);
+        let qos = &mqtt.qos;
+        ranges.key("mqtt.qos.events", qos.events);
+        ranges.key("mqtt.qos.state", qos.state);
+        ranges.key("mqtt.qos.detections", qos.detections);
+        ranges.key("mqtt.qos.stats", qos.stats);
         let t = &self.tracker;
-        // The median sorts `history` scores per object per frame.
-        ranges.int("tracker.history", t.history, 1, MAX_HISTORY);
-        ranges.real("tracker.lost_after", t.lost_after, Open(0.0), 3600.0);
-        ranges.real("tracker.heartbeat", t.heartbeat, Open(0.0), 86_400.0);
+        ranges.key("tracker.history", t.history);
+        ranges.key("tracker.lost_after", t.lost_after);
+        ranges.key("tracker.heartbeat", t.heartbeat);
+        ranges.key("tracker.match_iou", t.match_iou);
+        ranges.key("tracker.moved_iou", t.moved_iou);
+        ranges.key("tracker.score_step", t.score_step);
         for (label, f) in &self.filters {
             let key = |k: &str| format!("filters.{label}.{k}");
-            ranges.real(&key("min_area"), f.min_area, Closed(0.0), f32::MAX);
-            ranges.real(&key("min_ratio"), f.min_ratio, Closed(0.0), f32::MAX);
-            // Infinite, the default, means no upper limit.
-            ranges.real(&key("max_area"), f.max_area, Closed(0.0), f32::INFINITY);
-            ranges.real(&key("max_ratio"), f.max_ratio, Closed(0.0), f32::INFINITY);
+            ranges.key(&key("min_score"), f.min_score);
+            ranges.key(&key("threshold"), f.threshold);
+            ranges.key(&key("min_area"), f.min_area);
+            ranges.key(&key("min_ratio"), f.min_ratio);
+            ranges.key(&key("max_area"), f.max_area);
+            ranges.key(&key("max_ratio"), f.max_ratio);
         }
-        ranges.int("camera", self.cameras.len(), 1, MAX_CAMERAS);
+        ranges.count("camera", self.cameras.len(), 1, MAX_CAMERAS);
         for (i, cam) in self.cameras.iter().enumerate() {
             let key = |k: &str| format!("camera[{i}].{k}");
-            if let Some(max) = cam.max_pixels {
-                ranges.int(&key("max_pixels"), max, 1, crate::frame::MAX_PIXELS);
-            }
-            if let Some(fps) = cam.fps {
-                ranges.real(&key("fps"), fps, Closed(0.001), 1000.0);
-            }
-            ranges.int(&key("repeat"), cam.repeat, 1, 100_000);
+            ranges.key(&key("max_pixels"), cam.max_pixels);
+            ranges.key(&key("fps"), cam.fps);
+            ranges.key(&key("repeat"), cam.repeat);
             if let Some([w, h]) = cam.size {
-                ranges.int(&key("size[0]"), w, 1, MAX_SIDE);
-                ranges.int(&key("size[1]"), h, 1, MAX_SIDE);
+                ranges.key(&key("size[0]"), w);
+                ranges.key(&key("size[1]"), h);
             }
-            ranges.int(&key("zones"), cam.zones.len(), 0, MAX_POLYGONS);
-            ranges.int(&key("masks"), cam.masks.len(), 0, MAX_POLYGONS);
+            ranges.count(&key("zones"), cam.zones.len(), 0, MAX_POLYGONS);
+            ranges.count(&key("masks"), cam.masks.len(), 0, MAX_POLYGONS);
             let polygons = cam
                 .zones
                 .iter()
@@ -1098,24 +1049,15 @@ impl Config {
                 }
                 for (p, [x, y]) in polygon.iter().enumerate() {
                     let point = format!("{key}[{p}]");
-                    ranges.real(
-                        &point,
-                        *x,
-                        Closed(-f64::from(MAX_COORDINATE)),
-                        MAX_COORDINATE,
-                    );
-                    ranges.real(
-                        &point,
-                        *y,
-                        Closed(-f64::from(MAX_COORDINATE)),
-                        MAX_COORDINATE,
-                    );
+                    ranges.coordinate(&point, *x);
+                    ranges.coordinate(&point, *y);
                 }
             }
         }
         // After the cameras' own ranges, which name the key at fault.
         let total = self.capture.max_pixels_total;
-        ranges.int("capture.max_pixels_total", total, 1, MAX_PIXELS_TOTAL);
+        ranges.key("capture.max_pixels_total", total);
+        let total = total.get();
         let budgets = self
             .cameras
             .iter()
@@ -1130,7 +1072,7 @@ impl Config {
                 ),
             );
         }
-        ranges.int("filters", self.filters.len(), 0, 10_000);
+        ranges.count("filters", self.filters.len(), 0, 10_000);
         ranges.problems
     }
 
@@ -1151,7 +1093,7 @@ impl Config {
             }
         }
         for (label, f) in &self.filters {
-            if f.min_area > f.max_area || f.min_ratio > f.max_ratio {
+            if f.min_area.get() > f.max_area.get() || f.min_ratio.get() > f.max_ratio.get() {
                 invalid(
                     format!("filters.{label}"),
                     "min_area/min_ratio must not exceed max_area/max_ratio".into(),
@@ -1225,33 +1167,6 @@ pub const MAX_POLYGON_POINTS: usize = 1000;
 /// Largest polygon coordinate magnitude, in pixels.
 pub const MAX_COORDINATE: f32 = 1.0e6;
 
-/// The lower end of a real range.
-#[derive(Clone, Copy)]
-enum Low {
-    /// The value must be above this.
-    Open(f64),
-    /// The value may equal this.
-    Closed(f64),
-}
-use Low::{Closed, Open};
-
-/// An unsigned integer, widened for comparing.
-trait Wide: Copy + std::fmt::Display {
-    fn wide(self) -> u128;
-}
-
-macro_rules! wide {
-    ($($t:ty),*) => {$(
-        impl Wide for $t {
-            fn wide(self) -> u128 {
-                // Lossless: every unsigned type here is at most 64 bits.
-                self as u128
-            }
-        }
-    )*};
-}
-wide!(u16, u32, u64, usize);
-
 /// Collects every key outside its range, so one check reports them all.
 #[derive(Default)]
 struct RangeCheck {
@@ -1266,25 +1181,28 @@ impl RangeCheck {
         });
     }
 
-    fn int<T: Wide>(&mut self, key: &str, v: T, lo: T, hi: T) {
-        if !(lo.wide()..=hi.wide()).contains(&v.wide()) {
-            self.fail(key, format!("must be within {lo}..={hi}, got {v}"));
+    /// A key whose type states its range.
+    fn key(&mut self, key: &str, value: impl Ranged) {
+        if let Some(reason) = value.problem() {
+            self.fail(key, reason);
         }
     }
 
-    fn real<T: Copy + Into<f64> + std::fmt::Display>(&mut self, key: &str, v: T, lo: Low, hi: T) {
-        let (x, top) = (v.into(), hi.into());
-        let above = match lo {
-            Open(l) => x > l,
-            Closed(l) => x >= l,
-        };
-        // NaN fails both comparisons.
-        if !(above && x <= top) {
-            let low = match lo {
-                Open(l) => format!("more than {l}"),
-                Closed(l) => format!("at least {l}"),
-            };
-            self.fail(key, format!("must be {low} and at most {hi}, got {v}"));
+    /// How many of something a list holds.
+    fn count(&mut self, key: &str, n: usize, lo: usize, hi: usize) {
+        if !(lo..=hi).contains(&n) {
+            self.fail(key, format!("must be within {lo}..={hi}, got {n}"));
+        }
+    }
+
+    /// A polygon's coordinate: within ±[`MAX_COORDINATE`].
+    fn coordinate(&mut self, key: &str, v: f32) {
+        // NaN is not within.
+        if !(-MAX_COORDINATE..=MAX_COORDINATE).contains(&v) {
+            self.fail(
+                key,
+                format!("must be at least -{MAX_COORDINATE} and at most {MAX_COORDINATE}, got {v}"),
+            );
         }
     }
 }
@@ -1357,6 +1275,126 @@ source = { v4l2 = "/dev/video0" }
             "{line}"
         );
         assert!(!line.contains('\n'), "one line for the journal: {line}");
+    }
+
+    /// Issue 18: every numeric key's range is in its type, and the check
+    /// names every key at once: one file with every numeric key out of
+    /// range gets one problem per key. A key whose type has a range but
+    /// that the check forgets to name fails here.
+    #[test]
+    fn one_check_names_every_numeric_key_outside_its_range_issue_18() {
+        let text = r#"
+[model]
+path = "/m.onnx"
+score = 2.0
+iou = -0.5
+max_detections = 0
+[model.onnxruntime]
+intra_threads = 0
+device = 64
+[model.tensorrt]
+device = 64
+workspace_mib = 0
+max_batch = 65
+dla_core = 16
+cache_limit_mib = 0
+[model.int8]
+images = 0
+[mqtt]
+port = 0
+keep_alive = 4
+queue = 0
+max_message_bytes = 1023
+reconnect_max = 0.0
+stats_interval = inf
+detections_rate = -1.0
+[mqtt.qos]
+events = 3
+state = 3
+detections = 3
+stats = 3
+[tracker]
+history = 0
+lost_after = -1.0
+heartbeat = nan
+match_iou = 1.5
+moved_iou = 1.5
+score_step = -0.1
+[filters.person]
+min_score = 1.5
+threshold = 1.5
+min_area = -1.0
+min_ratio = nan
+max_area = -1.0
+max_ratio = -1.0
+[capture]
+max_pixels_total = 0
+[[camera]]
+name = "front"
+source = { v4l2 = "/dev/video0" }
+max_pixels = 0
+fps = 0.0
+repeat = 0
+size = [0, 16385]
+"#;
+        let err = parse(text).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        let named: BTreeSet<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        let every = [
+            "model.score",
+            "model.iou",
+            "model.max_detections",
+            "model.onnxruntime.intra_threads",
+            "model.onnxruntime.device",
+            "model.tensorrt.device",
+            "model.tensorrt.workspace_mib",
+            "model.tensorrt.max_batch",
+            "model.tensorrt.dla_core",
+            "model.tensorrt.cache_limit_mib",
+            "model.int8.images",
+            "mqtt.port",
+            "mqtt.keep_alive",
+            "mqtt.queue",
+            "mqtt.max_message_bytes",
+            "mqtt.reconnect_max",
+            "mqtt.stats_interval",
+            "mqtt.detections_rate",
+            "mqtt.qos.events",
+            "mqtt.qos.state",
+            "mqtt.qos.detections",
+            "mqtt.qos.stats",
+            "tracker.history",
+            "tracker.lost_after",
+            "tracker.heartbeat",
+            "tracker.match_iou",
+            "tracker.moved_iou",
+            "tracker.score_step",
+            "filters.person.min_score",
+            "filters.person.threshold",
+            "filters.person.min_area",
+            "filters.person.min_ratio",
+            "filters.person.max_area",
+            "filters.person.max_ratio",
+            "capture.max_pixels_total",
+            "camera[0].max_pixels",
+            "camera[0].fps",
+            "camera[0].repeat",
+            "camera[0].size[0]",
+            "camera[0].size[1]",
+        ];
+        let missing: Vec<&str> = every.into_iter().filter(|k| !named.contains(k)).collect();
+        assert!(missing.is_empty(), "not named: {missing:?}; {err}");
+        // Each once, in the file's order of sections.
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.key == "mqtt.qos.state")
+                .count(),
+            1
+        );
+        assert_eq!(problems[0].key, "model.score");
     }
 
     /// daemon (`history = 2^64 - 1`: "capacity overflow" on the first
@@ -1509,7 +1547,7 @@ source = { v4l2 = "/dev/video0" }
             .map(CameraConfig::frame_budget)
             .collect();
         assert_eq!(budgets, [1920 * 1080, 1000, 640 * 480, 1920 * 1080]);
-        assert_eq!(config.capture.max_pixels_total, 128 << 20);
+        assert_eq!(config.capture.max_pixels_total.get(), 128 << 20);
 
         // The 1080p camera and fifteen folders at the default fit in the
         // default total; a sixteenth folder is one too many, refused with
@@ -1539,7 +1577,7 @@ source = { v4l2 = "/dev/video0" }
         // A changed budget restarts the camera; zones alone do not.
         let a = &config.cameras[1];
         let mut b = a.clone();
-        b.max_pixels = Some(2000);
+        b.max_pixels = Bounded::new(2000);
         assert!(!a.same_source(&b));
     }
 
@@ -1627,7 +1665,7 @@ source = { v4l2 = "/dev/video0" }
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.device_id.as_str(), "nanodetd");
         assert_eq!(c.model.score.get(), 0.35);
-        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.port.get(), 1883);
         assert_eq!(
             c.cameras[0].source,
             SourceConfig::V4l2("/dev/video0".into())
@@ -1656,17 +1694,24 @@ source = { v4l2 = "/dev/video0" }
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `threshhold`"), "{err}");
-        let err = parse(&MINIMAL.replace("[model]", "[model]\nscore = 1.5"))
+        // A value of the wrong type stops the parser, which names the
+        // line: `score` is on line 3 (MINIMAL starts with a newline).
+        let err = parse(&MINIMAL.replace("[model]", "[model]\nscore = \"high\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("must be within [0, 1], got 1.5"), "{err}");
-        // `score = 1.5` is on line 3 (MINIMAL starts with a newline); the
-        // message quotes the line, so the key is named.
         assert!(
-            err.starts_with("/etc/nanodetd/nanodetd.toml: line 3, column 9 (`score = 1.5`):"),
+            err.starts_with("/etc/nanodetd/nanodetd.toml: line 3, column 9 (`score = \"high\"`):"),
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
+        // A number outside its range is the check's, which names the key.
+        let err = parse(&MINIMAL.replace("[model]", "[model]\nscore = 1.5"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/etc/nanodetd/nanodetd.toml: model.score: must be at least 0 and at most 1, got 1.5"
+        );
     }
 
     #[test]
@@ -1679,7 +1724,7 @@ source = { v4l2 = "/dev/video0" }
             c.model.onnxruntime.library.as_deref(),
             Some(Path::new("/opt/ort/libonnxruntime.so"))
         );
-        assert_eq!(c.model.onnxruntime.intra_threads, 2);
+        assert_eq!(c.model.onnxruntime.intra_threads.get(), 2);
         let err = parse(&format!(
             "{MINIMAL}\n[model.onnxruntime]\nintra_threads = 0\n"
         ))
@@ -1699,7 +1744,7 @@ source = { v4l2 = "/dev/video0" }
         ))
         .unwrap();
         assert_eq!(c.model.onnxruntime.provider, Some(Provider::Cuda));
-        assert_eq!(c.model.onnxruntime.device, 1);
+        assert_eq!(c.model.onnxruntime.device.get(), 1);
         assert!(!c.model.onnxruntime.cuda_graph);
         assert!(c.model.tensorrt.cuda_graph, "on unless turned off");
         let c = parse(&format!(
@@ -1728,10 +1773,10 @@ source = { v4l2 = "/dev/video0" }
             "{MINIMAL}\n[model.tensorrt]\nmax_batch = 4\ndla_core = 1\nint8_mode = \"calibrator\"\nworkspace_mib = 512\n"
         ))
         .unwrap();
-        assert_eq!(c.model.tensorrt.max_batch, 4);
-        assert_eq!(c.model.tensorrt.dla_core, Some(1));
+        assert_eq!(c.model.tensorrt.max_batch.get(), 4);
+        assert_eq!(c.model.tensorrt.dla_core.map(Bounded::get), Some(1));
         assert_eq!(c.model.tensorrt.int8_mode, Int8Mode::Calibrator);
-        assert_eq!(c.model.tensorrt.workspace_mib, 512);
+        assert_eq!(c.model.tensorrt.workspace_mib.get(), 512);
         assert_eq!(
             parse(MINIMAL).unwrap().model.tensorrt,
             TensorRtConfig::default()
@@ -1861,16 +1906,19 @@ source = { v4l2 = "/dev/video0" }
             .to_string();
         assert!(err.contains("cert and key go together"), "{err}");
         let err = with("[mqtt.qos]\nevents = 3").unwrap_err().to_string();
-        assert!(err.contains("QoS is 0, 1 or 2, got 3"), "{err}");
+        assert!(
+            err.ends_with("mqtt.qos.events: must be within 0..=2, got 3"),
+            "{err}"
+        );
         let err = with("[mqtt]\nprotocol = \"4\"").unwrap_err().to_string();
         assert!(err.contains("protocol"), "{err}");
         let v5 = with("[mqtt]\nprotocol = \"5\"\nprefix = \"site/shed\"").unwrap();
         assert_eq!(v5.mqtt.protocol, MqttProtocol::V5);
         assert_eq!(v5.mqtt.prefix_for(&v5.device_id), "site/shed");
         let mut other = v5.mqtt.clone();
-        other.qos.events = Qos(0);
+        other.qos.events = Bounded::unchecked(0);
         assert!(!v5.mqtt.needs_reconnect(&other), "QoS is hot");
-        other.port = 8883;
+        other.port = Bounded::new(8883).unwrap();
         assert!(v5.mqtt.needs_reconnect(&other));
     }
 }

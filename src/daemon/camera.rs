@@ -236,8 +236,8 @@ impl CameraRunner {
         let interval = self
             .config
             .fps
-            .map(|f| Duration::from_secs_f64(1.0 / f64::from(f)));
-        let repeat = if replay { self.config.repeat.max(1) } else { 1 };
+            .map(|f| Duration::from_secs_f64(1.0 / f64::from(f.get())));
+        let repeat = if replay { self.config.repeat.get() } else { 1 };
         let mut due = Instant::now();
         let mut broken_in_a_row = 0;
         while !self.stopping() {

@@ -211,7 +211,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
 
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     let config = config_rx.borrow_and_update().clone();
-    let outbox = Outbox::new(config.mqtt.queue);
+    let outbox = Outbox::new(config.mqtt.queue.get());
     let heartbeats = Heartbeats::default();
     let board = Arc::new(FrameBoard::default());
     let latencies = Arc::new(Mutex::new(Latencies::default()));
@@ -293,7 +293,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 }
                 let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
-                if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval {
+                if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval.get() {
                     last_stats = Instant::now();
                     snapshot.latency_ms = percentiles(&latencies);
                     snapshot.memory = crate::allocator::memory_use();

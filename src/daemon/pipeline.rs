@@ -38,10 +38,10 @@ pub fn tracker_config(
     let filter = |f: &crate::config::FilterConfig| LabelFilter {
         min_score: f.min_score.get(),
         threshold: f.threshold.get(),
-        min_area: f.min_area,
-        max_area: f.max_area,
-        min_ratio: f.min_ratio,
-        max_ratio: f.max_ratio,
+        min_area: f.min_area.get(),
+        max_area: f.max_area.get(),
+        min_ratio: f.min_ratio.get(),
+        max_ratio: f.max_ratio.get(),
     };
     let polygon = |p: &Vec<[f32; 2]>| p.iter().map(|&[x, y]| (x, y)).collect();
     let t = &config.tracker;
@@ -64,12 +64,12 @@ pub fn tracker_config(
             })
             .collect(),
         masks: camera.masks.iter().map(polygon).collect(),
-        score_history: t.history,
+        score_history: t.history.get(),
         match_iou: t.match_iou.get(),
-        lost_after: t.lost_after,
+        lost_after: t.lost_after.get(),
         moved_iou: t.moved_iou.get(),
         score_step: t.score_step.get(),
-        heartbeat: t.heartbeat,
+        heartbeat: t.heartbeat.get(),
     }
 }
 
@@ -366,7 +366,7 @@ impl DetectorTask {
 fn settings<'a>(config: &Config, detector: &'a Detector) -> Settings<'a> {
     Settings {
         labels: detector.class_names(),
-        detections_rate: config.mqtt.detections_rate,
+        detections_rate: config.mqtt.detections_rate.get(),
         print_events: config.log.events.enabled(),
     }
 }

@@ -332,15 +332,18 @@ impl Link {
             }
         };
         let will_topic = format!("{prefix}/available");
-        let keep_alive = Duration::from_secs(u64::from(config.keep_alive.max(5)));
+        let keep_alive = Duration::from_secs(u64::from(config.keep_alive.get()));
         let qos = qos_level(config.qos.state.get());
         Ok(match config.protocol {
             MqttProtocol::V311 => {
-                let mut o = rumqttc::MqttOptions::new(client_id, &config.host, config.port);
+                let mut o = rumqttc::MqttOptions::new(client_id, &config.host, config.port.get());
                 // rumqttc's default limit is 10 KiB each way; feed() keeps
                 // every message within max_message_bytes.
                 o.set_keep_alive(keep_alive)
-                    .set_max_packet_size(config.max_message_bytes, config.max_message_bytes)
+                    .set_max_packet_size(
+                        config.max_message_bytes.get(),
+                        config.max_message_bytes.get(),
+                    )
                     .set_inflight(IN_FLIGHT_WINDOW)
                     .set_clean_session(true)
                     .set_transport(transport)
@@ -353,9 +356,10 @@ impl Link {
             }
             MqttProtocol::V5 => {
                 use rumqttc::v5::mqttbytes::v5::LastWill;
-                let mut o = rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port);
+                let mut o =
+                    rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port.get());
                 o.set_keep_alive(keep_alive)
-                    .set_max_packet_size(u32::try_from(config.max_message_bytes).ok())
+                    .set_max_packet_size(u32::try_from(config.max_message_bytes.get()).ok())
                     .set_outgoing_inflight_upper_limit(IN_FLIGHT_WINDOW)
                     .set_clean_start(true)
                     .set_transport(transport)
@@ -534,14 +538,19 @@ impl MqttTask {
             let m = &config.mqtt;
             let delivery = match &mut delivery {
                 Some(d) => {
-                    d.settings(prefix, m.qos, m.max_message_bytes, m.reconnect_max);
+                    d.settings(
+                        prefix,
+                        m.qos,
+                        m.max_message_bytes.get(),
+                        m.reconnect_max.get(),
+                    );
                     d
                 }
                 None => delivery.insert(Delivery::new(
                     prefix,
                     m.qos,
-                    m.max_message_bytes,
-                    m.reconnect_max,
+                    m.max_message_bytes.get(),
+                    m.reconnect_max.get(),
                 )),
             };
             let client_id = m
@@ -616,7 +625,7 @@ impl MqttTask {
                     changed = self.config.changed() => {
                         if changed.is_err() { return; }
                         let new = self.config.borrow().clone();
-                        self.outbox.set_capacity(new.mqtt.queue);
+                        self.outbox.set_capacity(new.mqtt.queue.get());
                         delivery.set_qos(new.mqtt.qos);
                         if new.mqtt.needs_reconnect(m) || new.device_id != config.device_id {
                             log::info!("MQTT: settings changed, reconnecting");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{self, BackendError, BackendKind, EngineOptions};
-use crate::config::ModelConfig;
+use crate::config::{Bounded, ModelConfig};
 use crate::detector::{DetectionParams, Detector, DetectorError, declared_preprocess};
 use crate::engine_cache::{ArtifactCache, CacheError};
 use crate::model::{LayoutOverrides, MAX_MODEL_BYTES, OnnxModel};
@@ -50,11 +50,11 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
     let int8 = &model.int8;
     let options = QuantizeOptions {
         method: quantize::parse_method(&int8.method)?,
-        max_images: int8.images,
+        max_images: int8.images.map(Bounded::get),
         keep_float: int8.keep_float.clone(),
         equalize: int8.equalize,
     };
-    let set = CalibrationSet::scan(&int8.calibration, int8.images)?;
+    let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;
     let key = quantize::cache_key(&source_sha256, &set, &options);
     let stem = crate::model::file_name_stem(&model.path);

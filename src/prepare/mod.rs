@@ -64,7 +64,7 @@ impl LoadOptions {
             params: DetectionParams {
                 score_threshold: model.score.get(),
                 iou_threshold: model.iou.get(),
-                max_detections: model.max_detections,
+                max_detections: model.max_detections.get(),
                 ..DetectionParams::LIVE
             },
             overrides: LayoutOverrides::default(),
@@ -230,11 +230,11 @@ pub fn onnxruntime_options(model: &ModelConfig) -> OnnxRuntimeOptions {
     let ort = &model.onnxruntime;
     OnnxRuntimeOptions {
         library: ort.library.clone(),
-        intra_threads: ort.intra_threads,
+        intra_threads: ort.intra_threads.get(),
         provider: ort
             .provider
             .unwrap_or_else(|| Provider::default_for(model.backend)),
-        device: ort.device,
+        device: ort.device.get(),
         cuda_graph: ort.cuda_graph,
         tensorrt: TensorRtProviderOptions {
             cache: model.cache.join("onnxruntime-tensorrt"),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{LoadError, Progress, TensorRtSetupError};
 use crate::backend::tensorrt::{OnnxSources, TensorRtOptions, TrtEngine, TrtPrecision};
-use crate::config::{Int8Mode, ModelConfig, Precision};
+use crate::config::{Bounded, Int8Mode, ModelConfig, Precision};
 
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
 /// INT8) or loaded from the engine cache. `progress` hears each step of
@@ -40,9 +40,9 @@ pub fn engine(
     // inference will preprocess frames: the FP32 model's layout decides.
     let calibration = match precision {
         TrtPrecision::Int8Calibrator => {
-            let set =
-                crate::quantize::CalibrationSet::scan(&model.int8.calibration, model.int8.images)
-                    .map_err(TensorRtSetupError::Calibration)?;
+            let images = model.int8.images.map(Bounded::get);
+            let set = crate::quantize::CalibrationSet::scan(&model.int8.calibration, images)
+                .map_err(TensorRtSetupError::Calibration)?;
             let spec = super::int8::fp32_preprocess(&model.path)
                 .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?;
             Some((set, spec))
@@ -61,16 +61,16 @@ pub fn engine(
             _ => String::new(),
         },
         calibration,
-        workspace_bytes: trt.workspace_mib << 20,
-        max_batch: trt.max_batch,
-        dla_core: trt.dla_core,
-        device: trt.device,
+        workspace_bytes: trt.workspace_mib.get() << 20,
+        max_batch: trt.max_batch.get(),
+        dla_core: trt.dla_core.map(Bounded::get),
+        device: trt.device.get(),
         cuda_graph: trt.cuda_graph,
         engines: trt
             .engines
             .clone()
             .unwrap_or_else(|| model.cache.join("engines")),
-        cache_bytes: trt.cache_limit_mib << 20,
+        cache_bytes: trt.cache_limit_mib.get() << 20,
         progress: progress.clone(),
     };
     let sources = OnnxSources {
