@@ -1,5 +1,6 @@
-//! Criterion benches for the CPU stages around inference: preprocessing a
-//! 1080p frame, and decode + NMS on real NanoDet-Plus outputs.
+//! Criterion benches for the CPU stages around inference: decoding a
+//! camera's JPEG into a frame, preprocessing a 1080p frame, and decode +
+//! NMS on real NanoDet-Plus outputs.
 //!
 //! Inference itself is measured by `nanodetd bench` beside onnxruntime
 //! (see docs/PERFORMANCE.md).
@@ -51,6 +52,46 @@ fn preprocess(c: &mut Criterion) {
     c.bench_function("preprocess 810x1080 photo -> 416x416 Stretch", |b| {
         b.iter(|| preprocess_into(black_box(&photo), &spec, &mut out).expect("sized buffer"))
     });
+}
+
+/// A 1280x720 JPEG, the size of a UVC camera's MJPEG frame, decoded as a
+/// camera's frame (from memory, onto the heap) and as a photo in a folder
+/// (the file and the frame in mappings of their own), each beside the
+/// image crate's own `load_from_memory` on the heap. The photo's
+/// mappings cost their page faults on every decode: why a camera's frames,
+/// decoded 30 times a second at one size, stay on the heap.
+fn jpeg_to_frame(c: &mut Criterion) {
+    let path = assets().join("samples/hpc203_zidane.jpg");
+    let jpeg = std::fs::read(&path).expect("sample photo");
+    c.bench_function(
+        "jpeg 1280x720 bytes -> frame, heap (nanodetd: MJPEG)",
+        |b| b.iter(|| Frame::decode(black_box(&jpeg), "bench").expect("decodes")),
+    );
+    c.bench_function(
+        "jpeg 1280x720 bytes -> rgb, heap (image::load_from_memory)",
+        |b| {
+            b.iter(|| {
+                image::load_from_memory(black_box(&jpeg))
+                    .expect("decodes")
+                    .into_rgb8()
+            })
+        },
+    );
+    c.bench_function(
+        "jpeg 1280x720 file -> frame, own mappings (nanodetd: folder)",
+        |b| b.iter(|| Frame::from_file(black_box(&path)).expect("decodes")),
+    );
+    c.bench_function(
+        "jpeg 1280x720 file -> rgb, heap (fs::read + image::load_from_memory)",
+        |b| {
+            b.iter(|| {
+                let bytes = std::fs::read(black_box(&path)).expect("reads");
+                image::load_from_memory(&bytes)
+                    .expect("decodes")
+                    .into_rgb8()
+            })
+        },
+    );
 }
 
 fn decode_and_nms(c: &mut Criterion) {
@@ -114,5 +155,5 @@ fn decode_and_nms(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, preprocess, decode_and_nms);
+criterion_group!(benches, jpeg_to_frame, preprocess, decode_and_nms);
 criterion_main!(benches);

@@ -42,20 +42,35 @@ pub struct Frame {
     data: Arc<Pixels>,
 }
 
-/// Frames and files of at least this many bytes get a memory mapping of
-/// their own: glibc's default mmap threshold, which glibc itself raises
-/// as soon as a mapped block is freed (to 32 MiB at most), after which
-/// every frame would come from its arenas.
+/// Image files, and the frames decoded from them, of at least this many
+/// bytes get a memory mapping of their own: glibc's default mmap
+/// threshold, which glibc itself raises as soon as a mapped block is
+/// freed (to 32 MiB at most), after which every frame would come from its
+/// arenas.
 const MAPPED_FROM: usize = 128 * 1024;
+
+/// Where a buffer is allocated.
+#[derive(Clone, Copy)]
+enum Place {
+    /// malloc's heap: a camera's stream, whose frames are all one size,
+    /// which malloc hands out again frame after frame. Fresh mappings
+    /// would cost every frame their page faults: a 1280x720 JPEG file
+    /// took 3.04 ms to a frame in mappings, 2.01 ms on the heap
+    /// (`benches/pipeline.rs`, docs/PERFORMANCE.md).
+    Heap,
+    /// A mapping of its own from [`MAPPED_FROM`] bytes: photos, a
+    /// different size each.
+    OwnMapping,
+}
 
 /// Where a frame's bytes (or a file's) live.
 ///
-/// Decoded images are 0.1 to tens of MB, of a different size with each
-/// photo, and are allocated by up to one capture thread per camera. From
-/// malloc's arenas they fragmented them: in the soak run the resident set
-/// grew by 6 MiB in 25 minutes while the heap in use stayed flat. A
-/// mapping of its own goes back to the system, whole, when its last
-/// holder drops it.
+/// Photos decoded from a folder are 0.1 to tens of MB, of a different
+/// size with each photo, and are allocated by up to one capture thread per
+/// camera. From malloc's arenas they fragmented them: in the soak run the
+/// resident set grew by 6 MiB in 25 minutes while the heap in use stayed
+/// flat. A mapping of its own goes back to the system, whole, when its
+/// last holder drops it.
 enum Pixels {
     /// Small buffers, and buffers built elsewhere (converters, tests).
     Heap(Vec<u8>),
@@ -64,9 +79,9 @@ enum Pixels {
 }
 
 impl Pixels {
-    /// `len` zero bytes, in a mapping of their own from [`MAPPED_FROM`].
-    fn zeroed(len: usize) -> std::io::Result<Pixels> {
-        if len < MAPPED_FROM {
+    /// `len` zero bytes, allocated at `place`.
+    fn zeroed(len: usize, place: Place) -> std::io::Result<Pixels> {
+        if matches!(place, Place::Heap) || len < MAPPED_FROM {
             return Ok(Pixels::Heap(vec![0; len]));
         }
         Ok(Pixels::Mapped {
@@ -216,6 +231,7 @@ fn decode_image(
     bytes: &[u8],
     origin: &str,
     max_pixels: u64,
+    place: Place,
 ) -> Result<(usize, usize, PixelFormat, Pixels), FrameError> {
     use image::{ColorType, ImageDecoder};
     let decode_error = |e: image::ImageError| FrameError::Decode {
@@ -268,30 +284,30 @@ fn decode_image(
                 }
                 other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
             };
-            let mut pixels = zeroed_pixels(packed.len(), origin)?;
+            let mut pixels = zeroed_pixels(packed.len(), place, origin)?;
             pixels.copy_from_slice(&packed);
             return Ok((width, height, format, pixels));
         }
     };
     // Within the budget checked above, so no overflow.
-    let mut pixels = zeroed_pixels(width * height * format.channels(), origin)?;
+    let mut pixels = zeroed_pixels(width * height * format.channels(), place, origin)?;
     decoder.read_image(&mut pixels).map_err(decode_error)?;
     Ok((width, height, format, pixels))
 }
 
 /// [`Pixels::zeroed`], its failure this image's error.
-fn zeroed_pixels(bytes: usize, origin: &str) -> Result<Pixels, FrameError> {
-    Pixels::zeroed(bytes).map_err(|source| FrameError::Memory {
+fn zeroed_pixels(bytes: usize, place: Place, origin: &str) -> Result<Pixels, FrameError> {
+    Pixels::zeroed(bytes, place).map_err(|source| FrameError::Memory {
         origin: origin.to_owned(),
         bytes,
         source,
     })
 }
 
-/// Reads the image file at `path`, of at most [`max_file_bytes`]`(max_pixels)`
-/// bytes. A regular file of
-/// [`MAPPED_FROM`] bytes or more is read into a mapping of its own (see
-/// [`Pixels`]), as many bytes as it had when opened.
+/// Reads the image file at `path`, of at most `max_file_bytes(max_pixels)`
+/// bytes. A regular file of [`MAPPED_FROM`] bytes or more is read into a
+/// mapping of its own (see [`Pixels`]), as many bytes as it had when
+/// opened.
 fn read_file_within(path: &Path, max_pixels: u64) -> Result<Pixels, FrameError> {
     use std::io::Read;
     let limit = max_file_bytes(max_pixels);
@@ -313,7 +329,7 @@ fn read_file_within(path: &Path, max_pixels: u64) -> Result<Pixels, FrameError> 
         }
         let size = usize::try_from(size).map_err(|_| too_large(size))?;
         if size >= MAPPED_FROM {
-            let mut bytes = zeroed_pixels(size, &path.display().to_string())?;
+            let mut bytes = zeroed_pixels(size, Place::OwnMapping, &path.display().to_string())?;
             let mut filled = 0;
             // A file cut short while read gives what it had; one that grew
             // gives what it had when opened.
@@ -392,10 +408,12 @@ impl Frame {
     }
 
     /// Reads and decodes an image file of at most `max_pixels` pixels. A
-    /// file larger than such an image could be is not read at all.
+    /// file larger than such an image could be is not read at all. The
+    /// file and the frame get mappings of their own (see [`Place`]).
     pub fn from_file_within(path: &Path, max_pixels: u64) -> Result<Frame, FrameError> {
         let bytes = read_file_within(path, max_pixels)?;
-        Frame::decode_within(&bytes, &path.display().to_string(), max_pixels)
+        let origin = path.display().to_string();
+        Frame::decode_at(&bytes, &origin, max_pixels, Place::OwnMapping)
     }
 
     /// Decodes an encoded image of at most [`MAX_PIXELS`].
@@ -410,7 +428,19 @@ impl Frame {
     /// 16-bit samples are scaled to 8 bits and alpha is dropped: NanoDet was
     /// trained on opaque 8-bit photos, and a transparent pixel's colour is
     /// what the camera would have seen.
+    ///
+    /// The pixels come from malloc: this is a camera's MJPEG frame, or an
+    /// image a command was given.
     pub fn decode_within(bytes: &[u8], origin: &str, max_pixels: u64) -> Result<Frame, FrameError> {
+        Frame::decode_at(bytes, origin, max_pixels, Place::Heap)
+    }
+
+    fn decode_at(
+        bytes: &[u8],
+        origin: &str,
+        max_pixels: u64,
+        place: Place,
+    ) -> Result<Frame, FrameError> {
         if bytes.is_empty() {
             return Err(FrameError::Empty {
                 origin: origin.to_owned(),
@@ -428,7 +458,7 @@ impl Frame {
         // Both the header read and the decode run third-party code on
         // outside bytes: a panic there is this image's error.
         let (width, height, format, data) =
-            crate::contain::contain(|| decode_image(bytes, origin, max_pixels)).map_err(
+            crate::contain::contain(|| decode_image(bytes, origin, max_pixels, place)).map_err(
                 |source| FrameError::DecoderPanicked {
                     origin: origin.to_owned(),
                     source,
@@ -522,11 +552,12 @@ mod tests {
         assert_eq!(shown_again.data(), &[3, 4]);
     }
 
-    /// Issue 17 (the soak run's RSS growth): a decoded image of
-    /// `MAPPED_FROM` bytes or more, and the file it came from, live in
-    /// mappings of their own, not in malloc's arenas; the pixels are the
-    /// image crate's own decode, whichever path they took (straight into
-    /// the mapping, or reduced from 16 bits or alpha first).
+    /// Issue 17 (the soak run's RSS growth): an image file of
+    /// `MAPPED_FROM` bytes or more, and the frame decoded from it, live in
+    /// mappings of their own, not in malloc's arenas; the same bytes
+    /// decoded from memory (a camera's MJPEG) stay on the heap. The pixels
+    /// are the image crate's own decode, whichever path they took
+    /// (straight into the buffer, or reduced from 16 bits or alpha first).
     #[test]
     fn large_images_and_files_get_mappings_of_their_own_with_the_same_pixels_issue_17() {
         let rgb = image::RgbImage::from_fn(400, 400, |x, y| {
@@ -575,18 +606,23 @@ mod tests {
                 }
                 other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
             };
-            let frame = Frame::decode(&bytes, name).unwrap();
-            assert!(frame.data().len() >= MAPPED_FROM, "{name}");
-            assert!(
-                matches!(*frame.data, Pixels::Mapped { .. }),
-                "{name}: {:?}",
-                frame.data
-            );
-            assert_eq!(frame.format(), expected_format, "{name}");
-            assert!(frame.data() == expected.as_slice(), "{name}: pixels differ");
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let from_file = Frame::from_file(&path).unwrap();
+            let from_memory = Frame::decode(&bytes, name).unwrap();
+            for (frame, mapped) in [(&from_file, true), (&from_memory, false)] {
+                assert!(frame.data().len() >= MAPPED_FROM, "{name}");
+                assert_eq!(
+                    matches!(*frame.data, Pixels::Mapped { .. }),
+                    mapped,
+                    "{name}: {:?}",
+                    frame.data
+                );
+                assert_eq!(frame.format(), expected_format, "{name}");
+                assert!(frame.data() == expected.as_slice(), "{name}: pixels differ");
+            }
 
             // The file: read whole into a mapping when large enough.
-            let path = dir.path().join(name);
             let padded: Vec<u8> = bytes
                 .iter()
                 .copied()
