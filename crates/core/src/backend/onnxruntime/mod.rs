@@ -14,6 +14,7 @@
 
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -187,8 +188,7 @@ pub struct OnnxRuntimeEngine {
     /// The provider sessions run on, after any fallback.
     provider: Provider,
     /// The device sessions share, when the provider is a GPU one.
-    #[cfg(feature = "cuda")]
-    gpu: Option<std::sync::Arc<crate::gpu::Gpu>>,
+    gpu: Option<device::SharedGpu>,
     notes: Vec<String>,
     /// A built session waiting for `new_session`: the one `load` made,
     /// or one a dropped CPU session handed back. Start-up then builds the
@@ -243,7 +243,6 @@ impl OnnxRuntimeEngine {
             },
             input_name: String::new(),
             provider: Provider::Cpu,
-            #[cfg(feature = "cuda")]
             gpu: None,
             notes: Vec::new(),
             spare: Arc::default(),
@@ -319,18 +318,9 @@ impl OnnxRuntimeEngine {
     }
 
     /// A session on a GPU provider, with the device it runs on opened.
-    #[cfg(feature = "cuda")]
     fn gpu_session(&mut self, provider: Provider) -> Result<OrtSession, String> {
-        // The shared one: the provider is handed its stream, and ONNX
-        // Runtime needs that stream until the process exits.
-        let gpu = crate::gpu::Gpu::shared(self.options.device).map_err(|e| e.to_string())?;
-        self.gpu = Some(gpu);
+        self.gpu = Some(device::open(self.options.device)?);
         self.session_on(provider).map_err(|e| e.to_string())
-    }
-
-    #[cfg(not(feature = "cuda"))]
-    fn gpu_session(&mut self, _provider: Provider) -> Result<OrtSession, String> {
-        Err("this nanodetd was built without feature `cuda`, which binds the provider's input and outputs to device memory".into())
     }
 
     /// The execution providers to register for `provider`, best first.
@@ -356,18 +346,11 @@ impl OnnxRuntimeEngine {
             list.push(ep.build().error_on_failure());
         }
         if provider != Provider::Cpu {
-            #[allow(unused_mut)]
             let mut cuda = ort::ep::CUDA::default()
                 .with_device_id(device)
                 .with_cuda_graph(self.options.cuda_graph && provider == Provider::Cuda);
-            #[cfg(feature = "cuda")]
             if let Some(gpu) = &self.gpu {
-                #[allow(unsafe_code)]
-                {
-                    // SAFETY: the stream is the Gpu's, which every session
-                    // of this engine holds (an Arc) for as long as it lives.
-                    cuda = unsafe { cuda.with_compute_stream(gpu.stream().cu_stream().cast()) };
-                }
+                cuda = device::with_stream(cuda, gpu);
             }
             list.push(cuda.build().error_on_failure());
         }
@@ -403,15 +386,14 @@ impl OnnxRuntimeEngine {
     }
 
     /// A session with device buffers, where the provider is a GPU one.
-    #[cfg(feature = "cuda")]
-    fn cuda_session(&self) -> Option<Result<cuda::CudaSession, BackendError>> {
+    fn cuda_session(&self) -> Option<Result<device::CudaSession, BackendError>> {
         let gpu = self
             .gpu
             .as_ref()
             .filter(|_| self.provider != Provider::Cpu)?;
         Some(
             self.take_session()
-                .and_then(|session| cuda::CudaSession::new(session, self, gpu.clone())),
+                .and_then(|session| device::CudaSession::new(session, self, gpu.clone())),
         )
     }
 
@@ -443,7 +425,6 @@ impl Engine for OnnxRuntimeEngine {
     }
 
     fn new_session(&self) -> Result<Box<dyn Session>, BackendError> {
-        #[cfg(feature = "cuda")]
         if let Some(session) = self.cuda_session() {
             return Ok(Box::new(session?));
         }
@@ -451,10 +432,9 @@ impl Engine for OnnxRuntimeEngine {
         Ok(Box::new(CpuSession::new(session, self)?))
     }
 
-    #[cfg(feature = "cuda")]
     fn new_device_session(&self) -> Option<Result<super::DeviceSessionBox, BackendError>> {
         self.cuda_session()
-            .map(|session| session.map(|session| Box::new(session) as super::DeviceSessionBox))
+            .map(|session| session.map(device::into_device_session))
     }
 
     fn on_gpu(&self) -> bool {
