@@ -1,6 +1,8 @@
-//! The daemon's TOML configuration, in two steps: serde structs with
-//! validated newtypes (bad values fail while parsing, with the key's line
-//! and column), then [`Config::check`] for rules across fields.
+//! The daemon's TOML configuration, in two steps: serde structs (a value
+//! of the wrong type, or outside its key's base type, fails while parsing,
+//! with the key's line and column), then [`Config::check`]: every numeric
+//! key within the range its type states (`range.rs`), and the rules across
+//! fields, all reported at once.
 //!
 //! Loading opens no camera, GPU or socket. `check-config`, start-up and
 //! hot reload all call [`Config::load`]. Which settings apply live and
@@ -910,8 +912,9 @@ pub enum ConfigError {
         /// Its size, or the bytes read before giving up.
         size: u64,
     },
-    /// Values out of range or that do not fit together: every one found,
-    /// in the file's order of sections, so one edit can fix them all.
+    /// Values out of range or that do not fit together: every one found
+    /// (the rules across fields first, then the ranges), so one edit can
+    /// fix them all.
     #[error("{path}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Invalid {
         /// The file.
@@ -965,8 +968,8 @@ impl Config {
     }
 
     /// Every numeric key within a range that keeps the daemon's memory,
-    /// time and arithmetic bounded: the first key outside its range, and
-    /// why. A value that parses is not enough (`history = 2^64 - 1` once
+    /// time and arithmetic bounded: each key outside its range, and why,
+    /// the range taken from the key's type. A value that parses is not enough (`history = 2^64 - 1` once
     /// aborted the daemon on its first frame).
     fn check_ranges(&self) -> Vec<Problem> {
         let mut ranges = RangeCheck::default();
@@ -1386,7 +1389,7 @@ size = [0, 16385]
         ];
         let missing: Vec<&str> = every.into_iter().filter(|k| !named.contains(k)).collect();
         assert!(missing.is_empty(), "not named: {missing:?}; {err}");
-        // Each once, in the file's order of sections.
+        // Each once; the ranges in the order the check names the keys.
         assert_eq!(
             problems
                 .iter()

@@ -55,7 +55,8 @@ enum Place {
     /// malloc's heap: a camera's stream, whose frames are all one size,
     /// which malloc hands out again frame after frame. Fresh mappings
     /// would cost every frame their page faults: a 1280x720 JPEG file
-    /// took 3.04 ms to a frame in mappings, 2.01 ms on the heap
+    /// took 3.04 ms to a frame with the file and the frame in mappings,
+    /// where the image crate read and decoded it onto the heap in 2.01 ms
     /// (`benches/pipeline.rs`, docs/PERFORMANCE.md).
     Heap,
     /// A mapping of its own from [`MAPPED_FROM`] bytes: photos, a
@@ -72,7 +73,9 @@ enum Place {
 /// flat. A mapping of its own goes back to the system, whole, when its
 /// last holder drops it.
 enum Pixels {
-    /// Small buffers, and buffers built elsewhere (converters, tests).
+    /// Buffers under [`MAPPED_FROM`], frames decoded from memory (a
+    /// camera's MJPEG, an image a command was given) and frames built
+    /// elsewhere (V4L2 converters, tests), whatever their size.
     Heap(Vec<u8>),
     /// An anonymous mapping, used for its first `len` bytes.
     Mapped { map: memmap2::MmapMut, len: usize },
@@ -408,8 +411,9 @@ impl Frame {
     }
 
     /// Reads and decodes an image file of at most `max_pixels` pixels. A
-    /// file larger than such an image could be is not read at all. The
-    /// file and the frame get mappings of their own (see [`Place`]).
+    /// file larger than such an image could be is not read at all. From
+    /// 128 KiB, the file and the frame get memory maps of their own,
+    /// returned whole when the frame is dropped.
     pub fn from_file_within(path: &Path, max_pixels: u64) -> Result<Frame, FrameError> {
         let bytes = read_file_within(path, max_pixels)?;
         let origin = path.display().to_string();

@@ -77,7 +77,7 @@ pub fn check_sizes(onnx: &[u8]) -> Result<(), SizeError> {
             bytes: onnx.len() as u64,
         });
     }
-    match OnnxModel::parse(onnx) {
+    match OnnxModel::decode(onnx) {
         Ok(model) => model.check_sizes(),
         Err(_) => Ok(()),
     }

@@ -40,6 +40,17 @@ impl OnnxModel {
         OnnxModel::from_bytes(onnx.to_vec())
     }
 
+    /// Decodes `onnx` to read its graph, keeping no copy of the bytes (a
+    /// model may be 512 MiB): [`bytes`](Self::bytes) then encodes the
+    /// protobuf.
+    pub fn decode(onnx: &[u8]) -> Result<OnnxModel, RewriteError> {
+        let proto = ModelProto::decode(onnx).map_err(RewriteError::Decode)?;
+        Ok(OnnxModel {
+            proto,
+            source: None,
+        })
+    }
+
     /// The bytes for a backend's own parser: those it was decoded from,
     /// or, once rewritten, the rewrite encoded.
     pub fn bytes(&self) -> Cow<'_, [u8]> {
@@ -65,5 +76,38 @@ impl OnnxModel {
     /// Its graph, to rewrite.
     pub(super) fn graph_mut(&mut self) -> Result<&mut GraphProto, RewriteError> {
         self.proto.graph.as_mut().ok_or(RewriteError::NoGraph)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend gets the file as exported while the model is unchanged:
+    /// a re-encoding would drop what this schema does not know (here a
+    /// field numbered 100).
+    #[test]
+    fn an_unchanged_model_keeps_the_files_own_bytes() {
+        let mut onnx = ModelProto {
+            graph: Some(GraphProto {
+                name: "g".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        onnx.extend_from_slice(&[0xA0, 0x06, 0x01]);
+        let kept = OnnxModel::parse(&onnx).unwrap();
+        assert!(matches!(kept.bytes(), Cow::Borrowed(b) if b == onnx.as_slice()));
+        let read_only = OnnxModel::decode(&onnx).unwrap();
+        assert_eq!(
+            read_only.bytes().len(),
+            onnx.len() - 3,
+            "unknown field dropped"
+        );
+        assert_eq!(read_only.graph().unwrap().name, "g");
+        let rewritten = kept.rewritable();
+        assert!(matches!(rewritten.bytes(), Cow::Owned(_)));
+        assert!(OnnxModel::parse(b"\xff not onnx").is_err());
     }
 }

@@ -222,7 +222,7 @@ impl OnnxRuntimeEngine {
         }
         let mut input = match options.input_size {
             Some((w, h)) => vec![1, 3, h, w],
-            None => crate::model::OnnxModel::parse(&onnx)
+            None => crate::model::OnnxModel::decode(&onnx)
                 .and_then(|model| model.input_shape())
                 .map_err(|e| {
                     refused("reading the input size; give it with --size WxH")(e.into())
