@@ -76,6 +76,9 @@ pub struct MemoryUse {
     /// past 4 GiB this wraps). Absent where malloc is not glibc's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap_in_use_bytes: Option<u64>,
+    /// Photos read from folders, and their frames, in memory maps of
+    /// their own: not on the heap, but in the resident set.
+    pub frames_mapped_bytes: u64,
 }
 
 /// This process's memory now; None when `/proc` cannot be read.
@@ -84,6 +87,7 @@ pub fn memory_use() -> Option<MemoryUse> {
     Some(MemoryUse {
         rss_bytes: vm_rss(&status)?,
         heap_in_use_bytes: heap_in_use(),
+        frames_mapped_bytes: crate::frame::mapped_bytes() as u64,
     })
 }
 

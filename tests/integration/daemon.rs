@@ -661,6 +661,12 @@ fn a_broker_restart_loses_no_event() {
         final_stats["memory"]["heap_in_use_bytes"].as_u64().unwrap(),
     );
     assert!(heap > 4 << 20 && rss > 4 << 20, "heap {heap}, rss {rss}");
+    // Photo frames are mapped, off the heap: counted on their own, within
+    // the resident set.
+    let mapped = final_stats["memory"]["frames_mapped_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(mapped < rss, "mapped {mapped}, rss {rss}");
     // QoS 1 may repeat a message whose ack was lost; `seq` tells.
     let mut seqs: Vec<u64> = events(&all, "nd/loop/events")
         .iter()

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{DynamicImage, ImageReader};
 
@@ -81,16 +82,33 @@ enum Pixels {
     Mapped { map: memmap2::MmapMut, len: usize },
 }
 
+/// Bytes of the maps [`Pixels::Mapped`] holds now, for the stats topic:
+/// malloc's count of the heap in use does not see them.
+static MAPPED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of image files and frames in memory maps of their own, alive now
+/// (photos read from folders; see [`Frame::from_file_within`]).
+pub fn mapped_bytes() -> usize {
+    MAPPED_BYTES.load(Ordering::Relaxed)
+}
+
+impl Drop for Pixels {
+    fn drop(&mut self) {
+        if let Pixels::Mapped { map, .. } = self {
+            MAPPED_BYTES.fetch_sub(map.len(), Ordering::Relaxed);
+        }
+    }
+}
+
 impl Pixels {
     /// `len` zero bytes, allocated at `place`.
     fn zeroed(len: usize, place: Place) -> std::io::Result<Pixels> {
         if matches!(place, Place::Heap) || len < MAPPED_FROM {
             return Ok(Pixels::Heap(vec![0; len]));
         }
-        Ok(Pixels::Mapped {
-            map: memmap2::MmapMut::map_anon(len)?,
-            len,
-        })
+        let map = memmap2::MmapMut::map_anon(len)?;
+        MAPPED_BYTES.fetch_add(map.len(), Ordering::Relaxed);
+        Ok(Pixels::Mapped { map, len })
     }
 
     /// The first `len` bytes only (a file that turned out shorter).
@@ -614,6 +632,7 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let from_file = Frame::from_file(&path).unwrap();
             let from_memory = Frame::decode(&bytes, name).unwrap();
+            assert!(mapped_bytes() >= from_file.data().len(), "{name}: counted");
             for (frame, mapped) in [(&from_file, true), (&from_memory, false)] {
                 assert!(frame.data().len() >= MAPPED_FROM, "{name}");
                 assert_eq!(
