@@ -16,8 +16,8 @@ use serde::Deserialize;
 mod range;
 
 pub use range::{
-    Bounded, FrameRate, Low, NonNegative, NonNegativeOrUnlimited, Ranged, RateUpTo1000, Real,
-    RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
+    Bounded, Coordinate, FrameRate, Low, NonNegative, NonNegativeOrUnlimited, Ranged, RateUpTo1000,
+    Real, RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
 };
 
 use crate::backend::BackendChoice;
@@ -1018,7 +1018,7 @@ impl Config {
             ranges.key(&key("max_area"), f.max_area);
             ranges.key(&key("max_ratio"), f.max_ratio);
         }
-        ranges.count("camera", self.cameras.len(), 1, MAX_CAMERAS);
+        ranges.count::<1, { MAX_CAMERAS as u64 }>("camera", self.cameras.len());
         for (i, cam) in self.cameras.iter().enumerate() {
             let key = |k: &str| format!("camera[{i}].{k}");
             ranges.key(&key("max_pixels"), cam.max_pixels);
@@ -1028,8 +1028,8 @@ impl Config {
                 ranges.key(&key("size[0]"), w);
                 ranges.key(&key("size[1]"), h);
             }
-            ranges.count(&key("zones"), cam.zones.len(), 0, MAX_POLYGONS);
-            ranges.count(&key("masks"), cam.masks.len(), 0, MAX_POLYGONS);
+            ranges.count::<0, { MAX_POLYGONS as u64 }>(&key("zones"), cam.zones.len());
+            ranges.count::<0, { MAX_POLYGONS as u64 }>(&key("masks"), cam.masks.len());
             let polygons = cam
                 .zones
                 .iter()
@@ -1052,8 +1052,8 @@ impl Config {
                 }
                 for (p, [x, y]) in polygon.iter().enumerate() {
                     let point = format!("{key}[{p}]");
-                    ranges.coordinate(&point, *x);
-                    ranges.coordinate(&point, *y);
+                    ranges.key(&point, Real::<f32, Coordinate>::unchecked(*x));
+                    ranges.key(&point, Real::<f32, Coordinate>::unchecked(*y));
                 }
             }
         }
@@ -1075,7 +1075,7 @@ impl Config {
                 ),
             );
         }
-        ranges.count("filters", self.filters.len(), 0, 10_000);
+        ranges.count::<0, 10_000>("filters", self.filters.len());
         ranges.problems
     }
 
@@ -1191,22 +1191,9 @@ impl RangeCheck {
         }
     }
 
-    /// How many of something a list holds.
-    fn count(&mut self, key: &str, n: usize, lo: usize, hi: usize) {
-        if !(lo..=hi).contains(&n) {
-            self.fail(key, format!("must be within {lo}..={hi}, got {n}"));
-        }
-    }
-
-    /// A polygon's coordinate: within ±[`MAX_COORDINATE`].
-    fn coordinate(&mut self, key: &str, v: f32) {
-        // NaN is not within.
-        if !(-MAX_COORDINATE..=MAX_COORDINATE).contains(&v) {
-            self.fail(
-                key,
-                format!("must be at least -{MAX_COORDINATE} and at most {MAX_COORDINATE}, got {v}"),
-            );
-        }
+    /// How many of something a list holds, within `LO..=HI`.
+    fn count<const LO: u64, const HI: u64>(&mut self, key: &str, n: usize) {
+        self.key(key, Bounded::<usize, LO, HI>::unchecked(n));
     }
 }
 
