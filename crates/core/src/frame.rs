@@ -101,14 +101,29 @@ impl Drop for Pixels {
 }
 
 impl Pixels {
+    /// Whether `len` bytes at `place` get a mapping of their own.
+    fn maps(len: usize, place: Place) -> bool {
+        matches!(place, Place::OwnMapping) && len >= MAPPED_FROM
+    }
+
     /// `len` zero bytes, allocated at `place`.
     fn zeroed(len: usize, place: Place) -> std::io::Result<Pixels> {
-        if matches!(place, Place::Heap) || len < MAPPED_FROM {
+        if !Pixels::maps(len, place) {
             return Ok(Pixels::Heap(vec![0; len]));
         }
         let map = memmap2::MmapMut::map_anon(len)?;
         MAPPED_BYTES.fetch_add(map.len(), Ordering::Relaxed);
         Ok(Pixels::Mapped { map, len })
+    }
+
+    /// `bytes`, moved to a mapping where `place` asks for one, else kept.
+    fn from_vec(bytes: Vec<u8>, place: Place) -> std::io::Result<Pixels> {
+        if !Pixels::maps(bytes.len(), place) {
+            return Ok(Pixels::Heap(bytes));
+        }
+        let mut pixels = Pixels::zeroed(bytes.len(), place)?;
+        pixels.copy_from_slice(&bytes);
+        Ok(pixels)
     }
 
     /// The first `len` bytes only (a file that turned out shorter).
@@ -294,8 +309,9 @@ fn decode_image(
         ColorType::L8 => PixelFormat::Gray8,
         ColorType::Rgb8 => PixelFormat::Rgb8,
         _ => {
-            // 16 bits, alpha: reduced through a DynamicImage, then copied
-            // to where frames live. Rare in cameras and photo folders.
+            // 16 bits, alpha: reduced through a DynamicImage, then moved
+            // to where frames live (copied only into a mapping). Rare in
+            // cameras and photo folders.
             let image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
             let (format, packed) = match image {
                 DynamicImage::ImageLuma16(_)
@@ -305,8 +321,8 @@ fn decode_image(
                 }
                 other => (PixelFormat::Rgb8, other.to_rgb8().into_raw()),
             };
-            let mut pixels = zeroed_pixels(packed.len(), place, origin)?;
-            pixels.copy_from_slice(&packed);
+            let bytes = packed.len();
+            let pixels = Pixels::from_vec(packed, place).map_err(no_memory(origin, bytes))?;
             return Ok((width, height, format, pixels));
         }
     };
@@ -318,11 +334,16 @@ fn decode_image(
 
 /// [`Pixels::zeroed`], its failure this image's error.
 fn zeroed_pixels(bytes: usize, place: Place, origin: &str) -> Result<Pixels, FrameError> {
-    Pixels::zeroed(bytes, place).map_err(|source| FrameError::Memory {
+    Pixels::zeroed(bytes, place).map_err(no_memory(origin, bytes))
+}
+
+/// A failed mapping of `bytes` bytes, as this image's error.
+fn no_memory(origin: &str, bytes: usize) -> impl FnOnce(std::io::Error) -> FrameError + '_ {
+    move |source| FrameError::Memory {
         origin: origin.to_owned(),
         bytes,
         source,
-    })
+    }
 }
 
 /// Reads the image file at `path`, of at most `max_file_bytes(max_pixels)`
