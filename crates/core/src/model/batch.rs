@@ -94,8 +94,9 @@ impl OnnxModel {
         Ok((model, rewrite))
     }
 
-    /// The image input's shape as declared, with a symbolic batch read as 1.
-    /// Any other symbolic dimension is an error naming it.
+    /// The image input's shape as declared, at batch 1 (a backend binds
+    /// one image; the batch, fixed or symbolic, is read as 1). Any other
+    /// symbolic dimension is an error naming it.
     pub fn input_shape(&self) -> Result<Vec<usize>, RewriteError> {
         let graph = self.graph()?;
         let inputs = runtime_inputs(graph);
@@ -120,10 +121,10 @@ impl OnnxModel {
         dims.iter()
             .enumerate()
             .map(|(i, d)| match (&d.value, i) {
+                (_, 0) => Ok(1),
                 (Some(tensor_shape_proto::dimension::Value::DimValue(v)), _) if *v > 0 => {
                     Ok(*v as usize)
                 }
-                (_, 0) => Ok(1),
                 (_, index) => Err(RewriteError::NotFixed {
                     input: input.clone(),
                     index,

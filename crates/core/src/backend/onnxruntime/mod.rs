@@ -220,7 +220,7 @@ impl OnnxRuntimeEngine {
         if onnx.is_empty() {
             return Err(fail(ModelFileProblem::Empty));
         }
-        let mut input = match options.input_size {
+        let input = match options.input_size {
             Some((w, h)) => vec![1, 3, h, w],
             None => crate::model::OnnxModel::decode(&onnx)
                 .and_then(|model| model.input_shape())
@@ -228,9 +228,6 @@ impl OnnxRuntimeEngine {
                     refused("reading the input size; give it with --size WxH")(e.into())
                 })?,
         };
-        if let Some(batch) = input.first_mut() {
-            *batch = 1;
-        }
         let mut engine = OnnxRuntimeEngine {
             onnx,
             options: runtime.clone(),

@@ -614,12 +614,6 @@ impl TrtEngine {
 fn declared_input(model: &OnnxModel) -> Result<Vec<usize>, BackendError> {
     model
         .input_shape()
-        .map(|mut shape| {
-            if let Some(batch) = shape.first_mut() {
-                *batch = 1;
-            }
-            shape
-        })
         .map_err(|e| unavailable(While::new("reading the model's input", e)))
 }
 
