@@ -13,11 +13,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod publish;
 mod range;
 
+pub use publish::{
+    DEFAULT_TRACKED, EventFormat, HomeAssistantConfig, SnapshotConfig, Tracked, slug,
+};
 pub use range::{
-    Bounded, Coordinate, FrameRate, Low, NonNegative, NonNegativeOrUnlimited, Ranged, RateUpTo1000,
-    Real, RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
+    Bounded, Coordinate, FrameRate, HoursUpToAYear, Low, NonNegative, NonNegativeOrUnlimited,
+    Ranged, RateUpTo1000, Real, RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
 };
 
 use crate::backend::BackendChoice;
@@ -421,6 +425,10 @@ pub struct MqttConfig {
     /// installed. Cold: read at start.
     #[serde(default)]
     pub embedded_broker: bool,
+    /// Which events go out: `native` (`<camera>/events`), `frigate`
+    /// (`events`, Frigate's payload) or `both`.
+    #[serde(default)]
+    pub events: EventFormat,
 }
 
 impl Default for MqttConfig {
@@ -544,6 +552,9 @@ pub struct TrackerSettings {
     /// Seconds after which an unchanged object gets an `update` anyway.
     #[serde(default = "default_heartbeat")]
     pub heartbeat: Real<f64, UpToADay>,
+    /// Frames in a row an object must stay put to be `stationary`.
+    #[serde(default = "default_stationary_frames")]
+    pub stationary_frames: Bounded<u32, 1, 1_000_000>,
 }
 
 impl Default for TrackerSettings {
@@ -669,6 +680,10 @@ pub struct CameraConfig {
     /// Polygons where detections are ignored.
     #[serde(default)]
     pub masks: Vec<Vec<[f32; 2]>>,
+    /// Labels whose objects become events, counts and entities; `["all"]`
+    /// for every label of the model.
+    #[serde(default)]
+    pub track: Tracked,
 }
 
 impl CameraConfig {
@@ -761,6 +776,12 @@ pub struct Config {
     /// Cameras (`[[camera]]` tables).
     #[serde(rename = "camera")]
     pub cameras: Vec<CameraConfig>,
+    /// Home Assistant's MQTT discovery.
+    #[serde(default)]
+    pub homeassistant: HomeAssistantConfig,
+    /// Snapshots of events.
+    #[serde(default)]
+    pub snapshots: SnapshotConfig,
 }
 
 /// `[capture]`: what all cameras together may hold.
@@ -875,6 +896,9 @@ fn default_moved_iou() -> Probability {
 }
 fn default_score_step() -> Probability {
     Real::unchecked(0.05)
+}
+fn default_stationary_frames<const LO: u64, const HI: u64>() -> Bounded<u32, LO, HI> {
+    Bounded::unchecked(50)
 }
 fn default_heartbeat<R: RealRange>() -> Real<f64, R> {
     Real::unchecked(60.0)
@@ -1009,6 +1033,15 @@ impl Config {
         ranges.key("tracker.match_iou", t.match_iou);
         ranges.key("tracker.moved_iou", t.moved_iou);
         ranges.key("tracker.score_step", t.score_step);
+        ranges.key("tracker.stationary_frames", t.stationary_frames);
+        let s = &self.snapshots;
+        ranges.key("snapshots.margin", s.margin);
+        ranges.key("snapshots.height", s.height);
+        ranges.key("snapshots.quality", s.quality);
+        ranges.key("snapshots.queue", s.queue);
+        ranges.key("snapshots.keep_count", s.keep_count);
+        ranges.key("snapshots.keep_mib", s.keep_mib);
+        ranges.key("snapshots.keep_hours", s.keep_hours);
         for (label, f) in &self.filters {
             let key = |k: &str| format!("filters.{label}.{k}");
             ranges.key(&key("min_score"), f.min_score);
@@ -1030,6 +1063,7 @@ impl Config {
             }
             ranges.count::<0, { MAX_POLYGONS as u64 }>(&key("zones"), cam.zones.len());
             ranges.count::<0, { MAX_POLYGONS as u64 }>(&key("masks"), cam.masks.len());
+            ranges.count::<0, 1000>(&key("track"), cam.track.listed().len());
             let polygons = cam
                 .zones
                 .iter()
@@ -1087,13 +1121,41 @@ impl Config {
             invalid("camera".into(), "at least one [[camera]] is needed".into());
         }
         let mut names = BTreeSet::new();
+        let mut slugs = BTreeMap::new();
         for (i, cam) in self.cameras.iter().enumerate() {
-            if !names.insert(cam.name.as_str()) {
+            let name = cam.name.as_str();
+            if !names.insert(name) {
                 invalid(
                     format!("camera[{i}].name"),
-                    format!("{:?} is used by an earlier camera", cam.name.as_str()),
+                    format!("{name:?} is used by an earlier camera"),
+                );
+                continue;
+            }
+            // Snapshot folders and Home Assistant's ids are the slug.
+            let slug = slug(name);
+            if slug.is_empty() {
+                invalid(
+                    format!("camera[{i}].name"),
+                    format!("{name:?} needs at least one ASCII letter or digit"),
+                );
+            } else if let Some(other) = slugs.insert(slug.clone(), name) {
+                invalid(
+                    format!("camera[{i}].name"),
+                    format!(
+                        "{name:?} and {other:?} both become {slug:?} in snapshot folders and Home Assistant ids"
+                    ),
                 );
             }
+        }
+        let ha = &self.homeassistant.discovery_prefix;
+        if ha
+            .split('/')
+            .any(|l| TopicLevel::try_from(l.to_owned()).is_err())
+        {
+            invalid(
+                "homeassistant.discovery_prefix".into(),
+                format!("{ha:?} has an empty level, or one with +, # or a control character"),
+            );
         }
         for (label, f) in &self.filters {
             if f.min_area.get() > f.max_area.get() || f.min_ratio.get() > f.max_ratio.get() {

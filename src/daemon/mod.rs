@@ -15,6 +15,7 @@
 //! served next), and in [`crate::mqtt`] the delivery and the count sweep.
 //! The threads and tasks here only carry their answers out.
 
+pub mod availability;
 pub mod board;
 pub mod broker;
 pub mod camera;
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod probe;
 pub mod publisher;
+pub mod snapshot;
 pub mod stats;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorError};
+use crate::mqtt::homeassistant::{self, Discovery};
 use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
 use crate::prepare::{self, LoadError, LoadOptions};
 use crate::watchdog::{self, Heartbeats};
@@ -215,6 +218,9 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let heartbeats = Heartbeats::default();
     let board = Arc::new(FrameBoard::default());
     let latencies = Arc::new(Mutex::new(Latencies::default()));
+    let snapshots = Arc::new(snapshot::SnapshotQueue::default());
+    let snapshot_writer = snapshot::spawn_writer(snapshots.clone(), outbox.clone(), config.clone())
+        .map_err(io_error("cannot start the snapshot thread"))?;
 
     // The detector thread, then a thread per camera.
     let in_service = Arc::new(Mutex::new(pipeline::ModelInService::new(
@@ -233,6 +239,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         outbox: outbox.clone(),
         latencies: latencies.clone(),
         heartbeat: heartbeats.register("detector"),
+        snapshots: snapshots.clone(),
     };
     let detector_thread = std::thread::Builder::new()
         .name("detector".into())
@@ -273,6 +280,9 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let mut last_stats = Instant::now();
     let mut last_trim = Instant::now();
     let mut reporter = Reporter::new(started);
+    let mut discovery = Discovery::default();
+    let mut discovered_for: Option<(Arc<Config>, Vec<String>)> = None;
+    let mut camera_availability = availability::CameraAvailability::default();
     loop {
         tokio::select! {
             signal = signals.next() => {
@@ -291,7 +301,15 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                     last_trim = Instant::now();
                     crate::allocator::return_free_memory();
                 }
+                let streaming = cameras
+                    .iter()
+                    .map(|(name, task)| (name.as_str(), task.counters.state() == CameraState::Streaming));
+                for message in camera_availability.update(streaming) {
+                    outbox.push(message);
+                }
+                announce_discovery(&current, &in_service, &mut discovered_for, &mut discovery, &outbox);
                 let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
+                snapshot.snapshots = snapshots.counts();
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval.get() {
                     last_stats = Instant::now();
@@ -321,8 +339,18 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         cameras
     });
     let cameras = joined.await.unwrap_or_default();
+    // The detector stopped the snapshot queue; the writer finishes what
+    // is queued (a few pictures at most) within the deadline.
+    snapshots.stop();
+    let written = tokio::task::spawn_blocking(move || {
+        while !snapshot_writer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let _ = written.await;
     // Final figures, so a consumer can check every event arrived.
     let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
+    snapshot.snapshots = snapshots.counts();
     snapshot.latency_ms = percentiles(&latencies);
     snapshot.memory = crate::allocator::memory_use();
     outbox.push(mqtt::stats_message(&snapshot));
@@ -331,6 +359,41 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let _ = tokio::time::timeout(left + Duration::from_millis(500), mqtt_task).await;
     log::info!("stopped");
     Ok(())
+}
+
+/// Announces Home Assistant's discovery for the config and the model in
+/// service, when either changed since the last announce.
+fn announce_discovery(
+    config: &Arc<Config>,
+    in_service: &Mutex<pipeline::ModelInService>,
+    discovered_for: &mut Option<(Arc<Config>, Vec<String>)>,
+    discovery: &mut Discovery,
+    outbox: &Outbox,
+) {
+    let model = in_service
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if discovered_for
+        .as_ref()
+        .is_some_and(|(c, labels)| Arc::ptr_eq(c, config) && *labels == model.labels)
+    {
+        return;
+    }
+    let name = model
+        .config
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let info = homeassistant::ModelInfo {
+        labels: &model.labels,
+        name: &name,
+    };
+    for message in discovery.update(homeassistant::configs(config, &info)) {
+        outbox.push(message);
+    }
+    *discovered_for = Some((config.clone(), model.labels));
 }
 
 fn notify(state: &[NotifyState]) {
@@ -509,6 +572,7 @@ struct StatsSnapshot {
     engine_notes: Vec<String>,
     cameras: BTreeMap<String, CameraStats>,
     latency_ms: BTreeMap<stats::Stage, stats::Percentiles>,
+    snapshots: snapshot::SnapshotCounts,
     mqtt: MqttStats,
     /// Filled for the stats topic only: mallinfo walks malloc's free
     /// lists, too much for the once-a-second STATUS= line.
@@ -590,6 +654,7 @@ impl Reporter {
             engine_notes: model.engine_notes,
             cameras: per_camera,
             latency_ms: BTreeMap::new(),
+            snapshots: snapshot::SnapshotCounts::default(),
             memory: None,
             mqtt: MqttStats {
                 connected: link.connected(),

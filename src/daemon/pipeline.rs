@@ -5,16 +5,17 @@
 //! messages put in the outbox. A new model arrives ready-built and is swapped
 //! in between two frames; new hot settings apply at the next frame.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, Control, FrameBoard, Work, wall_time};
 use super::publisher::{Action, CameraPublisher, Seen, Settings};
+use super::snapshot::SnapshotQueue;
 use super::stats::{Latencies, Stage};
 use crate::capture::Captured;
-use crate::config::{CameraConfig, Config, ModelConfig};
+use crate::config::{CameraConfig, Config, ModelConfig, Tracked};
 use crate::detector::{Detector, DetectorSession};
 use crate::mqtt::{self, Outbox};
 use crate::track::{LabelFilter, TrackerConfig, Zone};
@@ -70,6 +71,19 @@ pub fn tracker_config(
         moved_iou: t.moved_iou.get(),
         score_step: t.score_step.get(),
         heartbeat: t.heartbeat.get(),
+        stationary_frames: t.stationary_frames.get(),
+    }
+}
+
+/// The classes a camera's `track` list names; None for `all`.
+pub fn tracked_classes(camera: &CameraConfig, detector: &Detector) -> Option<BTreeSet<u32>> {
+    match &camera.track {
+        Tracked::All => None,
+        Tracked::Labels(labels) => Some(
+            (0..detector.layout().num_classes as u32)
+                .filter(|&c| labels.iter().any(|l| l.as_str() == detector.class_name(c)))
+                .collect(),
+        ),
     }
 }
 
@@ -94,6 +108,8 @@ pub struct ModelInService {
     pub backend: crate::backend::BackendKind,
     /// The backend's notes on it: fallbacks, where its plan came from.
     pub engine_notes: Vec<String>,
+    /// Its class names.
+    pub labels: Vec<String>,
 }
 
 impl ModelInService {
@@ -103,6 +119,7 @@ impl ModelInService {
             config,
             backend: detector.engine().backend(),
             engine_notes: detector.engine().notes(),
+            labels: detector.class_names().to_vec(),
         }
     }
 }
@@ -169,6 +186,8 @@ pub struct DetectorTask {
     pub latencies: Arc<Mutex<Latencies>>,
     /// Liveness for the watchdog.
     pub heartbeat: Heartbeat,
+    /// Snapshots to encode, off this thread.
+    pub snapshots: Arc<SnapshotQueue>,
 }
 
 impl DetectorTask {
@@ -229,18 +248,19 @@ impl DetectorTask {
                     // The entry stays: ids and `seq` go on counting when the
                     // camera comes back, so consumers never see them reused.
                     if let Some(cam) = cameras.get_mut(&name) {
-                        let settings = settings(&config, session.detector());
-                        self.carry_out(cam.end(wall_time(), &settings));
+                        let settings = settings(&config, session.detector(), 0);
+                        self.carry_out(cam.end(wall_time(), &settings), None);
                     }
                 }
                 None => self.handle_idle(&config, &session, &mut cameras),
             }
         }
         let now = wall_time();
-        let settings = settings(&config, session.detector());
+        let settings = settings(&config, session.detector(), 0);
         for cam in cameras.values_mut() {
-            self.carry_out(cam.end(now, &settings));
+            self.carry_out(cam.end(now, &settings), None);
         }
+        self.snapshots.stop();
     }
 
     /// New settings or a new model: every tracker gets its new config.
@@ -255,7 +275,11 @@ impl DetectorTask {
         }
         for camera in &config.cameras {
             if let Some(cam) = cameras.get_mut(camera.name.as_str()) {
-                cam.retune(tracker_config(config, camera, session.detector()));
+                let detector = session.detector();
+                cam.retune(
+                    tracker_config(config, camera, detector),
+                    tracked_classes(camera, detector),
+                );
             }
         }
     }
@@ -263,7 +287,7 @@ impl DetectorTask {
     fn handle_frame(
         &self,
         captured: CapturedFrame,
-        config: &Config,
+        config: &Arc<Config>,
         session: &mut DetectorSession,
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
@@ -305,7 +329,14 @@ impl DetectorTask {
         let detector = session.detector();
         let cam = cameras.entry(captured.camera.clone()).or_insert_with(|| {
             let tracker = tracker_config(config, camera, detector);
-            CameraPublisher::new(&captured.camera, tracker, taken)
+            let tracked = tracked_classes(camera, detector);
+            CameraPublisher::new(
+                &captured.camera,
+                tracker,
+                tracked,
+                taken,
+                fastrand::Rng::new(),
+            )
         });
         let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
         let timing = mqtt::FrameTiming {
@@ -322,7 +353,9 @@ impl DetectorTask {
             wall_time: captured.wall_time,
             timing,
         };
-        self.carry_out(cam.frame(seen, &settings(config, detector)));
+        let room = self.snapshots.room(&config.snapshots);
+        let actions = cam.frame(seen, &settings(config, detector, room));
+        self.carry_out(actions, Some((&captured.image, config)));
         let done = Instant::now();
         let mut l = self
             .latencies
@@ -345,28 +378,39 @@ impl DetectorTask {
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
         let (now, wall) = (Instant::now(), wall_time());
-        let settings = settings(config, session.detector());
+        let settings = settings(config, session.detector(), 0);
         for cam in cameras.values_mut() {
-            self.carry_out(cam.idle(now, wall, &settings));
+            self.carry_out(cam.idle(now, wall, &settings), None);
         }
     }
 
-    /// What a camera's publisher decided.
-    fn carry_out(&self, actions: Vec<Action>) {
+    /// What a camera's publisher decided; `frame` is the frame just
+    /// processed and its settings, for snapshots.
+    fn carry_out(&self, actions: Vec<Action>, frame: Option<(&Captured, &Arc<Config>)>) {
         for action in actions {
             match action {
                 Action::Print(line) => super::console::print(&line),
                 Action::Send(message) => self.outbox.push(message),
+                Action::Snapshot(job) => match frame {
+                    Some((image, config)) => self.snapshots.push(job, image, config.clone()),
+                    None => self.snapshots.count_dropped(),
+                },
+                Action::SnapshotDropped => self.snapshots.count_dropped(),
             }
         }
     }
 }
 
-/// What the publishers read from the config and the model in service.
-fn settings<'a>(config: &Config, detector: &'a Detector) -> Settings<'a> {
+/// What the publishers read from the config and the model in service;
+/// `snapshot_room` is what the snapshot queue takes now.
+fn settings<'a>(config: &'a Config, detector: &'a Detector, snapshot_room: usize) -> Settings<'a> {
+    let snapshots = &config.snapshots;
     Settings {
         labels: detector.class_names(),
         detections_rate: config.mqtt.detections_rate.get(),
         print_events: config.log.events.enabled(),
+        events: config.mqtt.events,
+        snapshot_dir: snapshots.enabled.then_some(snapshots.dir.as_path()),
+        snapshot_room,
     }
 }

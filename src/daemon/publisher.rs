@@ -1,18 +1,22 @@
 //! One camera's publishing decisions, as a state machine: a frame's
 //! detections and the time in, the messages its consumers see out.
 //!
-//! It owns the camera's tracker, the counts last published, the `seq` of
-//! the next event, the frame size (a new one is a new scene) and the
-//! detections rate limit. It has no thread, no broker and no clock of its
-//! own: the detector task ([`super::pipeline`]) feeds it and carries out
-//! its [`Action`]s, and the tests drive it with a fake clock.
+//! It owns the camera's tracker, the labels it tracks, the counts (per
+//! label and per zone) last published, the `seq` of the next event, each
+//! object's event id and snapshot, the frame size (a new one is a new
+//! scene) and the detections rate limit. It has no thread, no broker and
+//! no clock of its own: the detector task ([`super::pipeline`]) feeds it
+//! and carries out its [`Action`]s, and the tests drive it with a fake
+//! clock and a seeded random source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::mqtt::{self, FrameTiming, Message};
+use crate::config::EventFormat;
+use crate::mqtt::{self, EventContext, FrameTiming, Message, SnapshotRef};
 use crate::postprocess::Detection;
-use crate::track::{TrackEvent, Tracker, TrackerConfig};
+use crate::track::{EventKind, TrackEvent, Tracker, TrackerConfig};
 
 /// How long a camera must have sent no frame before its objects are aged
 /// without one: while frames come, each frame ages them.
@@ -25,6 +29,26 @@ pub enum Action {
     Print(String),
     /// Queue this message for the broker.
     Send(Message),
+    /// Queue a snapshot of the frame just processed; the settings' room
+    /// said the queue takes it. Comes before the events that name it.
+    Snapshot(SnapshotJob),
+    /// A snapshot was wanted, but the queue was full: count it.
+    SnapshotDropped,
+}
+
+/// A snapshot to take of the frame just processed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotJob {
+    /// The camera.
+    pub camera: String,
+    /// The object's label, drawn beside its box.
+    pub label: String,
+    /// Its score in this frame.
+    pub score: f32,
+    /// Its box in the frame, pixels.
+    pub bbox: [f32; 4],
+    /// The file to write (an object's better snapshot replaces its last).
+    pub path: PathBuf,
 }
 
 /// The settings a publisher reads at each step; a reload changes them
@@ -38,6 +62,13 @@ pub struct Settings<'a> {
     pub detections_rate: f32,
     /// Print each event as a line (`[log] events`).
     pub print_events: bool,
+    /// Which event messages go out.
+    pub events: EventFormat,
+    /// Where snapshots go (`snapshots.dir`), when they are on.
+    pub snapshot_dir: Option<&'a Path>,
+    /// Snapshots the queue takes now. Only the detector thread fills it,
+    /// so what it takes in one step is never refused.
+    pub snapshot_room: usize,
 }
 
 impl Settings<'_> {
@@ -64,12 +95,29 @@ pub struct Seen<'a> {
     pub timing: FrameTiming,
 }
 
+/// What the publisher keeps of a real object beyond the tracker.
+#[derive(Debug, Clone)]
+struct Known {
+    event_id: String,
+    snapshot: Option<SnapshotRef>,
+}
+
 /// One camera's publishing state.
 pub struct CameraPublisher {
     camera: String,
+    /// The camera's name as a folder: its slug.
+    folder: String,
     tracker: Tracker,
+    /// Classes whose detections reach the tracker; None: all.
+    tracked: Option<BTreeSet<u32>>,
     /// Counts as last published, per class.
     counts: BTreeMap<u32, usize>,
+    /// Zone counts as last published, per zone and class.
+    zone_counts: BTreeMap<(String, u32), usize>,
+    /// Real objects by tracker id.
+    known: BTreeMap<u64, Known>,
+    /// The random part of event ids.
+    rng: fastrand::Rng,
     /// The `seq` of the next event. It goes on counting when the camera
     /// comes back, so consumers never see one reused.
     next_seq: u64,
@@ -80,12 +128,24 @@ pub struct CameraPublisher {
 }
 
 impl CameraPublisher {
-    /// A camera's first frame arrives at `now`.
-    pub fn new(camera: &str, tracker: TrackerConfig, now: Instant) -> CameraPublisher {
+    /// A camera's first frame arrives at `now`; `tracked` are the classes
+    /// it tracks (None: all), `rng` makes event ids.
+    pub fn new(
+        camera: &str,
+        tracker: TrackerConfig,
+        tracked: Option<BTreeSet<u32>>,
+        now: Instant,
+        rng: fastrand::Rng,
+    ) -> CameraPublisher {
         CameraPublisher {
             camera: camera.to_owned(),
+            folder: crate::config::slug(camera),
             tracker: Tracker::new(tracker),
+            tracked,
             counts: BTreeMap::new(),
+            zone_counts: BTreeMap::new(),
+            known: BTreeMap::new(),
+            rng,
             next_seq: 0,
             frame_size: (0, 0),
             last_frame: now,
@@ -93,9 +153,11 @@ impl CameraPublisher {
         }
     }
 
-    /// New tracker settings (a reload, or a new model's classes).
-    pub fn retune(&mut self, tracker: TrackerConfig) {
+    /// New tracker settings and tracked classes (a reload, or a new
+    /// model's classes).
+    pub fn retune(&mut self, tracker: TrackerConfig, tracked: Option<BTreeSet<u32>>) {
         self.tracker.set_config(tracker);
+        self.tracked = tracked;
     }
 
     /// A processed frame: its events and count changes, and its detections
@@ -107,12 +169,22 @@ impl CameraPublisher {
             // renegotiated camera): boxes of the old one mean nothing in
             // it. Those objects end at the old size.
             let events = self.tracker.end_all(seen.wall_time);
-            self.publish(events, settings, &mut actions);
+            self.publish(events, settings, None, &mut actions);
         }
         self.frame_size = seen.size;
         self.last_frame = seen.taken;
-        let events = self.tracker.update(seen.detections, seen.wall_time);
-        self.publish(events, settings, &mut actions);
+        let tracked: Vec<Detection> = match &self.tracked {
+            None => seen.detections.to_vec(),
+            Some(classes) => seen
+                .detections
+                .iter()
+                .filter(|d| classes.contains(&d.class_id))
+                .copied()
+                .collect(),
+        };
+        let events = self.tracker.update(&tracked, seen.wall_time);
+        let mut room = settings.snapshot_room;
+        self.publish(events, settings, Some(&mut room), &mut actions);
         let rate = settings.detections_rate;
         let due = self.last_detections.is_none_or(|last| {
             seen.ready.saturating_duration_since(last).as_secs_f32() >= 1.0 / rate
@@ -138,7 +210,7 @@ impl CameraPublisher {
         let mut actions = Vec::new();
         if now.saturating_duration_since(self.last_frame) > SILENT_AFTER {
             let events = self.tracker.expire(wall_time);
-            self.publish(events, settings, &mut actions);
+            self.publish(events, settings, None, &mut actions);
         }
         actions
     }
@@ -148,15 +220,89 @@ impl CameraPublisher {
     pub fn end(&mut self, wall_time: f64, settings: &Settings<'_>) -> Vec<Action> {
         let mut actions = Vec::new();
         let events = self.tracker.end_all(wall_time);
-        self.publish(events, settings, &mut actions);
+        self.publish(events, settings, None, &mut actions);
         self.frame_size = (0, 0);
         actions
     }
 
-    /// Events, then any count that changed.
-    fn publish(&mut self, events: Vec<TrackEvent>, settings: &Settings<'_>, out: &mut Vec<Action>) {
+    /// Frigate-style: the time the object became real, and six random
+    /// letters and digits, so ids stay unique across restarts.
+    fn event_id(&mut self, first_seen: f64) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let random: String = (0..6)
+            .map(|_| char::from(ALPHABET[self.rng.usize(..ALPHABET.len())]))
+            .collect();
+        format!("{first_seen:.6}-{random}")
+    }
+
+    /// A snapshot for this event, when one is wanted: the object is new,
+    /// or its top score rose. `room` is what the snapshot queue takes in
+    /// this step; None where there is no frame (idle, end).
+    fn snapshot_for(
+        &mut self,
+        event: &TrackEvent,
+        label: &str,
+        settings: &Settings<'_>,
+        room: Option<&mut usize>,
+        out: &mut Vec<Action>,
+    ) {
+        let (Some(dir), Some(room)) = (settings.snapshot_dir, room) else {
+            return;
+        };
+        let better = match (event.kind, &event.before) {
+            (EventKind::New, _) => true,
+            (EventKind::Update, Some(before)) => event.after.top_score > before.top_score,
+            _ => false,
+        };
+        let Some(known) = self.known.get_mut(&event.after.id) else {
+            return;
+        };
+        if !better {
+            return;
+        }
+        if *room == 0 {
+            out.push(Action::SnapshotDropped);
+            return;
+        }
+        *room -= 1;
+        let path = dir
+            .join(&self.folder)
+            .join(format!("{}.jpg", known.event_id));
+        known.snapshot = Some(SnapshotRef {
+            path: path.display().to_string(),
+            frame_time: event.after.frame_time,
+        });
+        out.push(Action::Snapshot(SnapshotJob {
+            camera: self.camera.clone(),
+            label: label.to_owned(),
+            score: event.after.score,
+            bbox: event.after.bbox,
+            path,
+        }));
+    }
+
+    /// Events (and the snapshots they call for), then any count that
+    /// changed, per label and per zone.
+    fn publish(
+        &mut self,
+        events: Vec<TrackEvent>,
+        settings: &Settings<'_>,
+        mut room: Option<&mut usize>,
+        out: &mut Vec<Action>,
+    ) {
         for event in &events {
             let label = settings.label(event.after.class_id);
+            if event.kind == EventKind::New || !self.known.contains_key(&event.after.id) {
+                let event_id = self.event_id(event.after.first_seen);
+                self.known.insert(
+                    event.after.id,
+                    Known {
+                        event_id,
+                        snapshot: None,
+                    },
+                );
+            }
+            self.snapshot_for(event, label, settings, room.as_deref_mut(), out);
             if settings.print_events {
                 out.push(Action::Print(super::console::event_line(
                     &self.camera,
@@ -164,13 +310,29 @@ impl CameraPublisher {
                     label,
                 )));
             }
-            out.push(Action::Send(mqtt::event_message(
-                &self.camera,
-                self.next_seq,
-                event,
+            let known = if event.kind == EventKind::End {
+                self.known.remove(&event.after.id)
+            } else {
+                self.known.get(&event.after.id).cloned()
+            };
+            let Some(known) = known else { continue };
+            let context = EventContext {
+                camera: &self.camera,
                 label,
-                self.frame_size,
-            )));
+                frame_size: self.frame_size,
+                event_id: &known.event_id,
+                snapshot: known.snapshot.as_ref(),
+            };
+            if settings.events.native() {
+                out.push(Action::Send(mqtt::event_message(
+                    self.next_seq,
+                    event,
+                    &context,
+                )));
+            }
+            if settings.events.frigate() {
+                out.push(Action::Send(mqtt::frigate_event_message(event, &context)));
+            }
             self.next_seq += 1;
         }
         let counts = self.tracker.counts();
@@ -184,6 +346,28 @@ impl CameraPublisher {
                     settings.label(class),
                     now,
                 )));
+            }
+        }
+        let zone_counts = self.tracker.zone_counts();
+        let keys: BTreeSet<(String, u32)> = zone_counts
+            .keys()
+            .chain(self.zone_counts.keys())
+            .cloned()
+            .collect();
+        for key in keys {
+            let now = zone_counts.get(&key).copied().unwrap_or(0);
+            if self.zone_counts.get(&key) != Some(&now) {
+                out.push(Action::Send(mqtt::zone_count_message(
+                    &self.camera,
+                    &key.0,
+                    settings.label(key.1),
+                    now,
+                )));
+                if now == 0 {
+                    self.zone_counts.remove(&key);
+                } else {
+                    self.zone_counts.insert(key, now);
+                }
             }
         }
     }
@@ -207,6 +391,9 @@ mod tests {
         labels: Vec<String>,
         rate: f32,
         print: bool,
+        events: EventFormat,
+        snapshot_dir: Option<PathBuf>,
+        room: usize,
     }
 
     impl Camera {
@@ -214,10 +401,19 @@ mod tests {
             let start = Instant::now();
             Camera {
                 start,
-                publisher: CameraPublisher::new("door", TrackerConfig::default(), start),
+                publisher: CameraPublisher::new(
+                    "Front Door",
+                    TrackerConfig::default(),
+                    None,
+                    start,
+                    fastrand::Rng::with_seed(19),
+                ),
                 labels: labels(),
                 rate: 0.0,
                 print: false,
+                events: EventFormat::Native,
+                snapshot_dir: None,
+                room: 0,
             }
         }
 
@@ -227,6 +423,9 @@ mod tests {
                 labels: &self.labels,
                 detections_rate: self.rate,
                 print_events: self.print,
+                events: self.events,
+                snapshot_dir: self.snapshot_dir.as_deref(),
+                snapshot_room: self.room,
             };
             step(&mut self.publisher, &settings)
         }
@@ -303,6 +502,8 @@ mod tests {
                     String::from_utf8_lossy(&m.payload)
                 )),
                 Action::Print(_) => None,
+                Action::Snapshot(job) => Some(format!("snapshot {}", job.path.display())),
+                Action::SnapshotDropped => Some("snapshot dropped".into()),
             })
             .collect()
     }
@@ -313,7 +514,10 @@ mod tests {
         let all = cam.frames(0..5, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             all,
-            [r#"door/events "new" "person" seq 0"#, "door/person 1"]
+            [
+                r#"Front Door/events "new" "person" seq 0"#,
+                "Front Door/person 1"
+            ]
         );
     }
 
@@ -325,10 +529,10 @@ mod tests {
         assert_eq!(
             all,
             [
-                r#"door/events "end" "person" seq 1"#,
-                "door/person 0",
-                r#"door/events "new" "cat" seq 2"#,
-                "door/cat 1",
+                r#"Front Door/events "end" "person" seq 1"#,
+                "Front Door/person 0",
+                r#"Front Door/events "new" "cat" seq 2"#,
+                "Front Door/cat 1",
             ]
         );
     }
@@ -359,7 +563,7 @@ mod tests {
             let detections = cam
                 .frame(t, (640, 480), &[])
                 .iter()
-                .filter(|a| matches!(a, Action::Send(m) if m.topic == "door/detections"))
+                .filter(|a| matches!(a, Action::Send(m) if m.topic == "Front Door/detections"))
                 .count();
             if detections > 0 {
                 at.push(i);
@@ -380,7 +584,10 @@ mod tests {
         assert!(sent(&cam.idle(2.1)).is_empty(), "not lost yet");
         assert_eq!(
             sent(&cam.idle(2.3)),
-            [r#"door/events "end" "person" seq 1"#, "door/person 0"]
+            [
+                r#"Front Door/events "end" "person" seq 1"#,
+                "Front Door/person 0"
+            ]
         );
         assert!(sent(&cam.idle(5.0)).is_empty(), "ended once");
     }
@@ -391,13 +598,19 @@ mod tests {
         cam.frames(0..3, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             sent(&cam.end(0.5)),
-            [r#"door/events "end" "person" seq 1"#, "door/person 0"]
+            [
+                r#"Front Door/events "end" "person" seq 1"#,
+                "Front Door/person 0"
+            ]
         );
         // Back at the same size: a new scene all the same, no second end.
         let all = cam.frames(10..13, (640, 480), &[(0, PERSON)]);
         assert_eq!(
             all,
-            [r#"door/events "new" "person" seq 2"#, "door/person 1"]
+            [
+                r#"Front Door/events "new" "person" seq 2"#,
+                "Front Door/person 1"
+            ]
         );
     }
 
@@ -414,22 +627,189 @@ mod tests {
             .map(|a| match a {
                 Action::Print(line) => {
                     assert!(
-                        line.contains("door") && line.contains("new") && line.contains("cat"),
+                        line.contains("Front Door") && line.contains("new") && line.contains("cat"),
                         "{line}"
                     );
                     "print"
                 }
                 Action::Send(m) => m.topic.as_str(),
+                Action::Snapshot(_) | Action::SnapshotDropped => "snapshot",
             })
             .collect();
-        assert_eq!(kinds, ["print", "door/events", "door/cat"]);
+        assert_eq!(kinds, ["print", "Front Door/events", "Front Door/cat"]);
     }
 
     #[test]
     fn a_class_the_model_does_not_name_is_published_as_a_question_mark() {
-        // `?` is a valid topic level: only `+`, `#` and `/` are not.
+        // Its count's topic level is the slug of `?`, which is empty: `_`.
         let mut cam = Camera::new();
         let all = cam.frames(0..3, (640, 480), &[(7, CAT)]);
-        assert_eq!(all, [r#"door/events "new" "?" seq 0"#, "door/? 1"]);
+        assert_eq!(
+            all,
+            [r#"Front Door/events "new" "?" seq 0"#, "Front Door/_ 1"]
+        );
+    }
+
+    /// The events of `actions` as JSON.
+    fn events(actions: &[Action]) -> Vec<serde_json::Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(m) if m.topic.ends_with("events") => {
+                    Some(serde_json::from_slice(&m.payload).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 19: a new object gets a snapshot, queued before the event
+    /// that names it; a better score gets another into the same file; a
+    /// full queue drops the picture, counted, and never the event.
+    #[test]
+    fn snapshots_come_with_new_objects_and_better_scores_and_never_cost_an_event_issue_19() {
+        let mut cam = Camera::new();
+        cam.snapshot_dir = Some(PathBuf::from("/var/lib/nanodetd/snapshots"));
+        cam.room = 1;
+        let mut all = Vec::new();
+        for i in 0..3 {
+            all.extend(cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]));
+        }
+        let said = sent(&all);
+        let new = &events(&all)[0];
+        let id = new["event_id"].as_str().unwrap();
+        // Frigate's form: the unix time it became real, a dash, 6 letters
+        // or digits.
+        let (time, random) = id.split_once('-').unwrap();
+        assert_eq!(time, "1000.000000");
+        assert!(
+            random.len() == 6
+                && random
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+            "{id}"
+        );
+        let path = format!("/var/lib/nanodetd/snapshots/front_door/{id}.jpg");
+        assert_eq!(said[0], format!("snapshot {path}"));
+        assert_eq!(said[1], r#"Front Door/events "new" "person" seq 0"#);
+        assert_eq!(
+            (&new["has_snapshot"], &new["snapshot"]),
+            (&true.into(), &path.clone().into())
+        );
+        // A better score: a new picture, same file, same id.
+        let better = cam.step(|p, s| {
+            p.frame(
+                Seen {
+                    detections: &[Detection {
+                        class_id: 0,
+                        score: 0.95,
+                        bbox: PERSON,
+                    }],
+                    size: (640, 480),
+                    taken: Instant::now(),
+                    ready: Instant::now(),
+                    wall_time: 1000.3,
+                    timing: FrameTiming::default(),
+                },
+                s,
+            )
+        });
+        assert_eq!(sent(&better)[0], format!("snapshot {path}"));
+        assert_eq!(events(&better)[0]["event_id"], id);
+        // A second person while the queue is full: the event goes out
+        // without a picture.
+        cam.room = 0;
+        let mut more = Vec::new();
+        for i in 4..7 {
+            more.extend(cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON), (1, CAT)]));
+        }
+        let said = sent(&more);
+        assert_eq!(said[0], "snapshot dropped");
+        assert_eq!(said[1], r#"Front Door/events "new" "cat" seq 2"#);
+        let cat = &events(&more)[0];
+        assert_eq!(
+            (&cat["has_snapshot"], &cat["snapshot"]),
+            (&false.into(), &serde_json::Value::Null)
+        );
+        assert_ne!(cat["event_id"], id, "each object its own id");
+    }
+
+    #[test]
+    fn only_tracked_labels_become_events_and_counts_issue_19() {
+        let mut cam = Camera::new();
+        cam.publisher
+            .retune(TrackerConfig::default(), Some(BTreeSet::from([1])));
+        let all = cam.frames(0..5, (640, 480), &[(0, PERSON), (1, CAT)]);
+        assert_eq!(
+            all,
+            [r#"Front Door/events "new" "cat" seq 0"#, "Front Door/cat 1"]
+        );
+    }
+
+    #[test]
+    fn frigate_events_go_to_the_prefix_events_topic_with_or_without_native_ones_issue_19() {
+        for (format, topics) in [
+            (EventFormat::Frigate, vec!["events", "Front Door/person"]),
+            (
+                EventFormat::Both,
+                vec!["Front Door/events", "events", "Front Door/person"],
+            ),
+        ] {
+            let mut cam = Camera::new();
+            cam.events = format;
+            let mut all = Vec::new();
+            for i in 0..3 {
+                all.extend(cam.frame(f64::from(i) * 0.1, (640, 480), &[(0, PERSON)]));
+            }
+            let sent_topics: Vec<&str> = all
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Send(m) => Some(m.topic.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(sent_topics, topics);
+            let frigate = events(&all)
+                .into_iter()
+                .find(|e| e.get("before").is_some_and(|b| b.get("camera").is_some()))
+                .unwrap();
+            assert_eq!(frigate["type"], "new");
+            assert_eq!(frigate["after"]["camera"], "Front Door");
+            assert_eq!(
+                frigate["after"]["box"],
+                serde_json::json!([100, 100, 200, 400])
+            );
+            assert_eq!(frigate["after"]["area"], 30000);
+        }
+    }
+
+    #[test]
+    fn zone_counts_follow_the_objects_in_each_zone_issue_19() {
+        let mut cam = Camera::new();
+        let tracker = TrackerConfig {
+            zones: vec![crate::track::Zone {
+                name: "porch".into(),
+                polygon: vec![(0.0, 0.0), (640.0, 0.0), (640.0, 480.0), (0.0, 480.0)],
+            }],
+            ..TrackerConfig::default()
+        };
+        cam.publisher.retune(tracker, None);
+        let all = cam.frames(0..5, (640, 480), &[(0, PERSON)]);
+        assert_eq!(
+            all,
+            [
+                r#"Front Door/events "new" "person" seq 0"#,
+                "Front Door/person 1",
+                "Front Door/porch/person 1",
+            ]
+        );
+        assert_eq!(
+            sent(&cam.end(1.0)),
+            [
+                r#"Front Door/events "end" "person" seq 1"#,
+                "Front Door/person 0",
+                "Front Door/porch/person 0",
+            ]
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::sweep::{self, CountSweep};
-use super::{Message, Outbox, Taken, TopicClass, qos_of};
+use super::{Message, Outbox, Taken, TopicClass, TopicRoot, qos_of};
 use crate::config::QosConfig;
 
 /// How long a connection must last for the reconnect back-off to start
@@ -49,6 +49,15 @@ struct InFlight {
     announce: bool,
 }
 
+/// Why the daemon subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscription {
+    /// Home Assistant's birth topic, for the connection's lifetime.
+    Birth,
+    /// The count sweep, until its SUBACK.
+    Sweep,
+}
+
 /// What a lost connection leads to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Lost {
@@ -72,9 +81,16 @@ pub(super) struct Delivery {
     /// When the current connection was made; None while not connected.
     connected_at: Option<Instant>,
     in_flight: VecDeque<InFlight>,
-    /// Retained messages as the broker last acknowledged them, by topic.
-    retained: BTreeMap<String, Message>,
+    /// Retained messages as the broker last acknowledged them, by topic;
+    /// an empty one (a deletion) removes its topic.
+    retained: BTreeMap<(TopicRoot, String), Message>,
     sweep: CountSweep,
+    /// Home Assistant's birth topic, when discovery is on: its `online`
+    /// means it restarted, and the retained state is announced again.
+    birth_topic: Option<String>,
+    /// What each SUBSCRIBE of this connection was for, in the order sent:
+    /// SUBACKs come back in that order.
+    awaiting_suback: VecDeque<Subscription>,
     backoff: Duration,
     connections: u64,
 }
@@ -96,6 +112,8 @@ impl Delivery {
             in_flight: VecDeque::new(),
             retained: BTreeMap::new(),
             sweep: CountSweep::new(),
+            birth_topic: None,
+            awaiting_suback: VecDeque::new(),
             backoff: FIRST_BACKOFF,
             connections: 0,
         };
@@ -117,6 +135,12 @@ impl Delivery {
         self.max_message_bytes = max_message_bytes;
         // The config keeps reconnect_max within (0, 3600].
         self.backoff_max = Duration::from_secs_f64(f64::from(reconnect_max).max(0.5));
+    }
+
+    /// Home Assistant's birth topic, subscribed to from the next
+    /// connection on (None: discovery is off).
+    pub(super) fn set_birth_topic(&mut self, topic: Option<String>) {
+        self.birth_topic = topic;
     }
 
     /// QoS changes apply to messages handed over from now on.
@@ -144,23 +168,57 @@ impl Delivery {
         &self.prefix
     }
 
-    /// CONNACK: subscribe for the count sweep, announce `online` and the
-    /// retained state, then hand over what waits.
+    /// CONNACK: subscribe to Home Assistant's birth topic and for the
+    /// count sweep, announce `online` and the retained state, then hand
+    /// over what waits.
     pub(super) fn connected(&mut self, now: Instant, link: &mut dyn Requests, outbox: &Outbox) {
         self.connected_at = Some(now);
         self.connections += 1;
+        self.awaiting_suback.clear();
         // Before the announce fills rumqttc's channel.
-        if self.sweep.connected() && !link.subscribe(&CountSweep::filter(&self.prefix)) {
-            self.sweep.not_subscribed();
+        if let Some(birth) = &self.birth_topic
+            && link.subscribe(birth)
+        {
+            self.awaiting_suback.push_back(Subscription::Birth);
+        }
+        if self.sweep.connected() {
+            if link.subscribe(&CountSweep::filter(&self.prefix)) {
+                self.awaiting_suback.push_back(Subscription::Sweep);
+            } else {
+                self.sweep.not_subscribed();
+            }
         }
         self.announce(link);
         self.feed(link, outbox);
     }
 
-    /// SUBACK of the sweep's subscription.
+    /// A SUBACK: the sweep's ends its subscription.
     pub(super) fn subscribed(&mut self, link: &mut dyn Requests) {
-        if self.sweep.subscribed() {
+        if self.awaiting_suback.pop_front() == Some(Subscription::Sweep) && self.sweep.subscribed()
+        {
             link.unsubscribe(&CountSweep::filter(&self.prefix));
+        }
+    }
+
+    /// A message on a subscribed topic: a retained count for the sweep, or
+    /// Home Assistant's live `online` on its birth topic, after which the
+    /// retained state (its discovery configs among them) is announced
+    /// again. A birth message the broker held retained is not a restart.
+    pub(super) fn received(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retained: bool,
+        link: &mut dyn Requests,
+        outbox: &Outbox,
+    ) {
+        if self.birth_topic.as_deref() == Some(topic) {
+            if !retained && payload == b"online" && self.is_connected() {
+                log::info!("MQTT: Home Assistant came online; announcing discovery again");
+                self.announce(link);
+            }
+        } else if retained {
+            self.retained_seen(topic, payload, outbox);
         }
     }
 
@@ -171,9 +229,10 @@ impl Delivery {
 
     /// A retained message the broker sent because of the sweep: a count an
     /// earlier run left, and this run has not set, is set to 0.
-    pub(super) fn retained_seen(&mut self, topic: &str, payload: &[u8], outbox: &Outbox) {
+    fn retained_seen(&mut self, topic: &str, payload: &[u8], outbox: &Outbox) {
         let ours = |t: &str| {
-            self.retained.contains_key(t)
+            self.retained
+                .contains_key(&(TopicRoot::Prefix, t.to_owned()))
                 || self.in_flight.iter().any(|f| f.message.topic == t)
                 || outbox.holds(t)
         };
@@ -222,7 +281,7 @@ impl Delivery {
         }
         while let Some(Taken { message, in_doubt }) = outbox.pop() {
             let qos = qos_of(message.class, &self.qos);
-            let topic = format!("{}/{}", self.prefix, message.topic);
+            let topic = message.full_topic(&self.prefix);
             let size = publish_size(&topic, &message.payload);
             if size > self.max_message_bytes {
                 let n = outbox.0.oversized.fetch_add(1, Ordering::Relaxed) + 1;
@@ -310,11 +369,12 @@ impl Delivery {
             topic: "available".into(),
             payload: b"online".to_vec(),
             class: TopicClass::State,
+            root: TopicRoot::Prefix,
             retain: true,
         };
         for message in std::iter::once(&online).chain(self.retained.values()) {
             let qos = qos_of(message.class, &self.qos);
-            let topic = format!("{}/{}", self.prefix, message.topic);
+            let topic = message.full_topic(&self.prefix);
             if link.publish(topic, qos, true, message.payload.clone()) {
                 self.in_flight.push_back(InFlight {
                     message: message.clone(),
@@ -336,7 +396,12 @@ impl Delivery {
             outbox.0.events_delivered.fetch_add(1, Ordering::Relaxed);
         }
         if message.retain {
-            self.retained.insert(message.topic.clone(), message);
+            let key = (message.root, message.topic.clone());
+            if message.payload.is_empty() {
+                self.retained.remove(&key);
+            } else {
+                self.retained.insert(key, message);
+            }
         }
     }
 
@@ -428,6 +493,7 @@ mod tests {
             topic: format!("door/events/{n}"),
             payload: n.to_string().into_bytes(),
             class: TopicClass::Events,
+            root: TopicRoot::Prefix,
             retain: false,
         }
     }
@@ -711,6 +777,65 @@ mod tests {
             [
                 ("door/cat".to_owned(), b"1".to_vec()),
                 ("door/person".to_owned(), b"0".to_vec())
+            ]
+        );
+    }
+
+    /// Issue 19: Home Assistant's `online` (live, not a retained copy)
+    /// gets the retained state announced again, discovery configs among
+    /// them; the birth topic's SUBACK, which comes first, does not end the
+    /// sweep, and an emptied (deleted) config is not announced again.
+    #[test]
+    fn home_assistants_birth_announces_the_retained_state_again_issue_19() {
+        let outbox = Outbox::new(10);
+        let mut d = delivery(1);
+        d.set_birth_topic(Some("homeassistant/status".into()));
+        let mut link = FakeLink::with_room(20);
+        d.connected(Instant::now(), &mut link, &outbox);
+        assert_eq!(link.subscribed, ["homeassistant/status", "home/cam/+/+"]);
+        d.subscribed(&mut link);
+        assert!(link.unsubscribed.is_empty(), "the birth topic's SUBACK");
+        d.subscribed(&mut link);
+        assert_eq!(link.unsubscribed, ["home/cam/+/+"]);
+        let config = |topic: &str, payload: &[u8]| Message {
+            topic: topic.into(),
+            root: TopicRoot::Broker,
+            payload: payload.to_vec(),
+            class: TopicClass::State,
+            retain: true,
+        };
+        outbox.push(config("homeassistant/sensor/n/a/config", b"{}"));
+        outbox.push(config("homeassistant/sensor/n/b/config", b"{}"));
+        outbox.push(count("person", 1));
+        outbox.push(config("homeassistant/sensor/n/b/config", b""));
+        d.feed(&mut link, &outbox);
+        for pkid in 1..=5 {
+            d.sent(pkid, &outbox);
+            d.acked(pkid, &outbox);
+        }
+        let before = link.published.len();
+        d.received("homeassistant/status", b"online", true, &mut link, &outbox);
+        assert_eq!(
+            link.published.len(),
+            before,
+            "a retained birth is no restart"
+        );
+        d.received(
+            "homeassistant/status",
+            b"offline",
+            false,
+            &mut link,
+            &outbox,
+        );
+        assert_eq!(link.published.len(), before);
+        d.received("homeassistant/status", b"online", false, &mut link, &outbox);
+        let again: Vec<&str> = link.topics()[before..].to_vec();
+        assert_eq!(
+            again,
+            [
+                "home/cam/available",
+                "home/cam/door/person",
+                "homeassistant/sensor/n/a/config",
             ]
         );
     }

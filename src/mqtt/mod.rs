@@ -24,12 +24,14 @@ use crate::config::{Config, MqttConfig, MqttProtocol, QosConfig};
 use delivery::{Delivery, Requests};
 
 mod delivery;
+pub mod homeassistant;
 mod payload;
 mod sweep;
 
 pub use payload::{
-    FrameTiming, SCHEMA, count_message, detections_message, event_message, stats_message,
-    status_message,
+    EventContext, FrameTiming, SCHEMA, SnapshotRef, camera_available_message, count_message,
+    detections_message, event_message, frigate_event_message, label_level, snapshot_messages,
+    stats_message, status_message, zone_count_message,
 };
 
 /// Which QoS setting a message follows.
@@ -45,17 +47,40 @@ pub enum TopicClass {
     Stats,
 }
 
-/// One message, its topic relative to the prefix.
+/// What a message's topic is relative to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TopicRoot {
+    /// Below the daemon's prefix: `front/events` goes out as
+    /// `<prefix>/front/events`.
+    Prefix,
+    /// The broker's root, as it is: Home Assistant's discovery topics,
+    /// which live under its own prefix.
+    Broker,
+}
+
+/// One message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
-    /// Topic below the prefix, e.g. `front/events`.
+    /// Topic, relative to `root`: e.g. `front/events` below the prefix.
     pub topic: String,
+    /// What the topic is relative to.
+    pub root: TopicRoot,
     /// JSON or plain text.
     pub payload: Vec<u8>,
     /// QoS class.
     pub class: TopicClass,
     /// Retained on the broker.
     pub retain: bool,
+}
+
+impl Message {
+    /// The topic as it goes to the broker, under `prefix`.
+    pub fn full_topic(&self, prefix: &str) -> String {
+        match self.root {
+            TopicRoot::Prefix => format!("{prefix}/{}", self.topic),
+            TopicRoot::Broker => self.topic.clone(),
+        }
+    }
 }
 
 /// The outbox's two queues, under one lock.
@@ -219,14 +244,14 @@ impl Outbox {
         }
     }
 
-    /// Whether a message on `topic` is waiting.
+    /// Whether a message on `topic`, below the prefix, is waiting.
     fn holds(&self, topic: &str) -> bool {
         let queue = self.queue();
         queue
             .in_doubt
             .iter()
             .chain(&queue.unsent)
-            .any(|m| m.topic == topic)
+            .any(|m| m.root == TopicRoot::Prefix && m.topic == topic)
     }
 
     fn is_empty(&self) -> bool {
@@ -269,10 +294,12 @@ enum LinkEvent {
     Acked(u16),
     /// Our DISCONNECT was written.
     Closed,
-    /// A message the broker held retained, sent because we subscribed.
-    Retained {
+    /// A message on a topic we subscribed to: `retained` when the broker
+    /// held it (sent because we subscribed), not when it is live.
+    Received {
         topic: String,
         payload: Vec<u8>,
+        retained: bool,
     },
     /// The broker acknowledged our SUBSCRIBE.
     Subscribed,
@@ -391,9 +418,10 @@ impl Link {
                     Event::Incoming(Packet::PubComp(a)) => LinkEvent::Acked(a.pkid),
                     Event::Incoming(Packet::SubAck(_)) => LinkEvent::Subscribed,
                     Event::Incoming(Packet::UnsubAck(_)) => LinkEvent::Unsubscribed,
-                    Event::Incoming(Packet::Publish(p)) if p.retain => LinkEvent::Retained {
+                    Event::Incoming(Packet::Publish(p)) => LinkEvent::Received {
                         topic: p.topic,
                         payload: p.payload.to_vec(),
+                        retained: p.retain,
                     },
                     Event::Incoming(_) => LinkEvent::Other,
                     Event::Outgoing(o) => outgoing(o),
@@ -408,11 +436,12 @@ impl Link {
                     Event::Incoming(Packet::PubComp(a)) => LinkEvent::Acked(a.pkid),
                     Event::Incoming(Packet::SubAck(_)) => LinkEvent::Subscribed,
                     Event::Incoming(Packet::UnsubAck(_)) => LinkEvent::Unsubscribed,
-                    Event::Incoming(Packet::Publish(p)) if p.retain => {
+                    Event::Incoming(Packet::Publish(p)) => {
                         match String::from_utf8(p.topic.to_vec()) {
-                            Ok(topic) => LinkEvent::Retained {
+                            Ok(topic) => LinkEvent::Received {
                                 topic,
                                 payload: p.payload.to_vec(),
+                                retained: p.retain,
                             },
                             Err(_) => LinkEvent::Other,
                         }
@@ -553,6 +582,7 @@ impl MqttTask {
                     m.reconnect_max.get(),
                 )),
             };
+            delivery.set_birth_topic(birth_topic(&config));
             let client_id = m
                 .client_id
                 .clone()
@@ -589,8 +619,8 @@ impl MqttTask {
                         }
                         Ok(LinkEvent::Subscribed) => delivery.subscribed(&mut link),
                         Ok(LinkEvent::Unsubscribed) => delivery.unsubscribed(),
-                        Ok(LinkEvent::Retained { topic, payload }) => {
-                            delivery.retained_seen(&topic, &payload, &self.outbox);
+                        Ok(LinkEvent::Received { topic, payload, retained }) => {
+                            delivery.received(&topic, &payload, retained, &mut link, &self.outbox);
                         }
                         Ok(LinkEvent::Sent(pkid)) => {
                             delivery.sent(pkid, &self.outbox);
@@ -627,6 +657,11 @@ impl MqttTask {
                         let new = self.config.borrow().clone();
                         self.outbox.set_capacity(new.mqtt.queue.get());
                         delivery.set_qos(new.mqtt.qos);
+                        if birth_topic(&new) != birth_topic(&config) {
+                            log::info!("MQTT: Home Assistant settings changed, reconnecting");
+                            self.close(delivery, &mut link, Duration::from_secs(1), false).await;
+                            break;
+                        }
                         if new.mqtt.needs_reconnect(m) || new.device_id != config.device_id {
                             log::info!("MQTT: settings changed, reconnecting");
                             // No flush: what is queued belongs under the
@@ -688,6 +723,15 @@ impl MqttTask {
         delivery.closed(outbox);
         self.status.connected.store(false, Ordering::Relaxed);
     }
+}
+
+/// Home Assistant's birth topic, where it says `online` when it starts
+/// and the discovery configs must be announced again; None when
+/// discovery is off.
+fn birth_topic(config: &Config) -> Option<String> {
+    let ha = &config.homeassistant;
+    ha.enabled
+        .then(|| format!("{}/status", ha.discovery_prefix))
 }
 
 /// What is unsafe about how the password travels or is stored: sent over
@@ -760,6 +804,7 @@ mod tests {
             topic: format!("cam/{n}"),
             payload: Vec::new(),
             class: TopicClass::Events,
+            root: TopicRoot::Prefix,
             retain: false,
         }
     }

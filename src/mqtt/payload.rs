@@ -1,9 +1,11 @@
 //! The JSON published on each topic (documented in docs/MQTT.md). Every
 //! payload carries `schema`; consumers check it before reading fields.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
-use super::{Message, TopicClass};
+use super::{Message, TopicClass, TopicRoot};
 use crate::postprocess::Detection;
 use crate::track::{ObjectSnapshot, TrackEvent};
 
@@ -39,6 +41,8 @@ struct ObjectJson<'a> {
     /// The same box divided by the frame size.
     box_normalized: [f32; 4],
     zones: &'a [String],
+    entered_zones: &'a [String],
+    stationary: bool,
     first_seen: f64,
     last_seen: f64,
     frame_time: f64,
@@ -59,6 +63,8 @@ fn object<'a>(o: &'a ObjectSnapshot, label: &'a str, size: (usize, usize)) -> Ob
         bbox: o.bbox,
         box_normalized: normalized(&o.bbox, size),
         zones: &o.zones,
+        entered_zones: &o.entered_zones,
+        stationary: o.stationary,
         first_seen: o.first_seen,
         last_seen: o.last_seen,
         frame_time: o.frame_time,
@@ -71,19 +77,39 @@ fn json(topic: String, value: &impl Serialize, class: TopicClass, retain: bool) 
         // Serializing these plain structs cannot fail.
         payload: serde_json::to_vec(value).unwrap_or_default(),
         class,
+        root: TopicRoot::Prefix,
         retain,
     }
 }
 
+/// What an event says of its object beyond the tracker's view of it.
+#[derive(Debug, Clone, Copy)]
+pub struct EventContext<'a> {
+    /// The camera.
+    pub camera: &'a str,
+    /// The object's label.
+    pub label: &'a str,
+    /// The size of the frame its boxes are in.
+    pub frame_size: (usize, usize),
+    /// Frigate-style `"<unix time>-<random>"`, fixed when the object
+    /// becomes real, unique across restarts.
+    pub event_id: &'a str,
+    /// Its best snapshot so far, if one was taken.
+    pub snapshot: Option<&'a SnapshotRef>,
+}
+
+/// Where an object's snapshot is, and when its frame was taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRef {
+    /// The file, under `snapshots.dir`.
+    pub path: String,
+    /// The frame's time, Unix seconds.
+    pub frame_time: f64,
+}
+
 /// `<camera>/events`. `seq` counts the camera's events since start, so a
 /// subscriber can spot gaps and QoS 1 duplicates.
-pub fn event_message(
-    camera: &str,
-    seq: u64,
-    event: &TrackEvent,
-    label: &str,
-    frame_size: (usize, usize),
-) -> Message {
+pub fn event_message(seq: u64, event: &TrackEvent, context: &EventContext<'_>) -> Message {
     #[derive(Serialize)]
     struct EventJson<'a> {
         schema: u32,
@@ -92,15 +118,27 @@ pub fn event_message(
         camera: &'a str,
         boot: &'a str,
         seq: u64,
+        event_id: &'a str,
+        has_snapshot: bool,
+        snapshot: Option<&'a str>,
         before: Option<ObjectJson<'a>>,
         after: ObjectJson<'a>,
     }
+    let EventContext {
+        camera,
+        label,
+        frame_size,
+        ..
+    } = *context;
     let value = EventJson {
         schema: SCHEMA,
         kind: event.kind,
         camera,
         boot: boot_id(),
         seq,
+        event_id: context.event_id,
+        has_snapshot: context.snapshot.is_some(),
+        snapshot: context.snapshot.map(|s| s.path.as_str()),
         before: event.before.as_ref().map(|b| object(b, label, frame_size)),
         after: object(&event.after, label, frame_size),
     };
@@ -112,21 +150,111 @@ pub fn event_message(
     )
 }
 
-/// A class name as one topic level: class files are not checked like the
-/// config, so whatever a topic level may not hold (`/`, `+`, `#`, control
-/// characters, non-characters: [`topic_level_char`](crate::config::topic_level_char))
-/// becomes `_`.
-fn label_level(label: &str) -> String {
-    let level: String = label
-        .chars()
-        .map(|c| {
-            if crate::config::topic_level_char(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+/// `<camera>/events` in Frigate's payload, on `events` (docs/MQTT.md,
+/// "Frigate-compatible events"): the fields, names and JSON types of
+/// Frigate 0.14's, filled from the tracker's view of the object.
+pub fn frigate_event_message(event: &TrackEvent, context: &EventContext<'_>) -> Message {
+    #[derive(Serialize)]
+    struct FrigateEvent<'a> {
+        #[serde(rename = "type")]
+        kind: crate::track::EventKind,
+        before: FrigateObject<'a>,
+        after: FrigateObject<'a>,
+    }
+    let ended = event.kind == crate::track::EventKind::End;
+    let value = FrigateEvent {
+        kind: event.kind,
+        // Frigate's `new` repeats the object as `before`.
+        before: frigate_object(
+            event.before.as_ref().unwrap_or(&event.after),
+            context,
+            false,
+        ),
+        after: frigate_object(&event.after, context, ended),
+    };
+    json("events".into(), &value, TopicClass::Events, false)
+}
+
+/// One side of a Frigate event.
+#[derive(Serialize)]
+struct FrigateObject<'a> {
+    id: &'a str,
+    camera: &'a str,
+    frame_time: f64,
+    snapshot_time: f64,
+    label: &'a str,
+    sub_label: Option<()>,
+    top_score: f32,
+    false_positive: bool,
+    start_time: f64,
+    end_time: Option<f64>,
+    score: f32,
+    #[serde(rename = "box")]
+    bbox: [i64; 4],
+    area: i64,
+    ratio: f64,
+    region: [i64; 4],
+    current_zones: &'a [String],
+    entered_zones: &'a [String],
+    thumbnail: Option<()>,
+    has_snapshot: bool,
+    has_clip: bool,
+    active: bool,
+    stationary: bool,
+    motionless_count: u32,
+    position_changes: u32,
+    attributes: BTreeMap<String, f32>,
+    current_attributes: [(); 0],
+}
+
+fn frigate_object<'a>(
+    o: &'a ObjectSnapshot,
+    context: &EventContext<'a>,
+    ended: bool,
+) -> FrigateObject<'a> {
+    // Whole pixels, as Frigate's boxes are; a box's corners are finite
+    // and within the frame, so the casts saturate at worst.
+    let px = |v: f32| v.round() as i64;
+    let bbox = o.bbox.map(px);
+    let (w, h) = (bbox[2] - bbox[0], bbox[3] - bbox[1]);
+    let (fw, fh) = context.frame_size;
+    FrigateObject {
+        id: context.event_id,
+        camera: context.camera,
+        frame_time: o.frame_time,
+        snapshot_time: context.snapshot.map_or(0.0, |s| s.frame_time),
+        label: context.label,
+        sub_label: None,
+        top_score: o.top_score,
+        false_positive: false,
+        start_time: o.first_seen,
+        end_time: ended.then_some(o.last_seen),
+        score: o.score,
+        bbox,
+        area: w.saturating_mul(h),
+        ratio: if h > 0 { w as f64 / h as f64 } else { 0.0 },
+        // The detector sees the whole frame: its one region.
+        region: [0, 0, fw as i64, fh as i64],
+        current_zones: &o.zones,
+        entered_zones: &o.entered_zones,
+        thumbnail: None,
+        has_snapshot: context.snapshot.is_some(),
+        has_clip: false,
+        active: !o.stationary,
+        stationary: o.stationary,
+        motionless_count: o.motionless_frames,
+        position_changes: o.position_changes,
+        attributes: BTreeMap::new(),
+        current_attributes: [],
+    }
+}
+
+/// A class name as one topic level: its slug (`traffic light` →
+/// `traffic_light`), as Home Assistant's ids have it; `_` when nothing is
+/// left. Class files are not checked like the config, and a slug holds
+/// nothing a topic level may not.
+pub fn label_level(label: &str) -> String {
+    let level = crate::config::slug(label);
     if level.is_empty() { "_".into() } else { level }
 }
 
@@ -138,8 +266,47 @@ pub fn count_message(camera: &str, label: &str, count: usize) -> Message {
         topic: format!("{camera}/{}", label_level(label)),
         payload: count.to_string().into_bytes(),
         class: TopicClass::State,
+        root: TopicRoot::Prefix,
         retain: true,
     }
+}
+
+/// `<camera>/<zone>/<label>`: how many real objects of a label stand in
+/// the zone; retained, a bare number, as Frigate's zone counts.
+pub fn zone_count_message(camera: &str, zone: &str, label: &str, count: usize) -> Message {
+    Message {
+        topic: format!("{camera}/{zone}/{}", label_level(label)),
+        root: TopicRoot::Prefix,
+        payload: count.to_string().into_bytes(),
+        class: TopicClass::State,
+        retain: true,
+    }
+}
+
+/// `<camera>/available`: `online` while the camera streams, `offline`
+/// while it opens, re-opens or has finished; retained.
+pub fn camera_available_message(camera: &str, online: bool) -> Message {
+    Message {
+        topic: format!("{camera}/available"),
+        root: TopicRoot::Prefix,
+        payload: if online { &b"online"[..] } else { b"offline" }.to_vec(),
+        class: TopicClass::State,
+        retain: true,
+    }
+}
+
+/// A snapshot's JPEG, retained on `<camera>/<label>/snapshot` (Frigate's
+/// topic) and on `<camera>/all/snapshot` (the camera's latest, which Home
+/// Assistant's image entity shows).
+pub fn snapshot_messages(camera: &str, label: &str, jpeg: &[u8]) -> [Message; 2] {
+    let message = |level: String| Message {
+        topic: format!("{camera}/{level}/snapshot"),
+        root: TopicRoot::Prefix,
+        payload: jpeg.to_vec(),
+        class: TopicClass::State,
+        retain: true,
+    };
+    [message(label_level(label)), message("all".into())]
 }
 
 /// Where one frame's time went before its detections were published,
@@ -254,6 +421,10 @@ mod tests {
             top_score: 0.9,
             bbox: [64.0, 48.0, 320.0, 480.0],
             zones: vec!["door".into()],
+            entered_zones: Vec::new(),
+            motionless_frames: 0,
+            stationary: false,
+            position_changes: 0,
             first_seen: 10.0,
             last_seen: 12.5,
             frame_time: 12.5,
@@ -267,7 +438,14 @@ mod tests {
             before: Some(snapshot()),
             after: snapshot(),
         };
-        let m = event_message("front", 3, &e, "person", (640, 480));
+        let context = EventContext {
+            camera: "front",
+            label: "person",
+            frame_size: (640, 480),
+            event_id: "12.500000-abc123",
+            snapshot: None,
+        };
+        let m = event_message(3, &e, &context);
         assert_eq!(m.topic, "front/events");
         assert!(!m.retain);
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
@@ -303,17 +481,22 @@ mod tests {
 
     #[test]
     fn labels_cannot_inject_topic_levels() {
+        // Issue 19: the label's slug, as Home Assistant's ids have it.
         assert_eq!(
             count_message("cam", "traffic light", 2).topic,
-            "cam/traffic light"
+            "cam/traffic_light"
         );
-        assert_eq!(count_message("cam", "a/b+#", 0).topic, "cam/a_b__");
+        assert_eq!(count_message("cam", "a/b+#", 0).topic, "cam/a_b");
         assert_eq!(count_message("cam", "", 0).topic, "cam/_");
         assert_eq!(count_message("cam", "x", 3).payload, b"3");
         // Issue 17: non-characters, on which mosquitto drops the link.
         assert_eq!(
             count_message("cam", "cat\u{FFFF}\u{FDD0}", 1).topic,
-            "cam/cat__"
+            "cam/cat"
+        );
+        assert_eq!(
+            zone_count_message("cam", "porch", "Traffic Light", 1).topic,
+            "cam/porch/traffic_light"
         );
     }
 

@@ -17,7 +17,7 @@
 //! repeat on every reconnect, so a connection lost twice running during
 //! the sweep turns the sweep off for this run, with a warning.
 
-use super::{Message, TopicClass};
+use super::{Message, TopicClass, TopicRoot};
 
 /// Where the sweep of one connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +130,7 @@ pub(super) fn stale_count(
         topic: relative.to_owned(),
         payload: b"0".to_vec(),
         class: TopicClass::State,
+        root: TopicRoot::Prefix,
         retain: true,
     })
 }

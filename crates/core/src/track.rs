@@ -106,6 +106,10 @@ pub struct TrackerConfig {
     pub score_step: f32,
     /// An unchanged real object is re-published this often (seconds).
     pub heartbeat: f64,
+    /// Frames in a row an object must stay put (its box overlapping where
+    /// it settled by at least `moved_iou`) to count as stationary, as
+    /// Frigate's `stationary.threshold` counts them.
+    pub stationary_frames: u32,
 }
 
 impl TrackerConfig {
@@ -128,6 +132,7 @@ impl Default for TrackerConfig {
             moved_iou: 0.5,
             score_step: 0.05,
             heartbeat: 60.0,
+            stationary_frames: 50,
         }
     }
 }
@@ -149,6 +154,14 @@ pub struct ObjectSnapshot {
     pub bbox: [f32; 4],
     /// Zones the object stands in, in configuration order.
     pub zones: Vec<String>,
+    /// Every zone it has stood in since it appeared, in the order entered.
+    pub entered_zones: Vec<String>,
+    /// Frames in a row it has stayed put.
+    pub motionless_frames: u32,
+    /// Whether it has stayed put for `stationary_frames`.
+    pub stationary: bool,
+    /// Times it moved off after having been stationary.
+    pub position_changes: u32,
     /// When it was first detected (seconds).
     pub first_seen: f64,
     /// When it was last detected (seconds).
@@ -183,6 +196,9 @@ pub struct TrackEvent {
 
 struct Track {
     state: ObjectSnapshot,
+    /// The box it settled at: moving off it (IoU below `moved_iou`)
+    /// starts the motionless count over from the new box.
+    settled: [f32; 4],
     scores: Vec<f32>,
     published: Option<(ObjectSnapshot, f64)>,
 }
@@ -309,8 +325,23 @@ impl Tracker {
             track.state.score = det.score;
             track.state.top_score = track.state.top_score.max(det.score);
             track.state.bbox = det.bbox;
+            for zone in &zones {
+                if !track.state.entered_zones.contains(zone) {
+                    track.state.entered_zones.push(zone.clone());
+                }
+            }
             track.state.zones = zones;
             track.state.last_seen = now;
+            if iou(&track.settled, &det.bbox) >= self.config.moved_iou {
+                track.state.motionless_frames = track.state.motionless_frames.saturating_add(1);
+            } else {
+                if track.state.stationary {
+                    track.state.position_changes = track.state.position_changes.saturating_add(1);
+                }
+                track.state.motionless_frames = 0;
+                track.settled = det.bbox;
+            }
+            track.state.stationary = track.state.motionless_frames >= self.config.stationary_frames;
         }
         for (d, det) in admitted.iter().enumerate() {
             if det_taken[d] {
@@ -327,12 +358,17 @@ impl Tracker {
                     median_score: det.score,
                     top_score: det.score,
                     bbox: det.bbox,
+                    entered_zones: zones.clone(),
                     zones,
+                    motionless_frames: 0,
+                    stationary: false,
+                    position_changes: 0,
                     first_seen: now,
                     last_seen: now,
                     frame_time: now,
                 },
                 scores: vec![det.score],
+                settled: det.bbox,
                 published: None,
             });
         }
@@ -405,6 +441,25 @@ impl Tracker {
             *counts.entry(t.state.class_id).or_insert(0) += 1;
         }
         counts
+    }
+
+    /// Real objects standing in each zone, per class: `(zone, class)`.
+    pub fn zone_counts(&self) -> BTreeMap<(String, u32), usize> {
+        let mut counts = BTreeMap::new();
+        for t in self.tracks.iter().filter(|t| t.published.is_some()) {
+            for zone in &t.state.zones {
+                *counts.entry((zone.clone(), t.state.class_id)).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// The real objects in view now.
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectSnapshot> {
+        self.tracks
+            .iter()
+            .filter(|t| t.published.is_some())
+            .map(|t| &t.state)
     }
 }
 
@@ -628,5 +683,62 @@ mod tests {
         assert!(inside(&square, (5.0, 5.0)));
         assert!(!inside(&square, (15.0, 5.0)));
         assert!(!inside(&[], (0.0, 0.0)));
+    }
+
+    /// Issue 19: Frigate's fields. A person walks from the yard into the
+    /// driveway and stops there: both zones entered, counted per zone,
+    /// stationary after `stationary_frames` still frames, and one position
+    /// change when they walk off again.
+    #[test]
+    fn zones_entered_zone_counts_and_stationary_follow_the_object_issue_19() {
+        let square = |x0: f32, x1: f32| vec![(x0, 0.0), (x1, 0.0), (x1, 1000.0), (x0, 1000.0)];
+        let mut t = Tracker::new(TrackerConfig {
+            zones: vec![
+                Zone {
+                    name: "yard".into(),
+                    polygon: square(0.0, 300.0),
+                },
+                Zone {
+                    name: "driveway".into(),
+                    polygon: square(300.0, 1000.0),
+                },
+            ],
+            stationary_frames: 3,
+            ..TrackerConfig::default()
+        });
+        let at = |x: f32| det(0, 0.9, [x, 100.0, x + 100.0, 400.0]);
+        let (events, mut now) = until_event(&mut t, &[at(100.0)], 0.0);
+        assert_eq!(events[0].after.entered_zones, ["yard"]);
+        assert_eq!(t.zone_counts(), BTreeMap::from([(("yard".into(), 0), 1)]));
+        // Into the driveway in steps the matching follows, then standing.
+        let mut last = None;
+        for x in [150.0, 200.0, 250.0, 300.0, 350.0, 400.0, 450.0, 500.0]
+            .into_iter()
+            .chain([500.0; 4])
+        {
+            now += 0.1;
+            t.update(&[at(x)], now);
+            last = t.objects().next().cloned();
+        }
+        let person = last.unwrap();
+        assert_eq!(person.zones, ["driveway"]);
+        assert_eq!(person.entered_zones, ["yard", "driveway"]);
+        assert_eq!(
+            t.zone_counts(),
+            BTreeMap::from([(("driveway".into(), 0), 1)])
+        );
+        assert_eq!((person.motionless_frames, person.stationary), (4, true));
+        assert_eq!(person.position_changes, 0);
+        now += 0.1;
+        t.update(&[at(550.0)], now);
+        let person = t.objects().next().unwrap();
+        assert_eq!(
+            (
+                person.motionless_frames,
+                person.stationary,
+                person.position_changes
+            ),
+            (0, false, 1)
+        );
     }
 }
