@@ -10,6 +10,8 @@
 # - Python packages (pycocotools, onnx, onnxruntime, numpy): into a virtual
 #   environment under target/test-venv, never into the system's Python. Its
 #   bin/ comes first on PATH for the tests, which run `python3`.
+# - Home Assistant 2024.3.3 in target/ha-venv (scripts/ha-venv.sh), which
+#   the discovery test starts on its own broker.
 # - A real ONNX Runtime 1.14.1 library, which the onnxruntime tests must
 #   refuse (scripts/old-onnxruntime.sh).
 #
@@ -73,6 +75,10 @@ if ! "$venv/bin/python3" -c 'import numpy, pycocotools, onnx, onnxruntime' 2>/de
     "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "${python_packages[@]}"
 fi
 export PATH="$PWD/$venv/bin:$PATH"
+
+# --- A real Home Assistant, in a venv of its own (its pinned packages would
+# clash with the ones above), for the MQTT discovery test.
+scripts/ha-venv.sh
 
 # --- An older libonnxruntime, which the onnxruntime backend must refuse.
 scripts/old-onnxruntime.sh

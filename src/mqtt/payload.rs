@@ -509,4 +509,100 @@ mod tests {
         assert_eq!(v["schema"], SCHEMA);
         assert!(m.retain);
     }
+
+    /// A JSON value's type, telling integers from other numbers.
+    fn kind(v: &serde_json::Value) -> &'static str {
+        match v {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "bool",
+            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            serde_json::Value::Number(_) => "real",
+            serde_json::Value::String(_) => "string",
+            serde_json::Value::Array(_) => "array",
+            serde_json::Value::Object(_) => "object",
+        }
+    }
+
+    /// Issue 19: a Frigate consumer reads our events as Frigate's. Every
+    /// field of the recorded Frigate 0.14 event (tests/fixtures/frigate)
+    /// is there, under the same name, with a type the recording has for it
+    /// (null only where the recording has null); nothing extra.
+    #[test]
+    fn frigate_events_match_a_recorded_frigate_event_field_for_field_issue_19() {
+        let recorded: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/frigate/event-0.14.json"))
+                .unwrap();
+        let mut after = snapshot();
+        after.zones = vec!["driveway".into()];
+        after.entered_zones = vec!["yard".into(), "driveway".into()];
+        let event = TrackEvent {
+            kind: EventKind::Update,
+            before: Some(snapshot()),
+            after,
+        };
+        let snap = SnapshotRef {
+            path: "/var/lib/nanodetd/snapshots/front/10.000000-abc123.jpg".into(),
+            frame_time: 12.5,
+        };
+        let context = EventContext {
+            camera: "front",
+            label: "person",
+            frame_size: (640, 480),
+            event_id: "10.000000-abc123",
+            snapshot: Some(&snap),
+        };
+        let m = frigate_event_message(&event, &context);
+        assert_eq!((m.topic.as_str(), m.retain), ("events", false));
+        let ours: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(kind(&ours["type"]), kind(&recorded["type"]));
+        assert_eq!(ours["type"], "update");
+        let fields = |v: &serde_json::Value| -> Vec<String> {
+            let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(fields(&ours), fields(&recorded));
+        for side in ["before", "after"] {
+            assert_eq!(fields(&ours[side]), fields(&recorded[side]), "{side}");
+            for key in fields(&recorded[side]) {
+                let allowed = [
+                    kind(&recorded["before"][&key]),
+                    kind(&recorded["after"][&key]),
+                ];
+                let got = kind(&ours[side][&key]);
+                assert!(
+                    allowed.contains(&got),
+                    "{side}.{key}: {got}, recorded {allowed:?}"
+                );
+                if let (Some(a), Some(r)) =
+                    (ours[side][&key].as_array(), recorded[side][&key].as_array())
+                    && let (Some(a), Some(r)) = (a.first(), r.first())
+                {
+                    assert_eq!(kind(a), kind(r), "{side}.{key}[0]");
+                }
+            }
+        }
+        let after = &ours["after"];
+        assert_eq!(after["id"], "10.000000-abc123");
+        assert_eq!(after["box"], serde_json::json!([64, 48, 320, 480]));
+        assert_eq!(after["area"], 256 * 432);
+        assert_eq!(after["region"], serde_json::json!([0, 0, 640, 480]));
+        assert_eq!(
+            after["entered_zones"],
+            serde_json::json!(["yard", "driveway"])
+        );
+        assert_eq!(
+            (&after["has_snapshot"], &after["snapshot_time"]),
+            (&true.into(), &12.5.into())
+        );
+        assert_eq!(after["end_time"], serde_json::Value::Null);
+        // The end: end_time is the last sighting.
+        let end = TrackEvent {
+            kind: EventKind::End,
+            ..event
+        };
+        let ended: serde_json::Value =
+            serde_json::from_slice(&frigate_event_message(&end, &context).payload).unwrap();
+        assert_eq!(ended["after"]["end_time"], 12.5);
+    }
 }

@@ -139,6 +139,8 @@ impl Drop for Broker {
 struct Received {
     topic: String,
     payload: String,
+    /// The payload as sent: pictures are not text.
+    bytes: Vec<u8>,
     retain: bool,
 }
 
@@ -179,6 +181,7 @@ impl Subscriber {
                         sink.lock().unwrap().push(Received {
                             topic: p.topic.clone(),
                             payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            bytes: p.payload.to_vec(),
                             retain: p.retain,
                         });
                     }
@@ -455,8 +458,12 @@ fn events_new_then_end_and_retained_counts() {
                 .any(|m| m.topic == format!("nd/samples/{l}") && m.retain)
         })
     });
+    // Every count is 0; the camera's own `available` says it finished.
     assert!(
-        late.all().iter().all(|m| m.payload == "0"),
+        late.all()
+            .iter()
+            .all(|m| m.payload == "0"
+                || (m.topic == "nd/samples/available" && m.payload == "offline")),
         "{:?}",
         late.all()
     );
@@ -2472,4 +2479,345 @@ fn hot_swap_is_refused_and_the_old_model_runs_on(
     assert!(daemon.alive());
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
+}
+
+/// Issue 19: with snapshots on and both event formats, the real daemon
+/// writes each object's picture where its events say, publishes the same
+/// JPEG retained on its label's and the camera's snapshot topics, sends
+/// Frigate's events with the same id as its own, and counts the zone.
+#[test]
+fn snapshots_are_written_published_and_named_by_their_events_issue_19() {
+    let Some((_serial, assets)) = setup("snapshots", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photos = photo_folder(&assets, &["hpc203_zidane.jpg"]);
+    let pictures = tempfile::tempdir().unwrap();
+    let rest = format!(
+        "[snapshots]\nenabled = true\ndir = \"{}\"\n{}",
+        pictures.path().display(),
+        replay(
+            "Front Door",
+            photos.path(),
+            "repeat = 6\nzones.pitch = [[0, 0], [5000, 0], [5000, 5000], [0, 5000]]"
+        )
+    );
+    let config = config(&assets, broker.port, "nd", &rest)
+        .replace("[mqtt]\n", "[mqtt]\nevents = \"both\"\n");
+    let daemon = Daemon::start(&config, &[]);
+    sub.wait_for("the replay to finish", Duration::from_secs(120), |m| {
+        m.iter().any(|m| {
+            m.topic == "nd/stats"
+                && m.json()["cameras"]["Front Door"]["state"] == "finished"
+                && m.json()["snapshots"]["queued"] == 0
+        })
+    });
+    let all = sub.all();
+    let native = events(&all, "nd/Front Door/events");
+    let news: Vec<&Value> = native
+        .iter()
+        .filter(|e| e["type"] == "new" && e["after"]["label"] == "person")
+        .collect();
+    assert!(!news.is_empty(), "no person: {native:?}\n{}", daemon.log());
+    let frigate = events(&all, "nd/events");
+    for new in &news {
+        let id = new["event_id"].as_str().unwrap();
+        assert_eq!(new["has_snapshot"], true, "{new}");
+        let path = PathBuf::from(new["snapshot"].as_str().unwrap());
+        assert_eq!(
+            path,
+            pictures.path().join("front_door").join(format!("{id}.jpg"))
+        );
+        let file = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), daemon.log()));
+        let picture = image::load_from_memory(&file).unwrap();
+        assert_eq!(
+            (picture.width(), picture.height()),
+            (1280, 720),
+            "the whole frame"
+        );
+        // The last picture of that object is what the file holds; it was
+        // published on the label's topic.
+        assert!(
+            all.iter()
+                .any(|m| m.topic == "nd/Front Door/person/snapshot" && m.bytes == file),
+            "{} not published",
+            path.display()
+        );
+        let twin = frigate
+            .iter()
+            .find(|f| f["type"] == "new" && f["after"]["id"] == id)
+            .unwrap_or_else(|| panic!("no Frigate event for {id}: {frigate:?}"));
+        assert_eq!(twin["after"]["has_snapshot"], true);
+        assert_eq!(twin["after"]["current_zones"], serde_json::json!(["pitch"]));
+    }
+    // Retained: a newcomer gets the last picture of each topic, one of the
+    // files.
+    let late = Subscriber::new(broker.port, "nd/Front Door/+/snapshot", false);
+    late.wait_for("retained snapshots", Duration::from_secs(5), |m| {
+        m.len() == 2
+    });
+    let files: Vec<Vec<u8>> = std::fs::read_dir(pictures.path().join("front_door"))
+        .unwrap()
+        .map(|f| std::fs::read(f.unwrap().path()).unwrap())
+        .collect();
+    for m in late.all() {
+        assert!(m.retain && files.contains(&m.bytes), "{}", m.topic);
+    }
+    let zone: Vec<&str> = all
+        .iter()
+        .filter(|m| m.topic == "nd/Front Door/pitch/person")
+        .map(|m| m.payload.as_str())
+        .collect();
+    assert!(zone.contains(&news.len().to_string().as_str()), "{zone:?}");
+    assert_eq!(zone.last(), Some(&"0"), "back to 0 when the objects end");
+    let stats = all
+        .iter()
+        .rev()
+        .find(|m| m.topic == "nd/stats")
+        .unwrap()
+        .json();
+    assert_eq!(stats["snapshots"]["dropped"], 0, "{stats}");
+    assert_eq!(stats["snapshots"]["failed"], 0, "{stats}");
+    assert!(stats["snapshots"]["written"].as_u64().unwrap() >= news.len() as u64);
+    assert_eq!(stats["snapshots"]["files"], files.len(), "{stats}");
+    daemon.terminate();
+}
+
+/// A real Home Assistant (scripts/ha-venv.sh), started and driven by
+/// tests/tools/ha_harness.py, its MQTT integration on the test's broker.
+struct HomeAssistant {
+    pid: u32,
+    token: String,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl HomeAssistant {
+    fn python() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ha-venv/bin/python3")
+    }
+
+    /// Starts Home Assistant, or a skip (a failure under CI, where
+    /// scripts/test.sh builds the venv).
+    fn start(test: &str, broker: u16) -> Option<HomeAssistant> {
+        if !Self::python().is_file() {
+            support::skip_or_fail(test, "no Home Assistant venv (run scripts/ha-venv.sh)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(Self::python())
+            .arg(Self::harness())
+            .args(["start", "--config"])
+            .arg(dir.path())
+            .args(["--port", &free_port().to_string()])
+            .args(["--mqtt-port", &broker.to_string()])
+            .arg("--hass")
+            .arg(Self::python().with_file_name("hass"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "Home Assistant did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let started: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Some(HomeAssistant {
+            pid: started["pid"].as_u64().unwrap() as u32,
+            token: started["token"].as_str().unwrap().to_owned(),
+            url: started["url"].as_str().unwrap().to_owned(),
+            _dir: dir,
+        })
+    }
+
+    fn harness() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/ha_harness.py")
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Vec<u8>, String> {
+        let out = Command::new(Self::python())
+            .arg(Self::harness())
+            .args(&args[..1])
+            .args(["--url", &self.url, "--token", &self.token])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(out.stdout)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// An entity's state object from the REST API; None while it has none.
+    fn state(&self, entity: &str) -> Option<Value> {
+        let body = self.run(&["get", &format!("/api/states/{entity}")]).ok()?;
+        serde_json::from_slice(&body).ok()
+    }
+
+    /// Waits until `entity`'s state is `want`.
+    fn wait_state(&self, entity: &str, want: impl Fn(&str) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = self.state(entity);
+            if let Some(s) = &state
+                && want(s["state"].as_str().unwrap_or(""))
+            {
+                return s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{entity}: never {what}; last {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for HomeAssistant {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::python())
+            .arg(Self::harness())
+            .args(["stop", "--pid", &self.pid.to_string()])
+            .status();
+    }
+}
+
+/// Issue 19: a real Home Assistant discovers the daemon's device and
+/// entities from its MQTT discovery; the person binary_sensor turns on and
+/// off again with the person, the count sensor follows, and the image
+/// entity serves the daemon's JPEG. Home Assistant's birth message gets
+/// discovery announced again, and entities of a label a reload stops
+/// tracking are deleted.
+#[test]
+fn home_assistant_discovers_the_device_and_follows_its_entities_issue_19() {
+    let test = "home_assistant";
+    let Some((_serial, assets)) = setup(test, true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let Some(ha) = HomeAssistant::start(test, broker.port) else {
+        return;
+    };
+    let sub = Subscriber::new(broker.port, "#", false);
+    // A person for 4 s, then a photo without one (a new scene: the
+    // person ends), in a loop.
+    let photos = photo_folder(&assets, &["hpc203_person.jpg", "skimage_coffee.png"]);
+    let pictures = tempfile::tempdir().unwrap();
+    let rest = |track: &str| {
+        format!(
+            "[homeassistant]\nenabled = true\n[snapshots]\nenabled = true\ndir = \"{}\"\n{}",
+            pictures.path().display(),
+            replay(
+                "door",
+                photos.path(),
+                &format!("fps = 5\nrepeat = 20\nlooping = true\ntrack = {track}")
+            )
+        )
+    };
+    let daemon = Daemon::start(
+        &config(&assets, broker.port, "nd", &rest("[\"person\", \"dog\"]")),
+        &[],
+    );
+    let occupancy = "binary_sensor.test_door_person_occupancy";
+    let count = "sensor.test_door_person_count";
+    let image = "image.test_door_snapshot";
+    ha.wait_state(occupancy, |s| s == "on", "on");
+    let counted = ha.wait_state(count, |s| s.parse::<u32>().is_ok_and(|n| n > 0), "> 0");
+    let persons: u32 = counted["state"].as_str().unwrap().parse().unwrap();
+    // The count sensor says what the daemon's retained count says.
+    sub.wait_for("the person count", Duration::from_secs(5), |m| {
+        m.iter()
+            .any(|m| m.topic == "nd/door/person" && m.payload == persons.to_string())
+    });
+    // The device, and its entities, in Home Assistant's registries.
+    let registries: Value = serde_json::from_slice(&ha.run(&["devices"]).unwrap()).unwrap();
+    let device = registries["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["identifiers"] == serde_json::json!([["mqtt", "nanodetd_test"]]))
+        .unwrap_or_else(|| panic!("no nanodetd device: {}", registries["devices"]));
+    assert_eq!(device["name"], "test");
+    assert_eq!(device["sw_version"], env!("CARGO_PKG_VERSION"));
+    let mut entities: Vec<&str> = registries["entities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["device_id"] == device["id"])
+        .map(|e| e["entity_id"].as_str().unwrap())
+        .collect();
+    entities.sort_unstable();
+    assert_eq!(
+        entities,
+        [
+            "binary_sensor.test_door_dog_occupancy",
+            occupancy,
+            image,
+            "sensor.test_door_dog_count",
+            "sensor.test_door_dropped",
+            "sensor.test_door_fps",
+            count,
+        ]
+    );
+    // The image entity serves the JPEG the daemon published last.
+    let shown = ha.wait_state(image, |s| s != "unknown" && s != "unavailable", "a picture");
+    let picture_url = shown["attributes"]["entity_picture"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let served = ha.run(&["get", &picture_url]).unwrap();
+    let published: Vec<Vec<u8>> = sub
+        .all()
+        .iter()
+        .filter(|m| m.topic == "nd/door/all/snapshot")
+        .map(|m| m.bytes.clone())
+        .collect();
+    assert!(
+        published.contains(&served),
+        "Home Assistant served {} bytes, not one of the {} pictures published",
+        served.len(),
+        published.len()
+    );
+    assert!(image::load_from_memory(&served).is_ok());
+    // The coffee photo: the person ends, the sensors follow.
+    ha.wait_state(occupancy, |s| s == "off", "off");
+    ha.wait_state(count, |s| s == "0", "0");
+    // Home Assistant restarts (its birth message): discovery again.
+    let configs_before = sub
+        .all()
+        .iter()
+        .filter(|m| m.topic.ends_with("/config"))
+        .count();
+    let (client, mut connection) = rumqttc::Client::new(
+        rumqttc::MqttOptions::new("birth", "127.0.0.1", broker.port),
+        10,
+    );
+    client
+        .publish(
+            "homeassistant/status",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "online",
+        )
+        .unwrap();
+    for event in connection.iter() {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            break;
+        }
+    }
+    sub.wait_for("discovery announced again", Duration::from_secs(10), |m| {
+        m.iter().filter(|m| m.topic.ends_with("/config")).count() >= configs_before + entities.len()
+    });
+    // A reload stops tracking dogs: their entities go.
+    daemon.edit(&config(&assets, broker.port, "nd", &rest("[\"person\"]")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ha.state("sensor.test_door_dog_count").is_some() {
+        assert!(Instant::now() < deadline, "the dog's entities stayed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ha.state("binary_sensor.test_door_dog_occupancy").is_none());
+    assert!(ha.state(occupancy).is_some(), "the person's entities stay");
+    daemon.terminate();
 }

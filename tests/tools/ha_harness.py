@@ -17,9 +17,12 @@ its output in DIR/hass.log, creates the owner user through the onboarding
 API (on a DIR this harness onboarded before, it logs in with the
 credentials it kept in DIR/.ha-harness-credentials.json), makes a
 long-lived access token, replaces any MQTT config entry with one for the
-broker at 127.0.0.1:MQTT_PORT through the config-flow API, waits for that
-entry to be loaded and for a message published through Home Assistant to
-come back from the broker, then prints one JSON line
+broker at 127.0.0.1:MQTT_PORT through the config-flow API (removing the
+old entry's devices and entities; retained discovery messages bring them
+back), waits for that entry to be loaded, for a message published through
+Home Assistant to come back from the broker and for Home Assistant's
+birth message (homeassistant/status "online"; not retained in this
+version), then prints one JSON line
 {"pid": ..., "token": ..., "url": ...} and exits 0, leaving hass running.
 On a failure it kills hass, prints the tail of DIR/hass.log to stderr and
 exits 1. The broker must already listen on MQTT_PORT.
@@ -80,6 +83,9 @@ class Failure(Exception):
 
 # --- HTTP ---------------------------------------------------------------
 
+# No proxy from the environment: Home Assistant is on 127.0.0.1.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def http(method, url, token=None, body=None, form=None, timeout=10):
     """Returns (status, body bytes); raises OSError when nothing answers."""
@@ -95,7 +101,7 @@ def http(method, url, token=None, body=None, form=None, timeout=10):
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -415,25 +421,46 @@ def configure_mqtt(url, token, mqtt_port, deadline):
         time.sleep(0.25)
 
 
-def wait_for_mqtt_round_trip(url, token, deadline):
-    """Waits for Home Assistant to be running, then subscribes through Home Assistant's MQTT client and publishes through
-    its mqtt.publish service until the message comes back from the broker:
-    then Home Assistant is connected and its subscriptions work."""
-    topic = f"ha_harness/probe/{secrets.token_hex(4)}"
+BIRTH_TOPIC = "homeassistant/status"
+
+
+def wait_for_mqtt_ready(url, token, deadline):
+    """Waits until Home Assistant runs, a message published through its
+    mqtt.publish service comes back to its own subscription (so it is
+    connected and its subscriptions work), and its birth message
+    (homeassistant/status "online", not retained) has gone out. Home
+    Assistant sends that only once it runs and 2 s have passed with no
+    discovery message and no pending subscription, so it comes after the
+    discovery subscriptions are in place, and cannot slip past this
+    subscription, made as soon as the entry is loaded."""
+    probe = f"ha_harness/probe/{secrets.token_hex(4)}"
+    seen = set()
     ws = websocket(url, token)
+
+    def take(timeout):
+        message = ws.recv(max(timeout, 0.01))
+        if message and message.get("type") == "event":
+            event = message.get("event", {})
+            if event.get("topic") == BIRTH_TOPIC and event.get("payload") == "online":
+                seen.add("birth")
+            elif event.get("topic") == probe:
+                seen.add("probe")
+
     try:
+        ws.call("mqtt/subscribe", topic=BIRTH_TOPIC)
+        ws.call("mqtt/subscribe", topic=probe)
         while ws.call("get_config").get("state") != "RUNNING":
             deadline.check("Home Assistant to finish starting")
-            time.sleep(0.25)
-        ws.call("mqtt/subscribe", topic=topic)
-        while True:
+            take(0.25)
+        while "probe" not in seen:
             deadline.check("a message round trip through the MQTT broker")
-            http_json("POST", url + "/api/services/mqtt/publish", token, body={"topic": topic, "payload": "probe"})
+            http_json("POST", url + "/api/services/mqtt/publish", token, body={"topic": probe, "payload": "probe"})
             until = time.monotonic() + 1.0
-            while (left := until - time.monotonic()) > 0:
-                message = ws.recv(left)
-                if message and message.get("type") == "event" and message["event"].get("topic") == topic:
-                    return
+            while "probe" not in seen and (left := until - time.monotonic()) > 0:
+                take(left)
+        while "birth" not in seen:
+            deadline.check(f"Home Assistant's birth message ({BIRTH_TOPIC} online)")
+            take(min(1.0, deadline.left()))
     finally:
         ws.close()
 
@@ -514,7 +541,7 @@ def cmd_start(args):
         onboarding = wait_for_http(url, proc, deadline)
         token = login(url, config_dir, onboarding)
         configure_mqtt(url, token, args.mqtt_port, deadline)
-        wait_for_mqtt_round_trip(url, token, deadline)
+        wait_for_mqtt_ready(url, token, deadline)
     except (Failure, OSError, ValueError, KeyError) as e:
         print(f"ha_harness start: {e}", file=sys.stderr)
         if proc is not None:
