@@ -1147,6 +1147,16 @@ impl Config {
                 );
             }
         }
+        // Home Assistant's device and unique ids are the device's slug.
+        if slug(self.device_id.as_str()).is_empty() {
+            invalid(
+                "device_id".into(),
+                format!(
+                    "{:?} needs at least one ASCII letter or digit",
+                    self.device_id.as_str()
+                ),
+            );
+        }
         let ha = &self.homeassistant.discovery_prefix;
         if ha
             .split('/')
@@ -1372,6 +1382,15 @@ heartbeat = nan
 match_iou = 1.5
 moved_iou = 1.5
 score_step = -0.1
+stationary_frames = 0
+[snapshots]
+margin = 1.5
+height = 15
+quality = 0
+queue = 65
+keep_count = 0
+keep_mib = 0
+keep_hours = 0.0
 [filters.person]
 min_score = 1.5
 threshold = 1.5
@@ -1423,6 +1442,14 @@ size = [0, 16385]
             "tracker.match_iou",
             "tracker.moved_iou",
             "tracker.score_step",
+            "tracker.stationary_frames",
+            "snapshots.margin",
+            "snapshots.height",
+            "snapshots.quality",
+            "snapshots.queue",
+            "snapshots.keep_count",
+            "snapshots.keep_mib",
+            "snapshots.keep_hours",
             "filters.person.min_score",
             "filters.person.threshold",
             "filters.person.min_area",
@@ -1972,5 +1999,29 @@ size = [0, 16385]
         assert!(!v5.mqtt.needs_reconnect(&other), "QoS is hot");
         other.port = Bounded::new(8883).unwrap();
         assert!(v5.mqtt.needs_reconnect(&other));
+    }
+
+    /// Issue 19: snapshot folders and Home Assistant's ids are slugs, so
+    /// names whose slugs clash or are empty are refused, and so is a
+    /// discovery prefix that is no topic.
+    #[test]
+    fn names_that_make_clashing_or_empty_slugs_are_refused_issue_19() {
+        let camera =
+            |name: &str| format!("[[camera]]\nname = {name:?}\nsource = {{ folder = \"/x\" }}\n");
+        let text = format!(
+            "device_id = \"\u{e9}\u{e9}\"\n[model]\npath = \"/m.onnx\"\n[homeassistant]\ndiscovery_prefix = \"home//assistant\"\n{}{}{}",
+            camera("Front Door"),
+            camera("front_door"),
+            camera("..")
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        for expected in [
+            "device_id: \"\u{e9}\u{e9}\" needs at least one ASCII letter or digit",
+            "camera[1].name: \"front_door\" and \"Front Door\" both become \"front_door\"",
+            "camera[2].name: \"..\" needs at least one ASCII letter or digit",
+            "homeassistant.discovery_prefix: \"home//assistant\" has an empty level",
+        ] {
+            assert!(err.contains(expected), "{expected}\nnot in: {err}");
+        }
     }
 }

@@ -136,12 +136,15 @@ impl EventFormat {
 
 /// A camera's `track`: the labels whose objects become events, counts
 /// and entities. `["all"]` tracks every label of the model.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "Vec<TopicLevel>")]
 pub enum Tracked {
+    /// No `track` key: [`DEFAULT_TRACKED`], those of them the model has.
+    #[default]
+    Default,
     /// Every label.
     All,
-    /// These labels.
+    /// These labels, as listed: each should be one of the model's.
     Labels(Vec<TopicLevel>),
 }
 
@@ -155,19 +158,8 @@ impl From<Vec<TopicLevel>> for Tracked {
     }
 }
 
-impl Default for Tracked {
-    /// What Frigate users track most: people, vehicles and pets.
-    fn default() -> Self {
-        Tracked::Labels(
-            DEFAULT_TRACKED
-                .iter()
-                .map(|l| TopicLevel((*l).to_owned()))
-                .collect(),
-        )
-    }
-}
-
-/// The default `track` list.
+/// The default `track` list: what Frigate users track most, people,
+/// vehicles and pets.
 pub const DEFAULT_TRACKED: [&str; 8] = [
     "person",
     "car",
@@ -183,15 +175,16 @@ impl Tracked {
     /// Whether `label` is tracked.
     pub fn contains(&self, label: &str) -> bool {
         match self {
+            Tracked::Default => DEFAULT_TRACKED.contains(&label),
             Tracked::All => true,
             Tracked::Labels(labels) => labels.iter().any(|l| l.as_str() == label),
         }
     }
 
-    /// The labels listed (none for `all`).
+    /// The labels listed in the file (none for `all` or no list).
     pub fn listed(&self) -> &[TopicLevel] {
         match self {
-            Tracked::All => &[],
+            Tracked::Default | Tracked::All => &[],
             Tracked::Labels(labels) => labels,
         }
     }

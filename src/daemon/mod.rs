@@ -202,6 +202,11 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     for label in pipeline::unknown_labels(&config, &detector) {
         log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
     }
+    for (camera, label) in pipeline::unknown_tracked(&config, &detector) {
+        log::warn!(
+            "camera {camera}: track: the model has no class named {label:?}; nothing of it is published"
+        );
+    }
     log::info!(
         "model {} on {:?}: {:?} layout, {}x{} input, {} classes",
         config.model.path.display(),
@@ -219,8 +224,9 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let board = Arc::new(FrameBoard::default());
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let snapshots = Arc::new(snapshot::SnapshotQueue::default());
-    let snapshot_writer = snapshot::spawn_writer(snapshots.clone(), outbox.clone(), config.clone())
-        .map_err(io_error("cannot start the snapshot thread"))?;
+    let snapshot_writer =
+        snapshot::spawn_writer(snapshots.clone(), outbox.clone(), config_rx.clone())
+            .map_err(io_error("cannot start the snapshot thread"))?;
 
     // The detector thread, then a thread per camera.
     let in_service = Arc::new(Mutex::new(pipeline::ModelInService::new(
@@ -370,16 +376,16 @@ fn announce_discovery(
     discovery: &mut Discovery,
     outbox: &Outbox,
 ) {
-    let model = in_service
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    if discovered_for
-        .as_ref()
-        .is_some_and(|(c, labels)| Arc::ptr_eq(c, config) && *labels == model.labels)
-    {
-        return;
-    }
+    let model = {
+        let model = in_service.lock().unwrap_or_else(PoisonError::into_inner);
+        if discovered_for
+            .as_ref()
+            .is_some_and(|(c, labels)| Arc::ptr_eq(c, config) && *labels == model.labels)
+        {
+            return;
+        }
+        model.clone()
+    };
     let name = model
         .config
         .path

@@ -77,14 +77,32 @@ pub fn tracker_config(
 
 /// The classes a camera's `track` list names; None for `all`.
 pub fn tracked_classes(camera: &CameraConfig, detector: &Detector) -> Option<BTreeSet<u32>> {
-    match &camera.track {
-        Tracked::All => None,
-        Tracked::Labels(labels) => Some(
-            (0..detector.layout().num_classes as u32)
-                .filter(|&c| labels.iter().any(|l| l.as_str() == detector.class_name(c)))
-                .collect(),
-        ),
+    if camera.track == Tracked::All {
+        return None;
     }
+    Some(
+        (0..detector.layout().num_classes as u32)
+            .filter(|&c| camera.track.contains(detector.class_name(c)))
+            .collect(),
+    )
+}
+
+/// Labels a camera's `track` list names that the model does not know:
+/// `camera.name`, `label` pairs. A typo there silences the label.
+pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, String)> {
+    let n = detector.layout().num_classes as u32;
+    config
+        .cameras
+        .iter()
+        .flat_map(|camera| {
+            camera
+                .track
+                .listed()
+                .iter()
+                .filter(|label| !(0..n).any(|c| detector.class_name(c) == label.as_str()))
+                .map(|label| (camera.name.as_str().to_owned(), label.as_str().to_owned()))
+        })
+        .collect()
 }
 
 /// Labels in `[filters]` that the model does not know: almost always a
@@ -272,6 +290,11 @@ impl DetectorTask {
     ) {
         for label in unknown_labels(config, session.detector()) {
             log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
+        }
+        for (camera, label) in unknown_tracked(config, session.detector()) {
+            log::warn!(
+                "camera {camera}: track: the model has no class named {label:?}; nothing of it is published"
+            );
         }
         for camera in &config.cameras {
             if let Some(cam) = cameras.get_mut(camera.name.as_str()) {

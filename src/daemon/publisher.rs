@@ -236,7 +236,7 @@ impl CameraPublisher {
     }
 
     /// A snapshot for this event, when one is wanted: the object is new,
-    /// or its top score rose. `room` is what the snapshot queue takes in
+    /// or scores higher in this frame than in its picture. `room` is what the snapshot queue takes in
     /// this step; None where there is no frame (idle, end).
     fn snapshot_for(
         &mut self,
@@ -249,13 +249,20 @@ impl CameraPublisher {
         let (Some(dir), Some(room)) = (settings.snapshot_dir, room) else {
             return;
         };
-        let better = match (event.kind, &event.before) {
-            (EventKind::New, _) => true,
-            (EventKind::Update, Some(before)) => event.after.top_score > before.top_score,
-            _ => false,
-        };
         let Some(known) = self.known.get_mut(&event.after.id) else {
             return;
+        };
+        // The picture is of this frame: it is better only when the object
+        // scores higher in it than in the picture taken (an update for a
+        // move or a zone may come at a lower score). An object whose first
+        // picture was dropped gets one at its next update.
+        let better = match event.kind {
+            EventKind::New => true,
+            EventKind::Update => known
+                .snapshot
+                .as_ref()
+                .is_none_or(|taken| event.after.score > taken.score),
+            EventKind::End => false,
         };
         if !better {
             return;
@@ -271,6 +278,8 @@ impl CameraPublisher {
         known.snapshot = Some(SnapshotRef {
             path: path.display().to_string(),
             frame_time: event.after.frame_time,
+            bbox: event.after.bbox,
+            score: event.after.score,
         });
         out.push(Action::Snapshot(SnapshotJob {
             camera: self.camera.clone(),

@@ -188,7 +188,7 @@ impl Delivery {
                 self.sweep.not_subscribed();
             }
         }
-        self.announce(link);
+        self.announce(link, outbox);
         self.feed(link, outbox);
     }
 
@@ -215,7 +215,7 @@ impl Delivery {
         if self.birth_topic.as_deref() == Some(topic) {
             if !retained && payload == b"online" && self.is_connected() {
                 log::info!("MQTT: Home Assistant came online; announcing discovery again");
-                self.announce(link);
+                self.announce(link, outbox);
             }
         } else if retained {
             self.retained_seen(topic, payload, outbox);
@@ -364,7 +364,13 @@ impl Delivery {
     }
 
     /// `online` and the last acknowledged retained state.
-    fn announce(&mut self, link: &mut dyn Requests) {
+    /// `online`, and the retained state as the broker last acknowledged
+    /// it. A topic with a newer message waiting or in flight is left to
+    /// that message: announcing the older one after it would roll the
+    /// broker back (a count, or a deleted discovery config brought back).
+    /// One that no longer fits `max_message_bytes` (lowered by a reload)
+    /// is forgotten: handed over, it would fail every connection.
+    fn announce(&mut self, link: &mut dyn Requests, outbox: &Outbox) {
         let online = Message {
             topic: "available".into(),
             payload: b"online".to_vec(),
@@ -372,12 +378,33 @@ impl Delivery {
             root: TopicRoot::Prefix,
             retain: true,
         };
-        for message in std::iter::once(&online).chain(self.retained.values()) {
+        let prefix = self.prefix.clone();
+        let limit = self.max_message_bytes;
+        self.retained.retain(|(_, _), m| {
+            let size = publish_size(&m.full_topic(&prefix), &m.payload);
+            if size > limit {
+                log::warn!(
+                    "MQTT: no longer announcing {} ({size} bytes): over mqtt.max_message_bytes = {limit}",
+                    m.full_topic(&prefix)
+                );
+            }
+            size <= limit
+        });
+        let pending = |m: &Message| {
+            self.in_flight
+                .iter()
+                .any(|f| !f.announce && f.message.root == m.root && f.message.topic == m.topic)
+                || outbox.holds_on(m.root, &m.topic)
+        };
+        let due: Vec<Message> = std::iter::once(online)
+            .chain(self.retained.values().filter(|m| !pending(m)).cloned())
+            .collect();
+        for message in due {
             let qos = qos_of(message.class, &self.qos);
             let topic = message.full_topic(&self.prefix);
             if link.publish(topic, qos, true, message.payload.clone()) {
                 self.in_flight.push_back(InFlight {
-                    message: message.clone(),
+                    message,
                     qos,
                     pkid: None,
                     was_in_doubt: false,
@@ -838,5 +865,45 @@ mod tests {
                 "homeassistant/sensor/n/a/config",
             ]
         );
+    }
+
+    /// Issue 19 (review): announcing the acknowledged state must not roll
+    /// back a newer message waiting on the same topic, and a retained
+    /// message over a lowered size limit is no longer announced (it would
+    /// fail every connection).
+    #[test]
+    fn the_announce_skips_topics_with_newer_messages_and_what_no_longer_fits_issue_19() {
+        let outbox = Outbox::new(10);
+        let mut d = delivery(1);
+        let mut link = FakeLink::with_room(20);
+        let t0 = Instant::now();
+        d.connected(t0, &mut link, &outbox);
+        outbox.push(count("person", 2));
+        outbox.push(count("cat", 1));
+        outbox.push(Message {
+            payload: vec![b'j'; 900],
+            ..count("snapshot", 0)
+        });
+        d.feed(&mut link, &outbox);
+        for pkid in 1..=4 {
+            d.sent(pkid, &outbox);
+            d.acked(pkid, &outbox);
+        }
+        d.lost(t0 + Duration::from_secs(1), &outbox);
+        // While down: the person count changes, and the limit drops below
+        // the picture's size.
+        outbox.push(count("person", 0));
+        d.settings("home/cam".into(), qos(1), 500, 8.0);
+        let mut again = FakeLink::with_room(20);
+        d.connected(t0 + Duration::from_secs(2), &mut again, &outbox);
+        assert_eq!(
+            again.topics(),
+            [
+                "home/cam/available",
+                "home/cam/door/cat",
+                "home/cam/door/person"
+            ]
+        );
+        assert_eq!(again.published[2].3, b"0", "the newer count, not the old 2");
     }
 }

@@ -75,6 +75,8 @@ pub fn configs(config: &Config, model: &ModelInfo<'_>) -> Configs {
                     "{}/{component}/{node}/{object_id}/config",
                     ha.discovery_prefix
                 ),
+                // A JSON value always serializes; were it ever empty, it
+                // would delete the entity, never publish a broken config.
                 serde_json::to_vec(&payload).unwrap_or_default(),
             );
         };

@@ -164,13 +164,23 @@ impl Outbox {
         self.0.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a message, dropping the oldest unsent one if full.
+    /// Queues a message, dropping the oldest unsent one if full. A
+    /// retained message replaces an unsent one on its topic: only the
+    /// newest state matters, and a long outage then holds one snapshot
+    /// per topic, not one per picture taken.
     pub fn push(&self, message: Message) {
         if message.class == TopicClass::Events {
             self.0.events_queued.fetch_add(1, Ordering::Relaxed);
         }
         let dropped = {
             let unsent = &mut self.queue().unsent;
+            if message.retain
+                && let Some(i) = unsent
+                    .iter()
+                    .position(|m| m.retain && m.root == message.root && m.topic == message.topic)
+            {
+                unsent.remove(i);
+            }
             let dropped = unsent.len() >= self.0.capacity.load(Ordering::Relaxed);
             if dropped
                 && unsent
@@ -246,12 +256,17 @@ impl Outbox {
 
     /// Whether a message on `topic`, below the prefix, is waiting.
     fn holds(&self, topic: &str) -> bool {
+        self.holds_on(TopicRoot::Prefix, topic)
+    }
+
+    /// Whether a message on `topic`, relative to `root`, is waiting.
+    fn holds_on(&self, root: TopicRoot, topic: &str) -> bool {
         let queue = self.queue();
         queue
             .in_doubt
             .iter()
             .chain(&queue.unsent)
-            .any(|m| m.root == TopicRoot::Prefix && m.topic == topic)
+            .any(|m| m.root == root && m.topic == topic)
     }
 
     fn is_empty(&self) -> bool {
@@ -856,5 +871,37 @@ mod tests {
         let expected = [(0, true), (1, true), (2, true), (6, false), (7, false)]
             .map(|(n, doubt)| (format!("cam/{n}"), doubt));
         assert_eq!(order, expected);
+    }
+
+    /// Issue 19: a retained message replaces the unsent one on its topic,
+    /// so an outage holds one snapshot per topic; events are never merged.
+    #[test]
+    fn a_retained_message_replaces_the_unsent_one_on_its_topic_issue_19() {
+        let outbox = Outbox::new(100);
+        let state = |topic: &str, payload: &[u8]| Message {
+            topic: topic.into(),
+            root: TopicRoot::Prefix,
+            payload: payload.to_vec(),
+            class: TopicClass::State,
+            retain: true,
+        };
+        outbox.push(state("cam/person", b"1"));
+        outbox.push(msg(0));
+        outbox.push(state("cam/all/snapshot", b"jpeg 1"));
+        outbox.push(msg(0));
+        outbox.push(state("cam/person", b"0"));
+        outbox.push(state("cam/all/snapshot", b"jpeg 2"));
+        let order: Vec<(String, Vec<u8>)> = std::iter::from_fn(|| outbox.pop())
+            .map(|t| (t.message.topic, t.message.payload))
+            .collect();
+        let expected = [
+            ("cam/0", &b""[..]),
+            ("cam/0", b""),
+            ("cam/person", b"0"),
+            ("cam/all/snapshot", b"jpeg 2"),
+        ]
+        .map(|(t, p)| (t.to_owned(), p.to_vec()));
+        assert_eq!(order, expected);
+        assert_eq!(outbox.snapshot().dropped, 0, "superseded, not dropped");
     }
 }

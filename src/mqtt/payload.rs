@@ -98,13 +98,17 @@ pub struct EventContext<'a> {
     pub snapshot: Option<&'a SnapshotRef>,
 }
 
-/// Where an object's snapshot is, and when its frame was taken.
+/// An object's snapshot: where it is, and what it shows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotRef {
     /// The file, under `snapshots.dir`.
     pub path: String,
     /// The frame's time, Unix seconds.
     pub frame_time: f64,
+    /// The object's box in that frame, pixels.
+    pub bbox: [f32; 4],
+    /// Its score in that frame.
+    pub score: f32,
 }
 
 /// `<camera>/events`. `seq` counts the camera's events since start, so a
@@ -151,28 +155,61 @@ pub fn event_message(seq: u64, event: &TrackEvent, context: &EventContext<'_>) -
 }
 
 /// `<camera>/events` in Frigate's payload, on `events` (docs/MQTT.md,
-/// "Frigate-compatible events"): the fields, names and JSON types of
-/// Frigate 0.14's, filled from the tracker's view of the object.
+/// "Frigate-compatible events"): the fields Frigate 0.13 and 0.14 send
+/// (their `TrackedObject.to_dict`), with their JSON types, filled from the
+/// tracker's view of the object.
 pub fn frigate_event_message(event: &TrackEvent, context: &EventContext<'_>) -> Message {
     #[derive(Serialize)]
     struct FrigateEvent<'a> {
-        #[serde(rename = "type")]
-        kind: crate::track::EventKind,
         before: FrigateObject<'a>,
         after: FrigateObject<'a>,
+        #[serde(rename = "type")]
+        kind: crate::track::EventKind,
     }
     let ended = event.kind == crate::track::EventKind::End;
+    let before = match &event.before {
+        Some(before) => frigate_object(before, context, false),
+        // Frigate's `new` carries the object's previous state, when it was
+        // still a false positive; nanodetd keeps no such state, so it is
+        // the object now, marked as Frigate marked it.
+        None => FrigateObject {
+            false_positive: true,
+            has_snapshot: false,
+            snapshot: None,
+            ..frigate_object(&event.after, context, false)
+        },
+    };
     let value = FrigateEvent {
-        kind: event.kind,
-        // Frigate's `new` repeats the object as `before`.
-        before: frigate_object(
-            event.before.as_ref().unwrap_or(&event.after),
-            context,
-            false,
-        ),
+        before,
         after: frigate_object(&event.after, context, ended),
+        kind: event.kind,
     };
     json("events".into(), &value, TopicClass::Events, false)
+}
+
+/// Whole pixels, as Frigate's boxes are. Boxes come clamped to the frame;
+/// a NaN a hostile model slipped through becomes 0 (Rust's casts
+/// saturate), and the right and bottom edges never come before the left
+/// and top ones.
+fn whole_box(b: &[f32; 4]) -> [i64; 4] {
+    let [x1, y1, x2, y2] = b.map(|v| v.round() as i64);
+    [x1, y1, x2.max(x1), y2.max(y1)]
+}
+
+fn box_area(b: &[i64; 4]) -> i64 {
+    (b[2] - b[0]).saturating_mul(b[3] - b[1])
+}
+
+/// The picture Frigate's `snapshot` describes.
+#[derive(Serialize)]
+struct FrigateSnapshot {
+    frame_time: f64,
+    #[serde(rename = "box")]
+    bbox: [i64; 4],
+    area: i64,
+    region: [i64; 4],
+    score: f32,
+    attributes: [(); 0],
 }
 
 /// One side of a Frigate event.
@@ -181,7 +218,7 @@ struct FrigateObject<'a> {
     id: &'a str,
     camera: &'a str,
     frame_time: f64,
-    snapshot_time: f64,
+    snapshot: Option<FrigateSnapshot>,
     label: &'a str,
     sub_label: Option<()>,
     top_score: f32,
@@ -194,15 +231,13 @@ struct FrigateObject<'a> {
     area: i64,
     ratio: f64,
     region: [i64; 4],
-    current_zones: &'a [String],
-    entered_zones: &'a [String],
-    thumbnail: Option<()>,
-    has_snapshot: bool,
-    has_clip: bool,
-    active: bool,
     stationary: bool,
     motionless_count: u32,
     position_changes: u32,
+    current_zones: &'a [String],
+    entered_zones: &'a [String],
+    has_clip: bool,
+    has_snapshot: bool,
     attributes: BTreeMap<String, f32>,
     current_attributes: [(); 0],
 }
@@ -212,17 +247,26 @@ fn frigate_object<'a>(
     context: &EventContext<'a>,
     ended: bool,
 ) -> FrigateObject<'a> {
-    // Whole pixels, as Frigate's boxes are; a box's corners are finite
-    // and within the frame, so the casts saturate at worst.
-    let px = |v: f32| v.round() as i64;
-    let bbox = o.bbox.map(px);
+    let bbox = whole_box(&o.bbox);
     let (w, h) = (bbox[2] - bbox[0], bbox[3] - bbox[1]);
     let (fw, fh) = context.frame_size;
+    // The detector sees the whole frame: its one region.
+    let region = [0, 0, fw as i64, fh as i64];
     FrigateObject {
         id: context.event_id,
         camera: context.camera,
         frame_time: o.frame_time,
-        snapshot_time: context.snapshot.map_or(0.0, |s| s.frame_time),
+        snapshot: context.snapshot.map(|s| {
+            let bbox = whole_box(&s.bbox);
+            FrigateSnapshot {
+                frame_time: s.frame_time,
+                bbox,
+                area: box_area(&bbox),
+                region,
+                score: s.score,
+                attributes: [],
+            }
+        }),
         label: context.label,
         sub_label: None,
         top_score: o.top_score,
@@ -231,19 +275,16 @@ fn frigate_object<'a>(
         end_time: ended.then_some(o.last_seen),
         score: o.score,
         bbox,
-        area: w.saturating_mul(h),
+        area: box_area(&bbox),
         ratio: if h > 0 { w as f64 / h as f64 } else { 0.0 },
-        // The detector sees the whole frame: its one region.
-        region: [0, 0, fw as i64, fh as i64],
-        current_zones: &o.zones,
-        entered_zones: &o.entered_zones,
-        thumbnail: None,
-        has_snapshot: context.snapshot.is_some(),
-        has_clip: false,
-        active: !o.stationary,
+        region,
         stationary: o.stationary,
         motionless_count: o.motionless_frames,
         position_changes: o.position_changes,
+        current_zones: &o.zones,
+        entered_zones: &o.entered_zones,
+        has_clip: false,
+        has_snapshot: context.snapshot.is_some(),
         attributes: BTreeMap::new(),
         current_attributes: [],
     }
@@ -524,14 +565,16 @@ mod tests {
     }
 
     /// Issue 19: a Frigate consumer reads our events as Frigate's. Every
-    /// field of the recorded Frigate 0.14 event (tests/fixtures/frigate)
-    /// is there, under the same name, with a type the recording has for it
-    /// (null only where the recording has null); nothing extra.
+    /// field of a recorded Frigate event (tests/fixtures/frigate) is on
+    /// both sides, under the same name, with the recording's JSON type
+    /// (null only where Frigate's code may send null), the snapshot's
+    /// fields too; nothing extra.
     #[test]
     fn frigate_events_match_a_recorded_frigate_event_field_for_field_issue_19() {
-        let recorded: serde_json::Value =
-            serde_json::from_str(include_str!("../../tests/fixtures/frigate/event-0.14.json"))
-                .unwrap();
+        let recorded: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/frigate/event-0.13-before.json"
+        ))
+        .unwrap();
         let mut after = snapshot();
         after.zones = vec!["driveway".into()];
         after.entered_zones = vec!["yard".into(), "driveway".into()];
@@ -542,7 +585,9 @@ mod tests {
         };
         let snap = SnapshotRef {
             path: "/var/lib/nanodetd/snapshots/front/10.000000-abc123.jpg".into(),
-            frame_time: 12.5,
+            frame_time: 11.0,
+            bbox: [60.0, 40.0, 300.0, 470.0],
+            score: 0.9,
         };
         let context = EventContext {
             camera: "front",
@@ -554,33 +599,34 @@ mod tests {
         let m = frigate_event_message(&event, &context);
         assert_eq!((m.topic.as_str(), m.retain), ("events", false));
         let ours: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        assert_eq!(kind(&ours["type"]), kind(&recorded["type"]));
-        assert_eq!(ours["type"], "update");
         let fields = |v: &serde_json::Value| -> Vec<String> {
             let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
             keys.sort();
             keys
         };
-        assert_eq!(fields(&ours), fields(&recorded));
-        for side in ["before", "after"] {
-            assert_eq!(fields(&ours[side]), fields(&recorded[side]), "{side}");
-            for key in fields(&recorded[side]) {
-                let allowed = [
-                    kind(&recorded["before"][&key]),
-                    kind(&recorded["after"][&key]),
-                ];
-                let got = kind(&ours[side][&key]);
+        assert_eq!(fields(&ours), ["after", "before", "type"]);
+        assert_eq!(ours["type"], "update");
+        // Frigate's to_dict: what may be None.
+        let nullable = ["sub_label", "end_time", "snapshot"];
+        let same_kinds = |side: &str, ours: &serde_json::Value, recorded: &serde_json::Value| {
+            assert_eq!(fields(ours), fields(recorded), "{side}");
+            for key in fields(recorded) {
+                let (got, want) = (kind(&ours[&key]), kind(&recorded[&key]));
+                let null_ok = got == "null" && nullable.contains(&key.as_str());
                 assert!(
-                    allowed.contains(&got),
-                    "{side}.{key}: {got}, recorded {allowed:?}"
+                    got == want || null_ok,
+                    "{side}.{key}: {got}, recorded {want}"
                 );
-                if let (Some(a), Some(r)) =
-                    (ours[side][&key].as_array(), recorded[side][&key].as_array())
+                if let (Some(a), Some(r)) = (ours[&key].as_array(), recorded[&key].as_array())
                     && let (Some(a), Some(r)) = (a.first(), r.first())
                 {
                     assert_eq!(kind(a), kind(r), "{side}.{key}[0]");
                 }
             }
+        };
+        for side in ["before", "after"] {
+            same_kinds(side, &ours[side], &recorded);
+            same_kinds(side, &ours[side]["snapshot"], &recorded["snapshot"]);
         }
         let after = &ours["after"];
         assert_eq!(after["id"], "10.000000-abc123");
@@ -591,18 +637,34 @@ mod tests {
             after["entered_zones"],
             serde_json::json!(["yard", "driveway"])
         );
+        assert_eq!(after["has_snapshot"], true);
         assert_eq!(
-            (&after["has_snapshot"], &after["snapshot_time"]),
-            (&true.into(), &12.5.into())
+            after["snapshot"]["box"],
+            serde_json::json!([60, 40, 300, 470])
         );
+        assert_eq!(after["snapshot"]["frame_time"], 11.0);
         assert_eq!(after["end_time"], serde_json::Value::Null);
         // The end: end_time is the last sighting.
         let end = TrackEvent {
             kind: EventKind::End,
-            ..event
+            ..event.clone()
         };
         let ended: serde_json::Value =
             serde_json::from_slice(&frigate_event_message(&end, &context).payload).unwrap();
         assert_eq!(ended["after"]["end_time"], 12.5);
+        // New: `before` is the object as a false positive, as Frigate's is.
+        let new = TrackEvent {
+            kind: EventKind::New,
+            before: None,
+            ..event
+        };
+        let new: serde_json::Value =
+            serde_json::from_slice(&frigate_event_message(&new, &context).payload).unwrap();
+        assert_eq!(
+            (&new["type"], &new["before"]["false_positive"]),
+            (&"new".into(), &true.into())
+        );
+        assert_eq!(new["after"]["false_positive"], false);
+        same_kinds("new.before", &new["before"], &recorded);
     }
 }

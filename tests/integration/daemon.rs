@@ -2531,12 +2531,37 @@ fn snapshots_are_written_published_and_named_by_their_events_issue_19() {
         );
         let file = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), daemon.log()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
         let picture = image::load_from_memory(&file).unwrap();
         assert_eq!(
             (picture.width(), picture.height()),
             (1280, 720),
             "the whole frame"
         );
+        // The box is drawn where the event says (a still photo: every
+        // frame's box is the same): the middles of its left, right and
+        // bottom edges, those off the frame's border, are the box's red.
+        let picture = picture.to_rgb8();
+        let b: Vec<f64> = new["after"]["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let (mid_x, mid_y) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+        let within = |&(x, y): &(f64, f64)| (2.0..1278.0).contains(&x) && (2.0..718.0).contains(&y);
+        let edges = [(b[0], mid_y), (b[2], mid_y), (mid_x, b[3])];
+        assert!(edges.iter().filter(|e| within(e)).count() >= 2, "{b:?}");
+        for (x, y) in edges.into_iter().filter(within) {
+            let (x, y) = (x.round() as u32, y.round() as u32);
+            let p = picture.get_pixel(x, y);
+            assert!(
+                p[0] > 200 && p[1] < 100 && p[2] < 100,
+                "({x}, {y}) of {path:?}: {p:?}"
+            );
+        }
         // The last picture of that object is what the file holds; it was
         // published on the label's topic.
         assert!(

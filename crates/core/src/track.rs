@@ -106,9 +106,9 @@ pub struct TrackerConfig {
     pub score_step: f32,
     /// An unchanged real object is re-published this often (seconds).
     pub heartbeat: f64,
-    /// Frames in a row an object must stay put (its box overlapping where
-    /// it settled by at least `moved_iou`) to count as stationary, as
-    /// Frigate's `stationary.threshold` counts them.
+    /// An object that stays put (its box overlapping where it settled by
+    /// at least `moved_iou`) for more frames in a row than this is
+    /// stationary, as Frigate's `stationary.threshold` counts them.
     pub stationary_frames: u32,
 }
 
@@ -158,7 +158,7 @@ pub struct ObjectSnapshot {
     pub entered_zones: Vec<String>,
     /// Frames in a row it has stayed put.
     pub motionless_frames: u32,
-    /// Whether it has stayed put for `stationary_frames`.
+    /// Whether it has stayed put for more than `stationary_frames`.
     pub stationary: bool,
     /// Times it moved off after having been stationary.
     pub position_changes: u32,
@@ -341,7 +341,8 @@ impl Tracker {
                 track.state.motionless_frames = 0;
                 track.settled = det.bbox;
             }
-            track.state.stationary = track.state.motionless_frames >= self.config.stationary_frames;
+            // Frigate's rule: more frames than the threshold.
+            track.state.stationary = track.state.motionless_frames > self.config.stationary_frames;
         }
         for (d, det) in admitted.iter().enumerate() {
             if det_taken[d] {

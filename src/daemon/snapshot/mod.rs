@@ -20,6 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use super::board::wall_time;
 use super::publisher::SnapshotJob;
 use crate::buffer::RawBytes;
@@ -94,6 +96,13 @@ impl SnapshotQueue {
     /// Queues a snapshot of `image`; the publisher checked the room. A
     /// lent capture buffer is copied: the camera needs it back.
     pub fn push(&self, job: SnapshotJob, image: &Captured, config: Arc<Config>) {
+        if self.jobs().len() >= config.snapshots.queue.get() {
+            // Only if the room was misjudged; counted like any other.
+            self.count_dropped();
+            return;
+        }
+        // Copied outside the lock; only this thread pushes, so the room
+        // is still there after.
         let image = match image {
             Captured::Raw {
                 layout,
@@ -106,14 +115,7 @@ impl SnapshotQueue {
             },
             other => other.clone(),
         };
-        let mut jobs = self.jobs();
-        if jobs.len() >= config.snapshots.queue.get() {
-            // Only if the room was misjudged; counted like any other.
-            drop(jobs);
-            self.count_dropped();
-            return;
-        }
-        jobs.push_back(Queued { job, image, config });
+        self.jobs().push_back(Queued { job, image, config });
         self.ready.notify_one();
     }
 
@@ -169,11 +171,12 @@ impl SnapshotQueue {
     }
 }
 
-/// Starts the writer thread.
+/// Starts the writer thread; `config` follows reloads, so retention
+/// limits apply while no picture comes.
 pub fn spawn_writer(
     queue: Arc<SnapshotQueue>,
     outbox: Outbox,
-    config: Arc<Config>,
+    config: watch::Receiver<Arc<Config>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("snapshots".into())
@@ -184,6 +187,8 @@ pub fn spawn_writer(
 struct Writer {
     queue: Arc<SnapshotQueue>,
     outbox: Outbox,
+    /// The running config, for retention.
+    latest: watch::Receiver<Arc<Config>>,
     config: Arc<Config>,
     retention: Retention,
     /// The folder `retention` indexes.
@@ -191,10 +196,16 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(queue: Arc<SnapshotQueue>, outbox: Outbox, config: Arc<Config>) -> Writer {
+    fn new(
+        queue: Arc<SnapshotQueue>,
+        outbox: Outbox,
+        latest: watch::Receiver<Arc<Config>>,
+    ) -> Writer {
+        let config = latest.borrow().clone();
         Writer {
             queue,
             outbox,
+            latest,
             config,
             retention: Retention::default(),
             indexed: None,
@@ -204,11 +215,10 @@ impl Writer {
     fn run(mut self) {
         let mut last_check = Instant::now();
         loop {
-            match self.queue.pop(AGE_CHECK) {
-                Some(queued) => {
-                    self.config = queued.config.clone();
-                    self.write(queued);
-                }
+            let queued = self.queue.pop(AGE_CHECK);
+            self.config = self.latest.borrow().clone();
+            match queued {
+                Some(queued) => self.write(queued),
                 None if self.queue.stopped() => break,
                 None => {}
             }
@@ -244,7 +254,7 @@ impl Writer {
             Err(e) => return self.queue.failed(&job.camera, &crate::errors::one_line(&e)),
         };
         if self.indexed.as_deref() != Some(s.dir.as_path()) {
-            self.retention = index(&s.dir);
+            self.retention = index(&s.dir, &self.config);
             self.indexed = Some(s.dir.clone());
         }
         match write_atomically(&job.path, &jpeg) {
@@ -312,20 +322,30 @@ impl Writer {
     }
 }
 
-/// The snapshots already under `dir` (`<camera>/<id>.jpg`), so that the
-/// limits count the files of earlier runs too.
-fn index(dir: &Path) -> Retention {
+/// Most files indexed from earlier runs: the largest `keep_count`.
+const MAX_INDEXED: usize = 1_000_000;
+
+/// The snapshots earlier runs left under `dir`, so that the limits count
+/// them too: only files named as nanodetd names them
+/// (`<camera slug>/<event id>.jpg`), of cameras in `config`, and no
+/// symbolic links, so that a `dir` pointed at a folder of other pictures
+/// never has them deleted. At most [`MAX_INDEXED`].
+fn index(dir: &Path, config: &Config) -> Retention {
     let mut retention = Retention::default();
-    let Ok(cameras) = std::fs::read_dir(dir) else {
-        return retention;
-    };
-    for camera in cameras.flatten() {
-        let Ok(files) = std::fs::read_dir(camera.path()) else {
+    let mut indexed = 0;
+    for camera in &config.cameras {
+        let folder = dir.join(crate::config::slug(camera.name.as_str()));
+        let Ok(files) = std::fs::read_dir(&folder) else {
             continue;
         };
         for file in files.flatten() {
-            let path = file.path();
-            if path.extension().is_none_or(|e| e != "jpg") {
+            if indexed >= MAX_INDEXED {
+                return retention;
+            }
+            let name = file.file_name();
+            // DirEntry::file_type does not follow links.
+            let plain = file.file_type().is_ok_and(|t| t.is_file());
+            if !plain || !name.to_str().is_some_and(is_snapshot_name) {
                 continue;
             }
             let Ok(meta) = file.metadata() else { continue };
@@ -334,10 +354,33 @@ fn index(dir: &Path) -> Retention {
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0.0, |d| d.as_secs_f64());
-            retention.add(path, written, meta.len());
+            retention.add(file.path(), written, meta.len());
+            indexed += 1;
         }
     }
     retention
+}
+
+/// Whether `name` is a snapshot's file name: an event id, digits, a dot,
+/// six digits, a dash and six lowercase letters or digits, then `.jpg`.
+fn is_snapshot_name(name: &str) -> bool {
+    let Some(id) = name.strip_suffix(".jpg") else {
+        return false;
+    };
+    let Some((time, random)) = id.split_once('-') else {
+        return false;
+    };
+    let Some((seconds, micros)) = time.split_once('.') else {
+        return false;
+    };
+    !seconds.is_empty()
+        && seconds.bytes().all(|b| b.is_ascii_digit())
+        && micros.len() == 6
+        && micros.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 6
+        && random
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Writes `bytes` to `path` through a temporary file in its folder, so a
@@ -349,4 +392,54 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)?;
     file.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 19 (review): the limits count what earlier runs left, and
+    /// only that: other pictures, other folders and links are never
+    /// indexed, so never deleted.
+    #[test]
+    fn only_snapshots_of_configured_cameras_are_indexed_for_retention_issue_19() {
+        let dir = tempfile::tempdir().unwrap();
+        let config: Config = toml::from_str(
+            "[model]\npath = \"m.onnx\"\n[[camera]]\nname = \"Front Door\"\nsource = { folder = \"/x\" }\n",
+        )
+        .unwrap();
+        let ours = dir.path().join("front_door");
+        let other = dir.path().join("holidays");
+        std::fs::create_dir_all(&ours).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        for name in [
+            "1796083200.120000-k3x9qa.jpg",
+            "1796083201.000001-aaaaaa.jpg",
+        ] {
+            std::fs::write(ours.join(name), b"12345").unwrap();
+        }
+        for name in [
+            "beach.jpg",
+            "1796083200.12-k3x9qa.jpg",
+            "1796083200.120000-K3X9QA.jpg",
+        ] {
+            std::fs::write(ours.join(name), b"x").unwrap();
+        }
+        std::fs::write(other.join("1796083200.120000-k3x9qa.jpg"), b"x").unwrap();
+        std::os::unix::fs::symlink(
+            other.join("1796083200.120000-k3x9qa.jpg"),
+            ours.join("1796083202.000000-bbbbbb.jpg"),
+        )
+        .unwrap();
+        let mut retention = index(dir.path(), &config);
+        assert_eq!(retention.totals(), (2, 10));
+        let limits = Limits {
+            count: 0,
+            bytes: 0,
+            age: 1.0,
+        };
+        let doomed = retention.expire(f64::MAX, &limits);
+        assert!(doomed.iter().all(|p| p.starts_with(&ours)), "{doomed:?}");
+        assert_eq!(doomed.len(), 2);
+    }
 }

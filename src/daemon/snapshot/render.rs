@@ -200,7 +200,9 @@ fn draw(picture: &mut image::RgbImage, bbox: [f32; 4], caption: &str) {
         .text_color(Rgb888::WHITE)
         .background_color(colour)
         .build();
-    let above = top_left.y - FONT_10X20.character_size.height as i32;
+    let above = top_left
+        .y
+        .saturating_sub(FONT_10X20.character_size.height as i32);
     let at = Point::new(top_left.x.max(0), above.max(0));
     // Only ASCII is in the font; anything else shows as `?`.
     let caption: String = caption
