@@ -1,6 +1,6 @@
 //! Criterion benches for the CPU stages around inference: decoding a
-//! camera's JPEG into a frame, preprocessing a 1080p frame, and decode +
-//! NMS on real NanoDet-Plus outputs.
+//! camera's JPEG into a frame, preprocessing a 1080p frame, decode + NMS
+//! on real NanoDet-Plus outputs, and rendering a snapshot.
 //!
 //! Inference itself is measured by `nanodetd bench` beside onnxruntime
 //! (see docs/PERFORMANCE.md).
@@ -155,5 +155,36 @@ fn decode_and_nms(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, jpeg_to_frame, preprocess, decode_and_nms);
+/// A snapshot of a 1280x720 photo (the writer thread's work per picture),
+/// beside the image crate's own JPEG encoder on the same frame.
+fn snapshot(c: &mut Criterion) {
+    use nanodetd::daemon::snapshot::render::{RenderSettings, Subject, render};
+    let frame = Frame::from_file(&assets().join("samples/hpc203_zidane.jpg")).expect("decodes");
+    let subject = Subject {
+        bbox: [100.0, 100.0, 300.0, 400.0],
+        caption: "person 87%",
+    };
+    let full = RenderSettings {
+        draw: true,
+        crop: false,
+        margin: 0.25,
+        height: None,
+        quality: 80,
+    };
+    c.bench_function("snapshot 1280x720 q80: box, label, jpeg-encoder", |b| {
+        b.iter(|| render(black_box(&frame), &subject, &full).expect("renders"))
+    });
+    let scaled = RenderSettings {
+        height: Some(480),
+        ..full
+    };
+    c.bench_function("snapshot 1280x720 q80 scaled to 480 high", |b| {
+        b.iter(|| render(black_box(&frame), &subject, &scaled).expect("renders"))
+    });
+    c.bench_function("jpeg 1280x720 q80, image crate's encoder (peer)", |b| {
+        b.iter(|| black_box(&frame).to_jpeg(80).expect("encodes"))
+    });
+}
+
+criterion_group!(benches, jpeg_to_frame, preprocess, decode_and_nms, snapshot);
 criterion_main!(benches);
