@@ -183,11 +183,12 @@ impl DrawTarget for Canvas<'_> {
     }
 }
 
-/// The box, a line of 2 pixels or 1/360 of the height, and the caption
+/// The box, a line of 3 pixels or 1/240 of the height (thinner lines
+/// blur into the photo once JPEG halves the colour's resolution), and the caption
 /// in white on the box's colour above it (inside it at the top edge).
 fn draw(picture: &mut image::RgbImage, bbox: [f32; 4], caption: &str) {
     let colour = Rgb888::new(BOX_COLOUR[0], BOX_COLOUR[1], BOX_COLOUR[2]);
-    let thickness = (picture.height() / 360).max(2);
+    let thickness = (picture.height() / 240).max(3);
     // Out-of-frame corners are clipped by the canvas; the casts saturate.
     let corner = |x: f32, y: f32| Point::new(x.round() as i32, y.round() as i32);
     let top_left = corner(bbox[0], bbox[1]);
