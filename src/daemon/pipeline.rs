@@ -26,6 +26,11 @@ use crate::watchdog::Heartbeat;
 /// silent before its objects age without frames.
 const IDLE: Duration = super::publisher::SILENT_AFTER;
 
+/// The model's class id of a label, if it has one.
+fn class_id(detector: &Detector, label: &str) -> Option<u32> {
+    (0..detector.layout().num_classes as u32).find(|&c| detector.class_name(c) == label)
+}
+
 /// The tracker configuration for one camera from the whole config: label
 /// names become the model's class ids.
 pub fn tracker_config(
@@ -33,9 +38,6 @@ pub fn tracker_config(
     camera: &CameraConfig,
     detector: &Detector,
 ) -> TrackerConfig {
-    let class_id = |label: &str| {
-        (0..detector.layout().num_classes as u32).find(|&c| detector.class_name(c) == label)
-    };
     let filter = |f: &crate::config::FilterConfig| LabelFilter {
         min_score: f.min_score.get(),
         threshold: f.threshold.get(),
@@ -50,7 +52,7 @@ pub fn tracker_config(
         filters: config
             .filters
             .iter()
-            .filter_map(|(label, f)| class_id(label).map(|c| (c, filter(f))))
+            .filter_map(|(label, f)| class_id(detector, label).map(|c| (c, filter(f))))
             .collect(),
         default_filter: LabelFilter {
             min_score: config.model.score.get(),
@@ -90,7 +92,6 @@ pub fn tracked_classes(camera: &CameraConfig, detector: &Detector) -> Option<BTr
 /// Labels a camera's `track` list names that the model does not know:
 /// `camera.name`, `label` pairs. A typo there silences the label.
 pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, String)> {
-    let n = detector.layout().num_classes as u32;
     config
         .cameras
         .iter()
@@ -99,7 +100,7 @@ pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, Str
                 .track
                 .listed()
                 .iter()
-                .filter(|label| !(0..n).any(|c| detector.class_name(c) == label.as_str()))
+                .filter(|label| class_id(detector, label.as_str()).is_none())
                 .map(|label| (camera.name.as_str().to_owned(), label.as_str().to_owned()))
         })
         .collect()
@@ -108,11 +109,10 @@ pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, Str
 /// Labels in `[filters]` that the model does not know: almost always a
 /// typo, so they are reported when a config or model is taken up.
 pub fn unknown_labels(config: &Config, detector: &Detector) -> Vec<String> {
-    let n = detector.layout().num_classes as u32;
     config
         .filters
         .keys()
-        .filter(|label| !(0..n).any(|c| detector.class_name(c) == label.as_str()))
+        .filter(|label| class_id(detector, label).is_none())
         .cloned()
         .collect()
 }

@@ -9,6 +9,7 @@
 //! and carries out its [`Action`]s, and the tests drive it with a fake
 //! clock and a seeded random source.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -110,9 +111,9 @@ pub struct CameraPublisher {
     tracker: Tracker,
     /// Classes whose detections reach the tracker; None: all.
     tracked: Option<BTreeSet<u32>>,
-    /// Counts as last published, per class.
+    /// Counts as last published, per class; none is 0.
     counts: BTreeMap<u32, usize>,
-    /// Zone counts as last published, per zone and class.
+    /// Zone counts as last published, per zone and class; none is 0.
     zone_counts: BTreeMap<(String, u32), usize>,
     /// Real objects by tracker id.
     known: BTreeMap<u64, Known>,
@@ -173,8 +174,8 @@ impl CameraPublisher {
         }
         self.frame_size = seen.size;
         self.last_frame = seen.taken;
-        let tracked: Vec<Detection> = match &self.tracked {
-            None => seen.detections.to_vec(),
+        let tracked: Cow<'_, [Detection]> = match &self.tracked {
+            None => Cow::Borrowed(seen.detections),
             Some(classes) => seen
                 .detections
                 .iter()
@@ -344,42 +345,40 @@ impl CameraPublisher {
             }
             self.next_seq += 1;
         }
-        let counts = self.tracker.counts();
-        let classes: Vec<u32> = counts.keys().chain(self.counts.keys()).copied().collect();
-        for class in classes {
-            let now = counts.get(&class).copied().unwrap_or(0);
-            if self.counts.get(&class) != Some(&now) {
-                self.counts.insert(class, now);
-                out.push(Action::Send(mqtt::count_message(
-                    &self.camera,
-                    settings.label(class),
-                    now,
-                )));
-            }
+        for (class, n) in changed(self.tracker.counts(), &mut self.counts) {
+            out.push(Action::Send(mqtt::count_message(
+                &self.camera,
+                settings.label(class),
+                n,
+            )));
         }
-        let zone_counts = self.tracker.zone_counts();
-        let keys: BTreeSet<(String, u32)> = zone_counts
-            .keys()
-            .chain(self.zone_counts.keys())
-            .cloned()
-            .collect();
-        for key in keys {
-            let now = zone_counts.get(&key).copied().unwrap_or(0);
-            if self.zone_counts.get(&key) != Some(&now) {
-                out.push(Action::Send(mqtt::zone_count_message(
-                    &self.camera,
-                    &key.0,
-                    settings.label(key.1),
-                    now,
-                )));
-                if now == 0 {
-                    self.zone_counts.remove(&key);
-                } else {
-                    self.zone_counts.insert(key, now);
-                }
-            }
+        for ((zone, class), n) in changed(self.tracker.zone_counts(), &mut self.zone_counts) {
+            out.push(Action::Send(mqtt::zone_count_message(
+                &self.camera,
+                &zone,
+                settings.label(class),
+                n,
+            )));
         }
     }
+}
+
+/// The counts that differ from those `published`, in key order, a key
+/// gone from `now` as 0; `published` then holds `now`.
+fn changed<K: Ord + Clone>(
+    now: BTreeMap<K, usize>,
+    published: &mut BTreeMap<K, usize>,
+) -> Vec<(K, usize)> {
+    let keys: BTreeSet<&K> = now.keys().chain(published.keys()).collect();
+    let out = keys
+        .into_iter()
+        .filter_map(|key| {
+            let n = now.get(key).copied().unwrap_or(0);
+            (published.get(key).copied().unwrap_or(0) != n).then(|| (key.clone(), n))
+        })
+        .collect();
+    *published = now;
+    out
 }
 
 #[cfg(test)]

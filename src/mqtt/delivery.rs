@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::sweep::{self, CountSweep};
-use super::{Message, Outbox, Taken, TopicClass, TopicRoot, qos_of};
+use super::{Message, Outbox, Taken, TopicClass, TopicRoot, publish_size, qos_of};
 use crate::config::QosConfig;
 
 /// How long a connection must last for the reconnect back-off to start
@@ -449,14 +449,6 @@ impl Delivery {
         outbox.unpop(pending.into_iter());
         n
     }
-}
-
-/// An upper bound on the size of the PUBLISH packet carrying `payload` on
-/// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
-/// topic length (2), packet id (2), MQTT 5's empty properties (1), with
-/// room to spare.
-fn publish_size(topic: &str, payload: &[u8]) -> usize {
-    topic.len().saturating_add(payload.len()).saturating_add(16)
 }
 
 #[cfg(test)]

@@ -83,6 +83,14 @@ impl Message {
     }
 }
 
+/// An upper bound on the size of the PUBLISH packet carrying `payload` on
+/// `topic`, for MQTT 3.1.1 and 5 alike: fixed header (at most 5 bytes),
+/// topic length (2), packet id (2), MQTT 5's empty properties (1), with
+/// room to spare. What `mqtt.max_message_bytes` is checked against.
+pub fn publish_size(topic: &str, payload: &[u8]) -> usize {
+    topic.len().saturating_add(payload.len()).saturating_add(16)
+}
+
 /// The outbox's two queues, under one lock.
 #[derive(Debug, Default)]
 struct Queues {

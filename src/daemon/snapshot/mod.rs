@@ -278,13 +278,9 @@ impl Writer {
         let limit = config.mqtt.max_message_bytes.get();
         // The size check delivery makes, made here so that the picture is
         // counted as too large rather than as a dropped message.
-        let fits = messages.iter().all(|m| {
-            m.full_topic(&prefix)
-                .len()
-                .saturating_add(m.payload.len())
-                .saturating_add(16)
-                <= limit
-        });
+        let fits = messages
+            .iter()
+            .all(|m| mqtt::publish_size(&m.full_topic(&prefix), &m.payload) <= limit);
         if !fits {
             let n = self.queue.too_large.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
