@@ -10,13 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 assets=$(realpath "${1:-${NANODETD_ASSETS:-../shared}}")
 cargo build --release --quiet --bin nanodetd --example latency_probe
-work=$(mktemp -d)
-chmod 777 "$work"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
-mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
-sleep 0.5
+source benches/broker.sh
 mkdir -p "$work/frames"
 cp "$assets/samples/hpc203_bus.jpg" "$assets/samples/skimage_chelsea.png" "$work/frames/"
 

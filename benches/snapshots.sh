@@ -20,13 +20,7 @@ for tool in mosquitto mosquitto_sub python3; do
     type -P "$tool" >/dev/null || { echo "snapshots bench: $tool is missing" >&2; exit 1; }
 done
 cargo build --release --quiet --bin nanodetd
-work=$(mktemp -d)
-chmod 777 "$work"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$work/mosquitto.conf"
-mosquitto -c "$work/mosquitto.conf" >/dev/null 2>&1 &
-sleep 0.5
+source benches/broker.sh
 mkdir -p "$work/frames"
 for photo in hpc203_zidane.jpg hpc203_bus.jpg hpc203_person.jpg nanodet_000252.jpg; do
     cp "$assets/samples/$photo" "$work/frames/"

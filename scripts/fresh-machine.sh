@@ -91,10 +91,16 @@ sub_log=$work/mosquitto_sub.log
     done
 ) &
 subscriber=$!
-# Each command `|| true`: under `set -e` a failing kill in the trap (the
-# subscriber is already gone once judged) made the script exit 1 after it
-# had printed "passed".
-trap 'kill $subscriber 2>/dev/null || true; pkill -P $subscriber 2>/dev/null || true' EXIT
+# Its mosquitto_sub first, then the loop: a loop killed first leaves its
+# mosquitto_sub to init, where `pkill -P` no longer finds it. Each command
+# `|| true`: under `set -e` a failing kill in the trap (the subscriber is
+# already gone once judged) made the script exit 1 after it had printed
+# "passed".
+stop_subscriber() {
+    pkill -P "$subscriber" 2>/dev/null || true
+    kill "$subscriber" 2>/dev/null || true
+}
+trap stop_subscriber EXIT
 
 # --- Inside: only the toolchain, read-only, is added to the root.
 # CI and the CA variables pass through; nothing else of this machine's
@@ -121,7 +127,7 @@ bwrap --bind "$root" / \
     bash scripts/fresh-machine-inside.sh 2>&1 | tee "$work/inside.log"
 inside=${PIPESTATUS[0]}
 set -e
-kill $subscriber 2>/dev/null || true
+stop_subscriber
 sleep 0.5
 
 # --- Judged here: the inside script's verdict, and the subscriber's view.

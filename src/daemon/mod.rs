@@ -199,14 +199,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         path: config.model.path.clone(),
         source,
     })?;
-    for label in pipeline::unknown_labels(&config, &detector) {
-        log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
-    }
-    for (camera, label) in pipeline::unknown_tracked(&config, &detector) {
-        log::warn!(
-            "camera {camera}: track: the model has no class named {label:?}; nothing of it is published"
-        );
-    }
+    pipeline::warn_of_unknown_labels(&config, &detector);
     log::info!(
         "model {} on {:?}: {:?} layout, {}x{} input, {} classes",
         config.model.path.display(),
@@ -335,25 +328,22 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         camera.request_stop();
     }
     board.send(Control::Stop);
+    let stopping_snapshots = snapshots.clone();
     let joined = tokio::task::spawn_blocking(move || {
         for camera in cameras.values_mut() {
             camera.stop(Duration::from_millis(300));
         }
-        while !detector_thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        // The detector's last events may queue pictures; the writer then
+        // finishes what is queued (a few at most), within the deadline.
+        for thread in [&detector_thread, &snapshot_writer] {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stopping_snapshots.stop();
         }
         cameras
     });
     let cameras = joined.await.unwrap_or_default();
-    // The detector stopped the snapshot queue; the writer finishes what
-    // is queued (a few pictures at most) within the deadline.
-    snapshots.stop();
-    let written = tokio::task::spawn_blocking(move || {
-        while !snapshot_writer.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    });
-    let _ = written.await;
     // Final figures, so a consumer can check every event arrived.
     let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
     snapshot.snapshots = snapshots.counts();

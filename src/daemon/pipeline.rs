@@ -89,9 +89,22 @@ pub fn tracked_classes(camera: &CameraConfig, detector: &Detector) -> Option<BTr
     )
 }
 
+/// Logs each label of `[filters]` and of the cameras' `track` lists that
+/// the model does not know, when a config or a model is taken up.
+pub fn warn_of_unknown_labels(config: &Config, detector: &Detector) {
+    for label in unknown_labels(config, detector) {
+        log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
+    }
+    for (camera, label) in unknown_tracked(config, detector) {
+        log::warn!(
+            "camera {camera}: track: the model has no class named {label:?}; nothing of it is published"
+        );
+    }
+}
+
 /// Labels a camera's `track` list names that the model does not know:
 /// `camera.name`, `label` pairs. A typo there silences the label.
-pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, String)> {
+fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, String)> {
     config
         .cameras
         .iter()
@@ -108,7 +121,7 @@ pub fn unknown_tracked(config: &Config, detector: &Detector) -> Vec<(String, Str
 
 /// Labels in `[filters]` that the model does not know: almost always a
 /// typo, so they are reported when a config or model is taken up.
-pub fn unknown_labels(config: &Config, detector: &Detector) -> Vec<String> {
+fn unknown_labels(config: &Config, detector: &Detector) -> Vec<String> {
     config
         .filters
         .keys()
@@ -288,14 +301,7 @@ impl DetectorTask {
         session: &DetectorSession,
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
-        for label in unknown_labels(config, session.detector()) {
-            log::warn!("filters.{label}: the model has no class named {label:?}; ignored");
-        }
-        for (camera, label) in unknown_tracked(config, session.detector()) {
-            log::warn!(
-                "camera {camera}: track: the model has no class named {label:?}; nothing of it is published"
-            );
-        }
+        warn_of_unknown_labels(config, session.detector());
         for camera in &config.cameras {
             if let Some(cam) = cameras.get_mut(camera.name.as_str()) {
                 let detector = session.detector();
