@@ -63,14 +63,14 @@ last = json.loads(open(path).read().strip().splitlines()[-1])
 lat, snap = last["latency_ms"], last["snapshots"]
 fps = sum(c["frames"] - c["dropped"] for c in last["cameras"].values()) / last["uptime"]
 print(f"| {mode} | {lat['total']['samples']} | {fps:.1f} | {lat['total']['p50']:.1f} | {lat['total']['p99']:.1f} "
-      f"| {lat['inference']['p99']:.1f} | {lat['track']['p99']:.2f} | {snap['written']} | {snap['dropped']} |")
+      f"| {lat['inference']['p99']:.1f} | {lat['publish']['p99']:.2f} | {snap['written']} | {snap['dropped']} |")
 PY
 }
 
 echo "machine: $(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 echo "$cameras cameras at $fps fps, nanodet-plus-m_320 on tract, $seconds s per run"
 echo
-echo "| snapshots | frames | frames/s | total p50 (ms) | total p99 (ms) | inference p99 (ms) | track p99 (ms) | pictures written | dropped |"
+echo "| snapshots | frames | frames/s | total p50 (ms) | total p99 (ms) | inference p99 (ms) | publish p99 (ms) | pictures written | dropped |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$rounds"); do
     run off "$round"

@@ -35,7 +35,9 @@ check "docs/MQTT.md in the docs" has "-rw-r--r-- ./usr/share/doc/nanodetd/MQTT.m
 # The demo runs from a clone (its model, photos and broker are not packaged).
 check "no demo config" test -z "$(grep demo.toml <<<"$contents" || true)"
 check "copyright file" has "-rw-r--r-- ./usr/share/doc/nanodetd/copyright"
-unexpected=$(grep -v -E '^d|/usr/bin/nanodetd$|/etc/nanodetd/nanodetd.toml$|/lib/systemd/system/nanodetd.service$|/usr/share/doc/nanodetd/' <<<"$contents" || true)
+check "Prometheus alert rules" has "-rw-r--r-- ./usr/share/nanodetd/prometheus/nanodetd-alerts.yml"
+check "Grafana dashboard" has "-rw-r--r-- ./usr/share/nanodetd/grafana/nanodetd-dashboard.json"
+unexpected=$(grep -v -E '^d|/usr/bin/nanodetd$|/etc/nanodetd/nanodetd.toml$|/lib/systemd/system/nanodetd.service$|/usr/share/doc/nanodetd/|/usr/share/nanodetd/(prometheus/nanodetd-alerts.yml|grafana/nanodetd-dashboard.json)$' <<<"$contents" || true)
 check "nothing else in the archive${unexpected:+: $unexpected}" test -z "$unexpected"
 control=$(mktemp -d)
 dpkg-deb -e "$deb" "$control"

@@ -3,9 +3,9 @@
 # Rust toolchain and a C compiler, then runs `cargo test` (arguments go to
 # it: scripts/test.sh --test daemon).
 #
-# - Programs the tests run (mosquitto, openssl, systemd-analyze, ...): only
-#   what is missing is installed, with apt-get, as root or through sudo, and
-#   the script says what and why before it does. Without either it prints
+# - Programs the tests run (mosquitto, openssl, systemd-analyze, prometheus,
+#   ...): only what is missing is installed, with apt-get, as root or
+#   through sudo, and the script says what and why before it does. Without either it prints
 #   the apt-get line to run and stops.
 # - Python packages (pycocotools, onnx, onnxruntime, numpy): into a virtual
 #   environment under target/test-venv, never into the system's Python. Its
@@ -33,6 +33,10 @@ declare -A package=(
     [kill]=procps
     [python3]=python3
     [cc]=gcc
+    # A real Prometheus scrapes the daemon; promtool lints /metrics and
+    # unit-tests the alert rules (tests/integration/metrics.rs).
+    [prometheus]=prometheus
+    [promtool]=prometheus
 )
 need=()
 # type -P: the program on PATH, which the tests spawn; `command -v` would

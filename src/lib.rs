@@ -8,7 +8,8 @@
 //! This crate is the daemon's shell above it: [`capture`] reads cameras,
 //! [`config`] reads and checks the TOML, [`daemon`] wires the threads and
 //! tasks, [`mqtt`] publishes, [`reload`] watches the config, [`watchdog`]
-//! tells systemd the pipeline is alive, [`prepare`] makes a model ready (the
+//! tells systemd the pipeline is alive, [`metrics`] keeps the figures that
+//! the stats topic and the Prometheus endpoint share, [`prepare`] makes a model ready (the
 //! one path the daemon and every command take), [`logging`] sends lines to journald
 //! or stderr, and [`allocator`] sets how glibc's malloc keeps the daemon's
 //! memory.
@@ -28,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod fuzzing;
 pub mod logging;
+pub mod metrics;
 pub mod mqtt;
 pub mod prepare;
 pub mod reload;

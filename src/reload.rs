@@ -14,7 +14,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::mqtt::{self, Outbox};
+use crate::metrics::{Metrics, ReloadResult};
+use crate::mqtt::StatusBoard;
 
 /// Editors write a file in several steps; wait for them to finish.
 const DEBOUNCE: Duration = Duration::from_millis(250);
@@ -44,12 +45,13 @@ fn concerns(event: &notify::Event, file: &Path) -> bool {
             .any(|p| p.file_name() == file.file_name())
 }
 
-/// Watches `path` and sends each new valid config on `configs`. Returns
-/// only if watching cannot start.
+/// Watches `path` and sends each new valid config on `configs`, counting
+/// each outcome in `metrics`. Returns only if watching cannot start.
 pub async fn run(
     path: PathBuf,
     configs: watch::Sender<Arc<Config>>,
-    outbox: Outbox,
+    status: Arc<StatusBoard>,
+    metrics: Arc<Metrics>,
 ) -> Result<(), ReloadError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
@@ -73,7 +75,7 @@ pub async fn run(
             source,
         })?;
     let mut hangup = signal(SignalKind::hangup()).map_err(ReloadError::Signal)?;
-    outbox.push(mqtt::status_message(None));
+    status.set_config_error(None);
     loop {
         let why = tokio::select! {
             c = changes.recv() => match c { Some(c) => c, None => return Ok(()) },
@@ -103,11 +105,17 @@ pub async fn run(
                 if changed || why == "SIGHUP" {
                     configs.send_replace(Arc::new(new));
                 }
-                outbox.push(mqtt::status_message(None));
+                metrics.count_reload(if changed {
+                    ReloadResult::Applied
+                } else {
+                    ReloadResult::Unchanged
+                });
+                status.set_config_error(None);
             }
             Err(e) => {
                 log::error!("{e}; keeping the running configuration");
-                outbox.push(mqtt::status_message(Some(&e.to_string())));
+                metrics.count_reload(ReloadResult::Rejected);
+                status.set_config_error(Some(&e.to_string()));
             }
         }
     }

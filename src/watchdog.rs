@@ -51,15 +51,26 @@ impl Heartbeats {
 
     /// Participants not heard from for longer than `max_age`.
     pub fn stale(&self, max_age: Duration) -> Vec<String> {
+        self.ages()
+            .into_iter()
+            .filter(|(_, age)| *age > max_age)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// Every participant and how long since it was last heard from, in
+    /// name order: for `/healthz` and `nanodetd_heartbeat_age_seconds`.
+    pub fn ages(&self) -> Vec<(String, Duration)> {
         let now = self.elapsed_ms();
-        let max = max_age.as_millis() as u64;
         self.0
             .beats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .filter(|(_, b)| now.saturating_sub(b.load(Ordering::Relaxed)) > max)
-            .map(|(n, _)| n.clone())
+            .map(|(n, b)| {
+                let age = now.saturating_sub(b.load(Ordering::Relaxed));
+                (n.clone(), Duration::from_millis(age))
+            })
             .collect()
     }
 }

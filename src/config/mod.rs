@@ -782,6 +782,42 @@ pub struct Config {
     /// Snapshots of events.
     #[serde(default)]
     pub snapshots: SnapshotConfig,
+    /// The Prometheus and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the HTTP endpoint for Prometheus and health probes
+/// (docs/METRICS.md). Hot: a change rebinds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, as
+    /// `address:port` (`[::1]:9464` for IPv6); off when absent.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Seconds a pipeline thread may go without progress before
+    /// `/healthz` answers 503 naming it; the packaged unit's
+    /// `WatchdogSec` is 30.
+    #[serde(default = "default_stale_after")]
+    pub stale_after: Real<f64, UpToAnHour>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            stale_after: default_stale_after(),
+        }
+    }
+}
+
+/// The port the docs, the unit's `SocketBindAllow=` and the examples use:
+/// the one registered for OpenTelemetry's Prometheus exporter.
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
+
+fn default_stale_after<R: RealRange>() -> Real<f64, R> {
+    Real::unchecked(30.0)
 }
 
 /// `[capture]`: what all cameras together may hold.
@@ -1042,6 +1078,7 @@ impl Config {
         ranges.key("snapshots.keep_count", s.keep_count);
         ranges.key("snapshots.keep_mib", s.keep_mib);
         ranges.key("snapshots.keep_hours", s.keep_hours);
+        ranges.key("metrics.stale_after", self.metrics.stale_after);
         for (label, f) in &self.filters {
             let key = |k: &str| format!("filters.{label}.{k}");
             ranges.key(&key("min_score"), f.min_score);
@@ -1391,6 +1428,8 @@ queue = 65
 keep_count = 0
 keep_mib = 0
 keep_hours = 0.0
+[metrics]
+stale_after = 0.0
 [filters.person]
 min_score = 1.5
 threshold = 1.5
@@ -1450,6 +1489,7 @@ size = [0, 16385]
             "snapshots.keep_count",
             "snapshots.keep_mib",
             "snapshots.keep_hours",
+            "metrics.stale_after",
             "filters.person.min_score",
             "filters.person.threshold",
             "filters.person.min_area",

@@ -4,7 +4,7 @@
 //! another camera or the detector.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use super::board::{CapturedFrame, FrameBoard, wall_time};
 use crate::capture::Captured;
 use crate::capture::{Miss, Source};
 use crate::config::CameraConfig;
+use crate::metrics::CameraMetrics;
 use crate::watchdog::Heartbeat;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -34,20 +35,13 @@ pub enum CameraState {
     Finished,
 }
 
-/// A camera's counters, shared with the stats.
-#[derive(Debug, Default)]
+/// A camera's state and counters, shared with the stats. The counters
+/// are the registry's ([`CameraMetrics`]): the stats topic reads them
+/// back from it.
+#[derive(Debug)]
 pub struct CameraCounters {
-    /// Frames handed to the detector.
-    pub frames: AtomicU64,
-    /// Frames replaced before the detector took them.
-    pub dropped: AtomicU64,
-    /// Frames that would not decode or were short.
-    pub broken: AtomicU64,
-    /// Times the source was lost and re-opened.
-    pub reopens: AtomicU64,
-    /// Frames handed over as the capture buffer itself (USERPTR), with
-    /// no copy on the host.
-    pub lent: AtomicU64,
+    /// Frames, drops, re-opens.
+    pub metrics: CameraMetrics,
     state: AtomicU8,
     last_error: std::sync::Mutex<Option<String>>,
 }
@@ -63,8 +57,21 @@ impl CameraCounters {
         }
     }
 
+    /// Counters in `metrics`, the camera opening.
+    pub fn new(metrics: CameraMetrics) -> CameraCounters {
+        metrics.up.set(0);
+        CameraCounters {
+            metrics,
+            state: AtomicU8::new(CameraState::Opening as u8),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+
     fn set_state(&self, state: CameraState) {
         self.state.store(state as u8, Ordering::Relaxed);
+        self.metrics
+            .up
+            .set(i64::from(state == CameraState::Streaming));
     }
 
     /// The last error that made the camera re-open, if any.
@@ -99,8 +106,9 @@ impl CameraTask {
         config: CameraConfig,
         board: Arc<FrameBoard>,
         heartbeat: Heartbeat,
+        metrics: CameraMetrics,
     ) -> std::io::Result<CameraTask> {
-        let counters = Arc::new(CameraCounters::default());
+        let counters = Arc::new(CameraCounters::new(metrics));
         let stop = Arc::new(AtomicBool::new(false));
         let runner = CameraRunner {
             config: config.clone(),
@@ -206,7 +214,7 @@ impl CameraRunner {
                 }
                 Miss::Lost(error) if !self.stopping() => {
                     self.counters.set_state(CameraState::Reopening);
-                    self.counters.reopens.fetch_add(1, Ordering::Relaxed);
+                    self.counters.metrics.reopens.inc();
                     let error = error.to_string();
                     // Log a new error once, not every back-off round.
                     if reported.as_ref() != Some(&error) {
@@ -245,7 +253,8 @@ impl CameraRunner {
             let frame = match source.next_capture(self.board.raw_wanted()) {
                 Ok(frame) => frame,
                 Err(Miss::Broken(e)) => {
-                    let n = self.counters.broken.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.counters.metrics.broken.inc();
+                    let n = self.counters.metrics.broken.get();
                     if n.is_power_of_two() {
                         log::warn!(
                             "camera {}: {e} (skipped; {n} bad frames so far)",
@@ -298,13 +307,13 @@ impl CameraRunner {
             captured: Instant::now(),
             wall_time: wall_time(),
         };
-        self.counters.frames.fetch_add(1, Ordering::Relaxed);
+        self.counters.metrics.frames.inc();
         if captured.image.is_lent() {
-            self.counters.lent.fetch_add(1, Ordering::Relaxed);
+            self.counters.metrics.lent.inc();
         }
         if !wait {
             if self.board.put(captured) {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counters.metrics.replaced.inc();
             }
             return true;
         }

@@ -24,12 +24,11 @@ pub mod pipeline;
 pub mod plan;
 pub mod probe;
 pub mod publisher;
+pub mod report;
 pub mod snapshot;
-pub mod stats;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
@@ -38,15 +37,17 @@ use tokio::sync::{oneshot, watch};
 
 use crate::config::{CameraConfig, Config, ModelConfig};
 use crate::detector::{Detector, DetectorError};
+use crate::metrics::server::Endpoint;
+use crate::metrics::{Gathered, Metrics};
 use crate::mqtt::homeassistant::{self, Discovery};
-use crate::mqtt::{self, LinkStatus, MqttTask, Outbox};
+use crate::mqtt::{self, LinkStatus, MqttTask, Outbox, StatusBoard};
 use crate::prepare::{self, LoadError, LoadOptions};
 use crate::watchdog::{self, Heartbeats};
 use board::{Control, FrameBoard};
 use camera::{CameraState, CameraTask};
 use pipeline::DetectorTask;
 use probe::ProbeRefusal;
-use stats::Latencies;
+use report::Reporter;
 
 /// How long shutdown may take before the rest is abandoned; systemd's
 /// default stop timeout is far longer, operators' patience is not.
@@ -176,15 +177,36 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         Err(reason) => log::error!("mqtt.embedded_broker: {reason}"),
     }
 
+    // The figures, the outbox and the config channel come first: the
+    // metrics endpoint answers probes while the model loads (/readyz 503).
+    let metrics = Arc::new(Metrics::new());
+    let heartbeats = Heartbeats::default();
+    let outbox = Outbox::new(config.mqtt.queue.get());
+    outbox.time_events(metrics.event_latency());
+    let status = Arc::new(StatusBoard::new(outbox.clone()));
+    let link = Arc::new(LinkStatus::default());
+    let model_name = Arc::new(OnceLock::new());
+    let model_config = config.model.clone();
+    let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
+    let config = config_rx.borrow_and_update().clone();
+    let endpoint = Endpoint {
+        metrics: metrics.clone(),
+        heartbeats: heartbeats.clone(),
+        model: model_name.clone(),
+        link: link.clone(),
+    };
+    tokio::spawn(crate::metrics::server::run(
+        Arc::new(endpoint),
+        config_rx.clone(),
+        status.clone(),
+    ));
+
     // The backend. Building a model can take minutes on an edge box; tell
     // systemd so it does not time the start-up out.
     notify(&[NotifyState::ExtendTimeoutUsec(600_000_000)]);
     // On a blocking thread, so that SIGTERM during a first INT8
     // calibration or TensorRT build ends the daemon at once.
-    let loading = tokio::task::spawn_blocking({
-        let model = config.model.clone();
-        move || probe_and_load(&model)
-    });
+    let loading = tokio::task::spawn_blocking(move || probe_and_load(&model_config));
     let detector = tokio::select! {
         loaded = loading => loaded.map_err(|source| DaemonError::LoadPanicked {
             path: config.model.path.clone(),
@@ -210,22 +232,25 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         detector.layout().num_classes
     );
 
-    let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
-    let config = config_rx.borrow_and_update().clone();
-    let outbox = Outbox::new(config.mqtt.queue.get());
-    let heartbeats = Heartbeats::default();
     let board = Arc::new(FrameBoard::default());
-    let latencies = Arc::new(Mutex::new(Latencies::default()));
     let snapshots = Arc::new(snapshot::SnapshotQueue::default());
     let snapshot_writer =
         snapshot::spawn_writer(snapshots.clone(), outbox.clone(), config_rx.clone())
             .map_err(io_error("cannot start the snapshot thread"))?;
+    report::register_sampled(
+        &metrics,
+        &outbox,
+        &link,
+        &snapshots,
+        &heartbeats,
+        config_rx.clone(),
+    );
 
     // The detector thread, then a thread per camera.
-    let in_service = Arc::new(Mutex::new(pipeline::ModelInService::new(
-        config.model.clone(),
-        &detector,
-    )));
+    let in_service = pipeline::ModelInService::new(config.model.clone(), &detector);
+    metrics.set_model(&in_service.metric_labels());
+    let _ = model_name.set(in_service.file_name());
+    let in_service = Arc::new(Mutex::new(in_service));
     let models = ModelLoads {
         results: board.clone(),
         generation: pipeline::ModelGeneration::default(),
@@ -236,7 +261,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         config: config.clone(),
         in_service: in_service.clone(),
         outbox: outbox.clone(),
-        latencies: latencies.clone(),
+        metrics: metrics.clone(),
         heartbeat: heartbeats.register("detector"),
         snapshots: snapshots.clone(),
     };
@@ -245,23 +270,29 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
         .spawn(move || detector_task.run(session))
         .map_err(io_error("cannot start the detector thread"))?;
     let mut cameras = BTreeMap::new();
+    let shell = Shell {
+        board: board.clone(),
+        heartbeats: heartbeats.clone(),
+        metrics: metrics.clone(),
+    };
     for camera in &config.cameras {
-        start_camera(camera, &board, &heartbeats, &mut cameras);
+        shell.start_camera(camera, &mut cameras);
     }
 
     // MQTT, the config watch, the watchdog.
-    let link = Arc::new(LinkStatus::default());
     let (drain_tx, drain_rx) = oneshot::channel();
     let mqtt_task =
         tokio::spawn(MqttTask::new(config_rx.clone(), outbox.clone(), link.clone()).run(drain_rx));
     let reload_path = config_path.clone();
-    let reload_outbox = outbox.clone();
+    let (reload_status, reload_metrics) = (status.clone(), metrics.clone());
     // The watcher may fail to start (inotify's instance limit) and drop its
     // sender: this one keeps the channel open, or every receiver would take
     // the closed channel for a shutdown and the daemon would stop.
     let _config_tx = config_tx.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::reload::run(reload_path, config_tx, reload_outbox).await {
+        if let Err(e) =
+            crate::reload::run(reload_path, config_tx, reload_status, reload_metrics).await
+        {
             log::error!("{e}; edit-and-reload is off, restart to apply changes");
         }
     });
@@ -292,7 +323,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 if changed.is_err() { break; }
                 let new = config_rx.borrow_and_update().clone();
                 board.send(Control::Config(new.clone()));
-                apply(&current, &new, &board, &heartbeats, &mut cameras, &models, &outbox);
+                apply(&current, &new, &shell, &mut cameras, &models, &status);
                 current = new;
             }
             _ = tick.tick() => {
@@ -307,12 +338,10 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                     outbox.push(message);
                 }
                 announce_discovery(&current, &in_service, &mut discovered_for, &mut discovery, &outbox);
-                let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
-                snapshot.snapshots = snapshots.counts();
+                let mut snapshot = reporter.snapshot(&in_service, &cameras, &Gathered::from(&metrics));
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval.get() {
                     last_stats = Instant::now();
-                    snapshot.latency_ms = percentiles(&latencies);
                     snapshot.memory = crate::allocator::memory_use();
                     outbox.push(mqtt::stats_message(&snapshot));
                 }
@@ -345,9 +374,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     });
     let cameras = joined.await.unwrap_or_default();
     // Final figures, so a consumer can check every event arrived.
-    let mut snapshot = reporter.snapshot(&in_service, &cameras, &outbox, &link);
-    snapshot.snapshots = snapshots.counts();
-    snapshot.latency_ms = percentiles(&latencies);
+    let mut snapshot = reporter.snapshot(&in_service, &cameras, &Gathered::from(&metrics));
     snapshot.memory = crate::allocator::memory_use();
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());
@@ -398,19 +425,28 @@ fn notify(state: &[NotifyState]) {
     }
 }
 
-fn start_camera(
-    camera: &CameraConfig,
-    board: &Arc<FrameBoard>,
-    heartbeats: &Heartbeats,
-    cameras: &mut BTreeMap<String, CameraTask>,
-) {
-    let name = camera.name.as_str();
-    let heartbeat = heartbeats.register(&format!("camera {name}"));
-    match CameraTask::spawn(camera.clone(), board.clone(), heartbeat) {
-        Ok(task) => {
-            cameras.insert(name.to_owned(), task);
+/// What starting a camera needs.
+struct Shell {
+    board: Arc<FrameBoard>,
+    heartbeats: Heartbeats,
+    metrics: Arc<Metrics>,
+}
+
+impl Shell {
+    fn start_camera(&self, camera: &CameraConfig, cameras: &mut BTreeMap<String, CameraTask>) {
+        let name = camera.name.as_str();
+        let heartbeat = self.heartbeats.register(&format!("camera {name}"));
+        match CameraTask::spawn(
+            camera.clone(),
+            self.board.clone(),
+            heartbeat,
+            self.metrics.camera(name),
+        ) {
+            Ok(task) => {
+                cameras.insert(name.to_owned(), task);
+            }
+            Err(e) => log::error!("camera {name}: cannot start its thread: {e}"),
         }
-        Err(e) => log::error!("camera {name}: cannot start its thread: {e}"),
     }
 }
 
@@ -421,11 +457,10 @@ fn start_camera(
 fn apply(
     old: &Config,
     new: &Arc<Config>,
-    board: &Arc<FrameBoard>,
-    heartbeats: &Heartbeats,
+    shell: &Shell,
     cameras: &mut BTreeMap<String, CameraTask>,
     models: &ModelLoads,
-    outbox: &Outbox,
+    status: &Arc<StatusBoard>,
 ) {
     crate::logging::set_level(new.log.level);
     let in_service = models.in_service();
@@ -438,6 +473,9 @@ fn apply(
         &in_service,
     );
     for name in &plan.stop {
+        if !new.cameras.iter().any(|c| c.name.as_str() == name) {
+            shell.metrics.forget_camera(name);
+        }
         if let Some(task) = cameras.remove(name) {
             log::info!("camera {name}: source changed or removed, stopping");
             // Joining may take a moment; it must not hold up MQTT.
@@ -453,9 +491,9 @@ fn apply(
         .filter(|c| plan.start.iter().any(|s| s == c.name.as_str()))
     {
         log::info!("camera {}: starting", camera.name.as_str());
-        start_camera(camera, board, heartbeats, cameras);
+        shell.start_camera(camera, cameras);
     }
-    models.follow(plan.model, new, outbox);
+    models.follow(plan.model, new, status);
 }
 
 /// Background model loads, and which of them is wanted.
@@ -481,7 +519,7 @@ impl ModelLoads {
     /// Carries out a reload plan's model step. Every step but `Keep`
     /// supersedes the loads before it, so the model that goes into service
     /// is the one the latest config names.
-    fn follow(&self, step: plan::ModelStep, new: &Arc<Config>, outbox: &Outbox) {
+    fn follow(&self, step: plan::ModelStep, new: &Arc<Config>, status: &Arc<StatusBoard>) {
         let retry = match step {
             plan::ModelStep::Keep => return,
             plan::ModelStep::BackToInService => {
@@ -503,7 +541,7 @@ impl ModelLoads {
         let model = new.model.clone();
         let results = self.results.clone();
         let wanted = self.generation.clone();
-        let outbox = outbox.clone();
+        let status = status.clone();
         tokio::task::spawn_blocking(move || match probe_and_load(&model) {
             Ok(detector) => {
                 results.send(Control::Model(Box::new(pipeline::LoadedModel {
@@ -516,7 +554,7 @@ impl ModelLoads {
             Err(e) => {
                 let why = prepare::one_line(&e);
                 log::error!("{why}; keeping the running model");
-                outbox.push(mqtt::status_message(Some(&why)));
+                status.set_config_error(Some(&why));
             }
         });
     }
@@ -541,142 +579,5 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
-    }
-}
-
-/// One camera in the stats.
-#[derive(Debug, serde::Serialize)]
-struct CameraStats {
-    state: CameraState,
-    fps: f32,
-    frames: u64,
-    dropped: u64,
-    broken: u64,
-    reopens: u64,
-    lent: u64,
-    error: Option<String>,
-}
-
-/// The `stats` payload.
-#[derive(Debug, serde::Serialize)]
-struct StatsSnapshot {
-    uptime: f64,
-    backend: crate::backend::BackendKind,
-    model: String,
-    /// Fallbacks and plan provenance, from the backend.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    engine_notes: Vec<String>,
-    cameras: BTreeMap<String, CameraStats>,
-    latency_ms: BTreeMap<stats::Stage, stats::Percentiles>,
-    snapshots: snapshot::SnapshotCounts,
-    mqtt: MqttStats,
-    /// Filled for the stats topic only: mallinfo walks malloc's free
-    /// lists, too much for the once-a-second STATUS= line.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory: Option<crate::allocator::MemoryUse>,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct MqttStats {
-    connected: bool,
-    reconnects: u64,
-    #[serde(flatten)]
-    outbox: mqtt::OutboxSnapshot,
-}
-
-/// Stage percentiles for a stats message. Sorting the windows is kept out
-/// of the once-a-second STATUS= update, which needs none of it.
-fn percentiles(latencies: &Mutex<Latencies>) -> BTreeMap<stats::Stage, stats::Percentiles> {
-    latencies
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .percentiles()
-}
-
-/// Turns counters into rates between snapshots.
-struct Reporter {
-    started: Instant,
-    last: Instant,
-    processed: BTreeMap<String, u64>,
-}
-
-impl Reporter {
-    fn new(started: Instant) -> Reporter {
-        Reporter {
-            started,
-            last: Instant::now(),
-            processed: BTreeMap::new(),
-        }
-    }
-
-    fn snapshot(
-        &mut self,
-        in_service: &Mutex<pipeline::ModelInService>,
-        cameras: &BTreeMap<String, CameraTask>,
-        outbox: &Outbox,
-        link: &LinkStatus,
-    ) -> StatsSnapshot {
-        let dt = self.last.elapsed().as_secs_f32().max(1e-3);
-        self.last = Instant::now();
-        let mut per_camera = BTreeMap::new();
-        for (name, task) in cameras {
-            let c = &task.counters;
-            let frames = c.frames.load(Ordering::Relaxed);
-            let dropped = c.dropped.load(Ordering::Relaxed);
-            let processed = frames.saturating_sub(dropped);
-            let before = self.processed.insert(name.clone(), processed).unwrap_or(0);
-            per_camera.insert(
-                name.clone(),
-                CameraStats {
-                    state: c.state(),
-                    fps: processed.saturating_sub(before) as f32 / dt,
-                    frames,
-                    dropped,
-                    broken: c.broken.load(Ordering::Relaxed),
-                    reopens: c.reopens.load(Ordering::Relaxed),
-                    lent: c.lent.load(Ordering::Relaxed),
-                    error: c.last_error(),
-                },
-            );
-        }
-        let model = in_service
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        StatsSnapshot {
-            uptime: self.started.elapsed().as_secs_f64(),
-            backend: model.backend,
-            model: model.config.path.display().to_string(),
-            engine_notes: model.engine_notes,
-            cameras: per_camera,
-            latency_ms: BTreeMap::new(),
-            snapshots: snapshot::SnapshotCounts::default(),
-            memory: None,
-            mqtt: MqttStats {
-                connected: link.connected(),
-                reconnects: link.reconnects(),
-                outbox: outbox.snapshot(),
-            },
-        }
-    }
-
-    /// systemd's one-line STATUS=.
-    fn status_line(&self, s: &StatsSnapshot) -> String {
-        let fps: f32 = s.cameras.values().map(|c| c.fps).sum();
-        let streaming = s
-            .cameras
-            .values()
-            .filter(|c| c.state == CameraState::Streaming)
-            .count();
-        format!(
-            "{streaming}/{} cameras streaming, {fps:.1} fps, backend {:?}, MQTT {}",
-            s.cameras.len(),
-            s.backend,
-            if s.mqtt.connected {
-                "connected"
-            } else {
-                "disconnected"
-            }
-        )
     }
 }

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use super::board::{CapturedFrame, Control, FrameBoard, Work, wall_time};
 use super::publisher::{Action, CameraPublisher, Seen, Settings};
 use super::snapshot::SnapshotQueue;
-use super::stats::{Latencies, Stage};
 use crate::capture::Captured;
 use crate::config::{CameraConfig, Config, ModelConfig, Tracked};
 use crate::detector::{Detector, DetectorSession};
-use crate::mqtt::{self, Outbox};
+use crate::metrics::{Metrics, ModelLabels, Stage};
+use crate::mqtt::{self, Outbox, TopicClass};
 use crate::track::{LabelFilter, TrackerConfig, Zone};
 use crate::watchdog::Heartbeat;
 
@@ -141,16 +141,45 @@ pub struct ModelInService {
     pub engine_notes: Vec<String>,
     /// Its class names.
     pub labels: Vec<String>,
+    /// Where it runs: `cpu`, `cuda` or `tensorrt`.
+    pub provider: &'static str,
 }
 
 impl ModelInService {
     /// `detector`, loaded from `config`.
     pub fn new(config: ModelConfig, detector: &Detector) -> ModelInService {
+        let backend = detector.engine().backend();
+        let provider = match backend {
+            crate::backend::BackendKind::TensorRt => "tensorrt",
+            _ if detector.engine().on_gpu() => "cuda",
+            _ => "cpu",
+        };
         ModelInService {
             config,
-            backend: detector.engine().backend(),
+            backend,
             engine_notes: detector.engine().notes(),
             labels: detector.class_names().to_vec(),
+            provider,
+        }
+    }
+
+    /// Its file name, for `/readyz` and the metrics.
+    pub fn file_name(&self) -> String {
+        self.config
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// `nanodetd_model_info`'s labels.
+    pub fn metric_labels(&self) -> ModelLabels {
+        let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+        ModelLabels {
+            model: self.file_name(),
+            backend: lower(&self.backend),
+            precision: lower(&self.config.precision),
+            provider: self.provider.to_owned(),
         }
     }
 }
@@ -213,8 +242,8 @@ pub struct DetectorTask {
     pub in_service: Arc<Mutex<ModelInService>>,
     /// Messages out.
     pub outbox: Outbox,
-    /// Stage timings, read by the stats.
-    pub latencies: Arc<Mutex<Latencies>>,
+    /// Stage timings, events and object counts.
+    pub metrics: Arc<Metrics>,
     /// Liveness for the watchdog.
     pub heartbeat: Heartbeat,
     /// Snapshots to encode, off this thread.
@@ -254,11 +283,12 @@ impl DetectorTask {
                     match detector.session() {
                         Ok(s) => {
                             log::info!("detector: new model in service: {}", model.path.display());
+                            let in_service = ModelInService::new(model, &detector);
+                            self.metrics.set_model(&in_service.metric_labels());
                             *self
                                 .in_service
                                 .lock()
-                                .unwrap_or_else(PoisonError::into_inner) =
-                                ModelInService::new(model, &detector);
+                                .unwrap_or_else(PoisonError::into_inner) = in_service;
                             session = s;
                             self.board.set_raw_wanted(session.on_gpu());
                             self.retune(&config, &session, &mut cameras);
@@ -384,18 +414,15 @@ impl DetectorTask {
         };
         let room = self.snapshots.room(&config.snapshots);
         let actions = cam.frame(seen, &settings(config, detector, room));
-        self.carry_out(actions, Some((&captured.image, config)));
+        self.carry_out(actions, Some((&captured, config)));
         let done = Instant::now();
-        let mut l = self
-            .latencies
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        l.record(Stage::Queue, timing.queue / 1e3);
-        l.record(Stage::Preprocess, timing.preprocess / 1e3);
-        l.record(Stage::Inference, timing.inference / 1e3);
-        l.record(Stage::Postprocess, timing.postprocess / 1e3);
-        l.record(Stage::Track, secs(postprocessed, done));
-        l.record(Stage::Total, secs(captured.captured, done));
+        let m = &self.metrics;
+        m.observe_stage(Stage::Queue, timing.queue / 1e3);
+        m.observe_stage(Stage::Preprocess, timing.preprocess / 1e3);
+        m.observe_stage(Stage::Inference, timing.inference / 1e3);
+        m.observe_stage(Stage::Postprocess, timing.postprocess / 1e3);
+        m.observe_stage(Stage::Publish, secs(postprocessed, done));
+        m.observe_detection(secs(captured.captured, done));
     }
 
     /// With no frames coming, a camera's objects still have to end once
@@ -414,19 +441,43 @@ impl DetectorTask {
     }
 
     /// What a camera's publisher decided; `frame` is the frame just
-    /// processed and its settings, for snapshots.
-    fn carry_out(&self, actions: Vec<Action>, frame: Option<(&Captured, &Arc<Config>)>) {
+    /// processed and its settings, for snapshots and event timing.
+    fn carry_out(&self, actions: Vec<Action>, frame: Option<(&CapturedFrame, &Arc<Config>)>) {
         for action in actions {
             match action {
                 Action::Print(line) => super::console::print(&line),
-                Action::Send(message) => self.outbox.push(message),
+                Action::Send(mut message) => {
+                    if message.class == TopicClass::Events {
+                        message.captured = frame.map(|(f, _)| f.captured);
+                    }
+                    self.outbox.push(message);
+                }
                 Action::Snapshot(job) => match frame {
-                    Some((image, config)) => self.snapshots.push(job, image, config.clone()),
+                    Some((f, config)) => self.snapshots.push(job, &f.image, config.clone()),
                     None => self.snapshots.count_dropped(),
                 },
                 Action::SnapshotDropped => self.snapshots.count_dropped(),
+                Action::Event {
+                    camera,
+                    label,
+                    kind,
+                } => self.metrics.count_event(&camera, &label, kind_name(kind)),
+                Action::Objects {
+                    camera,
+                    label,
+                    count,
+                } => self.metrics.set_objects(&camera, &label, count),
             }
         }
+    }
+}
+
+/// `nanodetd_events_total`'s `type`, as events name it.
+fn kind_name(kind: crate::track::EventKind) -> &'static str {
+    match kind {
+        crate::track::EventKind::New => "new",
+        crate::track::EventKind::Update => "update",
+        crate::track::EventKind::End => "end",
     }
 }
 

@@ -35,6 +35,26 @@ pub enum Action {
     Snapshot(SnapshotJob),
     /// A snapshot was wanted, but the queue was full: count it.
     SnapshotDropped,
+    /// The tracker reported an event of a tracked label: count it
+    /// (`nanodetd_events_total`).
+    Event {
+        /// The camera.
+        camera: String,
+        /// The object's label.
+        label: String,
+        /// New, update or end.
+        kind: EventKind,
+    },
+    /// The objects of a label a camera tracks now, when the number
+    /// changed (`nanodetd_objects`).
+    Objects {
+        /// The camera.
+        camera: String,
+        /// The label.
+        label: String,
+        /// How many.
+        count: usize,
+    },
 }
 
 /// A snapshot to take of the frame just processed.
@@ -302,6 +322,11 @@ impl CameraPublisher {
     ) {
         for event in &events {
             let label = settings.label(event.after.class_id);
+            out.push(Action::Event {
+                camera: self.camera.clone(),
+                label: label.to_owned(),
+                kind: event.kind,
+            });
             if event.kind == EventKind::New || !self.known.contains_key(&event.after.id) {
                 let event_id = self.event_id(event.after.first_seen);
                 self.known.insert(
@@ -351,6 +376,11 @@ impl CameraPublisher {
                 settings.label(class),
                 n,
             )));
+            out.push(Action::Objects {
+                camera: self.camera.clone(),
+                label: settings.label(class).to_owned(),
+                count: n,
+            });
         }
         for ((zone, class), n) in changed(self.tracker.zone_counts(), &mut self.zone_counts) {
             out.push(Action::Send(mqtt::zone_count_message(
@@ -509,7 +539,7 @@ mod tests {
                     m.topic,
                     String::from_utf8_lossy(&m.payload)
                 )),
-                Action::Print(_) => None,
+                Action::Print(_) | Action::Event { .. } | Action::Objects { .. } => None,
                 Action::Snapshot(job) => Some(format!("snapshot {}", job.path.display())),
                 Action::SnapshotDropped => Some("snapshot dropped".into()),
             })
@@ -550,7 +580,7 @@ mod tests {
         let mut cam = Camera::new();
         cam.frames(0..3, (640, 480), &[(0, PERSON)]);
         let actions = cam.frame(0.3, (800, 600), &[]);
-        let Some(Action::Send(end)) = actions.first() else {
+        let Some(Action::Send(end)) = actions.iter().find(|a| matches!(a, Action::Send(_))) else {
             panic!("no end event: {actions:?}");
         };
         let v: serde_json::Value = serde_json::from_slice(&end.payload).unwrap();
@@ -642,9 +672,41 @@ mod tests {
                 }
                 Action::Send(m) => m.topic.as_str(),
                 Action::Snapshot(_) | Action::SnapshotDropped => "snapshot",
+                Action::Event {
+                    camera,
+                    label,
+                    kind,
+                } => {
+                    assert_eq!(
+                        (camera.as_str(), label.as_str(), *kind),
+                        ("Front Door", "cat", EventKind::New)
+                    );
+                    "count event"
+                }
+                Action::Objects {
+                    camera,
+                    label,
+                    count,
+                } => {
+                    assert_eq!(
+                        (camera.as_str(), label.as_str(), *count),
+                        ("Front Door", "cat", 1)
+                    );
+                    "count objects"
+                }
             })
             .collect();
-        assert_eq!(kinds, ["print", "Front Door/events", "Front Door/cat"]);
+        // The metrics hear of the event and the count beside the messages.
+        assert_eq!(
+            kinds,
+            [
+                "count event",
+                "print",
+                "Front Door/events",
+                "Front Door/cat",
+                "count objects"
+            ]
+        );
     }
 
     #[test]

@@ -377,6 +377,7 @@ impl Delivery {
             class: TopicClass::State,
             root: TopicRoot::Prefix,
             retain: true,
+            captured: None,
         };
         let prefix = self.prefix.clone();
         let limit = self.max_message_bytes;
@@ -420,7 +421,7 @@ impl Delivery {
         }
         let message = done.message;
         if message.class == TopicClass::Events {
-            outbox.0.events_delivered.fetch_add(1, Ordering::Relaxed);
+            outbox.event_delivered(&message);
         }
         if message.retain {
             let key = (message.root, message.topic.clone());
@@ -514,6 +515,7 @@ mod tests {
             class: TopicClass::Events,
             root: TopicRoot::Prefix,
             retain: false,
+            captured: None,
         }
     }
 
@@ -822,6 +824,7 @@ mod tests {
             payload: payload.to_vec(),
             class: TopicClass::State,
             retain: true,
+            captured: None,
         };
         outbox.push(config("homeassistant/sensor/n/a/config", b"{}"));
         outbox.push(config("homeassistant/sensor/n/b/config", b"{}"));

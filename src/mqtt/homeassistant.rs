@@ -168,6 +168,7 @@ impl Discovery {
             payload,
             class: TopicClass::State,
             retain: true,
+            captured: None,
         };
         let mut out: Vec<Message> = self
             .announced

@@ -71,6 +71,9 @@ pub struct Message {
     pub class: TopicClass,
     /// Retained on the broker.
     pub retain: bool,
+    /// When the frame behind an event message was captured: its delivery
+    /// is timed from then (`nanodetd_event_latency_seconds`).
+    pub captured: Option<Instant>,
 }
 
 impl Message {
@@ -122,6 +125,8 @@ struct OutboxState {
     oversized: AtomicU64,
     events_queued: AtomicU64,
     events_delivered: AtomicU64,
+    /// Capture to delivery of event messages, set by the daemon.
+    event_latency: std::sync::OnceLock<prometheus::Histogram>,
     notify: Notify,
 }
 
@@ -164,6 +169,7 @@ impl Outbox {
             oversized: AtomicU64::new(0),
             events_queued: AtomicU64::new(0),
             events_delivered: AtomicU64::new(0),
+            event_latency: std::sync::OnceLock::new(),
             notify: Notify::new(),
         }))
     }
@@ -209,6 +215,21 @@ impl Outbox {
             }
         }
         self.0.notify.notify_one();
+    }
+
+    /// Times each delivered event message from its frame's capture into
+    /// `histogram`; set once.
+    pub fn time_events(&self, histogram: prometheus::Histogram) {
+        let _ = self.0.event_latency.set(histogram);
+    }
+
+    /// An event message reached the broker (acknowledged, or written for
+    /// QoS 0).
+    fn event_delivered(&self, message: &Message) {
+        self.0.events_delivered.fetch_add(1, Ordering::Relaxed);
+        if let (Some(captured), Some(histogram)) = (message.captured, self.0.event_latency.get()) {
+            histogram.observe(captured.elapsed().as_secs_f64());
+        }
     }
 
     /// Changes the capacity (hot reload); a smaller one drops the oldest.
@@ -550,6 +571,47 @@ impl LinkStatus {
     }
 }
 
+/// The retained `status` message's two parts, kept together: the config
+/// reload and the metrics endpoint each change their own, and every change
+/// publishes both, so neither clears the other's error.
+#[derive(Debug)]
+pub struct StatusBoard {
+    outbox: Outbox,
+    /// The config error, then the metrics endpoint's.
+    errors: std::sync::Mutex<(Option<String>, Option<String>)>,
+}
+
+impl StatusBoard {
+    /// A board publishing on `outbox`.
+    pub fn new(outbox: Outbox) -> StatusBoard {
+        StatusBoard {
+            outbox,
+            errors: std::sync::Mutex::new((None, None)),
+        }
+    }
+
+    /// The running config is the file on disk (`None`), or why not.
+    /// Always publishes: a reload's answer is awaited.
+    pub fn set_config_error(&self, error: Option<&str>) {
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        errors.0 = error.map(str::to_owned);
+        self.outbox
+            .push(status_message(errors.0.as_deref(), errors.1.as_deref()));
+    }
+
+    /// The metrics endpoint listens as configured (`None`), or why not.
+    /// Publishes only a change.
+    pub fn set_metrics_error(&self, error: Option<&str>) {
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        if errors.1.as_deref() == error {
+            return;
+        }
+        errors.1 = error.map(str::to_owned);
+        self.outbox
+            .push(status_message(errors.0.as_deref(), errors.1.as_deref()));
+    }
+}
+
 /// The MQTT task: the shell around [`Delivery`]. It owns the connection,
 /// polls it, sleeps the back-off and follows config changes.
 pub struct MqttTask {
@@ -829,6 +891,7 @@ mod tests {
             class: TopicClass::Events,
             root: TopicRoot::Prefix,
             retain: false,
+            captured: None,
         }
     }
 
@@ -892,6 +955,7 @@ mod tests {
             payload: payload.to_vec(),
             class: TopicClass::State,
             retain: true,
+            captured: None,
         };
         outbox.push(state("cam/person", b"1"));
         outbox.push(msg(0));

@@ -79,6 +79,7 @@ fn json(topic: String, value: &impl Serialize, class: TopicClass, retain: bool) 
         class,
         root: TopicRoot::Prefix,
         retain,
+        captured: None,
     }
 }
 
@@ -309,6 +310,7 @@ pub fn count_message(camera: &str, label: &str, count: usize) -> Message {
         class: TopicClass::State,
         root: TopicRoot::Prefix,
         retain: true,
+        captured: None,
     }
 }
 
@@ -321,6 +323,7 @@ pub fn zone_count_message(camera: &str, zone: &str, label: &str, count: usize) -
         payload: count.to_string().into_bytes(),
         class: TopicClass::State,
         retain: true,
+        captured: None,
     }
 }
 
@@ -333,6 +336,7 @@ pub fn camera_available_message(camera: &str, online: bool) -> Message {
         payload: if online { &b"online"[..] } else { b"offline" }.to_vec(),
         class: TopicClass::State,
         retain: true,
+        captured: None,
     }
 }
 
@@ -346,6 +350,7 @@ pub fn snapshot_messages(camera: &str, label: &str, jpeg: &[u8]) -> [Message; 2]
         payload: jpeg.to_vec(),
         class: TopicClass::State,
         retain: true,
+        captured: None,
     };
     [message(label_level(label)), message("all".into())]
 }
@@ -438,12 +443,15 @@ pub fn stats_message(stats: &impl Serialize) -> Message {
 }
 
 /// `status`, `available`'s sibling: whether the running configuration is
-/// the file on disk, and if not, why. Retained.
-pub fn status_message(error: Option<&str>) -> Message {
+/// the file on disk, and if not, why (`error`); and whether the metrics
+/// endpoint could listen where `[metrics] listen` says (`metrics_error`).
+/// Retained. Built by [`super::StatusBoard`], which keeps both.
+pub fn status_message(error: Option<&str>, metrics_error: Option<&str>) -> Message {
     let value = serde_json::json!({
         "schema": SCHEMA,
         "config": if error.is_some() { "rejected" } else { "ok" },
         "error": error,
+        "metrics_error": metrics_error,
     });
     json("status".into(), &value, TopicClass::State, true)
 }
@@ -543,7 +551,7 @@ mod tests {
 
     #[test]
     fn status_payload_says_why() {
-        let m = status_message(Some("line 3: bad"));
+        let m = status_message(Some("line 3: bad"), None);
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(v["config"], "rejected");
         assert_eq!(v["error"], "line 3: bad");

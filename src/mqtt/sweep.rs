@@ -132,6 +132,7 @@ pub(super) fn stale_count(
         class: TopicClass::State,
         root: TopicRoot::Prefix,
         retain: true,
+        captured: None,
     })
 }
 

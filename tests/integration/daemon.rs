@@ -26,7 +26,7 @@ fn serial() -> MutexGuard<'static, ()> {
 /// The start of every test here: one at a time, the real assets, and
 /// mosquitto when the test needs a broker. `None` means skip (never under
 /// CI, where a missing piece fails instead).
-fn setup(test: &str, broker: bool) -> Option<(MutexGuard<'static, ()>, PathBuf)> {
+pub(crate) fn setup(test: &str, broker: bool) -> Option<(MutexGuard<'static, ()>, PathBuf)> {
     let serial = serial();
     let assets = support::assets(test)?;
     if broker && !mosquitto_present(test) {
@@ -54,8 +54,8 @@ fn mosquitto_present(test: &str) -> bool {
 
 /// A mosquitto of the test's own, with persistence so that a subscriber's
 /// session (and messages queued for it) survive a broker restart.
-struct Broker {
-    port: u16,
+pub(crate) struct Broker {
+    pub(crate) port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// mosquitto_passwd file; anonymous clients are refused when set.
@@ -65,7 +65,7 @@ struct Broker {
 }
 
 impl Broker {
-    fn start() -> Broker {
+    pub(crate) fn start() -> Broker {
         let dir = tempfile::tempdir().unwrap();
         // Started as root, mosquitto drops to its own user, which must be
         // able to save its sessions here.
@@ -83,7 +83,7 @@ impl Broker {
         broker
     }
 
-    fn launch(&mut self) {
+    pub(crate) fn launch(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
         let auth = match &self.passwords {
             Some(p) => format!("allow_anonymous false\npassword_file {}\n", p.display()),
@@ -117,7 +117,7 @@ impl Broker {
     }
 
     /// SIGTERM, so mosquitto saves its sessions.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             terminate(&child);
             child.wait().unwrap();
@@ -136,16 +136,16 @@ impl Drop for Broker {
 
 /// A received message.
 #[derive(Debug, Clone)]
-struct Received {
-    topic: String,
-    payload: String,
+pub(crate) struct Received {
+    pub(crate) topic: String,
+    pub(crate) payload: String,
     /// The payload as sent: pictures are not text.
     bytes: Vec<u8>,
     retain: bool,
 }
 
 impl Received {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.payload)
             .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.topic, self.payload))
     }
@@ -153,13 +153,13 @@ impl Received {
 
 /// A QoS 1 subscriber on its own thread. With `persistent`, its session
 /// outlives a broker restart, so nothing published meanwhile is missed.
-struct Subscriber {
+pub(crate) struct Subscriber {
     messages: Arc<Mutex<Vec<Received>>>,
     client: rumqttc::Client,
 }
 
 impl Subscriber {
-    fn new(port: u16, filter: &str, persistent: bool) -> Subscriber {
+    pub(crate) fn new(port: u16, filter: &str, persistent: bool) -> Subscriber {
         let id = format!("test-{}", free_port());
         let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options.set_clean_session(!persistent);
@@ -206,12 +206,17 @@ impl Subscriber {
         Subscriber { messages, client }
     }
 
-    fn all(&self) -> Vec<Received> {
+    pub(crate) fn all(&self) -> Vec<Received> {
         self.messages.lock().unwrap().clone()
     }
 
     /// Waits until `found` holds over everything received.
-    fn wait_for(&self, what: &str, timeout: Duration, found: impl Fn(&[Received]) -> bool) {
+    pub(crate) fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&[Received]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             if found(&self.all()) {
@@ -246,7 +251,7 @@ impl Drop for Subscriber {
 }
 
 /// Events on a topic, parsed.
-fn events(messages: &[Received], topic: &str) -> Vec<Value> {
+pub(crate) fn events(messages: &[Received], topic: &str) -> Vec<Value> {
     messages
         .iter()
         .filter(|m| m.topic == topic)
@@ -254,7 +259,7 @@ fn events(messages: &[Received], topic: &str) -> Vec<Value> {
         .collect()
 }
 
-fn labels_of(events: &[Value], kind: &str) -> Vec<String> {
+pub(crate) fn labels_of(events: &[Value], kind: &str) -> Vec<String> {
     events
         .iter()
         .filter(|e| e["type"] == kind)
@@ -263,13 +268,13 @@ fn labels_of(events: &[Value], kind: &str) -> Vec<String> {
 }
 
 /// The daemon under test, with its config in a directory of its own.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     dir: tempfile::TempDir,
 }
 
 impl Daemon {
-    fn start(config: &str, env: &[(&str, &str)]) -> Daemon {
+    pub(crate) fn start(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("nanodetd.toml"), config).unwrap();
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
@@ -321,7 +326,7 @@ impl Daemon {
 
     /// Replaces the config the way editors and config management do:
     /// write a temporary file beside it, then rename over it.
-    fn edit(&self, config: &str) {
+    pub(crate) fn edit(&self, config: &str) {
         let tmp = self.dir.path().join(".nanodetd.toml.new");
         let mut f = std::fs::File::create(&tmp).unwrap();
         f.write_all(config.as_bytes()).unwrap();
@@ -329,16 +334,16 @@ impl Daemon {
         std::fs::rename(&tmp, self.config_path()).unwrap();
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
 
     /// SIGTERM; the exit status and how long the exit took.
-    fn terminate(mut self) -> (ExitStatus, Duration, String) {
+    pub(crate) fn terminate(mut self) -> (ExitStatus, Duration, String) {
         let start = Instant::now();
         terminate(&self.child);
         let deadline = start + Duration::from_secs(10);
@@ -364,7 +369,7 @@ impl Drop for Daemon {
 }
 
 /// A config for the shared plus-320 model and the given cameras.
-fn config(assets: &Path, port: u16, prefix: &str, rest: &str) -> String {
+pub(crate) fn config(assets: &Path, port: u16, prefix: &str, rest: &str) -> String {
     format!(
         r#"device_id = "test"
 [model]
@@ -383,7 +388,7 @@ lost_after = 0.6
 }
 
 /// A `[[camera]]` table for an image-folder source.
-fn replay(name: &str, source: &Path, options: &str) -> String {
+pub(crate) fn replay(name: &str, source: &Path, options: &str) -> String {
     format!(
         "[[camera]]\nname = \"{name}\"\nsource = {{ folder = \"{}\" }}\n{options}\n",
         source.display()
@@ -391,7 +396,7 @@ fn replay(name: &str, source: &Path, options: &str) -> String {
 }
 
 /// A folder holding copies of some sample photos.
-fn photo_folder(assets: &Path, names: &[&str]) -> tempfile::TempDir {
+pub(crate) fn photo_folder(assets: &Path, names: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (i, name) in names.iter().enumerate() {
         std::fs::copy(

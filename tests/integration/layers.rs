@@ -15,6 +15,8 @@ const DAEMON_CRATES: &[&str] = &[
     "systemd-journal-logger",
     "toml",
     "clap",
+    "prometheus",
+    "hyper",
     "v4l",
     "v4l2-sys-mit",
     "nanodetd",

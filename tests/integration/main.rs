@@ -14,6 +14,7 @@ mod engine_cache;
 mod fuzz_corpora;
 mod gpu;
 mod layers;
+mod metrics;
 mod onnxruntime;
 mod quantize;
 mod real_models;

@@ -79,3 +79,27 @@ fn the_unit_is_hardened_to_an_exposure_of_at_most_2_5() {
     eprintln!("{line}");
     assert!(exposure <= 2.5, "{line}");
 }
+
+/// Issue 20: the unit lets the daemon bind one TCP port, the metrics
+/// endpoint's default, and the packaged config's example uses that port.
+/// (Whether systemd enforces it needs a running systemd, which the test
+/// machines lack; `systemd-analyze verify` above checks the syntax.)
+#[test]
+fn the_unit_lets_the_daemon_bind_only_the_metrics_port_issue_20() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("systemd/nanodetd.service")).unwrap();
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .map(str::to_owned)
+            .collect()
+    };
+    let port = nanodetd::config::DEFAULT_METRICS_PORT;
+    assert_eq!(values("SocketBindDeny="), ["any"]);
+    assert_eq!(values("SocketBindAllow="), [format!("tcp:{port}")]);
+    let config = std::fs::read_to_string(root.join("etc/nanodetd.toml")).unwrap();
+    assert!(
+        config.contains(&format!("# listen = \"127.0.0.1:{port}\"")),
+        "etc/nanodetd.toml's [metrics] example"
+    );
+}

@@ -1,0 +1,328 @@
+//! The stats topic and systemd's STATUS= line, both built from one gather
+//! of the metrics registry, the same one `/metrics` serves: the topic and
+//! the endpoint cannot disagree. Also the registry's families whose
+//! values other parts of the daemon keep (the outbox, the broker link,
+//! the snapshot queue, the heartbeats), read at each gather.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::camera::{CameraState, CameraTask};
+use super::pipeline::ModelInService;
+use super::snapshot::{SnapshotCounts, SnapshotQueue};
+use crate::config::Config;
+use crate::metrics::{Gathered, Metrics, Percentiles, Sample, Sampled, Stage, names, one};
+use crate::mqtt::{LinkStatus, Outbox, OutboxSnapshot};
+use crate::watchdog::Heartbeats;
+
+/// Registers the families read from the outbox, the link, the snapshot
+/// queue and the heartbeats; `config` gives `metrics.stale_after`.
+pub fn register_sampled(
+    metrics: &Metrics,
+    outbox: &Outbox,
+    link: &Arc<LinkStatus>,
+    snapshots: &Arc<SnapshotQueue>,
+    heartbeats: &Heartbeats,
+    config: watch::Receiver<Arc<Config>>,
+) {
+    let by = |pairs: &[(&str, u64)]| -> Vec<Sample> {
+        pairs
+            .iter()
+            .map(|(label, n)| (vec![(*label).to_owned()], *n as f64))
+            .collect()
+    };
+    let (o, l) = (outbox.clone(), link.clone());
+    let mqtt = Sampled::default()
+        .gauge(
+            names::MQTT_CONNECTED,
+            "1 while connected to the broker.",
+            &[],
+            move || one(if l.connected() { 1.0 } else { 0.0 }),
+        )
+        .counter(
+            names::MQTT_RECONNECTS,
+            "Connections to the broker after the first.",
+            &[],
+            {
+                let l = link.clone();
+                move || one(l.reconnects() as f64)
+            },
+        )
+        .gauge(
+            names::MQTT_QUEUE,
+            "Messages waiting in the outbox, those in doubt after a lost connection included.",
+            &[],
+            {
+                let o = o.clone();
+                move || one(o.snapshot().queued as f64)
+            },
+        )
+        .counter(
+            names::MQTT_DROPPED,
+            "Messages dropped: the outbox was full (queue_full), or larger than mqtt.max_message_bytes (oversized).",
+            &["reason"],
+            {
+                let o = o.clone();
+                move || {
+                    let s = o.snapshot();
+                    by(&[("queue_full", s.dropped), ("oversized", s.oversized)])
+                }
+            },
+        )
+        .counter(
+            names::MQTT_EVENT_MESSAGES,
+            "Event messages queued, delivered to the broker, and dropped from a full outbox.",
+            &["outcome"],
+            move || {
+                let s = o.snapshot();
+                by(&[
+                    ("queued", s.events_queued),
+                    ("delivered", s.events_delivered),
+                    ("dropped", s.events_dropped),
+                ])
+            },
+        );
+    metrics.register(mqtt);
+    let q = snapshots.clone();
+    let pictures = Sampled::default()
+        .counter(
+            names::SNAPSHOTS,
+            "Snapshots written, dropped (queue full), failed, and written but too large to publish.",
+            &["result"],
+            {
+                let q = q.clone();
+                move || {
+                    let c = q.counts();
+                    by(&[
+                        ("written", c.written),
+                        ("dropped", c.dropped),
+                        ("failed", c.failed),
+                        ("too_large", c.too_large),
+                    ])
+                }
+            },
+        )
+        .gauge(
+            names::SNAPSHOT_QUEUE,
+            "Snapshots waiting to be encoded.",
+            &[],
+            {
+                let q = q.clone();
+                move || one(q.counts().queued as f64)
+            },
+        )
+        .gauge(
+            names::SNAPSHOT_FILES,
+            "Snapshot files kept.",
+            &[],
+            {
+                let q = q.clone();
+                move || one(q.counts().files as f64)
+            },
+        )
+        .gauge(
+            names::SNAPSHOT_BYTES,
+            "Bytes of the snapshot files kept.",
+            &[],
+            move || one(q.counts().bytes as f64),
+        );
+    metrics.register(pictures);
+    let h = heartbeats.clone();
+    let beats = Sampled::default()
+        .gauge(
+            names::HEARTBEAT_AGE,
+            "Seconds since each pipeline thread last made progress.",
+            &["part"],
+            move || {
+                h.ages()
+                    .into_iter()
+                    .map(|(part, age)| (vec![part], age.as_secs_f64()))
+                    .collect()
+            },
+        )
+        .gauge(
+            names::STALE,
+            "Pipeline threads without progress for longer than metrics.stale_after: /healthz answers 503 while this is above 0.",
+            &[],
+            {
+                let h = heartbeats.clone();
+                move || {
+                    let after = Duration::from_secs_f64(config.borrow().metrics.stale_after.get());
+                    one(h.stale(after).len() as f64)
+                }
+            },
+        );
+    metrics.register(beats);
+}
+
+/// One camera in the stats.
+#[derive(Debug, serde::Serialize)]
+pub struct CameraStats {
+    state: CameraState,
+    fps: f32,
+    frames: u64,
+    dropped: u64,
+    broken: u64,
+    reopens: u64,
+    lent: u64,
+    error: Option<String>,
+}
+
+/// The `stats` payload.
+#[derive(Debug, serde::Serialize)]
+pub struct StatsSnapshot {
+    uptime: f64,
+    backend: crate::backend::BackendKind,
+    model: String,
+    /// Fallbacks and plan provenance, from the backend.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    engine_notes: Vec<String>,
+    cameras: BTreeMap<String, CameraStats>,
+    /// Per stage, `total` (capture to the messages queued) and `event`
+    /// (capture to the broker's acknowledgement), since start.
+    latency_ms: BTreeMap<&'static str, Percentiles>,
+    snapshots: SnapshotCounts,
+    mqtt: MqttStats,
+    /// Filled for the stats topic only: mallinfo walks malloc's free
+    /// lists, too much for the once-a-second STATUS= line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::allocator::MemoryUse>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct MqttStats {
+    connected: bool,
+    reconnects: u64,
+    #[serde(flatten)]
+    outbox: OutboxSnapshot,
+}
+
+/// Turns counters into rates between snapshots.
+pub struct Reporter {
+    started: Instant,
+    last: Instant,
+    processed: BTreeMap<String, u64>,
+}
+
+impl Reporter {
+    /// Rates from now on; uptime from `started`.
+    pub fn new(started: Instant) -> Reporter {
+        Reporter {
+            started,
+            last: Instant::now(),
+            processed: BTreeMap::new(),
+        }
+    }
+
+    /// The stats as of `g`, one gather of the registry.
+    pub fn snapshot(
+        &mut self,
+        in_service: &Mutex<ModelInService>,
+        cameras: &BTreeMap<String, CameraTask>,
+        g: &Gathered,
+    ) -> StatsSnapshot {
+        let dt = self.last.elapsed().as_secs_f32().max(1e-3);
+        self.last = Instant::now();
+        let mut per_camera = BTreeMap::new();
+        for (name, task) in cameras {
+            let camera = [("camera", name.as_str())];
+            let dropped = |reason| {
+                g.count(
+                    names::CAMERA_DROPPED,
+                    &[("camera", name.as_str()), ("reason", reason)],
+                )
+            };
+            let frames = g.count(names::CAMERA_FRAMES, &camera);
+            let replaced = dropped("replaced");
+            let processed = frames.saturating_sub(replaced);
+            let before = self.processed.insert(name.clone(), processed).unwrap_or(0);
+            per_camera.insert(
+                name.clone(),
+                CameraStats {
+                    state: task.counters.state(),
+                    fps: processed.saturating_sub(before) as f32 / dt,
+                    frames,
+                    dropped: replaced,
+                    broken: dropped("broken"),
+                    reopens: g.count(names::CAMERA_REOPENS, &camera),
+                    lent: g.count(names::CAMERA_LENT, &camera),
+                    error: task.counters.last_error(),
+                },
+            );
+        }
+        self.processed.retain(|name, _| cameras.contains_key(name));
+        let mut latency_ms = BTreeMap::new();
+        for stage in Stage::ALL {
+            if let Some(p) = g.percentiles(names::STAGE, &[("stage", stage.name())]) {
+                latency_ms.insert(stage.name(), p);
+            }
+        }
+        for (key, family) in [
+            ("total", names::DETECTION_LATENCY),
+            ("event", names::EVENT_LATENCY),
+        ] {
+            if let Some(p) = g.percentiles(family, &[]) {
+                latency_ms.insert(key, p);
+            }
+        }
+        let outcome = |o| g.count(names::MQTT_EVENT_MESSAGES, &[("outcome", o)]);
+        let snapshot = |r| g.count(names::SNAPSHOTS, &[("result", r)]);
+        let model = in_service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        StatsSnapshot {
+            uptime: self.started.elapsed().as_secs_f64(),
+            backend: model.backend,
+            model: model.config.path.display().to_string(),
+            engine_notes: model.engine_notes,
+            cameras: per_camera,
+            latency_ms,
+            snapshots: SnapshotCounts {
+                queued: g.count(names::SNAPSHOT_QUEUE, &[]) as usize,
+                written: snapshot("written"),
+                dropped: snapshot("dropped"),
+                failed: snapshot("failed"),
+                too_large: snapshot("too_large"),
+                files: g.count(names::SNAPSHOT_FILES, &[]) as usize,
+                bytes: g.count(names::SNAPSHOT_BYTES, &[]),
+            },
+            memory: None,
+            mqtt: MqttStats {
+                connected: g.value(names::MQTT_CONNECTED, &[]) == 1.0,
+                reconnects: g.count(names::MQTT_RECONNECTS, &[]),
+                outbox: OutboxSnapshot {
+                    queued: g.count(names::MQTT_QUEUE, &[]) as usize,
+                    dropped: g.count(names::MQTT_DROPPED, &[("reason", "queue_full")]),
+                    events_dropped: outcome("dropped"),
+                    oversized: g.count(names::MQTT_DROPPED, &[("reason", "oversized")]),
+                    events_queued: outcome("queued"),
+                    events_delivered: outcome("delivered"),
+                },
+            },
+        }
+    }
+
+    /// systemd's one-line STATUS=.
+    pub fn status_line(&self, s: &StatsSnapshot) -> String {
+        let fps: f32 = s.cameras.values().map(|c| c.fps).sum();
+        let streaming = s
+            .cameras
+            .values()
+            .filter(|c| c.state == CameraState::Streaming)
+            .count();
+        format!(
+            "{streaming}/{} cameras streaming, {fps:.1} fps, backend {:?}, MQTT {}",
+            s.cameras.len(),
+            s.backend,
+            if s.mqtt.connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        )
+    }
+}

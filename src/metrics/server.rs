@@ -1,0 +1,336 @@
+//! The HTTP endpoint on `[metrics] listen`: `/metrics` in Prometheus' text
+//! format, `/healthz` and `/readyz` ([`super::health`]). It follows the
+//! config: a changed address closes the listener and binds the new one;
+//! a bind that fails is logged, put on the `status` topic and tried again
+//! every [`RETRY`], while the daemon runs on.
+//!
+//! Hostile clients are bounded: at most [`MAX_CONNECTIONS`] at once (more
+//! are closed on accept), headers within [`HEADER_TIMEOUT`] and 16 KiB,
+//! no request body read, and no connection kept past
+//! [`CONNECTION_LIFETIME`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::Encoder;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::{Gathered, Metrics, health};
+use crate::config::Config;
+use crate::mqtt::{LinkStatus, StatusBoard};
+use crate::watchdog::Heartbeats;
+
+/// How long after a failed bind the address is tried again.
+pub const RETRY: Duration = Duration::from_secs(30);
+/// Scrapers and probes connected at once; a fleet's Prometheus pair and a
+/// few probes need far fewer.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A request's headers must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this, kept alive or not: a client
+/// holding idle connections cannot fill the slots for good.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
+/// What the endpoint reads.
+pub struct Endpoint {
+    /// The registry.
+    pub metrics: Arc<Metrics>,
+    /// The pipeline threads' heartbeats.
+    pub heartbeats: Heartbeats,
+    /// The model's file name, once one is in service.
+    pub model: Arc<OnceLock<String>>,
+    /// The broker link.
+    pub link: Arc<LinkStatus>,
+}
+
+/// What to do about the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindStep {
+    /// Nothing now.
+    Wait,
+    /// Close the listener: the endpoint was turned off.
+    Close,
+    /// Close any listener and bind this address.
+    Bind(SocketAddr),
+}
+
+/// Which address is bound, and when a failed one is tried again.
+#[derive(Debug, Default)]
+pub struct Binding {
+    bound: Option<SocketAddr>,
+    failed: Option<(SocketAddr, Instant)>,
+}
+
+impl Binding {
+    /// The step towards `wanted`, the config's address, at `now`.
+    pub fn step(&mut self, wanted: Option<SocketAddr>, now: Instant) -> BindStep {
+        if wanted == self.bound && (wanted.is_some() || self.failed.is_none()) {
+            return BindStep::Wait;
+        }
+        let Some(addr) = wanted else {
+            self.failed = None;
+            return match self.bound.take() {
+                Some(_) => BindStep::Close,
+                None => BindStep::Wait,
+            };
+        };
+        match self.failed {
+            Some((failed, at)) if failed == addr && now < at + RETRY => BindStep::Wait,
+            _ => {
+                self.bound = None;
+                BindStep::Bind(addr)
+            }
+        }
+    }
+
+    /// `addr` is bound.
+    pub fn bound(&mut self, addr: SocketAddr) {
+        self.bound = Some(addr);
+        self.failed = None;
+    }
+
+    /// Binding `addr` failed at `now`.
+    pub fn failed(&mut self, addr: SocketAddr, now: Instant) {
+        self.bound = None;
+        self.failed = Some((addr, now));
+    }
+
+    /// When to try a failed address again.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.failed.map(|(_, at)| at + RETRY)
+    }
+}
+
+/// Serves the endpoint wherever the config says, until the config
+/// channel closes (shutdown).
+pub async fn run(
+    endpoint: Arc<Endpoint>,
+    mut config: watch::Receiver<Arc<Config>>,
+    status: Arc<StatusBoard>,
+) {
+    let mut binding = Binding::default();
+    let mut serving: Option<JoinHandle<()>> = None;
+    let mut last_failure = String::new();
+    loop {
+        let wanted = config.borrow_and_update().metrics.listen;
+        match binding.step(wanted, Instant::now()) {
+            BindStep::Wait => {}
+            BindStep::Close => {
+                stop(serving.take());
+                log::info!("metrics: endpoint turned off");
+                status.set_metrics_error(None);
+            }
+            BindStep::Bind(addr) => {
+                stop(serving.take());
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => {
+                        let local = listener.local_addr().unwrap_or(addr);
+                        log::info!("metrics: serving http://{local}/metrics, /healthz, /readyz");
+                        binding.bound(addr);
+                        last_failure.clear();
+                        status.set_metrics_error(None);
+                        serving = Some(tokio::spawn(accept(
+                            listener,
+                            endpoint.clone(),
+                            config.clone(),
+                        )));
+                    }
+                    Err(e) => {
+                        let why = format!("metrics.listen = {addr}: cannot listen: {e}");
+                        if why != last_failure {
+                            log::error!("{why}; trying again every {RETRY:?}");
+                        }
+                        binding.failed(addr, Instant::now());
+                        status.set_metrics_error(Some(&why));
+                        last_failure = why;
+                    }
+                }
+            }
+        }
+        let retry = binding.retry_at();
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { break },
+            _ = sleep_until(retry), if retry.is_some() => {}
+        }
+    }
+    stop(serving);
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+fn stop(task: Option<JoinHandle<()>>) {
+    if let Some(task) = task {
+        task.abort();
+    }
+}
+
+/// Accepts connections until aborted; aborting drops the set, which
+/// aborts every connection.
+async fn accept(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    config: watch::Receiver<Arc<Config>>,
+) {
+    let mut connections = JoinSet::new();
+    let mut refused: u64 = 0;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                log::warn!("metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
+            refused = refused.saturating_add(1);
+            if refused.is_power_of_two() {
+                log::warn!(
+                    "metrics: {MAX_CONNECTIONS} connections open; closed {refused} new ones so far"
+                );
+            }
+            continue;
+        }
+        let endpoint = endpoint.clone();
+        let config = config.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let response = respond(&endpoint, &config, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+        });
+    }
+}
+
+/// Prometheus' text exposition format, 0.0.4.
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn respond<B>(
+    endpoint: &Endpoint,
+    config: &watch::Receiver<Arc<Config>>,
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n")
+            .map(|mut r| {
+                r.headers_mut()
+                    .insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+                r
+            })
+            .unwrap_or_else(|_| Response::new(Full::default()));
+    }
+    let response = match request.uri().path() {
+        "/metrics" => {
+            let gathered = Gathered::from(&endpoint.metrics);
+            let mut text = Vec::new();
+            match prometheus::TextEncoder::new().encode(gathered.families(), &mut text) {
+                Ok(()) => reply(StatusCode::OK, TEXT_FORMAT, text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            }
+        }
+        "/healthz" => {
+            let stale_after = config.borrow().metrics.stale_after.get();
+            answer(health::health(
+                &endpoint.heartbeats.ages(),
+                Duration::from_secs_f64(stale_after),
+            ))
+        }
+        "/readyz" => answer(health::readiness(
+            endpoint.model.get().map(String::as_str),
+            endpoint.link.connected(),
+        )),
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "nanodetd: /metrics /healthz /readyz\n",
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    };
+    response.unwrap_or_else(|_| Response::new(Full::default()))
+}
+
+fn answer(answer: health::Answer) -> Result<Response<Full<Bytes>>, hyper::http::Error> {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    reply(status, "application/json", answer.body)
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Result<Response<Full<Bytes>>, hyper::http::Error> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> Option<SocketAddr> {
+        Some(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// A fake clock: binds what the config names, rebinds on a change,
+    /// retries a failed address after [`RETRY`] only, and closes when
+    /// turned off.
+    #[test]
+    fn binds_follows_the_config_and_retries_a_failed_address() {
+        let t0 = Instant::now();
+        let mut b = Binding::default();
+        assert_eq!(b.step(None, t0), BindStep::Wait);
+        assert_eq!(b.step(addr(9464), t0), BindStep::Bind(addr(9464).unwrap()));
+        b.failed(addr(9464).unwrap(), t0);
+        assert_eq!(b.retry_at(), Some(t0 + RETRY));
+        assert_eq!(b.step(addr(9464), t0 + RETRY / 2), BindStep::Wait);
+        assert_eq!(
+            b.step(addr(9464), t0 + RETRY),
+            BindStep::Bind(addr(9464).unwrap())
+        );
+        // A new address is tried at once, failure or not.
+        b.failed(addr(9464).unwrap(), t0 + RETRY);
+        assert_eq!(
+            b.step(addr(9465), t0 + RETRY),
+            BindStep::Bind(addr(9465).unwrap())
+        );
+        b.bound(addr(9465).unwrap());
+        assert_eq!(b.retry_at(), None);
+        assert_eq!(b.step(addr(9465), t0 + RETRY * 9), BindStep::Wait);
+        assert_eq!(b.step(None, t0 + RETRY * 9), BindStep::Close);
+        assert_eq!(b.step(None, t0 + RETRY * 9), BindStep::Wait);
+        // Turned off while failing: nothing to close, no more retries.
+        assert_eq!(b.step(addr(1), t0), BindStep::Bind(addr(1).unwrap()));
+        b.failed(addr(1).unwrap(), t0);
+        assert_eq!(b.step(None, t0), BindStep::Wait);
+        assert_eq!(b.retry_at(), None);
+    }
+}
