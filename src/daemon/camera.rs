@@ -59,7 +59,6 @@ impl CameraCounters {
 
     /// Counters in `metrics`, the camera opening.
     pub fn new(metrics: CameraMetrics) -> CameraCounters {
-        metrics.up.set(0);
         CameraCounters {
             metrics,
             state: AtomicU8::new(CameraState::Opening as u8),
@@ -69,9 +68,6 @@ impl CameraCounters {
 
     fn set_state(&self, state: CameraState) {
         self.state.store(state as u8, Ordering::Relaxed);
-        self.metrics
-            .up
-            .set(i64::from(state == CameraState::Streaming));
     }
 
     /// The last error that made the camera re-open, if any.

@@ -189,11 +189,14 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let model_config = config.model.clone();
     let (config_tx, mut config_rx) = watch::channel(Arc::new(config));
     let config = config_rx.borrow_and_update().clone();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let endpoint = Endpoint {
         metrics: metrics.clone(),
         heartbeats: heartbeats.clone(),
         model: model_name.clone(),
         link: link.clone(),
+        stopping: stopping.clone(),
+        page: Mutex::new(None),
     };
     tokio::spawn(crate::metrics::server::run(
         Arc::new(endpoint),
@@ -334,14 +337,19 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 let streaming = cameras
                     .iter()
                     .map(|(name, task)| (name.as_str(), task.counters.state() == CameraState::Streaming));
+                for (name, up) in streaming.clone() {
+                    metrics.set_camera_up(name, up);
+                }
                 for message in camera_availability.update(streaming) {
                     outbox.push(message);
                 }
                 announce_discovery(&current, &in_service, &mut discovered_for, &mut discovery, &outbox);
-                let mut snapshot = reporter.snapshot(&in_service, &cameras, &Gathered::from(&metrics));
+                let gathered = Gathered::from(&metrics);
+                let mut snapshot = reporter.snapshot(&in_service, &cameras, &gathered);
                 notify(&[NotifyState::Status(&reporter.status_line(&snapshot))]);
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval.get() {
                     last_stats = Instant::now();
+                    snapshot.latency_ms = reporter.latency_window(&gathered);
                     snapshot.memory = crate::allocator::memory_use();
                     outbox.push(mqtt::stats_message(&snapshot));
                 }
@@ -352,6 +360,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     // Drain: capture stops, the detector finishes what it has and ends
     // every object, the MQTT task delivers and says offline.
     notify(&[NotifyState::Stopping]);
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     let deadline = Instant::now() + SHUTDOWN;
     for camera in cameras.values() {
         camera.request_stop();
@@ -374,7 +383,9 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     });
     let cameras = joined.await.unwrap_or_default();
     // Final figures, so a consumer can check every event arrived.
-    let mut snapshot = reporter.snapshot(&in_service, &cameras, &Gathered::from(&metrics));
+    let gathered = Gathered::from(&metrics);
+    let mut snapshot = reporter.snapshot(&in_service, &cameras, &gathered);
+    snapshot.latency_ms = reporter.latency_window(&gathered);
     snapshot.memory = crate::allocator::memory_use();
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());

@@ -376,6 +376,7 @@ impl DetectorTask {
         let (detections, preprocessed, inferred) = match result {
             Ok(r) => r,
             Err(e) => {
+                self.metrics.count_failure(&captured.camera);
                 log::error!(
                     "camera {}: detection failed: {}",
                     captured.camera,

@@ -14,7 +14,9 @@ use super::camera::{CameraState, CameraTask};
 use super::pipeline::ModelInService;
 use super::snapshot::{SnapshotCounts, SnapshotQueue};
 use crate::config::Config;
-use crate::metrics::{Gathered, Metrics, Percentiles, Sample, Sampled, Stage, names, one};
+use crate::metrics::{
+    Gathered, HistogramCounts, Metrics, Percentiles, Sample, Sampled, Stage, names, one,
+};
 use crate::mqtt::{LinkStatus, Outbox, OutboxSnapshot};
 use crate::watchdog::Heartbeats;
 
@@ -182,8 +184,10 @@ pub struct StatsSnapshot {
     engine_notes: Vec<String>,
     cameras: BTreeMap<String, CameraStats>,
     /// Per stage, `total` (capture to the messages queued) and `event`
-    /// (capture to the broker's acknowledgement), since start.
-    latency_ms: BTreeMap<&'static str, Percentiles>,
+    /// (capture to the broker's acknowledgement), over the frames since
+    /// the previous stats message ([`Reporter::latency_window`]); filled
+    /// for the stats topic only.
+    pub latency_ms: BTreeMap<&'static str, Percentiles>,
     snapshots: SnapshotCounts,
     mqtt: MqttStats,
     /// Filled for the stats topic only: mallinfo walks malloc's free
@@ -200,11 +204,14 @@ struct MqttStats {
     outbox: OutboxSnapshot,
 }
 
-/// Turns counters into rates between snapshots.
+/// Turns counters into rates between snapshots, and histograms into the
+/// percentiles of the frames since the previous stats message.
 pub struct Reporter {
     started: Instant,
     last: Instant,
     processed: BTreeMap<String, u64>,
+    /// The histograms as the previous stats message read them.
+    reported: BTreeMap<&'static str, HistogramCounts>,
 }
 
 impl Reporter {
@@ -214,7 +221,36 @@ impl Reporter {
             started,
             last: Instant::now(),
             processed: BTreeMap::new(),
+            reported: BTreeMap::new(),
         }
+    }
+
+    /// The latency percentiles of the frames since the previous call (the
+    /// previous stats message), or since start: per stage, `total` and
+    /// `event`. `track` is `publish` under its name before issue 20, kept
+    /// for consumers of schema 1.
+    pub fn latency_window(&mut self, g: &Gathered) -> BTreeMap<&'static str, Percentiles> {
+        let stages = Stage::ALL
+            .iter()
+            .map(|s| (s.name(), names::STAGE, vec![("stage", s.name())]));
+        let whole = [
+            ("total", names::DETECTION_LATENCY, vec![]),
+            ("event", names::EVENT_LATENCY, vec![]),
+        ];
+        let mut window = BTreeMap::new();
+        for (key, family, labels) in stages.chain(whole) {
+            let Some(now) = g.histogram(family, &labels) else {
+                continue;
+            };
+            if let Some(p) = Percentiles::of(&now.since(self.reported.get(key))) {
+                window.insert(key, p);
+            }
+            self.reported.insert(key, now);
+        }
+        if let Some(publish) = window.get(Stage::Publish.name()).copied() {
+            window.insert("track", publish);
+        }
+        window
     }
 
     /// The stats as of `g`, one gather of the registry.
@@ -254,20 +290,6 @@ impl Reporter {
             );
         }
         self.processed.retain(|name, _| cameras.contains_key(name));
-        let mut latency_ms = BTreeMap::new();
-        for stage in Stage::ALL {
-            if let Some(p) = g.percentiles(names::STAGE, &[("stage", stage.name())]) {
-                latency_ms.insert(stage.name(), p);
-            }
-        }
-        for (key, family) in [
-            ("total", names::DETECTION_LATENCY),
-            ("event", names::EVENT_LATENCY),
-        ] {
-            if let Some(p) = g.percentiles(family, &[]) {
-                latency_ms.insert(key, p);
-            }
-        }
         let outcome = |o| g.count(names::MQTT_EVENT_MESSAGES, &[("outcome", o)]);
         let snapshot = |r| g.count(names::SNAPSHOTS, &[("result", r)]);
         let model = in_service
@@ -280,7 +302,7 @@ impl Reporter {
             model: model.config.path.display().to_string(),
             engine_notes: model.engine_notes,
             cameras: per_camera,
-            latency_ms,
+            latency_ms: BTreeMap::new(),
             snapshots: SnapshotCounts {
                 queued: g.count(names::SNAPSHOT_QUEUE, &[]) as usize,
                 written: snapshot("written"),

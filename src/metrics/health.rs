@@ -50,13 +50,18 @@ pub fn health(ages: &[(String, Duration)], stale_after: Duration) -> Answer {
     )
 }
 
-/// `/readyz`: 200 once a model is in service (`model`, its file name);
-/// the broker link is reported beside it.
-pub fn readiness(model: Option<&str>, mqtt_connected: bool) -> Answer {
+/// `/readyz`: 200 once a model is in service (`model`, its file name),
+/// until the daemon is `stopping`; the broker link is reported beside it.
+pub fn readiness(model: Option<&str>, mqtt_connected: bool, stopping: bool) -> Answer {
+    let status = match (model, stopping) {
+        (_, true) => "stopping",
+        (None, false) => "loading model",
+        (Some(_), false) => "ready",
+    };
     Answer::new(
-        model.is_some(),
+        status == "ready",
         serde_json::json!({
-            "status": if model.is_some() { "ready" } else { "loading model" },
+            "status": status,
             "model": model,
             "mqtt": if mqtt_connected { "connected" } else { "disconnected" },
         }),
@@ -87,14 +92,22 @@ mod tests {
     }
 
     #[test]
-    fn ready_once_the_model_is_in_service_whatever_the_broker() {
-        assert_eq!(readiness(None, true).status, 503);
-        let ready = readiness(Some("nanodet.onnx"), false);
+    fn ready_once_the_model_is_in_service_whatever_the_broker_until_stopping() {
+        assert_eq!(readiness(None, true, false).status, 503);
+        let ready = readiness(Some("nanodet.onnx"), false, false);
         assert_eq!(ready.status, 200);
         assert!(
             ready.body.contains(r#""mqtt":"disconnected""#),
             "{}",
             ready.body
+        );
+        // Draining after SIGTERM: no longer ready.
+        let stopping = readiness(Some("nanodet.onnx"), true, true);
+        assert_eq!(stopping.status, 503);
+        assert!(
+            stopping.body.contains(r#""status":"stopping""#),
+            "{}",
+            stopping.body
         );
     }
 }

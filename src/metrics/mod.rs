@@ -12,13 +12,12 @@ pub mod health;
 pub mod server;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::PoisonError;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// The pipeline's stages, in frame order: the `stage` label of
@@ -62,17 +61,23 @@ impl Stage {
 }
 
 /// Latency buckets, seconds: 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 per decade
-/// from 0.1 ms to 10 s. A quantile read from them is off by at most half
-/// a bucket, under 25% of the value; a stage of a fast GPU (0.2 ms) and a
-/// CPU frame (60 ms) both land within the range.
-pub fn latency_buckets() -> Vec<f64> {
-    const STEPS: [f64; 9] = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0];
-    let mut buckets: Vec<f64> = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-        .iter()
-        .flat_map(|decade| STEPS.iter().map(move |s| s * decade))
-        .collect();
-    buckets.push(10.0);
-    buckets
+/// from 0.1 ms to 10 s, then on to 5 minutes for events held through a
+/// broker outage. Written out, so that each `le` label is the number as
+/// written (`0.3`, not `0.30000000000000004`) and a rule can name it.
+/// Neighbouring bounds are at most 1.5 times apart (2 past 10 s): a
+/// quantile read from them lies within its bucket, so it is off by less
+/// than that factor.
+pub const LATENCY_BUCKETS: [f64; 52] = [
+    0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.0006, 0.0008, //
+    0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.008, //
+    0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, //
+    0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, //
+    1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, //
+    10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0,
+];
+
+fn latency_buckets() -> Vec<f64> {
+    LATENCY_BUCKETS.to_vec()
 }
 
 /// Why a camera frame never reached the detector.
@@ -107,8 +112,6 @@ pub struct CameraMetrics {
     pub reopens: IntCounter,
     /// Frames handed over as the capture buffer itself (USERPTR).
     pub lent: IntCounter,
-    /// 1 while the camera delivers frames.
-    pub up: IntGauge,
 }
 
 /// Every metric the daemon keeps, and the registry that gathers them.
@@ -124,7 +127,10 @@ pub struct Metrics {
     event_latency: Histogram,
     objects: IntGaugeVec,
     events: IntCounterVec,
+    failures: IntCounterVec,
     model_info: IntGaugeVec,
+    /// The labels `model_info` carries now.
+    model: std::sync::Mutex<Option<ModelLabels>>,
     reloads: IntCounterVec,
 }
 
@@ -156,6 +162,8 @@ pub mod names {
     pub const OBJECTS: &str = "nanodetd_objects";
     /// Tracker events.
     pub const EVENTS: &str = "nanodetd_events_total";
+    /// Frames the backend failed on.
+    pub const FAILURES: &str = "nanodetd_detection_failures_total";
     /// The model in service.
     pub const MODEL_INFO: &str = "nanodetd_model_info";
     /// The build.
@@ -249,13 +257,13 @@ impl Metrics {
             camera_frames: counter_vec(
                 &r,
                 CAMERA_FRAMES,
-                "Frames a camera handed to the detector.",
+                "Frames a camera put in its slot for the detector, those a newer one replaced included; broken frames are not.",
                 &["camera"],
             ),
             camera_dropped: counter_vec(
                 &r,
                 CAMERA_DROPPED,
-                "Frames that never reached the detector: replaced by a newer one while it was busy, or broken.",
+                "Frames never detected: replaced (a newer frame took the slot while the detector was busy; counted in frames_total too) or broken (would not decode; not in frames_total).",
                 &["camera", "reason"],
             ),
             camera_reopens: counter_vec(
@@ -273,7 +281,7 @@ impl Metrics {
             camera_up: gauge_vec(
                 &r,
                 CAMERA_UP,
-                "1 while the camera delivers frames, 0 while it opens or re-opens.",
+                "1 while the camera delivers frames; 0 while it opens, re-opens, or after a replay finished.",
                 &["camera"],
             ),
             stages,
@@ -299,12 +307,19 @@ impl Metrics {
                 "Tracker events: new, update, end.",
                 &["camera", "label", "type"],
             ),
+            failures: counter_vec(
+                &r,
+                FAILURES,
+                "Frames the detector took but could not run through the model (logged).",
+                &["camera"],
+            ),
             model_info: gauge_vec(
                 &r,
                 MODEL_INFO,
                 "The model in service; always 1.",
                 &["model", "backend", "precision", "provider"],
             ),
+            model: std::sync::Mutex::new(None),
             reloads: counter_vec(
                 &r,
                 RELOADS,
@@ -340,14 +355,29 @@ impl Metrics {
             self.camera_dropped
                 .with_label_values(&[camera, reason.name()])
         };
+        // From 0, so rate() and alerts see the first failure.
+        self.failures.with_label_values(&[camera]);
         CameraMetrics {
             frames: self.camera_frames.with_label_values(&[camera]),
             replaced: dropped(DropReason::Replaced),
             broken: dropped(DropReason::Broken),
             reopens: self.camera_reopens.with_label_values(&[camera]),
             lent: self.camera_lent.with_label_values(&[camera]),
-            up: self.camera_up.with_label_values(&[camera]),
         }
+    }
+
+    /// Whether a camera streams now. Set from the daemon's tick, which
+    /// sees the camera task in service: a replaced task's thread still
+    /// winding down never writes it.
+    pub fn set_camera_up(&self, camera: &str, up: bool) {
+        self.camera_up
+            .with_label_values(&[camera])
+            .set(i64::from(up));
+    }
+
+    /// A frame the detector could not run through the model.
+    pub fn count_failure(&self, camera: &str) {
+        self.failures.with_label_values(&[camera]).inc();
     }
 
     /// A camera removed from the config: its series go.
@@ -356,6 +386,7 @@ impl Metrics {
         let _ = self.camera_reopens.remove_label_values(&[camera]);
         let _ = self.camera_lent.remove_label_values(&[camera]);
         let _ = self.camera_up.remove_label_values(&[camera]);
+        let _ = self.failures.remove_label_values(&[camera]);
         for reason in [DropReason::Replaced, DropReason::Broken] {
             let _ = self
                 .camera_dropped
@@ -391,17 +422,24 @@ impl Metrics {
         self.events.with_label_values(&[camera, label, kind]).inc();
     }
 
-    /// The model now in service, replacing the one before.
+    /// The model now in service, replacing the one before: the new
+    /// series first, so a gather in between never finds none.
     pub fn set_model(&self, model: &ModelLabels) {
-        self.model_info.reset();
-        self.model_info
-            .with_label_values(&[
-                model.model.as_str(),
-                model.backend.as_str(),
-                model.precision.as_str(),
-                model.provider.as_str(),
-            ])
-            .set(1);
+        let values = |m: &ModelLabels| {
+            [
+                m.model.clone(),
+                m.backend.clone(),
+                m.precision.clone(),
+                m.provider.clone(),
+            ]
+        };
+        self.model_info.with_label_values(&values(model)).set(1);
+        let mut current = self.model.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = current.replace(model.clone())
+            && old != *model
+        {
+            let _ = self.model_info.remove_label_values(&values(&old));
+        }
     }
 
     /// One config reload's outcome.
@@ -592,19 +630,55 @@ impl Gathered {
         self.value(name, labels).max(0.0) as u64
     }
 
-    /// A histogram's quantiles, when it has samples.
-    pub fn percentiles(&self, name: &str, labels: &[(&str, &str)]) -> Option<Percentiles> {
+    /// A histogram's counts, when the registry has it.
+    pub fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Option<HistogramCounts> {
         let h = self.metric(name, labels)?.1.get_histogram();
-        let buckets: Vec<(f64, u64)> = h
-            .get_bucket()
-            .iter()
-            .map(|b| (b.upper_bound(), b.cumulative_count()))
-            .collect();
-        Percentiles::of(&buckets, h.get_sample_count())
+        Some(HistogramCounts {
+            buckets: h
+                .get_bucket()
+                .iter()
+                .map(|b| (b.upper_bound(), b.cumulative_count()))
+                .collect(),
+            count: h.get_sample_count(),
+            sum: h.get_sample_sum(),
+        })
     }
 }
 
-/// p50/p90/p99 of a histogram, milliseconds, for the stats topic.
+/// A histogram as gathered: cumulative buckets (upper bound in seconds,
+/// count at or under it), the count and the sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramCounts {
+    /// Cumulative buckets, `+Inf` left out.
+    pub buckets: Vec<(f64, u64)>,
+    /// Samples.
+    pub count: u64,
+    /// Their sum, seconds.
+    pub sum: f64,
+}
+
+impl HistogramCounts {
+    /// The samples since `earlier`, a gather of the same histogram: the
+    /// window the stats topic reports. Without `earlier`, all of them.
+    pub fn since(&self, earlier: Option<&HistogramCounts>) -> HistogramCounts {
+        let Some(earlier) = earlier.filter(|e| e.buckets.len() == self.buckets.len()) else {
+            return self.clone();
+        };
+        HistogramCounts {
+            buckets: self
+                .buckets
+                .iter()
+                .zip(&earlier.buckets)
+                .map(|(&(bound, now), &(_, before))| (bound, now.saturating_sub(before)))
+                .collect(),
+            count: self.count.saturating_sub(earlier.count),
+            sum: (self.sum - earlier.sum).max(0.0),
+        }
+    }
+}
+
+/// p50/p90/p99 and the mean of a histogram, milliseconds, for the stats
+/// topic.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Percentiles {
     /// Median.
@@ -613,21 +687,23 @@ pub struct Percentiles {
     pub p90: f32,
     /// 99th percentile.
     pub p99: f32,
+    /// The mean: exact, from the histogram's sum and count.
+    pub mean: f32,
     /// Samples behind the figures.
     pub samples: u64,
 }
 
 impl Percentiles {
-    /// From cumulative buckets (upper bound in seconds, count at or
-    /// under it) and the total count; `None` without samples.
-    pub fn of(buckets: &[(f64, u64)], count: u64) -> Option<Percentiles> {
-        (count > 0).then(|| {
-            let ms = |q| (quantile(q, buckets, count) * 1e3) as f32;
+    /// Of `h`; `None` without samples.
+    pub fn of(h: &HistogramCounts) -> Option<Percentiles> {
+        (h.count > 0).then(|| {
+            let ms = |q| (quantile(q, &h.buckets, h.count) * 1e3) as f32;
             Percentiles {
                 p50: ms(0.5),
                 p90: ms(0.9),
                 p99: ms(0.99),
-                samples: count,
+                mean: (h.sum / h.count as f64 * 1e3) as f32,
+                samples: h.count,
             }
         })
     }
@@ -650,9 +726,6 @@ pub fn quantile(q: f64, buckets: &[(f64, u64)], count: u64) -> f64 {
     lower.0
 }
 
-/// Shared handle to the metrics.
-pub type SharedMetrics = Arc<Metrics>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -666,17 +739,52 @@ mod tests {
         assert!((quantile(0.99, &buckets, 100) - 0.0038).abs() < 1e-12);
         // A rank past every finite bucket reads as the highest bound.
         assert_eq!(quantile(0.99, &[(0.001, 50)], 100), 0.001);
-        assert_eq!(Percentiles::of(&buckets, 0), None);
-        let p = Percentiles::of(&buckets, 100).unwrap();
-        assert_eq!((p.p50, p.samples), (1.0, 100));
+        let h = HistogramCounts {
+            buckets: buckets.to_vec(),
+            count: 100,
+            sum: 0.15,
+        };
+        assert_eq!(Percentiles::of(&HistogramCounts::default()), None);
+        let p = Percentiles::of(&h).unwrap();
+        assert_eq!((p.p50, p.mean, p.samples), (1.0, 1.5, 100));
+    }
+
+    /// The stats topic's window: what came since the previous message.
+    #[test]
+    fn a_window_is_the_difference_of_two_gathers() {
+        let before = HistogramCounts {
+            buckets: vec![(0.001, 10), (0.002, 10), (0.004, 10)],
+            count: 10,
+            sum: 0.005,
+        };
+        let now = HistogramCounts {
+            buckets: vec![(0.001, 10), (0.002, 10), (0.004, 30)],
+            count: 30,
+            sum: 0.065,
+        };
+        let window = now.since(Some(&before));
+        assert_eq!(window.buckets, [(0.001, 0), (0.002, 0), (0.004, 20)]);
+        assert_eq!(window.count, 20);
+        let p = Percentiles::of(&window).unwrap();
+        assert!((p.mean - 3.0).abs() < 1e-4, "{p:?}");
+        assert!(p.p50 > 2.0 && p.p99 <= 4.0, "{p:?}");
+        assert_eq!(now.since(None), now);
     }
 
     #[test]
-    fn buckets_rise_from_a_tenth_of_a_millisecond_to_ten_seconds() {
-        let b = latency_buckets();
-        assert_eq!(b.len(), 46);
-        assert_eq!((b[0], b[45]), (1e-4, 10.0));
-        assert!(b.windows(2).all(|w| w[1] > w[0] && w[1] / w[0] <= 1.51));
+    fn buckets_rise_from_a_tenth_of_a_millisecond_to_five_minutes_as_written() {
+        let b = LATENCY_BUCKETS;
+        assert_eq!((b[0], b[51]), (1e-4, 300.0));
+        let below_10 = b.iter().position(|&x| x == 10.0).unwrap();
+        for (i, w) in b.windows(2).enumerate() {
+            let limit = if i < below_10 { 1.5 } else { 2.0 };
+            assert!(w[1] > w[0] && w[1] / w[0] <= limit + 1e-9, "{w:?}");
+        }
+        // Each bound is written as its shortest decimal: what `le` shows.
+        for x in b {
+            let shown = format!("{x}");
+            assert!(shown.len() <= 7, "{shown}");
+        }
     }
 
     /// Every family registers (no clashing name or label set), and the
@@ -710,9 +818,11 @@ mod tests {
             ),
             2.0
         );
-        let p = g
-            .percentiles(names::STAGE, &[("stage", "inference")])
-            .unwrap();
+        let p = Percentiles::of(
+            &g.histogram(names::STAGE, &[("stage", "inference")])
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.samples, 1);
         assert!((16.0..=20.0).contains(&p.p50), "{p:?}");
         let names: Vec<&str> = g.families().iter().map(|f| f.name()).collect();

@@ -52,6 +52,37 @@ pub struct Endpoint {
     pub model: Arc<OnceLock<String>>,
     /// The broker link.
     pub link: Arc<LinkStatus>,
+    /// Set at SIGTERM: `/readyz` answers 503 through the drain.
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The last `/metrics` page and when it was made: clients asking
+    /// faster than [`PAGE_FOR`] share one gather.
+    pub page: std::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+/// How long one gather serves `/metrics`: a client pipelining requests on
+/// every connection gets at most this many gathers a second out of the
+/// async thread that also runs MQTT and the watchdog's pings.
+pub const PAGE_FOR: Duration = Duration::from_millis(500);
+
+impl Endpoint {
+    /// The exposition, gathered anew at most every [`PAGE_FOR`].
+    fn page(&self) -> Result<Bytes, prometheus::Error> {
+        let mut page = self
+            .page
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((made, bytes)) = page.as_ref()
+            && made.elapsed() < PAGE_FOR
+        {
+            return Ok(bytes.clone());
+        }
+        let gathered = Gathered::from(&self.metrics);
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new().encode(gathered.families(), &mut text)?;
+        let bytes = Bytes::from(text);
+        *page = Some((Instant::now(), bytes.clone()));
+        Ok(bytes)
+    }
 }
 
 /// What to do about the listener.
@@ -75,16 +106,19 @@ pub struct Binding {
 impl Binding {
     /// The step towards `wanted`, the config's address, at `now`.
     pub fn step(&mut self, wanted: Option<SocketAddr>, now: Instant) -> BindStep {
-        if wanted == self.bound && (wanted.is_some() || self.failed.is_none()) {
-            return BindStep::Wait;
-        }
         let Some(addr) = wanted else {
-            self.failed = None;
-            return match self.bound.take() {
-                Some(_) => BindStep::Close,
-                None => BindStep::Wait,
+            // Off: close what is bound, and clear a failure being retried.
+            let bound = self.bound.take().is_some();
+            let failed = self.failed.take().is_some();
+            return if bound || failed {
+                BindStep::Close
+            } else {
+                BindStep::Wait
             };
         };
+        if self.bound == Some(addr) {
+            return BindStep::Wait;
+        }
         match self.failed {
             Some((failed, at)) if failed == addr && now < at + RETRY => BindStep::Wait,
             _ => {
@@ -92,6 +126,11 @@ impl Binding {
                 BindStep::Bind(addr)
             }
         }
+    }
+
+    /// The config was reloaded: a failed address is tried again at once.
+    pub fn reloaded(&mut self) {
+        self.failed = None;
     }
 
     /// `addr` is bound.
@@ -127,12 +166,15 @@ pub async fn run(
         match binding.step(wanted, Instant::now()) {
             BindStep::Wait => {}
             BindStep::Close => {
-                stop(serving.take());
-                log::info!("metrics: endpoint turned off");
+                stop(serving.take()).await;
+                log::info!("metrics: endpoint off");
+                last_failure.clear();
                 status.set_metrics_error(None);
             }
             BindStep::Bind(addr) => {
-                stop(serving.take());
+                // The old listener must be closed before the new bind:
+                // 127.0.0.1:9464 and 0.0.0.0:9464 cannot both listen.
+                stop(serving.take()).await;
                 match TcpListener::bind(addr).await {
                     Ok(listener) => {
                         let local = listener.local_addr().unwrap_or(addr);
@@ -149,7 +191,7 @@ pub async fn run(
                     Err(e) => {
                         let why = format!("metrics.listen = {addr}: cannot listen: {e}");
                         if why != last_failure {
-                            log::error!("{why}; trying again every {RETRY:?}");
+                            log::error!("{why}; trying again every {RETRY:?} and at each reload");
                         }
                         binding.failed(addr, Instant::now());
                         status.set_metrics_error(Some(&why));
@@ -160,11 +202,14 @@ pub async fn run(
         }
         let retry = binding.retry_at();
         tokio::select! {
-            changed = config.changed() => if changed.is_err() { break },
+            changed = config.changed() => {
+                if changed.is_err() { break }
+                binding.reloaded();
+            }
             _ = sleep_until(retry), if retry.is_some() => {}
         }
     }
-    stop(serving);
+    stop(serving).await;
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -173,9 +218,12 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn stop(task: Option<JoinHandle<()>>) {
+/// Aborts the accept task and waits until it is gone, its listener and
+/// connections closed with it.
+async fn stop(task: Option<JoinHandle<()>>) {
     if let Some(task) = task {
         task.abort();
+        let _ = task.await;
     }
 }
 
@@ -243,18 +291,14 @@ fn respond<B>(
             .unwrap_or_else(|_| Response::new(Full::default()));
     }
     let response = match request.uri().path() {
-        "/metrics" => {
-            let gathered = Gathered::from(&endpoint.metrics);
-            let mut text = Vec::new();
-            match prometheus::TextEncoder::new().encode(gathered.families(), &mut text) {
-                Ok(()) => reply(StatusCode::OK, TEXT_FORMAT, text),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            }
-        }
+        "/metrics" => match endpoint.page() {
+            Ok(page) => reply(StatusCode::OK, TEXT_FORMAT, page),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
         "/healthz" => {
             let stale_after = config.borrow().metrics.stale_after.get();
             answer(health::health(
@@ -265,6 +309,7 @@ fn respond<B>(
         "/readyz" => answer(health::readiness(
             endpoint.model.get().map(String::as_str),
             endpoint.link.connected(),
+            endpoint.stopping.load(std::sync::atomic::Ordering::Relaxed),
         )),
         "/" => reply(
             StatusCode::OK,
@@ -327,10 +372,18 @@ mod tests {
         assert_eq!(b.step(addr(9465), t0 + RETRY * 9), BindStep::Wait);
         assert_eq!(b.step(None, t0 + RETRY * 9), BindStep::Close);
         assert_eq!(b.step(None, t0 + RETRY * 9), BindStep::Wait);
-        // Turned off while failing: nothing to close, no more retries.
+        // Turned off while failing: the failure is cleared (Close), and
+        // no more retries.
         assert_eq!(b.step(addr(1), t0), BindStep::Bind(addr(1).unwrap()));
         b.failed(addr(1).unwrap(), t0);
-        assert_eq!(b.step(None, t0), BindStep::Wait);
+        assert_eq!(b.step(None, t0), BindStep::Close);
         assert_eq!(b.retry_at(), None);
+        assert_eq!(b.step(None, t0), BindStep::Wait);
+        // A reload retries a failed address at once.
+        assert_eq!(b.step(addr(2), t0), BindStep::Bind(addr(2).unwrap()));
+        b.failed(addr(2).unwrap(), t0);
+        assert_eq!(b.step(addr(2), t0), BindStep::Wait);
+        b.reloaded();
+        assert_eq!(b.step(addr(2), t0), BindStep::Bind(addr(2).unwrap()));
     }
 }

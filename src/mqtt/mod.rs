@@ -855,6 +855,51 @@ fn secret_warnings(config: &MqttConfig) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// Issue 20: the config's and the metrics endpoint's errors share the
+    /// retained `status`; each change publishes both, so neither clears
+    /// the other's, and an unchanged metrics error is not sent again.
+    #[test]
+    fn the_status_board_keeps_both_errors() {
+        let outbox = Outbox::new(16);
+        let board = StatusBoard::new(outbox.clone());
+        let published = |outbox: &Outbox| -> Vec<(serde_json::Value, serde_json::Value)> {
+            std::iter::from_fn(|| outbox.pop())
+                .map(|t| {
+                    let v: serde_json::Value = serde_json::from_slice(&t.message.payload).unwrap();
+                    assert_eq!(t.message.topic, "status");
+                    (v["error"].clone(), v["metrics_error"].clone())
+                })
+                .collect()
+        };
+        // The outbox keeps only the newest unsent retained message of a
+        // topic: each step is read before the next.
+        let null = serde_json::Value::Null;
+        let said = |s: &str| serde_json::Value::from(s);
+        let mut seen = Vec::new();
+        board.set_config_error(Some("bad key"));
+        seen.extend(published(&outbox));
+        board.set_metrics_error(Some("cannot listen"));
+        seen.extend(published(&outbox));
+        board.set_metrics_error(Some("cannot listen"));
+        seen.extend(published(&outbox));
+        board.set_config_error(None);
+        seen.extend(published(&outbox));
+        board.set_config_error(Some("worse"));
+        seen.extend(published(&outbox));
+        board.set_metrics_error(None);
+        seen.extend(published(&outbox));
+        assert_eq!(
+            seen,
+            [
+                (said("bad key"), null.clone()),
+                (said("bad key"), said("cannot listen")),
+                (null.clone(), said("cannot listen")),
+                (said("worse"), said("cannot listen")),
+                (said("worse"), null.clone()),
+            ]
+        );
+    }
+
     /// Issue 17: a password went over plain TCP, and a 0644 password file
     /// was taken, both without a word.
     #[test]

@@ -399,9 +399,10 @@ fn a_real_prometheus_scrapes_the_daemon_and_sees_the_broker_go_and_come_back_iss
 
 /// Issue 20: `/healthz` names a hung camera; `[metrics] listen` follows
 /// reloads (the old port closes, the new one serves); a port already
-/// taken is reported on `status` while the daemon runs on, and a later
-/// edit recovers. And the stats topic agrees exactly with `/metrics`, read
-/// once nothing changes any more.
+/// taken is reported on `status` while the daemon runs on, and the next
+/// reload, once it is free, binds it; loopback to 0.0.0.0 on one port
+/// works. And the stats topic agrees exactly with `/metrics`, read once
+/// nothing changes any more.
 #[test]
 fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issue_20() {
     let Some((_serial, assets)) = setup("metrics reload", true) else {
@@ -432,7 +433,13 @@ fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issu
             config(&assets, broker.port, "nd", &cameras)
         )
     };
-    let (first, second) = (free_port(), free_port());
+    let first = free_port();
+    let second = loop {
+        let p = free_port();
+        if p != first {
+            break p;
+        }
+    };
     let mut daemon = Daemon::start(&with_listen(first), &[]);
 
     // The stuck camera: /healthz says 503 and names it.
@@ -495,18 +502,6 @@ fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issu
             "nanodetd_mqtt_event_messages_total{outcome=\"delivered\"}",
             &stats["mqtt"]["events_delivered"],
         ),
-        (
-            "nanodetd_stage_duration_seconds_count{stage=\"inference\"}",
-            &stats["latency_ms"]["inference"]["samples"],
-        ),
-        (
-            "nanodetd_detection_latency_seconds_count",
-            &stats["latency_ms"]["total"]["samples"],
-        ),
-        (
-            "nanodetd_event_latency_seconds_count",
-            &stats["latency_ms"]["event"]["samples"],
-        ),
     ];
     for (line, json) in pairs {
         assert_eq!(
@@ -514,6 +509,29 @@ fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issu
             json.as_f64(),
             "{line} vs stats: {stats}"
         );
+    }
+    // Each stats message's percentiles cover the frames since the one
+    // before: their samples add up to the histogram's count.
+    let all_stats: Vec<Value> = sub
+        .all()
+        .iter()
+        .filter(|m| m.topic == "nd/stats")
+        .map(|m| m.json())
+        .collect();
+    for (key, line) in [
+        (
+            "inference",
+            "nanodetd_stage_duration_seconds_count{stage=\"inference\"}",
+        ),
+        ("total", "nanodetd_detection_latency_seconds_count"),
+        ("event", "nanodetd_event_latency_seconds_count"),
+    ] {
+        let summed: f64 = all_stats
+            .iter()
+            .take_while(|m| m["uptime"].as_f64() <= stats["uptime"].as_f64())
+            .filter_map(|m| m["latency_ms"][key]["samples"].as_f64())
+            .sum();
+        assert_eq!(summed, sample(line), "{key}: {all_stats:?}");
     }
     assert_eq!(sample("nanodetd_camera_frames_total{camera=\"once\"}"), 6.0);
 
@@ -541,10 +559,12 @@ fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issu
     });
     assert!(daemon.alive(), "{}", daemon.log());
     assert!(daemon.log().contains("cannot listen"), "{}", daemon.log());
-    // Back to a free port: served again, and status clears.
-    daemon.edit(&with_listen(second));
-    wait_until("the port again", Duration::from_secs(10), || {
-        http_get(second, "/readyz").filter(|(s, _)| *s == 200)
+    // The port is freed; a reload of anything retries it at once, well
+    // before the 30 s retry, and status clears.
+    drop(taken);
+    daemon.edit(&with_listen(taken_port).replace("stale_after = 1.0", "stale_after = 2.0"));
+    wait_until("the freed port", Duration::from_secs(10), || {
+        http_get(taken_port, "/readyz").filter(|(s, _)| *s == 200)
     });
     sub.wait_for("status cleared", Duration::from_secs(10), |m| {
         m.iter()
@@ -552,12 +572,36 @@ fn the_endpoint_follows_reloads_reports_a_failed_bind_and_agrees_with_stats_issu
             .find(|m| m.topic == "nd/status")
             .is_some_and(|m| m.json()["metrics_error"].is_null())
     });
-    let (_, exposition) = http_get(second, "/metrics").unwrap();
+    // Loopback to every address on the same port, as docs/METRICS.md
+    // says to let a LAN scraper in: the old listener is closed first.
+    daemon.edit(
+        &with_listen(taken_port)
+            .replace("127.0.0.1:", "0.0.0.0:")
+            .replace("stale_after = 1.0", "stale_after = 2.0"),
+    );
+    wait_until(
+        "the log of the new address",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .log()
+                .contains(&format!("serving http://0.0.0.0:{taken_port}/metrics"))
+                .then_some(())
+        },
+    );
+    let (status, exposition) = http_get(taken_port, "/metrics").unwrap();
+    assert_eq!(status, 200);
     assert!(
-        exposition.contains("nanodetd_reloads_total{result=\"applied\"} 3"),
+        !daemon
+            .log()
+            .contains(&format!("0.0.0.0:{taken_port}: cannot listen")),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        exposition.contains("nanodetd_reloads_total{result=\"applied\"} 4"),
         "{exposition}"
     );
-    drop(taken);
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
@@ -572,7 +616,7 @@ fn the_alert_rules_load_and_fire_on_their_series_issue_20() {
     }
     let rules = repo("etc/prometheus/nanodetd-alerts.yml");
     let (ok, said) = promtool(&["check", "rules", rules.to_str().unwrap()], "");
-    assert!(ok && said.contains("SUCCESS: 5 rules found"), "{said}");
+    assert!(ok && said.contains("SUCCESS: 8 rules found"), "{said}");
     let tests = repo("etc/prometheus/nanodetd-alerts.test.yml");
     let (ok, said) = promtool(&["test", "rules", tests.to_str().unwrap()], "");
     assert!(ok && said.contains("SUCCESS"), "{said}");
@@ -642,7 +686,7 @@ fn idle_slow_and_oversized_clients_cannot_hold_the_endpoint_issue_20() {
         held[i].read_to_end(&mut rest).unwrap();
         let after = opened.elapsed();
         assert!(
-            after >= Duration::from_secs(4) && after <= Duration::from_secs(8),
+            after >= Duration::from_secs(3) && after <= Duration::from_secs(12),
             "connection {i} closed after {after:?}"
         );
     }
@@ -658,8 +702,8 @@ fn idle_slow_and_oversized_clients_cannot_hold_the_endpoint_issue_20() {
     let mut answer = String::new();
     let _ = big.read_to_string(&mut answer);
     assert!(
-        !answer.starts_with("HTTP/1.1 200"),
-        "oversized headers served: {}",
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "oversized headers: {}",
         answer.lines().next().unwrap_or_default()
     );
     let (status, body) = wait_until("a scrape", Duration::from_secs(5), || {
