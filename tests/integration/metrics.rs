@@ -288,6 +288,7 @@ fn a_real_prometheus_scrapes_the_daemon_and_sees_the_broker_go_and_come_back_iss
         "nanodetd_event_latency_seconds",
         "nanodetd_objects",
         "nanodetd_events_total",
+        "nanodetd_detection_failures_total",
         "nanodetd_mqtt_connected",
         "nanodetd_mqtt_queue_messages",
         "nanodetd_mqtt_dropped_total",
