@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use super::{
-    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, RawBytes, V4l2Camera,
-    V4l2Error, V4l2Request, to_frame,
+    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, RawBytes, SyntheticError,
+    SyntheticSource, V4l2Camera, V4l2Error, V4l2Request, to_frame,
 };
 use crate::frame::{Frame, FrameError};
 
@@ -114,6 +114,17 @@ pub enum SourceSpec {
         /// The format, size and rate to ask for.
         request: V4l2Request,
     },
+    /// One photo as raw camera frames.
+    Synthetic {
+        /// The photo.
+        path: PathBuf,
+        /// The raw format to hand out.
+        format: CameraFormat,
+        /// Scaled to this, when set.
+        size: Option<(usize, usize)>,
+        /// Larger photos and sizes are refused.
+        max_pixels: u64,
+    },
 }
 
 /// An opened source.
@@ -122,6 +133,8 @@ pub enum Source {
     Folder(FolderSource),
     /// A V4L2 device.
     V4l2(Box<V4l2Camera>),
+    /// A photo as raw camera frames.
+    Synthetic(Box<SyntheticSource>),
 }
 
 /// Why a source cannot go on: it is opened again, with back-off.
@@ -133,6 +146,9 @@ pub enum SourceError {
     /// The camera cannot be opened, or failed while streaming.
     #[error(transparent)]
     V4l2(#[from] V4l2Error),
+    /// The synthetic camera's photo cannot be made into frames.
+    #[error(transparent)]
+    Synthetic(#[from] SyntheticError),
     /// A replay file vanished: the folder is listed again.
     #[error("{}: gone; listing the folder again", path.display())]
     Vanished {
@@ -171,12 +187,26 @@ impl Source {
             SourceSpec::V4l2 { path, request } => {
                 Ok(V4l2Camera::open(path, request).map(|c| Source::V4l2(Box::new(c)))?)
             }
+            SourceSpec::Synthetic {
+                path,
+                format,
+                size,
+                max_pixels,
+            } => Ok(SyntheticSource::open(path, *format, *size, *max_pixels)
+                .map(|s| Source::Synthetic(Box::new(s)))?),
         }
     }
 
-    /// True for replays, which are paced by the clock rather than a driver.
+    /// True for sources paced by the clock rather than a driver: replays
+    /// and synthetic cameras.
     pub fn is_replay(&self) -> bool {
-        matches!(self, Source::Folder(_))
+        matches!(self, Source::Folder(_) | Source::Synthetic(_))
+    }
+
+    /// The rate a source runs at when the config sets none: a synthetic
+    /// camera's 30 fps, as a live camera's driver would set one.
+    pub fn default_fps(&self) -> Option<f64> {
+        matches!(self, Source::Synthetic(_)).then_some(30.0)
     }
 
     /// After a broken frame, the `in_a_row`th without a good one between:
@@ -215,6 +245,7 @@ impl Source {
                 V4l2Error::Broken(e) => Miss::Broken(e),
                 other => Miss::Lost(other.into()),
             }),
+            Source::Synthetic(camera) => camera.next_capture(raw).map_err(Miss::Broken),
         }
     }
 }

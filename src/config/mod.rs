@@ -78,6 +78,10 @@ pub enum SourceConfig {
     V4l2(PathBuf),
     /// A folder of JPEG/PNG files, or a glob pattern of them.
     Folder(PathBuf),
+    /// One photo handed out as raw camera frames (`format`, default
+    /// yuyv; `size`, default the photo's; `fps`, default 30): a camera
+    /// for benchmarks that costs no decoding.
+    Synthetic(PathBuf),
 }
 
 /// The detector. Cold: a change loads the new model in the background.
@@ -694,7 +698,10 @@ impl CameraConfig {
             match (&self.source, self.size) {
                 (SourceConfig::V4l2(_), Some([w, h])) => u64::from(w.get()) * u64::from(h.get()),
                 (SourceConfig::V4l2(_), None) => 1920 * 1080,
-                (SourceConfig::Folder(_), _) => DEFAULT_FOLDER_PIXELS,
+                (SourceConfig::Synthetic(_), Some([w, h])) => {
+                    u64::from(w.get()) * u64::from(h.get())
+                }
+                (SourceConfig::Folder(_) | SourceConfig::Synthetic(_), _) => DEFAULT_FOLDER_PIXELS,
             },
             Bounded::get,
         )
@@ -707,6 +714,12 @@ impl CameraConfig {
             SourceConfig::Folder(path) => SourceSpec::Folder {
                 path: path.clone(),
                 looping: self.looping,
+                max_pixels,
+            },
+            SourceConfig::Synthetic(path) => SourceSpec::Synthetic {
+                path: path.clone(),
+                format: self.format.unwrap_or(CameraFormat::Yuyv),
+                size: self.size.map(|[w, h]| (w.get() as usize, h.get() as usize)),
                 max_pixels,
             },
             SourceConfig::V4l2(path) => SourceSpec::V4l2 {
@@ -1168,6 +1181,15 @@ impl Config {
                 );
                 continue;
             }
+            if matches!(cam.source, SourceConfig::Synthetic(_))
+                && cam.format == Some(CameraFormat::Mjpeg)
+            {
+                invalid(
+                    format!("camera[{i}].format"),
+                    "a synthetic source hands out raw frames: yuyv, uyvy, nv12, grey, rgb24 or bgr24"
+                        .into(),
+                );
+            }
             // Snapshot folders and Home Assistant's ids are the slug.
             let slug = slug(name);
             if slug.is_empty() {
@@ -1374,6 +1396,45 @@ source = { v4l2 = "/dev/video0" }
             "{line}"
         );
         assert!(!line.contains('\n'), "one line for the journal: {line}");
+    }
+
+    /// Issue 21: a synthetic camera's spec takes the camera's format
+    /// (yuyv by default), size and budget; MJPEG is refused, naming the
+    /// key.
+    #[test]
+    fn a_synthetic_camera_takes_a_raw_format_and_its_size_issue_21() {
+        let camera = |rest: &str| {
+            format!(
+                "[model]\npath = \"/m.onnx\"\n[[camera]]\nname = \"s\"\nsource = {{ synthetic = \"/p.jpg\" }}\n{rest}\n"
+            )
+        };
+        let config = parse(&camera("format = \"nv12\"\nsize = [1920, 1080]")).unwrap();
+        assert_eq!(
+            config.cameras[0].source_spec(),
+            SourceSpec::Synthetic {
+                path: "/p.jpg".into(),
+                format: CameraFormat::Nv12,
+                size: Some((1920, 1080)),
+                max_pixels: 1920 * 1080,
+            }
+        );
+        let config = parse(&camera("")).unwrap();
+        assert!(matches!(
+            config.cameras[0].source_spec(),
+            SourceSpec::Synthetic {
+                format: CameraFormat::Yuyv,
+                size: None,
+                max_pixels: DEFAULT_FOLDER_PIXELS,
+                ..
+            }
+        ));
+        let err = parse(&camera("format = \"mjpeg\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("camera[0].format: a synthetic source hands out raw frames"),
+            "{err}"
+        );
     }
 
     /// Issue 18: every numeric key's range is in its type, and the check

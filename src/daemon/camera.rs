@@ -240,7 +240,9 @@ impl CameraRunner {
         let interval = self
             .config
             .fps
-            .map(|f| Duration::from_secs_f64(1.0 / f64::from(f.get())));
+            .map(|f| f64::from(f.get()))
+            .or_else(|| source.default_fps())
+            .map(|f| Duration::from_secs_f64(1.0 / f));
         let repeat = if replay { self.config.repeat.get() } else { 1 };
         let mut due = Instant::now();
         let mut broken_in_a_row = 0;

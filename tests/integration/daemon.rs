@@ -2854,3 +2854,49 @@ fn home_assistant_discovers_the_device_and_follows_its_entities_issue_19() {
     assert!(ha.state(occupancy).is_some(), "the person's entities stay");
     daemon.terminate();
 }
+
+/// Issue 21: a synthetic camera hands out one photo as raw frames (here
+/// NV12, scaled to 640x480) at the configured rate, paced like a live
+/// camera; the CPU detector converts each and finds the person in it.
+#[test]
+fn a_synthetic_camera_streams_its_photo_as_raw_frames_at_its_rate_issue_21() {
+    let Some((_serial, assets)) = setup("synthetic camera", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photo = support::sample(&assets, "hpc203_person.jpg");
+    let camera = format!(
+        "[[camera]]\nname = \"bench\"\nsource = {{ synthetic = \"{}\" }}\nformat = \"nv12\"\nsize = [640, 480]\nfps = 5\n",
+        photo.display()
+    );
+    let daemon = Daemon::start(&config(&assets, broker.port, "nd", &camera), &[]);
+    sub.wait_for("the person", Duration::from_secs(60), |m| {
+        labels_of(&events(m, "nd/bench/events"), "new").contains(&"person".to_owned())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    let stats = sub
+        .all()
+        .iter()
+        .rev()
+        .find(|m| m.topic == "nd/stats")
+        .map(Received::json)
+        .unwrap();
+    let camera = &stats["cameras"]["bench"];
+    let (frames, uptime) = (
+        camera["frames"].as_f64().unwrap(),
+        stats["uptime"].as_f64().unwrap(),
+    );
+    // 5 a second from when the model was ready: never more than the rate.
+    assert!(frames >= 10.0 && frames <= 5.0 * uptime + 1.0, "{stats}");
+    assert_eq!(camera["broken"], 0, "{stats}");
+    let person = events(&sub.all(), "nd/bench/events")
+        .into_iter()
+        .find(|e| e["type"] == "new" && e["after"]["label"] == "person")
+        .unwrap();
+    // The box is in the scaled frame's pixels.
+    let x2 = person["after"]["box"][2].as_f64().unwrap();
+    assert!(x2 <= 640.0, "{person}");
+}
