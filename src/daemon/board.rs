@@ -74,6 +74,9 @@ pub enum Work {
     Control(Control),
     /// A frame to detect in.
     Frame(CapturedFrame),
+    /// Frames to detect in one run, at most one per camera, in turn order
+    /// ([`FrameBoard::next_batch`]).
+    Frames(Vec<CapturedFrame>),
     /// The camera's thread has stopped (source ended, camera removed or
     /// restarting): its objects are over.
     Ended(String),
@@ -210,33 +213,45 @@ impl FrameBoard {
     /// (served longest ago, so no camera starves), else a camera's end;
     /// `None` after `timeout` with nothing to do.
     pub fn next(&self, timeout: Duration) -> Option<Work> {
+        self.next_batch(1, Duration::ZERO, timeout)
+            .map(|work| match work {
+                Work::Frames(mut frames) if frames.len() == 1 => Work::Frame(frames.remove(0)),
+                other => other,
+            })
+    }
+
+    /// As [`next`](Self::next), but up to `max` frames at once, of as many
+    /// cameras, in turn order. When fewer than `max` are waiting, waits
+    /// for more until the oldest has waited `wait` (0: takes what is
+    /// there); a control message ends the wait, and comes first.
+    pub fn next_batch(&self, max: usize, wait: Duration, timeout: Duration) -> Option<Work> {
+        let max = max.max(1);
         let mut inbox = self.inbox();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(control) = inbox.control.pop_front() {
                 return Some(Work::Control(control));
             }
-            let slots = &mut inbox.slots;
-            let turn = slots
-                .iter()
-                .filter(|(_, s)| s.frame.is_some())
-                .filter_map(|(name, s)| {
-                    s.waiting_since
-                        .map(|since| (s.last_served, since, name.clone()))
-                })
-                .min();
-            if let Some((_, _, name)) = turn {
-                // Counts frames, one at a time: cannot overflow a u64.
-                let service = self.services.fetch_add(1, Ordering::Relaxed) + 1;
-                let frame = slots.get_mut(&name).and_then(|s| {
-                    s.waiting_since = None;
-                    s.last_served = service;
-                    s.frame.take()
-                });
+            let waiting = || inbox.slots.values().filter(|s| s.frame.is_some());
+            let ready = waiting().count();
+            let oldest = waiting().filter_map(|s| s.waiting_since).min();
+            if ready > 0 {
+                let full_at = oldest.map_or_else(Instant::now, |o| o + wait);
+                let now = Instant::now();
+                if ready < max && now < full_at {
+                    inbox = self
+                        .changed
+                        .wait_timeout(inbox, full_at - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+                let frames = self.take_turns(&mut inbox, max);
                 drop(inbox);
                 self.changed.notify_all();
-                return frame.map(Work::Frame);
+                return Some(Work::Frames(frames));
             }
+            let slots = &mut inbox.slots;
             if let Some(name) = slots.iter().find(|(_, s)| s.ended).map(|(n, _)| n.clone()) {
                 slots.remove(&name);
                 return Some(Work::Ended(name));
@@ -251,6 +266,35 @@ impl FrameBoard {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Takes up to `max` waiting frames, the cameras served longest ago
+    /// first (then those waiting longest, then by name); each take counts
+    /// as a service, so turns carry over from batch to batch.
+    fn take_turns(&self, inbox: &mut Inbox, max: usize) -> Vec<CapturedFrame> {
+        let mut turns: Vec<(u64, Instant, String)> = inbox
+            .slots
+            .iter()
+            .filter(|(_, s)| s.frame.is_some())
+            .filter_map(|(name, s)| {
+                s.waiting_since
+                    .map(|since| (s.last_served, since, name.clone()))
+            })
+            .collect();
+        turns.sort();
+        turns
+            .into_iter()
+            .take(max)
+            .filter_map(|(_, _, name)| {
+                // Counts frames, one at a time: cannot overflow a u64.
+                let service = self.services.fetch_add(1, Ordering::Relaxed) + 1;
+                inbox.slots.get_mut(&name).and_then(|s| {
+                    s.waiting_since = None;
+                    s.last_served = service;
+                    s.frame.take()
+                })
+            })
+            .collect()
     }
 
     /// Whether any frame or message is waiting.
@@ -362,12 +406,127 @@ mod tests {
         }
     }
 
+    /// Issue 21: 64 cameras at one frame per step, a detector taking one
+    /// batch of up to 32 a step (half the frames): every camera is served
+    /// at the same rate, within one frame, and no batch holds a camera
+    /// twice.
+    /// Time is simulated.
+    #[test]
+    fn batches_serve_every_camera_in_turn_once_each_issue_21() {
+        let board = FrameBoard::default();
+        let start = Instant::now();
+        let cameras: Vec<String> = (0..64).map(|i| format!("cam{i:02}")).collect();
+        let mut served: BTreeMap<String, u32> = BTreeMap::new();
+        for step in 0..300u64 {
+            for (i, camera) in cameras.iter().enumerate() {
+                let at = start + Duration::from_millis(step * 33 + i as u64 % 7);
+                board.put(captured_at(camera, 0, at));
+            }
+            let Some(Work::Frames(frames)) = board.next_batch(32, Duration::ZERO, Duration::ZERO)
+            else {
+                panic!("no batch");
+            };
+            assert_eq!(frames.len(), 32);
+            let mut in_batch: Vec<&str> = frames.iter().map(|f| f.camera.as_str()).collect();
+            in_batch.sort();
+            in_batch.dedup();
+            assert_eq!(in_batch.len(), 32, "a camera twice in one batch");
+            for f in frames {
+                *served.entry(f.camera).or_default() += 1;
+            }
+        }
+        let counts: Vec<u32> = cameras.iter().map(|c| served[c]).collect();
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert_eq!(counts.iter().sum::<u32>(), 300 * 32);
+        assert!(max - min <= 1, "served per camera: {counts:?}");
+    }
+
+    /// Issue 21: with fewer frames than the batch holds, the board waits
+    /// up to `wait` for more; a full batch, or a control message, ends the
+    /// wait early, and the control comes first with the frames kept.
+    #[test]
+    fn a_batch_waits_for_more_frames_until_full_or_told_issue_21() {
+        let board = Arc::new(FrameBoard::default());
+        board.put(captured("a", 1));
+        let t = Instant::now();
+        let Some(Work::Frames(alone)) =
+            board.next_batch(4, Duration::from_millis(60), Duration::from_secs(5))
+        else {
+            panic!("no batch");
+        };
+        assert_eq!(alone.len(), 1);
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // Three more come 20 ms in: the batch is full, no need to wait on.
+        board.put(captured("a", 2));
+        let putter = {
+            let board = board.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                for c in ["b", "c", "d"] {
+                    board.put(captured(c, 1));
+                }
+            })
+        };
+        let t = Instant::now();
+        let Some(Work::Frames(full)) =
+            board.next_batch(4, Duration::from_secs(10), Duration::from_secs(5))
+        else {
+            panic!("no batch");
+        };
+        putter.join().unwrap();
+        assert_eq!(full.len(), 4);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+        // A control message ends a wait and comes first; the frame stays.
+        board.put(captured("a", 3));
+        let sender = {
+            let board = board.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                board.send(Control::Stop);
+            })
+        };
+        let got = tag(board.next_batch(4, Duration::from_secs(10), Duration::from_secs(5)));
+        sender.join().unwrap();
+        assert_eq!(got, "Stop");
+        assert_eq!(tag(board.next(Duration::ZERO)), "a 3");
+    }
+
+    /// Issue 21: a camera that ends while its frame waits: the frame goes
+    /// in a batch first, then the end.
+    #[test]
+    fn a_camera_ending_mid_batch_has_its_frame_served_before_its_end_issue_21() {
+        let board = FrameBoard::default();
+        board.put(captured("a", 1));
+        board.put(captured("b", 1));
+        board.end("a");
+        let Some(Work::Frames(frames)) = board.next_batch(8, Duration::ZERO, Duration::ZERO) else {
+            panic!("no batch");
+        };
+        let names: Vec<&str> = frames.iter().map(|f| f.camera.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(
+            tag(board.next_batch(8, Duration::ZERO, Duration::ZERO)),
+            "a ended"
+        );
+        assert_eq!(
+            tag(board.next_batch(8, Duration::ZERO, Duration::ZERO)),
+            "none"
+        );
+    }
+
     fn tag(work: Option<Work>) -> String {
         match work {
             Some(Work::Frame(f)) => match f.image {
                 Captured::Frame(frame) => format!("{} {}", f.camera, frame.data()[0]),
                 Captured::Raw { .. } => format!("{} raw", f.camera),
             },
+            Some(Work::Frames(frames)) => format!("{} frames", frames.len()),
             Some(Work::Ended(c)) => format!("{c} ended"),
             Some(Work::Control(c)) => format!("{c:?}"),
             None => "none".into(),

@@ -305,6 +305,13 @@ impl DetectorTask {
                 Some(Work::Frame(frame)) => {
                     self.handle_frame(frame, &config, &mut session, &mut cameras)
                 }
+                // Batches are taken one frame at a time until the
+                // sessions run them in one go.
+                Some(Work::Frames(frames)) => {
+                    for frame in frames {
+                        self.handle_frame(frame, &config, &mut session, &mut cameras);
+                    }
+                }
                 Some(Work::Ended(name)) => {
                     // The entry stays: ids and `seq` go on counting when the
                     // camera comes back, so consumers never see them reused.
