@@ -166,3 +166,44 @@ fn the_fp16_copy_finds_what_the_fp32_model_finds() {
         "{garbage}"
     );
 }
+
+/// Issue 21: a session fed image by image into the slots of one batch,
+/// run once, and read slot by slot gives each photo exactly the
+/// detections a run of its own gives (tract, the real model); a slot past
+/// the session's batch is an error, not a panic.
+#[test]
+fn a_batch_of_slots_gives_each_image_its_own_detections_issue_21() {
+    let Some(a) = assets("a_batch_of_slots") else {
+        return;
+    };
+    let detector = support::live_detector(&model(&a, "nanodet-plus-m_320"));
+    let mut session = detector.session().unwrap();
+    let photos: Vec<nanodetd::frame::Frame> = [
+        "hpc203_bus.jpg",
+        "hpc203_person.jpg",
+        "hpc203_dog.jpg",
+        "nanodet_000252.jpg",
+    ]
+    .iter()
+    .map(|name| nanodetd::frame::Frame::from_file(&support::sample(&a, name)).unwrap())
+    .collect();
+    let alone: Vec<_> = photos.iter().map(|p| session.detect(p).unwrap()).collect();
+    let transforms: Vec<_> = photos
+        .iter()
+        .enumerate()
+        .map(|(slot, p)| session.preprocess_into(slot, p).unwrap())
+        .collect();
+    session.infer_batch(photos.len()).unwrap();
+    for (slot, transform) in transforms.iter().enumerate() {
+        let batched = session.postprocess_slot(slot, transform).unwrap();
+        assert!(!batched.is_empty(), "slot {slot}");
+        assert_eq!(batched, alone[slot], "slot {slot}");
+    }
+    assert!(
+        session
+            .postprocess_slot(photos.len(), &transforms[0])
+            .is_err()
+    );
+    let past = session.max_batch();
+    assert!(session.preprocess_into(past, &photos[0]).is_err());
+}

@@ -48,16 +48,18 @@ mod cuda {
 
         pub fn preprocess_frame(
             &mut self,
+            slot: usize,
             frame: &Frame,
             spec: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
-            self.preprocess(CameraImage::Frame(frame), spec)
+            self.preprocess(slot, CameraImage::Frame(frame), spec)
         }
 
         /// A lent buffer is uploaded as it is (page-locked once); any
         /// other is staged through pinned memory.
         pub fn preprocess_raw(
             &mut self,
+            slot: usize,
             layout: BufferLayout,
             bytes: &RawBytes,
             origin: &str,
@@ -65,9 +67,10 @@ mod cuda {
         ) -> Result<Transform, DetectorError> {
             if let RawBytes::Leased(lease) = bytes {
                 self.preprocessor.stage_lent(layout, lease, origin)?;
-                return self.launch(spec);
+                return self.launch(slot, spec);
             }
             self.preprocess(
+                slot,
                 CameraImage::Raw {
                     layout,
                     bytes,
@@ -79,11 +82,12 @@ mod cuda {
 
         fn preprocess(
             &mut self,
+            slot: usize,
             image: CameraImage<'_>,
             spec: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
             self.preprocessor.stage(image)?;
-            self.launch(spec)
+            self.launch(slot, spec)
         }
 
         fn preprocess_pinned(
@@ -94,19 +98,33 @@ mod cuda {
             spec: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
             self.preprocessor.stage_pinned(layout, pinned, origin)?;
-            self.launch(spec)
+            self.launch(0, spec)
         }
 
-        /// The kernel on the staged frame, into the engine's input.
-        fn launch(&mut self, spec: &PreprocessSpec) -> Result<Transform, DetectorError> {
-            let mut input = self.session.input_image(0).ok_or_else(|| {
-                BackendError::run("the device session has no input buffer for image 0")
+        /// The kernel on the staged frame, into the engine's input for
+        /// image `slot` of the next run.
+        fn launch(
+            &mut self,
+            slot: usize,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            let max = self.session.max_images();
+            let mut input = self.session.input_image(slot).ok_or_else(|| {
+                BackendError::run(format!(
+                    "the device session has no input buffer for image {slot} (it takes {max})"
+                ))
             })?;
             Ok(self.preprocessor.launch(spec, &mut input)?)
         }
 
-        pub fn infer(&mut self) -> Result<(), BackendError> {
-            self.session.run_on_device(1)
+        /// One run over the first `images` slots.
+        pub fn infer(&mut self, images: usize) -> Result<(), BackendError> {
+            self.session.run_on_device(images)
+        }
+
+        /// The most images one run takes.
+        pub fn max_images(&self) -> usize {
+            self.session.max_images()
         }
 
         pub fn outputs(&self) -> &BatchOutputs {
@@ -123,7 +141,7 @@ mod cuda {
         ) -> Result<Transform, DetectorError> {
             match (&mut self.runner, image) {
                 (Runner::Device(device), image) => {
-                    device.preprocess(image, &self.detector.preprocess)
+                    device.preprocess(0, image, &self.detector.preprocess)
                 }
                 (Runner::Host { .. }, CameraImage::Frame(frame)) => self.preprocess(frame),
                 (
@@ -172,6 +190,7 @@ mod host_only {
 
         pub fn preprocess_frame(
             &mut self,
+            _: usize,
             _: &Frame,
             _: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
@@ -180,6 +199,7 @@ mod host_only {
 
         pub fn preprocess_raw(
             &mut self,
+            _: usize,
             _: BufferLayout,
             _: &RawBytes,
             _: &str,
@@ -188,7 +208,11 @@ mod host_only {
             match *self {}
         }
 
-        pub fn infer(&mut self) -> Result<(), BackendError> {
+        pub fn infer(&mut self, _: usize) -> Result<(), BackendError> {
+            match *self {}
+        }
+
+        pub fn max_images(&self) -> usize {
             match *self {}
         }
 

@@ -249,15 +249,44 @@ impl DetectorSession {
         matches!(self.runner, Runner::Device(_))
     }
 
+    /// The most images one [`infer_batch`](Self::infer_batch) takes: the
+    /// device session's buffers on a GPU; on the host, where engines run a
+    /// batch image by image, [`MAX_HOST_BATCH`].
+    pub fn max_batch(&self) -> usize {
+        match &self.runner {
+            Runner::Host { .. } => self.detector.engine.max_batch().min(MAX_HOST_BATCH),
+            Runner::Device(device) => device.max_images(),
+        }
+    }
+
     /// Stage 1: frame → input tensor; returns the way back.
     pub fn preprocess(&mut self, frame: &Frame) -> Result<Transform, DetectorError> {
+        self.preprocess_into(0, frame)
+    }
+
+    /// Stage 1 into image `slot` of the next [`infer_batch`](Self::infer_batch).
+    pub fn preprocess_into(
+        &mut self,
+        slot: usize,
+        frame: &Frame,
+    ) -> Result<Transform, DetectorError> {
+        self.check_slot(slot)?;
         match &mut self.runner {
-            Runner::Host { input, .. } => Ok(preprocess::preprocess_into(
-                frame,
-                &self.detector.preprocess,
-                input,
-            )?),
-            Runner::Device(device) => device.preprocess_frame(frame, &self.detector.preprocess),
+            Runner::Host { input, .. } => {
+                let len = self.detector.preprocess.tensor_len();
+                let end = (slot + 1) * len;
+                if input.len() < end {
+                    input.resize(end, 0.0);
+                }
+                Ok(preprocess::preprocess_into(
+                    frame,
+                    &self.detector.preprocess,
+                    &mut input[slot * len..end],
+                )?)
+            }
+            Runner::Device(device) => {
+                device.preprocess_frame(slot, frame, &self.detector.preprocess)
+            }
         }
     }
 
@@ -272,15 +301,31 @@ impl DetectorSession {
         bytes: &crate::buffer::RawBytes,
         origin: &str,
     ) -> Result<Transform, DetectorError> {
+        self.preprocess_raw_into(0, layout, bytes, origin)
+    }
+
+    /// [`preprocess_raw`](Self::preprocess_raw) into image `slot`.
+    pub fn preprocess_raw_into(
+        &mut self,
+        slot: usize,
+        layout: crate::pixels::BufferLayout,
+        bytes: &crate::buffer::RawBytes,
+        origin: &str,
+    ) -> Result<Transform, DetectorError> {
+        self.check_slot(slot)?;
         match &mut self.runner {
-            Runner::Host { .. } => self.preprocess_converted(layout, bytes, origin),
+            Runner::Host { .. } => {
+                let frame = crate::pixels::to_frame(&layout, bytes, origin)?;
+                self.preprocess_into(slot, &frame)
+            }
             Runner::Device(device) => {
-                device.preprocess_raw(layout, bytes, origin, &self.detector.preprocess)
+                device.preprocess_raw(slot, layout, bytes, origin, &self.detector.preprocess)
             }
         }
     }
 
     /// A raw buffer converted on the host, then stage 1 as for a frame.
+    #[cfg(feature = "cuda")]
     fn preprocess_converted(
         &mut self,
         layout: crate::pixels::BufferLayout,
@@ -291,21 +336,67 @@ impl DetectorSession {
         self.preprocess(&frame)
     }
 
+    fn check_slot(&self, slot: usize) -> Result<(), DetectorError> {
+        let max = self.max_batch();
+        if slot >= max {
+            return Err(BackendError::Input {
+                images: slot + 1,
+                values: 0,
+                reason: format!("this session takes 1 to {max} images a run"),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Stage 2: input tensor → raw outputs.
     pub fn infer(&mut self) -> Result<(), DetectorError> {
+        self.infer_batch(1)
+    }
+
+    /// Stage 2 for the first `images` slots, in one run.
+    pub fn infer_batch(&mut self, images: usize) -> Result<(), DetectorError> {
         match &mut self.runner {
-            Runner::Host { session, input } => Ok(session.run(InputBatch::host(input, 1))?),
-            Runner::Device(device) => Ok(device.infer()?),
+            Runner::Host { session, input } => {
+                let len = self.detector.preprocess.tensor_len();
+                let data =
+                    input
+                        .get(..images.saturating_mul(len))
+                        .ok_or_else(|| BackendError::Input {
+                            images,
+                            values: input.len(),
+                            reason: "fewer images were preprocessed".into(),
+                        })?;
+                Ok(session.run(InputBatch::host(data, images))?)
+            }
+            Runner::Device(device) => Ok(device.infer(images)?),
         }
     }
 
     /// Stage 3: raw outputs → detections in image pixels, best first.
     pub fn postprocess(&mut self, transform: &Transform) -> Result<Vec<Detection>, DetectorError> {
+        self.postprocess_slot(0, transform)
+    }
+
+    /// Stage 3 for image `slot` of the last run.
+    pub fn postprocess_slot(
+        &mut self,
+        slot: usize,
+        transform: &Transform,
+    ) -> Result<Vec<Detection>, DetectorError> {
         let outputs = match &self.runner {
             Runner::Host { session, .. } => session.outputs(),
             Runner::Device(device) => device.outputs(),
+        };
+        if slot >= outputs.images() {
+            return Err(BackendError::Input {
+                images: slot + 1,
+                values: 0,
+                reason: format!("the last run had {} images", outputs.images()),
+            }
+            .into());
         }
-        .for_image(0);
+        let outputs = outputs.for_image(slot);
         self.detector
             .postprocess(&outputs, transform, &mut self.candidates)
     }
@@ -315,6 +406,10 @@ impl DetectorSession {
         &self.detector
     }
 }
+
+/// The most images a host session takes in one run: its input buffer
+/// grows to what a batch needs, up to this (128 × a 416² input: 266 MB).
+pub const MAX_HOST_BATCH: usize = 128;
 
 /// Name of a class index in `names` (`"?"` when out of range).
 pub fn class_name(names: &[String], class_id: u32) -> &str {
