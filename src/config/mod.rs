@@ -20,8 +20,9 @@ pub use publish::{
     DEFAULT_TRACKED, EventFormat, HomeAssistantConfig, SnapshotConfig, Tracked, slug,
 };
 pub use range::{
-    Bounded, Coordinate, FrameRate, HoursUpToAYear, Low, NonNegative, NonNegativeOrUnlimited,
-    Ranged, RateUpTo1000, Real, RealRange, UnitInterval, Unsigned, UpToADay, UpToAnHour,
+    BatchWait, Bounded, Coordinate, FrameRate, HoursUpToAYear, Low, NonNegative,
+    NonNegativeOrUnlimited, Ranged, RateUpTo1000, Real, RealRange, UnitInterval, Unsigned,
+    UpToADay, UpToAnHour,
 };
 
 use crate::backend::BackendChoice;
@@ -786,6 +787,9 @@ pub struct Config {
     /// Limits across cameras.
     #[serde(default)]
     pub capture: CaptureConfig,
+    /// Frames of several cameras in one run.
+    #[serde(default)]
+    pub batching: BatchingConfig,
     /// Cameras (`[[camera]]` tables).
     #[serde(rename = "camera")]
     pub cameras: Vec<CameraConfig>,
@@ -823,6 +827,40 @@ impl Default for MetricsConfig {
             stale_after: default_stale_after(),
         }
     }
+}
+
+/// `[batching]`: the detector runs frames of several cameras at once
+/// where its session can (a GPU engine whose model batches), as
+/// DeepStream's stream muxer does. Hot.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Frames in one run at most, one per camera; 1 runs each frame
+    /// alone. Capped by what the session takes (TensorRT:
+    /// `model.tensorrt.max_batch`; host backends: any).
+    #[serde(default = "default_batch_size")]
+    pub max_batch: Bounded<usize, 1, { crate::detector::MAX_HOST_BATCH as u64 }>,
+    /// Seconds the oldest waiting frame may wait for more to fill the
+    /// batch; 0 takes what is there.
+    #[serde(default = "default_batch_wait")]
+    pub wait: Real<f64, BatchWait>,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch: default_batch_size(),
+            wait: default_batch_wait(),
+        }
+    }
+}
+
+fn default_batch_size<const LO: u64, const HI: u64>() -> Bounded<usize, LO, HI> {
+    Bounded::unchecked(1)
+}
+
+fn default_batch_wait<R: RealRange>() -> Real<f64, R> {
+    Real::unchecked(0.002)
 }
 
 /// The port the docs, the unit's `SocketBindAllow=` and the examples use:
@@ -1144,6 +1182,8 @@ impl Config {
         // After the cameras' own ranges, which name the key at fault.
         let total = self.capture.max_pixels_total;
         ranges.key("capture.max_pixels_total", total);
+        ranges.key("batching.max_batch", self.batching.max_batch);
+        ranges.key("batching.wait", self.batching.wait);
         let total = total.get();
         let budgets = self
             .cameras
@@ -1500,6 +1540,9 @@ max_area = -1.0
 max_ratio = -1.0
 [capture]
 max_pixels_total = 0
+[batching]
+max_batch = 129
+wait = 0.5
 [[camera]]
 name = "front"
 source = { v4l2 = "/dev/video0" }
@@ -1558,6 +1601,8 @@ size = [0, 16385]
             "filters.person.max_area",
             "filters.person.max_ratio",
             "capture.max_pixels_total",
+            "batching.max_batch",
+            "batching.wait",
             "camera[0].max_pixels",
             "camera[0].fps",
             "camera[0].repeat",

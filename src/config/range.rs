@@ -255,6 +255,8 @@ real_ranges! {
     NonNegative: Low::Closed(0.0), f32::MAX as f64;
     /// 0 or more; infinite means no limit.
     NonNegativeOrUnlimited: Low::Closed(0.0), f64::INFINITY;
+    /// Seconds a batch waits for frames: 0 (none) to 0.1.
+    BatchWait: Low::Closed(0.0), 0.1;
     /// Hours, more than 0 and at most a year (snapshot retention).
     HoursUpToAYear: Low::Open(0.0), 8760.0;
     /// A polygon's coordinate, in pixels: within ±`MAX_COORDINATE`.

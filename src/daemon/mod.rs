@@ -350,6 +350,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
                 if last_stats.elapsed().as_secs_f32() >= current.mqtt.stats_interval.get() {
                     last_stats = Instant::now();
                     snapshot.latency_ms = reporter.latency_window(&gathered);
+                    snapshot.batches = reporter.batch_window(&gathered);
                     snapshot.memory = crate::allocator::memory_use();
                     outbox.push(mqtt::stats_message(&snapshot));
                 }
@@ -386,6 +387,7 @@ async fn serve(config_path: PathBuf, config: Config) -> Result<(), DaemonError> 
     let gathered = Gathered::from(&metrics);
     let mut snapshot = reporter.snapshot(&in_service, &cameras, &gathered);
     snapshot.latency_ms = reporter.latency_window(&gathered);
+    snapshot.batches = reporter.batch_window(&gathered);
     snapshot.memory = crate::allocator::memory_use();
     outbox.push(mqtt::stats_message(&snapshot));
     let left = deadline.saturating_duration_since(Instant::now());

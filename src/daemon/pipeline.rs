@@ -264,10 +264,13 @@ impl DetectorTask {
             if stopping && !self.board.has_work() {
                 break;
             }
-            match self
-                .board
-                .next(if stopping { Duration::ZERO } else { IDLE })
-            {
+            let batch = config.batching.max_batch.get().min(session.max_batch());
+            let wait = Duration::from_secs_f64(config.batching.wait.get());
+            match self.board.next_batch(
+                batch,
+                if stopping { Duration::ZERO } else { wait },
+                if stopping { Duration::ZERO } else { IDLE },
+            ) {
                 Some(Work::Control(Control::Config(new))) => {
                     config = new;
                     self.retune(&config, &session, &mut cameras);
@@ -303,14 +306,10 @@ impl DetectorTask {
                 // Finish the frames waiting, then end every object.
                 Some(Work::Control(Control::Stop)) => stopping = true,
                 Some(Work::Frame(frame)) => {
-                    self.handle_frame(frame, &config, &mut session, &mut cameras)
+                    self.handle_batch(vec![frame], &config, &mut session, &mut cameras)
                 }
-                // Batches are taken one frame at a time until the
-                // sessions run them in one go.
                 Some(Work::Frames(frames)) => {
-                    for frame in frames {
-                        self.handle_frame(frame, &config, &mut session, &mut cameras);
-                    }
+                    self.handle_batch(frames, &config, &mut session, &mut cameras)
                 }
                 Some(Work::Ended(name)) => {
                     // The entry stays: ids and `seq` go on counting when the
@@ -350,87 +349,119 @@ impl DetectorTask {
         }
     }
 
-    fn handle_frame(
+    /// Frames of different cameras, in one run of the model: each is
+    /// preprocessed into its slot, the batch runs once, and each slot's
+    /// detections go to its camera's publisher. A batch of one is the
+    /// plain path. A frame that fails to preprocess is counted and left
+    /// out; a failed run fails every frame of the batch.
+    fn handle_batch(
         &self,
-        captured: CapturedFrame,
+        frames: Vec<CapturedFrame>,
         config: &Arc<Config>,
         session: &mut DetectorSession,
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
         let taken = Instant::now();
-        let Some(camera) = config
-            .cameras
-            .iter()
-            .find(|c| c.name.as_str() == captured.camera)
-        else {
-            return; // removed by a reload while its last frame waited
-        };
-        let preprocessed = match &captured.image {
-            Captured::Frame(frame) => session.preprocess(frame),
-            Captured::Raw {
-                layout,
-                bytes,
-                origin,
-            } => session.preprocess_raw(*layout, bytes, origin),
-        };
-        let result = preprocessed.and_then(|transform| {
-            let preprocessed = Instant::now();
-            session.infer()?;
-            let inferred = Instant::now();
-            let detections = session.postprocess(&transform)?;
-            Ok((detections, preprocessed, inferred))
-        });
-        let (detections, preprocessed, inferred) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.count_failure(&captured.camera);
-                log::error!(
-                    "camera {}: detection failed: {}",
-                    captured.camera,
-                    crate::errors::one_line(&e)
-                );
-                return;
+        // (frame, its camera's config, the way back, preprocess seconds)
+        let mut slots = Vec::with_capacity(frames.len());
+        for captured in frames {
+            let Some(camera) = config
+                .cameras
+                .iter()
+                .find(|c| c.name.as_str() == captured.camera)
+            else {
+                continue; // removed by a reload while its last frame waited
+            };
+            let slot = slots.len();
+            let started = Instant::now();
+            let preprocessed = match &captured.image {
+                Captured::Frame(frame) => session.preprocess_into(slot, frame),
+                Captured::Raw {
+                    layout,
+                    bytes,
+                    origin,
+                } => session.preprocess_raw_into(slot, *layout, bytes, origin),
+            };
+            match preprocessed {
+                Ok(transform) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    slots.push((captured, camera, transform, seconds));
+                }
+                Err(e) => self.failed(&captured.camera, &e),
             }
-        };
-        let postprocessed = Instant::now();
-        let detector = session.detector();
-        let cam = cameras.entry(captured.camera.clone()).or_insert_with(|| {
-            let tracker = tracker_config(config, camera, detector);
-            let tracked = tracked_classes(camera, detector);
-            CameraPublisher::new(
-                &captured.camera,
-                tracker,
-                tracked,
-                taken,
-                fastrand::Rng::new(),
-            )
-        });
+        }
+        if slots.is_empty() {
+            return;
+        }
+        let preprocessed = Instant::now();
+        if let Err(e) = session.infer_batch(slots.len()) {
+            for (captured, ..) in &slots {
+                self.failed(&captured.camera, &e);
+            }
+            return;
+        }
+        let inferred = Instant::now();
+        self.metrics.observe_batch(slots.len());
         let secs = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64();
-        let timing = mqtt::FrameTiming {
-            queue: secs(captured.captured, taken) * 1e3,
-            preprocess: secs(taken, preprocessed) * 1e3,
-            inference: secs(preprocessed, inferred) * 1e3,
-            postprocess: secs(inferred, postprocessed) * 1e3,
-        };
-        let seen = Seen {
-            detections: &detections,
-            size: captured.image.size(),
-            taken,
-            ready: postprocessed,
-            wall_time: captured.wall_time,
-            timing,
-        };
-        let room = self.snapshots.room(&config.snapshots);
-        let actions = cam.frame(seen, &settings(config, detector, room));
-        self.carry_out(actions, Some((&captured, config)));
-        let done = Instant::now();
-        let m = &self.metrics;
-        m.observe_stage(Stage::Queue, timing.queue / 1e3);
-        m.observe_stage(Stage::Preprocess, timing.preprocess / 1e3);
-        m.observe_stage(Stage::Inference, timing.inference / 1e3);
-        m.observe_stage(Stage::Postprocess, timing.postprocess / 1e3);
-        m.observe_stage(Stage::Publish, secs(postprocessed, done));
-        m.observe_detection(secs(captured.captured, done));
+        for (slot, (captured, camera, transform, preprocess)) in slots.iter().enumerate() {
+            let started = Instant::now();
+            let detections = match session.postprocess_slot(slot, transform) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.failed(&captured.camera, &e);
+                    continue;
+                }
+            };
+            let postprocessed = Instant::now();
+            let detector = session.detector();
+            let cam = cameras.entry(captured.camera.clone()).or_insert_with(|| {
+                let tracker = tracker_config(config, camera, detector);
+                let tracked = tracked_classes(camera, detector);
+                CameraPublisher::new(
+                    &captured.camera,
+                    tracker,
+                    tracked,
+                    taken,
+                    fastrand::Rng::new(),
+                )
+            });
+            // Each frame carries its own preprocessing and decoding, and
+            // the run it shared with the batch.
+            let timing = mqtt::FrameTiming {
+                queue: secs(captured.captured, taken) * 1e3,
+                preprocess: preprocess * 1e3,
+                inference: secs(preprocessed, inferred) * 1e3,
+                postprocess: secs(started, postprocessed) * 1e3,
+            };
+            let seen = Seen {
+                detections: &detections,
+                size: captured.image.size(),
+                taken,
+                ready: postprocessed,
+                wall_time: captured.wall_time,
+                timing,
+            };
+            let room = self.snapshots.room(&config.snapshots);
+            let actions = cam.frame(seen, &settings(config, detector, room));
+            self.carry_out(actions, Some((captured, config)));
+            let done = Instant::now();
+            let m = &self.metrics;
+            m.observe_stage(Stage::Queue, timing.queue / 1e3);
+            m.observe_stage(Stage::Preprocess, timing.preprocess / 1e3);
+            m.observe_stage(Stage::Inference, timing.inference / 1e3);
+            m.observe_stage(Stage::Postprocess, timing.postprocess / 1e3);
+            m.observe_stage(Stage::Publish, secs(postprocessed, done));
+            m.observe_detection(secs(captured.captured, done));
+        }
+    }
+
+    /// A frame the model could not run on: counted and logged.
+    fn failed(&self, camera: &str, error: &crate::detector::DetectorError) {
+        self.metrics.count_failure(camera);
+        log::error!(
+            "camera {camera}: detection failed: {}",
+            crate::errors::one_line(error)
+        );
     }
 
     /// With no frames coming, a camera's objects still have to end once

@@ -188,12 +188,24 @@ pub struct StatsSnapshot {
     /// the previous stats message ([`Reporter::latency_window`]); filled
     /// for the stats topic only.
     pub latency_ms: BTreeMap<&'static str, Percentiles>,
+    /// Runs of the model over the same window, and their mean size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batches: Option<BatchStats>,
     snapshots: SnapshotCounts,
     mqtt: MqttStats,
     /// Filled for the stats topic only: mallinfo walks malloc's free
     /// lists, too much for the once-a-second STATUS= line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::allocator::MemoryUse>,
+}
+
+/// Runs of the model and their mean size, over a stats window.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BatchStats {
+    /// Runs.
+    pub runs: u64,
+    /// Frames per run, on average.
+    pub mean_size: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -253,6 +265,18 @@ impl Reporter {
         window
     }
 
+    /// The model's runs since the previous call, as
+    /// [`latency_window`](Self::latency_window) counts them.
+    pub fn batch_window(&mut self, g: &Gathered) -> Option<BatchStats> {
+        let now = g.histogram(names::BATCH_SIZE, &[])?;
+        let window = now.since(self.reported.get("batch"));
+        self.reported.insert("batch", now);
+        (window.count > 0).then(|| BatchStats {
+            runs: window.count,
+            mean_size: window.sum / window.count as f64,
+        })
+    }
+
     /// The stats as of `g`, one gather of the registry.
     pub fn snapshot(
         &mut self,
@@ -303,6 +327,7 @@ impl Reporter {
             engine_notes: model.engine_notes,
             cameras: per_camera,
             latency_ms: BTreeMap::new(),
+            batches: None,
             snapshots: SnapshotCounts {
                 queued: g.count(names::SNAPSHOT_QUEUE, &[]) as usize,
                 written: snapshot("written"),

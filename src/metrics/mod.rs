@@ -76,6 +76,12 @@ pub const LATENCY_BUCKETS: [f64; 52] = [
     10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 300.0,
 ];
 
+/// Batch-size buckets: every power of two to 128, and the sizes between
+/// the small ones.
+pub const BATCH_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0,
+];
+
 fn latency_buckets() -> Vec<f64> {
     LATENCY_BUCKETS.to_vec()
 }
@@ -125,6 +131,7 @@ pub struct Metrics {
     stages: [Histogram; 5],
     detection_latency: Histogram,
     event_latency: Histogram,
+    batch_sizes: Histogram,
     objects: IntGaugeVec,
     events: IntCounterVec,
     failures: IntCounterVec,
@@ -158,6 +165,8 @@ pub mod names {
     pub const DETECTION_LATENCY: &str = "nanodetd_detection_latency_seconds";
     /// Capture to the broker's acknowledgement of an event.
     pub const EVENT_LATENCY: &str = "nanodetd_event_latency_seconds";
+    /// Frames per run of the model.
+    pub const BATCH_SIZE: &str = "nanodetd_batch_size";
     /// Objects tracked now.
     pub const OBJECTS: &str = "nanodetd_objects";
     /// Tracker events.
@@ -295,6 +304,18 @@ impl Metrics {
                 EVENT_LATENCY,
                 "From capture to the broker's acknowledgement of the event message (written, for QoS 0).",
             ),
+            batch_sizes: {
+                let family = Histogram::with_opts(
+                    HistogramOpts::new(
+                        BATCH_SIZE,
+                        "Frames in each run of the model: batching.max_batch at most.",
+                    )
+                    .buckets(BATCH_BUCKETS.to_vec()),
+                )
+                .expect("valid metric name");
+                register(&r, Box::new(family.clone()));
+                family
+            },
             objects: gauge_vec(
                 &r,
                 OBJECTS,
@@ -402,6 +423,11 @@ impl Metrics {
     /// One frame's time from capture to its messages queued.
     pub fn observe_detection(&self, seconds: f64) {
         self.detection_latency.observe(seconds);
+    }
+
+    /// One run of the model over `frames` frames.
+    pub fn observe_batch(&self, frames: usize) {
+        self.batch_sizes.observe(frames as f64);
     }
 
     /// The histogram of capture to acknowledgement, which the outbox

@@ -2900,3 +2900,93 @@ fn a_synthetic_camera_streams_its_photo_as_raw_frames_at_its_rate_issue_21() {
     let x2 = person["after"]["box"][2].as_f64().unwrap();
     assert!(x2 <= 640.0, "{person}");
 }
+
+/// Issue 21: `[batching]` runs frames of several cameras at once (here
+/// on tract, which runs a batch image by image, so the scheduling is what
+/// is checked): batches form under load, every camera keeps its share,
+/// events come, and reloads changing `max_batch` lose nothing and never
+/// stall the detector.
+#[test]
+fn batches_of_several_cameras_keep_every_camera_served_through_reloads_issue_21() {
+    let Some((_serial, assets)) = setup("batching", true) else {
+        return;
+    };
+    let broker = Broker::start();
+    let sub = Subscriber::new(broker.port, "nd/#", false);
+    let photo = support::sample(&assets, "hpc203_person.jpg");
+    let cameras: String = (0..6)
+        .map(|i| {
+            format!(
+                "[[camera]]\nname = \"cam{i}\"\nsource = {{ synthetic = \"{}\" }}\nsize = [640, 480]\nfps = 8\n",
+                photo.display()
+            )
+        })
+        .collect();
+    let with_batch = |max: usize| {
+        format!(
+            "{}[batching]\nmax_batch = {max}\nwait = 0.01\n",
+            config(&assets, broker.port, "nd", &cameras)
+        )
+    };
+    let daemon = Daemon::start(&with_batch(4), &[]);
+    let batched = |m: &Received| {
+        m.topic == "nd/stats"
+            && m.json()["batches"]["mean_size"]
+                .as_f64()
+                .is_some_and(|s| s > 1.5)
+    };
+    sub.wait_for(
+        "batches of more than one frame",
+        Duration::from_secs(60),
+        |m| m.iter().any(batched),
+    );
+    for i in 0..6 {
+        sub.wait_for("every camera's person", Duration::from_secs(30), |m| {
+            labels_of(&events(m, &format!("nd/cam{i}/events")), "new")
+                .contains(&"person".to_owned())
+        });
+    }
+    // Reloads: batches off, then on again; the frames keep coming.
+    for max in [1, 6] {
+        daemon.edit(&with_batch(max));
+        let seen = sub.all().len();
+        sub.wait_for("stats after the reload", Duration::from_secs(10), |m| {
+            m[seen..].iter().filter(|m| m.topic == "nd/stats").count() >= 3
+        });
+        let stats: Vec<Value> = sub.all()[seen..]
+            .iter()
+            .filter(|m| m.topic == "nd/stats")
+            .map(Received::json)
+            .collect();
+        let last = stats.last().unwrap();
+        let mean = last["batches"]["mean_size"].as_f64().unwrap_or(0.0);
+        if max == 1 {
+            assert_eq!(mean, 1.0, "{last}");
+        }
+        let fps: f64 = (0..6)
+            .map(|i| last["cameras"][format!("cam{i}")]["fps"].as_f64().unwrap())
+            .sum();
+        assert!(fps > 5.0, "stalled after max_batch = {max}: {last}");
+    }
+    let (status, _, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    // Every camera got its share: processed frames within 10% of each
+    // other over the run.
+    let last = sub
+        .all()
+        .iter()
+        .rev()
+        .find(|m| m.topic == "nd/stats")
+        .map(Received::json)
+        .unwrap();
+    let processed: Vec<f64> = (0..6)
+        .map(|i| {
+            let c = &last["cameras"][format!("cam{i}")];
+            c["frames"].as_f64().unwrap() - c["dropped"].as_f64().unwrap()
+        })
+        .collect();
+    let (lo, hi) = processed
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    assert!(hi - lo <= 0.1 * hi, "processed per camera: {processed:?}");
+}
