@@ -345,6 +345,36 @@ mod tests {
         Some(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
+    /// One gather serves every `/metrics` request for [`PAGE_FOR`]: a
+    /// client asking in a loop cannot make the async thread gather more.
+    #[test]
+    fn the_page_is_gathered_at_most_once_per_page_for() {
+        let endpoint = Endpoint {
+            metrics: Arc::new(Metrics::new()),
+            heartbeats: Heartbeats::default(),
+            model: Arc::new(OnceLock::new()),
+            link: Arc::new(LinkStatus::default()),
+            stopping: Arc::default(),
+            page: std::sync::Mutex::new(None),
+        };
+        let camera = endpoint.metrics.camera("front");
+        let first = endpoint.page().unwrap();
+        camera.frames.inc();
+        let again = endpoint.page().unwrap();
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "gathered again within PAGE_FOR"
+        );
+        std::thread::sleep(PAGE_FOR);
+        let later = endpoint.page().unwrap();
+        let text = String::from_utf8_lossy(&later);
+        assert!(
+            text.contains("nanodetd_camera_frames_total{camera=\"front\"} 1"),
+            "{text}"
+        );
+    }
+
     /// A fake clock: binds what the config names, rebinds on a change,
     /// retries a failed address after [`RETRY`] only, and closes when
     /// turned off.
