@@ -197,9 +197,15 @@ impl Source {
         }
     }
 
+    /// True for replays of image files, which show each image `repeat`
+    /// times and may wait for the detector.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Source::Folder(_))
+    }
+
     /// True for sources paced by the clock rather than a driver: replays
     /// and synthetic cameras.
-    pub fn is_replay(&self) -> bool {
+    pub fn paced_by_clock(&self) -> bool {
         matches!(self, Source::Folder(_) | Source::Synthetic(_))
     }
 

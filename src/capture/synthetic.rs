@@ -13,9 +13,13 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use super::{BufferLayout, BufferLease, CameraFormat, CaptureBuffer, Captured, encode, to_frame};
 use crate::frame::{Frame, FrameError, PixelFormat};
 
-/// Buffers in the ring: one being filled by nobody (the picture never
-/// changes), one waiting on the board, one with the detector, one spare.
+/// Leases in the ring: one waiting on the board, one with the detector,
+/// two spare. All of one buffer: the picture never changes.
 const RING: usize = 4;
+
+/// A photo to be scaled may have this many pixels whatever the camera's
+/// budget: a folder camera's default (8 Mi, a 4K frame).
+const PHOTO_PIXELS: u64 = 8 << 20;
 
 /// Why a synthetic camera cannot open.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +76,15 @@ impl SyntheticSource {
         if format == CameraFormat::Mjpeg {
             return Err(SyntheticError::NotRaw { format });
         }
-        let photo = Frame::from_file_within(path, max_pixels).map_err(SyntheticError::Picture)?;
+        // The photo is decoded once and scaled: it may be larger than the
+        // camera's frames, up to a folder camera's budget.
+        let decode_budget = if size.is_some() {
+            max_pixels.max(PHOTO_PIXELS)
+        } else {
+            max_pixels
+        };
+        let photo =
+            Frame::from_file_within(path, decode_budget).map_err(SyntheticError::Picture)?;
         let frame = match size {
             Some(size) if size != (photo.width(), photo.height()) => {
                 let pixels = (size.0 as u64).saturating_mul(size.1 as u64);
@@ -90,16 +102,18 @@ impl SyntheticSource {
             _ => photo,
         };
         let (layout, bytes) = encode(&frame, format, 0).map_err(SyntheticError::Picture)?;
+        // One buffer, lent under RING indices: the picture never changes,
+        // so the ring costs one copy, and a GPU pins it once.
+        let mut buffer =
+            CaptureBuffer::new(bytes.len()).map_err(|source| SyntheticError::Buffer {
+                len: bytes.len(),
+                source,
+            })?;
+        buffer.as_mut_slice().copy_from_slice(&bytes);
+        let buffer = Arc::new(buffer);
+        let ring = vec![buffer; RING];
         let (give_back, free) = channel();
-        let mut ring = Vec::with_capacity(RING);
         for index in 0..RING {
-            let mut buffer =
-                CaptureBuffer::new(bytes.len()).map_err(|source| SyntheticError::Buffer {
-                    len: bytes.len(),
-                    source,
-                })?;
-            buffer.as_mut_slice().copy_from_slice(&bytes);
-            ring.push(Arc::new(buffer));
             // The receiver is alive: it is in `free`, below.
             let _ = give_back.send(index);
         }
@@ -215,6 +229,10 @@ mod tests {
         );
         let converted = source.next_capture(false).unwrap().into_frame().unwrap();
         assert_eq!(converted.data(), frame.data());
+        // A photo larger than the frames, scaled down within their budget.
+        let down =
+            SyntheticSource::open(&path, CameraFormat::Grey, Some((32, 24)), 32 * 24).unwrap();
+        assert_eq!((down.layout().width, down.layout().height), (32, 24));
         // Unscaled: the photo's own size.
         let same = SyntheticSource::open(&path, CameraFormat::Nv12, None, 1 << 20).unwrap();
         assert_eq!((same.layout().width, same.layout().height), (64, 48));

@@ -45,6 +45,37 @@ pub struct CapturedFrame {
     pub wall_time: f64,
 }
 
+/// Whether to take a batch: `ready` frames waiting, the oldest since
+/// `oldest`, for a batch of `target` at most, waiting up to `wait` for a
+/// fuller one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchDue {
+    /// No frame waits.
+    Nothing,
+    /// Take what is there.
+    Now,
+    /// Wait for more until then.
+    At(Instant),
+}
+
+/// When the batch is due: at once when full, when `wait` is 0, or when
+/// the oldest frame has waited `wait`; otherwise at that moment.
+pub fn batch_due(
+    ready: usize,
+    target: usize,
+    oldest: Option<Instant>,
+    wait: Duration,
+    now: Instant,
+) -> BatchDue {
+    if ready == 0 {
+        return BatchDue::Nothing;
+    }
+    match oldest.map(|o| o + wait) {
+        Some(at) if ready < target && !wait.is_zero() && now < at => BatchDue::At(at),
+        _ => BatchDue::Now,
+    }
+}
+
 /// What the rest of the daemon tells the detector thread.
 pub enum Control {
     /// New settings: the hot ones apply from the next frame.
@@ -232,29 +263,42 @@ impl FrameBoard {
             if let Some(control) = inbox.control.pop_front() {
                 return Some(Work::Control(control));
             }
+            // An end whose camera has no frame waiting: its last frame was
+            // served already (one detector), so the end goes now rather
+            // than after every other camera's frames, which under load
+            // never run out.
+            let slots = &mut inbox.slots;
+            if let Some(name) = slots
+                .iter()
+                .find(|(_, s)| s.ended && s.frame.is_none())
+                .map(|(n, _)| n.clone())
+            {
+                slots.remove(&name);
+                return Some(Work::Ended(name));
+            }
             let waiting = || inbox.slots.values().filter(|s| s.frame.is_some());
             let ready = waiting().count();
             let oldest = waiting().filter_map(|s| s.waiting_since).min();
-            if ready > 0 {
-                let full_at = oldest.map_or_else(Instant::now, |o| o + wait);
-                let now = Instant::now();
-                if ready < max && now < full_at {
+            // One frame per camera: a batch never holds more than the
+            // cameras still running.
+            let running = inbox.slots.values().filter(|s| !s.ended).count();
+            let now = Instant::now();
+            match batch_due(ready, max.min(running.max(1)), oldest, wait, now) {
+                BatchDue::Nothing => {}
+                BatchDue::Now => {
+                    let frames = self.take_turns(&mut inbox, max);
+                    drop(inbox);
+                    self.changed.notify_all();
+                    return Some(Work::Frames(frames));
+                }
+                BatchDue::At(at) => {
                     inbox = self
                         .changed
-                        .wait_timeout(inbox, full_at - now)
+                        .wait_timeout(inbox, at.saturating_duration_since(now))
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                     continue;
                 }
-                let frames = self.take_turns(&mut inbox, max);
-                drop(inbox);
-                self.changed.notify_all();
-                return Some(Work::Frames(frames));
-            }
-            let slots = &mut inbox.slots;
-            if let Some(name) = slots.iter().find(|(_, s)| s.ended).map(|(n, _)| n.clone()) {
-                slots.remove(&name);
-                return Some(Work::Ended(name));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -447,6 +491,14 @@ mod tests {
     #[test]
     fn a_batch_waits_for_more_frames_until_full_or_told_issue_21() {
         let board = Arc::new(FrameBoard::default());
+        // Four cameras known to the board, then one frame.
+        for c in ["a", "b", "c", "d"] {
+            board.put(captured(c, 0));
+        }
+        assert_eq!(
+            tag(board.next_batch(4, Duration::ZERO, Duration::ZERO)),
+            "4 frames"
+        );
         board.put(captured("a", 1));
         let t = Instant::now();
         let Some(Work::Frames(alone)) =
@@ -517,6 +569,67 @@ mod tests {
         assert_eq!(
             tag(board.next_batch(8, Duration::ZERO, Duration::ZERO)),
             "none"
+        );
+    }
+
+    /// Issue 21, on a fake clock: a batch is due at once when full, when
+    /// the wait is 0, or once the oldest frame has waited; else at that
+    /// moment.
+    #[test]
+    fn a_batch_is_due_when_full_or_when_its_oldest_frame_has_waited_issue_21() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let oldest = Some(t0);
+        assert_eq!(batch_due(0, 4, None, ms(2), t0), BatchDue::Nothing);
+        assert_eq!(batch_due(4, 4, oldest, ms(2), t0), BatchDue::Now);
+        assert_eq!(batch_due(1, 4, oldest, ms(2), t0), BatchDue::At(t0 + ms(2)));
+        assert_eq!(
+            batch_due(1, 4, oldest, ms(2), t0 + ms(1)),
+            BatchDue::At(t0 + ms(2))
+        );
+        assert_eq!(batch_due(1, 4, oldest, ms(2), t0 + ms(2)), BatchDue::Now);
+        // A frame stamped after now (a fake clock's) with no wait: now.
+        assert_eq!(
+            batch_due(1, 4, Some(t0 + ms(9)), Duration::ZERO, t0),
+            BatchDue::Now
+        );
+    }
+
+    /// Issue 21: three cameras and batches of 8: the batch cannot fill,
+    /// so it goes without waiting out the 10 s.
+    #[test]
+    fn a_batch_larger_than_the_cameras_does_not_wait_issue_21() {
+        let board = FrameBoard::default();
+        for c in ["a", "b", "c"] {
+            board.put(captured(c, 1));
+        }
+        let t = Instant::now();
+        let Some(Work::Frames(frames)) =
+            board.next_batch(8, Duration::from_secs(10), Duration::from_secs(10))
+        else {
+            panic!("no batch");
+        };
+        assert_eq!(frames.len(), 3);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+
+    /// Issue 21: under load other cameras' frames never run out; a camera
+    /// that ended with no frame waiting gets its end at once, and a
+    /// restart of the same name cannot swallow it.
+    #[test]
+    fn an_end_is_not_held_behind_other_cameras_frames_issue_21() {
+        let board = FrameBoard::default();
+        board.put(captured("a", 1));
+        board.put(captured("b", 1));
+        assert_eq!(
+            tag(board.next_batch(1, Duration::ZERO, Duration::ZERO)),
+            "1 frames"
+        );
+        board.end("a");
+        board.put(captured("b", 2));
+        assert_eq!(
+            tag(board.next_batch(1, Duration::ZERO, Duration::ZERO)),
+            "a ended"
         );
     }
 

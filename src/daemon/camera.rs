@@ -236,6 +236,7 @@ impl CameraRunner {
     /// or a stop (None).
     fn stream(&self, mut source: Source, backoff: &mut Duration) -> Option<Miss> {
         let replay = source.is_replay();
+        let paced = source.paced_by_clock();
         // The config keeps fps within [0.001, 1000], so this is finite.
         let interval = self
             .config
@@ -272,9 +273,9 @@ impl CameraRunner {
             let mut frame = Some(frame);
             for shown in 0..repeat {
                 if let Some(interval) = interval {
-                    // Replays are paced by the clock; a live camera by its
-                    // driver, so only replays sleep.
-                    if replay && !self.sleep_until(due) {
+                    // Replays and synthetic cameras are paced by the clock;
+                    // a live camera by its driver, so only they sleep.
+                    if paced && !self.sleep_until(due) {
                         return None;
                     }
                     // After a stall, pace from now rather than racing to

@@ -259,12 +259,25 @@ impl DetectorTask {
         // skip their own conversion.
         self.board.set_raw_wanted(session.on_gpu());
         let mut stopping = false;
+        let mut said_batch: (usize, Option<String>) = (1, None);
         loop {
             self.heartbeat.touch();
             if stopping && !self.board.has_work() {
                 break;
             }
-            let batch = config.batching.max_batch.get().min(session.max_batch());
+            let (batch, why) = batch_size(
+                config.batching.max_batch.get(),
+                session.on_gpu(),
+                session.max_batch(),
+            );
+            if (batch, &why) != (said_batch.0, &said_batch.1) {
+                if let Some(why) = &why {
+                    log::info!("batching: {batch} frame(s) a run: {why}");
+                } else if batch > 1 {
+                    log::info!("batching: up to {batch} frames a run");
+                }
+                said_batch = (batch, why);
+            }
             let wait = Duration::from_secs_f64(config.batching.wait.get());
             match self.board.next_batch(
                 batch,
@@ -364,6 +377,9 @@ impl DetectorTask {
         let taken = Instant::now();
         // (frame, its camera's config, the way back, preprocess seconds)
         let mut slots = Vec::with_capacity(frames.len());
+        // Frames that failed to preprocess are kept to the end too: an
+        // upload of a lent buffer may have been queued before the failure.
+        let mut failed = Vec::new();
         for captured in frames {
             let Some(camera) = config
                 .cameras
@@ -387,7 +403,10 @@ impl DetectorTask {
                     let seconds = started.elapsed().as_secs_f64();
                     slots.push((captured, camera, transform, seconds));
                 }
-                Err(e) => self.failed(&captured.camera, &e),
+                Err(e) => {
+                    self.failed(&captured.camera, &e);
+                    failed.push(captured);
+                }
             }
         }
         if slots.is_empty() {
@@ -453,6 +472,7 @@ impl DetectorTask {
             m.observe_stage(Stage::Publish, secs(postprocessed, done));
             m.observe_detection(secs(captured.captured, done));
         }
+        drop(failed);
     }
 
     /// A frame the model could not run on: counted and logged.
@@ -511,6 +531,32 @@ impl DetectorTask {
     }
 }
 
+/// How many frames the detector takes a run for `wanted`
+/// (`batching.max_batch`), and why fewer, if fewer. Only a GPU session
+/// batches: a host backend runs a batch image by image, so a batch there
+/// would only add the wait. A GPU session takes what it was built for.
+pub fn batch_size(wanted: usize, on_gpu: bool, session_max: usize) -> (usize, Option<String>) {
+    if wanted <= 1 {
+        return (1, None);
+    }
+    if !on_gpu {
+        return (
+            1,
+            Some("the model runs on the CPU, where a batch would run image by image".into()),
+        );
+    }
+    if session_max < wanted {
+        let max = session_max.max(1);
+        return (
+            max,
+            Some(format!(
+                "the GPU session takes {max} (TensorRT: model.tensorrt.max_batch; ONNX Runtime and exports that cannot batch: 1)"
+            )),
+        );
+    }
+    (wanted, None)
+}
+
 /// `nanodetd_events_total`'s `type`, as events name it.
 fn kind_name(kind: crate::track::EventKind) -> &'static str {
     match kind {
@@ -531,5 +577,25 @@ fn settings<'a>(config: &'a Config, detector: &'a Detector, snapshot_room: usize
         events: config.mqtt.events,
         snapshot_dir: snapshots.enabled.then_some(snapshots.dir.as_path()),
         snapshot_room,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21: only a GPU session batches, at most what it takes; each
+    /// shortfall says why.
+    #[test]
+    fn batches_run_on_a_gpu_session_up_to_what_it_takes_issue_21() {
+        assert_eq!(batch_size(1, true, 64), (1, None));
+        assert_eq!(batch_size(32, true, 64), (32, None));
+        let (n, why) = batch_size(32, false, 128);
+        assert_eq!(n, 1);
+        assert!(why.unwrap().contains("CPU"));
+        let (n, why) = batch_size(32, true, 8);
+        assert_eq!(n, 8);
+        assert!(why.unwrap().contains("takes 8"));
+        assert_eq!(batch_size(32, true, 0).0, 1);
     }
 }

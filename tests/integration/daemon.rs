@@ -2901,13 +2901,13 @@ fn a_synthetic_camera_streams_its_photo_as_raw_frames_at_its_rate_issue_21() {
     assert!(x2 <= 640.0, "{person}");
 }
 
-/// Issue 21: `[batching]` runs frames of several cameras at once (here
-/// on tract, which runs a batch image by image, so the scheduling is what
-/// is checked): batches form under load, every camera keeps its share,
-/// events come, and reloads changing `max_batch` lose nothing and never
-/// stall the detector.
+/// Issue 21: `[batching]` asks for frames of several cameras in one run;
+/// only a GPU session batches, so on tract the daemon says why it runs one
+/// frame a run, and every camera keeps its share through reloads of
+/// `max_batch`, without a stall. (The batch scheduling itself is
+/// `daemon::board::tests`; batched runs, `batch::a_batch_of_slots_…`.)
 #[test]
-fn batches_of_several_cameras_keep_every_camera_served_through_reloads_issue_21() {
+fn batching_on_the_cpu_runs_one_frame_a_run_says_why_and_keeps_every_camera_served_issue_21() {
     let Some((_serial, assets)) = setup("batching", true) else {
         return;
     };
@@ -2929,40 +2929,33 @@ fn batches_of_several_cameras_keep_every_camera_served_through_reloads_issue_21(
         )
     };
     let daemon = Daemon::start(&with_batch(4), &[]);
-    let batched = |m: &Received| {
-        m.topic == "nd/stats"
-            && m.json()["batches"]["mean_size"]
-                .as_f64()
-                .is_some_and(|s| s > 1.5)
-    };
-    sub.wait_for(
-        "batches of more than one frame",
-        Duration::from_secs(60),
-        |m| m.iter().any(batched),
-    );
     for i in 0..6 {
-        sub.wait_for("every camera's person", Duration::from_secs(30), |m| {
+        sub.wait_for("every camera's person", Duration::from_secs(60), |m| {
             labels_of(&events(m, &format!("nd/cam{i}/events")), "new")
                 .contains(&"person".to_owned())
         });
     }
-    // Reloads: batches off, then on again; the frames keep coming.
+    assert!(
+        daemon
+            .log()
+            .contains("batching: 1 frame(s) a run: the model runs on the CPU"),
+        "{}",
+        daemon.log()
+    );
+    // Reloads of max_batch: the frames keep coming, one a run.
     for max in [1, 6] {
         daemon.edit(&with_batch(max));
         let seen = sub.all().len();
         sub.wait_for("stats after the reload", Duration::from_secs(10), |m| {
             m[seen..].iter().filter(|m| m.topic == "nd/stats").count() >= 3
         });
-        let stats: Vec<Value> = sub.all()[seen..]
+        let last = sub.all()[seen..]
             .iter()
-            .filter(|m| m.topic == "nd/stats")
+            .rev()
+            .find(|m| m.topic == "nd/stats")
             .map(Received::json)
-            .collect();
-        let last = stats.last().unwrap();
-        let mean = last["batches"]["mean_size"].as_f64().unwrap_or(0.0);
-        if max == 1 {
-            assert_eq!(mean, 1.0, "{last}");
-        }
+            .unwrap();
+        assert_eq!(last["batches"]["mean_size"], 1.0, "{last}");
         let fps: f64 = (0..6)
             .map(|i| last["cameras"][format!("cam{i}")]["fps"].as_f64().unwrap())
             .sum();
