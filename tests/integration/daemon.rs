@@ -1488,10 +1488,16 @@ fn hangup(daemon: &Daemon) {
 
 /// The model the stats say is in service.
 fn model_in_service(m: &[Received], prefix: &str) -> Option<String> {
-    m.iter()
+    last_json(m, &format!("{prefix}/stats")).and_then(|v| v["model"].as_str().map(str::to_owned))
+}
+
+/// The JSON of the last message on `topic`.
+pub(crate) fn last_json(messages: &[Received], topic: &str) -> Option<Value> {
+    messages
+        .iter()
         .rev()
-        .find(|m| m.topic == format!("{prefix}/stats"))
-        .and_then(|m| m.json()["model"].as_str().map(str::to_owned))
+        .find(|m| m.topic == topic)
+        .map(Received::json)
 }
 
 /// Issue 17: a slow INT8 build, then 2 s later an FP32 edit. The FP32 model
@@ -2877,13 +2883,7 @@ fn a_synthetic_camera_streams_its_photo_as_raw_frames_at_its_rate_issue_21() {
     std::thread::sleep(Duration::from_secs(3));
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
-    let stats = sub
-        .all()
-        .iter()
-        .rev()
-        .find(|m| m.topic == "nd/stats")
-        .map(Received::json)
-        .unwrap();
+    let stats = last_json(&sub.all(), "nd/stats").unwrap();
     let camera = &stats["cameras"]["bench"];
     let (frames, uptime) = (
         camera["frames"].as_f64().unwrap(),
@@ -2949,12 +2949,7 @@ fn batching_on_the_cpu_runs_one_frame_a_run_says_why_and_keeps_every_camera_serv
         sub.wait_for("stats after the reload", Duration::from_secs(10), |m| {
             m[seen..].iter().filter(|m| m.topic == "nd/stats").count() >= 3
         });
-        let last = sub.all()[seen..]
-            .iter()
-            .rev()
-            .find(|m| m.topic == "nd/stats")
-            .map(Received::json)
-            .unwrap();
+        let last = last_json(&sub.all()[seen..], "nd/stats").unwrap();
         assert_eq!(last["batches"]["mean_size"], 1.0, "{last}");
         let fps: f64 = (0..6)
             .map(|i| last["cameras"][format!("cam{i}")]["fps"].as_f64().unwrap())
@@ -2965,13 +2960,7 @@ fn batching_on_the_cpu_runs_one_frame_a_run_says_why_and_keeps_every_camera_serv
     assert!(status.success(), "{log}");
     // Every camera got its share: processed frames within 10% of each
     // other over the run.
-    let last = sub
-        .all()
-        .iter()
-        .rev()
-        .find(|m| m.topic == "nd/stats")
-        .map(Received::json)
-        .unwrap();
+    let last = last_json(&sub.all(), "nd/stats").unwrap();
     let processed: Vec<f64> = (0..6)
         .map(|i| {
             let c = &last["cameras"][format!("cam{i}")];
