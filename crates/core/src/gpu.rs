@@ -222,17 +222,19 @@ impl Drop for HostRegistration {
 ///
 /// The first run of a shape runs plainly, so the work can finish any
 /// lazy setup (TensorRT allocates on its first enqueue); the second is
-/// captured into a graph and launched; later runs only launch it. A new
-/// shape drops the graph and starts over. Work that cannot be captured
-/// (it syncs, or allocates, inside) runs plainly from then on, and
+/// captured into a graph and launched; later runs only launch it. Each
+/// shape keeps its own graph, so batches of changing sizes replay without
+/// capturing again. Work that cannot be captured (it syncs, or allocates,
+/// inside) runs plainly for that shape from then on, and
 /// [`Self::not_replaying`] says why.
 ///
 /// The work must do the same thing on every run of a shape, with the
 /// same buffers: a graph replays the addresses it captured.
 pub struct GraphReplay {
     stream: Arc<CudaStream>,
-    shape: Option<usize>,
-    state: ReplayState,
+    /// Why nothing is captured, when capture is turned off.
+    off: Option<String>,
+    shapes: std::collections::BTreeMap<usize, ReplayState>,
 }
 
 // SAFETY: cudarc leaves `CudaGraph` !Send because it holds raw handles.
@@ -259,12 +261,8 @@ impl GraphReplay {
     pub fn new(stream: Arc<CudaStream>, enabled: bool) -> GraphReplay {
         GraphReplay {
             stream,
-            shape: None,
-            state: if enabled {
-                ReplayState::Cold
-            } else {
-                ReplayState::Off("turned off in the configuration".into())
-            },
+            off: (!enabled).then(|| "turned off in the configuration".into()),
+            shapes: std::collections::BTreeMap::new(),
         }
     }
 
@@ -275,34 +273,33 @@ impl GraphReplay {
         shape: usize,
         work: &mut dyn FnMut() -> Result<(), E>,
     ) -> Result<(), E> {
-        if matches!(self.state, ReplayState::Off(_)) {
+        if self.off.is_some() {
             return work();
         }
-        if self.shape != Some(shape) {
-            self.shape = Some(shape);
-            self.state = ReplayState::Cold;
-        }
-        match &self.state {
+        let state = self.shapes.entry(shape).or_insert(ReplayState::Cold);
+        match state {
             ReplayState::Off(_) => work(),
             ReplayState::Cold => {
                 work()?;
-                self.state = ReplayState::Warm;
+                *state = ReplayState::Warm;
                 Ok(())
             }
             ReplayState::Captured(graph) => Ok(graph
                 .launch()
                 .map_err(GpuError::driver("launching the CUDA graph"))?),
-            ReplayState::Warm => match self.capture(work) {
+            ReplayState::Warm => match capture(&self.stream, work) {
                 Ok(graph) => {
                     graph
                         .launch()
                         .map_err(GpuError::driver("launching the CUDA graph"))?;
-                    self.state = ReplayState::Captured(graph);
+                    *state = ReplayState::Captured(graph);
                     Ok(())
                 }
                 Err(why) => {
-                    log::warn!("CUDA graph capture failed, running without: {why}");
-                    self.state = ReplayState::Off(why);
+                    log::warn!(
+                        "CUDA graph capture failed for shape {shape}, running it without: {why}"
+                    );
+                    *state = ReplayState::Off(why);
                     // What was captured did not run.
                     work()
                 }
@@ -310,39 +307,40 @@ impl GraphReplay {
         }
     }
 
-    /// The graph of `work`, or why it could not be captured (kept as the
-    /// reason replay is off).
-    fn capture<E: std::fmt::Display>(
-        &self,
-        work: &mut dyn FnMut() -> Result<(), E>,
-    ) -> Result<cudarc::driver::CudaGraph, String> {
-        use cudarc::driver::sys::CUstreamCaptureMode;
-        // Thread-local: another thread's allocation (a camera's pinned
-        // buffer) does not break this capture.
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| format!("beginning the capture: {e}"))?;
-        let captured = work();
-        // Ended whatever happened, so the stream leaves capture mode.
-        let graph = self
-            .stream
-            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        captured.map_err(|e| format!("the work failed while captured: {e}"))?;
-        graph
-            .map_err(|e| format!("ending the capture: {e}"))?
-            .ok_or_else(|| "the capture was empty".to_owned())
-    }
-
-    /// Why runs are not replayed from a graph, when they are not.
+    /// Why some runs are not replayed from a graph, when they are not:
+    /// capture turned off, or the first shape that could not be captured.
     pub fn not_replaying(&self) -> Option<&str> {
-        match &self.state {
-            ReplayState::Off(why) => Some(why),
-            _ => None,
-        }
+        self.off.as_deref().or_else(|| {
+            self.shapes.values().find_map(|state| match state {
+                ReplayState::Off(why) => Some(why.as_str()),
+                _ => None,
+            })
+        })
     }
 
     /// Whether the next run of `shape` launches a captured graph.
     pub fn replays(&self, shape: usize) -> bool {
-        self.shape == Some(shape) && matches!(self.state, ReplayState::Captured(_))
+        matches!(self.shapes.get(&shape), Some(ReplayState::Captured(_)))
     }
+}
+
+/// The graph of `work` on `stream`, or why it could not be captured
+/// (kept as the reason that shape is not replayed).
+fn capture<E: std::fmt::Display>(
+    stream: &Arc<CudaStream>,
+    work: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<cudarc::driver::CudaGraph, String> {
+    use cudarc::driver::sys::CUstreamCaptureMode;
+    // Thread-local: another thread's allocation (a camera's pinned buffer)
+    // does not break this capture.
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| format!("beginning the capture: {e}"))?;
+    let captured = work();
+    // Ended whatever happened, so the stream leaves capture mode.
+    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+    captured.map_err(|e| format!("the work failed while captured: {e}"))?;
+    graph
+        .map_err(|e| format!("ending the capture: {e}"))?
+        .ok_or_else(|| "the capture was empty".to_owned())
 }
