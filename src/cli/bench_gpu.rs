@@ -9,7 +9,7 @@ use anyhow::anyhow;
 use clap::Args;
 use cudarc::driver::sys::CUevent_flags;
 
-use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
+use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider, cuda_model};
 use nanodetd::backend::{self, BackendChoice, EngineOptions, InputBatch};
 use nanodetd::capture::{BufferLayout, CameraFormat, encode, to_frame};
 use nanodetd::detector::{DetectionParams, Detector};
@@ -61,6 +61,18 @@ pub struct BenchGpuArgs {
     /// Run ONNX Runtime's provider without a CUDA graph.
     #[arg(long)]
     no_cuda_graph: bool,
+    /// Frames per run of the detector (ONNX Runtime's CUDA provider: the
+    /// model made batchable, as `[model.onnxruntime] max_batch` does).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=nanodetd::detector::MAX_BATCH as i64))]
+    batch: u32,
+    /// Float16 weights on ONNX Runtime's CUDA provider, as
+    /// `precision = "fp16"` does.
+    #[arg(long)]
+    fp16: bool,
+    /// Write the model the CUDA provider runs (batchable, FP16) here, for
+    /// the peers to run the same one.
+    #[arg(long)]
+    write_model: Option<PathBuf>,
 }
 
 fn parse_format(s: &str) -> Result<CameraFormat, String> {
@@ -239,15 +251,33 @@ fn bench_detector(
 ) -> Result<(), Failure> {
     let runtime = |e: anyhow::Error| Failure::Runtime(e);
     let cuda = |e: cudarc::driver::DriverError| Failure::Runtime(e.into());
+    // The batch check's verdict, kept between runs of the bench.
+    let memo = std::env::temp_dir().join("nanodetd-bench-gpu");
     let options = EngineOptions {
         input_size: None,
         onnxruntime: OnnxRuntimeOptions {
             provider: args.provider,
             device: args.device,
             cuda_graph: !args.no_cuda_graph,
+            max_batch: args.batch,
+            fp16: args.fp16,
+            batch_memo: memo.clone(),
             ..OnnxRuntimeOptions::default()
         },
     };
+    if let Some(out) = &args.write_model {
+        let onnx = std::fs::read(model)
+            .map_err(|e| Failure::BadInput(anyhow!("{}: {e}", model.display())))?;
+        let made = cuda_model(&onnx, args.fp16, args.batch, &memo);
+        std::fs::write(out, made.onnx.as_deref().unwrap_or(&onnx))
+            .map_err(|e| runtime(anyhow!("{}: {e}", out.display())))?;
+        println!(
+            "{}: the CUDA provider's model, batch up to {} ({})",
+            out.display(),
+            made.max_batch,
+            made.notes.join("; ")
+        );
+    }
     let engine = backend::open_chosen(args.backend, &|kind| {
         backend::open_engine(kind, model, &options)
     })
@@ -275,14 +305,35 @@ fn bench_detector(
     let mut pinned = unsafe { gpu.context().alloc_pinned::<u8>(bytes.len()) }.map_err(cuda)?;
     pinned.as_mut_slice().map_err(cuda)?.copy_from_slice(bytes);
 
+    let batch = session.max_batch().min(args.batch as usize);
+    if batch < args.batch as usize {
+        return Err(runtime(anyhow!(
+            "the session takes {batch} frames a run, not {} (see the notes above)",
+            args.batch
+        )));
+    }
+    // The same frame in every slot of a run, as `batch` cameras would
+    // send; the first slot's detections are compared below.
     let mut detect = || {
-        let transform = session
-            .preprocess_pinned(layout, &pinned, "bench")
-            .map_err(|e| runtime(e.into()))?;
-        session.infer().map_err(|e| runtime(e.into()))?;
-        session
-            .postprocess(&transform)
-            .map_err(|e| runtime(e.into()))
+        let mut transforms = Vec::with_capacity(batch);
+        for slot in 0..batch {
+            transforms.push(
+                session
+                    .preprocess_pinned_into(slot, layout, &pinned, "bench")
+                    .map_err(|e| runtime(e.into()))?,
+            );
+        }
+        session.infer_batch(batch).map_err(|e| runtime(e.into()))?;
+        let mut first = Vec::new();
+        for (slot, transform) in transforms.iter().enumerate() {
+            let found = session
+                .postprocess_slot(slot, transform)
+                .map_err(|e| runtime(e.into()))?;
+            if slot == 0 {
+                first = found;
+            }
+        }
+        Ok::<_, Failure>(first)
     };
     // Warm-up: cuDNN's algorithm search, and the CUDA graph's capture.
     let mut found = Vec::new();
@@ -307,7 +358,7 @@ fn bench_detector(
     let mut inference = Vec::with_capacity(args.iters);
     for i in 0..args.iters + 50 {
         let t0 = Instant::now();
-        device.run_on_device(1).map_err(|e| runtime(e.into()))?;
+        device.run_on_device(batch).map_err(|e| runtime(e.into()))?;
         if i >= 50 {
             inference.push(t0.elapsed().as_secs_f64() * 1e6);
         }
@@ -316,10 +367,11 @@ fn bench_detector(
     let spec = detector.preprocess_spec().clone();
     let mut tensor = vec![0f32; spec.tensor_len()];
     preprocess_into(frame, &spec, &mut tensor).map_err(|e| runtime(e.into()))?;
+    let tensors = tensor.repeat(batch);
     let mut host_run = Vec::with_capacity(args.iters);
     for i in 0..args.iters + 50 {
         let t0 = Instant::now();
-        host.run(InputBatch::host(&tensor, 1))
+        host.run(InputBatch::host(&tensors, batch))
             .map_err(|e| runtime(e.into()))?;
         if i >= 50 {
             host_run.push(t0.elapsed().as_secs_f64() * 1e6);
@@ -382,20 +434,30 @@ fn bench_detector(
         want.len()
     );
     println!(
-        "  {:<44} {:>10} {:>10}",
-        "detector on the GPU", "median µs", "p99 µs"
+        "  {:<44} {:>10} {:>10} {:>10}",
+        format!("detector on the GPU, {batch} frame(s) a run"),
+        "median µs",
+        "p99 µs",
+        "frames/s"
     );
     let rows: [(&str, &mut Vec<f64>); 3] = [
-        ("pinned frame -> detections in host memory", &mut end_to_end),
+        (
+            "pinned frames -> detections in host memory",
+            &mut end_to_end,
+        ),
         (
             "inference alone (device in, outputs to host)",
             &mut inference,
         ),
-        ("host tensor -> outputs (session.run's work)", &mut host_run),
+        (
+            "host tensors -> outputs (session.run's work)",
+            &mut host_run,
+        ),
     ];
     for (name, samples) in rows {
         let (median, p99) = quantiles_us(samples);
-        println!("  {name:<44} {median:>10.1} {p99:>10.1}");
+        let rate = batch as f64 * 1e6 / median.max(f64::MIN_POSITIVE);
+        println!("  {name:<44} {median:>10.1} {p99:>10.1} {rate:>10.0}");
     }
     Ok(())
 }

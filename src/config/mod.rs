@@ -163,9 +163,15 @@ pub struct OnnxRuntimeConfig {
     /// CUDA device of the GPU providers.
     #[serde(default = "device_zero")]
     pub device: Bounded<usize, 0, 63>,
-    /// Replay the GPU provider's run as a CUDA graph.
+    /// Replay the GPU provider's run as a CUDA graph (one per batch
+    /// size).
     #[serde(default = "default_true")]
     pub cuda_graph: bool,
+    /// Largest batch a GPU provider's session takes (cameras inferred
+    /// together, up to `[batching] max_batch`): the model is made
+    /// batchable and its device buffers sized for this many images.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: Bounded<u32, 1, { crate::detector::MAX_BATCH as u64 }>,
 }
 
 impl Default for OnnxRuntimeConfig {
@@ -176,6 +182,7 @@ impl Default for OnnxRuntimeConfig {
             provider: None,
             device: device_zero(),
             cuda_graph: true,
+            max_batch: default_max_batch(),
         }
     }
 }
@@ -837,9 +844,10 @@ impl Default for MetricsConfig {
 pub struct BatchingConfig {
     /// Frames in one run at most, one per camera; 1 runs each frame
     /// alone. Capped by what the session takes (TensorRT:
-    /// `model.tensorrt.max_batch`; host backends: any).
+    /// `model.tensorrt.max_batch`; ONNX Runtime on a GPU:
+    /// `model.onnxruntime.max_batch`); host sessions run one.
     #[serde(default = "default_batch_size")]
-    pub max_batch: Bounded<usize, 1, { crate::detector::MAX_HOST_BATCH as u64 }>,
+    pub max_batch: Bounded<usize, 1, { crate::detector::MAX_BATCH as u64 }>,
     /// Seconds the oldest waiting frame may wait for more to fill the
     /// batch; 0 takes what is there.
     #[serde(default = "default_batch_wait")]
@@ -1093,6 +1101,7 @@ impl Config {
             m.onnxruntime.intra_threads,
         );
         ranges.key("model.onnxruntime.device", m.onnxruntime.device);
+        ranges.key("model.onnxruntime.max_batch", m.onnxruntime.max_batch);
         let trt = &m.tensorrt;
         ranges.key("model.tensorrt.device", trt.device);
         ranges.key("model.tensorrt.workspace_mib", trt.workspace_mib);
@@ -1492,6 +1501,7 @@ max_detections = 0
 [model.onnxruntime]
 intra_threads = 0
 device = 64
+max_batch = 129
 [model.tensorrt]
 device = 64
 workspace_mib = 0
@@ -1562,6 +1572,7 @@ size = [0, 16385]
             "model.max_detections",
             "model.onnxruntime.intra_threads",
             "model.onnxruntime.device",
+            "model.onnxruntime.max_batch",
             "model.tensorrt.device",
             "model.tensorrt.workspace_mib",
             "model.tensorrt.max_batch",
@@ -1965,9 +1976,10 @@ size = [0, 16385]
         assert_eq!(c.model.onnxruntime.provider, None);
         assert!(c.model.onnxruntime.cuda_graph);
         let c = parse(&format!(
-            "{MINIMAL}\n[model.onnxruntime]\nprovider = \"cuda\"\ndevice = 1\ncuda_graph = false\n"
+            "{MINIMAL}\n[model.onnxruntime]\nprovider = \"cuda\"\ndevice = 1\ncuda_graph = false\nmax_batch = 32\n"
         ))
         .unwrap();
+        assert_eq!(c.model.onnxruntime.max_batch.get(), 32);
         assert_eq!(c.model.onnxruntime.provider, Some(Provider::Cuda));
         assert_eq!(c.model.onnxruntime.device.get(), 1);
         assert!(!c.model.onnxruntime.cuda_graph);

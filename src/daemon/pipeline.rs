@@ -410,6 +410,13 @@ impl DetectorTask {
             }
         }
         if slots.is_empty() {
+            // Uploads queued for the failed frames end before their lent
+            // buffers go back to the cameras.
+            if !failed.is_empty()
+                && let Err(e) = session.wait_for_uploads()
+            {
+                log::warn!("detector: {}", crate::errors::one_line(&e));
+            }
             return;
         }
         let preprocessed = Instant::now();
@@ -550,7 +557,7 @@ pub fn batch_size(wanted: usize, on_gpu: bool, session_max: usize) -> (usize, Op
         return (
             max,
             Some(format!(
-                "the GPU session takes {max} (TensorRT: model.tensorrt.max_batch; ONNX Runtime and exports that cannot batch: 1)"
+                "the GPU session takes {max} (model.tensorrt.max_batch or model.onnxruntime.max_batch; 1 for an export that cannot batch)"
             )),
         );
     }

@@ -236,6 +236,14 @@ pub fn onnxruntime_options(model: &ModelConfig) -> OnnxRuntimeOptions {
             .unwrap_or_else(|| Provider::default_for(model.backend)),
         device: ort.device.get(),
         cuda_graph: ort.cuda_graph,
+        max_batch: ort.max_batch.get(),
+        fp16: model.precision == Precision::Fp16,
+        // Beside TensorRT's plans: the same verdict serves both.
+        batch_memo: model
+            .tensorrt
+            .engines
+            .clone()
+            .unwrap_or_else(|| model.cache.join("engines")),
         tensorrt: TensorRtProviderOptions {
             cache: model.cache.join("onnxruntime-tensorrt"),
             fp16: model.precision != Precision::Fp32,

@@ -355,3 +355,31 @@ pub fn nearest<'a>(found: &'a [Detection], wanted: &Detection) -> Option<&'a Det
         .filter(|d| d.class_id == wanted.class_id)
         .min_by(|a, b| box_diff(a, wanted).total_cmp(&box_diff(b, wanted)))
 }
+
+/// `got` and `want` are the same detections, in the same order, up to
+/// float rounding: each pair of the same class, scores within `score`,
+/// box corners within `pixels`. Returns the largest differences seen.
+pub fn assert_same_detections(
+    got: &[Detection],
+    want: &[Detection],
+    score: f32,
+    pixels: f32,
+    what: &str,
+) -> (f32, f32) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} against {want:?}");
+    let (mut worst_score, mut worst_box) = (0f32, 0f32);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.class_id, w.class_id, "{what}: {g:?} against {w:?}");
+        worst_score = worst_score.max((g.score - w.score).abs());
+        worst_box = worst_box.max(box_diff(g, w));
+    }
+    assert!(
+        worst_score <= score,
+        "{what}: scores differ by {worst_score}"
+    );
+    assert!(
+        worst_box <= pixels,
+        "{what}: boxes differ by {worst_box} px"
+    );
+    (worst_score, worst_box)
+}

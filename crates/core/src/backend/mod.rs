@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::auto::{BackendChoice, Contender, choose_fastest};
-pub use self::tract::{BatchMismatch, TractEngine, batchable, validate_batch};
+pub use self::tract::{BatchMismatch, TractEngine, batchable, batchable_as, validate_batch};
 use crate::errors::{Cause, While};
 use crate::model::TensorShape;
 
@@ -284,11 +284,12 @@ impl BackendKind {
         }
     }
 
-    /// Whether `precision = "fp16"` means anything to the backend.
+    /// Whether `precision = "fp16"` means anything to the backend (ONNX
+    /// Runtime: on its GPU providers).
     pub fn has_fp16_kernels(self) -> bool {
         match self {
-            BackendKind::Tract | BackendKind::OnnxRuntime => false,
-            BackendKind::TensorRt => true,
+            BackendKind::Tract => false,
+            BackendKind::OnnxRuntime | BackendKind::TensorRt => true,
         }
     }
 }

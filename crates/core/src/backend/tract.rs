@@ -19,6 +19,10 @@ use super::{
 pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
     info: ModelInfo,
+    /// Images one run of the plan takes: 1, or up to this many where the
+    /// plan was built for a symbolic batch.
+    max_batch: usize,
+    notes: Vec<String>,
 }
 
 impl TractEngine {
@@ -37,6 +41,48 @@ impl TractEngine {
         bytes: &[u8],
         path: &Path,
         options: &EngineOptions,
+    ) -> Result<TractEngine, BackendError> {
+        TractEngine::build(bytes, path, options, 1)
+    }
+
+    /// [`load`](Self::load) of the model made batchable
+    /// ([`batchable`], its verdict kept in `memo`): one plan over a
+    /// symbolic batch runs up to `max_batch` images at once. An export
+    /// that cannot batch runs image by image, and the engine's notes say
+    /// why. A CPU gains nothing by it; it is how the batch rewrite is
+    /// checked end to end where no GPU is.
+    pub fn load_batched(
+        path: &Path,
+        options: &EngineOptions,
+        max_batch: u32,
+        memo: &Path,
+    ) -> Result<TractEngine, BackendError> {
+        let fail = |problem: ModelFileProblem| BackendError::ModelFile {
+            path: path.to_owned(),
+            problem,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(ModelFileProblem::Read(e)))?;
+        let model = OnnxModel::decode(&bytes).map_err(|e| {
+            fail(ModelFileProblem::Refused(While::new(
+                "reading the model",
+                e,
+            )))
+        })?;
+        let (bytes, batch, why_not) = batchable(&model, max_batch, memo);
+        let mut engine = TractEngine::build(&bytes, path, options, batch as usize)?;
+        if let Some(why) = why_not {
+            engine.notes.push(format!(
+                "max_batch {max_batch} asked, but this export cannot batch ({why}): batch 1"
+            ));
+        }
+        Ok(engine)
+    }
+
+    fn build(
+        bytes: &[u8],
+        path: &Path,
+        options: &EngineOptions,
+        max_batch: usize,
     ) -> Result<TractEngine, BackendError> {
         let fail = |problem: ModelFileProblem| BackendError::ModelFile {
             path: path.to_owned(),
@@ -77,8 +123,15 @@ impl TractEngine {
             }
         };
         let input_shape = vec![1, 3, height, width];
+        // A batched plan takes any batch: its first axis is a symbol.
+        let batch: TDim = if max_batch > 1 {
+            model.symbols.sym("N").into()
+        } else {
+            1.into()
+        };
+        let input_fact = f32::fact([batch, 3.into(), height.into(), width.into()]);
         model
-            .set_input_fact(0, f32::fact(&input_shape).into())
+            .set_input_fact(0, input_fact.into())
             .map_err(refused(format!("setting the input to {input_shape:?}")))?;
         let typed = model.into_typed().map_err(refused(format!(
             "shape inference failed for input {input_shape:?}"
@@ -88,7 +141,20 @@ impl TractEngine {
             let fact = typed
                 .outlet_fact(*outlet)
                 .map_err(refused(format!("reading output {i}'s shape")))?;
-            let shape = fact.shape.as_concrete().ok_or_else(|| {
+            // At batch 1: a batched plan's outputs lead with the symbol.
+            let shape: Option<Vec<usize>> = fact
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| {
+                    if axis == 0 && max_batch > 1 {
+                        Some(1)
+                    } else {
+                        d.to_usize().ok()
+                    }
+                })
+                .collect();
+            let shape = shape.ok_or_else(|| {
                 fail(ModelFileProblem::OpenOutputShape {
                     index: i,
                     shape: format!("{:?}", fact.shape),
@@ -98,10 +164,7 @@ impl TractEngine {
                 .outlet_label(*outlet)
                 .unwrap_or(&typed.node(outlet.node).name)
                 .to_owned();
-            outputs.push(TensorShape {
-                name,
-                shape: shape.to_vec(),
-            });
+            outputs.push(TensorShape { name, shape });
         }
         let plan = typed
             .into_optimized()
@@ -116,6 +179,8 @@ impl TractEngine {
                 },
                 outputs,
             },
+            max_batch,
+            notes: Vec::new(),
         })
     }
 }
@@ -130,6 +195,9 @@ impl Engine for TractEngine {
     }
 
     fn max_batch(&self) -> usize {
+        if self.max_batch > 1 {
+            return self.max_batch;
+        }
         // The plan is built for batch 1; bigger batches run image by image,
         // which on a CPU costs nothing extra.
         usize::MAX
@@ -140,14 +208,21 @@ impl Engine for TractEngine {
         Ok(Box::new(TractSession {
             state,
             input_shape: self.info.input.shape.clone(),
+            max_batch: self.max_batch,
             outputs: BatchOutputs::default(),
         }))
+    }
+
+    fn notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
 }
 
 struct TractSession {
     state: TypedSimpleState,
     input_shape: Vec<usize>,
+    /// Images one run of the plan takes.
+    max_batch: usize,
     outputs: BatchOutputs,
 }
 
@@ -158,8 +233,10 @@ impl Session for TractSession {
         let run_error = BackendError::run;
         self.outputs
             .reset(self.state.plan().model().outputs.len(), batch.images);
-        for image in batch.data.chunks_exact(per_image) {
-            let input = Tensor::from_shape(&self.input_shape, image).map_err(run_error)?;
+        for images in batch.data.chunks(per_image * self.max_batch) {
+            let mut shape = self.input_shape.clone();
+            shape[0] = images.len() / per_image;
+            let input = Tensor::from_shape(&shape, images).map_err(run_error)?;
             let results = self
                 .state
                 .run(tvec!(input.into_tvalue()))
@@ -228,6 +305,28 @@ pub fn batchable(model: &OnnxModel, max_batch: u32, memo: &Path) -> (Vec<u8>, u3
     match verdict {
         Ok(()) => (rewritten, max_batch, None),
         Err(why) => (as_it_is(), 1, Some(why)),
+    }
+}
+
+/// [`batchable`] for a model derived from `fp32` (its FP16 copy, its Q/DQ
+/// model): the check runs on `fp32`, whose graph it shares, and the
+/// rewrite is applied to `model`. A check on the derived model itself
+/// would compare float16 or INT8 rounding, which a batch may legitimately
+/// do in another order (tract's FP16 differs at 1e-3 between batch and
+/// alone), not the graph's treatment of the batch.
+pub fn batchable_as(
+    model: &OnnxModel,
+    fp32: &OnnxModel,
+    max_batch: u32,
+    memo: &Path,
+) -> (Vec<u8>, u32, Option<String>) {
+    let (_, batch, why_not) = batchable(fp32, max_batch, memo);
+    if batch <= 1 {
+        return (model.bytes().into_owned(), 1, why_not);
+    }
+    match model.with_dynamic_batch() {
+        Ok((rewritten, _)) => (rewritten.bytes().into_owned(), batch, None),
+        Err(why) => (model.bytes().into_owned(), 1, Some(why.to_string())),
     }
 }
 

@@ -92,13 +92,14 @@ mod cuda {
 
         fn preprocess_pinned(
             &mut self,
+            slot: usize,
             layout: BufferLayout,
             pinned: &PinnedHostSlice<u8>,
             origin: &str,
             spec: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
             self.preprocessor.stage_pinned(layout, pinned, origin)?;
-            self.launch(0, spec)
+            self.launch(slot, spec)
         }
 
         /// The kernel on the staged frame, into the engine's input for
@@ -117,14 +118,30 @@ mod cuda {
             Ok(self.preprocessor.launch(spec, &mut input)?)
         }
 
-        /// One run over the first `images` slots.
+        /// One run over the first `images` slots. A failed run waits for
+        /// the stream first: uploads of lent buffers it had queued must
+        /// end before the caller hands those buffers back.
         pub fn infer(&mut self, images: usize) -> Result<(), BackendError> {
-            self.session.run_on_device(images)
+            let outcome = self.session.run_on_device(images);
+            if outcome.is_err()
+                && let Err(e) = self.session.gpu().stream().synchronize()
+            {
+                log::warn!("waiting for the GPU after a failed run: {e}");
+            }
+            outcome
         }
 
         /// The most images one run takes.
         pub fn max_images(&self) -> usize {
             self.session.max_images()
+        }
+
+        /// Waits for everything queued on the stream (uploads of lent
+        /// buffers among it).
+        pub fn wait(&self) -> Result<(), BackendError> {
+            self.session.gpu().stream().synchronize().map_err(|e| {
+                BackendError::run(crate::gpu::GpuError::driver("waiting for the GPU")(e))
+            })
         }
 
         pub fn outputs(&self) -> &BatchOutputs {
@@ -163,10 +180,22 @@ mod cuda {
             pinned: &PinnedHostSlice<u8>,
             origin: &str,
         ) -> Result<Transform, DetectorError> {
+            self.preprocess_pinned_into(0, layout, pinned, origin)
+        }
+
+        /// [`preprocess_pinned`](Self::preprocess_pinned) into image `slot`
+        /// of the next run.
+        pub fn preprocess_pinned_into(
+            &mut self,
+            slot: usize,
+            layout: BufferLayout,
+            pinned: &PinnedHostSlice<u8>,
+            origin: &str,
+        ) -> Result<Transform, DetectorError> {
             let Runner::Device(device) = &mut self.runner else {
                 return Err(BackendError::NotOnDevice(format!("{origin}: a pinned frame")).into());
             };
-            device.preprocess_pinned(layout, pinned, origin, &self.detector.preprocess)
+            device.preprocess_pinned(slot, layout, pinned, origin, &self.detector.preprocess)
         }
     }
 }
@@ -213,6 +242,10 @@ mod host_only {
         }
 
         pub fn max_images(&self) -> usize {
+            match *self {}
+        }
+
+        pub fn wait(&self) -> Result<(), BackendError> {
             match *self {}
         }
 

@@ -251,10 +251,10 @@ impl DetectorSession {
 
     /// The most images one [`infer_batch`](Self::infer_batch) takes: the
     /// device session's buffers on a GPU; on the host, where engines run a
-    /// batch image by image, [`MAX_HOST_BATCH`].
+    /// batch image by image, [`MAX_BATCH`].
     pub fn max_batch(&self) -> usize {
         match &self.runner {
-            Runner::Host { .. } => self.detector.engine.max_batch().min(MAX_HOST_BATCH),
+            Runner::Host { .. } => self.detector.engine.max_batch().min(MAX_BATCH),
             Runner::Device(device) => device.max_images(),
         }
     }
@@ -349,6 +349,16 @@ impl DetectorSession {
         Ok(())
     }
 
+    /// Waits until nothing queued on the GPU reads a frame any more: for a
+    /// batch none of whose frames ran, before their lent buffers go back.
+    /// Nothing to wait for on the host.
+    pub fn wait_for_uploads(&self) -> Result<(), DetectorError> {
+        match &self.runner {
+            Runner::Host { .. } => Ok(()),
+            Runner::Device(device) => Ok(device.wait()?),
+        }
+    }
+
     /// Stage 2: input tensor → raw outputs.
     pub fn infer(&mut self) -> Result<(), DetectorError> {
         self.infer_batch(1)
@@ -407,9 +417,10 @@ impl DetectorSession {
     }
 }
 
-/// The most images a host session takes in one run: its input buffer
-/// grows to what a batch needs, up to this (128 × a 416² input: 266 MB).
-pub const MAX_HOST_BATCH: usize = 128;
+/// The most images one run takes, on any backend: a host session's input
+/// buffer grows to what a batch needs, up to this (128 × a 416² input:
+/// 266 MB), and GPU engines are built for at most this many.
+pub const MAX_BATCH: usize = 128;
 
 /// Name of a class index in `names` (`"?"` when out of range).
 pub fn class_name(names: &[String], class_id: u32) -> &str {

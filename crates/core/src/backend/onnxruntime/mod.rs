@@ -159,8 +159,19 @@ pub struct OnnxRuntimeOptions {
     pub provider: Provider,
     /// CUDA device, for the GPU providers.
     pub device: usize,
-    /// Capture the CUDA provider's run in a CUDA graph and replay it.
+    /// Capture the CUDA provider's run in a CUDA graph and replay it (one
+    /// graph per batch size).
     pub cuda_graph: bool,
+    /// Largest batch a CUDA-provider session takes: above 1 the model is
+    /// made batchable ([`batchable`](crate::backend::batchable)) and the
+    /// device buffers hold this many images.
+    pub max_batch: u32,
+    /// Run float16 weights on the CUDA provider
+    /// ([`OnnxModel::to_fp16`](crate::model::OnnxModel::to_fp16)); input
+    /// and outputs stay float32.
+    pub fp16: bool,
+    /// Where the batch check's verdict is kept (the engine cache).
+    pub batch_memo: PathBuf,
     /// The TensorRT provider's settings.
     pub tensorrt: TensorRtProviderOptions,
 }
@@ -173,15 +184,118 @@ impl Default for OnnxRuntimeOptions {
             provider: Provider::Cpu,
             device: 0,
             cuda_graph: true,
+            max_batch: 1,
+            fp16: false,
+            batch_memo: PathBuf::new(),
             tensorrt: TensorRtProviderOptions::default(),
         }
     }
+}
+
+/// What ONNX Runtime's CUDA provider runs for a model file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaModel {
+    /// The rewritten model; `None` where the file's runs as it is.
+    pub onnx: Option<Vec<u8>>,
+    /// Images one run takes.
+    pub max_batch: u32,
+    /// What was done, and what could not be, for the engine's notes.
+    pub notes: Vec<String>,
+}
+
+/// The model the CUDA provider runs for `onnx`: float16 weights where
+/// `fp16` ([`OnnxModel::to_fp16`](crate::model::OnnxModel::to_fp16)), then
+/// batchable up to `max_batch` ([`batchable_as`](crate::backend::batchable_as):
+/// checked on the FP32 model, its verdict kept in `memo`), in TensorRT's
+/// order. What cannot be done is noted, and the rest still runs.
+pub fn cuda_model(onnx: &[u8], fp16: bool, max_batch: u32, memo: &Path) -> CudaModel {
+    let mut made = CudaModel {
+        onnx: None,
+        max_batch: 1,
+        notes: Vec::new(),
+    };
+    if !fp16 && max_batch <= 1 {
+        return made;
+    }
+    let fp32 = match crate::model::OnnxModel::decode(onnx) {
+        Ok(model) => model,
+        Err(why) => {
+            made.notes.push(format!(
+                "the model cannot be rewritten ({}): FP32, batch 1",
+                crate::errors::one_line(&why)
+            ));
+            return made;
+        }
+    };
+    let mut half = None;
+    if fp16 {
+        match fp32.to_fp16() {
+            Ok((model, report)) => {
+                made.notes.push(format!(
+                    "FP16: {} weight tensors in float16, {} kept float32",
+                    report.converted, report.kept_float
+                ));
+                half = Some(model);
+            }
+            Err(why) => made.notes.push(format!(
+                "precision fp16 asked, but the model cannot be converted ({}): FP32",
+                crate::errors::one_line(&why)
+            )),
+        }
+    }
+    let (bytes, batch, why_not) =
+        crate::backend::batchable_as(half.as_ref().unwrap_or(&fp32), &fp32, max_batch, memo);
+    if let Some(why) = why_not {
+        made.notes.push(format!(
+            "max_batch {max_batch} asked, but this export cannot batch ({why}): batch 1"
+        ));
+    }
+    made.max_batch = batch;
+    made.onnx = Some(bytes);
+    made
+}
+
+/// `shape` (one image's) for `images` images: a batchable model's tensors
+/// lead with the batch; a batch-1 model's stay as they are.
+fn batch_shape(shape: &[usize], images: usize) -> Vec<usize> {
+    match shape.split_first() {
+        Some((_, rest)) if images > 1 => std::iter::once(images)
+            .chain(rest.iter().copied())
+            .collect(),
+        _ => shape.to_vec(),
+    }
+}
+
+/// The batch sizes a CUDA session runs at, each with its own buffers and
+/// CUDA graph: powers of two below `max_batch`, and `max_batch`.
+fn bucket_sizes(max_batch: usize) -> Vec<usize> {
+    let max_batch = max_batch.max(1);
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |&n| n.checked_mul(2))
+        .take_while(|&n| n < max_batch)
+        .collect();
+    sizes.push(max_batch);
+    sizes
+}
+
+/// The bucket a run of `images` goes to: the next power of two, or the
+/// session's largest.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bucket_for(images: usize, max_batch: usize) -> usize {
+    images
+        .checked_next_power_of_two()
+        .unwrap_or(max_batch)
+        .min(max_batch)
 }
 
 /// A model prepared for ONNX Runtime. Sessions are made from the bytes,
 /// one per thread (`ort`'s run takes `&mut`).
 pub struct OnnxRuntimeEngine {
     onnx: Vec<u8>,
+    /// What the CUDA provider runs, where it differs from the file:
+    /// batchable, float16 weights.
+    cuda_onnx: Option<Vec<u8>>,
+    /// Images a CUDA-provider session takes in one run.
+    max_batch: usize,
     options: OnnxRuntimeOptions,
     info: ModelInfo,
     input_name: String,
@@ -230,6 +344,8 @@ impl OnnxRuntimeEngine {
         };
         let mut engine = OnnxRuntimeEngine {
             onnx,
+            cuda_onnx: None,
+            max_batch: 1,
             options: runtime.clone(),
             info: ModelInfo {
                 input: TensorShape {
@@ -276,12 +392,99 @@ impl OnnxRuntimeEngine {
             });
         }
         drop(outputs);
-        let spare = engine.on_provider(runtime.provider, session);
+        if runtime.provider == Provider::Cuda {
+            engine.rewrite_for_cuda();
+        } else if runtime.provider == Provider::TensorRt && runtime.max_batch > 1 {
+            // Its engines would be rebuilt for each batch size it meets.
+            engine.notes.push(format!(
+                "max_batch {} applies to the CUDA provider; the TensorRT provider runs batch 1",
+                runtime.max_batch
+            ));
+        }
+        let rewrite_notes = std::mem::take(&mut engine.notes);
+        let mut spare = engine.on_provider(runtime.provider, session);
+        if engine.provider != Provider::Cpu {
+            engine.notes.extend(rewrite_notes);
+        }
+        if engine.provider != Provider::Cuda {
+            // Any other provider runs the file's model, at batch 1.
+            engine.max_batch = 1;
+            engine.cuda_onnx = None;
+        }
+        if engine.provider == Provider::Cuda {
+            engine.warm_up(&mut spare);
+        }
+        if engine.provider == Provider::Cpu && runtime.fp16 {
+            engine.notes.push(
+                "precision fp16 applies to the GPU providers; the CPU provider runs FP32".into(),
+            );
+        }
         *engine.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(spare);
         for note in &engine.notes {
             log::warn!("{}: {note}", path.display());
         }
         Ok(engine)
+    }
+
+    fn rewrite_for_cuda(&mut self) {
+        let model = cuda_model(
+            &self.onnx,
+            self.options.fp16,
+            self.options.max_batch,
+            &self.options.batch_memo,
+        );
+        self.notes.extend(model.notes);
+        self.max_batch = model.max_batch as usize;
+        self.cuda_onnx = model.onnx;
+    }
+
+    /// Whether the GPU provider's runs are captured in a CUDA graph: where
+    /// configured, and only for sessions of one batch size. ONNX Runtime
+    /// 1.31.1 keeps a graph per size (`gpu_graph_id`), but with two or
+    /// more captured in one session its runs faulted on an H100 (illegal
+    /// memory access or instruction, in the runs or the copies after:
+    /// issue 21), so a batching session runs without graphs, where a run's
+    /// launches weigh little beside its many images.
+    fn graphs(&self) -> bool {
+        self.options.cuda_graph && self.max_batch <= 1
+    }
+
+    /// A run of the CUDA session at each batch size its sessions will run,
+    /// on zeros, with no CUDA graph: cuDNN's algorithm search for each
+    /// shape (about 9 s a shape for FP16 on an H100) happens here, in the
+    /// load, and not in the first runs of the detector. A failure is only
+    /// noted: the runs in service will do the search.
+    fn warm_up(&mut self, session: &mut OrtSession) {
+        let started = std::time::Instant::now();
+        let per_image: usize = self.info.input.shape.iter().product();
+        let mut warm = || -> Result<(), ort::Error> {
+            let mut options = ort::session::RunOptions::new()?;
+            if self.graphs() {
+                // -1: this run is neither captured nor replayed.
+                options.set("gpu_graph_id", "-1")?;
+            }
+            for images in bucket_sizes(self.max_batch) {
+                let shape: Vec<i64> = batch_shape(&self.info.input.shape, images)
+                    .iter()
+                    .map(|&d| d as i64)
+                    .collect();
+                let zeros = vec![0f32; images * per_image];
+                let tensor = TensorRef::from_array_view((shape, zeros.as_slice()))?;
+                session
+                    .run_with_options(ort::inputs![self.input_name.as_str() => tensor], &options)?;
+            }
+            Ok(())
+        };
+        match warm() {
+            Ok(()) => log::info!(
+                "ONNX Runtime CUDA: batch sizes {:?} warmed up in {:.1} s",
+                bucket_sizes(self.max_batch),
+                started.elapsed().as_secs_f64()
+            ),
+            Err(why) => self.notes.push(format!(
+                "warming the CUDA session up failed ({why}): its first runs search the convolutions' algorithms"
+            )),
+        }
     }
 
     /// The session on `asked`, or on the next provider down where that
@@ -345,7 +548,7 @@ impl OnnxRuntimeEngine {
         if provider != Provider::Cpu {
             let mut cuda = ort::ep::CUDA::default()
                 .with_device_id(device)
-                .with_cuda_graph(self.options.cuda_graph && provider == Provider::Cuda);
+                .with_cuda_graph(self.graphs() && provider == Provider::Cuda);
             if let Some(gpu) = &self.gpu {
                 cuda = device::with_stream(cuda, gpu);
             }
@@ -366,7 +569,10 @@ impl OnnxRuntimeEngine {
             .map_err(|e| error(e.into()))?
             .with_execution_providers(self.providers(provider))
             .map_err(|e| error(e.into()))?
-            .commit_from_memory(&self.onnx)
+            .commit_from_memory(match (&self.cuda_onnx, provider) {
+                (Some(rewritten), Provider::Cuda) => rewritten,
+                _ => &self.onnx,
+            })
             .map_err(&error)
     }
 
@@ -441,12 +647,17 @@ impl Engine for OnnxRuntimeEngine {
     fn notes(&self) -> Vec<String> {
         let mut notes = self.notes.clone();
         notes.push(format!(
-            "ONNX Runtime {} provider{}",
+            "ONNX Runtime {} provider{}{}",
             self.provider,
-            if self.provider != Provider::Cpu && self.options.cuda_graph {
+            if self.provider != Provider::Cpu && self.graphs() {
                 ", CUDA graph"
             } else {
                 ""
+            },
+            if self.max_batch > 1 {
+                format!(", batches of up to {}", self.max_batch)
+            } else {
+                String::new()
             }
         ));
         notes
@@ -567,5 +778,32 @@ impl Drop for HandedBack {
         if spare.is_none() {
             *spare = self.session.take();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_go_to_the_smallest_power_of_two_bucket_that_holds_them() {
+        let buckets: Vec<usize> = (1..=10).map(|n| bucket_for(n, 8)).collect();
+        assert_eq!(buckets, [1, 2, 4, 4, 8, 8, 8, 8, 8, 8]);
+        assert_eq!(bucket_for(33, 48), 48);
+        assert_eq!(bucket_for(17, 48), 32);
+        assert_eq!(bucket_for(1, 1), 1);
+        assert_eq!(bucket_sizes(1), [1]);
+        assert_eq!(bucket_sizes(8), [1, 2, 4, 8]);
+        assert_eq!(bucket_sizes(48), [1, 2, 4, 8, 16, 32, 48]);
+        // Every run has a bucket.
+        for max in 1..=130 {
+            let sizes = bucket_sizes(max);
+            for n in 1..=max {
+                assert!(sizes.contains(&bucket_for(n, max)), "{n} of {max}");
+                assert!(bucket_for(n, max) >= n);
+            }
+        }
+        assert_eq!(batch_shape(&[1, 2125, 112], 4), [4, 2125, 112]);
+        assert_eq!(batch_shape(&[2125, 80], 1), [2125, 80]);
     }
 }

@@ -434,6 +434,8 @@ impl TrtEngine {
         let decode = |onnx: &[u8]| {
             OnnxModel::parse(onnx).map_err(|e| unavailable(While::new("reading the model", e)))
         };
+        // The batch check runs on the FP32 model whatever is built from it.
+        let fp32 = decode(sources.fp32)?;
         let model = match (plan.precision, sources.qdq) {
             (TrtPrecision::Int8Qdq, Some(qdq)) => decode(qdq)?,
             (TrtPrecision::Int8Qdq, None) => {
@@ -441,36 +443,33 @@ impl TrtEngine {
                     "INT8 from Q/DQ asked, but no Q/DQ model was given",
                 ));
             }
-            (TrtPrecision::Fp16, _) if version.major >= 11 => {
-                let fp32 = decode(sources.fp32)?;
-                match fp32.to_fp16() {
-                    Ok((half, report)) => {
-                        log::info!(
-                            "TensorRT {version} builds the ONNX's own types: an FP16 copy of the model ({} weights in float16, {} kept float32)",
-                            report.converted,
-                            report.kept_float
-                        );
-                        half
-                    }
-                    Err(why) => {
-                        let note = format!(
-                            "FP16 asked, but TensorRT {version} builds the ONNX's own types and the FP16 copy failed ({why}): building FP32"
-                        );
-                        log::warn!("{note}");
-                        plan.fallbacks.push(note);
-                        plan.precision = TrtPrecision::Fp32;
-                        fp32
-                    }
+            (TrtPrecision::Fp16, _) if version.major >= 11 => match fp32.to_fp16() {
+                Ok((half, report)) => {
+                    log::info!(
+                        "TensorRT {version} builds the ONNX's own types: an FP16 copy of the model ({} weights in float16, {} kept float32)",
+                        report.converted,
+                        report.kept_float
+                    );
+                    half
                 }
-            }
-            _ => decode(sources.fp32)?,
+                Err(why) => {
+                    let note = format!(
+                        "FP16 asked, but TensorRT {version} builds the ONNX's own types and the FP16 copy failed ({why}): building FP32"
+                    );
+                    log::warn!("{note}");
+                    plan.fallbacks.push(note);
+                    plan.precision = TrtPrecision::Fp32;
+                    fp32.clone()
+                }
+            },
+            _ => fp32.clone(),
         };
         // At batch 1, the same before the batch rewrite as after it.
         let input_shape = declared_input(&model)?;
         // The CPU check of the batch rewrite runs once per model: its
         // verdict is kept beside the plans.
         let (onnx, max_batch, why_not) =
-            super::batchable(&model, options.max_batch, &options.engines);
+            super::batchable_as(&model, &fp32, options.max_batch, &options.engines);
         if let Some(why) = why_not {
             log::warn!(
                 "max_batch {} asked, but this export cannot batch ({why}): building batch 1",
