@@ -29,9 +29,9 @@ def quantiles(samples):
     return s[len(s) // 2] * 1e6, s[min(len(s) - 1, int(round((len(s) - 1) * 0.99)))] * 1e6
 
 
-def report(name, samples):
+def report(name, samples, images=1):
     median, p99 = quantiles(samples)
-    print(f"  {name:<52} {median:>10.1f} {p99:>10.1f}", flush=True)
+    print(f"  {name:<52} {median:>10.1f} {p99:>10.1f} {images * 1e6 / median:>10.0f}", flush=True)
 
 
 def timed(fn, iters, warmup):
@@ -46,6 +46,7 @@ def timed(fn, iters, warmup):
 
 
 def onnxruntime_peers(model, x, iters, warmup):
+    images = x.shape[0]
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
@@ -55,7 +56,7 @@ def onnxruntime_peers(model, x, iters, warmup):
     name = sess.get_inputs()[0].name
     ref = sess.run(None, {name: x})
     report("Python onnxruntime-gpu session.run (host in/out)",
-           timed(lambda: sess.run(None, {name: x}), iters, warmup))
+           timed(lambda: sess.run(None, {name: x}), iters, warmup), images)
 
     x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
     outs = [ort.OrtValue.ortvalue_from_shape_and_type(o.shape, np.float32, "cuda", 0)
@@ -74,7 +75,14 @@ def onnxruntime_peers(model, x, iters, warmup):
             bound.run_with_iobinding(binding)
             return [v.numpy() for v in outs]
 
-        report(f"Python onnxruntime-gpu {label}", timed(run_bound, iters, warmup))
+        def run_on_device():
+            bound.run_with_iobinding(binding)
+
+        report(f"Python onnxruntime-gpu {label}", timed(run_bound, iters, warmup), images)
+        if images > 1:
+            # What the GPU computes, without the outputs' trip to the host
+            # (run_with_iobinding waits for the run).
+            report("  the same, outputs left on the device", timed(run_on_device, iters, warmup), images)
     return ref
 
 
@@ -194,13 +202,21 @@ def main():
     p.add_argument("model")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--batch", type=int, default=1,
+                   help="images a run, for a batchable model (bench-gpu --write-model)")
     args = p.parse_args()
-    shape = [d.dim_value for d in onnx.load(args.model).graph.input[0].type.tensor_type.shape.dim]
+    dims = onnx.load(args.model).graph.input[0].type.tensor_type.shape.dim
+    # A batchable model's first axis is symbolic (dim_param, dim_value 0).
+    shape = [d.dim_value or args.batch for d in dims]
+    if shape[0] != args.batch:
+        sys.exit(f"{args.model}: its input takes {shape[0]} images, not --batch {args.batch}")
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     print(f"{args.model}: input {shape}, {args.iters} timed runs after {args.warmup}")
-    print(f"  {'peer':<52} {'median µs':>10} {'p99 µs':>10}")
+    print(f"  {'peer':<52} {'median µs':>10} {'p99 µs':>10} {'images/s':>10}")
     ref = onnxruntime_peers(args.model, x, args.iters, args.warmup)
-    torch_peers(args.model, x, ref, args.iters, args.warmup)
+    if args.batch == 1:
+        # Its graph is built for the file's batch-1 shapes.
+        torch_peers(args.model, x, ref, args.iters, args.warmup)
 
 
 if __name__ == "__main__":

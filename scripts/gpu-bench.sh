@@ -13,6 +13,8 @@
 #                                                # devrun/part (one part)
 #   there:   scripts/gpu-bench.sh run            # carrying devrun/bin and
 #                                                # devrun/assets
+#   there:   scripts/gpu-bench.sh cameras        # the same carry: issue 21's
+#                                                # 1..128-camera daemon runs
 #
 # `prepare` prints the exact sequence. The figures go to
 # docs/PERFORMANCE.md with the card, the command and this output.
@@ -34,8 +36,9 @@ prepare() {
     fi
     rm -f "$PARTS"/part-*
     # A part travels with the repository's tracked files (about 17 MB, the
-    # fuzz corpora most of it) under the 64 MiB limit: 44 MiB leaves room.
-    split -b 44M -d "$PARTS/../$WHEEL" "$PARTS/part-"
+    # demo model and photos most of it) under the 64 MiB limit: 44 MiB
+    # parts were refused (2026-12-06), 36 MiB travel.
+    split -b 36M -d "$PARTS/../$WHEEL" "$PARTS/part-"
 
     cargo build --release --features cuda
     # The GPU tests, at the dev profile (dependencies optimised anyway).
@@ -52,13 +55,13 @@ for line in sys.stdin:
     strip -o devrun/bin/nanodetd target/release/nanodetd
     strip -o devrun/bin/gpu-tests "$test_bin"
     gzip -9 devrun/bin/nanodetd devrun/bin/gpu-tests
-    cp benches/gpu_peer.py devrun/bin/
+    cp benches/gpu_peer.py benches/gpu_cameras.py devrun/bin/
     (cd "$PARTS/.." && sha256sum "$WHEEL" | cut -d' ' -f1) > devrun/bin/wheel.sha256
     # The trial-load test spawns nanodetd from the path cargo compiled into
     # it (CARGO_BIN_EXE_nanodetd); `run` puts the binary there.
     echo "$PWD/target/debug/nanodetd" > devrun/bin/test-exe-path
     cp "$assets"/models/nanodet-plus-m_320.onnx devrun/assets/models/
-    for photo in hpc203_bus.jpg hpc203_street.png skimage_chelsea.png nanodet_000252.jpg; do
+    for photo in hpc203_bus.jpg hpc203_street.png hpc203_zidane.jpg skimage_chelsea.png nanodet_000252.jpg; do
         cp "$assets/samples/$photo" devrun/assets/samples/
     done
     du -sh devrun/bin devrun/assets "$PARTS"/part-*
@@ -90,7 +93,9 @@ cuda_library_path() {
     printf '%s\n' "${dirs[@]}" | sort -u | paste -sd:
 }
 
-run() {
+# The wheel installed, the binaries unpacked, and the environment both
+# nanodetd and the Python peers run in.
+setup() {
     local wheel=$REMOTE/$WHEEL
     if [ ! -d "$REMOTE/site/onnxruntime" ]; then
         cat "$REMOTE"/parts/part-* > "$wheel"
@@ -108,6 +113,10 @@ run() {
     export NANODETD_ASSETS=$PWD/devrun/assets
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+}
+
+run() {
+    setup
     local frame=devrun/assets/samples/hpc203_street.png iters=${ITERS:-1000} failed=0
     # Each step runs even when one before it failed: one call to that
     # machine is precious, and every figure in it counts.
@@ -126,14 +135,45 @@ run() {
         echo "== peers, $model"
         python3 devrun/bin/gpu_peer.py devrun/assets/models/$model.onnx --iters "$iters" || failed=1
     done
-    echo "== tests/integration/gpu.rs"
-    NANODETD_REQUIRE_GPU=1 "$REMOTE/bin/gpu-tests" gpu:: --test-threads 1 --nocapture || failed=1
+    # Issue 21: batches, nanodetd's detector and the peer on the same
+    # batchable model (nanodetd writes the one its CUDA provider runs).
+    for batch in ${BATCHES:-8 32 64 128}; do
+        for precision in ${PRECISIONS:-fp32 fp16}; do
+            local flag=() written=$REMOTE/batch-$batch-$precision.onnx
+            [ "$precision" = fp16 ] && flag=(--fp16)
+            echo "== nanodetd bench-gpu, nanodet-plus-m_320, batch $batch, $precision"
+            "$REMOTE/bin/nanodetd" bench-gpu --model devrun/assets/models/nanodet-plus-m_320.onnx \
+                --image "$frame" --iters "${BATCH_ITERS:-200}" --batch "$batch" "${flag[@]}" \
+                --write-model "$written" || failed=1
+            echo "== peer, the same model, batch $batch, $precision"
+            python3 devrun/bin/gpu_peer.py "$written" --batch "$batch" \
+                --iters "${BATCH_ITERS:-200}" --warmup 20 || failed=1
+        done
+    done
+    [ "${SKIP_TESTS:-0}" = 1 ] || gpu_tests || failed=1
     return $failed
+}
+
+gpu_tests() {
+    echo "== tests/integration/gpu.rs"
+    NANODETD_REQUIRE_GPU=1 "$REMOTE/bin/gpu-tests" gpu:: --test-threads 1 --nocapture "$@"
+}
+
+# Issue 21: nanodetd itself, 1 to 128 synthetic 1080p cameras at 30 fps,
+# batch 1 against batched, FP32 and FP16 (benches/gpu_cameras.py; its
+# arguments pass through, e.g. --cameras 64 --batches 32).
+cameras() {
+    setup
+    python3 devrun/bin/gpu_cameras.py --nanodetd "$REMOTE/bin/nanodetd" \
+        --model devrun/assets/models/nanodet-plus-m_320.onnx \
+        --photo devrun/assets/samples/hpc203_street.png "$@"
 }
 
 case "${1:-}" in
     prepare) prepare ;;
     receive) receive ;;
     run) run ;;
-    *) echo "usage: $0 prepare|receive|run" >&2; exit 2 ;;
+    tests) shift; setup; gpu_tests "$@" ;;
+    cameras) shift; cameras "$@" ;;
+    *) echo "usage: $0 prepare|receive|run|tests [test filter]|cameras [gpu_cameras.py arguments]" >&2; exit 2 ;;
 esac
