@@ -103,8 +103,6 @@ impl std::fmt::Debug for Control {
 pub enum Work {
     /// A message from the daemon: always before any frame.
     Control(Control),
-    /// A frame to detect in.
-    Frame(CapturedFrame),
     /// Frames to detect in one run, at most one per camera, in turn order
     /// ([`FrameBoard::next_batch`]).
     Frames(Vec<CapturedFrame>),
@@ -240,21 +238,13 @@ impl FrameBoard {
         self.changed.notify_all();
     }
 
-    /// A control message, else the frame of the camera whose turn it is
-    /// (served longest ago, so no camera starves), else a camera's end;
-    /// `None` after `timeout` with nothing to do.
-    pub fn next(&self, timeout: Duration) -> Option<Work> {
-        self.next_batch(1, Duration::ZERO, timeout)
-            .map(|work| match work {
-                Work::Frames(mut frames) if frames.len() == 1 => Work::Frame(frames.remove(0)),
-                other => other,
-            })
-    }
-
-    /// As [`next`](Self::next), but up to `max` frames at once, of as many
-    /// cameras, in turn order. When fewer than `max` are waiting, waits
-    /// for more until the oldest has waited `wait` (0: takes what is
-    /// there); a control message ends the wait, and comes first.
+    /// A control message, else up to `max` frames at once, of as many
+    /// cameras, in turn order: the camera whose turn it is first (served
+    /// longest ago, so no camera starves); else a camera's end; `None`
+    /// after `timeout` with nothing to do. When fewer than `max` frames
+    /// are waiting, waits for more until the oldest has waited `wait` (0:
+    /// takes what is there); a control message ends the wait, and comes
+    /// first.
     pub fn next_batch(&self, max: usize, wait: Duration, timeout: Duration) -> Option<Work> {
         let max = max.max(1);
         let mut inbox = self.inbox();
@@ -391,8 +381,10 @@ mod tests {
                 }
             }
             for _ in 0..2 {
-                if let Some(Work::Frame(f)) = board.next(Duration::ZERO) {
-                    *served.entry(f.camera).or_default() += 1;
+                if let Some(Work::Frames(frames)) = next(&board, Duration::ZERO) {
+                    for f in frames {
+                        *served.entry(f.camera).or_default() += 1;
+                    }
                 }
             }
         }
@@ -431,9 +423,11 @@ mod tests {
                     }
                 }
                 if ms >= busy_until
-                    && let Some(Work::Frame(f)) = board.next(Duration::ZERO)
+                    && let Some(Work::Frames(frames)) = next(&board, Duration::ZERO)
                 {
-                    *served.entry(f.camera).or_default() += 1;
+                    for f in frames {
+                        *served.entry(f.camera).or_default() += 1;
+                    }
                     busy_until = ms + 31;
                 }
             }
@@ -546,7 +540,7 @@ mod tests {
         let got = tag(board.next_batch(4, Duration::from_secs(10), Duration::from_secs(5)));
         sender.join().unwrap();
         assert_eq!(got, "Stop");
-        assert_eq!(tag(board.next(Duration::ZERO)), "a 3");
+        assert_eq!(tag(next(&board, Duration::ZERO)), "a 3");
     }
 
     /// Issue 21: a camera that ends while its frame waits: the frame goes
@@ -621,10 +615,7 @@ mod tests {
         let board = FrameBoard::default();
         board.put(captured("a", 1));
         board.put(captured("b", 1));
-        assert_eq!(
-            tag(board.next_batch(1, Duration::ZERO, Duration::ZERO)),
-            "1 frames"
-        );
+        assert_eq!(tag(next(&board, Duration::ZERO)), "a 1");
         board.end("a");
         board.put(captured("b", 2));
         assert_eq!(
@@ -633,12 +624,20 @@ mod tests {
         );
     }
 
+    /// One frame a run: what the detector asks for at `max_batch = 1`.
+    fn next(board: &FrameBoard, timeout: Duration) -> Option<Work> {
+        board.next_batch(1, Duration::ZERO, timeout)
+    }
+
     fn tag(work: Option<Work>) -> String {
         match work {
-            Some(Work::Frame(f)) => match f.image {
-                Captured::Frame(frame) => format!("{} {}", f.camera, frame.data()[0]),
-                Captured::Raw { .. } => format!("{} raw", f.camera),
-            },
+            Some(Work::Frames(mut frames)) if frames.len() == 1 => {
+                let f = frames.remove(0);
+                match f.image {
+                    Captured::Frame(frame) => format!("{} {}", f.camera, frame.data()[0]),
+                    Captured::Raw { .. } => format!("{} raw", f.camera),
+                }
+            }
             Some(Work::Frames(frames)) => format!("{} frames", frames.len()),
             Some(Work::Ended(c)) => format!("{c} ended"),
             Some(Work::Control(c)) => format!("{c:?}"),
@@ -658,7 +657,7 @@ mod tests {
         )
         .unwrap();
         board.send(Control::Config(Arc::new(config)));
-        let order: Vec<String> = (0..4).map(|_| tag(board.next(Duration::ZERO))).collect();
+        let order: Vec<String> = (0..4).map(|_| tag(next(&board, Duration::ZERO))).collect();
         assert_eq!(order, ["Stop", "Config", "a 1", "none"]);
         assert!(!board.has_work());
     }
@@ -667,7 +666,7 @@ mod tests {
     fn a_message_wakes_a_detector_waiting_for_frames() {
         let board = Arc::new(FrameBoard::default());
         let sender = Arc::clone(&board);
-        let waiter = std::thread::spawn(move || tag(board.next(Duration::from_secs(60))));
+        let waiter = std::thread::spawn(move || tag(next(&board, Duration::from_secs(60))));
         std::thread::sleep(Duration::from_millis(20));
         sender.send(Control::Stop);
         assert_eq!(waiter.join().unwrap(), "Stop");
@@ -681,10 +680,10 @@ mod tests {
         assert!(board.put(captured("a", 2)), "replacing counts as a drop");
         board.end("b");
         // `a` has waited since its first frame, before `b`'s.
-        assert_eq!(tag(board.next(Duration::ZERO)), "a 2");
-        assert_eq!(tag(board.next(Duration::ZERO)), "b 1");
-        assert_eq!(tag(board.next(Duration::ZERO)), "b ended");
-        assert_eq!(tag(board.next(Duration::from_millis(10))), "none");
+        assert_eq!(tag(next(&board, Duration::ZERO)), "a 2");
+        assert_eq!(tag(next(&board, Duration::ZERO)), "b 1");
+        assert_eq!(tag(next(&board, Duration::ZERO)), "b ended");
+        assert_eq!(tag(next(&board, Duration::from_millis(10))), "none");
     }
 
     #[test]
@@ -696,12 +695,12 @@ mod tests {
         let b = board.clone();
         let taker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            tag(b.next(Duration::ZERO))
+            tag(next(&b, Duration::ZERO))
         });
         board
             .put_when_free(captured("r", 3), Duration::from_secs(5))
             .unwrap();
         assert_eq!(taker.join().unwrap(), "r 1");
-        assert_eq!(tag(board.next(Duration::ZERO)), "r 3");
+        assert_eq!(tag(next(&board, Duration::ZERO)), "r 3");
     }
 }

@@ -318,9 +318,6 @@ impl DetectorTask {
                 Some(Work::Control(Control::Model(_))) => {}
                 // Finish the frames waiting, then end every object.
                 Some(Work::Control(Control::Stop)) => stopping = true,
-                Some(Work::Frame(frame)) => {
-                    self.handle_batch(vec![frame], &config, &mut session, &mut cameras)
-                }
                 Some(Work::Frames(frames)) => {
                     self.handle_batch(frames, &config, &mut session, &mut cameras)
                 }
