@@ -238,7 +238,7 @@ def one_run(args, work, cameras, precision, batch, fps):
     notes = []
     with open(log_path) as log:
         for line in log:
-            if "engine:" in line or "batching:" in line or "ERROR" in line:
+            if any(k in line for k in ("engine:", "batching:", "ONNX Runtime CUDA", "ERROR", "WARN")):
                 notes.append(line.strip())
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     gpu_busy = f"{sum(gpu) / len(gpu):.0f}" if gpu else "-"

@@ -146,6 +146,7 @@ impl CudaSession {
             BackendError::Run(cause) => unavailable(cause),
             other => other,
         };
+        let started = std::time::Instant::now();
         for images in bucket_sizes(max_batch) {
             made.bucket(images).map_err(fail)?;
         }
@@ -165,6 +166,11 @@ impl CudaSession {
                 .synchronize()
                 .map_err(cuda("warming the buckets up"))?;
         }
+        log::info!(
+            "ONNX Runtime CUDA session: batch sizes {:?} made and run in {:.1} s",
+            bucket_sizes(max_batch),
+            started.elapsed().as_secs_f64()
+        );
         let largest = made.buckets.len() - 1;
         let address = made.buckets[largest].input;
         // SAFETY: ONNX Runtime allocated `max_batch * per_image` f32 on
