@@ -184,10 +184,10 @@ def one_run(args, work, cameras, precision, batch, fps):
         daemon = subprocess.Popen([args.nanodetd, "run", "--config", path],
                                   stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        # Ready (/readyz) once the model is loaded; the detector's session
-        # is made after that (on the GPU: its buffers, and a run of each
-        # batch size: 19 s for max_batch 32 on the H100), so the warm-up
-        # starts at the first frames detected.
+        # Ready (/readyz) once the model is in service; the first runs may
+        # still be slow (a CUDA graph's capture, or a session that ran each
+        # batch size when it was made: 19 s for max_batch 32 on the H100
+        # once), so the warm-up starts at the first frames detected.
         deadline = time.monotonic() + args.load_timeout
         while True:
             if daemon.poll() is not None or time.monotonic() > deadline:

@@ -163,13 +163,14 @@ pub struct OnnxRuntimeConfig {
     /// CUDA device of the GPU providers.
     #[serde(default = "device_zero")]
     pub device: Bounded<usize, 0, 63>,
-    /// Replay the GPU provider's run as a CUDA graph (one per batch
-    /// size).
+    /// Replay the GPU provider's run as a CUDA graph (sessions of one
+    /// batch size only: see `max_batch`).
     #[serde(default = "default_true")]
     pub cuda_graph: bool,
     /// Largest batch a GPU provider's session takes (cameras inferred
     /// together, up to `[batching] max_batch`): the model is made
-    /// batchable and its device buffers sized for this many images.
+    /// batchable and its device buffers sized for this many images. Above
+    /// 1 the session runs without CUDA graphs.
     #[serde(default = "default_max_batch")]
     pub max_batch: Bounded<u32, 1, { crate::detector::MAX_BATCH as u64 }>,
 }

@@ -555,29 +555,19 @@ impl ModelLoads {
         let results = self.results.clone();
         let wanted = self.generation.clone();
         let status = status.clone();
-        tokio::task::spawn_blocking(move || {
-            let loaded = probe_and_load(&model).and_then(|detector| {
-                let session = detector.session().map_err(|source| DaemonError::Session {
-                    path: model.path.clone(),
-                    source,
-                })?;
-                Ok((detector, session))
-            });
-            match loaded {
-                Ok((detector, session)) => {
-                    results.send(Control::Model(Box::new(pipeline::LoadedModel {
-                        generation,
-                        wanted,
-                        config: model,
-                        detector,
-                        session,
-                    })));
-                }
-                Err(e) => {
-                    let why = prepare::one_line(&e);
-                    log::error!("{why}; keeping the running model");
-                    status.set_config_error(Some(&why));
-                }
+        tokio::task::spawn_blocking(move || match probe_and_load(&model) {
+            Ok(detector) => {
+                results.send(Control::Model(Box::new(pipeline::LoadedModel {
+                    generation,
+                    wanted,
+                    config: model,
+                    detector,
+                })));
+            }
+            Err(e) => {
+                let why = prepare::one_line(&e);
+                log::error!("{why}; keeping the running model");
+                status.set_config_error(Some(&why));
             }
         });
     }

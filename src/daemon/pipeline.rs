@@ -213,11 +213,6 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The model.
     pub detector: Arc<Detector>,
-    /// The detector's session on it, made by the loader: on a GPU it is
-    /// the device buffers and a run of each batch size (19 s for
-    /// `max_batch = 32` on an H100), which the detector thread must not
-    /// spend while cameras wait and its watchdog heartbeat ages.
-    pub session: DetectorSession,
 }
 
 impl LoadedModel {
@@ -299,19 +294,26 @@ impl DetectorTask {
                     let LoadedModel {
                         config: model,
                         detector,
-                        session: new_session,
                         ..
                     } = *loaded;
-                    log::info!("detector: new model in service: {}", model.path.display());
-                    let in_service = ModelInService::new(model, &detector);
-                    self.metrics.set_model(&in_service.metric_labels());
-                    *self
-                        .in_service
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = in_service;
-                    session = new_session;
-                    self.board.set_raw_wanted(session.on_gpu());
-                    self.retune(&config, &session, &mut cameras);
+                    match detector.session() {
+                        Ok(s) => {
+                            log::info!("detector: new model in service: {}", model.path.display());
+                            let in_service = ModelInService::new(model, &detector);
+                            self.metrics.set_model(&in_service.metric_labels());
+                            *self
+                                .in_service
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner) = in_service;
+                            session = s;
+                            self.board.set_raw_wanted(session.on_gpu());
+                            self.retune(&config, &session, &mut cameras);
+                        }
+                        Err(e) => log::error!(
+                            "detector: new model unusable, keeping the old: {}",
+                            crate::errors::one_line(&e)
+                        ),
+                    }
                 }
                 Some(Work::Control(Control::Model(_))) => {}
                 // Finish the frames waiting, then end every object.

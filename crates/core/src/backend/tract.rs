@@ -430,7 +430,12 @@ pub fn validate_batch(
                 b.cast_to::<f32>().map_err(|_| not_float())?,
                 s.cast_to::<f32>().map_err(|_| not_float())?,
             );
-            if b.shape().first() != Some(&batch) || b.shape()[1..] != s.shape()[1..] {
+            // An output that ignores the batch may still lead with a 2
+            // (a constant [2, 4]): its size then differs from the batch's.
+            if b.shape().first() != Some(&batch)
+                || b.shape()[1..] != s.shape()[1..]
+                || Some(b.len()) != batch.checked_mul(s.len())
+            {
                 return Err(BatchMismatch::Folded {
                     output: o,
                     batch,

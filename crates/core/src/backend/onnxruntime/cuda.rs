@@ -8,10 +8,13 @@
 //! for views over the allocator's own memory on the H100). So each batch
 //! size a run is made at has its own tensors, binding and CUDA graph
 //! (`gpu_graph_id`): a bucket. Buckets are powers of two up to the
-//! session's `max_batch`, all made and run when the session is made, none
-//! after a run. A session of more than one bucket runs without CUDA
-//! graphs: with several captured, ONNX Runtime 1.31.1's runs faulted on
-//! an H100 (see `OnnxRuntimeEngine::graphs`). The GPU preprocessor writes
+//! session's `max_batch`, all made when the session is made, none after a
+//! run. A session of more than one bucket runs without CUDA graphs: with
+//! several captured, ONNX Runtime 1.31.1's runs faulted on an H100 (see
+//! `OnnxRuntimeEngine::graphs`). Nothing runs here: ONNX Runtime keeps a
+//! CUDA graph, and its count of runs before the capture, per thread, so
+//! the detector thread's own first runs do that; the engine's load ran
+//! each batch size once for cuDNN's search. The GPU preprocessor writes
 //! every image into the largest bucket's input; a run of fewer images
 //! copies them (device to device, microseconds) into the smallest bucket
 //! that holds them and runs that, its spare images ignored. After a run
@@ -150,24 +153,8 @@ impl CudaSession {
         for images in bucket_sizes(max_batch) {
             made.bucket(images).map_err(fail)?;
         }
-        // Each bucket's first runs (ONNX Runtime's allocations, the
-        // convolutions' algorithms: the engine's load has searched them),
-        // then its capture where graphs are on (ONNX Runtime captures after
-        // two plain runs), so no run in service waits for either. What the
-        // buffers hold does not matter.
-        if made.shares_stream {
-            for index in 0..made.buckets.len() {
-                for _ in 0..3 {
-                    made.run_bucket(index).map_err(fail)?;
-                }
-            }
-            made.gpu
-                .stream()
-                .synchronize()
-                .map_err(cuda("warming the buckets up"))?;
-        }
         log::info!(
-            "ONNX Runtime CUDA session: batch sizes {:?} made and run in {:.1} s",
+            "ONNX Runtime CUDA session: buffers for batch sizes {:?} made in {:.1} s",
             bucket_sizes(max_batch),
             started.elapsed().as_secs_f64()
         );

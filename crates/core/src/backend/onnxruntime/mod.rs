@@ -159,8 +159,8 @@ pub struct OnnxRuntimeOptions {
     pub provider: Provider,
     /// CUDA device, for the GPU providers.
     pub device: usize,
-    /// Capture the CUDA provider's run in a CUDA graph and replay it (one
-    /// graph per batch size).
+    /// Capture the CUDA provider's run in a CUDA graph and replay it (a
+    /// session of one batch size only: see `OnnxRuntimeEngine::graphs`).
     pub cuda_graph: bool,
     /// Largest batch a CUDA-provider session takes: above 1 the model is
     /// made batchable ([`batchable`](crate::backend::batchable)) and the
@@ -397,7 +397,7 @@ impl OnnxRuntimeEngine {
         } else if runtime.provider == Provider::TensorRt && runtime.max_batch > 1 {
             // Its engines would be rebuilt for each batch size it meets.
             engine.notes.push(format!(
-                "max_batch {} applies to the CUDA provider; the TensorRT provider runs batch 1",
+                "max_batch {} applies where the CUDA provider is asked; with the TensorRT provider (and its fallback to CUDA) sessions run batch 1",
                 runtime.max_batch
             ));
         }
@@ -411,7 +411,12 @@ impl OnnxRuntimeEngine {
             engine.max_batch = 1;
             engine.cuda_onnx = None;
         }
-        if engine.provider == Provider::Cuda {
+        // Only a session without CUDA graphs: this runs on the loader's
+        // thread, on the stream the detector may be using, and a graph
+        // session's detector thread captures (ONNX Runtime: in global
+        // mode) in its first runs. A graph session has one batch size,
+        // whose search its first run does.
+        if engine.provider == Provider::Cuda && !engine.graphs() {
             engine.warm_up(&mut spare);
         }
         if engine.provider == Provider::Cpu && runtime.fp16 {
@@ -450,19 +455,16 @@ impl OnnxRuntimeEngine {
     }
 
     /// A run of the CUDA session at each batch size its sessions will run,
-    /// on zeros, with no CUDA graph: cuDNN's algorithm search for each
-    /// shape (about 9 s a shape for FP16 on an H100) happens here, in the
-    /// load, and not in the first runs of the detector. A failure is only
-    /// noted: the runs in service will do the search.
+    /// on zeros: cuDNN's algorithm search for each shape (about 9 s a
+    /// shape for FP16 on an H100), which ONNX Runtime keeps with the
+    /// session's kernels, happens here, in the load, and not in the
+    /// detector's first runs. A failure is only noted: the runs in service
+    /// will do the search.
     fn warm_up(&mut self, session: &mut OrtSession) {
         let started = std::time::Instant::now();
         let per_image: usize = self.info.input.shape.iter().product();
         let mut warm = || -> Result<(), ort::Error> {
-            let mut options = ort::session::RunOptions::new()?;
-            if self.graphs() {
-                // -1: this run is neither captured nor replayed.
-                options.set("gpu_graph_id", "-1")?;
-            }
+            let options = ort::session::RunOptions::new()?;
             for images in bucket_sizes(self.max_batch) {
                 let shape: Vec<i64> = batch_shape(&self.info.input.shape, images)
                     .iter()
@@ -623,7 +625,8 @@ impl Engine for OnnxRuntimeEngine {
     }
 
     fn max_batch(&self) -> usize {
-        // Batch-1 exports: bigger batches run image by image.
+        // Any batch: a host session runs it image by image, a CUDA session
+        // in runs of up to its buckets' largest.
         usize::MAX
     }
 
