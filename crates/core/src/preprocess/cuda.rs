@@ -234,7 +234,7 @@ impl GpuPreprocessor {
             bytes: lease.bytes(),
             origin,
         })?;
-        upload_lent(self.gpu.stream(), &mut self.source, bytes)?;
+        upload(self.gpu.stream(), &mut self.source, bytes)?;
         self.staged = Some(staged);
         Ok(())
     }
@@ -357,37 +357,6 @@ fn upload<Host: HostSlice<u8> + ?Sized>(
     };
     stream
         .memcpy_htod(pinned, source)
-        .map_err(GpuError::driver("copying the frame to the device"))
-}
-
-/// [`upload`] of a lent capture buffer, queued and not waited for. cudarc
-/// syncs the whole stream after a copy from a plain slice, so that the
-/// slice may be freed; a lent buffer is kept by the detector until its
-/// run has ended (and page-locked, so the copy is truly asynchronous).
-/// Without the sync, a batch's uploads and kernels queue behind each other
-/// and the host goes on to the next frame; with it, each frame waited for
-/// the one before (measured on the H100: issue 21).
-#[allow(unsafe_code)]
-fn upload_lent(
-    stream: &Arc<CudaStream>,
-    source: &mut Option<CudaSlice<u8>>,
-    bytes: &[u8],
-) -> Result<(), GpuError> {
-    let source = match source {
-        Some(source) if source.len() == bytes.len() => source,
-        _ => {
-            // SAFETY: filled completely by the copy below before the
-            // kernel reads it (same stream).
-            let buffer = unsafe { stream.alloc::<u8>(bytes.len()) }
-                .map_err(GpuError::driver("allocating the frame buffer"))?;
-            source.insert(buffer)
-        }
-    };
-    let (device, _written) = cudarc::driver::DevicePtrMut::device_ptr_mut(source, stream);
-    // SAFETY: `device` holds `bytes.len()` bytes; `bytes` is a lent capture
-    // buffer that outlives the copy (the caller's contract above), and the
-    // stream orders the copy after every earlier use of `source`.
-    unsafe { cudarc::driver::result::memcpy_htod_async(device, bytes, stream.cu_stream()) }
         .map_err(GpuError::driver("copying the frame to the device"))
 }
 
