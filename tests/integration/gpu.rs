@@ -305,9 +305,6 @@ fn the_trial_load_runs_the_cuda_provider_in_the_child_issue_17() {
 
 #[test]
 fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
-    use nanodetd::backend::EngineOptions;
-    use nanodetd::backend::onnxruntime::{OnnxRuntimeEngine, OnnxRuntimeOptions, Provider};
-
     let test = "onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers";
     let Some(assets) = support::assets(test) else {
         return;
@@ -319,24 +316,9 @@ fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
         return;
     };
     let model = support::model(&assets, "nanodet-plus-m_320");
-    let engine = OnnxRuntimeEngine::load(
-        &model,
-        &EngineOptions::default(),
-        &OnnxRuntimeOptions {
-            library: Some(library),
-            provider: Provider::Cuda,
-            cuda_graph: true,
-            ..OnnxRuntimeOptions::default()
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        engine.provider(),
-        Provider::Cuda,
-        "{:?}",
-        nanodetd::backend::Engine::notes(&engine)
-    );
-    let gpu = support::live_detector_on(Arc::new(engine));
+    let memo = tempfile::tempdir().unwrap();
+    let engine = onnxruntime_cuda_engine(&library, &model, 1, false, memo.path());
+    let gpu = support::live_detector_on(engine);
     let cpu = support::live_detector(&model);
     let mut gpu_session = gpu.session().unwrap();
     assert!(gpu_session.on_gpu());

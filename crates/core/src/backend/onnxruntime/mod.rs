@@ -465,13 +465,24 @@ impl OnnxRuntimeEngine {
         let per_image: usize = self.info.input.shape.iter().product();
         let mut warm = || -> Result<(), ort::Error> {
             let options = ort::session::RunOptions::new()?;
+            // The largest batch's zeros, for every size. Its size follows
+            // the model's input (up to 4096² a side) and max_batch: an
+            // allocation that fails is a note, never an abort.
+            let values = per_image
+                .checked_mul(self.max_batch)
+                .ok_or_else(|| ort::Error::new("the warm-up batch's size overflows"))?;
+            let mut zeros: Vec<f32> = Vec::new();
+            zeros
+                .try_reserve_exact(values)
+                .map_err(|e| ort::Error::new(format!("{values} zeros for the warm-up: {e}")))?;
+            zeros.resize(values, 0.0);
             for images in bucket_sizes(self.max_batch) {
                 let shape: Vec<i64> = batch_shape(&self.info.input.shape, images)
                     .iter()
                     .map(|&d| d as i64)
                     .collect();
-                let zeros = vec![0f32; images * per_image];
-                let tensor = TensorRef::from_array_view((shape, zeros.as_slice()))?;
+                let batch = zeros.get(..images * per_image).unwrap_or_default();
+                let tensor = TensorRef::from_array_view((shape, batch))?;
                 session
                     .run_with_options(ort::inputs![self.input_name.as_str() => tensor], &options)?;
             }
