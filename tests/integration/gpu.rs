@@ -257,13 +257,7 @@ fn the_trial_load_runs_the_cuda_provider_in_the_child_issue_17() {
     use nanodetd::backend::onnxruntime::Provider;
     use nanodetd::daemon::probe::{ProbeEngine, ProbeOutcome, run_probe};
     let test = "the_trial_load_runs_the_cuda_provider_in_the_child_issue_17";
-    let Some(assets) = support::assets(test) else {
-        return;
-    };
-    let Some(_gpu) = gpu_or_skip(test) else {
-        return;
-    };
-    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
         return;
     };
     let exe = Path::new(env!("CARGO_BIN_EXE_nanodetd"));
@@ -306,13 +300,7 @@ fn the_trial_load_runs_the_cuda_provider_in_the_child_issue_17() {
 #[test]
 fn onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers() {
     let test = "onnxruntime_cuda_finds_what_tract_finds_from_raw_camera_buffers";
-    let Some(assets) = support::assets(test) else {
-        return;
-    };
-    let Some(_gpu) = gpu_or_skip(test) else {
-        return;
-    };
-    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
         return;
     };
     let model = support::model(&assets, "nanodet-plus-m_320");
@@ -523,6 +511,41 @@ fn a_lent_capture_buffer_is_page_locked_once_and_uploads_what_a_copy_uploads() {
     eprintln!("{test}: YUYV, NV12 and BGR24 lent buffers upload exactly what a copy does");
 }
 
+/// The shared assets and onnxruntime-gpu's library, where both a GPU and
+/// that library are here; `None` (skipped, said why) otherwise.
+fn onnxruntime_cuda_or_skip(test: &str) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let assets = support::assets(test)?;
+    gpu_or_skip(test)?;
+    let library = onnxruntime_gpu_or_skip(test)?;
+    Some((assets, library))
+}
+
+/// A camera frame as `camera_frames` makes it: layout, bytes, name.
+type CameraFrame = (BufferLayout, Vec<u8>, String);
+
+/// `frames` in the slots of one run of `session`, each slot's detections.
+fn detect_in_slots(
+    session: &mut nanodetd::detector::DetectorSession,
+    frames: &[&CameraFrame],
+) -> Vec<Vec<Detection>> {
+    let transforms: Vec<_> = frames
+        .iter()
+        .enumerate()
+        .map(|(slot, (layout, bytes, origin))| {
+            let bytes = nanodetd::buffer::RawBytes::Copied(bytes.clone());
+            session
+                .preprocess_raw_into(slot, *layout, &bytes, origin)
+                .unwrap()
+        })
+        .collect();
+    session.infer_batch(frames.len()).unwrap();
+    transforms
+        .iter()
+        .enumerate()
+        .map(|(slot, t)| session.postprocess_slot(slot, t).unwrap())
+        .collect()
+}
+
 /// An engine on ONNX Runtime's CUDA provider, its sessions taking
 /// `max_batch` images, FP16 where asked.
 fn onnxruntime_cuda_engine(
@@ -555,7 +578,7 @@ fn onnxruntime_cuda_engine(
 }
 
 /// Eight camera frames (four photos, YUYV and NV12) and their names.
-fn camera_frames(assets: &Path) -> Vec<(BufferLayout, Vec<u8>, String)> {
+fn camera_frames(assets: &Path) -> Vec<CameraFrame> {
     let mut frames = Vec::new();
     for name in [
         "hpc203_bus.jpg",
@@ -603,16 +626,8 @@ fn confident_pairs(got: &[Detection], want: &[Detection], what: &str) -> (f32, f
 /// detections.
 #[test]
 fn onnxruntime_cuda_batches_give_each_frame_its_own_detections_issue_21() {
-    use nanodetd::buffer::RawBytes;
-
     let test = "onnxruntime_cuda_batches_give_each_frame_its_own_detections_issue_21";
-    let Some(assets) = support::assets(test) else {
-        return;
-    };
-    let Some(_gpu) = gpu_or_skip(test) else {
-        return;
-    };
-    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
         return;
     };
     let memo = tempfile::tempdir().unwrap();
@@ -632,12 +647,7 @@ fn onnxruntime_cuda_batches_give_each_frame_its_own_detections_issue_21() {
     let frames = camera_frames(&assets);
     let alone: Vec<Vec<Detection>> = frames
         .iter()
-        .map(|(layout, bytes, origin)| {
-            let bytes = RawBytes::Copied(bytes.clone());
-            let transform = single.preprocess_raw(*layout, &bytes, origin).unwrap();
-            single.infer().unwrap();
-            single.postprocess(&transform).unwrap()
-        })
+        .map(|frame| detect_in_slots(&mut single, &[frame]).remove(0))
         .collect();
     let (mut worst_score, mut worst_box, mut pairs, mut runs) = (0f32, 0f32, 0, 0);
     for (round, size) in [6, 3, 6, 6, 1, 3, 3, 6, 1, 1, 8, 8, 8, 3]
@@ -645,22 +655,11 @@ fn onnxruntime_cuda_batches_give_each_frame_its_own_detections_issue_21() {
         .enumerate()
     {
         let taken: Vec<usize> = (0..size).map(|i| (round + i) % frames.len()).collect();
-        let transforms: Vec<_> = taken
-            .iter()
-            .enumerate()
-            .map(|(slot, &f)| {
-                let (layout, bytes, origin) = &frames[f];
-                let bytes = RawBytes::Copied(bytes.clone());
-                batched
-                    .preprocess_raw_into(slot, *layout, &bytes, origin)
-                    .unwrap()
-            })
-            .collect();
-        batched.infer_batch(size).unwrap();
-        for (slot, (&f, transform)) in taken.iter().zip(&transforms).enumerate() {
-            let got = batched.postprocess_slot(slot, transform).unwrap();
+        let in_slots: Vec<&CameraFrame> = taken.iter().map(|&f| &frames[f]).collect();
+        let found = detect_in_slots(&mut batched, &in_slots);
+        for (slot, (&f, got)) in taken.iter().zip(&found).enumerate() {
             let what = format!("round {round}, batch {size}, slot {slot}: {}", frames[f].2);
-            let (score, pixels, n) = confident_pairs(&got, &alone[f], &what);
+            let (score, pixels, n) = confident_pairs(got, &alone[f], &what);
             eprintln!("{what}: {n} pairs, score {score}, box {pixels} px");
             assert!(score <= 0.01, "{what}: scores differ by {score}");
             assert!(pixels <= 3.0, "{what}: boxes differ by {pixels} px");
@@ -683,16 +682,8 @@ fn onnxruntime_cuda_batches_give_each_frame_its_own_detections_issue_21() {
 /// (batch.rs).
 #[test]
 fn onnxruntime_cuda_fp16_finds_what_fp32_finds_issue_21() {
-    use nanodetd::buffer::RawBytes;
-
     let test = "onnxruntime_cuda_fp16_finds_what_fp32_finds_issue_21";
-    let Some(assets) = support::assets(test) else {
-        return;
-    };
-    let Some(_gpu) = gpu_or_skip(test) else {
-        return;
-    };
-    let Some(library) = onnxruntime_gpu_or_skip(test) else {
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
         return;
     };
     let memo = tempfile::tempdir().unwrap();
@@ -703,29 +694,12 @@ fn onnxruntime_cuda_fp16_finds_what_fp32_finds_issue_21() {
     let mut half = support::live_detector_on(half).session().unwrap();
     let mut full = support::live_detector_on(full).session().unwrap();
     let frames = camera_frames(&assets);
-    let detect = |session: &mut nanodetd::detector::DetectorSession| -> Vec<Vec<Detection>> {
-        let transforms: Vec<_> = frames
-            .iter()
-            .enumerate()
-            .map(|(slot, (layout, bytes, origin))| {
-                let bytes = RawBytes::Copied(bytes.clone());
-                session
-                    .preprocess_raw_into(slot, *layout, &bytes, origin)
-                    .unwrap()
-            })
-            .collect();
-        session.infer_batch(frames.len()).unwrap();
-        transforms
-            .iter()
-            .enumerate()
-            .map(|(slot, t)| session.postprocess_slot(slot, t).unwrap())
-            .collect()
-    };
-    // Twice: the second run is the replayed graph.
-    let _ = detect(&mut half);
-    let halves = detect(&mut half);
-    let _ = detect(&mut full);
-    let fulls = detect(&mut full);
+    let all: Vec<&CameraFrame> = frames.iter().collect();
+    // Twice, as a session in service runs its buffers again.
+    let _ = detect_in_slots(&mut half, &all);
+    let halves = detect_in_slots(&mut half, &all);
+    let _ = detect_in_slots(&mut full, &all);
+    let fulls = detect_in_slots(&mut full, &all);
     let (mut worst_score, mut worst_box, mut pairs) = (0f32, 0f32, 0);
     for ((got, want), (_, _, origin)) in halves.iter().zip(&fulls).zip(&frames) {
         let (score, pixels, n) = confident_pairs(got, want, origin);
