@@ -314,7 +314,11 @@ fn bench_detector(
     }
     // The same frame in every slot of a run, as `batch` cameras would
     // send; the first slot's detections are compared below.
-    let mut detect = || {
+    let mut rows_kept = None;
+    let mut detect = |on_gpu: bool| {
+        session
+            .decode_on_gpu(on_gpu)
+            .map_err(|e| runtime(e.into()))?;
         let mut transforms = Vec::with_capacity(batch);
         for slot in 0..batch {
             transforms.push(
@@ -324,6 +328,7 @@ fn bench_detector(
             );
         }
         session.infer_batch(batch).map_err(|e| runtime(e.into()))?;
+        let kept = session.kept_rows(0);
         let mut first = Vec::new();
         for (slot, transform) in transforms.iter().enumerate() {
             let found = session
@@ -333,20 +338,35 @@ fn bench_detector(
                 first = found;
             }
         }
-        Ok::<_, Failure>(first)
+        Ok::<_, Failure>((first, kept))
     };
     // Warm-up: cuDNN's algorithm search, and the CUDA graph's capture.
     let mut found = Vec::new();
     for _ in 0..50 {
-        found = detect()?;
+        let (detections, _) = detect(false)?;
+        let (on_gpu, kept) = detect(true)?;
+        if on_gpu != detections {
+            return Err(runtime(anyhow!(
+                "decoding on the GPU found {on_gpu:?}, on the host {detections:?}"
+            )));
+        }
+        found = detections;
+        rows_kept = kept;
     }
-    let mut end_to_end = Vec::with_capacity(args.iters);
-    for _ in 0..args.iters {
-        let t0 = Instant::now();
-        let detections = detect()?;
-        end_to_end.push(t0.elapsed().as_secs_f64() * 1e6);
-        std::hint::black_box(detections);
-    }
+    // Decoding on the GPU (the session's default where it can), then
+    // with every output brought back and decoded on the host.
+    let mut timed = |session_decodes_on_gpu: bool| {
+        let mut samples = Vec::with_capacity(args.iters);
+        for _ in 0..args.iters {
+            let t0 = Instant::now();
+            let detections = detect(session_decodes_on_gpu)?;
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            std::hint::black_box(detections);
+        }
+        Ok::<_, Failure>(samples)
+    };
+    let mut end_to_end = timed(true)?;
+    let mut host_decoded = timed(false)?;
 
     // Inference alone, and from a host tensor (what a bare session.run
     // in another program is given), on sessions of their own.
@@ -355,14 +375,20 @@ fn bench_detector(
         Some(session) => session.map_err(|e| runtime(e.into()))?,
         None => return Err(runtime(anyhow!("no device session"))),
     };
-    let mut inference = Vec::with_capacity(args.iters);
-    for i in 0..args.iters + 50 {
-        let t0 = Instant::now();
-        device.run_on_device(batch).map_err(|e| runtime(e.into()))?;
-        if i >= 50 {
-            inference.push(t0.elapsed().as_secs_f64() * 1e6);
+    let mut run_alone = |plan| {
+        device.gather_rows(plan).map_err(|e| runtime(e.into()))?;
+        let mut samples = Vec::with_capacity(args.iters);
+        for i in 0..args.iters + 50 {
+            let t0 = Instant::now();
+            device.run_on_device(batch).map_err(|e| runtime(e.into()))?;
+            if i >= 50 {
+                samples.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
         }
-    }
+        Ok::<_, Failure>(samples)
+    };
+    let mut inference_gathered = run_alone(detector.gather_plan())?;
+    let mut inference = run_alone(None)?;
     let mut host = engine.new_session().map_err(|e| runtime(e.into()))?;
     let spec = detector.preprocess_spec().clone();
     let mut tensor = vec![0f32; spec.tensor_len()];
@@ -434,16 +460,29 @@ fn bench_detector(
         want.len()
     );
     println!(
+        "  rows the GPU kept for the first frame: {}",
+        rows_kept.map_or("none (the whole outputs came back)".to_owned(), |n| n
+            .to_string())
+    );
+    println!(
         "  {:<44} {:>10} {:>10} {:>10}",
         format!("detector on the GPU, {batch} frame(s) a run"),
         "median µs",
         "p99 µs",
         "frames/s"
     );
-    let rows: [(&str, &mut Vec<f64>); 3] = [
+    let rows: [(&str, &mut Vec<f64>); 5] = [
         (
             "pinned frames -> detections in host memory",
             &mut end_to_end,
+        ),
+        (
+            "the same, every output decoded on the host",
+            &mut host_decoded,
+        ),
+        (
+            "inference alone (device in, kept rows out)",
+            &mut inference_gathered,
         ),
         (
             "inference alone (device in, outputs to host)",

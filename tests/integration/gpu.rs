@@ -714,3 +714,69 @@ fn onnxruntime_cuda_fp16_finds_what_fp32_finds_issue_21() {
         "{test}: {pairs} detection pairs, worst score difference {worst_score}, worst box difference {worst_box} px"
     );
 }
+
+/// Issue 21: decoding on the GPU. The session keeps on the device only
+/// the rows whose best class is above the score threshold and the host
+/// decodes those; the same session with everything brought back, on the
+/// same frames in the same slots (the same bucket and algorithms, so the
+/// same raw outputs), must give exactly the same detections. At the
+/// evaluation threshold (0.05) an image may keep more rows than the bound:
+/// that run comes back whole, and still decodes the same.
+#[test]
+fn onnxruntime_cuda_decoding_on_the_gpu_gives_exactly_the_host_decodes_detections_issue_21() {
+    use nanodetd::detector::{DetectionParams, Detector};
+    use nanodetd::model::LayoutOverrides;
+    let test =
+        "onnxruntime_cuda_decoding_on_the_gpu_gives_exactly_the_host_decodes_detections_issue_21";
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
+        return;
+    };
+    let memo = tempfile::tempdir().unwrap();
+    let model = support::model(&assets, "nanodet-plus-m_320");
+    let engine = onnxruntime_cuda_engine(&library, &model, 8, false, memo.path());
+    let frames = camera_frames(&assets);
+    for params in [DetectionParams::LIVE, DetectionParams::EVAL] {
+        let detector = Arc::new(
+            Detector::new(engine.clone(), &LayoutOverrides::default(), None, params).unwrap(),
+        );
+        let mut session = detector.session().unwrap();
+        let (mut detections, mut gathered, mut whole_runs) = (0, 0, 0);
+        for size in [8, 3, 1, 8] {
+            let taken: Vec<&CameraFrame> = frames.iter().take(size).collect();
+            assert!(
+                session.decode_on_gpu(true).unwrap(),
+                "the CUDA session gathers"
+            );
+            let on_gpu = detect_in_slots(&mut session, &taken);
+            let kept: Vec<Option<usize>> = (0..size).map(|s| session.kept_rows(s)).collect();
+            assert!(!session.decode_on_gpu(false).unwrap());
+            let on_host = detect_in_slots(&mut session, &taken);
+            assert!((0..size).all(|s| session.kept_rows(s).is_none()));
+            eprintln!(
+                "threshold {}, batch {size}: rows kept {kept:?}",
+                params.score_threshold
+            );
+            for ((got, want), frame) in on_gpu.iter().zip(&on_host).zip(&taken) {
+                assert_eq!(got, want, "{}, batch {size}", frame.2);
+                detections += want.len();
+            }
+            if kept.iter().all(Option::is_some) {
+                gathered += 1;
+            } else {
+                assert!(
+                    kept.iter().all(Option::is_none),
+                    "a run is gathered or whole"
+                );
+                whole_runs += 1;
+            }
+        }
+        eprintln!(
+            "{test}: threshold {}: {detections} detections equal, {gathered} runs gathered, {whole_runs} whole",
+            params.score_threshold
+        );
+        assert!(detections >= 20, "only {detections} detections compared");
+        if params == DetectionParams::LIVE {
+            assert_eq!(whole_runs, 0, "the live threshold stays within the bound");
+        }
+    }
+}

@@ -244,3 +244,79 @@ fn awkward_image_files_decode_and_run() {
             .all(|x| x.bbox[2] <= 8000.0 && x.bbox[3] <= 6000.0)
     );
 }
+
+/// Issue 21: decoding on the GPU keeps only the rows of priors whose best
+/// class is above the threshold (the kernel `gather.cu`); the host then
+/// decodes those. Here the same selection is made on the host from real
+/// outputs of every model and photo, and decoding the kept rows must give
+/// exactly the candidates decoding the whole output gives, at the live and
+/// the evaluation thresholds. Layouts that decode from more than those rows
+/// (legacy top-k, per-level outputs) get no plan.
+#[test]
+fn kept_rows_decode_to_exactly_the_whole_outputs_candidates_issue_21() {
+    use nanodetd::backend::InputBatch;
+    use nanodetd::detector::DetectionParams;
+    use nanodetd::model::DecodeParams;
+    use nanodetd::preprocess::preprocess_into;
+
+    let Some(a) = assets("kept_rows_decode_to_exactly_the_whole_outputs_candidates_issue_21")
+    else {
+        return;
+    };
+    let mut compared = 0;
+    for (name, layout) in MODELS {
+        let detector = live_detector(&model(&a, name));
+        let Some(plan) = detector.gather_plan() else {
+            assert_ne!(layout, "plus", "{name}: a plus export gathers rows");
+            continue;
+        };
+        assert_eq!(layout, "plus", "{name}: only plus exports gather rows");
+        let spec = detector.preprocess_spec().clone();
+        let mut session = detector.engine().new_session().unwrap();
+        let mut tensor = vec![0f32; spec.tensor_len()];
+        for photo in ["hpc203_bus.jpg", "hpc203_street.png", "nanodet_000252.jpg"] {
+            let frame = Frame::from_file(&sample(&a, photo)).unwrap();
+            preprocess_into(&frame, &spec, &mut tensor).unwrap();
+            session.run(InputBatch::host(&tensor, 1)).unwrap();
+            let outputs = session.outputs().for_image(0);
+            let output = outputs[plan.output];
+            assert_eq!(output.len(), plan.priors * plan.columns);
+            for params in [DetectionParams::LIVE, DetectionParams::EVAL] {
+                let decode = DecodeParams {
+                    score_threshold: params.score_threshold,
+                    top_k_per_level: Some(params.top_k_per_level),
+                };
+                let (mut priors, mut rows) = (Vec::new(), Vec::new());
+                for (prior, row) in output.chunks_exact(plan.columns).enumerate() {
+                    let scores = &row[plan.score_first..][..plan.classes];
+                    let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if best > params.score_threshold {
+                        priors.push(prior as u32);
+                        rows.extend_from_slice(row);
+                    }
+                }
+                let mut whole = Vec::new();
+                detector
+                    .layout()
+                    .decode(&outputs, &decode, &mut whole)
+                    .unwrap();
+                let mut from_rows = Vec::new();
+                detector
+                    .layout()
+                    .decode_rows(&priors, &rows, &decode, &mut from_rows)
+                    .unwrap();
+                eprintln!(
+                    "{name}, {photo}, threshold {}: {} of {} rows kept, {} candidates",
+                    params.score_threshold,
+                    priors.len(),
+                    plan.priors,
+                    whole.len()
+                );
+                assert!(!whole.is_empty(), "{name}, {photo}");
+                assert_eq!(from_rows, whole, "{name}, {photo}");
+                compared += whole.len();
+            }
+        }
+    }
+    assert!(compared > 100, "{compared} candidates compared");
+}

@@ -8,6 +8,8 @@
 //! [`InputBatch`] variant without changing the callers.
 
 mod auto;
+#[cfg(feature = "cuda")]
+mod gather;
 pub mod onnxruntime;
 #[cfg(feature = "tensorrt")]
 pub mod tensorrt;
@@ -18,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::auto::{BackendChoice, Contender, choose_fastest};
+#[cfg(feature = "cuda")]
+pub use self::gather::ROWS_PER_IMAGE;
 pub use self::tract::{BatchMismatch, TractEngine, batchable, batchable_as, validate_batch};
 use crate::errors::{Cause, While};
 use crate::model::TensorShape;
@@ -98,6 +102,61 @@ pub trait DeviceSession: Send {
     fn run_on_device(&mut self, images: usize) -> Result<(), BackendError>;
     /// The last run's outputs.
     fn outputs(&self) -> &BatchOutputs;
+    /// From the next run on, bring back only the rows `plan` selects, or
+    /// every value again (`None`). Answers whether this session can:
+    /// those that cannot keep bringing everything back.
+    fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
+        let _ = plan;
+        Ok(false)
+    }
+}
+
+/// Which rows of a single `[priors, columns]` output the GPU keeps: those
+/// whose best score among `classes` columns from `score_first` is above
+/// `threshold`. Only those priors can yield a detection, so the host
+/// decodes the same candidates from them as from the whole output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GatherPlan {
+    /// Which output, in declared order.
+    pub output: usize,
+    /// Rows per image.
+    pub priors: usize,
+    /// Values per row.
+    pub columns: usize,
+    /// First class score of a row.
+    pub score_first: usize,
+    /// Class scores per row.
+    pub classes: usize,
+    /// A row is kept when its best class score is strictly above this.
+    pub threshold: f32,
+}
+
+/// The rows of one output that a [`GatherPlan`] kept, per image, by
+/// ascending prior.
+#[derive(Debug, Default)]
+struct GatheredRows {
+    output: usize,
+    columns: usize,
+    /// Image `i`'s rows are `starts[i]..starts[i + 1]`.
+    starts: Vec<usize>,
+    priors: Vec<u32>,
+    values: Vec<f32>,
+}
+
+/// One image's outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageOutputs<'a> {
+    /// Every value of every output, in declared order.
+    Whole(Vec<&'a [f32]>),
+    /// Of output `output`, only the rows a [`GatherPlan`] kept.
+    Rows {
+        /// Which output the rows are from.
+        output: usize,
+        /// Each row's prior, ascending.
+        priors: &'a [u32],
+        /// The rows, `priors.len()` times the row's width.
+        values: &'a [f32],
+    },
 }
 
 /// An engine with notes added by whoever chose it: the fallback that put
@@ -195,6 +254,8 @@ pub struct BatchOutputs {
     images: usize,
     /// Per output: its values for all images, image after image.
     tensors: Vec<Vec<f32>>,
+    /// Set instead of `tensors` when the device kept only some rows.
+    gathered: Option<GatheredRows>,
 }
 
 impl BatchOutputs {
@@ -205,6 +266,71 @@ impl BatchOutputs {
         for t in &mut self.tensors {
             t.clear();
         }
+        self.gathered = None;
+    }
+
+    /// Replaces the outputs by the rows a [`GatherPlan`] kept of `images`
+    /// images. Image `i` kept `counts[i]` rows: its priors are the first
+    /// `counts[i]` of `picked[i * capacity..]`, in any order, and its rows
+    /// the same of `rows[i * capacity * columns..]`. They are stored by
+    /// ascending prior, the order the host decode reads them in.
+    pub fn set_gathered(
+        &mut self,
+        plan: &GatherPlan,
+        capacity: usize,
+        counts: &[u32],
+        picked: &[u32],
+        rows: &[f32],
+    ) -> Result<(), BackendError> {
+        self.reset(self.tensors.len(), counts.len());
+        let mut gathered = GatheredRows {
+            output: plan.output,
+            columns: plan.columns,
+            ..GatheredRows::default()
+        };
+        let mut order = Vec::new();
+        gathered.starts.push(0);
+        for (image, &count) in counts.iter().enumerate() {
+            let first = image * capacity;
+            let count = (count as usize).min(capacity);
+            let priors = picked.get(first..first + count);
+            let values = rows.get(first * plan.columns..(first + count) * plan.columns);
+            let (Some(priors), Some(values)) = (priors, values) else {
+                return Err(BackendError::Input {
+                    images: counts.len(),
+                    values: rows.len(),
+                    reason: format!("image {image} kept {count} rows past the gathered buffers"),
+                });
+            };
+            order.clear();
+            order.extend(0..count);
+            order.sort_unstable_by_key(|&row| priors[row]);
+            for &row in &order {
+                gathered.priors.push(priors[row]);
+                gathered
+                    .values
+                    .extend_from_slice(&values[row * plan.columns..][..plan.columns]);
+            }
+            gathered.starts.push(gathered.priors.len());
+        }
+        self.gathered = Some(gathered);
+        Ok(())
+    }
+
+    /// The outputs of image `image`, `None` past the batch.
+    pub fn image(&self, image: usize) -> Option<ImageOutputs<'_>> {
+        if image >= self.images {
+            return None;
+        }
+        let Some(gathered) = &self.gathered else {
+            return Some(ImageOutputs::Whole(self.for_image(image)));
+        };
+        let rows = gathered.starts[image]..gathered.starts[image + 1];
+        Some(ImageOutputs::Rows {
+            output: gathered.output,
+            priors: &gathered.priors[rows.clone()],
+            values: &gathered.values[rows.start * gathered.columns..rows.end * gathered.columns],
+        })
     }
 
     /// Appends one image's values of output `index`.
@@ -552,6 +678,62 @@ mod tests {
         assert_eq!(o.for_image(1), vec![&[3.0, 4.0][..], &[6.0][..]]);
         o.reset(2, 1);
         assert!(o.for_image(0).iter().all(|s| s.is_empty()));
+    }
+
+    #[test]
+    fn gathered_rows_come_out_by_prior_per_image() {
+        let plan = GatherPlan {
+            output: 0,
+            priors: 10,
+            columns: 2,
+            score_first: 0,
+            classes: 1,
+            threshold: 0.5,
+        };
+        let mut o = BatchOutputs::default();
+        o.reset(1, 2);
+        o.push(0, &[0.0; 40]);
+        // Capacity 3: image 0 kept priors 7 then 2 (the order the GPU's
+        // atomics ran in), image 1 kept none, image 2 four (one past).
+        let counts = [2, 0, 4];
+        let picked = [7, 2, 99, 0, 0, 0, 9, 1, 5];
+        let rows = [
+            7.0, 7.5, 2.0, 2.5, 0.0, 0.0, //
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, //
+            9.0, 9.5, 1.0, 1.5, 5.0, 5.5,
+        ];
+        o.set_gathered(&plan, 3, &counts, &picked, &rows).unwrap();
+        assert_eq!(o.images(), 3);
+        assert_eq!(
+            o.image(0),
+            Some(ImageOutputs::Rows {
+                output: 0,
+                priors: &[2, 7],
+                values: &[2.0, 2.5, 7.0, 7.5],
+            })
+        );
+        assert_eq!(
+            o.image(1),
+            Some(ImageOutputs::Rows {
+                output: 0,
+                priors: &[],
+                values: &[],
+            })
+        );
+        let Some(ImageOutputs::Rows { priors, .. }) = o.image(2) else {
+            panic!("{:?}", o.image(2));
+        };
+        assert_eq!(priors, [1, 5, 9], "at most the capacity");
+        assert_eq!(o.image(3), None);
+        // Too few rows for the counts is an error, not a panic.
+        assert!(
+            o.set_gathered(&plan, 3, &counts, &picked, &rows[..4])
+                .is_err()
+        );
+        // A reset brings back whole outputs.
+        o.reset(1, 1);
+        o.push(0, &[1.0]);
+        assert_eq!(o.image(0), Some(ImageOutputs::Whole(vec![&[1.0][..]])));
     }
 
     #[test]

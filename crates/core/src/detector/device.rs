@@ -16,7 +16,7 @@ mod cuda {
     use cudarc::driver::PinnedHostSlice;
 
     use super::super::{DetectorError, DetectorSession, Runner};
-    use crate::backend::{BackendError, BatchOutputs, DeviceSession, Engine};
+    use crate::backend::{BackendError, BatchOutputs, DeviceSession, Engine, GatherPlan};
     use crate::buffer::RawBytes;
     use crate::frame::Frame;
     use crate::pixels::BufferLayout;
@@ -147,6 +147,10 @@ mod cuda {
         pub fn outputs(&self) -> &BatchOutputs {
             self.session.outputs()
         }
+
+        pub fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
+            self.session.gather_rows(plan)
+        }
     }
 
     /// What only a GPU build offers.
@@ -203,7 +207,7 @@ mod cuda {
 #[cfg(not(feature = "cuda"))]
 mod host_only {
     use super::super::DetectorError;
-    use crate::backend::{BackendError, BatchOutputs, Engine};
+    use crate::backend::{BackendError, BatchOutputs, Engine, GatherPlan};
     use crate::buffer::RawBytes;
     use crate::frame::Frame;
     use crate::pixels::BufferLayout;
@@ -250,6 +254,10 @@ mod host_only {
         }
 
         pub fn outputs(&self) -> &BatchOutputs {
+            match *self {}
+        }
+
+        pub fn gather_rows(&mut self, _: Option<GatherPlan>) -> Result<bool, BackendError> {
             match *self {}
         }
     }

@@ -9,10 +9,11 @@ mod device;
 use std::sync::Arc;
 
 use self::device::DeviceRunner;
-use crate::backend::{BackendError, Engine, InputBatch, Session};
+use crate::backend::{BackendError, Engine, GatherPlan, ImageOutputs, InputBatch, Session};
 use crate::frame::Frame;
 use crate::model::{
     COCO_CLASS_NAMES, Candidate, DecodeError, DecodeParams, Layout, LayoutError, LayoutOverrides,
+    OutputMap,
 };
 use crate::postprocess::{self, Detection, NmsParams};
 use crate::preprocess::{self, PreprocessError, PreprocessSpec, Transform};
@@ -170,23 +171,48 @@ impl Detector {
         &self.class_names
     }
 
+    /// Which rows of the raw outputs a GPU may keep and bring back alone
+    /// (see [`GatherPlan`]): those of the priors whose best class is above
+    /// the score threshold. `None` for layouts that decode from more than
+    /// those (legacy exports keep a top-k per level; per-level outputs).
+    pub fn gather_plan(&self) -> Option<GatherPlan> {
+        let OutputMap::Single {
+            output,
+            score_column,
+            ..
+        } = self.layout.outputs
+        else {
+            return None;
+        };
+        (!self.layout.kind.is_legacy()).then(|| GatherPlan {
+            output,
+            priors: self.layout.priors(),
+            columns: self.layout.num_classes + self.layout.boxes.width(),
+            score_first: score_column,
+            classes: self.layout.num_classes,
+            threshold: self.params.score_threshold,
+        })
+    }
+
     /// Raw outputs of one image → detections in image pixels, best
     /// first. `candidates` is scratch space.
     fn postprocess(
         &self,
-        outputs: &[&[f32]],
+        outputs: ImageOutputs<'_>,
         transform: &Transform,
         candidates: &mut Vec<Candidate>,
     ) -> Result<Vec<Detection>, DetectorError> {
         candidates.clear();
-        self.layout.decode(
-            outputs,
-            &DecodeParams {
-                score_threshold: self.params.score_threshold,
-                top_k_per_level: Some(self.params.top_k_per_level),
-            },
-            candidates,
-        )?;
+        let params = DecodeParams {
+            score_threshold: self.params.score_threshold,
+            top_k_per_level: Some(self.params.top_k_per_level),
+        };
+        match outputs {
+            ImageOutputs::Whole(outputs) => self.layout.decode(&outputs, &params, candidates)?,
+            ImageOutputs::Rows { priors, values, .. } => self
+                .layout
+                .decode_rows(priors, values, &params, candidates)?,
+        }
         let kept = postprocess::class_aware_nms(
             candidates,
             &NmsParams {
@@ -201,11 +227,26 @@ impl Detector {
     /// there (the frame is preprocessed there too), on the host otherwise.
     pub fn session(self: &Arc<Self>) -> Result<DetectorSession, DetectorError> {
         if let Some(device) = DeviceRunner::open(self.engine.as_ref()) {
-            return Ok(DetectorSession {
+            let mut session = DetectorSession {
                 runner: Runner::Device(device?),
                 candidates: Vec::new(),
                 detector: Arc::clone(self),
-            });
+            };
+            match session.decode_on_gpu(true) {
+                Ok(true) => log::info!(
+                    "decoding on the GPU: only rows scoring above {} come back to the host",
+                    self.params.score_threshold
+                ),
+                Ok(false) => {
+                    log::info!(
+                        "decoding on the host: this engine or layout keeps no rows on the GPU"
+                    )
+                }
+                // A session that cannot gather still detects: everything
+                // comes back and the host decodes it, as before.
+                Err(e) => log::warn!("decoding on the host: the GPU row gather failed: {e}"),
+            }
+            return Ok(session);
         }
         Ok(DetectorSession {
             runner: Runner::Host {
@@ -242,6 +283,41 @@ impl DetectorSession {
         let transform = self.preprocess(frame)?;
         self.infer()?;
         self.postprocess(&transform)
+    }
+
+    /// On a GPU session, whether the device keeps only the rows that can
+    /// yield a detection and the host decodes those
+    /// ([`Detector::gather_plan`]), or everything comes back (`false`).
+    /// Sessions start with it on. Answers whether rows are now gathered;
+    /// on the host, and where the engine or layout cannot, never.
+    pub fn decode_on_gpu(&mut self, on: bool) -> Result<bool, DetectorError> {
+        let Runner::Device(device) = &mut self.runner else {
+            return Ok(false);
+        };
+        let plan = if on {
+            match self.detector.gather_plan() {
+                Some(plan) => Some(plan),
+                None => return Ok(false),
+            }
+        } else {
+            None
+        };
+        let gathers = device.gather_rows(plan)?;
+        Ok(on && gathers)
+    }
+
+    /// How many rows the GPU kept for image `slot` of the last run; `None`
+    /// where the whole outputs came back (see
+    /// [`decode_on_gpu`](Self::decode_on_gpu)).
+    pub fn kept_rows(&self, slot: usize) -> Option<usize> {
+        let outputs = match &self.runner {
+            Runner::Host { session, .. } => session.outputs(),
+            Runner::Device(device) => device.outputs(),
+        };
+        match outputs.image(slot)? {
+            ImageOutputs::Rows { priors, .. } => Some(priors.len()),
+            ImageOutputs::Whole(_) => None,
+        }
     }
 
     /// Whether this session runs on the GPU.
@@ -398,17 +474,16 @@ impl DetectorSession {
             Runner::Host { session, .. } => session.outputs(),
             Runner::Device(device) => device.outputs(),
         };
-        if slot >= outputs.images() {
+        let Some(outputs) = outputs.image(slot) else {
             return Err(BackendError::Input {
                 images: slot + 1,
                 values: 0,
                 reason: format!("the last run had {} images", outputs.images()),
             }
             .into());
-        }
-        let outputs = outputs.for_image(slot);
+        };
         self.detector
-            .postprocess(&outputs, transform, &mut self.candidates)
+            .postprocess(outputs, transform, &mut self.candidates)
     }
 
     /// The detector this session runs.

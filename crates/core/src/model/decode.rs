@@ -4,7 +4,7 @@
 //! NanoDet's own `multiclass_nms`: a prior that scores 0.6 for "dog" and 0.5
 //! for "cat" yields two candidates, and class-aware NMS sorts them out.
 
-use super::layout::{BoxEncoding, Layout, OutputMap};
+use super::layout::{BoxEncoding, Layout, Level, OutputMap};
 
 /// One class's score for one prior, with its box in network pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +47,18 @@ pub enum DecodeError {
         got: usize,
         /// Values expected.
         expected: usize,
+    },
+    /// Rows were handed over for a layout that is not one output of rows
+    /// without a per-level top-k.
+    #[error("only a single-output layout without a per-level top-k decodes from kept rows")]
+    NotRows,
+    /// A kept row names a prior the layout does not have.
+    #[error("a kept row is of prior {prior}, the layout has {priors}")]
+    PriorOutOfRange {
+        /// The row's prior.
+        prior: usize,
+        /// Priors in the layout.
+        priors: usize,
     },
 }
 
@@ -152,7 +164,6 @@ impl Layout {
         } else {
             None
         };
-        let (max_x, max_y) = (self.input_width as f32, self.input_height as f32);
         let mut kept: Vec<(usize, f32)> = Vec::new();
         for (level, view) in self.levels.iter().zip(&views) {
             // Priors whose best class clears the threshold; only those can
@@ -160,11 +171,7 @@ impl Layout {
             // selects the same pairs as top-k first, threshold second.
             kept.clear();
             for prior in 0..level.priors() {
-                let best = view
-                    .scores_of(prior, classes)
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
+                let best = best_score(view.scores_of(prior, classes));
                 if best > params.score_threshold {
                     kept.push((prior, best));
                 }
@@ -175,34 +182,123 @@ impl Layout {
                 kept.select_nth_unstable_by(k, |a, b| b.1.total_cmp(&a.1));
                 kept.truncate(k);
             }
-            let stride = level.stride as f32;
             for &(prior, _) in &kept {
-                let cx = ((prior % level.width) as f32 + self.center_offset) * stride;
-                let cy = ((prior / level.width) as f32 + self.center_offset) * stride;
-                let raw = view.box_of(prior, box_width);
-                let distance = |side: usize| match self.boxes {
-                    BoxEncoding::Dfl { bins } => dfl_distance(&raw[side * bins..][..bins]),
-                    BoxEncoding::Distances => raw[side],
-                } * stride;
-                let bbox = [
-                    (cx - distance(0)).clamp(0.0, max_x),
-                    (cy - distance(1)).clamp(0.0, max_y),
-                    (cx + distance(2)).clamp(0.0, max_x),
-                    (cy + distance(3)).clamp(0.0, max_y),
-                ];
-                for (class_id, &score) in view.scores_of(prior, classes).iter().enumerate() {
-                    if score > params.score_threshold {
-                        candidates.push(Candidate {
-                            bbox,
-                            score,
-                            class_id: class_id as u32,
-                        });
-                    }
-                }
+                self.push_candidates(
+                    level,
+                    prior,
+                    view.scores_of(prior, classes),
+                    view.box_of(prior, box_width),
+                    params,
+                    candidates,
+                );
             }
         }
         Ok(())
     }
+
+    /// [`decode`](Self::decode) from only some rows of a single-output
+    /// layout: `priors[i]`'s row is `rows[i * width..][..width]`, a row
+    /// being the output's classes and box. Given every prior whose best
+    /// class is above the threshold, by ascending prior, it appends exactly
+    /// what `decode` appends from the whole output; a prior whose best is
+    /// not above it adds nothing. Legacy layouts, which keep a top-k per
+    /// level, and per-level outputs are refused.
+    pub fn decode_rows(
+        &self,
+        priors: &[u32],
+        rows: &[f32],
+        params: &DecodeParams,
+        candidates: &mut Vec<Candidate>,
+    ) -> Result<(), DecodeError> {
+        let OutputMap::Single {
+            output,
+            score_column,
+            box_column,
+        } = self.outputs
+        else {
+            return Err(DecodeError::NotRows);
+        };
+        if self.kind.is_legacy() {
+            return Err(DecodeError::NotRows);
+        }
+        let classes = self.num_classes;
+        let box_width = self.boxes.width();
+        let width = classes + box_width;
+        if Some(rows.len()) != priors.len().checked_mul(width) {
+            return Err(DecodeError::OutputSize {
+                index: output,
+                got: rows.len(),
+                expected: priors.len().saturating_mul(width),
+            });
+        }
+        // Where each level's priors start in the output.
+        let mut firsts = Vec::with_capacity(self.levels.len());
+        let mut first = 0;
+        for level in &self.levels {
+            firsts.push(first);
+            first += level.priors();
+        }
+        for (&prior, row) in priors.iter().zip(rows.chunks_exact(width)) {
+            let prior = prior as usize;
+            let level = firsts.partition_point(|&f| f <= prior).saturating_sub(1);
+            let (Some(found), Some(&first)) = (self.levels.get(level), firsts.get(level)) else {
+                return Err(DecodeError::NotRows);
+            };
+            if prior >= first + found.priors() {
+                return Err(DecodeError::PriorOutOfRange {
+                    prior,
+                    priors: self.priors(),
+                });
+            }
+            let scores = &row[score_column..][..classes];
+            if best_score(scores) > params.score_threshold {
+                let raw = &row[box_column..][..box_width];
+                self.push_candidates(found, prior - first, scores, raw, params, candidates);
+            }
+        }
+        Ok(())
+    }
+
+    /// The candidates of one prior whose best class is above the
+    /// threshold: one per class above it, all with the prior's box.
+    fn push_candidates(
+        &self,
+        level: &Level,
+        prior: usize,
+        scores: &[f32],
+        raw: &[f32],
+        params: &DecodeParams,
+        candidates: &mut Vec<Candidate>,
+    ) {
+        let (max_x, max_y) = (self.input_width as f32, self.input_height as f32);
+        let stride = level.stride as f32;
+        let cx = ((prior % level.width) as f32 + self.center_offset) * stride;
+        let cy = ((prior / level.width) as f32 + self.center_offset) * stride;
+        let distance = |side: usize| match self.boxes {
+            BoxEncoding::Dfl { bins } => dfl_distance(&raw[side * bins..][..bins]),
+            BoxEncoding::Distances => raw[side],
+        } * stride;
+        let bbox = [
+            (cx - distance(0)).clamp(0.0, max_x),
+            (cy - distance(1)).clamp(0.0, max_y),
+            (cx + distance(2)).clamp(0.0, max_x),
+            (cy + distance(3)).clamp(0.0, max_y),
+        ];
+        for (class_id, &score) in scores.iter().enumerate() {
+            if score > params.score_threshold {
+                candidates.push(Candidate {
+                    bbox,
+                    score,
+                    class_id: class_id as u32,
+                });
+            }
+        }
+    }
+}
+
+/// The best of a prior's class scores (NaN ignored, as `f32::max` does).
+fn best_score(scores: &[f32]) -> f32 {
+    scores.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 #[cfg(test)]
@@ -365,6 +461,87 @@ mod tests {
         level0.sort_by(f32::total_cmp);
         assert_eq!(level0, [0.53, 0.54, 0.55]);
         assert_eq!(c.len(), 3 + 3, "level 1 is also cut to its top 3");
+    }
+
+    /// The rows a GPU would keep: each prior whose best class is above
+    /// the threshold, with its whole row.
+    fn kept_rows(output: &[f32], width: usize, threshold: f32) -> (Vec<u32>, Vec<f32>) {
+        let mut priors = Vec::new();
+        let mut rows = Vec::new();
+        for (prior, row) in output.chunks_exact(width).enumerate() {
+            if best_score(&row[..3]) > threshold {
+                priors.push(prior as u32);
+                rows.extend_from_slice(row);
+            }
+        }
+        (priors, rows)
+    }
+
+    #[test]
+    fn kept_rows_decode_exactly_as_the_whole_output() {
+        let l = layout(64, &[&[1, 85, 3 + 32]]);
+        // Deterministic pseudo-random scores and logits: about a third of
+        // the priors clear the threshold, some for two classes.
+        let mut state = 0x2545_f491_u32;
+        let out: Vec<f32> = (0..85 * 35)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 1000) as f32 / 1000.0 * if state.is_multiple_of(7) { -4.0 } else { 0.45 }
+            })
+            .collect();
+        let mut whole = Vec::new();
+        l.decode(&[&out], &PARAMS, &mut whole).unwrap();
+        let (priors, rows) = kept_rows(&out, 35, PARAMS.score_threshold);
+        assert!(
+            !whole.is_empty() && priors.len() < 85,
+            "{} kept",
+            priors.len()
+        );
+        let mut from_rows = Vec::new();
+        l.decode_rows(&priors, &rows, &PARAMS, &mut from_rows)
+            .unwrap();
+        assert_eq!(from_rows, whole);
+
+        // A row whose best is not above the threshold adds nothing.
+        let mut with_extra = (priors.clone(), rows.clone());
+        let below = (0..85u32).find(|p| !priors.contains(p)).unwrap();
+        with_extra.0.insert(0, below);
+        let row = &out[below as usize * 35..][..35];
+        with_extra.1.splice(0..0, row.iter().copied());
+        let mut again = Vec::new();
+        l.decode_rows(&with_extra.0, &with_extra.1, &PARAMS, &mut again)
+            .unwrap();
+        assert_eq!(again, whole);
+    }
+
+    #[test]
+    fn kept_rows_are_checked() {
+        let l = layout(64, &[&[1, 85, 35]]);
+        let row = [0.9f32; 35];
+        let short = l.decode_rows(&[0, 1], &row, &PARAMS, &mut Vec::new());
+        assert!(
+            matches!(short, Err(DecodeError::OutputSize { .. })),
+            "{short:?}"
+        );
+        let past = l.decode_rows(&[85], &row, &PARAMS, &mut Vec::new());
+        assert!(
+            matches!(
+                past,
+                Err(DecodeError::PriorOutOfRange {
+                    prior: 85,
+                    priors: 85
+                })
+            ),
+            "{past:?}"
+        );
+        let per_level = layout(
+            32,
+            &[&[16, 2], &[4, 2], &[1, 2], &[16, 32], &[4, 32], &[1, 32]],
+        );
+        let refused = per_level.decode_rows(&[], &[], &PARAMS, &mut Vec::new());
+        assert!(matches!(refused, Err(DecodeError::NotRows)), "{refused:?}");
     }
 
     #[test]

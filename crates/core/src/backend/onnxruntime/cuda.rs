@@ -32,7 +32,8 @@ use ort::session::{IoBinding, RunOptions, Session as OrtSession};
 use ort::value::Tensor;
 
 use super::{OnnxRuntimeEngine, batch_shape, bucket_for, bucket_sizes, failed, unavailable};
-use crate::backend::{BackendError, BatchOutputs, DeviceSession, InputBatch, Session};
+use crate::backend::gather::RowGather;
+use crate::backend::{BackendError, BatchOutputs, DeviceSession, GatherPlan, InputBatch, Session};
 use crate::gpu::{Gpu, GpuError};
 
 /// One output: its shape and size for one image, and where the host
@@ -80,6 +81,8 @@ pub(super) struct CudaSession {
     per_image: usize,
     max_batch: usize,
     results: BatchOutputs,
+    /// Set: runs on the device bring back only the rows it keeps.
+    gather: Option<RowGather>,
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
@@ -144,6 +147,7 @@ impl CudaSession {
             per_image,
             max_batch,
             results: BatchOutputs::default(),
+            gather: None,
         };
         let fail = |e: BackendError| match e {
             BackendError::Run(cause) => unavailable(cause),
@@ -234,9 +238,10 @@ impl CudaSession {
     }
 
     /// Runs the first `images` images of the input buffer and copies their
-    /// outputs to the pinned host buffers.
+    /// outputs to the pinned host buffers, or only the rows the row
+    /// gather keeps when there is one and `gather` is set.
     #[allow(unsafe_code)]
-    fn run_images(&mut self, images: usize) -> Result<(), BackendError> {
+    fn run_images(&mut self, images: usize, gather: bool) -> Result<(), BackendError> {
         if images == 0 || images > self.max_batch {
             return Err(BackendError::Input {
                 images,
@@ -275,6 +280,13 @@ impl CudaSession {
         }
         self.run_bucket(index)?;
         let bucket = &self.buckets[index];
+        if gather && let Some(rows) = &mut self.gather {
+            let output = bucket.outputs.get(rows.plan().output).copied();
+            let output = output.ok_or(BackendError::HandedBack)?;
+            if rows.gather(output, images, &mut self.results)? {
+                return Ok(());
+            }
+        }
         let copy = driver("copying outputs to the host");
         for (output, &device) in self.outputs.iter_mut().zip(&bucket.outputs) {
             let len = images * output.per_image;
@@ -330,7 +342,26 @@ impl DeviceSession for CudaSession {
     }
 
     fn run_on_device(&mut self, images: usize) -> Result<(), BackendError> {
-        self.run_images(images)
+        self.run_images(images, true)
+    }
+
+    fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
+        let Some(plan) = plan else {
+            self.gather = None;
+            return Ok(true);
+        };
+        if self.gather.as_ref().is_some_and(|g| *g.plan() == plan) {
+            return Ok(true);
+        }
+        let matches = self
+            .outputs
+            .get(plan.output)
+            .is_some_and(|output| plan.priors.checked_mul(plan.columns) == Some(output.per_image));
+        if !matches {
+            return Ok(false);
+        }
+        self.gather = Some(RowGather::new(self.gpu.clone(), plan, self.max_batch)?);
+        Ok(true)
     }
 
     fn outputs(&self) -> &BatchOutputs {
@@ -351,7 +382,7 @@ impl Session for CudaSession {
             stream
                 .memcpy_htod(images, &mut first)
                 .map_err(driver("copying the input"))?;
-            self.run_images(count)?;
+            self.run_images(count, false)?;
             for image in 0..count {
                 for (index, values) in self.results.for_image(image).into_iter().enumerate() {
                     all.push(index, values);

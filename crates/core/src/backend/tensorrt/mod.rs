@@ -18,9 +18,10 @@ use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
 
 pub use self::library::{BuildProgress, BuildRequest, TensorRt, TrtVersion};
 use self::library::{Calibration, DATA_TYPE_FLOAT, ExecutionContext, LoadedPlan, TensorBinding};
+use super::gather::RowGather;
 use super::{
-    BackendError, BackendKind, BatchOutputs, DeviceSession, DeviceSessionBox, Engine, InputBatch,
-    ModelInfo, Session,
+    BackendError, BackendKind, BatchOutputs, DeviceSession, DeviceSessionBox, Engine, GatherPlan,
+    InputBatch, ModelInfo, Session,
 };
 use crate::engine_cache::{
     BuiltPlan, PlanBuilder, PlanCache, PlanKey, Provenance, write_atomically,
@@ -677,6 +678,8 @@ pub struct TrtSession {
     /// The enqueue, replayed per batch size. The buffers are bound once
     /// and never move, which is what a replay needs.
     replay: GraphReplay,
+    /// Set: runs on the device bring back only the rows it keeps.
+    gather: Option<RowGather>,
 }
 
 impl TrtSession {
@@ -730,7 +733,64 @@ impl TrtSession {
             max_batch: engine.max_batch,
             dynamic: engine.input.dims.first().is_some_and(|&d| d < 0),
             replay: GraphReplay::new(stream, engine.cuda_graph),
+            gather: None,
         })
+    }
+
+    /// Runs the `images` already in the device input buffer and brings
+    /// their outputs to the host, or only the rows the row gather keeps
+    /// when there is one and `gather` is set.
+    #[allow(unsafe_code)]
+    fn run_images(&mut self, images: usize, gather: bool) -> Result<(), BackendError> {
+        if images == 0 || images > self.max_batch {
+            return Err(BackendError::Input {
+                images,
+                values: images * self.per_image,
+                reason: format!("this engine takes 1 to {} images", self.max_batch),
+            });
+        }
+        let stream = self.gpu.stream().clone();
+        let trt = |e: library::TrtError| BackendError::run(e);
+        if self.dynamic {
+            let mut dims: Vec<i64> = self.input.dims.clone();
+            dims[0] = images as i64;
+            self.context
+                .set_input_shape(&self.input.name, &dims)
+                .map_err(trt)?;
+        }
+        let context = &mut self.context;
+        let cu_stream = stream.cu_stream();
+        self.replay
+            .run(images, &mut || {
+                // SAFETY: every tensor is bound to a live buffer of this
+                // session, allocated in the stream's context.
+                unsafe { context.enqueue(cu_stream.cast()) }.map_err(EnqueueError::from)
+            })
+            .map_err(BackendError::run)?;
+        if gather && let Some(rows) = &mut self.gather {
+            let output = self.outputs.get(rows.plan().output);
+            let (_, device, _, _) = output.ok_or(BackendError::HandedBack)?;
+            let (address, _sync) = device.device_ptr(&stream);
+            if rows.gather(address, images, &mut self.results)? {
+                return Ok(());
+            }
+        }
+        let copy = |e| BackendError::run(GpuError::driver("copying outputs to the host")(e));
+        for (_, device, host, len) in &mut self.outputs {
+            stream
+                .memcpy_dtoh(&device.slice(..images * *len), host)
+                .map_err(copy)?;
+        }
+        stream.synchronize().map_err(copy)?;
+        self.results.reset(self.outputs.len(), images);
+        for (index, (_, _, host, len)) in self.outputs.iter().enumerate() {
+            let values = host.as_slice().map_err(copy)?;
+            for image in 0..images {
+                self.results
+                    .push(index, &values[image * *len..(image + 1) * *len]);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -757,49 +817,27 @@ impl DeviceSession for TrtSession {
     }
 
     /// Runs the `images` already in the device input buffer.
-    #[allow(unsafe_code)]
     fn run_on_device(&mut self, images: usize) -> Result<(), BackendError> {
-        if images == 0 || images > self.max_batch {
-            return Err(BackendError::Input {
-                images,
-                values: images * self.per_image,
-                reason: format!("this engine takes 1 to {} images", self.max_batch),
-            });
+        self.run_images(images, true)
+    }
+
+    fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
+        let Some(plan) = plan else {
+            self.gather = None;
+            return Ok(true);
+        };
+        if self.gather.as_ref().is_some_and(|g| *g.plan() == plan) {
+            return Ok(true);
         }
-        let stream = self.gpu.stream().clone();
-        let trt = |e: library::TrtError| BackendError::run(e);
-        if self.dynamic {
-            let mut dims: Vec<i64> = self.input.dims.clone();
-            dims[0] = images as i64;
-            self.context
-                .set_input_shape(&self.input.name, &dims)
-                .map_err(trt)?;
+        let matches = self
+            .outputs
+            .get(plan.output)
+            .is_some_and(|(_, _, _, len)| plan.priors.checked_mul(plan.columns) == Some(*len));
+        if !matches {
+            return Ok(false);
         }
-        let context = &mut self.context;
-        let cu_stream = stream.cu_stream();
-        self.replay
-            .run(images, &mut || {
-                // SAFETY: every tensor is bound to a live buffer of this
-                // session, allocated in the stream's context.
-                unsafe { context.enqueue(cu_stream.cast()) }.map_err(EnqueueError::from)
-            })
-            .map_err(BackendError::run)?;
-        let copy = |e| BackendError::run(GpuError::driver("copying outputs to the host")(e));
-        for (_, device, host, len) in &mut self.outputs {
-            stream
-                .memcpy_dtoh(&device.slice(..images * *len), host)
-                .map_err(copy)?;
-        }
-        stream.synchronize().map_err(copy)?;
-        self.results.reset(self.outputs.len(), images);
-        for (index, (_, _, host, len)) in self.outputs.iter().enumerate() {
-            let values = host.as_slice().map_err(copy)?;
-            for image in 0..images {
-                self.results
-                    .push(index, &values[image * *len..(image + 1) * *len]);
-            }
-        }
-        Ok(())
+        self.gather = Some(RowGather::new(self.gpu.clone(), plan, self.max_batch)?);
+        Ok(true)
     }
 }
 
@@ -811,7 +849,7 @@ impl Session for TrtSession {
         stream
             .memcpy_htod(batch.data, &mut self.input_buffer.slice_mut(..expected))
             .map_err(|e| BackendError::run(GpuError::driver("copying the input")(e)))?;
-        self.run_on_device(batch.images)
+        self.run_images(batch.images, false)
     }
 
     fn outputs(&self) -> &BatchOutputs {
