@@ -310,6 +310,197 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
         g.output[0].name = dq;
     });
     assert!(e.contains("network output"), "{e}");
+    // Issue 22: a DequantizeLinear whose QuantizeLinear uses another scale
+    // (TensorRT folds a pair into one scale; two would be a silent error).
+    let e = broken(&|g| {
+        let scales: Vec<String> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "QuantizeLinear")
+            .map(|n| n.input[1].clone())
+            .collect();
+        let dq = g
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "DequantizeLinear")
+            .unwrap();
+        let other = scales.iter().find(|s| **s != dq.input[1]).unwrap();
+        dq.input[1] = other.clone();
+    });
+    assert!(e.contains("uses other scale or zero-point tensors"), "{e}");
+    // Weights that quantize outside [-127, 127] with their channel's scale:
+    // a Conv's float weight doubled after its scales were taken.
+    let e = broken(&|g| {
+        let weight = g
+            .node
+            .iter()
+            .find(|n| {
+                n.op_type == "QuantizeLinear" && g.initializer.iter().any(|t| t.name == n.input[0])
+            })
+            .unwrap()
+            .input[0]
+            .clone();
+        let t = g.initializer.iter_mut().find(|t| t.name == weight).unwrap();
+        let doubled: Vec<u8> = t
+            .raw_data
+            .chunks_exact(4)
+            .flat_map(|b| (2.0 * f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes())
+            .collect();
+        t.raw_data = doubled;
+    });
+    assert!(e.contains("outside the narrow range [-127, 127]"), "{e}");
+    // A bias that is not float.
+    let e = broken(&|g| {
+        let bias = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "Conv" && n.input.len() > 2)
+            .unwrap()
+            .input[2]
+            .clone();
+        let t = g.initializer.iter_mut().find(|t| t.name == bias).unwrap();
+        t.data_type = pb::tensor_proto::DataType::Double as i32;
+    });
+    assert!(e.contains("must stay a float initializer"), "{e}");
+    // A zero-point left out (ONNX would make it uint8).
+    let e = broken(&|g| {
+        let q = g
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "QuantizeLinear")
+            .unwrap();
+        q.input.truncate(2);
+    });
+    assert!(e.contains("zero-point missing"), "{e}");
+    // A zero-point that is uint8.
+    let e = broken(&|g| {
+        let i = find(g, "_zero_point");
+        g.initializer[i].data_type = pb::tensor_proto::DataType::Uint8 as i32;
+    });
+    assert!(e.contains("zero-point is not int8"), "{e}");
+    // Per-channel scales without their axis.
+    let e = broken(&|g| {
+        let per_channel: Vec<String> = g
+            .initializer
+            .iter()
+            .filter(|t| t.name.ends_with("_scale") && t.dims.first().copied().unwrap_or(0) > 1)
+            .map(|t| t.name.clone())
+            .collect();
+        let q = g
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "QuantizeLinear" && per_channel.contains(&n.input[1]))
+            .unwrap();
+        q.attribute.retain(|a| a.name != "axis");
+    });
+    assert!(e.contains("without axis = 0"), "{e}");
+    // A DequantizeLinear fed by a float tensor, not a QuantizeLinear.
+    let e = broken(&|g| {
+        let producer: std::collections::HashMap<String, pb::NodeProto> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.clone())))
+            .collect();
+        let dq = g
+            .node
+            .iter_mut()
+            .find(|n| n.op_type == "DequantizeLinear")
+            .unwrap();
+        dq.input[0] = producer[&dq.input[0]].input[0].clone();
+    });
+    assert!(
+        e.contains("DequantizeLinear not fed by a QuantizeLinear"),
+        "{e}"
+    );
+    // A quantized Conv reading its float weight straight.
+    let e = broken(&|g| {
+        let producer: std::collections::HashMap<String, pb::NodeProto> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.clone())))
+            .collect();
+        let conv = g.node.iter_mut().find(|n| n.op_type == "Conv").unwrap();
+        let dq = &producer[&conv.input[1]];
+        let q = &producer[&dq.input[0]];
+        conv.input[1] = q.input[0].clone();
+    });
+    assert!(e.contains("weight is not a DequantizeLinear output"), "{e}");
+    // An opset below 13, where per-channel Q/DQ has no `axis`.
+    let mut old = good.clone();
+    for import in &mut old.opset_import {
+        if import.domain.is_empty() {
+            import.version = 11;
+        }
+    }
+    let e = quantize::check(&old).unwrap_err().join("\n");
+    assert!(e.contains("opset 11 < 13"), "{e}");
+}
+
+/// Equalization rescales Conv₁'s output channels and undoes it in the
+/// depthwise Conv₂ after the activation (positively homogeneous), so the
+/// FP32 model computes the same function. docs/INT8.md says so with a
+/// figure: the raw outputs of the equalized plus-m_320 agree with the
+/// original's at 110 dB SNR or better, here with scales down to the floor
+/// (1/256) on every chain and three photos.
+#[test]
+fn equalization_leaves_the_fp32_function_at_110_db_issue_22() {
+    use nanodetd::quantize::equalize;
+    let Some(a) = assets("equalization_leaves_the_fp32_function_at_110_db_issue_22") else {
+        return;
+    };
+    let source = model(&a, "nanodet-plus-m_320");
+    let bytes = std::fs::read(&source).unwrap();
+    let mut m = pb::ModelProto::decode(bytes.as_slice()).unwrap();
+    let graph = m.graph.as_mut().unwrap();
+    let chains = equalize::find_chains(graph);
+    assert_eq!(chains.len(), 20, "docs/INT8.md: 20 chains on plus-m");
+    for (i, chain) in chains.iter().enumerate() {
+        // Scales between the floor and 1, a different mix per chain; none
+        // a power of two, which would rescale exactly.
+        let scales: Vec<f32> = (0..chain.channels)
+            .map(|c| {
+                let step = ((c * 7 + i * 3) % 9) as f32;
+                (1.0 / (1.0 + 31.7 * step)).max(equalize::MIN_SCALE)
+            })
+            .collect();
+        equalize::apply(graph, chain, &scales).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let equalized = dir.path().join("equalized.onnx");
+    std::fs::write(&equalized, m.encode_to_vec()).unwrap();
+
+    let options = EngineOptions::default();
+    let original = open_engine(BackendKind::Tract, &source, &options).unwrap();
+    let changed = open_engine(BackendKind::Tract, &equalized, &options).unwrap();
+    let spec = support::live_detector(&source).preprocess_spec().clone();
+    let (mut signal, mut noise) = (0f64, 0f64);
+    for photo in ["hpc203_bus.jpg", "hpc203_street.png", "nanodet_000252.jpg"] {
+        let frame = nanodetd::frame::Frame::from_file(&support::sample(&a, photo)).unwrap();
+        let mut tensor = vec![0f32; spec.tensor_len()];
+        nanodetd::preprocess::preprocess_into(&frame, &spec, &mut tensor).unwrap();
+        let mut runs = [
+            original.new_session().unwrap(),
+            changed.new_session().unwrap(),
+        ];
+        for session in &mut runs {
+            session.run(InputBatch::host(&tensor, 1)).unwrap();
+        }
+        let [want, got] = &runs;
+        for (w, g) in want
+            .outputs()
+            .for_image(0)
+            .iter()
+            .zip(got.outputs().for_image(0))
+        {
+            for (x, y) in w.iter().zip(g) {
+                signal += f64::from(*x) * f64::from(*x);
+                noise += f64::from(x - y) * f64::from(x - y);
+            }
+        }
+    }
+    let snr = 10.0 * (signal / noise.max(f64::MIN_POSITIVE)).log10();
+    eprintln!("equalized plus-m_320 against the original: {snr:.1} dB");
+    assert!(snr >= 110.0, "{snr:.1} dB");
 }
 
 /// Makes `dir` unwritable even for root (CI runs as root, which ignores

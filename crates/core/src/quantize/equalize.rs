@@ -20,7 +20,7 @@ use super::graph::{GraphError, attr_int, f32_tensor, producers, read_f32, runtim
 
 /// The smallest channel scale applied: quieter channels are raised by at
 /// most this factor's inverse, so a nearly dead channel is not blown up.
-const MIN_SCALE: f32 = 1.0 / 256.0;
+pub const MIN_SCALE: f32 = 1.0 / 256.0;
 
 /// One equalizable chain.
 #[derive(Debug, Clone)]
