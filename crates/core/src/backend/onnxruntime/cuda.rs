@@ -13,8 +13,11 @@
 //! several captured, ONNX Runtime 1.31.1's runs faulted on an H100 (see
 //! `OnnxRuntimeEngine::graphs`). Nothing runs here: ONNX Runtime keeps a
 //! CUDA graph, and its count of runs before the capture, per thread, so
-//! the detector thread's own first runs do that; the engine's load ran
-//! each batch size once for cuDNN's search. The GPU preprocessor writes
+//! the detector thread's own first runs do that. A session of several
+//! buckets runs each once before its first real run, on that thread
+//! (`warm_buckets`): in the daemon, runs of a batching session whose
+//! sizes had only been warmed on the loader's thread took 1 to 3 s each
+//! at 4 to 64 cameras (H100, issue 21). The GPU preprocessor writes
 //! every image into the largest bucket's input; a run of fewer images
 //! copies them (device to device, microseconds) into the smallest bucket
 //! that holds them and runs that, its spare images ignored. After a run
@@ -83,6 +86,8 @@ pub(super) struct CudaSession {
     results: BatchOutputs,
     /// Set: runs on the device bring back only the rows it keeps.
     gather: Option<RowGather>,
+    /// Whether every bucket has run once, on the thread that runs them.
+    warmed: bool,
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
@@ -148,6 +153,8 @@ impl CudaSession {
             max_batch,
             results: BatchOutputs::default(),
             gather: None,
+            // One bucket: its first run is the only first run there is.
+            warmed: bucket_sizes(max_batch).len() <= 1,
         };
         let fail = |e: BackendError| match e {
             BackendError::Run(cause) => unavailable(cause),
@@ -183,6 +190,26 @@ impl CudaSession {
         self.session
             .run_binding_with_options(&bucket.binding, &bucket.options)
             .map_err(|e: ort::Error| BackendError::run(e))?;
+        Ok(())
+    }
+
+    /// Runs every bucket once, on what their inputs hold, before the
+    /// first real run: on the thread that runs them, so whatever ONNX
+    /// Runtime and cuDNN set up per batch size, and per thread, is set up
+    /// once here and not at the first batch of each size in service. The
+    /// largest bucket's input, which the preprocessor has just filled, is
+    /// only read.
+    fn warm_buckets(&mut self) -> Result<(), BackendError> {
+        let started = std::time::Instant::now();
+        for index in 0..self.buckets.len() {
+            self.run_bucket(index)?;
+        }
+        self.warmed = true;
+        log::info!(
+            "ONNX Runtime CUDA session: batch sizes {:?} run once on the detector's thread in {:.1} s",
+            bucket_sizes(self.max_batch),
+            started.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 
@@ -248,6 +275,9 @@ impl CudaSession {
                 values: images.saturating_mul(self.per_image),
                 reason: format!("this session takes 1 to {} images", self.max_batch),
             });
+        }
+        if !self.warmed {
+            self.warm_buckets()?;
         }
         let stream = self.gpu.stream().clone();
         let size = bucket_for(images, self.max_batch);

@@ -402,7 +402,7 @@ impl OnnxRuntimeEngine {
             ));
         }
         let rewrite_notes = std::mem::take(&mut engine.notes);
-        let mut spare = engine.on_provider(runtime.provider, session);
+        let spare = engine.on_provider(runtime.provider, session);
         if engine.provider != Provider::Cpu {
             engine.notes.extend(rewrite_notes);
         }
@@ -410,14 +410,6 @@ impl OnnxRuntimeEngine {
             // Any other provider runs the file's model, at batch 1.
             engine.max_batch = 1;
             engine.cuda_onnx = None;
-        }
-        // Only a session without CUDA graphs: this runs on the loader's
-        // thread, on the stream the detector may be using, and a graph
-        // session's detector thread captures (ONNX Runtime: in global
-        // mode) in its first runs. A graph session has one batch size,
-        // whose search its first run does.
-        if engine.provider == Provider::Cuda && !engine.graphs() {
-            engine.warm_up(&mut spare);
         }
         if engine.provider == Provider::Cpu && runtime.fp16 {
             engine.notes.push(
@@ -452,52 +444,6 @@ impl OnnxRuntimeEngine {
     /// launches weigh little beside its many images.
     fn graphs(&self) -> bool {
         self.options.cuda_graph && self.max_batch <= 1
-    }
-
-    /// A run of the CUDA session at each batch size its sessions will run,
-    /// on zeros: cuDNN's algorithm search for each shape (about 9 s a
-    /// shape for FP16 on an H100), which ONNX Runtime keeps with the
-    /// session's kernels, happens here, in the load, and not in the
-    /// detector's first runs. A failure is only noted: the runs in service
-    /// will do the search.
-    fn warm_up(&mut self, session: &mut OrtSession) {
-        let started = std::time::Instant::now();
-        let per_image: usize = self.info.input.shape.iter().product();
-        let mut warm = || -> Result<(), ort::Error> {
-            let options = ort::session::RunOptions::new()?;
-            // The largest batch's zeros, for every size. Its size follows
-            // the model's input (up to 4096² a side) and max_batch: an
-            // allocation that fails is a note, never an abort.
-            let values = per_image
-                .checked_mul(self.max_batch)
-                .ok_or_else(|| ort::Error::new("the warm-up batch's size overflows"))?;
-            let mut zeros: Vec<f32> = Vec::new();
-            zeros
-                .try_reserve_exact(values)
-                .map_err(|e| ort::Error::new(format!("{values} zeros for the warm-up: {e}")))?;
-            zeros.resize(values, 0.0);
-            for images in bucket_sizes(self.max_batch) {
-                let shape: Vec<i64> = batch_shape(&self.info.input.shape, images)
-                    .iter()
-                    .map(|&d| d as i64)
-                    .collect();
-                let batch = zeros.get(..images * per_image).unwrap_or_default();
-                let tensor = TensorRef::from_array_view((shape, batch))?;
-                session
-                    .run_with_options(ort::inputs![self.input_name.as_str() => tensor], &options)?;
-            }
-            Ok(())
-        };
-        match warm() {
-            Ok(()) => log::info!(
-                "ONNX Runtime CUDA: batch sizes {:?} warmed up in {:.1} s",
-                bucket_sizes(self.max_batch),
-                started.elapsed().as_secs_f64()
-            ),
-            Err(why) => self.notes.push(format!(
-                "warming the CUDA session up failed ({why}): its first runs search the convolutions' algorithms"
-            )),
-        }
     }
 
     /// The session on `asked`, or on the next provider down where that
@@ -562,6 +508,17 @@ impl OnnxRuntimeEngine {
             let mut cuda = ort::ep::CUDA::default()
                 .with_device_id(device)
                 .with_cuda_graph(self.graphs() && provider == Provider::Cuda);
+            if self.max_batch > 1 {
+                // cuDNN's exhaustive search, ONNX Runtime's default, took
+                // about 4 s a batch size for FP32 and 9 s for FP16 on an H100,
+                // and in the daemon a batching session's runs at 4 to 64
+                // cameras took 1 to 3 s each with the GPU idle (issue 21,
+                // measured after the load had warmed every size up): the
+                // detector paid searches. Its heuristic picks from cuDNN's
+                // own ranking, with no benchmark runs.
+                cuda =
+                    cuda.with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic);
+            }
             if let Some(gpu) = &self.gpu {
                 cuda = device::with_stream(cuda, gpu);
             }
