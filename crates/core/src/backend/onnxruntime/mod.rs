@@ -257,6 +257,7 @@ pub fn cuda_model(onnx: &[u8], fp16: bool, max_batch: u32, memo: &Path) -> CudaM
 
 /// `shape` (one image's) for `images` images: a batchable model's tensors
 /// lead with the batch; a batch-1 model's stay as they are.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn batch_shape(shape: &[usize], images: usize) -> Vec<usize> {
     match shape.split_first() {
         Some((_, rest)) if images > 1 => std::iter::once(images)
@@ -268,6 +269,7 @@ fn batch_shape(shape: &[usize], images: usize) -> Vec<usize> {
 
 /// The batch sizes a CUDA session runs at, each with its own buffers and
 /// CUDA graph: powers of two below `max_batch`, and `max_batch`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn bucket_sizes(max_batch: usize) -> Vec<usize> {
     let max_batch = max_batch.max(1);
     let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |&n| n.checked_mul(2))
