@@ -185,6 +185,10 @@ pub struct PrecisionArgs {
     /// equalize = false`).
     #[arg(long)]
     int8_no_equalize: bool,
+    /// Correct each quantized Conv's bias for its weights' rounding
+    /// (`[model.int8] bias_correction = true`).
+    #[arg(long)]
+    int8_bias_correction: bool,
     /// Where built models are kept (`[model] cache`): the daemon's by
     /// default, so a command reuses the INT8 model and engines it made.
     #[arg(long)]
@@ -208,6 +212,7 @@ impl PrecisionArgs {
         int8.images = self.int8_images.or(int8.images);
         int8.keep_float.extend(self.int8_keep_float.iter().cloned());
         int8.equalize &= !self.int8_no_equalize;
+        int8.bias_correction |= self.int8_bias_correction;
     }
 }
 

@@ -34,6 +34,10 @@ pub struct QuantizeArgs {
     /// Skip the channel equalization in front of depthwise Convs.
     #[arg(long)]
     no_equalize: bool,
+    /// Correct each quantized Conv's bias for the mean shift its weights'
+    /// rounding causes, measured on the calibration images.
+    #[arg(long)]
+    bias_correction: bool,
     /// Where to write the Q/DQ ONNX (atomically).
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -48,6 +52,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         max_images: args.images,
         keep_float: args.keep_float.clone(),
         equalize: !args.no_equalize,
+        bias_correction: args.bias_correction,
     };
     let mut progress = Progress::new(set.files.len());
     let quantized = quantize::quantize(

@@ -304,6 +304,10 @@ pub struct Int8Config {
     /// Equalize channels in front of depthwise Convs.
     #[serde(default = "yes")]
     pub equalize: bool,
+    /// Correct each quantized Conv's bias for the mean shift its weights'
+    /// rounding causes (measured on the calibration images).
+    #[serde(default)]
+    pub bias_correction: bool,
 }
 
 impl Default for Int8Config {
@@ -314,6 +318,7 @@ impl Default for Int8Config {
             images: None,
             keep_float: Vec::new(),
             equalize: true,
+            bias_correction: false,
         }
     }
 }

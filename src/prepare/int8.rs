@@ -53,6 +53,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         max_images: int8.images.map(Bounded::get),
         keep_float: int8.keep_float.clone(),
         equalize: int8.equalize,
+        bias_correction: int8.bias_correction,
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;

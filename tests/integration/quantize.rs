@@ -179,16 +179,17 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
     let detector = support::live_detector(&source);
     let set = CalibrationSet::scan(&calibration(&a), Some(8)).unwrap();
     assert_eq!(set.files.len(), 8);
-    for (method, keep, equalize) in [
-        ("minmax", vec![], false),
-        ("percentile", vec!["@first".to_owned()], true),
-        ("entropy", vec!["@last".to_owned()], true),
+    for (method, keep, equalize, bias_correction) in [
+        ("minmax", vec![], false, false),
+        ("percentile", vec!["@first".to_owned()], true, true),
+        ("entropy", vec!["@last".to_owned()], true, false),
     ] {
         let options = QuantizeOptions {
             method: quantize::parse_method(method).unwrap(),
             max_images: Some(8),
             keep_float: keep.clone(),
             equalize,
+            bias_correction,
         };
         let mut calls = 0;
         let q = quantize::quantize(
@@ -202,11 +203,26 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             },
         )
         .unwrap();
-        // Equalizing measures the images once more before the statistics.
-        assert_eq!(calls, if q.report.equalized > 0 { 16 } else { 8 });
+        // Equalizing measures the images once more before the statistics,
+        // bias correction once more after them.
+        let passes = 1 + usize::from(q.report.equalized > 0) + usize::from(bias_correction);
+        assert_eq!(calls, 8 * passes, "{method}");
         assert_eq!(q.report.equalized > 0, equalize, "{method}");
         let proto = pb::ModelProto::decode(q.bytes.as_slice()).unwrap();
         let summary = quantize::check(&proto).unwrap();
+        // Every quantized Conv's bias was corrected, and the metadata says so.
+        let corrected = graph::metadata(&proto, keys::BIAS_CORRECTED).map(str::to_owned);
+        let expected = bias_correction.then(|| summary.quantized_convs.to_string());
+        assert_eq!(corrected, expected, "{method}");
+        let plain = QuantizeOptions {
+            bias_correction: false,
+            ..options.clone()
+        };
+        assert_eq!(
+            quantize::cache_key("sha", &set, &plain) == quantize::cache_key("sha", &set, &options),
+            !bias_correction,
+            "the option is part of the cache key"
+        );
         let expected_float = match keep.first().map(String::as_str) {
             None => 0,
             Some("@first") => 1,

@@ -8,6 +8,7 @@
 //! every Conv input exposed → |x| histograms → thresholds → opset 13 →
 //! Q/DQ pairs → metadata → rule check → bytes.
 
+mod bias;
 pub mod calibration;
 pub mod equalize;
 pub mod graph;
@@ -56,6 +57,8 @@ pub mod keys {
     pub const SOURCE_SHA256: &str = "nanodetd.int8.source_sha256";
     /// [`super::QUANTIZER_VERSION`].
     pub const VERSION: &str = "nanodetd.int8.quantizer_version";
+    /// How many Convs had their bias corrected (absent: none were).
+    pub const BIAS_CORRECTED: &str = "nanodetd.int8.bias_corrected";
 }
 
 /// What the quantizer is asked to do.
@@ -72,6 +75,9 @@ pub struct QuantizeOptions {
     /// Equalize channel ranges in front of depthwise Convs first
     /// ([`equalize`]): the same FP32 function, less INT8 error.
     pub equalize: bool,
+    /// Take each quantized Conv's mean shift from weight rounding, measured
+    /// on the calibration images, out of its bias (`bias.rs`).
+    pub bias_correction: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -81,6 +87,7 @@ impl Default for QuantizeOptions {
             max_images: None,
             keep_float: Vec::new(),
             equalize: true,
+            bias_correction: false,
         }
     }
 }
@@ -262,6 +269,10 @@ pub fn cache_key(source_sha256: &str, set: &CalibrationSet, options: &QuantizeOp
         options.keep_float,
         options.equalize
     ));
+    // Only when on, so models cached before the option keep their key.
+    if options.bias_correction {
+        h.update("bias_correction\n");
+    }
     calibration::hex(&h.finalize())
 }
 
@@ -327,7 +338,9 @@ pub fn quantize(
     } else {
         Vec::new()
     };
-    let passes = if chains.is_empty() { 1 } else { 2 };
+    // Bias correction measures the Conv inputs once more, through their
+    // Q/DQ pairs, once their scales are known.
+    let passes = if chains.is_empty() { 1 } else { 2 } + usize::from(options.bias_correction);
     let total = passes * set.files.len();
     let mut done = 0;
     let mut next_image = || {
@@ -340,7 +353,7 @@ pub fn quantize(
         let mut ranges: Vec<Vec<f32>> = chains.iter().map(|c| vec![0.0; c.channels]).collect();
         each_input(set, spec, &mut next_image, &mut |input| {
             probe
-                .run(input, &mut |i, values| {
+                .run(input, &mut |i, _, values| {
                     equalize::fold_channel_ranges(&mut ranges[i], values)
                 })
                 .map_err(|e| one_line(&e))
@@ -358,9 +371,37 @@ pub fn quantize(
     };
     let mut probe = stats::ActivationProbe::new(&equalized, size, &tensors).map_err(probe_error)?;
     let mut histograms = vec![Histogram::default(); tensors.len()];
+    // For bias correction: each quantized Conv's mean input patch, fed by
+    // the same pass, from the tensor it reads.
+    let mut patches: Vec<(usize, bias::PatchMeans)> = Vec::new();
+    if options.bias_correction {
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| model_error(ModelProblem::NoGraph))?;
+        let init = graph::initializers(graph);
+        for conv in graph.node.iter().filter(|n| n.op_type == "Conv") {
+            let id = conv_id(conv);
+            let input = conv
+                .input
+                .first()
+                .and_then(|i| tensors.iter().position(|t| t == i));
+            let weight = conv.input.get(1).and_then(|w| init.get(w.as_str()));
+            if let (true, Some(input), Some(weight)) = (quantized.contains(id), input, weight)
+                && let Some(patch) = bias::PatchMeans::new(conv, id, &weight.dims)
+            {
+                patches.push((input, patch));
+            }
+        }
+    }
     let skipped = each_input(set, spec, &mut next_image, &mut |input| {
         probe
-            .run(input, &mut |i, values| histograms[i].add(values))
+            .run(input, &mut |i, shape, values| {
+                histograms[i].add(values);
+                for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
+                    patch.add(shape, values);
+                }
+            })
             .map_err(|e| one_line(&e))
     });
     for (file, reason) in &skipped {
@@ -391,6 +432,35 @@ pub fn quantize(
         .map(|(name, hist)| (name.clone(), scale(threshold(hist, options.method))))
         .collect();
 
+    let bias_corrected = patches.len();
+    if options.bias_correction {
+        for (tensor, patch) in &mut patches {
+            patch.quantized_input(scales.get(&tensors[*tensor]).copied().unwrap_or(1.0));
+        }
+        let skipped = each_input(set, spec, &mut next_image, &mut |input| {
+            probe
+                .run(input, &mut |i, shape, values| {
+                    for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
+                        patch.add(shape, values);
+                    }
+                })
+                .map_err(|e| one_line(&e))
+        });
+        for (file, reason) in &skipped {
+            log::warn!(
+                "calibration image {} skipped on the bias pass: {reason}",
+                file.display()
+            );
+        }
+        let patches: Vec<bias::PatchMeans> = patches.into_iter().map(|(_, p)| p).collect();
+        let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
+        let largest = bias::correct(graph, &patches).map_err(graph_error)?;
+        log::info!(
+            "bias correction: {bias_corrected} Convs, the largest shift {:.1} % of its Conv's largest bias",
+            largest * 100.0
+        );
+    }
+
     // The graph: opset 13, then the pairs.
     graph::upgrade_to_qdq_opset(&mut model, &|t| ranks.get(t).copied()).map_err(graph_error)?;
     qdq::insert_qdq(&mut model, &quantized, &|t| scales.get(t).copied()).map_err(graph_error)?;
@@ -402,6 +472,9 @@ pub fn quantize(
     set_metadata(&mut model, keys::SOURCE_SHA256, source_sha256.clone());
     set_metadata(&mut model, keys::VERSION, QUANTIZER_VERSION.to_string());
     set_metadata(&mut model, rules::FLOAT_CONVS_KEY, float_list.join(","));
+    if options.bias_correction {
+        set_metadata(&mut model, keys::BIAS_CORRECTED, bias_corrected.to_string());
+    }
     model.producer_name = "nanodetd".into();
     model.producer_version = env!("CARGO_PKG_VERSION").into();
     let rules = check(&model).map_err(QuantizeError::Rules)?;

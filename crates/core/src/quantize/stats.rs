@@ -30,6 +30,10 @@ pub enum ProbeError {
     Output(usize),
 }
 
+/// What [`ActivationProbe::run`] hands each probed tensor to: its index,
+/// shape and values.
+pub type Seen<'a> = dyn FnMut(usize, &[usize], &[f32]) + 'a;
+
 /// The FP32 model, made runnable with the chosen tensors as its outputs.
 pub struct ActivationProbe {
     plan: Arc<TypedRunnableModel>,
@@ -98,24 +102,25 @@ impl ActivationProbe {
     }
 
     /// Runs one preprocessed CHW image and hands every probed tensor's
-    /// values to `seen(index, values)`, in the order they were given.
-    pub fn run(
-        &mut self,
-        input: &[f32],
-        seen: &mut dyn FnMut(usize, &[f32]),
-    ) -> Result<(), ProbeError> {
+    /// shape and values to `seen(index, shape, values)`, in the order they
+    /// were given.
+    pub fn run(&mut self, input: &[f32], seen: &mut Seen<'_>) -> Result<(), ProbeError> {
         let run = |e: TractError| ProbeError::Run(e.into());
         let tensor = Tensor::from_shape(&self.input_shape, input).map_err(run)?;
         let outputs = self.plan.run(tvec!(tensor.into_tvalue())).map_err(run)?;
         for (index, source) in self.sources.iter().enumerate() {
             match source {
-                None => seen(index, input),
+                None => seen(index, &self.input_shape, input),
                 Some(i) => {
                     let missing = || ProbeError::Output(*i);
                     let value = outputs.get(*i).ok_or_else(missing)?;
                     let values = value.cast_to::<f32>().map_err(|_| missing())?;
                     let plain = values.try_as_plain_ram().map_err(|_| missing())?;
-                    seen(index, plain.as_slice::<f32>().map_err(|_| missing())?);
+                    seen(
+                        index,
+                        value.shape(),
+                        plain.as_slice::<f32>().map_err(|_| missing())?,
+                    );
                 }
             }
         }
