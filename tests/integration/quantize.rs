@@ -298,18 +298,25 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
         t.raw_data.truncate(len - 4);
     });
     assert!(e.contains("one per channel") || e.contains("dims"), "{e}");
-    // A Conv reading its activation straight, without Q/DQ.
-    let e = broken(&|g| {
-        let producer: std::collections::HashMap<String, pb::NodeProto> = g
-            .node
+    // Each tensor's producer, copied: the edits change the graph.
+    let producers = |g: &pb::GraphProto| -> std::collections::HashMap<String, pb::NodeProto> {
+        g.node
             .iter()
             .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.clone())))
-            .collect();
-        let conv = g.node.iter_mut().find(|n| n.op_type == "Conv").unwrap();
-        let dq = &producer[&conv.input[0]];
-        let q = &producer[&dq.input[0]];
-        conv.input[0] = q.input[0].clone();
-    });
+            .collect()
+    };
+    // The first Conv reading its input `input` straight, past its Q/DQ.
+    let bypass = |input: usize| {
+        move |g: &mut pb::GraphProto| {
+            let producer = producers(g);
+            let conv = g.node.iter_mut().find(|n| n.op_type == "Conv").unwrap();
+            let dq = &producer[&conv.input[input]];
+            let q = &producer[&dq.input[0]];
+            conv.input[input] = q.input[0].clone();
+        }
+    };
+    // A Conv reading its activation straight, without Q/DQ.
+    let e = broken(&bypass(0));
     assert!(
         e.contains("activation input is not a DequantizeLinear"),
         "{e}"
@@ -412,11 +419,7 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
     assert!(e.contains("without axis = 0"), "{e}");
     // A DequantizeLinear fed by a float tensor, not a QuantizeLinear.
     let e = broken(&|g| {
-        let producer: std::collections::HashMap<String, pb::NodeProto> = g
-            .node
-            .iter()
-            .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.clone())))
-            .collect();
+        let producer = producers(g);
         let dq = g
             .node
             .iter_mut()
@@ -429,17 +432,7 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
         "{e}"
     );
     // A quantized Conv reading its float weight straight.
-    let e = broken(&|g| {
-        let producer: std::collections::HashMap<String, pb::NodeProto> = g
-            .node
-            .iter()
-            .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.clone())))
-            .collect();
-        let conv = g.node.iter_mut().find(|n| n.op_type == "Conv").unwrap();
-        let dq = &producer[&conv.input[1]];
-        let q = &producer[&dq.input[0]];
-        conv.input[1] = q.input[0].clone();
-    });
+    let e = broken(&bypass(1));
     assert!(e.contains("weight is not a DequantizeLinear output"), "{e}");
     // An opset below 13, where per-channel Q/DQ has no `axis`.
     let mut old = good.clone();

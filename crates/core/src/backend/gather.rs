@@ -118,6 +118,34 @@ impl RowGather {
         &self.plan
     }
 
+    /// What a device session's `gather_rows` does with its `gather`:
+    /// clears it for `None`; keeps it for the plan it already carries
+    /// out; otherwise makes one for `plan`, where `image_values(output)`
+    /// (one image's values of an output, `None` past the outputs) is the
+    /// plan's rows times columns. Answers whether rows are gathered.
+    pub(crate) fn replan(
+        gather: &mut Option<RowGather>,
+        plan: Option<GatherPlan>,
+        image_values: impl Fn(usize) -> Option<usize>,
+        gpu: &Arc<Gpu>,
+        max_images: usize,
+    ) -> Result<bool, BackendError> {
+        let Some(plan) = plan else {
+            *gather = None;
+            return Ok(true);
+        };
+        if gather.as_ref().is_some_and(|g| g.plan == plan) {
+            return Ok(true);
+        }
+        if image_values(plan.output)
+            .is_none_or(|n| plan.priors.checked_mul(plan.columns) != Some(n))
+        {
+            return Ok(false);
+        }
+        *gather = Some(RowGather::new(gpu.clone(), plan, max_images)?);
+        Ok(true)
+    }
+
     /// Keeps the rows of `images` images of the output at `output` (each
     /// `plan.priors * plan.columns` floats, image after image), on the
     /// GPU's stream after whatever wrote it, and puts them in `results`.

@@ -822,22 +822,14 @@ impl DeviceSession for TrtSession {
     }
 
     fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
-        let Some(plan) = plan else {
-            self.gather = None;
-            return Ok(true);
-        };
-        if self.gather.as_ref().is_some_and(|g| *g.plan() == plan) {
-            return Ok(true);
-        }
-        let matches = self
-            .outputs
-            .get(plan.output)
-            .is_some_and(|(_, _, _, len)| plan.priors.checked_mul(plan.columns) == Some(*len));
-        if !matches {
-            return Ok(false);
-        }
-        self.gather = Some(RowGather::new(self.gpu.clone(), plan, self.max_batch)?);
-        Ok(true)
+        let outputs = &self.outputs;
+        RowGather::replan(
+            &mut self.gather,
+            plan,
+            |index| outputs.get(index).map(|(_, _, _, len)| *len),
+            &self.gpu,
+            self.max_batch,
+        )
     }
 }
 
