@@ -375,8 +375,14 @@ fn bench_detector(
         Some(session) => session.map_err(|e| runtime(e.into()))?,
         None => return Err(runtime(anyhow!("no device session"))),
     };
-    let mut run_alone = |plan| {
-        device.gather_rows(plan).map_err(|e| runtime(e.into()))?;
+    let mut run_alone = |plan: Option<_>| {
+        let asked = plan.is_some();
+        let gathers = device.gather_rows(plan).map_err(|e| runtime(e.into()))?;
+        if asked && !gathers {
+            println!(
+                "  (this session cannot gather rows: \"kept rows out\" below is whole outputs)"
+            );
+        }
         let mut samples = Vec::with_capacity(args.iters);
         for i in 0..args.iters + 50 {
             let t0 = Instant::now();

@@ -122,7 +122,10 @@ impl RowGather {
     /// clears it for `None`; keeps it for the plan it already carries
     /// out; otherwise makes one for `plan`, where `image_values(output)`
     /// (one image's values of an output, `None` past the outputs) is the
-    /// plan's rows times columns. Answers whether rows are gathered.
+    /// plan's rows times columns. Answers whether the session now does
+    /// what was asked: `true` for `None` (everything comes back), and for a
+    /// plan whether its rows are gathered. A plan that does not fit leaves
+    /// no gather behind.
     pub(crate) fn replan(
         gather: &mut Option<RowGather>,
         plan: Option<GatherPlan>,
@@ -137,6 +140,7 @@ impl RowGather {
         if gather.as_ref().is_some_and(|g| g.plan == plan) {
             return Ok(true);
         }
+        *gather = None;
         if image_values(plan.output)
             .is_none_or(|n| plan.priors.checked_mul(plan.columns) != Some(n))
         {
@@ -209,7 +213,7 @@ impl RowGather {
 
         let copy = driver("copying the row counts");
         let host_counts = self.host_counts.as_mut_slice().map_err(&copy)?;
-        let (counts, _) = self.counts.device_ptr(&stream);
+        let (counts, _counts_guard) = self.counts.device_ptr(&stream);
         // SAFETY: `counts` holds max_images >= images u32.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(
@@ -241,8 +245,8 @@ impl RowGather {
         }
 
         let copy = driver("copying the kept rows");
-        let (picked, _) = self.picked.device_ptr(&stream);
-        let (rows, _) = self.rows.device_ptr(&stream);
+        let (picked, _picked_read) = self.picked.device_ptr(&stream);
+        let (rows, _rows_read) = self.rows.device_ptr(&stream);
         let host_picked = self.host_picked.as_mut_slice().map_err(&copy)?;
         // SAFETY: picked holds max_images * capacity u32.
         unsafe {

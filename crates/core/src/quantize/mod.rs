@@ -432,16 +432,19 @@ pub fn quantize(
         .map(|(name, hist)| (name.clone(), scale(threshold(hist, options.method))))
         .collect();
 
-    let bias_corrected = patches.len();
+    let mut bias_corrected = 0;
     if options.bias_correction {
-        for (tensor, patch) in &mut patches {
-            patch.quantized_input(scales.get(&tensors[*tensor]).copied().unwrap_or(1.0));
-        }
+        let mut through = Vec::new();
         let skipped = each_input(set, spec, &mut next_image, &mut |input| {
             probe
                 .run(input, &mut |i, shape, values| {
+                    // Once per tensor, for every Conv that reads it.
+                    let Some(&scale) = tensors.get(i).and_then(|t| scales.get(t)) else {
+                        return;
+                    };
+                    bias::through_qdq(values, scale, &mut through);
                     for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
-                        patch.add(shape, values);
+                        patch.add_quantized(shape, &through);
                     }
                 })
                 .map_err(|e| one_line(&e))
@@ -454,10 +457,13 @@ pub fn quantize(
         }
         let patches: Vec<bias::PatchMeans> = patches.into_iter().map(|(_, p)| p).collect();
         let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
-        let largest = bias::correct(graph, &patches).map_err(graph_error)?;
+        let corrected = bias::correct(graph, &patches).map_err(graph_error)?;
+        bias_corrected = corrected.convs;
         log::info!(
-            "bias correction: {bias_corrected} Convs, the largest shift {:.1} % of its Conv's largest bias",
-            largest * 100.0
+            "bias correction: {} of {} Convs, the largest shift {:.4}",
+            corrected.convs,
+            patches.len(),
+            corrected.largest_shift
         );
     }
 

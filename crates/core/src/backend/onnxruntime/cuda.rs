@@ -199,18 +199,22 @@ impl CudaSession {
     /// once here and not at the first batch of each size in service. The
     /// largest bucket's input, which the preprocessor has just filled, is
     /// only read.
-    fn warm_buckets(&mut self) -> Result<(), BackendError> {
+    fn warm_buckets(&mut self) {
         let started = std::time::Instant::now();
-        for index in 0..self.buckets.len() {
-            self.run_bucket(index)?;
-        }
+        // Once, whatever happens: a bucket that fails here is the run's to
+        // report when a batch needs it, not every batch's.
         self.warmed = true;
+        for index in 0..self.buckets.len() {
+            if let Err(e) = self.run_bucket(index) {
+                let size = self.buckets.get(index).map_or(0, |b| b.images);
+                log::warn!("ONNX Runtime CUDA session: warming batch size {size} up failed: {e}");
+            }
+        }
         log::info!(
             "ONNX Runtime CUDA session: batch sizes {:?} run once on the detector's thread in {:.1} s",
             bucket_sizes(self.max_batch),
             started.elapsed().as_secs_f64()
         );
-        Ok(())
     }
 
     /// Makes the bucket of `images` images.
@@ -277,7 +281,7 @@ impl CudaSession {
             });
         }
         if !self.warmed {
-            self.warm_buckets()?;
+            self.warm_buckets();
         }
         let stream = self.gpu.stream().clone();
         let size = bucket_for(images, self.max_batch);

@@ -510,14 +510,17 @@ impl OnnxRuntimeEngine {
             let mut cuda = ort::ep::CUDA::default()
                 .with_device_id(device)
                 .with_cuda_graph(self.graphs() && provider == Provider::Cuda);
-            if self.max_batch > 1 {
+            if !self.graphs() {
                 // cuDNN's exhaustive search, ONNX Runtime's default, took
-                // about 4 s a batch size for FP32 and 9 s for FP16 on an H100,
-                // and in the daemon a batching session's runs at 4 to 64
-                // cameras took 1 to 3 s each with the GPU idle (issue 21,
-                // measured after the load had warmed every size up): the
-                // detector paid searches. Its heuristic picks from cuDNN's
-                // own ranking, with no benchmark runs.
+                // about 4 s a batch size for FP32 and 9 s for FP16 on an H100
+                // (issue 21), paid by a session's first run of each size. A
+                // session without a graph, which no longer has a load-time
+                // warm-up on the loader's thread, gets cuDNN's heuristic
+                // choice instead: no benchmark runs. (In the daemon a
+                // batching session's runs at 4 to 64 cameras took 1 to 3 s
+                // each, with the GPU idle, after the load had warmed every
+                // size up: whether searches caused that is a hypothesis this
+                // change tests.)
                 cuda =
                     cuda.with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic);
             }
