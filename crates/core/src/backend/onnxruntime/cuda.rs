@@ -17,7 +17,8 @@
 //! buckets runs each once before its first real run, on that thread
 //! (`warm_buckets`): in the daemon, runs of a batching session whose
 //! sizes had only been warmed on the loader's thread took 1 to 3 s each
-//! at 4 to 64 cameras (H100, issue 21). The GPU preprocessor writes
+//! at 4 to 64 cameras (H100, issue 21; the cause is not known, and this
+//! has not run on a GPU yet). The GPU preprocessor writes
 //! every image into the largest bucket's input; a run of fewer images
 //! copies them (device to device, microseconds) into the smallest bucket
 //! that holds them and runs that, its spare images ignored. After a run
