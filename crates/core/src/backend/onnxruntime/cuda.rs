@@ -5,26 +5,27 @@
 //! input made elsewhere (a cudarc buffer, or a tensor over another
 //! tensor's memory) is copied by ONNX Runtime once, when it is bound, and
 //! every run then reads that first snapshot (measured on the H200, and
-//! for views over the allocator's own memory on the H100). So each batch
-//! size a run is made at has its own tensors, binding and CUDA graph
-//! (`gpu_graph_id`): a bucket. Buckets are powers of two up to the
-//! session's `max_batch`, all made when the session is made, none after a
-//! run. A session of more than one bucket runs without CUDA graphs: with
-//! several captured, ONNX Runtime 1.31.1's runs faulted on an H100 (see
-//! `OnnxRuntimeEngine::graphs`). Nothing runs here: ONNX Runtime keeps a
-//! CUDA graph, and its count of runs before the capture, per thread, so
-//! the detector thread's own first runs do that. A session of several
-//! buckets runs each once before its first real run, on that thread
-//! (`warm_buckets`): in the daemon, runs of a batching session whose
-//! sizes had only been warmed on the loader's thread took 1 to 3 s each
-//! at 4 to 64 cameras (H100, issue 21; the cause is not known, and this
-//! has not run on a GPU yet). The GPU preprocessor writes
-//! every image into the largest bucket's input; a run of fewer images
-//! copies them (device to device, microseconds) into the smallest bucket
-//! that holds them and runs that, its spare images ignored. After a run
-//! the outputs are copied into pinned host memory on the same stream.
-//! Fixed addresses are what lets ONNX Runtime capture a run in a CUDA
-//! graph and replay it.
+//! for views over the allocator's own memory on the H100).
+//!
+//! Every run is at the session's `max_batch`, whatever the number of
+//! images in it: the images fill the first slots, the rest hold what they
+//! held, and only the first images' outputs are read. Since cuDNN 9, ONNX
+//! Runtime's Conv keeps the cuDNN plan of the last input shape only, and
+//! rebuilds every Conv's plan on the CPU when the shape changes, even to
+//! one it has seen (onnxruntime `conv.cc`, `UpdateState`; issue #23006).
+//! That is what a session of one tensor set per power of two met on an
+//! H100 (issue 21): runs of varying batch sizes took 1 to 3 s each, the
+//! GPU idle, while runs at one size took 4.4 ms (32) and 1 ms (1). One
+//! shape also means one CUDA graph, the configuration that runs; several
+//! graph ids in one session faulted there. A run of 32 costs 4.4 ms where
+//! a run of 1 costs 1 ms: `max_batch` is chosen for the load.
+//!
+//! Nothing runs here: ONNX Runtime keeps a CUDA graph, and its count of
+//! runs before the capture, per thread, so the detector thread's own first
+//! runs do that. After a run the outputs (or the rows the row gather
+//! keeps) are copied into pinned host memory on the same stream. Fixed
+//! addresses are what lets ONNX Runtime capture a run in a CUDA graph and
+//! replay it.
 
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, Memory
 use ort::session::{IoBinding, RunOptions, Session as OrtSession};
 use ort::value::Tensor;
 
-use super::{OnnxRuntimeEngine, batch_shape, bucket_for, bucket_sizes, failed, unavailable};
+use super::{OnnxRuntimeEngine, batch_shape, failed, unavailable};
 use crate::backend::gather::RowGather;
 use crate::backend::{BackendError, BatchOutputs, DeviceSession, GatherPlan, InputBatch, Session};
 use crate::gpu::{Gpu, GpuError};
@@ -49,9 +50,8 @@ struct OutputBuffer {
     host: PinnedHostSlice<f32>,
 }
 
-/// The tensors, binding and run options of one batch size.
+/// The tensors, binding and run options of the session's one shape.
 struct Bucket {
-    images: usize,
     // Drops before the tensor: the binding holds it too.
     binding: IoBinding,
     options: RunOptions,
@@ -64,15 +64,15 @@ struct Bucket {
 
 /// A session on the GPU that runs up to `max_batch` images at once.
 pub(super) struct CudaSession {
-    // Fields drop in this order. The buckets' tensors go before the
+    // Fields drop in this order. The bucket's tensors go before the
     // allocator that made them (ONNX Runtime frees them through it) and
     // both before the session they belong to; the run was a segfault at
-    // exit before.
-    buckets: Vec<Bucket>,
+    // exit before. `None` only while the session is made.
+    bucket: Option<Bucket>,
     allocator: Allocator,
     session: OrtSession,
     outputs: Vec<OutputBuffer>,
-    /// A view of the largest bucket's input: ONNX Runtime frees it.
+    /// A view of the bucket's input: ONNX Runtime frees it.
     input: ManuallyDrop<CudaSlice<f32>>,
     input_name: String,
     gpu: Arc<Gpu>,
@@ -87,8 +87,6 @@ pub(super) struct CudaSession {
     results: BatchOutputs,
     /// Set: runs on the device bring back only the rows it keeps.
     gather: Option<RowGather>,
-    /// Whether every bucket has run once, on the thread that runs them.
-    warmed: bool,
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
@@ -135,11 +133,11 @@ impl CudaSession {
             });
         }
         let mut made = CudaSession {
-            buckets: Vec::new(),
+            bucket: None,
             allocator,
             session,
             outputs,
-            // Replaced below by the largest bucket's input.
+            // Replaced below by the bucket's input.
             input: ManuallyDrop::new(gpu.stream().null().map_err(cuda("an empty view"))?),
             input_name: engine.input_name.clone(),
             gpu,
@@ -154,24 +152,14 @@ impl CudaSession {
             max_batch,
             results: BatchOutputs::default(),
             gather: None,
-            // One bucket: its first run is the only first run there is.
-            warmed: bucket_sizes(max_batch).len() <= 1,
         };
         let fail = |e: BackendError| match e {
             BackendError::Run(cause) => unavailable(cause),
             other => other,
         };
-        let started = std::time::Instant::now();
-        for images in bucket_sizes(max_batch) {
-            made.bucket(images).map_err(fail)?;
-        }
-        log::info!(
-            "ONNX Runtime CUDA session: buffers for batch sizes {:?} made in {:.1} s",
-            bucket_sizes(max_batch),
-            started.elapsed().as_secs_f64()
-        );
-        let largest = made.buckets.len() - 1;
-        let address = made.buckets[largest].input;
+        let bucket = made.make_bucket(max_batch).map_err(fail)?;
+        let address = bucket.input;
+        made.bucket = Some(bucket);
         // SAFETY: ONNX Runtime allocated `max_batch * per_image` f32 on
         // this device at `address`; the bucket that owns them lives as long
         // as the session, and the view is leaked, never freed, on drop.
@@ -185,41 +173,8 @@ impl CudaSession {
         Ok(made)
     }
 
-    /// One run of bucket `index` on what its input holds.
-    fn run_bucket(&mut self, index: usize) -> Result<(), BackendError> {
-        let bucket = self.buckets.get(index).ok_or(BackendError::HandedBack)?;
-        self.session
-            .run_binding_with_options(&bucket.binding, &bucket.options)
-            .map_err(|e: ort::Error| BackendError::run(e))?;
-        Ok(())
-    }
-
-    /// Runs every bucket once, on what their inputs hold, before the
-    /// first real run: on the thread that runs them, so whatever ONNX
-    /// Runtime and cuDNN set up per batch size, and per thread, is set up
-    /// once here and not at the first batch of each size in service. The
-    /// largest bucket's input, which the preprocessor has just filled, is
-    /// only read.
-    fn warm_buckets(&mut self) {
-        let started = std::time::Instant::now();
-        // Once, whatever happens: a bucket that fails here is the run's to
-        // report when a batch needs it, not every batch's.
-        self.warmed = true;
-        for index in 0..self.buckets.len() {
-            if let Err(e) = self.run_bucket(index) {
-                let size = self.buckets.get(index).map_or(0, |b| b.images);
-                log::warn!("ONNX Runtime CUDA session: warming batch size {size} up failed: {e}");
-            }
-        }
-        log::info!(
-            "ONNX Runtime CUDA session: batch sizes {:?} run once on the detector's thread in {:.1} s",
-            bucket_sizes(self.max_batch),
-            started.elapsed().as_secs_f64()
-        );
-    }
-
-    /// Makes the bucket of `images` images.
-    fn bucket(&mut self, images: usize) -> Result<(), BackendError> {
+    /// Makes the tensors and binding for runs of `images` images.
+    fn make_bucket(&self, images: usize) -> Result<Bucket, BackendError> {
         let error = |e: ort::Error| BackendError::run(e);
         let mut binding = self.session.create_binding().map_err(error)?;
         let mut input_tensor = Tensor::<f32>::new(
@@ -245,7 +200,7 @@ impl CudaSession {
         }
         let mut options = RunOptions::new().map_err(error)?;
         if self.graphs && self.shares_stream {
-            // One graph per bucket: each has its own shapes and buffers.
+            // The session's one graph.
             options
                 .set("gpu_graph_id", images.to_string())
                 .map_err(error)?;
@@ -258,15 +213,13 @@ impl CudaSession {
             // (2.6 -> 3.7 ms a frame there).
             options.disable_device_sync().map_err(error)?;
         }
-        self.buckets.push(Bucket {
-            images,
+        Ok(Bucket {
             binding,
             options,
             _input_tensor: input_tensor,
             input,
             outputs,
-        });
-        Ok(())
+        })
     }
 
     /// Runs the first `images` images of the input buffer and copies their
@@ -281,40 +234,16 @@ impl CudaSession {
                 reason: format!("this session takes 1 to {} images", self.max_batch),
             });
         }
-        if !self.warmed {
-            self.warm_buckets();
-        }
         let stream = self.gpu.stream().clone();
-        let size = bucket_for(images, self.max_batch);
-        let index = self
-            .buckets
-            .iter()
-            .position(|b| b.images == size)
-            .ok_or(BackendError::HandedBack)?;
-        let bucket = &self.buckets[index];
-        if bucket.images != self.max_batch {
-            let copy = driver("copying the batch into its bucket");
-            let (from, _) = cudarc::driver::DevicePtr::device_ptr(&*self.input, &stream);
-            // SAFETY: both buffers hold at least `images` images of
-            // `per_image` f32 (the largest bucket's and this one's inputs),
-            // and are not freed while the session lives.
-            unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    bucket.input,
-                    from,
-                    images * self.per_image * size_of::<f32>(),
-                    stream.cu_stream(),
-                )
-            }
-            .map_err(copy)?;
-        }
         if !self.shares_stream {
             stream
                 .synchronize()
                 .map_err(driver("waiting for the input"))?;
         }
-        self.run_bucket(index)?;
-        let bucket = &self.buckets[index];
+        let bucket = self.bucket.as_ref().ok_or(BackendError::HandedBack)?;
+        self.session
+            .run_binding_with_options(&bucket.binding, &bucket.options)
+            .map_err(|e: ort::Error| BackendError::run(e))?;
         if gather && let Some(rows) = &mut self.gather {
             let output = bucket.outputs.get(rows.plan().output).copied();
             let output = output.ok_or(BackendError::HandedBack)?;

@@ -267,28 +267,6 @@ fn batch_shape(shape: &[usize], images: usize) -> Vec<usize> {
     }
 }
 
-/// The batch sizes a CUDA session runs at, each with its own buffers and
-/// CUDA graph: powers of two below `max_batch`, and `max_batch`.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn bucket_sizes(max_batch: usize) -> Vec<usize> {
-    let max_batch = max_batch.max(1);
-    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |&n| n.checked_mul(2))
-        .take_while(|&n| n < max_batch)
-        .collect();
-    sizes.push(max_batch);
-    sizes
-}
-
-/// The bucket a run of `images` goes to: the next power of two, or the
-/// session's largest.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn bucket_for(images: usize, max_batch: usize) -> usize {
-    images
-        .checked_next_power_of_two()
-        .unwrap_or(max_batch)
-        .min(max_batch)
-}
-
 /// A model prepared for ONNX Runtime. Sessions are made from the bytes,
 /// one per thread (`ort`'s run takes `&mut`).
 pub struct OnnxRuntimeEngine {
@@ -438,14 +416,12 @@ impl OnnxRuntimeEngine {
     }
 
     /// Whether the GPU provider's runs are captured in a CUDA graph: where
-    /// configured, and only for sessions of one batch size. ONNX Runtime
-    /// 1.31.1 keeps a graph per size (`gpu_graph_id`), but with two or
-    /// more captured in one session its runs faulted on an H100 (illegal
-    /// memory access or instruction, in the runs or the copies after:
-    /// issue 21), so a batching session runs without graphs, where a run's
-    /// launches weigh little beside its many images.
+    /// configured. A CUDA session runs one shape, `max_batch` images,
+    /// whatever the batch (`cuda.rs`), so it has one graph; with two or
+    /// more graph ids in one session ONNX Runtime 1.31.1's runs faulted on
+    /// an H100 (issue 21).
     fn graphs(&self) -> bool {
-        self.options.cuda_graph && self.max_batch <= 1
+        self.options.cuda_graph
     }
 
     /// The session on `asked`, or on the next provider down where that
@@ -511,16 +487,12 @@ impl OnnxRuntimeEngine {
                 .with_device_id(device)
                 .with_cuda_graph(self.graphs() && provider == Provider::Cuda);
             if !self.graphs() {
-                // cuDNN's exhaustive search, ONNX Runtime's default, took
-                // about 4 s a batch size for FP32 and 9 s for FP16 on an H100
-                // (issue 21), paid by a session's first run of each size. A
-                // session without a graph, which no longer has a load-time
-                // warm-up on the loader's thread, gets cuDNN's heuristic
-                // choice instead: no benchmark runs. (In the daemon a
-                // batching session's runs at 4 to 64 cameras took 1 to 3 s
-                // each, with the GPU idle, after the load had warmed every
-                // size up: whether searches caused that is a hypothesis this
-                // change tests.)
+                // With cuDNN 9, ONNX Runtime's "exhaustive" default builds
+                // each Conv's plan with cuDNN's slower heuristic (mode B): 4 s
+                // a shape for FP32 and 9 s for FP16 on an H100 (issue 21),
+                // paid by the first run on the detector's thread. A session
+                // without a graph, which gains nothing from a replay, takes
+                // the quick heuristic instead.
                 cuda =
                     cuda.with_conv_algorithm_search(ort::ep::cuda::ConvAlgorithmSearch::Heuristic);
             }
@@ -599,7 +571,7 @@ impl Engine for OnnxRuntimeEngine {
 
     fn max_batch(&self) -> usize {
         // Any batch: a host session runs it image by image, a CUDA session
-        // in runs of up to its buckets' largest.
+        // in runs of up to its `max_batch`.
         usize::MAX
     }
 
@@ -762,23 +734,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_go_to_the_smallest_power_of_two_bucket_that_holds_them() {
-        let buckets: Vec<usize> = (1..=10).map(|n| bucket_for(n, 8)).collect();
-        assert_eq!(buckets, [1, 2, 4, 4, 8, 8, 8, 8, 8, 8]);
-        assert_eq!(bucket_for(33, 48), 48);
-        assert_eq!(bucket_for(17, 48), 32);
-        assert_eq!(bucket_for(1, 1), 1);
-        assert_eq!(bucket_sizes(1), [1]);
-        assert_eq!(bucket_sizes(8), [1, 2, 4, 8]);
-        assert_eq!(bucket_sizes(48), [1, 2, 4, 8, 16, 32, 48]);
-        // Every run has a bucket.
-        for max in 1..=130 {
-            let sizes = bucket_sizes(max);
-            for n in 1..=max {
-                assert!(sizes.contains(&bucket_for(n, max)), "{n} of {max}");
-                assert!(bucket_for(n, max) >= n);
-            }
-        }
+    fn a_batchable_models_tensors_lead_with_the_batch() {
         assert_eq!(batch_shape(&[1, 2125, 112], 4), [4, 2125, 112]);
         assert_eq!(batch_shape(&[2125, 80], 1), [2125, 80]);
     }
