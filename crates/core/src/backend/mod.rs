@@ -135,7 +135,6 @@ pub struct GatherPlan {
 /// ascending prior.
 #[derive(Debug, Default)]
 struct GatheredRows {
-    output: usize,
     columns: usize,
     /// Image `i`'s rows are `starts[i]..starts[i + 1]`.
     starts: Vec<usize>,
@@ -148,10 +147,8 @@ struct GatheredRows {
 pub enum ImageOutputs<'a> {
     /// Every value of every output, in declared order.
     Whole(Vec<&'a [f32]>),
-    /// Of output `output`, only the rows a [`GatherPlan`] kept.
+    /// Of the output a [`GatherPlan`] names, only the rows it kept.
     Rows {
-        /// Which output the rows are from.
-        output: usize,
         /// Each row's prior, ascending.
         priors: &'a [u32],
         /// The rows, `priors.len()` times the row's width.
@@ -284,7 +281,6 @@ impl BatchOutputs {
     ) -> Result<(), BackendError> {
         self.reset(self.tensors.len(), counts.len());
         let mut gathered = GatheredRows {
-            output: plan.output,
             columns: plan.columns,
             ..GatheredRows::default()
         };
@@ -327,7 +323,6 @@ impl BatchOutputs {
         };
         let rows = gathered.starts[image]..gathered.starts[image + 1];
         Some(ImageOutputs::Rows {
-            output: gathered.output,
             priors: &gathered.priors[rows.clone()],
             values: &gathered.values[rows.start * gathered.columns..rows.end * gathered.columns],
         })
@@ -707,7 +702,6 @@ mod tests {
         assert_eq!(
             o.image(0),
             Some(ImageOutputs::Rows {
-                output: 0,
                 priors: &[2, 7],
                 values: &[2.0, 2.5, 7.0, 7.5],
             })
@@ -715,7 +709,6 @@ mod tests {
         assert_eq!(
             o.image(1),
             Some(ImageOutputs::Rows {
-                output: 0,
                 priors: &[],
                 values: &[],
             })
