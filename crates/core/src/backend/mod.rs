@@ -132,14 +132,18 @@ pub struct GatherPlan {
 }
 
 /// The rows of one output that a [`GatherPlan`] kept, per image, by
-/// ascending prior.
+/// ascending prior. Its buffers outlive each run: refilled, not remade.
 #[derive(Debug, Default)]
 struct GatheredRows {
+    /// Whether the last run's outputs are these rows.
+    active: bool,
     columns: usize,
     /// Image `i`'s rows are `starts[i]..starts[i + 1]`.
     starts: Vec<usize>,
     priors: Vec<u32>,
     values: Vec<f32>,
+    /// Scratch: one image's rows in prior order.
+    order: Vec<usize>,
 }
 
 /// One image's outputs.
@@ -251,8 +255,8 @@ pub struct BatchOutputs {
     images: usize,
     /// Per output: its values for all images, image after image.
     tensors: Vec<Vec<f32>>,
-    /// Set instead of `tensors` when the device kept only some rows.
-    gathered: Option<GatheredRows>,
+    /// In use instead of `tensors` when the device kept only some rows.
+    gathered: GatheredRows,
 }
 
 impl BatchOutputs {
@@ -263,7 +267,7 @@ impl BatchOutputs {
         for t in &mut self.tensors {
             t.clear();
         }
-        self.gathered = None;
+        self.gathered.active = false;
     }
 
     /// Replaces the outputs by the rows a [`GatherPlan`] kept of `images`
@@ -280,11 +284,11 @@ impl BatchOutputs {
         rows: &[f32],
     ) -> Result<(), BackendError> {
         self.reset(self.tensors.len(), counts.len());
-        let mut gathered = GatheredRows {
-            columns: plan.columns,
-            ..GatheredRows::default()
-        };
-        let mut order = Vec::new();
+        let gathered = &mut self.gathered;
+        gathered.columns = plan.columns;
+        gathered.starts.clear();
+        gathered.priors.clear();
+        gathered.values.clear();
         gathered.starts.push(0);
         for (image, &count) in counts.iter().enumerate() {
             let first = image * capacity;
@@ -298,10 +302,10 @@ impl BatchOutputs {
                     reason: format!("image {image} kept {count} rows past the gathered buffers"),
                 });
             };
-            order.clear();
-            order.extend(0..count);
-            order.sort_unstable_by_key(|&row| priors[row]);
-            for &row in &order {
+            gathered.order.clear();
+            gathered.order.extend(0..count);
+            gathered.order.sort_unstable_by_key(|&row| priors[row]);
+            for &row in &gathered.order {
                 gathered.priors.push(priors[row]);
                 gathered
                     .values
@@ -309,7 +313,7 @@ impl BatchOutputs {
             }
             gathered.starts.push(gathered.priors.len());
         }
-        self.gathered = Some(gathered);
+        gathered.active = true;
         Ok(())
     }
 
@@ -318,9 +322,10 @@ impl BatchOutputs {
         if image >= self.images {
             return None;
         }
-        let Some(gathered) = &self.gathered else {
+        let gathered = &self.gathered;
+        if !gathered.active {
             return Some(ImageOutputs::Whole(self.for_image(image)));
-        };
+        }
         let rows = gathered.starts[image]..gathered.starts[image + 1];
         Some(ImageOutputs::Rows {
             priors: &gathered.priors[rows.clone()],
