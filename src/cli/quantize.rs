@@ -31,7 +31,8 @@ pub struct QuantizeArgs {
     /// Convs to keep in float: node names, glob patterns, @first, @last.
     #[arg(long, value_delimiter = ',')]
     keep_float: Vec<String>,
-    /// Skip the channel equalization in front of depthwise Convs.
+    /// Skip the channel equalization (in front of depthwise Convs and after
+    /// the stem's max pool).
     #[arg(long)]
     no_equalize: bool,
     /// Correct each quantized Conv's bias for the mean shift its weights'
@@ -68,9 +69,13 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(anyhow!("{}: cannot write: {e}", args.out.display())))?;
     let r = &quantized.report;
     println!(
-        "{}: {} Convs INT8, {} float, {} Q/DQ pairs, {} depthwise inputs equalized; method {}; {} images ({} skipped) in {:.1} s, {:.1} s in all",
+        "{}: {} Convs INT8 ({} of the Convs' MACs), {} float, {} Q/DQ pairs, {} Conv inputs equalized; method {}; {} images ({} skipped) in {:.1} s, {:.1} s in all",
         args.out.display(),
         r.rules.quantized_convs,
+        r.macs.map_or_else(
+            || "unknown share".to_owned(),
+            |m| format!("{:.1} %", m.int8_fraction() * 100.0)
+        ),
         r.rules.float_convs,
         r.rules.pairs,
         r.equalized,

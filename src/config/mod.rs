@@ -301,7 +301,7 @@ pub struct Int8Config {
     /// Convs left in float (names, patterns, @first, @last).
     #[serde(default)]
     pub keep_float: Vec<String>,
-    /// Equalize channels in front of depthwise Convs.
+    /// Equalize channels in front of depthwise Convs and after the stem.
     #[serde(default = "yes")]
     pub equalize: bool,
     /// Correct each quantized Conv's bias for the mean shift its weights'

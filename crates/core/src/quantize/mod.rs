@@ -43,7 +43,7 @@ pub const DEFAULT_METHOD: Method = Method::Percentile(99.99);
 
 /// Changes whenever the same inputs would give a different model, so the
 /// daemon's cache never serves a model made by older code.
-pub const QUANTIZER_VERSION: u32 = 1;
+pub const QUANTIZER_VERSION: u32 = 2;
 
 /// Metadata keys the quantized model carries.
 pub mod keys {
@@ -59,6 +59,9 @@ pub mod keys {
     pub const VERSION: &str = "nanodetd.int8.quantizer_version";
     /// How many Convs had their bias corrected (absent: none were).
     pub const BIAS_CORRECTED: &str = "nanodetd.int8.bias_corrected";
+    /// The Convs' multiply-accumulates at batch 1 that run in INT8, then
+    /// all of them: "int8/all" (absent where a Conv's size was unknown).
+    pub const CONV_MACS: &str = "nanodetd.int8.conv_macs";
 }
 
 /// What the quantizer is asked to do.
@@ -72,7 +75,8 @@ pub struct QuantizeOptions {
     /// reading the image) or `@last` (Convs whose output reaches a network
     /// output without another Conv).
     pub keep_float: Vec<String>,
-    /// Equalize channel ranges in front of depthwise Convs first
+    /// Equalize channel ranges in front of depthwise Convs (and after a
+    /// stem's max pool) first
     /// ([`equalize`]): the same FP32 function, less INT8 error.
     pub equalize: bool,
     /// Take each quantized Conv's mean shift from weight rounding, measured
@@ -231,16 +235,54 @@ pub struct QuantizeReport {
     pub set_digest: String,
     /// SHA-256 of the source model file.
     pub source_sha256: String,
-    /// Depthwise Convs whose input channels were equalized.
+    /// Conv inputs whose channels were equalized.
     pub equalized: usize,
     /// The rule checker's account of the result.
     pub rules: RuleSummary,
     /// Convs left in float.
     pub float_convs: Vec<String>,
+    /// The Convs' multiply-accumulates at batch 1, in INT8 and in all;
+    /// `None` where tract could not size a Conv's output.
+    pub macs: Option<MacCount>,
     /// Seconds spent running the calibration images.
     pub statistics_seconds: f64,
     /// Seconds for the whole job.
     pub total_seconds: f64,
+}
+
+/// Multiply-accumulates of the model's Convs at batch 1: TensorRT's INT8
+/// speed-up follows the share that runs in INT8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacCount {
+    /// In the Convs that are quantized.
+    pub int8: u64,
+    /// In every Conv.
+    pub all: u64,
+}
+
+impl MacCount {
+    /// The INT8 share, 0 to 1 (1 for a model without Conv MACs).
+    pub fn int8_fraction(&self) -> f64 {
+        if self.all == 0 {
+            1.0
+        } else {
+            self.int8 as f64 / self.all as f64
+        }
+    }
+}
+
+/// The multiply-accumulates of one Conv at batch 1: its weight's elements
+/// (output channels × input channels per group × kernel) times its output
+/// positions. `None` for a size that is not positive or overflows.
+pub fn conv_macs(weight_dims: &[i64], output_shape: &[usize]) -> Option<u64> {
+    let mut macs: u64 = 1;
+    for &d in weight_dims {
+        macs = macs.checked_mul(u64::try_from(d).ok().filter(|&d| d > 0)?)?;
+    }
+    for &d in output_shape.get(2..)? {
+        macs = macs.checked_mul(u64::try_from(d).ok()?)?;
+    }
+    Some(macs)
 }
 
 /// A quantized model, not yet written anywhere.
@@ -347,6 +389,7 @@ pub fn quantize(
         done += 1;
         progress(done, total);
     };
+    let mut equalized = 0;
     if !chains.is_empty() {
         let watched: Vec<String> = chains.iter().map(|c| c.tensor.clone()).collect();
         let mut probe = stats::ActivationProbe::new(&bytes, size, &watched).map_err(probe_error)?;
@@ -360,16 +403,21 @@ pub fn quantize(
         });
         let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
         for (chain, ranges) in chains.iter().zip(&ranges) {
-            equalize::apply(graph, chain, &equalize::channel_scales(ranges))
-                .map_err(graph_error)?;
+            if let Some(scales) =
+                equalize::chain_scales(graph, chain, ranges).map_err(graph_error)?
+            {
+                equalize::apply(graph, chain, &scales).map_err(graph_error)?;
+                equalized += 1;
+            }
         }
     }
-    let equalized = if chains.is_empty() {
+    let equalized_bytes = if equalized == 0 {
         bytes
     } else {
         model.encode_to_vec()
     };
-    let mut probe = stats::ActivationProbe::new(&equalized, size, &tensors).map_err(probe_error)?;
+    let mut probe =
+        stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
     let mut histograms = vec![Histogram::default(); tensors.len()];
     // For bias correction: each quantized Conv's mean input patch, fed by
     // the same pass, from the tensor it reads.
@@ -425,6 +473,13 @@ pub fn quantize(
         );
     }
     let ranks = probe.ranks().clone();
+    let macs = match stats::tensor_shapes(&equalized_bytes, size) {
+        Ok(shapes) => count_macs(&model, &shapes, &quantized),
+        Err(e) => {
+            log::warn!("the Convs' MACs are not counted: {}", one_line(&e));
+            None
+        }
+    };
     let statistics_seconds = stats_started.elapsed().as_secs_f64();
     let scales: HashMap<String, f32> = tensors
         .iter()
@@ -481,6 +536,9 @@ pub fn quantize(
     if options.bias_correction {
         set_metadata(&mut model, keys::BIAS_CORRECTED, bias_corrected.to_string());
     }
+    if let Some(m) = macs {
+        set_metadata(&mut model, keys::CONV_MACS, format!("{}/{}", m.int8, m.all));
+    }
     model.producer_name = "nanodetd".into();
     model.producer_version = env!("CARGO_PKG_VERSION").into();
     let rules = check(&model).map_err(QuantizeError::Rules)?;
@@ -490,15 +548,38 @@ pub fn quantize(
             method: options.method,
             images_used: used,
             images_skipped: skipped,
-            equalized: chains.len(),
+            equalized,
             set_digest: set.digest.clone(),
             source_sha256,
             rules,
             float_convs: float_list,
+            macs,
             statistics_seconds,
             total_seconds: started.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// Every Conv's multiply-accumulates, from its weight and the output shape
+/// tract inferred; `None` if any Conv cannot be sized.
+fn count_macs(
+    model: &ModelProto,
+    shapes: &HashMap<String, Vec<usize>>,
+    quantized: &HashSet<String>,
+) -> Option<MacCount> {
+    let graph = model.graph.as_ref()?;
+    let init = graph::initializers(graph);
+    let mut count = MacCount { int8: 0, all: 0 };
+    for conv in graph.node.iter().filter(|n| n.op_type == "Conv") {
+        let weight = init.get(conv.input.get(1)?.as_str())?;
+        let output = shapes.get(conv.output.first()?)?;
+        let macs = conv_macs(&weight.dims, output)?;
+        count.all = count.all.checked_add(macs)?;
+        if quantized.contains(conv_id(conv)) {
+            count.int8 = count.int8.checked_add(macs)?;
+        }
+    }
+    Some(count)
 }
 
 /// Progress for logs that are not a terminal: one info line per tenth of
@@ -625,6 +706,20 @@ fn last_convs(graph: &tract_onnx::pb::GraphProto) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 3×3 Conv, 8 → 16 channels in 2 groups, on a 40×30 output: 16 · 4 ·
+    /// 9 MACs a position. A size from a hostile model is refused, not
+    /// wrapped.
+    #[test]
+    fn conv_macs_are_weight_elements_times_output_positions() {
+        assert_eq!(conv_macs(&[16, 4, 3, 3], &[1, 16, 30, 40]), Some(691_200));
+        assert_eq!(conv_macs(&[16, -4, 3, 3], &[1, 16, 30, 40]), None);
+        assert_eq!(conv_macs(&[i64::MAX, 4], &[1, 16, 30, 40]), None);
+        assert_eq!(conv_macs(&[16, 4, 3, 3], &[1]), None);
+        let half = MacCount { int8: 1, all: 2 };
+        assert_eq!(half.int8_fraction(), 0.5);
+        assert_eq!(MacCount { int8: 0, all: 0 }.int8_fraction(), 1.0);
+    }
 
     #[test]
     fn methods_parse_and_print_alike() {

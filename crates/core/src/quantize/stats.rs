@@ -34,6 +34,32 @@ pub enum ProbeError {
 /// shape and values.
 pub type Seen<'a> = dyn FnMut(usize, &[usize], &[f32]) + 'a;
 
+/// The shape of every tensor of `onnx` that tract can size for a `[1, 3,
+/// height, width]` input, by ONNX name.
+pub fn tensor_shapes(
+    onnx: &[u8],
+    (width, height): (usize, usize),
+) -> Result<HashMap<String, Vec<usize>>, ProbeError> {
+    let mut model = tract_onnx::onnx()
+        .model_for_read(&mut &*onnx)
+        .map_err(|e| ProbeError::Load(e.into()))?;
+    let input_shape = [1, 3, height, width];
+    model
+        .set_input_fact(0, f32::fact(input_shape).into())
+        .map_err(|e| ProbeError::Input(input_shape, e.into()))?;
+    let typed = model
+        .into_typed()
+        .map_err(|e| ProbeError::Prepare(e.into()))?;
+    Ok(typed
+        .outlet_labels
+        .iter()
+        .filter_map(|(outlet, label)| {
+            let fact = typed.outlet_fact(*outlet).ok()?;
+            Some((label.clone(), fact.shape.as_concrete()?.to_vec()))
+        })
+        .collect())
+}
+
 /// The FP32 model, made runnable with the chosen tensors as its outputs.
 pub struct ActivationProbe {
     plan: Arc<TypedRunnableModel>,
