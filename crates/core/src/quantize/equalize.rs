@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tract_onnx::pb::{GraphProto, NodeProto};
+use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
 
 use super::graph::{GraphError, attr_int, f32_tensor, producers, read_f32};
 
@@ -217,6 +217,16 @@ pub fn channel_scales(ranges: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// A weight's output channels (its first dimension), at least 1.
+fn output_channels(weight: &TensorProto) -> usize {
+    weight
+        .dims
+        .first()
+        .and_then(|&o| usize::try_from(o).ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// Each input channel's largest share of a weight row's range (|w|
 /// maxima), over the rows of every group-1 consumer; `None` when the
 /// chain has none.
@@ -227,10 +237,7 @@ fn column_shares(graph: &GraphProto, chain: &Chain) -> Result<Option<Vec<f32>>, 
             continue;
         };
         let values = read_f32(t)?;
-        let per_row = values.len()
-            / t.dims
-                .first()
-                .map_or(1, |&o| usize::try_from(o).unwrap_or(1).max(1));
+        let per_row = values.len() / output_channels(t);
         let per_column = per_row / chain.channels.max(1);
         let shares = shares.get_or_insert_with(|| vec![0.0; chain.channels]);
         for row in values.chunks(per_row.max(1)) {
@@ -301,22 +308,16 @@ pub fn chain_scales(
 
 /// Rescales `chain`'s weights by `scales` in `graph`.
 pub fn apply(graph: &mut GraphProto, chain: &Chain, scales: &[f32]) -> Result<(), GraphError> {
-    // `rows` = how many leading dimensions (1) or columns (per row) a
-    // channel's values are: a channel is one chunk, or one column chunk of
-    // every row.
+    // A channel is one contiguous chunk of the tensor (a weight's output
+    // channel, a bias value), or with `columns` (a group-1 reader's input
+    // channel) one chunk of every output channel's row.
     let mut rescale = |name: &str, columns: bool, by: &dyn Fn(f32) -> f32| {
         let Some(t) = graph.initializer.iter_mut().find(|t| t.name == name) else {
             return Ok::<(), GraphError>(());
         };
         let mut values = read_f32(t)?;
-        let rows = if columns {
-            t.dims
-                .first()
-                .map_or(1, |&o| usize::try_from(o).unwrap_or(1).max(1))
-        } else {
-            1
-        };
-        let per_row = values.len() / rows.max(1);
+        let rows = if columns { output_channels(t) } else { 1 };
+        let per_row = values.len() / rows;
         let per_channel = per_row / chain.channels.max(1);
         for row in values.chunks_mut(per_row.max(1)) {
             for (channel, s) in row.chunks_mut(per_channel.max(1)).zip(scales) {

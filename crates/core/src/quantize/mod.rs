@@ -473,6 +473,7 @@ pub fn quantize(
         );
     }
     let ranks = probe.ranks().clone();
+    let statistics_seconds = stats_started.elapsed().as_secs_f64();
     let macs = match stats::tensor_shapes(&equalized_bytes, size) {
         Ok(shapes) => count_macs(&model, &shapes, &quantized),
         Err(e) => {
@@ -480,7 +481,6 @@ pub fn quantize(
             None
         }
     };
-    let statistics_seconds = stats_started.elapsed().as_secs_f64();
     let scales: HashMap<String, f32> = tensors
         .iter()
         .zip(&histograms)
