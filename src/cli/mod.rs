@@ -23,7 +23,7 @@ use clap::{Args, Parser, Subcommand};
 
 use nanodetd::backend::onnxruntime::{OnnxRuntimeOptions, Provider};
 use nanodetd::backend::{self, BackendChoice, EngineOptions};
-use nanodetd::config::{Bounded, ModelConfig, Precision};
+use nanodetd::config::{Bounded, Decibels, ModelConfig, Precision, Real};
 use nanodetd::detector::{DetectionParams, Detector};
 use nanodetd::model::{self, LayoutKind, LayoutOverrides};
 use nanodetd::prepare::{LoadOptions, load_detector};
@@ -189,6 +189,10 @@ pub struct PrecisionArgs {
     /// (`[model.int8] bias_correction = true`).
     #[arg(long)]
     int8_bias_correction: bool,
+    /// Automatic partial quantization to this SNR in dB
+    /// (`[model.int8] auto_float_db`).
+    #[arg(long, value_name = "DB", value_parser = decibels)]
+    int8_auto_float: Option<f64>,
     /// Where built models are kept (`[model] cache`): the daemon's by
     /// default, so a command reuses the INT8 model and engines it made.
     #[arg(long)]
@@ -213,7 +217,18 @@ impl PrecisionArgs {
         int8.keep_float.extend(self.int8_keep_float.iter().cloned());
         int8.equalize &= !self.int8_no_equalize;
         int8.bias_correction |= self.int8_bias_correction;
+        if let Some(db) = self.int8_auto_float.and_then(Real::new) {
+            int8.auto_float_db = Some(db);
+        }
     }
+}
+
+/// An SNR in dB as `[model.int8] auto_float_db` takes it.
+pub(crate) fn decibels(text: &str) -> Result<f64, String> {
+    let db: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    Real::<f64, Decibels>::new(db)
+        .map(Real::get)
+        .ok_or_else(|| format!("must be more than 0 and at most 100 dB, got {db}"))
 }
 
 pub(super) fn parse_provider(s: &str) -> Result<Provider, String> {
@@ -439,6 +454,16 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--auto-float` takes what `[model.int8] auto_float_db` takes.
+    #[test]
+    fn auto_float_takes_decibels_in_the_config_range() {
+        assert_eq!(decibels("30"), Ok(30.0));
+        assert_eq!(decibels("100"), Ok(100.0));
+        for bad in ["0", "-3", "100.5", "nan", "inf", "loud"] {
+            assert!(decibels(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {

@@ -39,6 +39,12 @@ pub struct QuantizeArgs {
     /// rounding causes, measured on the calibration images.
     #[arg(long)]
     bias_correction: bool,
+    /// Automatic partial quantization: keep the fewest Convs in float, the
+    /// most damaging first, for the outputs on 8 calibration images to
+    /// reach this SNR (dB) against FP32, with at most 10 % of the Convs'
+    /// MACs in float.
+    #[arg(long, value_name = "DB", value_parser = super::decibels)]
+    auto_float: Option<f64>,
     /// Where to write the Q/DQ ONNX (atomically).
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -54,6 +60,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         keep_float: args.keep_float.clone(),
         equalize: !args.no_equalize,
         bias_correction: args.bias_correction,
+        auto_float_db: args.auto_float,
     };
     let mut progress = Progress::new(set.files.len());
     let quantized = quantize::quantize(

@@ -20,7 +20,7 @@ pub use publish::{
     DEFAULT_TRACKED, EventFormat, HomeAssistantConfig, SnapshotConfig, Tracked, slug,
 };
 pub use range::{
-    BatchWait, Bounded, Coordinate, FrameRate, HoursUpToAYear, Low, NonNegative,
+    BatchWait, Bounded, Coordinate, Decibels, FrameRate, HoursUpToAYear, Low, NonNegative,
     NonNegativeOrUnlimited, Ranged, RateUpTo1000, Real, RealRange, UnitInterval, Unsigned,
     UpToADay, UpToAnHour,
 };
@@ -308,6 +308,11 @@ pub struct Int8Config {
     /// rounding causes (measured on the calibration images).
     #[serde(default)]
     pub bias_correction: bool,
+    /// Automatic partial quantization: keep the fewest Convs in float for
+    /// the outputs on the calibration images to reach this SNR against
+    /// FP32, within 10 % of the MACs (absent: off).
+    #[serde(default)]
+    pub auto_float_db: Option<Real<f64, Decibels>>,
 }
 
 impl Default for Int8Config {
@@ -319,6 +324,7 @@ impl Default for Int8Config {
             keep_float: Vec::new(),
             equalize: true,
             bias_correction: false,
+            auto_float_db: None,
         }
     }
 }
@@ -1115,6 +1121,7 @@ impl Config {
         ranges.key("model.tensorrt.dla_core", trt.dla_core);
         ranges.key("model.tensorrt.cache_limit_mib", trt.cache_limit_mib);
         ranges.key("model.int8.images", m.int8.images);
+        ranges.key("model.int8.auto_float_db", m.int8.auto_float_db);
         let mqtt = &self.mqtt;
         ranges.key("mqtt.port", mqtt.port);
         ranges.key("mqtt.keep_alive", mqtt.keep_alive);
@@ -1516,6 +1523,7 @@ dla_core = 16
 cache_limit_mib = 0
 [model.int8]
 images = 0
+auto_float_db = 0.0
 [mqtt]
 port = 0
 keep_alive = 4
@@ -1585,6 +1593,7 @@ size = [0, 16385]
             "model.tensorrt.dla_core",
             "model.tensorrt.cache_limit_mib",
             "model.int8.images",
+            "model.int8.auto_float_db",
             "mqtt.port",
             "mqtt.keep_alive",
             "mqtt.queue",

@@ -257,6 +257,9 @@ real_ranges! {
     NonNegativeOrUnlimited: Low::Closed(0.0), f64::INFINITY;
     /// Seconds a batch waits for frames: 0 (none) to 0.1.
     BatchWait: Low::Closed(0.0), 0.1;
+    /// A signal-to-noise ratio in dB asked of an INT8 model: more than 0,
+    /// at most 100 (far past what INT8 can give).
+    Decibels: Low::Open(0.0), 100.0;
     /// Hours, more than 0 and at most a year (snapshot retention).
     HoursUpToAYear: Low::Open(0.0), 8760.0;
     /// A polygon's coordinate, in pixels: within ±`MAX_COORDINATE`.

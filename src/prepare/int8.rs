@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::{self, BackendError, BackendKind, EngineOptions};
-use crate::config::{Bounded, ModelConfig};
+use crate::config::{Bounded, ModelConfig, Real};
 use crate::detector::{DetectionParams, Detector, DetectorError, declared_preprocess};
 use crate::engine_cache::{ArtifactCache, CacheError};
 use crate::model::{LayoutOverrides, MAX_MODEL_BYTES, OnnxModel};
@@ -54,6 +54,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         keep_float: int8.keep_float.clone(),
         equalize: int8.equalize,
         bias_correction: int8.bias_correction,
+        auto_float_db: int8.auto_float_db.map(Real::get),
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;

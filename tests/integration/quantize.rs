@@ -170,6 +170,63 @@ fn the_default_int8_model_obeys_tensorrt_rules_runs_in_tract_and_matches_onnxrun
     }
 }
 
+/// Automatic partial quantization on m-0.5x: the stem's max pool output
+/// (`425`), whose damage shows only downstream (docs/INT8.md), is among
+/// the inputs kept in float; at least 90 % of the Convs' MACs stay INT8,
+/// the chosen Convs are the model's float Convs, and the model it gives
+/// measures better than the fully quantized one.
+#[test]
+fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac_cap_issue_22() {
+    let Some(a) = assets("automatic_partial_quantization") else {
+        return;
+    };
+    let source = model(&a, "nanodet-m-0.5x_320");
+    let detector = support::live_detector(&source);
+    let set = CalibrationSet::scan(&calibration(&a), Some(8)).unwrap();
+    let options = QuantizeOptions {
+        max_images: Some(8),
+        auto_float_db: Some(30.0),
+        ..QuantizeOptions::default()
+    };
+    let q = quantize::quantize(
+        &source,
+        detector.preprocess_spec(),
+        &set,
+        &options,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let report = q.report.auto_float.clone().unwrap();
+    eprintln!("{report:?}");
+    assert_eq!(report.images, quantize::AUTO_FLOAT_IMAGES);
+    assert!(report.tensors.iter().any(|t| t == "425"), "{report:?}");
+    assert!(report.measured_db > report.all_int8_db, "{report:?}");
+    let macs = q.report.macs.unwrap();
+    assert!(macs.int8 < macs.all);
+    assert!(
+        macs.int8_fraction() >= 1.0 - quantize::MAX_FLOAT_MACS,
+        "{macs:?}"
+    );
+    let proto = pb::ModelProto::decode(q.bytes.as_slice()).unwrap();
+    let summary = quantize::check(&proto).unwrap();
+    assert_eq!(summary.float_convs, q.report.float_convs.len());
+    // The stem's readers (the depthwise Conv_3 and the 1x1 Conv_6).
+    for conv in ["Conv_3", "Conv_6"] {
+        assert!(q.report.float_convs.iter().any(|c| c == conv), "{conv}");
+    }
+    let noted = graph::metadata(&proto, keys::AUTO_FLOAT).unwrap();
+    assert!(noted.starts_with("target 30.0 dB, measured "), "{noted}");
+    let plain = QuantizeOptions {
+        auto_float_db: None,
+        ..options.clone()
+    };
+    assert_ne!(
+        quantize::cache_key("sha", &set, &plain),
+        quantize::cache_key("sha", &set, &options),
+        "the option is part of the cache key"
+    );
+}
+
 #[test]
 fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_convs() {
     let Some(a) = assets("every_method_and_keep_float") else {
@@ -190,6 +247,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             keep_float: keep.clone(),
             equalize,
             bias_correction,
+            auto_float_db: None,
         };
         let mut calls = 0;
         let q = quantize::quantize(
