@@ -35,6 +35,9 @@ pub enum SensitivityError {
     /// A trial model could not be run.
     #[error("running a trial model")]
     Probe(#[from] ProbeError),
+    /// None of the trial images decoded.
+    #[error("none of the {0} trial images could be read")]
+    NoImages(usize),
     /// The second measuring thread died.
     #[error("a measuring thread stopped")]
     Worker,
@@ -77,6 +80,9 @@ impl<'a> Trials<'a> {
         size: (usize, usize),
         inputs: Vec<Vec<f32>>,
     ) -> Result<Trials<'a>, SensitivityError> {
+        if inputs.is_empty() {
+            return Err(SensitivityError::NoImages(0));
+        }
         let outputs: Vec<String> = model
             .graph
             .as_ref()
