@@ -727,9 +727,6 @@ fn auto_float(
         }
     }
     let images = inputs.len();
-    if images == 0 {
-        return Err(sensitivity::SensitivityError::NoImages(picked));
-    }
     let trials = sensitivity::Trials::new(model, job.size, inputs)?;
     let graph_nodes = model
         .graph

@@ -36,8 +36,8 @@ pub enum SensitivityError {
     #[error("running a trial model")]
     Probe(#[from] ProbeError),
     /// None of the trial images decoded.
-    #[error("none of the {0} trial images could be read")]
-    NoImages(usize),
+    #[error("none of the trial images could be read")]
+    NoImages,
     /// The second measuring thread died.
     #[error("a measuring thread stopped")]
     Worker,
@@ -81,7 +81,7 @@ impl<'a> Trials<'a> {
         inputs: Vec<Vec<f32>>,
     ) -> Result<Trials<'a>, SensitivityError> {
         if inputs.is_empty() {
-            return Err(SensitivityError::NoImages(0));
+            return Err(SensitivityError::NoImages);
         }
         let outputs: Vec<String> = model
             .graph
