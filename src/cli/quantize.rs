@@ -40,7 +40,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     bias_correction: bool,
     /// Automatic partial quantization: keep the fewest Convs in float, the
-    /// most damaging first, for the outputs on 8 calibration images to
+    /// most damaging first, for the outputs on 6 calibration images to
     /// reach this SNR (dB) against FP32, with at most 10 % of the Convs'
     /// MACs in float.
     #[arg(long, value_name = "DB", value_parser = super::decibels)]

@@ -59,7 +59,7 @@ impl CalibrationSet {
         let available = all.len();
         let files = match limit {
             Some(0) => return Err(fail(CalibrationProblem::ZeroImages)),
-            Some(n) if n < available => (0..n).map(|i| all[i * available / n].clone()).collect(),
+            Some(n) if n < available => spread(&all, n),
             _ => all,
         };
         let mut hasher = Sha256::new();
@@ -147,6 +147,17 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
         hasher.update(&buf[..n]);
     }
     Ok((size, hasher.finalize().into()))
+}
+
+/// `n` of `items` spread evenly over them, first included (all of them
+/// when there are no more than `n`).
+pub(crate) fn spread<T: Clone>(items: &[T], n: usize) -> Vec<T> {
+    if n == 0 || n >= items.len() {
+        return items.to_vec();
+    }
+    (0..n)
+        .filter_map(|i| items.get(i * items.len() / n).cloned())
+        .collect()
 }
 
 #[cfg(test)]

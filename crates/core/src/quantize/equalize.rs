@@ -292,6 +292,11 @@ pub fn chain_scales(
             (true, false) => r / top,
         })
         .collect();
+    // A column share too small to divide by (subnormal) would blow one
+    // channel up and flatten the rest: such a chain is left alone.
+    if raw.iter().any(|s| !s.is_finite()) {
+        return Ok(None);
+    }
     let most = raw.iter().copied().fold(0.0f32, f32::max);
     Ok(Some(
         raw.iter()

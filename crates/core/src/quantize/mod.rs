@@ -86,10 +86,11 @@ pub struct QuantizeOptions {
     /// Take each quantized Conv's mean shift from weight rounding, measured
     /// on the calibration images, out of its bias (`bias.rs`).
     pub bias_correction: bool,
-    /// Automatic partial quantization ([`sensitivity`]): keep the fewest
-    /// Convs in float, worst first, for the outputs on the calibration
-    /// images to reach this SNR (dB) against FP32, with at most
-    /// [`MAX_FLOAT_MACS`] of the Convs' MACs in float.
+    /// Automatic partial quantization ([`sensitivity`]): keep Convs in
+    /// float, the most damaging inputs first, until the outputs on
+    /// [`AUTO_FLOAT_IMAGES`] calibration images reach this SNR (dB)
+    /// against FP32, with at most [`MAX_FLOAT_MACS`] of the Convs' MACs in
+    /// float.
     pub auto_float_db: Option<f64>,
 }
 
@@ -545,10 +546,10 @@ pub fn quantize(
         None => None,
         Some(target_db) => {
             let Some(conv_macs) = &conv_macs else {
-                return Err(graph_error(GraphError::Tensor {
-                    name: "Conv outputs".into(),
-                    reason: "tract could not size them, so the float MACs cannot be capped".into(),
-                }));
+                return Err(QuantizeError::Sensitivity {
+                    path: source.to_owned(),
+                    source: sensitivity::SensitivityError::UnknownMacs,
+                });
             };
             let report = auto_float(
                 &model,
@@ -634,8 +635,16 @@ pub fn quantize(
             &mut model,
             keys::AUTO_FLOAT,
             format!(
-                "target {:.1} dB, measured {:.1} dB (all INT8: {:.1} dB) on {} images",
-                a.target_db, a.measured_db, a.all_int8_db, a.images
+                "target {:.1} dB, measured {:.1} dB (all INT8: {:.1} dB) on {} images{}",
+                a.target_db,
+                a.measured_db,
+                a.all_int8_db,
+                a.images,
+                if options.bias_correction {
+                    ", before bias correction"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -711,19 +720,19 @@ fn auto_float(
     quantized: &mut HashSet<String>,
 ) -> Result<(AutoFloatReport, Vec<String>), sensitivity::SensitivityError> {
     let started = Instant::now();
-    let files = &job.set.files;
-    let picked = AUTO_FLOAT_IMAGES.min(files.len());
-    let mut inputs = Vec::with_capacity(picked);
-    for i in 0..picked {
-        let Some(file) = files.get(i * files.len() / picked.max(1)) else {
-            continue;
-        };
+    let files = calibration::spread(&job.set.files, AUTO_FLOAT_IMAGES);
+    let mut inputs = Vec::with_capacity(files.len());
+    for file in &files {
         let mut input = vec![0.0f32; job.spec.tensor_len()];
         let made = Frame::from_file(file)
             .map_err(|e| e.to_string())
             .and_then(|f| preprocess_into(&f, job.spec, &mut input).map_err(|e| e.to_string()));
-        if made.is_ok() {
-            inputs.push(input);
+        match made {
+            Ok(_) => inputs.push(input),
+            Err(reason) => log::warn!(
+                "automatic partial quantization: {} skipped: {reason}",
+                file.display()
+            ),
         }
     }
     let images = inputs.len();

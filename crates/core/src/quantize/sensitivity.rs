@@ -32,8 +32,8 @@ pub enum SensitivityError {
     /// A trial model could not be made.
     #[error("making a trial model")]
     Graph(#[from] GraphError),
-    /// A trial model could not be run.
-    #[error("running a trial model")]
+    /// The FP32 model or a trial model could not be run.
+    #[error("running the FP32 model or a trial model")]
     Probe(#[from] ProbeError),
     /// None of the trial images decoded.
     #[error("none of the trial images could be read")]
@@ -41,6 +41,9 @@ pub enum SensitivityError {
     /// The second measuring thread died.
     #[error("a measuring thread stopped")]
     Worker,
+    /// tract could not size every Conv's output.
+    #[error("the Convs' MACs are unknown, so the float share cannot be capped")]
+    UnknownMacs,
 }
 
 /// One quantized activation tensor and the Convs that read it.
@@ -117,7 +120,9 @@ impl<'a> Trials<'a> {
         let mut trial = self.model.clone();
         qdq::insert_qdq(&mut trial, convs, scale)?;
         let got = self.run(&trial.encode_to_vec())?;
-        Ok(self
+        // Finite even when a trial model overflows, so that the estimate
+        // in `choose` never subtracts infinities.
+        let noise: f64 = self
             .reference
             .iter()
             .zip(&got)
@@ -126,7 +131,8 @@ impl<'a> Trials<'a> {
                 let d = f64::from(w) - f64::from(g);
                 if d.is_finite() { d * d } else { f64::MAX }
             })
-            .sum())
+            .sum();
+        Ok(noise.min(f64::MAX))
     }
 
     fn run(&self, bytes: &[u8]) -> Result<Vec<Vec<f32>>, SensitivityError> {
@@ -187,9 +193,10 @@ pub fn db(signal: f64, noise: f64) -> f64 {
     }
 }
 
-/// Keeps the fewest tensors' Convs in float, worst first, for the
-/// estimated SNR to reach `target_db`, with at most `max_float_macs` of
-/// the MACs in float. `all_noise` is the fully quantized model's noise.
+/// Keeps tensors' Convs in float, worst first (greedy, not the fewest
+/// possible), until the estimated SNR reaches `target_db`, skipping any
+/// that would take the float MACs past `max_float_macs`. `all_noise` is
+/// the fully quantized model's noise.
 pub fn choose(
     candidates: &[Candidate],
     signal: f64,

@@ -35,7 +35,8 @@ pub enum ProbeError {
 pub type Seen<'a> = dyn FnMut(usize, &[usize], &[f32]) + 'a;
 
 /// The shape of every tensor of `onnx` that tract can size for a `[1, 3,
-/// height, width]` input, by ONNX name.
+/// height, width]` input, by ONNX name. Not the probe's: its model is cut
+/// at the tensors it watches, which leaves out the head's last Convs.
 pub fn tensor_shapes(
     onnx: &[u8],
     (width, height): (usize, usize),
