@@ -34,13 +34,12 @@ pub enum ProbeError {
 /// shape and values.
 pub type Seen<'a> = dyn FnMut(usize, &[usize], &[f32]) + 'a;
 
-/// The shape of every tensor of `onnx` that tract can size for a `[1, 3,
-/// height, width]` input, by ONNX name. Not the probe's: its model is cut
-/// at the tensors it watches, which leaves out the head's last Convs.
-pub fn tensor_shapes(
+/// `onnx` as tract reads it, its input set to `[1, 3, height, width]`
+/// f32, and that shape.
+fn read_for_input(
     onnx: &[u8],
     (width, height): (usize, usize),
-) -> Result<HashMap<String, Vec<usize>>, ProbeError> {
+) -> Result<(InferenceModel, [usize; 4]), ProbeError> {
     let mut model = tract_onnx::onnx()
         .model_for_read(&mut &*onnx)
         .map_err(|e| ProbeError::Load(e.into()))?;
@@ -48,6 +47,17 @@ pub fn tensor_shapes(
     model
         .set_input_fact(0, f32::fact(input_shape).into())
         .map_err(|e| ProbeError::Input(input_shape, e.into()))?;
+    Ok((model, input_shape))
+}
+
+/// The shape of every tensor of `onnx` that tract can size for a `[1, 3,
+/// height, width]` input, by ONNX name. Not the probe's: its model is cut
+/// at the tensors it watches, which leaves out the head's last Convs.
+pub fn tensor_shapes(
+    onnx: &[u8],
+    (width, height): (usize, usize),
+) -> Result<HashMap<String, Vec<usize>>, ProbeError> {
+    let (model, _) = read_for_input(onnx, (width, height))?;
     let typed = model
         .into_typed()
         .map_err(|e| ProbeError::Prepare(e.into()))?;
@@ -79,13 +89,7 @@ impl ActivationProbe {
         (width, height): (usize, usize),
         tensors: &[String],
     ) -> Result<ActivationProbe, ProbeError> {
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut &*onnx)
-            .map_err(|e| ProbeError::Load(e.into()))?;
-        let input_shape = [1, 3, height, width];
-        model
-            .set_input_fact(0, f32::fact(input_shape).into())
-            .map_err(|e| ProbeError::Input(input_shape, e.into()))?;
+        let (mut model, input_shape) = read_for_input(onnx, (width, height))?;
         let input_name = model.node(model.inputs[0].node).name.clone();
         let mut outlets = Vec::new();
         let mut sources = Vec::with_capacity(tensors.len());
