@@ -15,7 +15,7 @@ use super::publisher::{Action, CameraPublisher, Seen, Settings};
 use super::snapshot::SnapshotQueue;
 use crate::capture::Captured;
 use crate::config::{CameraConfig, Config, ModelConfig, Tracked};
-use crate::detector::{Detector, DetectorSession};
+use crate::detector::{Detector, DetectorSession, MAX_BATCH};
 use crate::metrics::{Metrics, ModelLabels, Stage};
 use crate::mqtt::{self, Outbox, TopicClass};
 use crate::track::{LabelFilter, TrackerConfig, Zone};
@@ -260,6 +260,11 @@ impl DetectorTask {
         self.board.set_raw_wanted(session.on_gpu());
         let mut stopping = false;
         let mut said_batch: (usize, Option<String>) = (1, None);
+        // On a GPU, the batch taken while the one before still waits to
+        // run: its uploads are queued, and overlap that run.
+        let mut uploading: Option<TakenBatch> = None;
+        // Which half of the upload slots the next batch takes.
+        let mut half = 0;
         loop {
             self.heartbeat.touch();
             if stopping && !self.board.has_work() {
@@ -279,11 +284,40 @@ impl DetectorTask {
                 said_batch = (batch, why);
             }
             let wait = Duration::from_secs_f64(config.batching.wait.get());
-            match self.board.next_batch(
+            // A batch uploading runs as soon as no full batch is waiting
+            // behind it: its frames are not held back for the next.
+            let work = self.board.next_batch(
                 batch,
                 if stopping { Duration::ZERO } else { wait },
-                if stopping { Duration::ZERO } else { IDLE },
-            ) {
+                if stopping || uploading.is_some() {
+                    Duration::ZERO
+                } else {
+                    IDLE
+                },
+            );
+            if let Some(Work::Frames(frames)) = work {
+                let ahead = session.on_gpu().then_some(half * MAX_BATCH);
+                let taken = self.take_batch(frames, ahead, &mut session);
+                // The batch before runs while this one's frames go up.
+                if let Some(before) = uploading.take() {
+                    self.run_batch(before, &config, &mut session, &mut cameras);
+                }
+                if ahead.is_some() {
+                    half = 1 - half;
+                    uploading = Some(taken);
+                } else {
+                    self.run_batch(taken, &config, &mut session, &mut cameras);
+                }
+                continue;
+            }
+            // Anything else comes after the frames taken before it.
+            if let Some(before) = uploading.take() {
+                self.run_batch(before, &config, &mut session, &mut cameras);
+                if work.is_none() {
+                    continue;
+                }
+            }
+            match work {
                 Some(Work::Control(Control::Config(new))) => {
                     config = new;
                     self.retune(&config, &session, &mut cameras);
@@ -318,9 +352,7 @@ impl DetectorTask {
                 Some(Work::Control(Control::Model(_))) => {}
                 // Finish the frames waiting, then end every object.
                 Some(Work::Control(Control::Stop)) => stopping = true,
-                Some(Work::Frames(frames)) => {
-                    self.handle_batch(frames, &config, &mut session, &mut cameras)
-                }
+                Some(Work::Frames(_)) => {} // taken above
                 Some(Work::Ended(name)) => {
                     // The entry stays: ids and `seq` go on counting when the
                     // camera comes back, so consumers never see them reused.
@@ -331,6 +363,9 @@ impl DetectorTask {
                 }
                 None => self.handle_idle(&config, &session, &mut cameras),
             }
+        }
+        if let Some(before) = uploading.take() {
+            self.run_batch(before, &config, &mut session, &mut cameras);
         }
         let now = wall_time();
         let settings = settings(&config, session.detector(), 0);
@@ -359,41 +394,96 @@ impl DetectorTask {
         }
     }
 
+    /// Frames just taken from the board. With `ahead` (the first of the
+    /// upload slots this batch may use), each lent camera buffer's upload
+    /// to the GPU is queued now, to overlap the run before; everything
+    /// else about the batch waits for [`run_batch`](Self::run_batch).
+    fn take_batch(
+        &self,
+        frames: Vec<CapturedFrame>,
+        ahead: Option<usize>,
+        session: &mut DetectorSession,
+    ) -> TakenBatch {
+        let taken = Instant::now();
+        let mut uploaded = 0;
+        let frames = frames
+            .into_iter()
+            .map(|captured| {
+                let Some(first) = ahead else {
+                    return (captured, None);
+                };
+                let Captured::Raw {
+                    layout,
+                    bytes,
+                    origin,
+                } = &captured.image
+                else {
+                    return (captured, None);
+                };
+                let slot = first + uploaded;
+                match session.upload_ahead(slot, *layout, bytes, origin) {
+                    Ok(true) => {
+                        uploaded += 1;
+                        (captured, Some(slot))
+                    }
+                    Ok(false) => (captured, None),
+                    // The run preprocesses it the usual way, and fails it
+                    // there if that fails too.
+                    Err(e) => {
+                        log::debug!(
+                            "camera {}: an upload ahead failed: {}",
+                            captured.camera,
+                            crate::errors::one_line(&e)
+                        );
+                        (captured, None)
+                    }
+                }
+            })
+            .collect();
+        TakenBatch { taken, frames }
+    }
+
     /// Frames of different cameras, in one run of the model: each is
     /// preprocessed into its slot, the batch runs once, and each slot's
     /// detections go to its camera's publisher. A batch of one is the
     /// plain path. A frame that fails to preprocess is counted and left
     /// out; a failed run fails every frame of the batch.
-    fn handle_batch(
+    fn run_batch(
         &self,
-        frames: Vec<CapturedFrame>,
+        batch: TakenBatch,
         config: &Arc<Config>,
         session: &mut DetectorSession,
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
-        let taken = Instant::now();
+        let TakenBatch { taken, frames } = batch;
         // (frame, its camera's config, the way back, preprocess seconds)
         let mut slots = Vec::with_capacity(frames.len());
-        // Frames that failed to preprocess are kept to the end too: an
-        // upload of a lent buffer may have been queued before the failure.
+        // Frames left out are kept to the end too: an upload of a lent
+        // buffer may have been queued for them.
         let mut failed = Vec::new();
-        for captured in frames {
+        for (captured, uploaded) in frames {
             let Some(camera) = config
                 .cameras
                 .iter()
                 .find(|c| c.name.as_str() == captured.camera)
             else {
-                continue; // removed by a reload while its last frame waited
+                // Removed by a reload while its last frame waited.
+                failed.push(captured);
+                continue;
             };
             let slot = slots.len();
             let started = Instant::now();
-            let preprocessed = match &captured.image {
-                Captured::Frame(frame) => session.preprocess_into(slot, frame),
-                Captured::Raw {
-                    layout,
-                    bytes,
-                    origin,
-                } => session.preprocess_raw_into(slot, *layout, bytes, origin),
+            let preprocessed = match (&captured.image, uploaded) {
+                (_, Some(ahead)) => session.preprocess_uploaded_into(ahead, slot),
+                (Captured::Frame(frame), None) => session.preprocess_into(slot, frame),
+                (
+                    Captured::Raw {
+                        layout,
+                        bytes,
+                        origin,
+                    },
+                    None,
+                ) => session.preprocess_raw_into(slot, *layout, bytes, origin),
             };
             match preprocessed {
                 Ok(transform) => {
@@ -406,14 +496,18 @@ impl DetectorTask {
                 }
             }
         }
-        if slots.is_empty() {
-            // Uploads queued for the failed frames end before their lent
-            // buffers go back to the cameras.
+        // Uploads queued for the frames left out end before their lent
+        // buffers go back to the cameras: a run waits for its own frames'
+        // uploads only.
+        let wait_for_uploads = |session: &DetectorSession| {
             if !failed.is_empty()
                 && let Err(e) = session.wait_for_uploads()
             {
                 log::warn!("detector: {}", crate::errors::one_line(&e));
             }
+        };
+        if slots.is_empty() {
+            wait_for_uploads(session);
             return;
         }
         let preprocessed = Instant::now();
@@ -421,6 +515,7 @@ impl DetectorTask {
             for (captured, ..) in &slots {
                 self.failed(&captured.camera, &e);
             }
+            wait_for_uploads(session);
             return;
         }
         let inferred = Instant::now();
@@ -476,6 +571,7 @@ impl DetectorTask {
             m.observe_stage(Stage::Publish, secs(postprocessed, done));
             m.observe_detection(secs(captured.captured, done));
         }
+        wait_for_uploads(session);
         drop(failed);
     }
 
@@ -533,6 +629,15 @@ impl DetectorTask {
             }
         }
     }
+}
+
+/// A batch taken from the board, not yet run.
+struct TakenBatch {
+    /// When it was taken.
+    taken: Instant,
+    /// Its frames, each with the upload slot its upload went into ahead of
+    /// the run, if it did.
+    frames: Vec<(CapturedFrame, Option<usize>)>,
 }
 
 /// How many frames the detector takes a run for `wanted`

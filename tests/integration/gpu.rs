@@ -780,3 +780,113 @@ fn onnxruntime_cuda_decoding_on_the_gpu_gives_exactly_the_host_decodes_detection
         }
     }
 }
+
+/// Issue 21: frames uploaded ahead of their run, as the daemon does on a
+/// GPU (the next batch's lent buffers go up on the upload stream while the
+/// batch before runs), give exactly the detections of the same frames
+/// staged in place. The daemon's order: batch A in one half of the upload
+/// slots, batch B in the other before A runs, then A's half again for the
+/// batch after, before B runs. A kernel that read its slot before the
+/// upload ended, or an upload that overwrote a slot still to be read,
+/// would give another frame's pixels.
+#[test]
+fn frames_uploaded_ahead_give_exactly_the_detections_of_frames_staged_in_place_issue_21() {
+    use nanodetd::buffer::RawBytes;
+    use nanodetd::capture::{BufferLease, CaptureBuffer};
+    use nanodetd::preprocess::UPLOAD_SLOTS;
+    let test =
+        "frames_uploaded_ahead_give_exactly_the_detections_of_frames_staged_in_place_issue_21";
+    let Some((assets, library)) = onnxruntime_cuda_or_skip(test) else {
+        return;
+    };
+    let memo = tempfile::tempdir().unwrap();
+    let model = support::model(&assets, "nanodet-plus-m_320");
+    let engine = onnxruntime_cuda_engine(&library, &model, 8, false, memo.path());
+    let mut session = support::live_detector_on(engine).session().unwrap();
+    let frames = camera_frames(&assets);
+    let (give_back, returned) = std::sync::mpsc::channel();
+    let lent: Vec<RawBytes> = frames
+        .iter()
+        .enumerate()
+        .map(|(index, (_, bytes, _))| {
+            let mut buffer = CaptureBuffer::new(bytes.len()).unwrap();
+            buffer.as_mut_slice().copy_from_slice(bytes);
+            RawBytes::Leased(BufferLease::lend(
+                Arc::new(buffer),
+                index,
+                bytes.len(),
+                give_back.clone(),
+            ))
+        })
+        .collect();
+    let (a, b): (Vec<usize>, Vec<usize>) = ((0..4).collect(), (4..8).collect());
+    let in_place = |session: &mut nanodetd::detector::DetectorSession, batch: &[usize]| {
+        let taken: Vec<&CameraFrame> = batch.iter().map(|&f| &frames[f]).collect();
+        detect_in_slots(session, &taken)
+    };
+    let want_a = in_place(&mut session, &a);
+    let want_b = in_place(&mut session, &b);
+
+    let upload = |session: &mut nanodetd::detector::DetectorSession, batch: &[usize], first| {
+        for (i, &f) in batch.iter().enumerate() {
+            let (layout, _, origin) = &frames[f];
+            assert!(
+                session
+                    .upload_ahead(first + i, *layout, &lent[f], origin)
+                    .unwrap(),
+                "{origin}: a lent buffer goes up ahead"
+            );
+        }
+    };
+    let run = |session: &mut nanodetd::detector::DetectorSession, batch: &[usize], first| {
+        let transforms: Vec<_> = (0..batch.len())
+            .map(|slot| {
+                session
+                    .preprocess_uploaded_into(first + slot, slot)
+                    .unwrap()
+            })
+            .collect();
+        session.infer_batch(batch.len()).unwrap();
+        transforms
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| session.postprocess_slot(slot, t).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let half = UPLOAD_SLOTS / 2;
+    upload(&mut session, &a, 0);
+    upload(&mut session, &b, half);
+    let got_a = run(&mut session, &a, 0);
+    upload(&mut session, &b, 0);
+    let got_b = run(&mut session, &b, half);
+    let got_b_again = run(&mut session, &b, 0);
+    let mut detections = 0;
+    for (got, want, batch) in [
+        (&got_a, &want_a, &a),
+        (&got_b, &want_b, &b),
+        (&got_b_again, &want_b, &b),
+    ] {
+        for ((got, want), &f) in got.iter().zip(want).zip(batch) {
+            assert_eq!(got, want, "{}", frames[f].2);
+            detections += want.len();
+        }
+    }
+    assert!(detections >= 20, "only {detections} detections compared");
+
+    // A copied buffer is not uploaded ahead; slots end at UPLOAD_SLOTS.
+    let (layout, bytes, origin) = &frames[0];
+    let copied = RawBytes::Copied(bytes.clone());
+    assert!(!session.upload_ahead(0, *layout, &copied, origin).unwrap());
+    assert!(
+        session
+            .upload_ahead(UPLOAD_SLOTS, *layout, &lent[0], origin)
+            .is_err()
+    );
+    assert!(session.preprocess_uploaded_into(UPLOAD_SLOTS, 0).is_err());
+    session.wait_for_uploads().unwrap();
+    drop(lent);
+    let mut back: Vec<usize> = returned.try_iter().collect();
+    back.sort_unstable();
+    assert_eq!(back, (0..8).collect::<Vec<_>>(), "every buffer went back");
+    eprintln!("{test}: {detections} detections equal over 3 runs from upload slots");
+}

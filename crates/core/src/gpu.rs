@@ -56,6 +56,11 @@ impl GpuError {
 pub struct Gpu {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Frames uploaded ahead of their run go on their own stream, so the
+    /// copies overlap the run before (issue 21). cudarc's event tracking
+    /// orders the two: a kernel waits for its frame's upload, an upload
+    /// for the last kernel that read its buffer.
+    uploads: Arc<CudaStream>,
     name: String,
     compute_capability: (i32, i32),
 }
@@ -83,6 +88,9 @@ impl Gpu {
         let stream = context
             .new_stream()
             .map_err(GpuError::driver("creating a stream"))?;
+        let uploads = context
+            .new_stream()
+            .map_err(GpuError::driver("creating the upload stream"))?;
         let name = context
             .name()
             .map_err(GpuError::driver("reading the device name"))?;
@@ -92,6 +100,7 @@ impl Gpu {
         Ok(Gpu {
             context,
             stream,
+            uploads,
             name,
             compute_capability,
         })
@@ -132,6 +141,11 @@ impl Gpu {
     /// The stream that orders copies, kernels and inference.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The stream of frames uploaded ahead of their run.
+    pub fn uploads(&self) -> &Arc<CudaStream> {
+        &self.uploads
     }
 
     /// Page-locks a capture buffer for this device, once (later calls

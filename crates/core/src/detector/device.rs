@@ -102,6 +102,36 @@ mod cuda {
             self.launch(slot, spec)
         }
 
+        /// Queues a lent buffer's upload into upload slot `ahead`, on the
+        /// upload stream; `false` for a copied buffer, which
+        /// [`preprocess_raw`](Self::preprocess_raw) stages when it runs.
+        pub fn upload_ahead(
+            &mut self,
+            ahead: usize,
+            layout: BufferLayout,
+            bytes: &RawBytes,
+            origin: &str,
+        ) -> Result<bool, DetectorError> {
+            let RawBytes::Leased(lease) = bytes else {
+                return Ok(false);
+            };
+            self.preprocessor
+                .upload_lent(ahead, layout, lease, origin)?;
+            Ok(true)
+        }
+
+        /// The kernel on the frame in upload slot `ahead`, into image
+        /// `slot` of the next run.
+        pub fn preprocess_uploaded(
+            &mut self,
+            ahead: usize,
+            slot: usize,
+            spec: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            let mut input = input_image(self.session.as_mut(), slot)?;
+            Ok(self.preprocessor.launch_uploaded(ahead, spec, &mut input)?)
+        }
+
         /// The kernel on the staged frame, into the engine's input for
         /// image `slot` of the next run.
         fn launch(
@@ -109,12 +139,7 @@ mod cuda {
             slot: usize,
             spec: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
-            let max = self.session.max_images();
-            let mut input = self.session.input_image(slot).ok_or_else(|| {
-                BackendError::run(format!(
-                    "the device session has no input buffer for image {slot} (it takes {max})"
-                ))
-            })?;
+            let mut input = input_image(self.session.as_mut(), slot)?;
             Ok(self.preprocessor.launch(spec, &mut input)?)
         }
 
@@ -136,12 +161,15 @@ mod cuda {
             self.session.max_images()
         }
 
-        /// Waits for everything queued on the stream (uploads of lent
-        /// buffers among it).
+        /// Waits for everything queued on the stream and for the uploads
+        /// queued ahead (of lent buffers, both).
         pub fn wait(&self) -> Result<(), BackendError> {
             self.session.gpu().stream().synchronize().map_err(|e| {
                 BackendError::run(crate::gpu::GpuError::driver("waiting for the GPU")(e))
-            })
+            })?;
+            self.preprocessor
+                .wait_for_uploads()
+                .map_err(BackendError::run)
         }
 
         pub fn outputs(&self) -> &BatchOutputs {
@@ -151,6 +179,19 @@ mod cuda {
         pub fn gather_rows(&mut self, plan: Option<GatherPlan>) -> Result<bool, BackendError> {
             self.session.gather_rows(plan)
         }
+    }
+
+    /// The engine's input for image `slot` of the next run.
+    fn input_image(
+        session: &mut dyn DeviceSession,
+        slot: usize,
+    ) -> Result<cudarc::driver::CudaViewMut<'_, f32>, BackendError> {
+        let max = session.max_images();
+        session.input_image(slot).ok_or_else(|| {
+            BackendError::run(format!(
+                "the device session has no input buffer for image {slot} (it takes {max})"
+            ))
+        })
     }
 
     /// What only a GPU build offers.
@@ -236,6 +277,25 @@ mod host_only {
             _: BufferLayout,
             _: &RawBytes,
             _: &str,
+            _: &PreprocessSpec,
+        ) -> Result<Transform, DetectorError> {
+            match *self {}
+        }
+
+        pub fn upload_ahead(
+            &mut self,
+            _: usize,
+            _: BufferLayout,
+            _: &RawBytes,
+            _: &str,
+        ) -> Result<bool, DetectorError> {
+            match *self {}
+        }
+
+        pub fn preprocess_uploaded(
+            &mut self,
+            _: usize,
+            _: usize,
             _: &PreprocessSpec,
         ) -> Result<Transform, DetectorError> {
             match *self {}

@@ -400,6 +400,44 @@ impl DetectorSession {
         }
     }
 
+    /// Queues the upload of a camera's lent buffer into upload slot
+    /// `ahead` (below [`UPLOAD_SLOTS`](crate::preprocess::UPLOAD_SLOTS)),
+    /// ahead of its run: on a GPU the copy overlaps the run before. `false`
+    /// where nothing was queued (a host session, a copied buffer): such a
+    /// frame is preprocessed as usual when its run comes. The caller keeps
+    /// the buffer until that run's detections are back, or until
+    /// [`wait_for_uploads`](Self::wait_for_uploads).
+    pub fn upload_ahead(
+        &mut self,
+        ahead: usize,
+        layout: crate::pixels::BufferLayout,
+        bytes: &crate::buffer::RawBytes,
+        origin: &str,
+    ) -> Result<bool, DetectorError> {
+        match &mut self.runner {
+            Runner::Host { .. } => Ok(false),
+            Runner::Device(device) => device.upload_ahead(ahead, layout, bytes, origin),
+        }
+    }
+
+    /// Stage 1 on the frame in upload slot `ahead`, into image `slot` of
+    /// the next [`infer_batch`](Self::infer_batch).
+    pub fn preprocess_uploaded_into(
+        &mut self,
+        ahead: usize,
+        slot: usize,
+    ) -> Result<Transform, DetectorError> {
+        self.check_slot(slot)?;
+        match &mut self.runner {
+            Runner::Host { .. } => {
+                Err(BackendError::NotOnDevice(format!("upload slot {ahead}")).into())
+            }
+            Runner::Device(device) => {
+                device.preprocess_uploaded(ahead, slot, &self.detector.preprocess)
+            }
+        }
+    }
+
     /// A raw buffer converted on the host, then stage 1 as for a frame.
     #[cfg(feature = "cuda")]
     fn preprocess_converted(

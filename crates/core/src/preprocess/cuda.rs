@@ -15,7 +15,7 @@ use cudarc::driver::{
     PinnedHostSlice, PushKernelArg,
 };
 
-use super::{ChannelOrder, PreprocessSpec, ResizeMode, Transform, placement, taps};
+use super::{ChannelOrder, PreprocessSpec, ResizeMode, Transform, UPLOAD_SLOTS, placement, taps};
 use crate::buffer::BufferLease;
 use crate::frame::{Frame, FrameError, PixelFormat};
 use crate::gpu::{Gpu, GpuError};
@@ -73,6 +73,12 @@ pub enum GpuPreprocessError {
     /// [`GpuPreprocessor::launch`] was called before any frame was staged.
     #[error("no frame has been staged on the device")]
     NothingStaged,
+    /// An upload slot past [`UPLOAD_SLOTS`].
+    #[error("upload slot {slot} does not exist: there are {UPLOAD_SLOTS}")]
+    NoSuchSlot {
+        /// The slot asked for.
+        slot: usize,
+    },
 }
 
 /// Element types the kernel writes: `f32`, or `u16` holding f16 bits
@@ -120,14 +126,32 @@ struct TapsFor {
     resize: ResizeMode,
 }
 
+/// A frame's buffer on the device, and what is in it.
+#[derive(Debug, Default)]
+struct DeviceFrame {
+    buffer: Option<CudaSlice<u8>>,
+    staged: Option<Staged>,
+}
+
+/// Which device frame a kernel reads.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The one staged on the GPU's stream for the next launch.
+    Staged,
+    /// One uploaded ahead on the upload stream, by slot.
+    Uploaded(usize),
+}
+
 /// The GPU preprocessing of one pipeline thread: the compiled kernel and
 /// its staging buffers, reused from frame to frame.
 pub struct GpuPreprocessor {
     gpu: Arc<Gpu>,
     kernel: CudaFunction,
     staging: Option<PinnedHostSlice<u8>>,
-    source: Option<CudaSlice<u8>>,
-    staged: Option<Staged>,
+    /// The frame [`stage`](Self::stage) and its kin put on the device.
+    next: DeviceFrame,
+    /// Frames [`upload_lent`](Self::upload_lent) put there, by slot.
+    uploaded: Vec<DeviceFrame>,
     taps: Option<(TapsFor, CudaSlice<i32>)>,
     /// Set once page-locking a capture buffer failed (and was logged).
     pin_refused: bool,
@@ -141,8 +165,8 @@ impl GpuPreprocessor {
             gpu,
             kernel,
             staging: None,
-            source: None,
-            staged: None,
+            next: DeviceFrame::default(),
+            uploaded: Vec::new(),
             taps: None,
             pin_refused: false,
         })
@@ -172,8 +196,8 @@ impl GpuPreprocessor {
             .as_mut_slice()
             .map_err(GpuError::driver("waiting for the staging buffer"))?
             .copy_from_slice(bytes);
-        upload(self.gpu.stream(), &mut self.source, staging)?;
-        self.staged = Some(staged);
+        upload(self.gpu.stream(), &mut self.next.buffer, staging)?;
+        self.next.staged = Some(staged);
         Ok(())
     }
 
@@ -205,8 +229,8 @@ impl GpuPreprocessor {
                 ),
             });
         }
-        upload(self.gpu.stream(), &mut self.source, pinned)?;
-        self.staged = Some(staged);
+        upload(self.gpu.stream(), &mut self.next.buffer, pinned)?;
+        self.next.staged = Some(staged);
         Ok(())
     }
 
@@ -221,6 +245,57 @@ impl GpuPreprocessor {
         lease: &BufferLease,
         origin: &str,
     ) -> Result<(), GpuPreprocessError> {
+        let (staged, bytes) = self.lent_frame(layout, lease, origin)?;
+        upload(self.gpu.stream(), &mut self.next.buffer, bytes)?;
+        self.next.staged = Some(staged);
+        Ok(())
+    }
+
+    /// Queues the upload of a USERPTR capture buffer into upload `slot`
+    /// on the upload stream, ahead of its run: the copy overlaps whatever
+    /// the GPU's stream runs until [`launch_uploaded`](Self::launch_uploaded)
+    /// reads it. The upload waits for the last kernel that read the slot.
+    /// The caller keeps the lease until a wait on the GPU's stream after
+    /// that launch, or until [`wait_for_uploads`](Self::wait_for_uploads).
+    pub fn upload_lent(
+        &mut self,
+        slot: usize,
+        layout: BufferLayout,
+        lease: &BufferLease,
+        origin: &str,
+    ) -> Result<(), GpuPreprocessError> {
+        if slot >= UPLOAD_SLOTS {
+            return Err(GpuPreprocessError::NoSuchSlot { slot });
+        }
+        let (staged, bytes) = self.lent_frame(layout, lease, origin)?;
+        if self.uploaded.len() <= slot {
+            self.uploaded.resize_with(slot + 1, DeviceFrame::default);
+        }
+        let frame = &mut self.uploaded[slot];
+        // Forgotten first: a failed upload leaves nothing to launch.
+        frame.staged = None;
+        upload(self.gpu.uploads(), &mut frame.buffer, bytes)?;
+        frame.staged = Some(staged);
+        Ok(())
+    }
+
+    /// Waits until every upload queued ahead has ended, so the leases they
+    /// read can go back to their cameras.
+    pub fn wait_for_uploads(&self) -> Result<(), GpuError> {
+        self.gpu
+            .uploads()
+            .synchronize()
+            .map_err(GpuError::driver("waiting for the uploads"))
+    }
+
+    /// A lent buffer's bytes as the kernel reads them, page-locked on its
+    /// first visit.
+    fn lent_frame<'a>(
+        &mut self,
+        layout: BufferLayout,
+        lease: &'a BufferLease,
+        origin: &'a str,
+    ) -> Result<(Staged, &'a [u8]), GpuPreprocessError> {
         if !self.pin_refused
             && let Err(e) = self.gpu.pin_capture_buffer(lease.buffer())
         {
@@ -229,25 +304,48 @@ impl GpuPreprocessor {
             log::warn!("{origin}: {e}; capture buffers are uploaded unlocked");
             self.pin_refused = true;
         }
-        let (staged, bytes) = layout_of(CameraImage::Raw {
+        layout_of(CameraImage::Raw {
             layout,
             bytes: lease.bytes(),
             origin,
-        })?;
-        upload(self.gpu.stream(), &mut self.source, bytes)?;
-        self.staged = Some(staged);
-        Ok(())
+        })
     }
 
     /// Queues the kernel on the staged frame, writing one CHW tensor into
     /// `out`, and returns the transform back to frame pixels.
-    #[allow(unsafe_code)]
     pub fn launch<T: InputElement>(
         &mut self,
         spec: &PreprocessSpec,
         out: &mut CudaViewMut<'_, T>,
     ) -> Result<Transform, GpuPreprocessError> {
-        let staged = self.staged.ok_or(GpuPreprocessError::NothingStaged)?;
+        self.launch_from(Source::Staged, spec, out)
+    }
+
+    /// [`launch`](Self::launch) on the frame uploaded into `slot`.
+    pub fn launch_uploaded<T: InputElement>(
+        &mut self,
+        slot: usize,
+        spec: &PreprocessSpec,
+        out: &mut CudaViewMut<'_, T>,
+    ) -> Result<Transform, GpuPreprocessError> {
+        self.launch_from(Source::Uploaded(slot), spec, out)
+    }
+
+    #[allow(unsafe_code)]
+    fn launch_from<T: InputElement>(
+        &mut self,
+        from: Source,
+        spec: &PreprocessSpec,
+        out: &mut CudaViewMut<'_, T>,
+    ) -> Result<Transform, GpuPreprocessError> {
+        let frame = match from {
+            Source::Staged => &self.next,
+            Source::Uploaded(slot) => self
+                .uploaded
+                .get(slot)
+                .ok_or(GpuPreprocessError::NothingStaged)?,
+        };
+        let staged = frame.staged.ok_or(GpuPreprocessError::NothingStaged)?;
         if out.len() != spec.tensor_len() {
             return Err(GpuPreprocessError::BufferSize {
                 got: out.len(),
@@ -275,7 +373,7 @@ impl GpuPreprocessor {
                 &self.taps.insert((wanted, device)).1
             }
         };
-        let Some(source) = self.source.as_ref() else {
+        let Some(source) = frame.buffer.as_ref() else {
             return Err(GpuPreprocessError::NothingStaged);
         };
 
@@ -337,26 +435,30 @@ impl GpuPreprocessor {
     }
 }
 
-/// Queues the copy of `pinned` (exactly the staged frame's bytes) into
-/// the device frame buffer `source`, made or remade to its size.
+/// Queues the copy of `pinned` (exactly the staged frame's bytes) on
+/// `stream` into the device frame buffer `source`, made or remade when it
+/// is too small for it. A larger buffer is kept: cameras of several sizes
+/// take turns in a batch's slots.
 #[allow(unsafe_code)]
 fn upload<Host: HostSlice<u8> + ?Sized>(
     stream: &Arc<CudaStream>,
     source: &mut Option<CudaSlice<u8>>,
     pinned: &Host,
 ) -> Result<(), GpuError> {
+    let len = pinned.len();
     let source = match source {
-        Some(source) if source.len() == pinned.len() => source,
+        Some(source) if source.len() >= len => source,
         _ => {
-            // SAFETY: filled completely by the copy below before the
-            // kernel reads it (same stream).
-            let buffer = unsafe { stream.alloc::<u8>(pinned.len()) }
+            // SAFETY: the copy below fills the `len` bytes the kernel
+            // reads before it reads them (same stream, or cudarc's events
+            // across streams).
+            let buffer = unsafe { stream.alloc::<u8>(len) }
                 .map_err(GpuError::driver("allocating the frame buffer"))?;
             source.insert(buffer)
         }
     };
     stream
-        .memcpy_htod(pinned, source)
+        .memcpy_htod(pinned, &mut source.slice_mut(..len))
         .map_err(GpuError::driver("copying the frame to the device"))
 }
 

@@ -15,6 +15,13 @@ mod cuda;
 #[cfg(feature = "cuda")]
 pub use cuda::{CameraImage, GpuPreprocessError, GpuPreprocessor, InputElement};
 
+/// Frames uploaded ahead of their run at most, on a GPU: two batches of
+/// the largest (`detector::MAX_BATCH`), one running and one uploading.
+/// Each slot's device buffer is made on first use and kept, at the size of
+/// the largest frame it held: two batches of 32 1080p YUYV frames are
+/// 265 MB of device memory.
+pub const UPLOAD_SLOTS: usize = 256;
+
 /// How a frame is fitted into the network's input rectangle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
