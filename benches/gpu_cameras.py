@@ -169,6 +169,8 @@ def config(args, work, cameras, precision, batch, fps, metrics_port, mqtt_port):
             "size = [1920, 1080]",
             f"fps = {fps}",
         ]
+        if args.blink:
+            lines.append(f"blink = {args.blink}")
     path = os.path.join(work, "nanodetd.toml")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -257,6 +259,10 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--photo", required=True)
     p.add_argument("--cameras", default="1,4,16,64,128")
+    p.add_argument("--blink", type=int, default=0,
+                   help="frames each camera shows its photo, then a black frame, over and "
+                        "over, so objects come and go and capture->event latency is measured "
+                        "(0: the photo always)")
     p.add_argument("--precisions", default="fp32,fp16")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--fps", type=int, default=30)
@@ -277,7 +283,8 @@ def main():
         c, f, pr, b = extra.split(":")
         runs.append((int(c), int(f), pr, int(b)))
     print(f"{len(runs)} runs: {args.warmup:g} s warm-up, {args.seconds:g} s measured each; "
-          f"1920x1080 YUYV synthetic cameras; batching.wait {args.wait:g} s")
+          f"1920x1080 YUYV synthetic cameras; batching.wait {args.wait:g} s"
+          + (f"; blinking every {args.blink} frames" if args.blink else ""))
     print("| cameras | fps each | precision | max batch | detected/s | offered/s | dropped % | broken "
           "| camera spread % | capture->detections p50 (ms) | p99 (ms) | capture->event p50 (ms) "
           "| p99 (ms) | events | mean batch | queue (ms) | preprocess a frame (ms) | inference a run (ms) "

@@ -124,6 +124,8 @@ pub enum SourceSpec {
         size: Option<(usize, usize)>,
         /// Larger photos and sizes are refused.
         max_pixels: u64,
+        /// Frames the photo shows before as many black ones, if it blinks.
+        blink: Option<u32>,
     },
 }
 
@@ -192,8 +194,9 @@ impl Source {
                 format,
                 size,
                 max_pixels,
+                blink,
             } => Ok(SyntheticSource::open(path, *format, *size, *max_pixels)
-                .map(|s| Source::Synthetic(Box::new(s)))?),
+                .map(|s| Source::Synthetic(Box::new(s.blinking(*blink))))?),
         }
     }
 

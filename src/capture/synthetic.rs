@@ -13,8 +13,9 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use super::{BufferLayout, BufferLease, CameraFormat, CaptureBuffer, Captured, encode, to_frame};
 use crate::frame::{Frame, FrameError, PixelFormat};
 
-/// Leases in the ring: one waiting on the board, one with the detector,
-/// two spare. All of one buffer: the picture never changes.
+/// Leases in the ring: one waiting on the board, two with the detector
+/// (on a GPU, one batch runs while the next uploads), one spare. All of
+/// one buffer: the picture never changes.
 const RING: usize = 4;
 
 /// A photo to be scaled may have this many pixels whatever the camera's
@@ -50,6 +51,9 @@ pub struct SyntheticSource {
     path: PathBuf,
     layout: BufferLayout,
     ring: Vec<Arc<CaptureBuffer>>,
+    /// With [`blinking`](Self::blinking): a black frame of the same
+    /// layout, and how many frames each of it and the photo shows.
+    dark: Option<(Arc<CaptureBuffer>, u32)>,
     free: Receiver<usize>,
     give_back: Sender<usize>,
     sequence: u64,
@@ -121,10 +125,29 @@ impl SyntheticSource {
             path: path.to_owned(),
             layout,
             ring,
+            dark: None,
             free,
             give_back,
             sequence: 0,
         })
+    }
+
+    /// The same camera, showing its photo for `frames` frames, then a
+    /// black frame as many, over and over; `None`: the photo, always. A
+    /// black frame that cannot be made (no memory) leaves the photo
+    /// always, and says so.
+    pub fn blinking(mut self, frames: Option<u32>) -> SyntheticSource {
+        self.dark = frames.and_then(|frames| match black(self.layout) {
+            Ok(buffer) => Some((Arc::new(buffer), frames.max(1))),
+            Err(e) => {
+                log::warn!(
+                    "{}: no black frame, so no blinking: {e}",
+                    self.path.display()
+                );
+                None
+            }
+        });
+        self
     }
 
     /// The geometry of every frame.
@@ -149,7 +172,10 @@ impl SyntheticSource {
                     reason: format!("all {RING} capture buffers are held by the detector"),
                 })?,
         };
-        let buffer = self.ring[index].clone();
+        let buffer = match &self.dark {
+            Some((dark, frames)) if shows_black(self.sequence, *frames) => dark.clone(),
+            _ => self.ring[index].clone(),
+        };
         let lease = BufferLease::lend(buffer, index, self.layout.needed(), self.give_back.clone());
         if raw {
             Captured::leased(self.layout, lease, origin)
@@ -157,6 +183,31 @@ impl SyntheticSource {
             to_frame(&self.layout, lease.bytes(), &origin).map(Captured::Frame)
         }
     }
+}
+
+/// Whether frame `sequence` (from 1) of a camera blinking every `frames`
+/// frames is black: frames 1 to `frames` show the photo, the next
+/// `frames` are black, and so on.
+fn shows_black(sequence: u64, frames: u32) -> bool {
+    (sequence.saturating_sub(1) / u64::from(frames.max(1))) % 2 == 1
+}
+
+/// A capture buffer holding one black frame of `layout`, encoded as the
+/// photo was.
+fn black(layout: BufferLayout) -> Result<CaptureBuffer, String> {
+    let pixels = layout.width.saturating_mul(layout.height);
+    let frame = Frame::from_packed(
+        layout.width,
+        layout.height,
+        PixelFormat::Rgb8,
+        vec![0; pixels.saturating_mul(3)],
+        "black",
+    )
+    .map_err(|e| e.to_string())?;
+    let (_, bytes) = encode(&frame, layout.format, 0).map_err(|e| e.to_string())?;
+    let mut buffer = CaptureBuffer::new(bytes.len()).map_err(|e| e.to_string())?;
+    buffer.as_mut_slice().copy_from_slice(&bytes);
+    Ok(buffer)
 }
 
 /// How long a frame waits for a capture buffer to come back.
@@ -236,6 +287,47 @@ mod tests {
         // Unscaled: the photo's own size.
         let same = SyntheticSource::open(&path, CameraFormat::Nv12, None, 1 << 20).unwrap();
         assert_eq!((same.layout().width, same.layout().height), (64, 48));
+    }
+
+    /// Issue 21: a blinking camera shows its photo for `blink` frames,
+    /// then as many black frames, in every raw format.
+    #[test]
+    fn a_blinking_camera_alternates_its_photo_with_black_frames_issue_21() {
+        assert_eq!(
+            (1..=9).map(|n| shows_black(n, 2)).collect::<Vec<_>>(),
+            [false, false, true, true, false, false, true, true, false]
+        );
+        assert!(!shows_black(0, 0) && !shows_black(1, 1) && shows_black(2, 1));
+        let dir = tempfile::tempdir().unwrap();
+        let path = photo(dir.path());
+        for format in [
+            CameraFormat::Yuyv,
+            CameraFormat::Uyvy,
+            CameraFormat::Nv12,
+            CameraFormat::Grey,
+            CameraFormat::Rgb24,
+            CameraFormat::Bgr24,
+        ] {
+            let mut source = SyntheticSource::open(&path, format, None, 1 << 20)
+                .unwrap()
+                .blinking(Some(2));
+            let frames: Vec<Frame> = (0..5)
+                .map(|_| source.next_capture(true).unwrap().into_frame().unwrap())
+                .collect();
+            let brightest = |f: &Frame| f.data().iter().copied().max().unwrap_or(0);
+            assert!(brightest(&frames[0]) > 100, "{format:?}: the photo first");
+            assert_eq!(frames[1].data(), frames[0].data(), "{format:?}");
+            for dark in &frames[2..4] {
+                assert_eq!(
+                    (dark.width(), dark.height()),
+                    (64, 48),
+                    "{format:?}: black frames keep the size"
+                );
+                // GREY hands out luma as it is: video black is 16.
+                assert!(brightest(dark) <= 16, "{format:?}: black");
+            }
+            assert_eq!(frames[4].data(), frames[0].data(), "{format:?}: back");
+        }
     }
 
     #[test]

@@ -21,8 +21,9 @@ use crate::pixels::{BufferLayout, CameraFormat, to_frame};
 /// that the newest frame is never far behind.
 const BUFFERS: u32 = 4;
 
-/// Buffers in the USERPTR ring: two more, since up to three are out at
-/// once (the camera thread's, the newest-frame slot's, the detector's).
+/// Buffers in the USERPTR ring: two more, since up to four are out at
+/// once (the camera thread's, the newest-frame slot's, and the detector's
+/// two: on a GPU one batch runs while the next uploads).
 const USERPTR_BUFFERS: u32 = 6;
 
 /// A camera that stops sending without an error is as good as gone.

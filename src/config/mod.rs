@@ -676,6 +676,12 @@ pub struct CameraConfig {
     /// track real (the tracker needs several frames).
     #[serde(default = "default_repeat")]
     pub repeat: Bounded<u32, 1, 100_000>,
+    /// Synthetic: the photo shows for this many frames, then a black frame
+    /// as many, over and over, so objects come and go and events keep
+    /// coming (a benchmark's capture-to-event latency). Unset: the photo,
+    /// always.
+    #[serde(default)]
+    pub blink: Option<Bounded<u32, 1, 100_000>>,
     /// V4L2 pixel format (mjpeg, yuyv, uyvy, nv12, grey, rgb24, bgr24); chosen
     /// from what the device offers when unset.
     #[serde(default)]
@@ -741,6 +747,7 @@ impl CameraConfig {
                 format: self.format.unwrap_or(CameraFormat::Yuyv),
                 size: self.size.map(|[w, h]| (w.get() as usize, h.get() as usize)),
                 max_pixels,
+                blink: self.blink.map(Bounded::get),
             },
             SourceConfig::V4l2(path) => SourceSpec::V4l2 {
                 path: path.clone(),
@@ -765,6 +772,7 @@ impl CameraConfig {
                 self.fps,
                 self.looping,
                 self.repeat,
+                self.blink,
                 self.format,
                 self.size,
                 self.if_unsupported,
@@ -774,6 +782,7 @@ impl CameraConfig {
                 other.fps,
                 other.looping,
                 other.repeat,
+                other.blink,
                 other.format,
                 other.size,
                 other.if_unsupported,
@@ -1167,6 +1176,7 @@ impl Config {
             ranges.key(&key("max_pixels"), cam.max_pixels);
             ranges.key(&key("fps"), cam.fps);
             ranges.key(&key("repeat"), cam.repeat);
+            ranges.key(&key("blink"), cam.blink);
             if let Some([w, h]) = cam.size {
                 ranges.key(&key("size[0]"), w);
                 ranges.key(&key("size[1]"), h);
@@ -1470,7 +1480,10 @@ source = { v4l2 = "/dev/video0" }
                 "[model]\npath = \"/m.onnx\"\n[[camera]]\nname = \"s\"\nsource = {{ synthetic = \"/p.jpg\" }}\n{rest}\n"
             )
         };
-        let config = parse(&camera("format = \"nv12\"\nsize = [1920, 1080]")).unwrap();
+        let config = parse(&camera(
+            "format = \"nv12\"\nsize = [1920, 1080]\nblink = 90",
+        ))
+        .unwrap();
         assert_eq!(
             config.cameras[0].source_spec(),
             SourceSpec::Synthetic {
@@ -1478,6 +1491,7 @@ source = { v4l2 = "/dev/video0" }
                 format: CameraFormat::Nv12,
                 size: Some((1920, 1080)),
                 max_pixels: 1920 * 1080,
+                blink: Some(90),
             }
         );
         let config = parse(&camera("")).unwrap();
@@ -1487,9 +1501,12 @@ source = { v4l2 = "/dev/video0" }
                 format: CameraFormat::Yuyv,
                 size: None,
                 max_pixels: DEFAULT_FOLDER_PIXELS,
+                blink: None,
                 ..
             }
         ));
+        let err = parse(&camera("blink = 0")).unwrap_err().to_string();
+        assert!(err.contains("camera[0].blink"), "{err}");
         let err = parse(&camera("format = \"mjpeg\""))
             .unwrap_err()
             .to_string();
