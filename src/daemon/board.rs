@@ -243,8 +243,9 @@ impl FrameBoard {
     /// longest ago, so no camera starves); else a camera's end; `None`
     /// after `timeout` with nothing to do. When fewer than `max` frames
     /// are waiting, waits for more until the oldest has waited `wait` (0:
-    /// takes what is there); a control message ends the wait, and comes
-    /// first.
+    /// takes what is there), or `None` at `timeout` if that comes first
+    /// (0: only a batch due now); a control message ends the wait, and
+    /// comes first.
     pub fn next_batch(&self, max: usize, wait: Duration, timeout: Duration) -> Option<Work> {
         let max = max.max(1);
         let mut inbox = self.inbox();
@@ -281,7 +282,7 @@ impl FrameBoard {
                     self.changed.notify_all();
                     return Some(Work::Frames(frames));
                 }
-                BatchDue::At(at) => {
+                BatchDue::At(at) if at <= deadline => {
                     inbox = self
                         .changed
                         .wait_timeout(inbox, at.saturating_duration_since(now))
@@ -289,6 +290,8 @@ impl FrameBoard {
                         .0;
                     continue;
                 }
+                // Not due before the timeout: waits for a change until it.
+                BatchDue::At(_) => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -541,6 +544,37 @@ mod tests {
         sender.join().unwrap();
         assert_eq!(got, "Stop");
         assert_eq!(tag(next(&board, Duration::ZERO)), "a 3");
+    }
+
+    /// Issue 21: a timeout shorter than the wait ends it: with a batch
+    /// waiting for its run, the detector takes only a batch due now, and
+    /// runs the one waiting rather than wait for a fuller next one.
+    #[test]
+    fn a_timeout_before_the_batch_is_due_gives_nothing_and_keeps_the_frames_issue_21() {
+        let board = FrameBoard::default();
+        for c in ["a", "b"] {
+            board.put(captured(c, 0));
+        }
+        let t = Instant::now();
+        assert!(
+            board
+                .next_batch(2, Duration::from_secs(10), Duration::ZERO)
+                .is_some(),
+            "full: due now"
+        );
+        board.put(captured("a", 1));
+        assert!(
+            board
+                .next_batch(2, Duration::from_secs(10), Duration::ZERO)
+                .is_none()
+        );
+        assert!(
+            board
+                .next_batch(2, Duration::from_secs(10), Duration::from_millis(30))
+                .is_none()
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(tag(next(&board, Duration::ZERO)), "a 1", "the frame stays");
     }
 
     /// Issue 21: a camera that ends while its frame waits: the frame goes

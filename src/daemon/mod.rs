@@ -20,6 +20,7 @@ pub mod board;
 pub mod broker;
 pub mod camera;
 pub mod console;
+pub mod overlap;
 pub mod pipeline;
 pub mod plan;
 pub mod probe;

@@ -3,7 +3,9 @@
 //! postprocess — then hands the detections to the camera's
 //! [`CameraPublisher`] and carries out what it decides: lines printed,
 //! messages put in the outbox. A new model arrives ready-built and is swapped
-//! in between two frames; new hot settings apply at the next frame.
+//! in between two frames; new hot settings apply at the next frame. On a
+//! GPU the next batch is taken, and its frames uploaded, while the batch
+//! before runs ([`Overlap`] says which runs when).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -11,11 +13,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::board::{CapturedFrame, Control, FrameBoard, Work, wall_time};
+use super::overlap::Overlap;
 use super::publisher::{Action, CameraPublisher, Seen, Settings};
 use super::snapshot::SnapshotQueue;
 use crate::capture::Captured;
 use crate::config::{CameraConfig, Config, ModelConfig, Tracked};
-use crate::detector::{Detector, DetectorSession, MAX_BATCH};
+use crate::detector::{Detector, DetectorSession};
 use crate::metrics::{Metrics, ModelLabels, Stage};
 use crate::mqtt::{self, Outbox, TopicClass};
 use crate::track::{LabelFilter, TrackerConfig, Zone};
@@ -262,9 +265,7 @@ impl DetectorTask {
         let mut said_batch: (usize, Option<String>) = (1, None);
         // On a GPU, the batch taken while the one before still waits to
         // run: its uploads are queued, and overlap that run.
-        let mut uploading: Option<TakenBatch> = None;
-        // Which half of the upload slots the next batch takes.
-        let mut half = 0;
+        let mut overlap: Overlap<TakenBatch> = Overlap::default();
         loop {
             self.heartbeat.touch();
             if stopping && !self.board.has_work() {
@@ -284,34 +285,29 @@ impl DetectorTask {
                 said_batch = (batch, why);
             }
             let wait = Duration::from_secs_f64(config.batching.wait.get());
-            // A batch uploading runs as soon as no full batch is waiting
-            // behind it: its frames are not held back for the next.
+            // A batch waiting runs as soon as no batch is due behind it:
+            // its frames are not held back for the next.
             let work = self.board.next_batch(
                 batch,
                 if stopping { Duration::ZERO } else { wait },
-                if stopping || uploading.is_some() {
+                if stopping {
                     Duration::ZERO
                 } else {
-                    IDLE
+                    overlap.timeout(IDLE)
                 },
             );
             if let Some(Work::Frames(frames)) = work {
-                let ahead = session.on_gpu().then_some(half * MAX_BATCH);
-                let taken = self.take_batch(frames, ahead, &mut session);
+                let overlapping = session.on_gpu();
+                let first = overlap.first_upload_slot(overlapping);
+                let taken = self.take_batch(frames, first, &mut session);
                 // The batch before runs while this one's frames go up.
-                if let Some(before) = uploading.take() {
-                    self.run_batch(before, &config, &mut session, &mut cameras);
-                }
-                if ahead.is_some() {
-                    half = 1 - half;
-                    uploading = Some(taken);
-                } else {
-                    self.run_batch(taken, &config, &mut session, &mut cameras);
+                for run in overlap.taken(taken, overlapping) {
+                    self.run_batch(run, &config, &mut session, &mut cameras);
                 }
                 continue;
             }
             // Anything else comes after the frames taken before it.
-            if let Some(before) = uploading.take() {
+            if let Some(before) = overlap.before_other_work() {
                 self.run_batch(before, &config, &mut session, &mut cameras);
                 if work.is_none() {
                     continue;
@@ -364,7 +360,7 @@ impl DetectorTask {
                 None => self.handle_idle(&config, &session, &mut cameras),
             }
         }
-        if let Some(before) = uploading.take() {
+        if let Some(before) = overlap.before_other_work() {
             self.run_batch(before, &config, &mut session, &mut cameras);
         }
         let now = wall_time();
@@ -404,7 +400,6 @@ impl DetectorTask {
         ahead: Option<usize>,
         session: &mut DetectorSession,
     ) -> TakenBatch {
-        let taken = Instant::now();
         let mut uploaded = 0;
         let frames = frames
             .into_iter()
@@ -430,8 +425,18 @@ impl DetectorTask {
                     // The run preprocesses it the usual way, and fails it
                     // there if that fails too.
                     Err(e) => {
-                        log::debug!(
-                            "camera {}: an upload ahead failed: {}",
+                        // Once as a warning: every batch may go the slower
+                        // way after it (a device out of memory).
+                        static WARNED: std::sync::atomic::AtomicBool =
+                            std::sync::atomic::AtomicBool::new(false);
+                        let level = if WARNED.swap(true, Ordering::Relaxed) {
+                            log::Level::Debug
+                        } else {
+                            log::Level::Warn
+                        };
+                        log::log!(
+                            level,
+                            "camera {}: an upload ahead of the run failed, so the frame uploads in its run: {}",
                             captured.camera,
                             crate::errors::one_line(&e)
                         );
@@ -440,7 +445,7 @@ impl DetectorTask {
                 }
             })
             .collect();
-        TakenBatch { taken, frames }
+        TakenBatch { frames }
     }
 
     /// Frames of different cameras, in one run of the model: each is
@@ -455,7 +460,10 @@ impl DetectorTask {
         session: &mut DetectorSession,
         cameras: &mut BTreeMap<String, CameraPublisher>,
     ) {
-        let TakenBatch { taken, frames } = batch;
+        let TakenBatch { frames } = batch;
+        // Queue time runs to here, the wait behind the batch before
+        // included, so the stages add up to capture → detections.
+        let taken = Instant::now();
         // (frame, its camera's config, the way back, preprocess seconds)
         let mut slots = Vec::with_capacity(frames.len());
         // Frames left out are kept to the end too: an upload of a lent
@@ -633,8 +641,6 @@ impl DetectorTask {
 
 /// A batch taken from the board, not yet run.
 struct TakenBatch {
-    /// When it was taken.
-    taken: Instant,
     /// Its frames, each with the upload slot its upload went into ahead of
     /// the run, if it did.
     frames: Vec<(CapturedFrame, Option<usize>)>,
