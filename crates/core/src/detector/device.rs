@@ -164,12 +164,16 @@ mod cuda {
         /// Waits for everything queued on the stream and for the uploads
         /// queued ahead (of lent buffers, both).
         pub fn wait(&self) -> Result<(), BackendError> {
-            self.session.gpu().stream().synchronize().map_err(|e| {
+            // Both, whatever the first gives: each may hold uploads of
+            // lent buffers.
+            let run = self.session.gpu().stream().synchronize().map_err(|e| {
                 BackendError::run(crate::gpu::GpuError::driver("waiting for the GPU")(e))
-            })?;
-            self.preprocessor
+            });
+            let uploads = self
+                .preprocessor
                 .wait_for_uploads()
-                .map_err(BackendError::run)
+                .map_err(BackendError::run);
+            run.and(uploads)
         }
 
         pub fn outputs(&self) -> &BatchOutputs {

@@ -420,6 +420,11 @@ impl GpuPreprocessor {
         // frame (taps() keeps `first` one short of the edge); `out` holds
         // exactly 3 * out_width * out_height elements, checked above.
         unsafe { launch.launch(config) }.map_err(GpuError::driver("launching the kernel"))?;
+        // As for an upload: a kernel that did not wait for its frame's
+        // upload is an error.
+        stream.context().check_err().map_err(GpuError::driver(
+            "ordering the kernel after its frame's upload",
+        ))?;
         Ok(transform)
     }
 
@@ -459,7 +464,13 @@ fn upload<Host: HostSlice<u8> + ?Sized>(
     };
     stream
         .memcpy_htod(pinned, &mut source.slice_mut(..len))
-        .map_err(GpuError::driver("copying the frame to the device"))
+        .map_err(GpuError::driver("copying the frame to the device"))?;
+    // cudarc keeps a failed wait on another stream's event (the last
+    // kernel that read this buffer) to itself: an upload that did not wait
+    // is an error here, not pixels overwritten under a kernel.
+    stream.context().check_err().map_err(GpuError::driver(
+        "ordering the upload after the buffer's last read",
+    ))
 }
 
 fn as_int(value: usize) -> Result<i32, GpuPreprocessError> {
