@@ -15,7 +15,8 @@ use crate::frame::{Frame, FrameError, PixelFormat};
 
 /// Leases in the ring: one waiting on the board, two with the detector
 /// (on a GPU, one batch runs while the next uploads), one spare. All of
-/// one buffer: the picture never changes.
+/// one buffer (and a black one when it blinks): the pictures never
+/// change.
 const RING: usize = 4;
 
 /// A photo to be scaled may have this many pixels whatever the camera's
