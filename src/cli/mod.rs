@@ -189,6 +189,10 @@ pub struct PrecisionArgs {
     /// (`[model.int8] bias_correction = true`).
     #[arg(long)]
     int8_bias_correction: bool,
+    /// Adaptive rounding of the INT8 weights (`[model.int8] adaround =
+    /// true`).
+    #[arg(long)]
+    int8_adaround: bool,
     /// Automatic partial quantization to this SNR in dB
     /// (`[model.int8] auto_float_db`).
     #[arg(long, value_name = "DB", value_parser = decibels)]
@@ -217,6 +221,7 @@ impl PrecisionArgs {
         int8.keep_float.extend(self.int8_keep_float.iter().cloned());
         int8.equalize &= !self.int8_no_equalize;
         int8.bias_correction |= self.int8_bias_correction;
+        int8.adaround |= self.int8_adaround;
         if let Some(db) = self.int8_auto_float.and_then(Real::new) {
             int8.auto_float_db = Some(db);
         }

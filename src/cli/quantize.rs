@@ -39,6 +39,11 @@ pub struct QuantizeArgs {
     /// rounding causes, measured on the calibration images.
     #[arg(long)]
     bias_correction: bool,
+    /// Round each quantized Conv's weights down or up, whichever keeps its
+    /// outputs on the calibration images closest to the float ones
+    /// (adaptive rounding, after AdaRound), rather than to nearest.
+    #[arg(long)]
+    adaround: bool,
     /// Automatic partial quantization: keep the fewest Convs in float, the
     /// most damaging first, for the outputs on 6 calibration images to
     /// reach this SNR (dB) against FP32, with at most 10 % of the Convs'
@@ -60,6 +65,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         keep_float: args.keep_float.clone(),
         equalize: !args.no_equalize,
         bias_correction: args.bias_correction,
+        adaround: args.adaround,
         auto_float_db: args.auto_float,
     };
     let mut progress = Progress::new(set.files.len());

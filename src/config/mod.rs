@@ -308,6 +308,10 @@ pub struct Int8Config {
     /// rounding causes (measured on the calibration images).
     #[serde(default)]
     pub bias_correction: bool,
+    /// Round each quantized Conv's weights down or up, whichever keeps its
+    /// outputs on the calibration images closest to the float ones.
+    #[serde(default)]
+    pub adaround: bool,
     /// Automatic partial quantization: keep the fewest Convs in float for
     /// the outputs on the calibration images to reach this SNR against
     /// FP32, within 10 % of the MACs (absent: off).
@@ -324,6 +328,7 @@ impl Default for Int8Config {
             keep_float: Vec::new(),
             equalize: true,
             bias_correction: false,
+            adaround: false,
             auto_float_db: None,
         }
     }

@@ -54,6 +54,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         keep_float: int8.keep_float.clone(),
         equalize: int8.equalize,
         bias_correction: int8.bias_correction,
+        adaround: int8.adaround,
         auto_float_db: int8.auto_float_db.map(Real::get),
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;

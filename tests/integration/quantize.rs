@@ -236,10 +236,10 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
     let detector = support::live_detector(&source);
     let set = CalibrationSet::scan(&calibration(&a), Some(8)).unwrap();
     assert_eq!(set.files.len(), 8);
-    for (method, keep, equalize, bias_correction) in [
-        ("minmax", vec![], false, false),
-        ("percentile", vec!["@first".to_owned()], true, true),
-        ("entropy", vec!["@last".to_owned()], true, false),
+    for (method, keep, equalize, bias_correction, adaround) in [
+        ("minmax", vec![], false, false, false),
+        ("percentile", vec!["@first".to_owned()], true, true, true),
+        ("entropy", vec!["@last".to_owned()], true, false, true),
     ] {
         let options = QuantizeOptions {
             method: quantize::parse_method(method).unwrap(),
@@ -247,6 +247,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             keep_float: keep.clone(),
             equalize,
             bias_correction,
+            adaround,
             auto_float_db: None,
         };
         let mut calls = 0;
@@ -281,6 +282,29 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             !bias_correction,
             "the option is part of the cache key"
         );
+        // Adaptive rounding: every quantized Conv rounded, some weights the
+        // other way, with a lower local loss; in the metadata and the key.
+        match (adaround, q.report.adaround) {
+            (false, None) => {
+                assert!(graph::metadata(&proto, keys::ADAROUND).is_none());
+            }
+            (true, Some(done)) => {
+                assert_eq!(done.convs, summary.quantized_convs, "{method}");
+                assert!(done.flipped > 0, "{method}: {done:?}");
+                assert!(done.loss < done.nearest_loss, "{method}: {done:?}");
+                let said = graph::metadata(&proto, keys::ADAROUND).unwrap();
+                assert!(said.starts_with(&format!("{} Convs", done.convs)), "{said}");
+                let nearest = QuantizeOptions {
+                    adaround: false,
+                    ..options.clone()
+                };
+                assert_ne!(
+                    quantize::cache_key("sha", &set, &nearest),
+                    quantize::cache_key("sha", &set, &options)
+                );
+            }
+            other => panic!("{method}: adaround {other:?}"),
+        }
         let expected_float = match keep.first().map(String::as_str) {
             None => 0,
             Some("@first") => 1,

@@ -15,20 +15,125 @@ use super::graph::{FreshNames, GraphError, attr_int, f32_tensor, read_f32};
 use super::histogram::weight_scales;
 use tract_onnx::pb::{GraphProto, NodeProto};
 
-/// A Conv's geometry and the running sum of its input patches.
+/// A 2-D Conv's geometry: which input values each output position reads.
 #[derive(Debug, Clone)]
-pub struct PatchMeans {
+pub struct ConvGeometry {
     /// The Conv's node name (or first output).
     pub conv: String,
-    weight: String,
-    group: usize,
-    kernel: [usize; 2],
+    /// Its weight initializer's name.
+    pub weight: String,
+    /// Groups.
+    pub group: usize,
+    /// Input channels each group reads.
+    pub in_per_group: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
     strides: [usize; 2],
     /// Top, left.
     pads: [usize; 2],
     /// Output height and width follow from these too.
     pads_end: [usize; 2],
     dilations: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// For `conv` with weight dims `weight_dims`; `None` for what this
+    /// does not handle (not 2-D, `auto_pad`, odd attributes).
+    pub fn new(conv: &NodeProto, id: &str, weight_dims: &[i64]) -> Option<ConvGeometry> {
+        let [_, in_per_group, kh, kw] = *weight_dims else {
+            return None;
+        };
+        if attr_auto_pad(conv) {
+            return None;
+        }
+        let group = usize::try_from(attr_int(conv, "group").unwrap_or(1)).ok()?;
+        let (in_per_group, kh, kw) = (
+            usize::try_from(in_per_group).ok()?,
+            usize::try_from(kh).ok()?,
+            usize::try_from(kw).ok()?,
+        );
+        let strides = ints(conv, "strides");
+        let pads = ints(conv, "pads");
+        let dilations = ints(conv, "dilations");
+        // Attributes from the model file: nothing below divides by zero,
+        // underflows or overflows on them.
+        let strides = [pair(strides.clone(), 1, 0)?, pair(strides, 1, 1)?];
+        let dilations = [pair(dilations.clone(), 1, 0)?, pair(dilations, 1, 1)?];
+        let pads_all = [0, 1, 2, 3].map(|at| pair(pads.clone(), 0, at));
+        let [Some(top), Some(left), Some(bottom), Some(right)] = pads_all else {
+            return None;
+        };
+        let sane = |v: usize| (1..=1 << 16).contains(&v);
+        let all_sane = [group, in_per_group, kh, kw]
+            .into_iter()
+            .chain(strides)
+            .chain(dilations)
+            .all(sane);
+        if !all_sane || [top, left, bottom, right].into_iter().any(|p| p > 1 << 16) {
+            return None;
+        }
+        // Within 2^64: each factor is at most 2^16.
+        in_per_group
+            .checked_mul(group)?
+            .checked_mul(kh)?
+            .checked_mul(kw)?;
+        Some(ConvGeometry {
+            conv: id.to_owned(),
+            weight: conv.input.get(1)?.clone(),
+            group,
+            in_per_group,
+            kernel: [kh, kw],
+            strides,
+            pads: [top, left],
+            pads_end: [bottom, right],
+            dilations,
+        })
+    }
+
+    /// Input channels, all groups.
+    pub fn channels(&self) -> usize {
+        self.in_per_group * self.group
+    }
+
+    /// Values in one group's patch: its input channels times the kernel.
+    pub fn patch_len(&self) -> usize {
+        self.in_per_group * self.kernel[0] * self.kernel[1]
+    }
+
+    /// The input's height and width, and the output's, for an input of
+    /// `shape` (`[1, C, H, W]`) holding `values`; `None` where it does not
+    /// fit the Conv.
+    pub fn sizes(&self, shape: &[usize], values: &[f32]) -> Option<([usize; 2], [usize; 2])> {
+        let &[1, channels, height, width] = shape else {
+            return None;
+        };
+        if channels != self.channels()
+            || Some(values.len()) != channels.checked_mul(height)?.checked_mul(width)
+        {
+            return None;
+        }
+        let out = |size: usize, axis: usize| -> Option<usize> {
+            let padded = size + self.pads[axis] + self.pads_end[axis];
+            let reach = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
+            padded
+                .checked_sub(reach)
+                .map(|room| room / self.strides[axis].max(1) + 1)
+        };
+        Some(([height, width], [out(height, 0)?, out(width, 1)?]))
+    }
+
+    /// The input row (`axis` 0) or column (1) that output `o` reads at
+    /// kernel tap `k`, or `None` in the padding before the input (past it,
+    /// the caller compares with the size).
+    pub fn tap(&self, o: usize, k: usize, axis: usize) -> Option<usize> {
+        (o * self.strides[axis] + k * self.dilations[axis]).checked_sub(self.pads[axis])
+    }
+}
+
+/// A Conv's geometry and the running sum of its input patches.
+#[derive(Debug, Clone)]
+pub struct PatchMeans {
+    geometry: ConvGeometry,
     /// Per input channel and kernel position: the sum over images and
     /// output positions of the input value the kernel reads there.
     sums: Vec<f64>,
@@ -58,53 +163,20 @@ impl PatchMeans {
     /// For `conv` with weight dims `weight_dims`; `None` for what this
     /// does not handle (not 2-D, `auto_pad`, odd attributes).
     pub fn new(conv: &NodeProto, id: &str, weight_dims: &[i64]) -> Option<PatchMeans> {
-        let [_, in_per_group, kh, kw] = *weight_dims else {
-            return None;
-        };
-        if attr_auto_pad(conv) {
-            return None;
-        }
-        let group = usize::try_from(attr_int(conv, "group").unwrap_or(1)).ok()?;
-        let (in_per_group, kh, kw) = (
-            usize::try_from(in_per_group).ok()?,
-            usize::try_from(kh).ok()?,
-            usize::try_from(kw).ok()?,
-        );
-        let strides = ints(conv, "strides");
-        let pads = ints(conv, "pads");
-        let dilations = ints(conv, "dilations");
-        let channels = in_per_group.checked_mul(group)?;
-        // Attributes from the model file: nothing below divides by zero,
-        // underflows or overflows on them.
-        let strides = [pair(strides.clone(), 1, 0)?, pair(strides, 1, 1)?];
-        let dilations = [pair(dilations.clone(), 1, 0)?, pair(dilations, 1, 1)?];
-        let pads_all = [0, 1, 2, 3].map(|at| pair(pads.clone(), 0, at));
-        let [Some(top), Some(left), Some(bottom), Some(right)] = pads_all else {
-            return None;
-        };
-        let sane = |v: usize| (1..=1 << 16).contains(&v);
-        let all_sane = [group, kh, kw]
-            .into_iter()
-            .chain(strides)
-            .chain(dilations)
-            .all(sane);
-        if !all_sane || [top, left, bottom, right].into_iter().any(|p| p > 1 << 16) {
-            return None;
-        }
+        let geometry = ConvGeometry::new(conv, id, weight_dims)?;
+        let len = geometry.patch_len() * geometry.group;
         Some(PatchMeans {
-            conv: id.to_owned(),
-            weight: conv.input.get(1)?.clone(),
-            group,
-            kernel: [kh, kw],
-            strides,
-            pads: [top, left],
-            pads_end: [bottom, right],
-            dilations,
-            sums: vec![0.0; channels.checked_mul(kh)?.checked_mul(kw)?],
+            geometry,
+            sums: vec![0.0; len],
             positions: 0,
             quantized: None,
             quantized_positions: 0,
         })
+    }
+
+    /// The Conv's id.
+    pub fn conv(&self) -> &str {
+        &self.geometry.conv
     }
 
     /// Adds one image's input, `[1, C, H, W]`, to the plain sums. A shape
@@ -134,26 +206,14 @@ impl PatchMeans {
     /// Adds one image's patches to `sums`; answers the output positions
     /// they were summed over, `None` for a shape that does not fit.
     fn add_to(&self, shape: &[usize], values: &[f32], sums: &mut [f64]) -> Option<u64> {
-        let &[1, channels, height, width] = shape else {
-            return None;
-        };
-        let [kh, kw] = self.kernel;
-        if channels * kh * kw != sums.len() || values.len() != channels * height * width {
+        let g = &self.geometry;
+        let ([height, width], [out_h, out_w]) = g.sizes(shape, values)?;
+        let [kh, kw] = g.kernel;
+        if g.channels() * kh * kw != sums.len() {
             return None;
         }
-        let out = |size: usize, axis: usize| -> Option<usize> {
-            let padded = size + self.pads[axis] + self.pads_end[axis];
-            let reach = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
-            padded
-                .checked_sub(reach)
-                .map(|room| room / self.strides[axis].max(1) + 1)
-        };
-        let (out_h, out_w) = (out(height, 0)?, out(width, 1)?);
-        // The input row (or column) read at output `o`, kernel tap `k`.
-        let at = |o: usize, k: usize, axis: usize| -> Option<usize> {
-            (o * self.strides[axis] + k * self.dilations[axis]).checked_sub(self.pads[axis])
-        };
-        for c in 0..channels {
+        let at = |o: usize, k: usize, axis: usize| g.tap(o, k, axis);
+        for c in 0..g.channels() {
             let plane = &values[c * height * width..][..height * width];
             for y in 0..kh {
                 for x in 0..kw {
@@ -183,15 +243,16 @@ impl PatchMeans {
     /// QuantizeLinear).
     /// `None` where the weights do not fit the Conv's geometry.
     fn shifts(&self, weights: &[f32], out_channels: usize) -> Option<Vec<f64>> {
+        let group = self.geometry.group;
         let per_out = weights.len().checked_div(out_channels)?;
-        if !out_channels.is_multiple_of(self.group)
+        if !out_channels.is_multiple_of(group)
             || per_out.checked_mul(out_channels) != Some(weights.len())
-            || per_out.checked_mul(self.group) != Some(self.sums.len())
+            || per_out.checked_mul(group) != Some(self.sums.len())
         {
             return None;
         }
         let scales = weight_scales(weights, out_channels);
-        let out_per_group = out_channels / self.group;
+        let out_per_group = out_channels / group;
         let positions = self.positions.max(1) as f64;
         // The Q/DQ sums where they were measured, over their own count.
         let (through, through_positions) = match &self.quantized {
@@ -250,8 +311,12 @@ pub fn correct(graph: &mut GraphProto, patches: &[PatchMeans]) -> Result<Correct
     let mut names = FreshNames::of(graph);
     let mut done = Corrected::default();
     for patch in patches.iter().filter(|p| p.positions > 0) {
-        let skip = |why: &str| log::warn!("bias correction: Conv {} skipped: {why}", patch.conv);
-        let Some(weight) = graph.initializer.iter().find(|t| t.name == patch.weight) else {
+        let skip = |why: &str| log::warn!("bias correction: Conv {} skipped: {why}", patch.conv());
+        let Some(weight) = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == patch.geometry.weight)
+        else {
             skip("its weight is not an initializer");
             continue;
         };
@@ -266,7 +331,7 @@ pub fn correct(graph: &mut GraphProto, patches: &[PatchMeans]) -> Result<Correct
         let Some(conv) = graph
             .node
             .iter()
-            .position(|n| n.op_type == "Conv" && super::qdq::conv_id(n) == patch.conv)
+            .position(|n| n.op_type == "Conv" && super::qdq::conv_id(n) == patch.conv())
         else {
             continue;
         };
@@ -310,7 +375,7 @@ pub fn correct(graph: &mut GraphProto, patches: &[PatchMeans]) -> Result<Correct
                 }
             }
             _ => {
-                let name = names.fresh(&format!("{}_bias_corrected", patch.conv));
+                let name = names.fresh(&format!("{}_bias_corrected", patch.conv()));
                 graph.initializer.push(f32_tensor(&name, &dims, &bias));
                 let inputs = &mut graph.node[conv].input;
                 inputs.resize(3, String::new());

@@ -14,6 +14,7 @@ pub mod equalize;
 pub mod graph;
 pub mod histogram;
 pub mod qdq;
+pub mod rounding;
 pub mod rules;
 pub mod sensitivity;
 mod stats;
@@ -60,6 +61,9 @@ pub mod keys {
     pub const VERSION: &str = "nanodetd.int8.quantizer_version";
     /// How many Convs had their bias corrected (absent: none were).
     pub const BIAS_CORRECTED: &str = "nanodetd.int8.bias_corrected";
+    /// Adaptive rounding: the Convs rounded, the weights flipped and the
+    /// local loss against rounding to nearest (absent: it was off).
+    pub const ADAROUND: &str = "nanodetd.int8.adaround";
     /// Automatic partial quantization: the target and the measured SNR
     /// (absent: it was off).
     pub const AUTO_FLOAT: &str = "nanodetd.int8.auto_float";
@@ -86,6 +90,10 @@ pub struct QuantizeOptions {
     /// Take each quantized Conv's mean shift from weight rounding, measured
     /// on the calibration images, out of its bias (`bias.rs`).
     pub bias_correction: bool,
+    /// Round each quantized Conv's weights down or up, whichever keeps its
+    /// outputs on the calibration images closest to the float ones
+    /// ([`rounding`]), rather than to nearest.
+    pub adaround: bool,
     /// Automatic partial quantization ([`sensitivity`]): keep Convs in
     /// float, the most damaging inputs first, until the outputs on
     /// [`AUTO_FLOAT_IMAGES`] calibration images reach this SNR (dB)
@@ -112,6 +120,7 @@ impl Default for QuantizeOptions {
             keep_float: Vec::new(),
             equalize: true,
             bias_correction: false,
+            adaround: false,
             auto_float_db: None,
         }
     }
@@ -275,6 +284,8 @@ pub struct QuantizeReport {
     pub macs: Option<MacCount>,
     /// What automatic partial quantization chose and measured.
     pub auto_float: Option<AutoFloatReport>,
+    /// What adaptive rounding changed, where it ran.
+    pub adaround: Option<rounding::RoundingDone>,
     /// Seconds spent running the calibration images.
     pub statistics_seconds: f64,
     /// Seconds for the whole job.
@@ -365,6 +376,9 @@ pub fn cache_key(source_sha256: &str, set: &CalibrationSet, options: &QuantizeOp
     // Only when on, so models cached before the option keep their key.
     if options.bias_correction {
         h.update("bias_correction\n");
+    }
+    if options.adaround {
+        h.update("adaround\n");
     }
     if let Some(db) = options.auto_float_db {
         h.update(format!("auto_float {db}\n"));
@@ -476,7 +490,9 @@ pub fn quantize(
     // For bias correction: each quantized Conv's mean input patch, fed by
     // the same pass, from the tensor it reads.
     let mut patches: Vec<(usize, bias::PatchMeans)> = Vec::new();
-    if options.bias_correction {
+    // For adaptive rounding: the second moments of the same patches.
+    let mut moments: Vec<(usize, rounding::PatchMoments)> = Vec::new();
+    if options.bias_correction || options.adaround {
         let graph = model
             .graph
             .as_ref()
@@ -489,10 +505,19 @@ pub fn quantize(
                 .first()
                 .and_then(|i| tensors.iter().position(|t| t == i));
             let weight = conv.input.get(1).and_then(|w| init.get(w.as_str()));
-            if let (true, Some(input), Some(weight)) = (quantized.contains(id), input, weight)
+            let (true, Some(input), Some(weight)) = (quantized.contains(id), input, weight) else {
+                continue;
+            };
+            if options.bias_correction
                 && let Some(patch) = bias::PatchMeans::new(conv, id, &weight.dims)
             {
                 patches.push((input, patch));
+            }
+            if options.adaround
+                && let Some(geometry) = bias::ConvGeometry::new(conv, id, &weight.dims)
+                && let Some(m) = rounding::PatchMoments::new(geometry, set.files.len())
+            {
+                moments.push((input, m));
             }
         }
     }
@@ -502,6 +527,9 @@ pub fn quantize(
                 histograms[i].add(values);
                 for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
                     patch.add(shape, values);
+                }
+                for (_, m) in moments.iter_mut().filter(|(t, _)| *t == i) {
+                    m.add(shape, values);
                 }
             })
             .map_err(|e| one_line(&e))
@@ -573,9 +601,27 @@ pub fn quantize(
             for conv in &report.1 {
                 float_convs.insert(conv.clone());
             }
-            patches.retain(|(_, p)| quantized.contains(&p.conv));
+            patches.retain(|(_, p)| quantized.contains(p.conv()));
+            moments.retain(|(_, m)| quantized.contains(m.conv()));
             Some(report.0)
         }
+    };
+    // Before bias correction, which then takes the shifts of the weights
+    // as rounded.
+    let adaround = if options.adaround {
+        let moments: Vec<rounding::PatchMoments> = moments.into_iter().map(|(_, m)| m).collect();
+        let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
+        let done = rounding::apply(graph, &moments).map_err(graph_error)?;
+        log::info!(
+            "adaptive rounding: {} of {} Convs, {} weights rounded the other way, local loss {:.1} % of rounding to nearest",
+            done.convs,
+            moments.len(),
+            done.flipped,
+            100.0 * done.loss / done.nearest_loss.max(f64::MIN_POSITIVE)
+        );
+        Some(done)
+    } else {
+        None
     };
     let macs = conv_macs.as_ref().and_then(|m| count_macs(m, &quantized));
 
@@ -627,6 +673,18 @@ pub fn quantize(
     if options.bias_correction {
         set_metadata(&mut model, keys::BIAS_CORRECTED, bias_corrected.to_string());
     }
+    if let Some(done) = &adaround {
+        set_metadata(
+            &mut model,
+            keys::ADAROUND,
+            format!(
+                "{} Convs, {} weights rounded the other way, local loss {:.1} % of rounding to nearest",
+                done.convs,
+                done.flipped,
+                100.0 * done.loss / done.nearest_loss.max(f64::MIN_POSITIVE)
+            ),
+        );
+    }
     if let Some(m) = macs {
         set_metadata(&mut model, keys::CONV_MACS, format!("{}/{}", m.int8, m.all));
     }
@@ -664,6 +722,7 @@ pub fn quantize(
             float_convs: float_list,
             macs,
             auto_float,
+            adaround,
             statistics_seconds,
             total_seconds: started.elapsed().as_secs_f64(),
         },
