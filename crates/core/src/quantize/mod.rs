@@ -492,6 +492,7 @@ pub fn quantize(
     let mut patches: Vec<(usize, bias::PatchMeans)> = Vec::new();
     // For adaptive rounding: the second moments of the same patches.
     let mut moments: Vec<(usize, rounding::PatchMoments)> = Vec::new();
+    let mut moments_budget = rounding::MAX_MOMENT_VALUES;
     if options.bias_correction || options.adaround {
         let graph = model
             .graph
@@ -515,9 +516,15 @@ pub fn quantize(
             }
             if options.adaround
                 && let Some(geometry) = bias::ConvGeometry::new(conv, id, &weight.dims)
-                && let Some(m) = rounding::PatchMoments::new(geometry, set.files.len())
             {
-                moments.push((input, m));
+                match rounding::PatchMoments::new(geometry, set.files.len(), &mut moments_budget) {
+                    Some(m) => moments.push((input, m)),
+                    None => log::warn!(
+                        "adaptive rounding: Conv {id} keeps rounding to nearest (its patch is over {} values, or the model's moments are over {} values)",
+                        rounding::MAX_PATCH,
+                        rounding::MAX_MOMENT_VALUES
+                    ),
+                }
             }
         }
     }

@@ -31,6 +31,12 @@ pub const SAMPLES_PER_CONV: usize = 4096;
 /// `len²` values (2,048: 32 MB of f64 per group).
 pub const MAX_PATCH: usize = 2048;
 
+/// The second moments all Convs of one model may hold, in values (64 MB
+/// of f64): nanodet-plus-m needs 2.9 M. A model past it (thousands of
+/// groups, or of Convs) keeps rounding to nearest where the budget ran
+/// out, rather than allocate what its file asks for.
+pub const MAX_MOMENT_VALUES: usize = 1 << 23;
+
 /// Greedy passes over a channel's weights at most; each pass that flips
 /// nothing ends the search.
 const MAX_SWEEPS: usize = 4;
@@ -47,18 +53,22 @@ pub struct PatchMoments {
 }
 
 impl PatchMoments {
-    /// For a Conv of `geometry`, over `images` calibration images; `None`
-    /// where its patch is over [`MAX_PATCH`] or it has no image.
-    pub fn new(geometry: ConvGeometry, images: usize) -> Option<PatchMoments> {
+    /// For a Conv of `geometry`, over `images` calibration images, its
+    /// moments taken out of `budget` (values; see [`MAX_MOMENT_VALUES`]);
+    /// `None` where its patch is over [`MAX_PATCH`], the budget is short or
+    /// it has no image.
+    pub fn new(geometry: ConvGeometry, images: usize, budget: &mut usize) -> Option<PatchMoments> {
         let len = geometry.patch_len();
         if len > MAX_PATCH || images == 0 {
             return None;
         }
-        let per_image = SAMPLES_PER_CONV.div_ceil(images).max(1);
         let groups = geometry.group;
+        let values = len.checked_mul(len)?.checked_mul(groups)?;
+        *budget = budget.checked_sub(values)?;
+        let per_image = SAMPLES_PER_CONV.div_ceil(images).max(1);
         Some(PatchMoments {
             geometry,
-            moments: vec![vec![0.0; len.checked_mul(len)?]; groups],
+            moments: vec![vec![0.0; len * len]; groups],
             samples: 0,
             per_image,
         })
@@ -298,7 +308,13 @@ mod tests {
         let conv = node("Conv", "c", &["x", "w"], &["y"]);
         let (c, hw) = (6usize, 8usize);
         let geometry = ConvGeometry::new(&conv, "c", &[4, 6, 1, 1]).unwrap();
-        let mut moments = PatchMoments::new(geometry, 2).unwrap();
+        let mut budget = 40;
+        assert!(
+            PatchMoments::new(geometry.clone(), 2, &mut 35).is_none(),
+            "over budget"
+        );
+        let mut moments = PatchMoments::new(geometry, 2, &mut budget).unwrap();
+        assert_eq!(budget, 4, "one 6x6 matrix taken");
         for k in 0..2 {
             let image: Vec<f32> = (0..c * hw * hw)
                 .map(|i| {
