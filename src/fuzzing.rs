@@ -75,18 +75,10 @@ fn u16_at(data: &[u8], at: usize) -> usize {
 /// padding the driver claimed, the rest is the buffer.
 pub fn v4l2_buffer(data: &[u8]) {
     hook_as_the_daemon_does();
-    const RAW: [CameraFormat; 6] = [
-        CameraFormat::Yuyv,
-        CameraFormat::Uyvy,
-        CameraFormat::Nv12,
-        CameraFormat::Grey,
-        CameraFormat::Rgb24,
-        CameraFormat::Bgr24,
-    ];
     if data.len() < 7 {
         return;
     }
-    let format = RAW[usize::from(data[0]) % RAW.len()];
+    let format = CameraFormat::RAW[usize::from(data[0]) % CameraFormat::RAW.len()];
     let (width, height) = (u16_at(data, 1) % 2048, u16_at(data, 3) % 2048);
     let padding = u16_at(data, 5) % 256;
     let Some(bytes) = data.get(7..) else { return };

@@ -301,14 +301,7 @@ mod tests {
         assert!(!shows_black(0, 0) && !shows_black(1, 1) && shows_black(2, 1));
         let dir = tempfile::tempdir().unwrap();
         let path = photo(dir.path());
-        for format in [
-            CameraFormat::Yuyv,
-            CameraFormat::Uyvy,
-            CameraFormat::Nv12,
-            CameraFormat::Grey,
-            CameraFormat::Rgb24,
-            CameraFormat::Bgr24,
-        ] {
+        for format in CameraFormat::RAW {
             let mut source = SyntheticSource::open(&path, format, None, 1 << 20)
                 .unwrap()
                 .blinking(Some(2));

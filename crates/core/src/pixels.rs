@@ -35,6 +35,16 @@ impl CameraFormat {
         ("rgb24", CameraFormat::Rgb24),
         ("bgr24", CameraFormat::Bgr24),
     ];
+
+    /// Every uncompressed format: all but MJPEG.
+    pub const RAW: [CameraFormat; 6] = [
+        CameraFormat::Yuyv,
+        CameraFormat::Uyvy,
+        CameraFormat::Nv12,
+        CameraFormat::Grey,
+        CameraFormat::Rgb24,
+        CameraFormat::Bgr24,
+    ];
 }
 
 /// A pixel format name nanodetd does not know.
