@@ -170,7 +170,7 @@ pub struct PrecisionArgs {
     /// calibration`).
     #[arg(long)]
     calibration: Option<PathBuf>,
-    /// Calibration method: percentile, percentile:P, entropy or minmax
+    /// Calibration method: percentile, percentile:P, entropy, mse or minmax
     /// (`[model.int8] method`).
     #[arg(long)]
     int8_method: Option<String>,

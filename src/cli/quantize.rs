@@ -22,7 +22,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     calibration: PathBuf,
     /// percentile (99.99, the default), percentile:P, entropy (KL search,
-    /// as TensorRT's calibrator) or minmax.
+    /// as TensorRT's calibrator), mse (least squared error) or minmax.
     #[arg(long, default_value = "percentile", value_parser = quantize::parse_method)]
     method: quantize::Method,
     /// Use at most N images, spread evenly over the sorted set.

@@ -292,7 +292,7 @@ pub struct Int8Config {
     /// Directory of calibration images (`nanodetd calibrate` fills it).
     #[serde(default = "default_calibration")]
     pub calibration: PathBuf,
-    /// percentile (99.99), percentile:P, entropy or minmax.
+    /// percentile (99.99), percentile:P, entropy, mse or minmax.
     #[serde(default = "default_method")]
     pub method: String,
     /// Use at most this many images.

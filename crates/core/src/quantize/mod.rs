@@ -49,7 +49,7 @@ pub const QUANTIZER_VERSION: u32 = 2;
 
 /// Metadata keys the quantized model carries.
 pub mod keys {
-    /// entropy, percentile:P or minmax.
+    /// entropy, percentile:P, mse or minmax.
     pub const METHOD: &str = "nanodetd.int8.method";
     /// Calibration images used.
     pub const IMAGES: &str = "nanodetd.int8.images";
@@ -131,6 +131,7 @@ pub fn method_name(method: Method) -> String {
     match method {
         Method::Entropy => "entropy".into(),
         Method::MinMax => "minmax".into(),
+        Method::Mse => "mse".into(),
         Method::Percentile(p) => format!("percentile:{p}"),
     }
 }
@@ -138,7 +139,7 @@ pub fn method_name(method: Method) -> String {
 /// A calibration method name that is none of the known ones.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown calibration method {0:?}; known: entropy, percentile, percentile:P (0 < P <= 100), minmax"
+    "unknown calibration method {0:?}; known: entropy, percentile, percentile:P (0 < P <= 100), mse, minmax"
 )]
 pub struct UnknownMethod(pub String);
 
@@ -147,6 +148,7 @@ pub fn parse_method(s: &str) -> Result<Method, UnknownMethod> {
     match s {
         "entropy" => Ok(Method::Entropy),
         "minmax" => Ok(Method::MinMax),
+        "mse" => Ok(Method::Mse),
         "percentile" => Ok(Method::Percentile(99.99)),
         other => match other.strip_prefix("percentile:").map(str::parse::<f64>) {
             Some(Ok(p)) if p > 0.0 && p <= 100.0 => Ok(Method::Percentile(p)),
