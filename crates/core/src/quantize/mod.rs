@@ -107,6 +107,10 @@ pub struct QuantizeOptions {
 /// speed comes from.
 pub const MAX_FLOAT_MACS: f64 = 0.10;
 
+/// Calibration images bias correction measures its mean shifts on, spread
+/// over the set (docs/INT8.md).
+pub const BIAS_IMAGES: usize = 20;
+
 /// Calibration images automatic partial quantization runs its trial
 /// models on, spread over the set: with 6, plus-m_416 quantizes in under
 /// a minute on 2 cores (docs/INT8.md).
@@ -450,10 +454,17 @@ pub fn quantize(
     } else {
         Vec::new()
     };
-    // Bias correction measures the Conv inputs once more, through their
-    // Q/DQ pairs, once their scales are known.
-    let passes = if chains.is_empty() { 1 } else { 2 } + usize::from(options.bias_correction);
-    let total = passes * set.files.len();
+    // Bias correction measures the Conv inputs once more, as they are and
+    // through their Q/DQ pairs, once their scales are known, on a spread
+    // of the images: a mean over every output position of 20 images moves
+    // the shifts little, and the pass costs a quarter.
+    let bias_files = if options.bias_correction {
+        calibration::spread(&set.files, BIAS_IMAGES)
+    } else {
+        Vec::new()
+    };
+    let passes = if chains.is_empty() { 1 } else { 2 };
+    let total = passes * set.files.len() + bias_files.len();
     let mut done = 0;
     let mut next_image = || {
         done += 1;
@@ -464,7 +475,7 @@ pub fn quantize(
         let watched: Vec<String> = chains.iter().map(|c| c.tensor.clone()).collect();
         let mut probe = stats::ActivationProbe::new(&bytes, size, &watched).map_err(probe_error)?;
         let mut ranges: Vec<Vec<f32>> = chains.iter().map(|c| vec![0.0; c.channels]).collect();
-        each_input(set, spec, &mut next_image, &mut |input| {
+        each_input(&set.files, spec, &mut next_image, &mut |input| {
             probe
                 .run(input, &mut |i, _, values| {
                     equalize::fold_channel_ranges(&mut ranges[i], values)
@@ -530,13 +541,10 @@ pub fn quantize(
             }
         }
     }
-    let skipped = each_input(set, spec, &mut next_image, &mut |input| {
+    let skipped = each_input(&set.files, spec, &mut next_image, &mut |input| {
         probe
             .run(input, &mut |i, shape, values| {
                 histograms[i].add(values);
-                for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
-                    patch.add(shape, values);
-                }
                 for (_, m) in moments.iter_mut().filter(|(t, _)| *t == i) {
                     m.add(shape, values);
                 }
@@ -564,6 +572,9 @@ pub fn quantize(
         );
     }
     let ranks = probe.ranks().clone();
+    // The bias pass makes its own: this one's plan and buffers would stay
+    // resident through automatic partial quantization's trial models.
+    drop(probe);
     let statistics_seconds = stats_started.elapsed().as_secs_f64();
     let conv_macs = match stats::tensor_shapes(&equalized_bytes, size) {
         Ok(shapes) => macs_by_conv(&model, &shapes),
@@ -578,6 +589,18 @@ pub fn quantize(
         .map(|(name, hist)| (name.clone(), scale(threshold(hist, options.method))))
         .collect();
     graph::upgrade_to_qdq_opset(&mut model, &|t| ranks.get(t).copied()).map_err(graph_error)?;
+    // Chosen now, so the moments are freed before the trial models run;
+    // written after, for the Convs that stay quantized.
+    let mut rounded = if options.adaround {
+        let moments: Vec<rounding::PatchMoments> = moments.into_iter().map(|(_, m)| m).collect();
+        let graph = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| model_error(ModelProblem::NoGraph))?;
+        rounding::plan(graph, moments).map_err(graph_error)?
+    } else {
+        Vec::new()
+    };
 
     let auto_float = match options.auto_float_db {
         None => None,
@@ -611,20 +634,19 @@ pub fn quantize(
                 float_convs.insert(conv.clone());
             }
             patches.retain(|(_, p)| quantized.contains(p.conv()));
-            moments.retain(|(_, m)| quantized.contains(m.conv()));
+            rounded.retain(|r| quantized.contains(&r.conv));
             Some(report.0)
         }
     };
     // Before bias correction, which then takes the shifts of the weights
     // as rounded.
     let adaround = if options.adaround {
-        let moments: Vec<rounding::PatchMoments> = moments.into_iter().map(|(_, m)| m).collect();
         let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
-        let done = rounding::apply(graph, &moments).map_err(graph_error)?;
+        let done = rounding::apply(graph, &rounded);
         log::info!(
-            "adaptive rounding: {} of {} Convs, {} weights rounded the other way, local loss {:.1} % of rounding to nearest",
+            "adaptive rounding: {} of {} quantized Convs, {} weights rounded the other way, local loss {:.1} % of rounding to nearest",
             done.convs,
-            moments.len(),
+            quantized.len(),
             done.flipped,
             100.0 * done.loss / done.nearest_loss.max(f64::MIN_POSITIVE)
         );
@@ -636,8 +658,10 @@ pub fn quantize(
 
     let mut bias_corrected = 0;
     if options.bias_correction {
+        let mut probe =
+            stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
         let mut through = Vec::new();
-        let skipped = each_input(set, spec, &mut next_image, &mut |input| {
+        let skipped = each_input(&bias_files, spec, &mut next_image, &mut |input| {
             probe
                 .run(input, &mut |i, shape, values| {
                     // Once per tensor, for every Conv that reads it.
@@ -646,6 +670,7 @@ pub fn quantize(
                     };
                     bias::through_qdq(values, scale, &mut through);
                     for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
+                        patch.add(shape, values);
                         patch.add_quantized(shape, &through);
                     }
                 })
@@ -902,14 +927,14 @@ impl TenthsLog {
 /// Decodes and preprocesses every image of `set` and hands it to `run`;
 /// returns the images that could not be used, with the reason.
 fn each_input(
-    set: &CalibrationSet,
+    files: &[PathBuf],
     spec: &PreprocessSpec,
     next_image: &mut dyn FnMut(),
     run: &mut dyn FnMut(&[f32]) -> Result<(), String>,
 ) -> Vec<(PathBuf, String)> {
     let mut input = vec![0.0f32; spec.tensor_len()];
     let mut skipped = Vec::new();
-    for file in &set.files {
+    for file in files {
         let ran = Frame::from_file(file)
             .map_err(|e| e.to_string())
             .and_then(|frame| preprocess_into(&frame, spec, &mut input).map_err(|e| e.to_string()))
@@ -1014,7 +1039,7 @@ mod tests {
 
     #[test]
     fn methods_parse_and_print_alike() {
-        for m in ["entropy", "minmax", "percentile:99.9"] {
+        for m in ["entropy", "minmax", "mse", "percentile:99.9"] {
             assert_eq!(method_name(parse_method(m).unwrap()), m);
         }
         assert_eq!(

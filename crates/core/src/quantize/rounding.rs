@@ -20,6 +20,8 @@ use super::bias::ConvGeometry;
 use super::graph::{GraphError, f32_tensor, read_f32};
 use super::histogram::weight_scales;
 use tract_onnx::pb::GraphProto;
+use tract_onnx::prelude::tract_ndarray::linalg::general_mat_mul;
+use tract_onnx::prelude::tract_ndarray::{Array2, ArrayViewMut2};
 
 /// Output positions sampled per Conv over the whole set, spread over the
 /// images and over each image: enough for `H` to be full rank where the
@@ -42,7 +44,8 @@ pub const MAX_MOMENT_VALUES: usize = 1 << 23;
 const MAX_SWEEPS: usize = 4;
 
 /// A Conv's geometry and the running second moments of its input patches,
-/// one `len × len` matrix per group (upper triangle filled).
+/// one `len × len` matrix per group (all of it filled; the rounding reads
+/// the upper triangle).
 #[derive(Debug, Clone)]
 pub struct PatchMoments {
     geometry: ConvGeometry,
@@ -90,12 +93,17 @@ impl PatchMoments {
         let taken = self.per_image.min(positions);
         let len = g.patch_len();
         let [kh, kw] = g.kernel;
-        let mut patch = vec![0f64; len];
-        for k in 0..taken {
-            // Evenly over the image, row after row.
-            let p = k * positions / taken.max(1);
-            let (oy, ox) = (p / out_w.max(1), p % out_w.max(1));
-            for (group, moments) in self.moments.iter_mut().enumerate() {
+        // Per group, this image's patches as the rows of one matrix, so H
+        // grows by one product Xᵀ X: a rank-1 update per patch streamed
+        // all of H through memory each time (a dense 3×3 Conv of 96
+        // channels: 3 MB a patch), and took most of the statistics pass.
+        let mut patches = Array2::<f64>::zeros((taken, len));
+        for (group, moments) in self.moments.iter_mut().enumerate() {
+            for k in 0..taken {
+                // Evenly over the image, row after row.
+                let p = k * positions / taken.max(1);
+                let (oy, ox) = (p / out_w.max(1), p % out_w.max(1));
+                let mut patch = patches.row_mut(k);
                 patch.fill(0.0);
                 for ci in 0..g.in_per_group {
                     let c = group * g.in_per_group + ci;
@@ -111,17 +119,11 @@ impl PatchMoments {
                         }
                     }
                 }
-                for (i, &xi) in patch.iter().enumerate() {
-                    // Activations after a ReLU are half zeros.
-                    if xi == 0.0 {
-                        continue;
-                    }
-                    let row = &mut moments[i * len..][i..len];
-                    for (m, &xj) in row.iter_mut().zip(&patch[i..]) {
-                        *m += xi * xj;
-                    }
-                }
             }
+            let Ok(mut h) = ArrayViewMut2::from_shape((len, len), moments.as_mut_slice()) else {
+                return false;
+            };
+            general_mat_mul(1.0, &patches.t(), &patches, 1.0, &mut h);
         }
         self.samples += taken as u64;
         true
@@ -253,12 +255,28 @@ fn round_row(w: &[f32], s: f32, h: &[f64], len: usize) -> (Vec<f32>, f64, f64) {
     (q, nearest, loss)
 }
 
-/// Rounds each Conv of `moments` in `graph`, writing its weights back on
-/// the grid. A Conv whose weight is not a float initializer of its own,
-/// or does not fit its geometry, keeps rounding to nearest, with a
-/// warning.
-pub fn apply(graph: &mut GraphProto, moments: &[PatchMoments]) -> Result<RoundingDone, GraphError> {
-    let mut done = RoundingDone::default();
+/// One Conv's weights as adaptive rounding chose them, not yet written
+/// into the graph.
+#[derive(Debug, Clone)]
+pub struct RoundedConv {
+    /// The Conv ([`super::qdq::conv_id`]).
+    pub conv: String,
+    weight: String,
+    dims: Vec<i64>,
+    rounded: Vec<f32>,
+    done: RoundingDone,
+}
+
+/// Rounds each Conv of `moments` against `graph`'s weights, consuming the
+/// moments as it goes: they are the largest thing the quantizer holds,
+/// and automatic partial quantization's trial models run after this. A
+/// Conv whose weight is not a float initializer of its own, or does not
+/// fit its geometry, keeps rounding to nearest, with a warning.
+pub fn plan(
+    graph: &GraphProto,
+    moments: Vec<PatchMoments>,
+) -> Result<Vec<RoundedConv>, GraphError> {
+    let mut planned = Vec::with_capacity(moments.len());
     for m in moments {
         let skip = |why: &str| log::warn!("adaptive rounding: Conv {} skipped: {why}", m.conv());
         let name = &m.geometry.weight;
@@ -271,27 +289,47 @@ pub fn apply(graph: &mut GraphProto, moments: &[PatchMoments]) -> Result<Roundin
             skip("its weight is shared");
             continue;
         }
-        let Some(at) = graph.initializer.iter().position(|t| t.name == *name) else {
+        let Some(tensor) = graph.initializer.iter().find(|t| t.name == *name) else {
             skip("its weight is not an initializer");
             continue;
         };
-        let tensor = &graph.initializer[at];
         let Some(out_channels) = tensor.dims.first().and_then(|&d| usize::try_from(d).ok()) else {
             skip("its weight has no output channels");
             continue;
         };
-        let dims = tensor.dims.clone();
-        let Some((rounded, this)) = m.round(&read_f32(tensor)?, out_channels) else {
+        let Some((rounded, done)) = m.round(&read_f32(tensor)?, out_channels) else {
             skip("its weights do not fit its geometry, or no patch was sampled");
             continue;
         };
-        graph.initializer[at] = f32_tensor(name, &dims, &rounded);
-        done.convs += 1;
-        done.flipped += this.flipped;
-        done.nearest_loss += this.nearest_loss;
-        done.loss += this.loss;
+        planned.push(RoundedConv {
+            conv: m.conv().to_owned(),
+            weight: name.clone(),
+            dims: tensor.dims.clone(),
+            rounded,
+            done,
+        });
     }
-    Ok(done)
+    Ok(planned)
+}
+
+/// Writes the planned weights back into `graph`, on the grid.
+pub fn apply(graph: &mut GraphProto, planned: &[RoundedConv]) -> RoundingDone {
+    let mut done = RoundingDone::default();
+    for p in planned {
+        let Some(tensor) = graph.initializer.iter_mut().find(|t| t.name == p.weight) else {
+            log::warn!(
+                "adaptive rounding: Conv {} skipped: its weight is gone",
+                p.conv
+            );
+            continue;
+        };
+        *tensor = f32_tensor(&p.weight, &p.dims, &p.rounded);
+        done.convs += 1;
+        done.flipped += p.done.flipped;
+        done.nearest_loss += p.done.nearest_loss;
+        done.loss += p.done.loss;
+    }
+    done
 }
 
 #[cfg(test)]

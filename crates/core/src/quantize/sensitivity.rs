@@ -98,7 +98,7 @@ impl<'a> Trials<'a> {
             inputs,
             reference: Vec::new(),
         };
-        trials.reference = trials.run(&model.encode_to_vec())?;
+        trials.reference = trials.run(model.encode_to_vec())?;
         Ok(trials)
     }
 
@@ -117,9 +117,14 @@ impl<'a> Trials<'a> {
         convs: &HashSet<String>,
         scale: &(dyn Fn(&str) -> Option<f32> + Sync),
     ) -> Result<f64, SensitivityError> {
-        let mut trial = self.model.clone();
-        qdq::insert_qdq(&mut trial, convs, scale)?;
-        let got = self.run(&trial.encode_to_vec())?;
+        // The trial's protobuf and bytes go before it runs: with two
+        // threads on plus-m_416 they were 20 MB of the peak.
+        let bytes = {
+            let mut trial = self.model.clone();
+            qdq::insert_qdq(&mut trial, convs, scale)?;
+            trial.encode_to_vec()
+        };
+        let got = self.run(bytes)?;
         // Finite even when a trial model overflows, so that the estimate
         // in `choose` never subtracts infinities.
         let noise: f64 = self
@@ -135,8 +140,9 @@ impl<'a> Trials<'a> {
         Ok(noise.min(f64::MAX))
     }
 
-    fn run(&self, bytes: &[u8]) -> Result<Vec<Vec<f32>>, SensitivityError> {
-        let mut probe = ActivationProbe::new(bytes, self.size, &self.outputs)?;
+    fn run(&self, bytes: Vec<u8>) -> Result<Vec<Vec<f32>>, SensitivityError> {
+        let mut probe = ActivationProbe::new(&bytes, self.size, &self.outputs)?;
+        drop(bytes);
         let mut all = Vec::with_capacity(self.inputs.len());
         for input in &self.inputs {
             let mut values = Vec::new();
@@ -174,7 +180,7 @@ pub fn measure(
 /// What [`choose`] picked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
-    /// Tensors whose Convs stay in float, worst first.
+    /// Tensors whose Convs stay in float, in the order chosen.
     pub tensors: Vec<String>,
     /// Their Convs.
     pub convs: Vec<String>,
@@ -193,10 +199,15 @@ pub fn db(signal: f64, noise: f64) -> f64 {
     }
 }
 
-/// Keeps tensors' Convs in float, worst first (greedy, not the fewest
-/// possible), until the estimated SNR reaches `target_db`, skipping any
-/// that would take the float MACs past `max_float_macs`. `all_noise` is
-/// the fully quantized model's noise.
+/// Keeps tensors' Convs in float until the estimated SNR reaches
+/// `target_db`, with at most `max_float_macs` of MACs in float.
+/// `all_noise` is the fully quantized model's noise.
+///
+/// Two greedy passes, each skipping a tensor that would pass the cap:
+/// worst first, and most noise per MAC first (the knapsack's greedy, which
+/// takes the cheap depthwise Convs before a costly one). Where both reach
+/// the target, the one with fewer tensors wins, as the fewest Convs in
+/// float are asked for; otherwise the one with less noise left.
 pub fn choose(
     candidates: &[Candidate],
     signal: f64,
@@ -204,8 +215,36 @@ pub fn choose(
     target_db: f64,
     max_float_macs: u64,
 ) -> Choice {
-    let mut order: Vec<&Candidate> = candidates.iter().collect();
-    order.sort_by(|a, b| b.noise.total_cmp(&a.noise).then(a.tensor.cmp(&b.tensor)));
+    let mut worst_first: Vec<&Candidate> = candidates.iter().collect();
+    worst_first.sort_by(|a, b| b.noise.total_cmp(&a.noise).then(a.tensor.cmp(&b.tensor)));
+    let per_mac = |c: &Candidate| c.noise / c.macs.max(1) as f64;
+    let mut densest_first = worst_first.clone();
+    densest_first.sort_by(|a, b| {
+        per_mac(b)
+            .total_cmp(&per_mac(a))
+            .then(a.tensor.cmp(&b.tensor))
+    });
+    let by_noise = greedy(&worst_first, signal, all_noise, target_db, max_float_macs);
+    let by_density = greedy(&densest_first, signal, all_noise, target_db, max_float_macs);
+    let reached = |c: &Choice| c.estimated_db >= target_db;
+    let density_wins = match (reached(&by_noise), reached(&by_density)) {
+        (true, true) => by_density.tensors.len() < by_noise.tensors.len(),
+        (true, false) => false,
+        (false, true) => true,
+        (false, false) => by_density.estimated_db > by_noise.estimated_db,
+    };
+    if density_wins { by_density } else { by_noise }
+}
+
+/// Floats the tensors in `order` until the target, skipping those past
+/// the cap.
+fn greedy(
+    order: &[&Candidate],
+    signal: f64,
+    all_noise: f64,
+    target_db: f64,
+    max_float_macs: u64,
+) -> Choice {
     let mut choice = Choice {
         tensors: Vec::new(),
         convs: Vec::new(),
@@ -262,13 +301,44 @@ mod tests {
         assert_eq!(choice.convs, ["conv_c", "conv_a", "conv_d"]);
         assert_eq!(choice.float_macs, 30);
         assert!((choice.estimated_db - db(1000.0, 4.5)).abs() < 1e-12);
-        // A looser target stops at the first that reaches it.
+        // The same by noise per MAC: c (0.2), a (0.1), b (0.08), d (0.05);
+        // b's 50 MACs fit a cap of 100 after c and a, and the target is
+        // reached with 3 tensors, against 2 (b, c) worst first.
+        let choice = choose(&candidates, 1000.0, 8.0, 24.0, 100);
+        assert_eq!(choice.tensors, ["b", "c"]);
+        // Looser target stops at the first that reaches it.
         let choice = choose(&candidates, 1000.0, 8.0, 22.0, 100);
         assert_eq!(choice.tensors, ["b"]);
         // Already there: nothing in float.
         let choice = choose(&candidates, 1000.0, 8.0, 20.0, 100);
         assert!(choice.tensors.is_empty());
         assert_eq!(choice.estimated_db, db(1000.0, 8.0));
+    }
+
+    /// Under a cap, many cheap noisy tensors beat one costly noisier one.
+    #[test]
+    fn noise_per_mac_wins_where_the_cap_binds_before_the_target() {
+        let candidates = [
+            candidate("big", 90, 5.0),
+            candidate("dw1", 5, 3.0),
+            candidate("dw2", 5, 3.0),
+            candidate("dw3", 5, 1.0),
+        ];
+        // Worst first takes big (90 MACs) and then only one dw: noise 10 −
+        // 8 = 2. By noise per MAC: dw1, dw2, dw3 (15 MACs), then big does
+        // not fit: noise 10 − 7 = 3. Worst first leaves less noise here.
+        let choice = choose(&candidates, 1000.0, 10.0, 40.0, 95);
+        assert_eq!(choice.tensors, ["big", "dw1"]);
+        // With a cap of 20, worst first can take no big: both orders take
+        // the three dw tensors, and the tie goes to worst first's order.
+        let choice = choose(&candidates, 1000.0, 10.0, 40.0, 20);
+        assert_eq!(choice.tensors, ["dw1", "dw2", "dw3"]);
+        // A cap of 94: worst first takes big and nothing else fits (noise
+        // 5); by noise per MAC the three dw (noise 3) win.
+        let choice = choose(&candidates, 1000.0, 10.0, 40.0, 94);
+        assert_eq!(choice.tensors, ["dw1", "dw2", "dw3"]);
+        assert_eq!(choice.float_macs, 15);
+        assert!((choice.estimated_db - db(1000.0, 3.0)).abs() < 1e-12);
     }
 
     #[test]
