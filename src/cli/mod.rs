@@ -185,18 +185,29 @@ pub struct PrecisionArgs {
     /// equalize = false`).
     #[arg(long)]
     int8_no_equalize: bool,
-    /// Correct each quantized Conv's bias for its weights' rounding
-    /// (`[model.int8] bias_correction = true`).
-    #[arg(long)]
+    /// Correct each quantized Conv's bias for its weights' rounding, the
+    /// default (`[model.int8] bias_correction = true`).
+    #[arg(long, conflicts_with = "int8_no_bias_correction")]
     int8_bias_correction: bool,
-    /// Adaptive rounding of the INT8 weights (`[model.int8] adaround =
-    /// true`).
+    /// No bias correction (`[model.int8] bias_correction = false`).
     #[arg(long)]
+    int8_no_bias_correction: bool,
+    /// Adaptive rounding of the INT8 weights, the default (`[model.int8]
+    /// adaround = true`).
+    #[arg(long, conflicts_with = "int8_no_adaround")]
     int8_adaround: bool,
-    /// Automatic partial quantization to this SNR in dB
-    /// (`[model.int8] auto_float_db`).
-    #[arg(long, value_name = "DB", value_parser = decibels)]
+    /// Round the INT8 weights to nearest (`[model.int8] adaround =
+    /// false`).
+    #[arg(long)]
+    int8_no_adaround: bool,
+    /// Automatic partial quantization to this SNR in dB, on by default at
+    /// 30 (`[model.int8] auto_float_db`).
+    #[arg(long, value_name = "DB", value_parser = decibels, conflicts_with = "int8_no_auto_float")]
     int8_auto_float: Option<f64>,
+    /// Every Conv the model can quantize in INT8 (`[model.int8] auto_float
+    /// = false`).
+    #[arg(long)]
+    int8_no_auto_float: bool,
     /// Where built models are kept (`[model] cache`): the daemon's by
     /// default, so a command reuses the INT8 model and engines it made.
     #[arg(long)]
@@ -220,11 +231,16 @@ impl PrecisionArgs {
         int8.images = self.int8_images.or(int8.images);
         int8.keep_float.extend(self.int8_keep_float.iter().cloned());
         int8.equalize &= !self.int8_no_equalize;
-        int8.bias_correction |= self.int8_bias_correction;
-        int8.adaround |= self.int8_adaround;
+        // The flags override the file either way; clap refuses both of a
+        // pair.
+        int8.bias_correction =
+            (int8.bias_correction || self.int8_bias_correction) && !self.int8_no_bias_correction;
+        int8.adaround = (int8.adaround || self.int8_adaround) && !self.int8_no_adaround;
         if let Some(db) = self.int8_auto_float.and_then(Real::new) {
+            int8.auto_float = true;
             int8.auto_float_db = Some(db);
         }
+        int8.auto_float &= !self.int8_no_auto_float;
     }
 }
 

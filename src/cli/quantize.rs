@@ -36,20 +36,37 @@ pub struct QuantizeArgs {
     #[arg(long)]
     no_equalize: bool,
     /// Correct each quantized Conv's bias for the mean shift its weights'
-    /// rounding causes, measured on the calibration images.
-    #[arg(long)]
+    /// rounding causes, measured on the calibration images (the default).
+    #[arg(long, conflicts_with = "no_bias_correction")]
     bias_correction: bool,
+    /// No bias correction.
+    #[arg(long)]
+    no_bias_correction: bool,
     /// Round each quantized Conv's weights down or up, whichever keeps its
     /// outputs on the calibration images closest to the float ones
-    /// (adaptive rounding, after AdaRound), rather than to nearest.
-    #[arg(long)]
+    /// (adaptive rounding, after AdaRound), rather than to nearest (the
+    /// default).
+    #[arg(long, conflicts_with = "no_adaround")]
     adaround: bool,
-    /// Automatic partial quantization: keep the fewest Convs in float, the
-    /// most damaging first, for the outputs on 6 calibration images to
-    /// reach this SNR (dB) against FP32, with at most 10 % of the Convs'
-    /// MACs in float.
-    #[arg(long, value_name = "DB", value_parser = super::decibels)]
-    auto_float: Option<f64>,
+    /// Round the weights to nearest.
+    #[arg(long)]
+    no_adaround: bool,
+    /// Automatic partial quantization: keep Convs in float, for the
+    /// outputs on 6 calibration images to reach this SNR (dB) against
+    /// FP32, with at most 10 % of the Convs' MACs in float (the default,
+    /// at 30).
+    #[arg(
+        long,
+        value_name = "DB",
+        value_parser = super::decibels,
+        default_value_t = quantize::DEFAULT_AUTO_FLOAT_DB,
+        conflicts_with = "no_auto_float"
+    )]
+    auto_float: f64,
+    /// Quantize every Conv the model allows (no automatic partial
+    /// quantization).
+    #[arg(long)]
+    no_auto_float: bool,
     /// Where to write the Q/DQ ONNX (atomically).
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -64,9 +81,9 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         max_images: args.images,
         keep_float: args.keep_float.clone(),
         equalize: !args.no_equalize,
-        bias_correction: args.bias_correction,
-        adaround: args.adaround,
-        auto_float_db: args.auto_float,
+        bias_correction: !args.no_bias_correction,
+        adaround: !args.no_adaround,
+        auto_float_db: (!args.no_auto_float).then_some(args.auto_float),
     };
     let mut progress = Progress::new(set.files.len());
     let quantized = quantize::quantize(

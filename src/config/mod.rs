@@ -305,18 +305,26 @@ pub struct Int8Config {
     #[serde(default = "yes")]
     pub equalize: bool,
     /// Correct each quantized Conv's bias for the mean shift its weights'
-    /// rounding causes (measured on the calibration images).
-    #[serde(default)]
+    /// rounding causes (measured on the calibration images). On by default.
+    #[serde(default = "yes")]
     pub bias_correction: bool,
     /// Round each quantized Conv's weights down or up, whichever keeps its
-    /// outputs on the calibration images closest to the float ones.
-    #[serde(default)]
+    /// outputs on the calibration images closest to the float ones. On by
+    /// default.
+    #[serde(default = "yes")]
     pub adaround: bool,
-    /// Automatic partial quantization: keep the fewest Convs in float for
-    /// the outputs on the calibration images to reach this SNR against
-    /// FP32, within 10 % of the MACs (absent: off).
-    #[serde(default)]
+    /// Automatic partial quantization: keep Convs in float for the outputs
+    /// on the calibration images to reach `auto_float_db` against FP32,
+    /// within 10 % of the MACs. On by default.
+    #[serde(default = "yes")]
+    pub auto_float: bool,
+    /// Its SNR target (dB).
+    #[serde(default = "default_auto_float_db")]
     pub auto_float_db: Option<Real<f64, Decibels>>,
+}
+
+fn default_auto_float_db() -> Option<Real<f64, Decibels>> {
+    Real::new(crate::quantize::DEFAULT_AUTO_FLOAT_DB)
 }
 
 impl Default for Int8Config {
@@ -327,9 +335,10 @@ impl Default for Int8Config {
             images: None,
             keep_float: Vec::new(),
             equalize: true,
-            bias_correction: false,
-            adaround: false,
-            auto_float_db: None,
+            bias_correction: true,
+            adaround: true,
+            auto_float: true,
+            auto_float_db: default_auto_float_db(),
         }
     }
 }

@@ -55,7 +55,10 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         equalize: int8.equalize,
         bias_correction: int8.bias_correction,
         adaround: int8.adaround,
-        auto_float_db: int8.auto_float_db.map(Real::get),
+        auto_float_db: int8
+            .auto_float
+            .then(|| int8.auto_float_db.map(Real::get))
+            .flatten(),
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;

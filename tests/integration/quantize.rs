@@ -83,10 +83,23 @@ fn the_default_int8_model_obeys_tensorrt_rules_runs_in_tract_and_matches_onnxrun
         .count();
     assert_eq!(convs, 110);
     assert_eq!(summary.quantized_convs + summary.float_convs, convs);
-    assert!(summary.quantized_convs >= 100, "{summary:?}");
     assert!(graph::default_opset(&proto) >= 13);
-    // ...and the metadata says how it was made.
+    // ...and the metadata says how it was made: the defaults are issue
+    // 22's best measured combination, with at least 90 % of the Convs'
+    // MACs in INT8.
     let meta = |k: &str| graph::metadata(&proto, k).unwrap().to_owned();
+    let macs: Vec<f64> = meta(keys::CONV_MACS)
+        .split('/')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(macs[0] >= 0.9 * macs[1], "{macs:?}");
+    assert!(summary.float_convs > 0, "{summary:?}");
+    assert!(meta(keys::AUTO_FLOAT).contains("dB"));
+    assert!(meta(keys::ADAROUND).contains("weights rounded the other way"));
+    assert_eq!(
+        meta(keys::BIAS_CORRECTED),
+        summary.quantized_convs.to_string()
+    );
     assert_eq!(meta(keys::METHOD), "percentile:99.99");
     assert_eq!(meta(keys::IMAGES), "80");
     assert_eq!(
