@@ -2,8 +2,10 @@
 # INT8 accuracy table for docs/INT8.md: every shared model, FP32 and each
 # calibration method, on coco128, calibrated on calibration-80.
 #   benches/int8_accuracy.sh [nanodetd binary] > table.md
-# EXTRA_METHODS adds `--method` values; QUANTIZE_FLAGS is passed to every
-# quantize call (e.g. --bias-correction). With FIDELITY_PYTHON set to a
+# EXTRA_METHODS adds `--method` values (e.g. mse); QUANTIZE_FLAGS is passed
+# to every quantize call: the defaults are issue 22's combination, and
+# "--no-auto-float --no-adaround --no-bias-correction" gives each method
+# alone. With FIDELITY_PYTHON set to a
 # Python that has onnxruntime, numpy and pillow, the Plus models' rows get
 # tools/int8_fidelity.py's measures on the same 128 images (it reads the
 # Plus layout only).
@@ -31,8 +33,8 @@ fidelity() {
     esac
     echo " | | "
 }
-echo "| model | FP32 mAP | method | INT8 mAP | drop (points) | quantize time (s) | score MAE | top-class agreement | box MAE (px) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| model | FP32 mAP | method | INT8 mAP | drop (points) | INT8 share of Conv MACs | quantize time (s) | score MAE | top-class agreement | box MAE (px) |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for model in nanodet-plus-m_320 nanodet-plus-m_416 nanodet-m_320 nanodet-m-0.5x_320; do
     fp32=$(map "$assets/models/$model.onnx")
     for method in entropy percentile minmax ${EXTRA_METHODS:-}; do
@@ -41,10 +43,12 @@ for model in nanodet-plus-m_320 nanodet-plus-m_416 nanodet-m_320 nanodet-m-0.5x_
         # shellcheck disable=SC2086 # QUANTIZE_FLAGS is a list of flags
         "$bin" quantize --model "$assets/models/$model.onnx" \
             --calibration "$assets/datasets/calibration-80" --method "$method" \
-            --out "$out" ${QUANTIZE_FLAGS:-} >/dev/null 2>&1
+            --out "$out" ${QUANTIZE_FLAGS:-} >"$work/log" 2>&1
         secs=$(echo "$(date +%s.%N) - $start" | bc)
+        # quantize's last line: "... N Convs INT8 (P % of the Convs' MACs) ..."
+        share=$(grep -o "[0-9.]* % of the Convs' MACs" "$work/log" | tail -1 | cut -d' ' -f1-2)
         int8=$(map "$out")
         drop=$(echo "($fp32 - $int8) * 100" | bc -l)
-        printf "| %s | %s | %s | %s | %.1f | %.1f | %s |\n" "$model" "$fp32" "$method" "$int8" "$drop" "$secs" "$(fidelity "$out" "$model")"
+        printf "| %s | %s | %s | %s | %.2f | %s | %.1f | %s |\n" "$model" "$fp32" "$method" "$int8" "$drop" "$share" "$secs" "$(fidelity "$out" "$model")"
     done
 done

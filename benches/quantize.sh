@@ -12,10 +12,14 @@ model=$assets/models/nanodet-plus-m_320.onnx
 images=$assets/datasets/calibration-80
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+/usr/bin/time -f "nanodetd quantize (the default combination): %e s wall, %M KB peak RSS" \
+    "$bin" quantize --model "$model" --calibration "$images" \
+    --out "$work/default.onnx" 2>&1 >/dev/null | tail -1
+alone=(--no-auto-float --no-adaround --no-bias-correction)
 for method in percentile entropy; do
-    /usr/bin/time -f "nanodetd quantize --method $method: %e s wall, %M KB peak RSS" \
+    /usr/bin/time -f "nanodetd quantize --method $method ${alone[*]}: %e s wall, %M KB peak RSS" \
         "$bin" quantize --model "$model" --calibration "$images" --method "$method" \
-        --out "$work/$method.onnx" 2>&1 >/dev/null | tail -1
+        "${alone[@]}" --out "$work/$method.onnx" 2>&1 >/dev/null | tail -1
 done
 cat >"$work/peer.py" <<'PY'
 import glob, sys
