@@ -5,8 +5,9 @@
 //! out of the float bias, so the quantized Conv's mean output is the FP32
 //! Conv's on those images. Nagel et al., "Data-Free Quantization", 2019,
 //! section 4.2, with the expectation measured instead of derived from
-//! BatchNorm statistics. It needs no labels, and no run beyond the
-//! statistics pass the quantizer makes anyway.
+//! BatchNorm statistics. It needs no labels; its pass runs once the
+//! activation scales are known, on a spread of the calibration images
+//! (`quantize::BIAS_IMAGES`), and sums both means from the same images.
 //!
 //! The mean patch is exact at the borders: positions where the kernel
 //! reads padding count their zeros.

@@ -13,9 +13,10 @@
 //! The choice is then a pure function of those measures. Quantization
 //! noise from different layers adds up nearly independently, so keeping a
 //! tensor's Convs in float takes its own noise off the whole model's.
-//! Tensors are taken worst first until the estimate reaches the target
-//! SNR, skipping any that would take the float share of the MACs past its
-//! cap. The model it gives is measured again, and both figures reported.
+//! Tensors are taken, worst first or most noise per MAC first (whichever
+//! does better, [`choose`]), until the estimate reaches the target SNR,
+//! skipping any that would take the float share of the MACs past its cap.
+//! The model it gives is measured again, and both figures reported.
 
 use std::collections::HashSet;
 
