@@ -396,6 +396,10 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
             calibration.to_str().unwrap(),
             "--int8-images",
             "8",
+            // Percentile alone: this is about the cache, not the methods.
+            "--int8-no-auto-float",
+            "--int8-no-adaround",
+            "--int8-no-bias-correction",
             "--cache",
             cache.path().to_str().unwrap(),
             sample(&a, "hpc203_bus.jpg").to_str().unwrap(),
