@@ -4,7 +4,7 @@
 # it: scripts/test.sh --test daemon).
 #
 # - Programs the tests run (mosquitto, openssl, systemd-analyze, prometheus,
-#   ...): only what is missing is installed, with apt-get, as root or
+#   ffmpeg, GStreamer's RTSP server, ...): only what is missing is installed, with apt-get, as root or
 #   through sudo, and the script says what and why before it does. Without either it prints
 #   the apt-get line to run and stops.
 # - Python packages (pycocotools, onnx, onnxruntime, numpy): into a virtual
@@ -44,6 +44,14 @@ need=()
 for tool in "${!package[@]}"; do
     type -P "$tool" >/dev/null 2>&1 || need+=("${package[$tool]}")
 done
+# IP cameras (tests/integration/rtsp.rs): ffmpeg makes the H.264 and H.265
+# clips from the sample photos; GStreamer's RTSP server serves them, run
+# with Debian's Python, which has the GObject bindings (h264parse and
+# h265parse come with gst-rtsp-server's dependencies).
+type -P ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+if ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer" 2>/dev/null; then
+    need+=(gir1.2-gst-rtsp-server-1.0 python3-gst-1.0 gstreamer1.0-plugins-bad gstreamer1.0-plugins-good)
+fi
 # The V4L2 layout test compiles against the kernel's header.
 [[ -f /usr/include/linux/videodev2.h ]] || need+=(linux-libc-dev)
 # The virtual environment: Debian splits venv and ensurepip out of python3.

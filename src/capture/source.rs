@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 
 use super::{
-    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, RawBytes, SyntheticError,
-    SyntheticSource, V4l2Camera, V4l2Error, V4l2Request, to_frame,
+    BufferLayout, BufferLease, CameraFormat, FolderError, FolderSource, RawBytes, RtspCamera,
+    RtspError, RtspRequest, SyntheticError, SyntheticSource, V4l2Camera, V4l2Error, V4l2Request,
+    VideoError, VideoFile, to_frame,
 };
 use crate::frame::{Frame, FrameError};
 
@@ -127,6 +128,17 @@ pub enum SourceSpec {
         /// Frames the photo shows before as many black ones, if it blinks.
         blink: Option<u32>,
     },
+    /// An H.264 file: raw Annex B, or MP4.
+    Video {
+        /// The file.
+        path: PathBuf,
+        /// Start over at its end.
+        looping: bool,
+        /// Larger pictures are broken frames.
+        max_pixels: u64,
+    },
+    /// An IP camera.
+    Rtsp(RtspRequest),
 }
 
 /// An opened source.
@@ -137,6 +149,10 @@ pub enum Source {
     V4l2(Box<V4l2Camera>),
     /// A photo as raw camera frames.
     Synthetic(Box<SyntheticSource>),
+    /// An H.264 file.
+    Video(Box<VideoFile>),
+    /// An IP camera.
+    Rtsp(Box<RtspCamera>),
 }
 
 /// Why a source cannot go on: it is opened again, with back-off.
@@ -151,6 +167,12 @@ pub enum SourceError {
     /// The synthetic camera's photo cannot be made into frames.
     #[error(transparent)]
     Synthetic(#[from] SyntheticError),
+    /// The video file cannot be played.
+    #[error(transparent)]
+    Video(#[from] VideoError),
+    /// The IP camera cannot be reached, refused us, or stopped streaming.
+    #[error(transparent)]
+    Rtsp(#[from] RtspError),
     /// A replay file vanished: the folder is listed again.
     #[error("{}: gone; listing the folder again", path.display())]
     Vanished {
@@ -174,6 +196,9 @@ pub enum Miss {
     Lost(SourceError),
     /// A replay has played every file.
     Finished,
+    /// No frame yet (an IP camera between frames): ask again. The source
+    /// tells a stall from a pause itself, and answers [`Miss::Lost`].
+    Idle,
 }
 
 impl Source {
@@ -197,6 +222,17 @@ impl Source {
                 blink,
             } => Ok(SyntheticSource::open(path, *format, *size, *max_pixels)
                 .map(|s| Source::Synthetic(Box::new(s.blinking(*blink))))?),
+            SourceSpec::Video {
+                path,
+                looping,
+                max_pixels,
+            } => {
+                Ok(VideoFile::open(path, *looping, *max_pixels)
+                    .map(|v| Source::Video(Box::new(v)))?)
+            }
+            SourceSpec::Rtsp(request) => {
+                Ok(RtspCamera::open(request).map(|c| Source::Rtsp(Box::new(c)))?)
+            }
         }
     }
 
@@ -206,16 +242,24 @@ impl Source {
         matches!(self, Source::Folder(_))
     }
 
-    /// True for sources paced by the clock rather than a driver: replays
-    /// and synthetic cameras.
+    /// True for sources paced by the clock rather than a driver or a
+    /// network: replays, video files and synthetic cameras.
     pub fn paced_by_clock(&self) -> bool {
-        matches!(self, Source::Folder(_) | Source::Synthetic(_))
+        matches!(
+            self,
+            Source::Folder(_) | Source::Synthetic(_) | Source::Video(_)
+        )
     }
 
     /// The rate a source runs at when the config sets none: a synthetic
-    /// camera's 30 fps, as a live camera's driver would set one.
+    /// camera's 30 fps, as a live camera's driver would set one, and a
+    /// video file's own.
     pub fn default_fps(&self) -> Option<f64> {
-        matches!(self, Source::Synthetic(_)).then_some(30.0)
+        match self {
+            Source::Synthetic(_) => Some(30.0),
+            Source::Video(video) => Some(video.frame_rate()),
+            _ => None,
+        }
     }
 
     /// After a broken frame, the `in_a_row`th without a good one between:
@@ -255,6 +299,11 @@ impl Source {
                 other => Miss::Lost(other.into()),
             }),
             Source::Synthetic(camera) => camera.next_capture(raw).map_err(Miss::Broken),
+            // Decoded pictures stay NV12 buffers whether or not `raw` is
+            // asked for: converting is left to the detector, for the
+            // frames it takes.
+            Source::Video(video) => video.next_capture(),
+            Source::Rtsp(camera) => camera.next_capture(),
         }
     }
 }

@@ -92,6 +92,7 @@ pub fn run(args: &CalibrateArgs) -> Result<(), Failure> {
     while kept < args.frames {
         let frame = match source.next_frame() {
             Ok(frame) => frame,
+            Err(Miss::Idle) => continue,
             Err(Miss::Broken(e)) => {
                 broken += 1;
                 log::warn!("camera {}: {e} (skipped)", args.camera);

@@ -27,7 +27,10 @@ pub use range::{
 
 use crate::backend::BackendChoice;
 use crate::backend::onnxruntime::Provider;
-use crate::capture::{CameraFormat, CaptureIo, IfUnsupported, SourceSpec, V4l2Request};
+use crate::capture::{
+    CameraFormat, CaptureIo, IfUnsupported, RtspRequest, RtspTransport, SourceSpec, V4l2Request,
+    check_url,
+};
 
 /// A score or IoU in [0, 1].
 pub type Probability = Real<f32, UnitInterval>;
@@ -73,7 +76,7 @@ impl TopicLevel {
 
 /// Where a camera's frames come from.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "SourceTable")]
 pub enum SourceConfig {
     /// A V4L2 device, e.g. `/dev/video0`.
     V4l2(PathBuf),
@@ -83,6 +86,86 @@ pub enum SourceConfig {
     /// yuyv; `size`, default the photo's; `fps`, default 30): a camera
     /// for benchmarks that costs no decoding.
     Synthetic(PathBuf),
+    /// An H.264 file, raw Annex B or MP4, played at its frame rate.
+    Video(PathBuf),
+    /// An IP camera: `{ rtsp = "rtsp://host/path", user = "...",
+    /// password_file = "...", transport = "tcp" }`.
+    Rtsp(RtspSource),
+}
+
+/// An IP camera's source table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RtspSource {
+    /// `rtsp://host[:port]/path`, without credentials.
+    pub url: String,
+    /// The user name, if the camera asks for one.
+    pub user: Option<String>,
+    /// The file holding the password.
+    pub password_file: Option<PathBuf>,
+    /// `tcp` (the default) or `udp`.
+    pub transport: RtspTransport,
+}
+
+/// `source = { ... }` as written: one kind of source, and an RTSP
+/// camera's settings beside it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceTable {
+    v4l2: Option<PathBuf>,
+    folder: Option<PathBuf>,
+    synthetic: Option<PathBuf>,
+    video: Option<PathBuf>,
+    rtsp: Option<String>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    transport: Option<RtspTransport>,
+}
+
+impl TryFrom<SourceTable> for SourceConfig {
+    type Error = String;
+
+    fn try_from(t: SourceTable) -> Result<SourceConfig, String> {
+        let kinds = [
+            t.v4l2.map(SourceConfig::V4l2),
+            t.folder.map(SourceConfig::Folder),
+            t.synthetic.map(SourceConfig::Synthetic),
+            t.video.map(SourceConfig::Video),
+            t.rtsp.map(|url| {
+                SourceConfig::Rtsp(RtspSource {
+                    url,
+                    user: None,
+                    password_file: None,
+                    transport: RtspTransport::Tcp,
+                })
+            }),
+        ];
+        let mut named = kinds.into_iter().flatten();
+        let (Some(mut source), None) = (named.next(), named.next()) else {
+            return Err("a source is one of v4l2, folder, synthetic, video or rtsp".into());
+        };
+        match &mut source {
+            SourceConfig::Rtsp(rtsp) => {
+                check_url(&rtsp.url).map_err(|e| e.to_string())?;
+                if t.password_file.is_some() && t.user.is_none() {
+                    return Err("password_file needs a user".into());
+                }
+                if t.user
+                    .as_deref()
+                    .is_some_and(|u| u.is_empty() || u.contains(':'))
+                {
+                    return Err("user must be non-empty and hold no ':'".into());
+                }
+                rtsp.user = t.user;
+                rtsp.password_file = t.password_file;
+                rtsp.transport = t.transport.unwrap_or_default();
+            }
+            _ if t.user.is_some() || t.password_file.is_some() || t.transport.is_some() => {
+                return Err("user, password_file and transport are for rtsp sources".into());
+            }
+            _ => {}
+        }
+        Ok(source)
+    }
 }
 
 /// The detector. Cold: a change loads the new model in the background.
@@ -741,7 +824,13 @@ impl CameraConfig {
                 (SourceConfig::Synthetic(_), Some([w, h])) => {
                     u64::from(w.get()) * u64::from(h.get())
                 }
-                (SourceConfig::Folder(_) | SourceConfig::Synthetic(_), _) => DEFAULT_FOLDER_PIXELS,
+                (
+                    SourceConfig::Folder(_)
+                    | SourceConfig::Synthetic(_)
+                    | SourceConfig::Video(_)
+                    | SourceConfig::Rtsp(_),
+                    _,
+                ) => DEFAULT_FOLDER_PIXELS,
             },
             Bounded::get,
         )
@@ -763,6 +852,18 @@ impl CameraConfig {
                 max_pixels,
                 blink: self.blink.map(Bounded::get),
             },
+            SourceConfig::Video(path) => SourceSpec::Video {
+                path: path.clone(),
+                looping: self.looping,
+                max_pixels,
+            },
+            SourceConfig::Rtsp(rtsp) => SourceSpec::Rtsp(RtspRequest {
+                url: rtsp.url.clone(),
+                user: rtsp.user.clone(),
+                password_file: rtsp.password_file.clone(),
+                transport: rtsp.transport,
+                max_pixels,
+            }),
             SourceConfig::V4l2(path) => SourceSpec::V4l2 {
                 path: path.clone(),
                 request: V4l2Request {
@@ -1276,6 +1377,22 @@ impl Config {
                         .into(),
                 );
             }
+            if matches!(cam.source, SourceConfig::Video(_) | SourceConfig::Rtsp(_)) {
+                let decoded = "a video or RTSP source is H.264, decoded at the size it was encoded";
+                if cam.format.is_some() {
+                    invalid(format!("camera[{i}].format"), decoded.into());
+                }
+                if cam.size.is_some() {
+                    invalid(format!("camera[{i}].size"), decoded.into());
+                }
+            }
+            if matches!(cam.source, SourceConfig::Rtsp(_)) && cam.fps.is_some() {
+                invalid(
+                    format!("camera[{i}].fps"),
+                    "an RTSP camera streams at the rate set on the camera; the newest frame is detected"
+                        .into(),
+                );
+            }
             // Snapshot folders and Home Assistant's ids are the slug.
             let slug = slug(name);
             if slug.is_empty() {
@@ -1433,6 +1550,8 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
                 .chars()
                 .take(80)
                 .collect();
+            // A URL's password is not for the journal.
+            let source = crate::capture::hide_credentials(&source);
             format!("line {line}, column {column} (`{source}`): {message}")
         }
         None => message,
@@ -1528,6 +1647,97 @@ source = { v4l2 = "/dev/video0" }
             err.contains("camera[0].format: a synthetic source hands out raw frames"),
             "{err}"
         );
+    }
+
+    /// Issue 23: an IP camera's table, a video file, and what each refuses.
+    #[test]
+    fn rtsp_and_video_sources_take_their_own_keys_and_refuse_the_rest_issue_23() {
+        let camera = |source: &str, rest: &str| {
+            format!(
+                "[model]\npath = \"/m.onnx\"\n[[camera]]\nname = \"s\"\nsource = {{ {source} }}\n{rest}\n"
+            )
+        };
+        let config = parse(&camera(
+            r#"rtsp = "rtsp://cam.lan:8554/live", user = "viewer", password_file = "/etc/nanodetd/cam.pw", transport = "udp""#,
+            "",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.cameras[0].source_spec(),
+            SourceSpec::Rtsp(RtspRequest {
+                url: "rtsp://cam.lan:8554/live".into(),
+                user: Some("viewer".into()),
+                password_file: Some("/etc/nanodetd/cam.pw".into()),
+                transport: RtspTransport::Udp,
+                max_pixels: DEFAULT_FOLDER_PIXELS,
+            })
+        );
+        let config = parse(&camera(r#"rtsp = "rtsp://cam/1""#, "")).unwrap();
+        assert!(matches!(
+            config.cameras[0].source_spec(),
+            SourceSpec::Rtsp(RtspRequest {
+                user: None,
+                transport: RtspTransport::Tcp,
+                ..
+            })
+        ));
+        let config = parse(&camera(r#"video = "/srv/door.mp4""#, "looping = true")).unwrap();
+        assert_eq!(
+            config.cameras[0].source_spec(),
+            SourceSpec::Video {
+                path: "/srv/door.mp4".into(),
+                looping: true,
+                max_pixels: DEFAULT_FOLDER_PIXELS,
+            }
+        );
+        for (source, rest, want) in [
+            (
+                r#"rtsp = "rtsp://admin:hunter2@cam/1""#,
+                "",
+                "use `user` and `password_file`",
+            ),
+            (r#"rtsp = "http://cam/1""#, "", "not an rtsp:// URL"),
+            (
+                r#"rtsp = "rtsp://cam/1", password_file = "/p""#,
+                "",
+                "password_file needs a user",
+            ),
+            (r#"rtsp = "rtsp://cam/1", user = "a:b""#, "", "hold no ':'"),
+            (
+                r#"rtsp = "rtsp://cam/1", transport = "sctp""#,
+                "",
+                "unknown variant",
+            ),
+            (
+                r#"rtsp = "rtsp://cam/1", pasword_file = "/p""#,
+                "",
+                "unknown field",
+            ),
+            (r#"folder = "/x", user = "a""#, "", "are for rtsp sources"),
+            (r#"folder = "/x", video = "/y""#, "", "a source is one of"),
+            (
+                r#"rtsp = "rtsp://cam/1""#,
+                "fps = 5",
+                "camera[0].fps: an RTSP camera streams",
+            ),
+            (
+                r#"video = "/v.h264""#,
+                "format = \"nv12\"",
+                "camera[0].format: a video or RTSP",
+            ),
+            (
+                r#"rtsp = "rtsp://cam/1""#,
+                "size = [640, 480]",
+                "camera[0].size: a video or RTSP",
+            ),
+        ] {
+            let err = parse(&camera(source, rest)).unwrap_err().to_string();
+            assert!(err.contains(want), "{source} {rest}: {err}");
+            assert!(
+                !err.contains("hunter2"),
+                "the password is in the error: {err}"
+            );
+        }
     }
 
     /// Issue 18: every numeric key's range is in its type, and the check

@@ -226,7 +226,7 @@ impl CameraRunner {
                     }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
-                Miss::Lost(_) | Miss::Broken(_) => {}
+                Miss::Lost(_) | Miss::Broken(_) | Miss::Idle => {}
             }
         }
         self.board.end(self.name());
@@ -251,6 +251,7 @@ impl CameraRunner {
             self.heartbeat.touch();
             let frame = match source.next_capture(self.board.raw_wanted()) {
                 Ok(frame) => frame,
+                Err(Miss::Idle) => continue,
                 Err(Miss::Broken(e)) => {
                     self.counters.metrics.broken.inc();
                     let n = self.counters.metrics.broken.get();

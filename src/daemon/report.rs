@@ -361,7 +361,7 @@ impl Reporter {
             .values()
             .filter(|c| c.state == CameraState::Streaming)
             .count();
-        format!(
+        let mut line = format!(
             "{streaming}/{} cameras streaming, {fps:.1} fps, backend {:?}, MQTT {}",
             s.cameras.len(),
             s.backend,
@@ -370,6 +370,76 @@ impl Reporter {
             } else {
                 "disconnected"
             }
-        )
+        );
+        if let Some(trouble) = camera_trouble(&s.cameras) {
+            line.push_str("; ");
+            line.push_str(&trouble);
+        }
+        line
+    }
+}
+
+/// The first camera that is not streaming and why (a refused password, an
+/// unreachable host), for `systemctl status`: the stats topic has them
+/// all.
+fn camera_trouble(cameras: &BTreeMap<String, CameraStats>) -> Option<String> {
+    let mut failing = cameras
+        .iter()
+        .filter(|(_, c)| c.state != CameraState::Streaming && c.state != CameraState::Finished)
+        .filter_map(|(name, c)| Some((name, c.error.as_deref()?)));
+    let (name, error) = failing.next()?;
+    let more = failing.count();
+    Some(if more > 0 {
+        format!("camera {name}: {error} (and {more} more cameras failing)")
+    } else {
+        format!("camera {name}: {error}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn camera(state: CameraState, error: Option<&str>) -> CameraStats {
+        CameraStats {
+            state,
+            fps: 0.0,
+            frames: 0,
+            dropped: 0,
+            broken: 0,
+            reopens: 1,
+            lent: 0,
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn systemds_status_names_the_first_failing_camera_and_why_issue_23() {
+        let refused =
+            "rtsp://cam/1: the camera refused user \"viewer\" and its password (401 Unauthorized)";
+        let mut cameras = BTreeMap::new();
+        cameras.insert(
+            "a".into(),
+            camera(CameraState::Streaming, Some("old error")),
+        );
+        assert_eq!(
+            camera_trouble(&cameras),
+            None,
+            "streaming again: no trouble"
+        );
+        cameras.insert("door".into(), camera(CameraState::Reopening, Some(refused)));
+        assert_eq!(
+            camera_trouble(&cameras).as_deref(),
+            Some(format!("camera door: {refused}").as_str())
+        );
+        cameras.insert(
+            "yard".into(),
+            camera(CameraState::Opening, Some("unreachable")),
+        );
+        cameras.insert("replay".into(), camera(CameraState::Finished, Some("done")));
+        assert_eq!(
+            camera_trouble(&cameras).as_deref(),
+            Some(format!("camera door: {refused} (and 1 more cameras failing)").as_str())
+        );
     }
 }

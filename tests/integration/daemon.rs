@@ -704,14 +704,14 @@ fn a_broker_restart_loses_no_event() {
 }
 
 /// A notify socket of the test's own, recording every datagram.
-struct NotifySocket {
-    path: PathBuf,
+pub(crate) struct NotifySocket {
+    pub(crate) path: PathBuf,
     received: Arc<Mutex<Vec<(Instant, String)>>>,
     _dir: tempfile::TempDir,
 }
 
 impl NotifySocket {
-    fn new() -> NotifySocket {
+    pub(crate) fn new() -> NotifySocket {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
@@ -740,7 +740,22 @@ impl NotifySocket {
             .count()
     }
 
-    fn saw(&self, line: &str) -> bool {
+    /// The lines received so far that start with `prefix`.
+    pub(crate) fn lines_starting(&self, prefix: &str) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, m)| {
+                m.lines()
+                    .filter(|l| l.starts_with(prefix))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    pub(crate) fn saw(&self, line: &str) -> bool {
         self.received
             .lock()
             .unwrap()

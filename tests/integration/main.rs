@@ -18,6 +18,7 @@ mod metrics;
 mod onnxruntime;
 mod quantize;
 mod real_models;
+mod rtsp;
 mod scripts;
 mod systemd_unit;
 mod tensorrt;
