@@ -121,6 +121,69 @@ pub fn uvc_mjpeg(data: &[u8]) {
     }
 }
 
+/// An H.264 byte stream, as an IP camera or a raw file sends it: cut into
+/// access units (fed in pieces of an odd size, as reads and packets
+/// split it), each decoded, then the pictures held for reordering. Every
+/// picture must fit the budget and convert.
+pub fn h264_stream(data: &[u8]) {
+    use crate::capture::h264::{AccessUnits, H264Decoder, MAX_ACCESS_UNIT};
+    hook_as_the_daemon_does();
+    let Ok(mut decoder) = H264Decoder::new(BUDGET) else {
+        return;
+    };
+    let mut split = AccessUnits::new();
+    let check = |picture: Captured| {
+        let (w, h) = picture.size();
+        assert!((w * h) as u64 <= BUDGET);
+        assert!(picture.into_frame().is_ok(), "a decoded picture converts");
+    };
+    let pieces = data.chunks(997).map(Some).chain([None]);
+    for piece in pieces {
+        if let Some(piece) = piece {
+            split.push(piece);
+        }
+        while let Some(unit) = split.next_unit(piece.is_none()) {
+            let Ok(unit) = unit else { continue };
+            assert!(unit.len() <= MAX_ACCESS_UNIT);
+            if let Ok(Some(picture)) = decoder.decode(&unit, "fuzz") {
+                check(picture);
+            }
+        }
+    }
+    for picture in decoder.finish("fuzz").into_iter().flatten() {
+        check(picture);
+    }
+}
+
+/// A video file's bytes, as `source = { video = "x.mp4" }` reads them:
+/// the MP4 index checks, the MP4 reader, then every frame to the end.
+pub fn video_file(data: &[u8]) {
+    use crate::capture::{Miss, VideoFile};
+    hook_as_the_daemon_does();
+    let Ok(dir) = tempfile::tempdir() else {
+        return;
+    };
+    let path = dir.path().join("fuzz.mp4");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let Ok(mut video) = VideoFile::open(&path, false, BUDGET) else {
+        return;
+    };
+    // Each call reads at least one unit, so the file's units bound it.
+    for _ in 0..=data.len() {
+        match video.next_capture() {
+            Ok(picture) => {
+                let (w, h) = picture.size();
+                assert!((w * h) as u64 <= BUDGET);
+            }
+            Err(Miss::Broken(_)) | Err(Miss::Idle) => {}
+            Err(Miss::Finished) | Err(Miss::Lost(_)) => return,
+        }
+    }
+    panic!("more frames than the file has bytes");
+}
+
 /// ONNX bytes, as a model file: the size checks, then tract's loader and
 /// the layout detection, as the daemon loads a model.
 pub fn onnx_model(data: &[u8]) {
@@ -239,7 +302,7 @@ pub fn qdq_writer(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name its fuzzer and corpus directory have.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("config_text", config_text),
     ("image_bytes", image_bytes),
     ("v4l2_buffer", v4l2_buffer),
@@ -247,4 +310,6 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("onnx_model", onnx_model),
     ("names", names),
     ("qdq_writer", qdq_writer),
+    ("h264_stream", h264_stream),
+    ("video_file", video_file),
 ];
