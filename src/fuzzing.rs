@@ -155,33 +155,37 @@ pub fn h264_stream(data: &[u8]) {
     }
 }
 
-/// A video file's bytes, as `source = { video = "x.mp4" }` reads them:
-/// the MP4 index checks, the MP4 reader, then every frame to the end.
+/// A video file's bytes, as `source = { video = ... }` reads them, both
+/// as MP4 (the index checks, the MP4 reader) and as raw H.264, looping:
+/// every frame of two passes, or the end.
 pub fn video_file(data: &[u8]) {
     use crate::capture::{Miss, VideoFile};
     hook_as_the_daemon_does();
     let Ok(dir) = tempfile::tempdir() else {
         return;
     };
-    let path = dir.path().join("fuzz.mp4");
-    if std::fs::write(&path, data).is_err() {
-        return;
-    }
-    let Ok(mut video) = VideoFile::open(&path, false, BUDGET) else {
-        return;
-    };
-    // Each call reads at least one unit, so the file's units bound it.
-    for _ in 0..=data.len() {
-        match video.next_capture() {
-            Ok(picture) => {
-                let (w, h) = picture.size();
-                assert!((w * h) as u64 <= BUDGET);
+    for name in ["fuzz.mp4", "fuzz.h264"] {
+        let path = dir.path().join(name);
+        if std::fs::write(&path, data).is_err() {
+            return;
+        }
+        let Ok(mut video) = VideoFile::open(&path, true, BUDGET) else {
+            continue;
+        };
+        // A call that spins for good (a looping file whose pass gives
+        // nothing) is the fuzzer's timeout. Two passes fit in this many
+        // calls: each reads a unit, gives a held picture or ends a pass.
+        for _ in 0..2 * data.len() + 8 {
+            match video.next_capture() {
+                Ok(picture) => {
+                    let (w, h) = picture.size();
+                    assert!((w * h) as u64 <= BUDGET);
+                }
+                Err(Miss::Broken(_)) | Err(Miss::Idle) => {}
+                Err(Miss::Finished) | Err(Miss::Lost(_)) => break,
             }
-            Err(Miss::Broken(_)) | Err(Miss::Idle) => {}
-            Err(Miss::Finished) | Err(Miss::Lost(_)) => return,
         }
     }
-    panic!("more frames than the file has bytes");
 }
 
 /// ONNX bytes, as a model file: the size checks, then tract's loader and

@@ -121,7 +121,9 @@ impl AccessUnits {
                     self.search_from = start - 3;
                     return self.at_end(end);
                 }
-                Some(true) if self.has_slice => {
+                // While skipping an oversized unit, any opener ends it, so
+                // the parameter sets of the next key frame are kept.
+                Some(true) if self.has_slice || self.skipping => {
                     // The unit ends before this NAL's start code (and any
                     // zero byte of a 4-byte code: it belongs to the next).
                     let mut cut = start - 3;
@@ -211,6 +213,19 @@ impl H264Decoder {
     /// Units were lost before the next one: wait for a key frame.
     pub fn lost(&mut self) {
         self.waiting_for_key = true;
+    }
+
+    /// A fresh decoder for a new stream (a file starting over): after
+    /// [`finish`](Self::finish), OpenH264's reordering state fails on
+    /// the next pass's B-frames.
+    pub fn restart(&mut self) -> Result<(), DecoderError> {
+        *self = H264Decoder::new(self.max_pixels)?;
+        Ok(())
+    }
+
+    /// True while units are skipped up to the next key frame.
+    pub fn waiting_for_key(&self) -> bool {
+        self.waiting_for_key
     }
 
     /// Decodes one Annex B access unit: its picture, `None` where it
@@ -377,6 +392,17 @@ mod tests {
         let next = nal(1, &[0x80, 1]);
         let units = units_of(&[huge, next.clone()].concat(), 1 << 16);
         assert_eq!(units, [Err(SplitError::TooLarge), Ok(next)]);
+    }
+
+    #[test]
+    fn oversized_garbage_without_a_slice_does_not_swallow_the_next_key_frame() {
+        // Past the limit well before the key frame's parameter sets come:
+        // they would be one unit with it otherwise (an SEI opens the unit
+        // that the next picture ends).
+        let garbage = nal(6, &vec![0x80; MAX_ACCESS_UNIT + 70_000]);
+        let key = [nal(7, &[1]), nal(8, &[2]), nal(5, &[0x80, 3])].concat();
+        let units = units_of(&[garbage, key.clone()].concat(), 1 << 16);
+        assert_eq!(units, [Err(SplitError::TooLarge), Ok(key)]);
     }
 
     #[test]

@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use retina::client::{
-    Credentials, PlayOptions, Session, SessionOptions, SetupOptions, TcpTransportOptions,
-    Transport, UdpTransportOptions,
+    Credentials, PlayOptions, Session, SessionGroup, SessionOptions, SetupOptions,
+    TcpTransportOptions, Transport, UdpTransportOptions,
 };
 use retina::codec::{CodecItem, FrameFormat};
 
 use super::h264::{DecoderError, H264Decoder, MAX_ACCESS_UNIT};
 use super::{Captured, Miss};
+use crate::contain::contain;
 use crate::frame::FrameError;
 
 /// Connecting, DESCRIBE, SETUP and PLAY together may take this long: a
@@ -28,10 +29,16 @@ use crate::frame::FrameError;
 /// is an error after it, retried with back-off.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A playing stream that sends nothing for this long is lost (retina has
-/// no timeout of its own, and a server may keep answering keep-alives
-/// with no video).
+/// A playing stream that sends no video for this long is lost (retina has
+/// no timeout of its own, and a server may keep answering keep-alives and
+/// sending RTCP reports with no video). Waiting this long for a key frame
+/// after a loss is lost too: a camera that never sends one (intra
+/// refresh) is reconnected, and says why.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a closing session may take to send its TEARDOWN, so the
+/// camera frees the session instead of waiting for it to time out.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// Access units queued for the decoder: a second at 30 fps. Beyond it,
 /// units are dropped up to the next key frame.
@@ -135,6 +142,26 @@ pub enum RtspError {
         /// The media and encodings it offers.
         offered: String,
     },
+    /// The camera streams pictures larger than its budget.
+    #[error("{url}: the camera streams {width}x{height}, over max_pixels ({max_pixels})")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// From the stream's SPS.
+        width: u32,
+        /// From the stream's SPS.
+        height: u32,
+        /// The camera's budget.
+        max_pixels: u64,
+    },
+    /// Waiting for a key frame after a loss took too long.
+    #[error("{url}: no key frame for {after:?} after a loss; reconnecting")]
+    NoKeyFrame {
+        /// The URL.
+        url: String,
+        /// How long.
+        after: Duration,
+    },
     /// The server ended the stream.
     #[error("{url}: the stream ended")]
     Ended {
@@ -215,22 +242,26 @@ pub struct RtspCamera {
     dropped_reported: u64,
     decoder: H264Decoder,
     sequence: u64,
+    /// Since when units are skipped for want of a key frame.
+    waiting_since: Option<std::time::Instant>,
     /// Dropping it ends the session.
     _cancel: tokio::sync::oneshot::Sender<()>,
 }
 
 /// `text` with the user and password of every URL in it replaced by
-/// `***`: for errors and config lines that quote a URL.
+/// `***`: for errors and config lines that quote a URL. A URL runs to the
+/// next space or quote, and everything between its `://` and its last `@`
+/// goes, since a password may hold `/`, `?`, `#`, `,` or `@`.
 pub fn hide_credentials(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
-        let authority_end = tail
-            .find(|c: char| "/\"' },?#".contains(c))
+        let url_end = tail
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
             .unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
+        match tail[..url_end].rfind('@') {
             Some(user_end) => {
                 out.push_str("***");
                 rest = &tail[user_end..];
@@ -240,6 +271,12 @@ pub fn hide_credentials(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// retina's errors span lines (the connection, the message); the log,
+/// the stats and systemd's one-line status want one.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn redacted(url: &str) -> String {
@@ -279,8 +316,13 @@ fn read_password(path: &PathBuf) -> Result<String, RtspError> {
         reason,
     };
     let mut raw = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_PASSWORD + 1).read_to_end(&mut raw))
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    // A FIFO or a device would block the camera's thread for good.
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(bad("not a regular file".into()));
+    }
+    file.take(MAX_PASSWORD + 1)
+        .read_to_end(&mut raw)
         .map_err(|e| bad(e.to_string()))?;
     if raw.len() as u64 > MAX_PASSWORD {
         return Err(bad(format!("over {MAX_PASSWORD} bytes")));
@@ -320,9 +362,11 @@ impl RtspCamera {
         let session = SessionTask {
             url: url.clone(),
             parsed,
+            group: Arc::new(SessionGroup::default()),
             creds,
             user: request.user.clone(),
             transport: request.transport,
+            max_pixels: request.max_pixels,
             feed: Feed {
                 units: units_in,
                 queued: queued.clone(),
@@ -339,18 +383,38 @@ impl RtspCamera {
             .enable_all()
             .build()
             .map_err(thread_error)?;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("rtsp".into())
             .spawn(move || {
-                runtime.block_on(async move {
-                    let ended = tokio::select! {
-                        ended = session.run(started_in) => ended,
-                        _ = cancelled => return,
-                    };
+                let mut session = session;
+                let group = session.group.clone();
+                // retina parses what the camera sends: a panic in it is
+                // this camera's error, not the daemon's end.
+                let ran = contain(|| {
+                    runtime.block_on(async {
+                        let ended = tokio::select! {
+                            ended = session.run(started_in) => Some(ended),
+                            _ = cancelled => None,
+                        };
+                        // The dropped session's TEARDOWN runs on this
+                        // runtime: let it go out before the runtime ends.
+                        let _ = tokio::time::timeout(TEARDOWN_WAIT, group.await_teardown()).await;
+                        ended
+                    })
+                });
+                let ended = ran.unwrap_or_else(|panic| {
+                    Some(RtspError::Session {
+                        url: session.url.clone(),
+                        reason: one_line(&format!("the RTSP client failed ({panic})")),
+                    })
+                });
+                if let Some(ended) = ended {
                     *failure_out
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ended);
-                });
+                }
+                // The units' sender goes last, so the camera finds why.
+                drop(session);
             })
             .map_err(thread_error)?;
         match started.recv() {
@@ -363,10 +427,19 @@ impl RtspCamera {
                 dropped_reported: 0,
                 decoder,
                 sequence: 0,
+                waiting_since: None,
                 _cancel: cancel,
             }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(RtspError::Ended { url }),
+            Err(_) => {
+                // The thread ended before it said: a panic, recorded.
+                let _ = thread.join();
+                let failure = failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                Err(failure.unwrap_or(RtspError::Ended { url }))
+            }
         }
     }
 
@@ -394,7 +467,24 @@ impl RtspCamera {
                 }
                 self.sequence += 1;
                 let origin = format!("{} frame {}", self.url, self.sequence);
-                match self.decoder.decode(&unit.data, &origin) {
+                let decoded = self.decoder.decode(&unit.data, &origin);
+                if !self.decoder.waiting_for_key() {
+                    self.waiting_since = None;
+                } else if self
+                    .waiting_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    > STALL_TIMEOUT
+                {
+                    return Err(Miss::Lost(
+                        RtspError::NoKeyFrame {
+                            url: self.url.clone(),
+                            after: STALL_TIMEOUT,
+                        }
+                        .into(),
+                    ));
+                }
+                match decoded {
                     Ok(Some(picture)) => Ok(picture),
                     Ok(None) => Err(Miss::Idle),
                     Err(e) => Err(Miss::Broken(e)),
@@ -420,9 +510,12 @@ impl RtspCamera {
 struct SessionTask {
     url: String,
     parsed: url::Url,
+    /// Its sessions, to wait for their TEARDOWN.
+    group: Arc<SessionGroup>,
     creds: Option<Credentials>,
     user: Option<String>,
     transport: RtspTransport,
+    max_pixels: u64,
     feed: Feed,
 }
 
@@ -436,13 +529,13 @@ impl SessionTask {
         }
         RtspError::Session {
             url: self.url.clone(),
-            reason: e.to_string(),
+            reason: one_line(&e.to_string()),
         }
     }
 
     /// Opens the session, says how that went on `started`, then feeds
     /// units until the stream fails: why it ended.
-    async fn run(mut self, started: SyncSender<Result<(), RtspError>>) -> RtspError {
+    async fn run(&mut self, started: SyncSender<Result<(), RtspError>>) -> RtspError {
         let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open())
             .await
             .unwrap_or_else(|_| {
@@ -462,8 +555,12 @@ impl SessionTask {
                 return e;
             }
         };
+        let mut last_video = tokio::time::Instant::now();
         loop {
-            let item = match tokio::time::timeout(STALL_TIMEOUT, stream.next()).await {
+            // Only video resets the clock: RTCP reports and other streams'
+            // items do not.
+            let deadline = last_video + STALL_TIMEOUT;
+            let item = match tokio::time::timeout_at(deadline, stream.next()).await {
                 Err(_) => {
                     return RtspError::Timeout {
                         url: self.url.clone(),
@@ -485,6 +582,12 @@ impl SessionTask {
             if frame.stream_id() != video {
                 continue;
             }
+            last_video = tokio::time::Instant::now();
+            if frame.has_new_parameters()
+                && let Some(too_large) = self.over_budget(&stream, video)
+            {
+                return too_large;
+            }
             let lost = frame.loss() > 0;
             if self.feed.send(frame.into_data(), lost).is_err() {
                 // The camera is gone.
@@ -495,8 +598,26 @@ impl SessionTask {
         }
     }
 
+    /// The stream's picture size from its SPS, as retina read it, when it
+    /// is over the budget: refused before the decoder allocates its
+    /// pictures and references for it.
+    fn over_budget(&self, stream: &retina::client::Demuxed, video: usize) -> Option<RtspError> {
+        let parameters = stream.streams().get(video)?.parameters()?;
+        let retina::codec::ParametersRef::Video(video) = parameters else {
+            return None;
+        };
+        let (width, height) = video.pixel_dimensions();
+        (u64::from(width) * u64::from(height) > self.max_pixels).then(|| RtspError::TooLarge {
+            url: self.url.clone(),
+            width,
+            height,
+            max_pixels: self.max_pixels,
+        })
+    }
+
     async fn open(&mut self) -> Result<(retina::client::Demuxed, usize), RtspError> {
         let options = SessionOptions::default()
+            .session_group(self.group.clone())
             .creds(self.creds.clone())
             .user_agent(format!("nanodetd/{}", env!("CARGO_PKG_VERSION")));
         let mut session = Session::describe(self.parsed.clone(), options)
@@ -566,8 +687,15 @@ mod tests {
             assert!(e.contains(why), "{url}: {e}");
             assert!(!e.contains("secret") && !e.contains("admin"), "{e}");
         }
-        assert_eq!(redacted("rtsp://a:b@h:554/p@x"), "rtsp://***@h:554/p@x");
-        assert_eq!(redacted("rtsp://h/p@x"), "rtsp://h/p@x");
+        // A password may hold anything but a space or a quote.
+        assert_eq!(redacted("rtsp://a:b@h:554/p"), "rtsp://***@h:554/p");
+        for secret in ["pa/ss", "p@ss/w", "p?s#s", "p,s"] {
+            let e = check_url(&format!("rtsp://admin:{secret}@cam/1"))
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains(secret) && !e.contains("admin"), "{e}");
+        }
+        assert_eq!(one_line("a\n\nconn: b\nmsg:  c"), "a conn: b msg: c");
         assert_eq!(
             hide_credentials(r#"source = { rtsp = "rtsp://u:p@cam/1", x = "http://v@w" }"#),
             r#"source = { rtsp = "rtsp://***@cam/1", x = "http://***@w" }"#

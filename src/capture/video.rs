@@ -16,10 +16,14 @@ use crate::frame::FrameError;
 /// the video's length (a few MB for hours), and the reader holds them.
 pub const MAX_MP4_INDEX: u64 = 32 << 20;
 
-/// The samples an MP4 video track may have (55 hours at 5 fps, 9 at 30):
-/// the reader keeps about 50 bytes per sample, and a hostile `stsz` box
-/// can claim four billion in a few bytes.
+/// The samples all tracks of an MP4 file may have together (55 hours at
+/// 5 fps, 9 at 30): the reader keeps about 50 bytes per sample, and a
+/// hostile `stsz` box can claim four billion in a few bytes.
 pub const MAX_MP4_SAMPLES: u64 = 1_000_000;
+
+/// Top-level boxes an MP4 file may have (a recording has a handful): each
+/// costs a seek and a read while the file is checked.
+const MAX_MP4_BOXES: usize = 10_000;
 
 /// The rate a raw H.264 file plays at when the config sets none: the
 /// stream carries no timing nanodetd reads.
@@ -87,6 +91,9 @@ pub struct VideoFile {
     held: std::collections::VecDeque<Captured>,
     /// This pass's held pictures were taken.
     flushed: bool,
+    /// This pass gave a picture or a broken frame: a looping file whose
+    /// pass gives neither would otherwise spin for good.
+    pass_gave_anything: bool,
 }
 
 /// True for a path nanodetd reads as MP4 (by its extension).
@@ -129,6 +136,7 @@ impl VideoFile {
             sequence: 0,
             held: Default::default(),
             flushed: false,
+            pass_gave_anything: false,
         })
     }
 
@@ -143,6 +151,14 @@ impl VideoFile {
     pub fn next_capture(&mut self) -> Result<Captured, Miss> {
         // A file of nothing but broken units must not spin here forever:
         // the caller counts each broken one and may give up.
+        let next = self.next_picture();
+        if matches!(next, Ok(_) | Err(Miss::Broken(_))) {
+            self.pass_gave_anything = true;
+        }
+        next
+    }
+
+    fn next_picture(&mut self) -> Result<Captured, Miss> {
         loop {
             if let Some(picture) = self.held.pop_front() {
                 return Ok(picture);
@@ -158,7 +174,7 @@ impl VideoFile {
                     }
                     continue;
                 }
-                Ok(None) if self.looping && self.sequence > 0 => {
+                Ok(None) if self.looping && self.pass_gave_anything => {
                     self.rewind()?;
                     continue;
                 }
@@ -228,6 +244,13 @@ impl VideoFile {
                     .seek(SeekFrom::Start(offset))
                     .and_then(|_| file.read_exact(&mut sample))
                 {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // A recording cut short: its end is here.
+                        *next = samples.len();
+                        return Err(self.broken(format!(
+                            "the file ends inside this sample ({size} bytes at {offset})"
+                        )));
+                    }
                     return Err(self.read_error(e));
                 }
                 // The parameter sets go before every key frame, so a
@@ -258,8 +281,17 @@ impl VideoFile {
                 Ok(())
             }
         };
-        self.decoder.lost();
+        if let Err(e) = self.decoder.restart() {
+            return Err(Miss::Lost(
+                VideoError::Decoder {
+                    path: self.path.clone(),
+                    source: e,
+                }
+                .into(),
+            ));
+        }
         self.flushed = false;
+        self.pass_gave_anything = false;
         result.map_err(|e| self.read_error(e))
     }
 }
@@ -299,12 +331,17 @@ fn annex_b(sample: &[u8], length_size: usize, out: &mut Vec<u8>) -> Result<(), S
     Ok(())
 }
 
-/// The size of the `moov` box among `file`'s top-level boxes, checked
-/// before the MP4 reader allocates its tables; and whether each video
-/// track's `stsz` claims at most [`MAX_MP4_SAMPLES`].
+/// `file`'s top-level boxes, checked before the MP4 reader allocates its
+/// tables: one `moov` of at most [`MAX_MP4_INDEX`] bytes whose tracks
+/// claim at most [`MAX_MP4_SAMPLES`] in all, and no fragments (`moof`,
+/// whose sample counts the reader trusts).
 fn check_mp4_index(file: &mut File, len: u64) -> Result<(), String> {
     let mut at = 0u64;
-    while at < len {
+    let mut moov = false;
+    for _ in 0..MAX_MP4_BOXES {
+        if at >= len {
+            break;
+        }
         let mut header = [0u8; 16];
         file.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
         let got = read_up_to(file, &mut header).map_err(|e| e.to_string())?;
@@ -317,21 +354,34 @@ fn check_mp4_index(file: &mut File, len: u64) -> Result<(), String> {
         if size < header_len || size > len - at {
             return Err(format!("a box at byte {at} claims {size} bytes"));
         }
-        if &kind == b"moov" {
-            if size > MAX_MP4_INDEX {
-                return Err(format!(
-                    "its index (moov) is {size} bytes, over the {MAX_MP4_INDEX} nanodetd reads"
-                ));
+        match &kind {
+            b"moof" => return Err("a fragmented MP4 (moof): nanodetd reads plain MP4 only".into()),
+            b"moov" if moov => return Err("two moov boxes".into()),
+            b"moov" => {
+                if size > MAX_MP4_INDEX {
+                    return Err(format!(
+                        "its index (moov) is {size} bytes, over the {MAX_MP4_INDEX} nanodetd reads"
+                    ));
+                }
+                let mut index = vec![0u8; (size - header_len) as usize];
+                file.seek(SeekFrom::Start(at + header_len))
+                    .and_then(|_| file.read_exact(&mut index))
+                    .map_err(|e| e.to_string())?;
+                let mut samples = 0u64;
+                count_samples(&index, 0, &mut samples)?;
+                moov = true;
             }
-            let mut moov = vec![0u8; (size - header_len) as usize];
-            file.seek(SeekFrom::Start(at + header_len))
-                .and_then(|_| file.read_exact(&mut moov))
-                .map_err(|e| e.to_string())?;
-            return check_sample_counts(&moov, 0);
+            _ => {}
         }
         at += size;
     }
-    Err("no moov box: not an MP4 file, or one cut short".into())
+    if at < len {
+        return Err(format!("more than {MAX_MP4_BOXES} top-level boxes"));
+    }
+    if !moov {
+        return Err("no moov box: not an MP4 file, or one cut short".into());
+    }
+    Ok(())
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -359,8 +409,9 @@ fn box_header(bytes: &[u8]) -> Option<(u64, [u8; 4], u64)> {
 }
 
 /// Walks the boxes of `data` (the inside of a container box) down to each
-/// `stsz`, refusing one that claims more than [`MAX_MP4_SAMPLES`].
-fn check_sample_counts(data: &[u8], depth: usize) -> Result<(), String> {
+/// `stsz`, adding its sample count to `samples`, and refuses a total over
+/// [`MAX_MP4_SAMPLES`].
+fn count_samples(data: &[u8], depth: usize, samples: &mut u64) -> Result<(), String> {
     const CONTAINERS: [&[u8; 4]; 5] = [b"trak", b"mdia", b"minf", b"stbl", b"edts"];
     let mut at = 0usize;
     while at + 8 <= data.len() {
@@ -385,13 +436,14 @@ fn check_sample_counts(data: &[u8], depth: usize) -> Result<(), String> {
                 .get(8..12)
                 .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
                 .ok_or_else(|| "a stsz box cut short".to_owned())?;
-            if u64::from(count) > MAX_MP4_SAMPLES {
+            *samples += u64::from(count);
+            if *samples > MAX_MP4_SAMPLES {
                 return Err(format!(
-                    "a track of {count} samples, over the {MAX_MP4_SAMPLES} nanodetd reads"
+                    "tracks of {samples} samples, over the {MAX_MP4_SAMPLES} nanodetd reads"
                 ));
             }
         } else if depth < 8 && CONTAINERS.contains(&&kind) {
-            check_sample_counts(inside, depth + 1)?;
+            count_samples(inside, depth + 1, samples)?;
         }
         at = end;
     }
@@ -521,12 +573,19 @@ mod tests {
             let mdia = mp4_box(b"mdia", &minf);
             mp4_box(b"trak", &mdia)
         };
-        assert_eq!(check_sample_counts(&nest(stsz(1000)), 0), Ok(()));
-        let e = check_sample_counts(&nest(stsz(u32::MAX)), 0).unwrap_err();
+        let count = |data: &[u8]| {
+            let mut samples = 0;
+            count_samples(data, 0, &mut samples).map(|()| samples)
+        };
+        assert_eq!(count(&nest(stsz(1000))), Ok(1000));
+        let e = count(&nest(stsz(u32::MAX))).unwrap_err();
         assert!(e.contains("4294967295 samples"), "{e}");
+        // Many tracks of a million each: the total counts.
+        let e = count(&[nest(stsz(600_000)), nest(stsz(600_000))].concat()).unwrap_err();
+        assert!(e.contains("1200000 samples"), "{e}");
         let mut cut = nest(stsz(10));
         cut.truncate(cut.len() - 3);
-        assert!(check_sample_counts(&cut, 0).is_err());
+        assert!(count(&cut).is_err());
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("huge.mp4");
@@ -550,6 +609,38 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("no moov box"), "{e}");
+        let refused = |file: Vec<u8>| {
+            std::fs::write(&path, file).unwrap();
+            VideoFile::open(&path, false, 1 << 20)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        // Fragments: re_mp4 trusts a trun's count when its samples have no
+        // sizes of their own.
+        let e = refused(
+            [
+                mp4_box(b"ftyp", b"isom\0\0\0\0"),
+                mp4_box(b"moov", &nest(stsz(1))),
+                mp4_box(b"moof", &[0; 8]),
+            ]
+            .concat(),
+        );
+        assert!(e.contains("fragmented MP4"), "{e}");
+        let e = refused(
+            [
+                mp4_box(b"moov", &nest(stsz(1))),
+                mp4_box(b"moov", &nest(stsz(1))),
+            ]
+            .concat(),
+        );
+        assert!(e.contains("two moov boxes"), "{e}");
+        let e = refused(
+            (0..=MAX_MP4_BOXES)
+                .flat_map(|_| mp4_box(b"free", &[]))
+                .collect(),
+        );
+        assert!(e.contains("more than 10000 top-level boxes"), "{e}");
     }
 
     #[test]

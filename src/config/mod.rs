@@ -121,10 +121,30 @@ struct SourceTable {
     transport: Option<RtspTransport>,
 }
 
-impl TryFrom<SourceTable> for SourceConfig {
-    type Error = String;
+/// Why a `source` table is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceTableError {
+    /// None or several of the kinds.
+    #[error("a source is one of v4l2, folder, synthetic, video or rtsp")]
+    NotOneKind,
+    /// An RTSP key on another kind of source.
+    #[error("user, password_file and transport are for rtsp sources")]
+    RtspKeyElsewhere,
+    /// The URL is refused.
+    #[error(transparent)]
+    Url(#[from] crate::capture::RtspError),
+    /// A password file without a user.
+    #[error("password_file needs a user")]
+    PasswordWithoutUser,
+    /// A user name that cannot go into an authorization header.
+    #[error("user must be non-empty and hold no ':'")]
+    BadUser,
+}
 
-    fn try_from(t: SourceTable) -> Result<SourceConfig, String> {
+impl TryFrom<SourceTable> for SourceConfig {
+    type Error = SourceTableError;
+
+    fn try_from(t: SourceTable) -> Result<SourceConfig, SourceTableError> {
         let kinds = [
             t.v4l2.map(SourceConfig::V4l2),
             t.folder.map(SourceConfig::Folder),
@@ -141,26 +161,26 @@ impl TryFrom<SourceTable> for SourceConfig {
         ];
         let mut named = kinds.into_iter().flatten();
         let (Some(mut source), None) = (named.next(), named.next()) else {
-            return Err("a source is one of v4l2, folder, synthetic, video or rtsp".into());
+            return Err(SourceTableError::NotOneKind);
         };
         match &mut source {
             SourceConfig::Rtsp(rtsp) => {
-                check_url(&rtsp.url).map_err(|e| e.to_string())?;
+                check_url(&rtsp.url)?;
                 if t.password_file.is_some() && t.user.is_none() {
-                    return Err("password_file needs a user".into());
+                    return Err(SourceTableError::PasswordWithoutUser);
                 }
                 if t.user
                     .as_deref()
                     .is_some_and(|u| u.is_empty() || u.contains(':'))
                 {
-                    return Err("user must be non-empty and hold no ':'".into());
+                    return Err(SourceTableError::BadUser);
                 }
                 rtsp.user = t.user;
                 rtsp.password_file = t.password_file;
                 rtsp.transport = t.transport.unwrap_or_default();
             }
             _ if t.user.is_some() || t.password_file.is_some() || t.transport.is_some() => {
-                return Err("user, password_file and transport are for rtsp sources".into());
+                return Err(SourceTableError::RtspKeyElsewhere);
             }
             _ => {}
         }
@@ -1386,11 +1406,27 @@ impl Config {
                     invalid(format!("camera[{i}].size"), decoded.into());
                 }
             }
-            if matches!(cam.source, SourceConfig::Rtsp(_)) && cam.fps.is_some() {
+            if matches!(cam.source, SourceConfig::Rtsp(_)) {
+                if cam.fps.is_some() {
+                    invalid(
+                        format!("camera[{i}].fps"),
+                        "an RTSP camera streams at the rate set on the camera; the newest frame is detected"
+                            .into(),
+                    );
+                }
+                if cam.looping {
+                    invalid(
+                        format!("camera[{i}].looping"),
+                        "is for folders and video files".into(),
+                    );
+                }
+            }
+            if matches!(cam.source, SourceConfig::Video(_) | SourceConfig::Rtsp(_))
+                && cam.repeat.get() != 1
+            {
                 invalid(
-                    format!("camera[{i}].fps"),
-                    "an RTSP camera streams at the rate set on the camera; the newest frame is detected"
-                        .into(),
+                    format!("camera[{i}].repeat"),
+                    "is for image folders: a video's frames each show once".into(),
                 );
             }
             // Snapshot folders and Home Assistant's ids are the slug.
@@ -1531,6 +1567,36 @@ impl RangeCheck {
     }
 }
 
+/// A config line as it may be quoted in the journal: no URL's user and
+/// password, and no quoted value at all on a line that names a password
+/// (`password = "..."` is a mistake one key away from `password_file`).
+/// Before the line is cut short, so the cut cannot split what is hidden.
+fn secrets_hidden(line: &str) -> String {
+    let line = crate::capture::hide_credentials(line);
+    if !line.to_ascii_lowercase().contains("password") {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut quoted = None;
+    for c in line.chars() {
+        match quoted {
+            None => {
+                out.push(c);
+                if c == '"' || c == '\'' {
+                    quoted = Some(c);
+                    out.push_str("***");
+                }
+            }
+            Some(q) if c == q => {
+                out.push(c);
+                quoted = None;
+            }
+            Some(_) => {}
+        }
+    }
+    out
+}
+
 /// toml's messages quote the source line over several lines; operators
 /// read them in the journal, one line per event, so give line and column.
 fn one_line(e: &toml::de::Error, text: &str) -> String {
@@ -1542,16 +1608,8 @@ fn one_line(e: &toml::de::Error, text: &str) -> String {
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             // The offending line names the key, which toml's message for a
             // rejected value does not.
-            let source: String = text
-                .lines()
-                .nth(line - 1)
-                .unwrap_or("")
-                .trim()
-                .chars()
-                .take(80)
-                .collect();
-            // A URL's password is not for the journal.
-            let source = crate::capture::hide_credentials(&source);
+            let source = secrets_hidden(text.lines().nth(line - 1).unwrap_or("").trim());
+            let source: String = source.chars().take(80).collect();
             format!("line {line}, column {column} (`{source}`): {message}")
         }
         None => message,
@@ -1730,11 +1788,37 @@ source = { v4l2 = "/dev/video0" }
                 "size = [640, 480]",
                 "camera[0].size: a video or RTSP",
             ),
+            (
+                r#"rtsp = "rtsp://cam/1""#,
+                "looping = true",
+                "camera[0].looping: is for folders",
+            ),
+            (
+                r#"video = "/v.mp4""#,
+                "repeat = 3",
+                "camera[0].repeat: is for image folders",
+            ),
+            // The password in the quoted line, hidden, however it is written.
+            (
+                r#"user = "viewer", password = "hunter2", rtsp = "rtsp://cam/1""#,
+                "",
+                "unknown field",
+            ),
+            (
+                r#"transport = "tcp", user = "viewer", rtsp = "rtsp://admin:hunter2hunter2hunter2hunter2@cam/1""#,
+                "",
+                "use `user`",
+            ),
+            (
+                r#"rtsp = "rtsp://admin:hun/ter2@cam/1""#,
+                "",
+                "rtsp://***@cam/1",
+            ),
         ] {
             let err = parse(&camera(source, rest)).unwrap_err().to_string();
             assert!(err.contains(want), "{source} {rest}: {err}");
             assert!(
-                !err.contains("hunter2"),
+                !err.contains("hunter2") && !err.contains("ter2"),
                 "the password is in the error: {err}"
             );
         }

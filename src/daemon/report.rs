@@ -388,6 +388,11 @@ fn camera_trouble(cameras: &BTreeMap<String, CameraStats>) -> Option<String> {
         .filter(|(_, c)| c.state != CameraState::Streaming && c.state != CameraState::Finished)
         .filter_map(|(name, c)| Some((name, c.error.as_deref()?)));
     let (name, error) = failing.next()?;
+    // sd_notify's STATUS= ends at a newline.
+    let error: String = error
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     let more = failing.count();
     Some(if more > 0 {
         format!("camera {name}: {error} (and {more} more cameras failing)")
