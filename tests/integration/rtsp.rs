@@ -439,6 +439,10 @@ fn video_files_decode_every_frame_b_frames_too_and_a_corrupt_unit_is_a_counted_b
     let looping = &last_json(&sub.all(), "vf/stats").unwrap()["cameras"]["loop"];
     assert_eq!(looping["state"], "streaming", "{looping}");
     assert_eq!(looping["broken"], 0, "{looping}");
+    // Paced at the MP4's 10 fps: unpaced, a 640x480 file decodes at
+    // hundreds of frames a second here.
+    let fps = looping["fps"].as_f64().unwrap();
+    assert!(fps > 0.0 && fps <= 12.5, "{looping}");
     let stats = last_json(&sub.all(), "vf/stats").unwrap();
     for name in ["annexb", "mp4"] {
         let c = &stats["cameras"][name];
