@@ -279,14 +279,10 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn redacted(url: &str) -> String {
-    hide_credentials(url)
-}
-
 /// The URL checked: `rtsp://`, a host, no credentials in it.
 fn checked_url(url: &str) -> Result<url::Url, RtspError> {
     let bad = |reason: &str| RtspError::Url {
-        url: redacted(url),
+        url: hide_credentials(url),
         reason: reason.to_owned(),
     };
     let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
@@ -688,7 +684,7 @@ mod tests {
             assert!(!e.contains("secret") && !e.contains("admin"), "{e}");
         }
         // A password may hold anything but a space or a quote.
-        assert_eq!(redacted("rtsp://a:b@h:554/p"), "rtsp://***@h:554/p");
+        assert_eq!(hide_credentials("rtsp://a:b@h:554/p"), "rtsp://***@h:554/p");
         for secret in ["pa/ss", "p@ss/w", "p?s#s", "p,s"] {
             let e = check_url(&format!("rtsp://admin:{secret}@cam/1"))
                 .unwrap_err()

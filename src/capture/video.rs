@@ -338,18 +338,21 @@ fn annex_b(sample: &[u8], length_size: usize, out: &mut Vec<u8>) -> Result<(), S
 fn check_mp4_index(file: &mut File, len: u64) -> Result<(), String> {
     let mut at = 0u64;
     let mut moov = false;
-    for _ in 0..MAX_MP4_BOXES {
-        if at >= len {
+    let mut boxes = 0;
+    while at < len {
+        boxes += 1;
+        if boxes > MAX_MP4_BOXES {
+            return Err(format!("more than {MAX_MP4_BOXES} top-level boxes"));
+        }
+        let mut header = Vec::with_capacity(16);
+        file.seek(SeekFrom::Start(at))
+            .and_then(|_| file.by_ref().take(16).read_to_end(&mut header))
+            .map_err(|e| e.to_string())?;
+        if header.len() < 8 {
             break;
         }
-        let mut header = [0u8; 16];
-        file.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
-        let got = read_up_to(file, &mut header).map_err(|e| e.to_string())?;
-        if got < 8 {
-            break;
-        }
-        let (size, kind, header_len) = box_header(&header[..got])
-            .ok_or_else(|| format!("a broken box header at byte {at}"))?;
+        let (size, kind, header_len) =
+            box_header(&header).ok_or_else(|| format!("a broken box header at byte {at}"))?;
         let size = if size == 0 { len - at } else { size };
         if size < header_len || size > len - at {
             return Err(format!("a box at byte {at} claims {size} bytes"));
@@ -375,26 +378,10 @@ fn check_mp4_index(file: &mut File, len: u64) -> Result<(), String> {
         }
         at += size;
     }
-    if at < len {
-        return Err(format!("more than {MAX_MP4_BOXES} top-level boxes"));
-    }
     if !moov {
         return Err("no moov box: not an MP4 file, or one cut short".into());
     }
     Ok(())
-}
-
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 /// A box header: size (0: to the end), type, header length.
