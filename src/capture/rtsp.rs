@@ -552,6 +552,7 @@ impl SessionTask {
             }
         };
         let mut last_video = tokio::time::Instant::now();
+        let mut first = true;
         loop {
             // Only video resets the clock: RTCP reports and other streams'
             // items do not.
@@ -579,11 +580,14 @@ impl SessionTask {
                 continue;
             }
             last_video = tokio::time::Instant::now();
-            if frame.has_new_parameters()
+            // The size is known from the SDP, or from the first frame's
+            // parameter sets; checked then, and whenever they change.
+            if (first || frame.has_new_parameters())
                 && let Some(too_large) = self.over_budget(&stream, video)
             {
                 return too_large;
             }
+            first = false;
             let lost = frame.loss() > 0;
             if self.feed.send(frame.into_data(), lost).is_err() {
                 // The camera is gone.

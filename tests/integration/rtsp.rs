@@ -332,7 +332,7 @@ fn a_wrong_password_is_one_line_on_status_and_the_log_and_the_right_one_needs_no
 }
 
 #[test]
-fn an_h265_camera_is_refused_with_an_error_naming_the_codec_issue_23() {
+fn an_h265_camera_and_one_over_max_pixels_are_refused_with_errors_naming_why_issue_23() {
     let test = "rtsp h265";
     let Some((_serial, assets)) = setup(test, true) else {
         return;
@@ -343,24 +343,33 @@ fn an_h265_camera_is_refused_with_an_error_naming_the_codec_issue_23() {
     let dir = tempfile::tempdir().unwrap();
     let file = clip(&assets, dir.path(), "libx265", "main", "h265");
     let server = RtspServer::start(&file, None);
+    // And an H.264 camera whose 640x480 is over its max_pixels.
+    let h264 = clip(&assets, dir.path(), "libx264", "baseline", "h264");
+    let large = RtspServer::start(&h264, None);
     let broker = Broker::start();
     let sub = Subscriber::new(broker.port, "hv/stats", false);
-    let daemon = Daemon::start(
-        &config(
-            &assets,
-            broker.port,
-            "hv",
-            &camera("hevc", &format!("rtsp = \"{}\"", server.url())),
-        ),
-        &[],
-    );
-    sub.wait_for("the codec named on stats", Duration::from_secs(30), |m| {
-        last_json(m, "hv/stats").is_some_and(|s| {
-            s["cameras"]["hevc"]["error"].as_str().is_some_and(|e| {
-                e.contains("offers video h265") && e.contains("nanodetd decodes H.264 only")
+    let cameras = camera("hevc", &format!("rtsp = \"{}\"", server.url()))
+        + &camera("large", &format!("rtsp = \"{}\"", large.url()))
+        + "max_pixels = 300000\n";
+    let daemon = Daemon::start(&config(&assets, broker.port, "hv", &cameras), &[]);
+    sub.wait_for(
+        "the codec and the size named on stats",
+        Duration::from_secs(30),
+        |m| {
+            last_json(m, "hv/stats").is_some_and(|s| {
+                s["cameras"]["hevc"]["error"].as_str().is_some_and(|e| {
+                    e.contains("offers video h265") && e.contains("nanodetd decodes H.264 only")
+                }) && s["cameras"]["large"]["error"].as_str().is_some_and(|e| {
+                    e.contains("the camera streams 640x480, over max_pixels (300000)")
+                })
             })
-        })
-    });
+        },
+    );
+    let large_stats = camera_stats(&sub, "hv", "large").unwrap();
+    assert_eq!(
+        large_stats["frames"], 0,
+        "refused before any frame: {large_stats}"
+    );
     let (status, _, log) = daemon.terminate();
     assert!(status.success(), "{log}");
 }
