@@ -11,6 +11,7 @@ use crate::support::{self, free_port};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::MutexGuard;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -43,6 +44,14 @@ fn tools_present(test: &str) -> bool {
         );
     }
     ffmpeg && server
+}
+
+/// The start of every test here: [`setup`]'s (one daemon test at a time,
+/// the assets, mosquitto), the tools, and a folder for the clips. `None`
+/// means skip (a failure under CI).
+fn start(test: &str) -> Option<(MutexGuard<'static, ()>, PathBuf, tempfile::TempDir)> {
+    let (serial, assets) = setup(test, true)?;
+    tools_present(test).then(|| (serial, assets, tempfile::tempdir().unwrap()))
 }
 
 /// The photos as a 640x480 clip in `dir`: `codec` is `libx264` or
@@ -194,13 +203,9 @@ fn camera_stats(sub: &Subscriber, prefix: &str, camera: &str) -> Option<Value> {
 #[test]
 fn an_ip_camera_gives_events_naming_the_photos_and_reconnects_after_a_server_restart_issue_23() {
     let test = "rtsp restart";
-    let Some((_serial, assets)) = setup(test, true) else {
+    let Some((_serial, assets, dir)) = start(test) else {
         return;
     };
-    if !tools_present(test) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let file = clip(&assets, dir.path(), "libx264", "baseline", "h264");
     let mut server = RtspServer::start(&file, Some(("viewer", "s3cret", true)));
     std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
@@ -260,13 +265,9 @@ fn an_ip_camera_gives_events_naming_the_photos_and_reconnects_after_a_server_res
 fn a_wrong_password_is_one_line_on_status_and_the_log_and_the_right_one_needs_no_restart_issue_23()
 {
     let test = "rtsp password";
-    let Some((_serial, assets)) = setup(test, true) else {
+    let Some((_serial, assets, dir)) = start(test) else {
         return;
     };
-    if !tools_present(test) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let file = clip(&assets, dir.path(), "libx264", "baseline", "h264");
     // Basic authentication, and RTP over UDP.
     let server = RtspServer::start(&file, Some(("viewer", "right-2291", false)));
@@ -334,13 +335,9 @@ fn a_wrong_password_is_one_line_on_status_and_the_log_and_the_right_one_needs_no
 #[test]
 fn an_h265_camera_and_one_over_max_pixels_are_refused_with_errors_naming_why_issue_23() {
     let test = "rtsp h265";
-    let Some((_serial, assets)) = setup(test, true) else {
+    let Some((_serial, assets, dir)) = start(test) else {
         return;
     };
-    if !tools_present(test) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     let file = clip(&assets, dir.path(), "libx265", "main", "h265");
     let server = RtspServer::start(&file, None);
     // And an H.264 camera whose 640x480 is over its max_pixels.
@@ -378,13 +375,9 @@ fn an_h265_camera_and_one_over_max_pixels_are_refused_with_errors_naming_why_iss
 fn video_files_decode_every_frame_b_frames_too_and_a_corrupt_unit_is_a_counted_broken_frame_issue_23()
  {
     let test = "video files";
-    let Some((_serial, assets)) = setup(test, true) else {
+    let Some((_serial, assets, dir)) = start(test) else {
         return;
     };
-    if !tools_present(test) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
     // High profile: B-frames, reordered by the decoder.
     let annex_b = clip(&assets, dir.path(), "libx264", "high", "h264");
     let mp4 = clip(&assets, dir.path(), "libx264", "high", "mp4");
