@@ -4,8 +4,8 @@
 #   benches/int8_accuracy.sh [nanodetd binary] > table.md
 # EXTRA_METHODS adds `--method` values (e.g. mse); QUANTIZE_FLAGS is passed
 # to every quantize call: the defaults are issue 22's combination, and
-# "--no-auto-float --no-adaround --no-bias-correction" gives each method
-# alone. With FIDELITY_PYTHON set to a
+# "--no-auto-float --no-threshold-choice --no-adaround --no-bias-correction"
+# gives each method alone. With FIDELITY_PYTHON set to a
 # Python that has onnxruntime, numpy and pillow, the Plus models' rows get
 # tools/int8_fidelity.py's measures on the same 128 images (it reads the
 # Plus layout only).

@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 /usr/bin/time -f "nanodetd quantize (the default combination): %e s wall, %M KB peak RSS" \
     "$bin" quantize --model "$model" --calibration "$images" \
     --out "$work/default.onnx" 2>&1 >/dev/null | tail -1
-alone=(--no-auto-float --no-adaround --no-bias-correction)
+alone=(--no-auto-float --no-threshold-choice --no-adaround --no-bias-correction)
 for method in percentile entropy; do
     /usr/bin/time -f "nanodetd quantize --method $method ${alone[*]}: %e s wall, %M KB peak RSS" \
         "$bin" quantize --model "$model" --calibration "$images" --method "$method" \

@@ -200,6 +200,15 @@ pub struct PrecisionArgs {
     /// false`).
     #[arg(long)]
     int8_no_adaround: bool,
+    /// Per tensor, the method's threshold or mse's (percentile's, for mse),
+    /// whichever does less damage on trial models, the default
+    /// (`[model.int8] threshold_choice = true`).
+    #[arg(long, conflicts_with = "int8_no_threshold_choice")]
+    int8_threshold_choice: bool,
+    /// Every threshold from the method alone (`[model.int8]
+    /// threshold_choice = false`).
+    #[arg(long)]
+    int8_no_threshold_choice: bool,
     /// Automatic partial quantization to this SNR in dB, on by default at
     /// 30 (`[model.int8] auto_float_db`).
     #[arg(long, value_name = "DB", value_parser = decibels, conflicts_with = "int8_no_auto_float")]
@@ -236,6 +245,8 @@ impl PrecisionArgs {
         int8.bias_correction =
             (int8.bias_correction || self.int8_bias_correction) && !self.int8_no_bias_correction;
         int8.adaround = (int8.adaround || self.int8_adaround) && !self.int8_no_adaround;
+        int8.threshold_choice =
+            (int8.threshold_choice || self.int8_threshold_choice) && !self.int8_no_threshold_choice;
         if let Some(db) = self.int8_auto_float.and_then(Real::new) {
             int8.auto_float = true;
             int8.auto_float_db = Some(db);

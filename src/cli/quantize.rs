@@ -51,6 +51,14 @@ pub struct QuantizeArgs {
     /// Round the weights to nearest.
     #[arg(long)]
     no_adaround: bool,
+    /// Per tensor, the percentile's threshold or mse's, whichever does less
+    /// damage to the outputs on trial models (the default; tried on the
+    /// worst tensors that stay quantized).
+    #[arg(long, conflicts_with = "no_threshold_choice")]
+    threshold_choice: bool,
+    /// Every tensor's threshold from `--method` alone.
+    #[arg(long)]
+    no_threshold_choice: bool,
     /// Automatic partial quantization: keep Convs in float, for the
     /// outputs on 6 calibration images to reach this SNR (dB) against
     /// FP32, with at most 10 % of the Convs' MACs in float (the default,
@@ -84,6 +92,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
         bias_correction: !args.no_bias_correction,
         adaround: !args.no_adaround,
         auto_float_db: (!args.no_auto_float).then_some(args.auto_float),
+        threshold_choice: !args.no_threshold_choice,
     };
     let mut progress = Progress::new(set.files.len());
     let quantized = quantize::quantize(

@@ -416,6 +416,10 @@ pub struct Int8Config {
     /// default.
     #[serde(default = "yes")]
     pub adaround: bool,
+    /// Per tensor, the method's threshold or a second method's, whichever
+    /// does less damage to the outputs on trial models. On by default.
+    #[serde(default = "yes")]
+    pub threshold_choice: bool,
     /// Automatic partial quantization: keep Convs in float for the outputs
     /// on the calibration images to reach `auto_float_db` against FP32,
     /// within 10 % of the MACs. On by default.
@@ -440,6 +444,7 @@ impl Default for Int8Config {
             equalize: true,
             bias_correction: true,
             adaround: true,
+            threshold_choice: true,
             auto_float: true,
             auto_float_db: default_auto_float_db(),
         }

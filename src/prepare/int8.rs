@@ -55,6 +55,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         equalize: int8.equalize,
         bias_correction: int8.bias_correction,
         adaround: int8.adaround,
+        threshold_choice: int8.threshold_choice,
         auto_float_db: int8
             .auto_float
             .then(|| int8.auto_float_db.map(Real::get))

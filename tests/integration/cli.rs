@@ -398,6 +398,7 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
             "8",
             // Percentile alone: this is about the cache, not the methods.
             "--int8-no-auto-float",
+            "--int8-no-threshold-choice",
             "--int8-no-adaround",
             "--int8-no-bias-correction",
             "--cache",

@@ -1231,7 +1231,7 @@ fn int8_is_calibrated_on_first_start_cached_and_reused() {
     let samples = photo_folder(&assets, &["hpc203_bus.jpg", "hpc203_zidane.jpg"]);
     let camera = replay("cam", samples.path(), "repeat = 3");
     let int8 = format!(
-        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\nauto_float = false\nadaround = false\nbias_correction = false\n[mqtt]",
+        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\nauto_float = false\nthreshold_choice = false\nadaround = false\nbias_correction = false\n[mqtt]",
         cache.path().display(),
         assets.join("datasets/calibration-80").display()
     );
@@ -1554,7 +1554,7 @@ fn a_slow_model_load_superseded_by_a_later_edit_never_goes_into_service_issue_17
         model_in_service(m, "sp").is_some_and(|p| p.ends_with("nanodet-m-0.5x_320.onnx"))
     });
     let int8 = format!(
-        "precision = \"int8\"\n[model.int8]\ncalibration = \"{}\"\nimages = 80\nauto_float = false\nadaround = false\nbias_correction = false\n",
+        "precision = \"int8\"\n[model.int8]\ncalibration = \"{}\"\nimages = 80\nauto_float = false\nthreshold_choice = false\nadaround = false\nbias_correction = false\n",
         assets.join("datasets/calibration-80").display()
     );
     daemon.edit(&with_model("nanodet-plus-m_416", &int8));
@@ -1842,7 +1842,7 @@ fn can_mount_privately(test: &str) -> bool {
 /// The `[model]` lines of an INT8 config caching in `cache`.
 fn int8_model(assets: &Path, cache: &Path) -> String {
     format!(
-        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\nauto_float = false\nadaround = false\nbias_correction = false\n[mqtt]",
+        "precision = \"int8\"\ncache = \"{}\"\n[model.int8]\ncalibration = \"{}\"\nimages = 8\nauto_float = false\nthreshold_choice = false\nadaround = false\nbias_correction = false\n[mqtt]",
         cache.display(),
         assets.join("datasets/calibration-80").display()
     )

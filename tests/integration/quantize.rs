@@ -229,6 +229,34 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
     }
     let noted = graph::metadata(&proto, keys::AUTO_FLOAT).unwrap();
     assert!(noted.starts_with("target 30.0 dB, measured "), "{noted}");
+    // The threshold choice, on by default, runs on what stays quantized:
+    // mse's threshold goes to the tensors whose trial did less damage with
+    // it, if the model with all of them switched measures at least as well
+    // on the trial images as with percentile's alone; else to none.
+    let thresholds = q.report.threshold_choice.clone().unwrap();
+    eprintln!("{thresholds:?}");
+    assert_eq!(thresholds.second, quantize::Method::Mse);
+    assert!(thresholds.tried >= 1 && thresholds.better_alone.len() <= thresholds.tried);
+    if thresholds.switched_db >= thresholds.before_db {
+        assert_eq!(thresholds.kept, thresholds.better_alone);
+        assert_eq!(report.measured_db, thresholds.switched_db);
+    } else {
+        assert!(thresholds.kept.is_empty(), "{thresholds:?}");
+        assert_eq!(report.measured_db, thresholds.before_db);
+    }
+    let noted = graph::metadata(&proto, keys::THRESHOLDS).unwrap();
+    assert!(
+        noted.starts_with(&format!(
+            "mse on {} of {} tensors tried",
+            thresholds.kept.len(),
+            thresholds.tried
+        )),
+        "{noted}"
+    );
+    for tensor in &thresholds.kept {
+        assert!(!report.tensors.contains(tensor), "{tensor} is float");
+        assert!(noted.contains(tensor.as_str()), "{noted}");
+    }
     let plain = QuantizeOptions {
         auto_float_db: None,
         ..options.clone()
@@ -237,6 +265,15 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         quantize::cache_key("sha", &set, &plain),
         quantize::cache_key("sha", &set, &options),
         "the option is part of the cache key"
+    );
+    let first_only = QuantizeOptions {
+        threshold_choice: false,
+        ..options.clone()
+    };
+    assert_ne!(
+        quantize::cache_key("sha", &set, &first_only),
+        quantize::cache_key("sha", &set, &options),
+        "the threshold choice is part of the cache key"
     );
 }
 
@@ -249,10 +286,19 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
     let detector = support::live_detector(&source);
     let set = CalibrationSet::scan(&calibration(&a), Some(8)).unwrap();
     assert_eq!(set.files.len(), 8);
-    for (method, keep, equalize, bias_correction, adaround) in [
-        ("minmax", vec![], false, false, false),
-        ("percentile", vec!["@first".to_owned()], true, true, true),
-        ("entropy", vec!["@last".to_owned()], true, false, true),
+    // The threshold choice, on with entropy, runs without automatic
+    // partial quantization here: its trial models then cover every tensor.
+    for (method, keep, equalize, bias_correction, adaround, threshold_choice) in [
+        ("minmax", vec![], false, false, false, false),
+        (
+            "percentile",
+            vec!["@first".to_owned()],
+            true,
+            true,
+            true,
+            false,
+        ),
+        ("entropy", vec!["@last".to_owned()], true, false, true, true),
     ] {
         let options = QuantizeOptions {
             method: quantize::parse_method(method).unwrap(),
@@ -262,6 +308,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             bias_correction,
             adaround,
             auto_float_db: None,
+            threshold_choice,
         };
         let mut calls = 0;
         let q = quantize::quantize(
@@ -317,6 +364,20 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
                 );
             }
             other => panic!("{method}: adaround {other:?}"),
+        }
+        assert!(q.report.auto_float.is_none());
+        match &q.report.threshold_choice {
+            Some(t) => {
+                assert!(threshold_choice);
+                assert_eq!(t.second, quantize::Method::Mse, "{method}");
+                assert!(t.tried >= 1, "{t:?}");
+                let noted = graph::metadata(&proto, keys::THRESHOLDS).unwrap();
+                assert!(noted.starts_with("mse on "), "{noted}");
+            }
+            None => {
+                assert!(!threshold_choice);
+                assert_eq!(graph::metadata(&proto, keys::THRESHOLDS), None);
+            }
         }
         let expected_float = match keep.first().map(String::as_str) {
             None => 0,
@@ -694,7 +755,12 @@ fn bad_inputs_fail_with_a_clear_error_and_leave_no_file() {
         args.extend_from_slice(extra);
         // The errors come before the methods run; where a build does run,
         // percentile alone keeps it short (the default's own test is above).
-        args.extend_from_slice(&["--no-auto-float", "--no-adaround", "--no-bias-correction"]);
+        args.extend_from_slice(&[
+            "--no-auto-float",
+            "--no-threshold-choice",
+            "--no-adaround",
+            "--no-bias-correction",
+        ]);
         nanodetd(&args)
     };
 

@@ -135,7 +135,7 @@ impl ActivationProbe {
     /// Runs one preprocessed CHW image and hands every probed tensor's
     /// shape and values to `seen(index, shape, values)`, in the order they
     /// were given.
-    pub fn run(&mut self, input: &[f32], seen: &mut Seen<'_>) -> Result<(), ProbeError> {
+    pub fn run(&self, input: &[f32], seen: &mut Seen<'_>) -> Result<(), ProbeError> {
         let run = |e: TractError| ProbeError::Run(e.into());
         let tensor = Tensor::from_shape(&self.input_shape, input).map_err(run)?;
         let outputs = self.plan.run(tvec!(tensor.into_tvalue())).map_err(run)?;
