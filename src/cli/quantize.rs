@@ -51,9 +51,10 @@ pub struct QuantizeArgs {
     /// Round the weights to nearest.
     #[arg(long)]
     no_adaround: bool,
-    /// Per tensor, the percentile's threshold or mse's, whichever does less
-    /// damage to the outputs on trial models (the default; tried on the
-    /// worst tensors that stay quantized).
+    /// Per tensor, the method's threshold or a second method's (mse's; the
+    /// percentile's for `--method mse`), whichever does less damage to the
+    /// outputs on trial models (the default; tried on the worst tensors that
+    /// stay quantized).
     #[arg(long, conflicts_with = "no_threshold_choice")]
     threshold_choice: bool,
     /// Every tensor's threshold from `--method` alone.

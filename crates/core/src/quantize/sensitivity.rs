@@ -1,5 +1,6 @@
-//! Automatic partial quantization (issue 22): which Convs to keep in
-//! float, from each quantized input's measured damage to the outputs.
+//! Automatic partial quantization and the threshold choice (issue 22):
+//! which Convs to keep in float, and which threshold each quantized input
+//! gets, from each input's measured damage to the outputs.
 //!
 //! The damage has to be measured end to end. On nanodet-m_320 the stem's
 //! max pool output, quantized alone, took the outputs to 17.3 dB SNR while
@@ -17,6 +18,12 @@
 //! does better, [`choose`]), until the estimate reaches the target SNR,
 //! skipping any that would take the float share of the MACs past its cap.
 //! The model it gives is measured again, and both figures reported.
+//!
+//! The same measure chooses each tensor's threshold (the threshold
+//! choice): the worst tensors still quantized are tried once more at a
+//! second method's threshold ([`threshold_trials`]), and those that did
+//! less damage alone ([`better_at_second`]) switch, if the whole model
+//! measures no worse with all of them switched.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -173,7 +180,14 @@ pub fn measure_all(trials: &Trials<'_>, jobs: &[Trial<'_>]) -> Result<Vec<f64>, 
             let Some((convs, scale)) = jobs.get(i) else {
                 return Ok(done);
             };
-            done.push((i, trials.noise(convs, scale)?));
+            match trials.noise(convs, scale) {
+                Ok(noise) => done.push((i, noise)),
+                Err(e) => {
+                    // The other thread stops at its next trial.
+                    next.store(jobs.len(), Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
         }
     };
     let (mine, theirs) = std::thread::scope(|s| {
@@ -302,7 +316,8 @@ fn greedy(
 /// The share of the still-quantized tensors' summed noise whose tensors get
 /// a trial at the second threshold, worst first: on plus-m_320, with all
 /// 85 tensors tried, the worst 29 held 80 % of the damage and 91 % of what
-/// switching gained, and a trial costs a third of a second (docs/INT8.md).
+/// switching gained; a trial model takes about half a second of a core on
+/// plus-m_416, to build and run on 6 images (docs/INT8.md).
 pub const THRESHOLD_TRIAL_SHARE: f64 = 0.8;
 
 /// A second scale within this fraction of the first is not tried: on
@@ -317,7 +332,7 @@ pub fn threshold_trials(
     candidates: &[Candidate],
     quantized: &HashSet<String>,
     first: &dyn Fn(&str) -> Option<f32>,
-    second: &dyn Fn(&str) -> Option<f32>,
+    second: &mut dyn FnMut(&str) -> Option<f32>,
 ) -> Vec<Candidate> {
     let mut left: Vec<&Candidate> = candidates
         .iter()
@@ -448,22 +463,31 @@ mod tests {
             .map(|t| format!("conv_{t}"))
             .collect();
         let first = |_: &str| Some(1.0f32);
-        let second = |t: &str| match t {
-            "same" => Some(1.04f32),
-            "d" => None,
-            _ => Some(1.2f32),
+        let mut asked = Vec::new();
+        let mut second = |t: &str| {
+            asked.push(t.to_owned());
+            match t {
+                "same" => Some(1.04f32),
+                "d" => None,
+                _ => Some(1.2f32),
+            }
         };
         // Quantized noise: 100. Worst first: a (50), b (70), same (85 ≥ 80):
         // stop. "same" moves by 4 %, under 5 %; "floated" is float.
-        let tried = threshold_trials(&candidates, &quantized, &first, &second);
+        let tried = threshold_trials(&candidates, &quantized, &first, &mut second);
         let names: Vec<&str> = tried.iter().map(|c| c.tensor.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
+        // The second threshold (mse's search, the costly one) is worked out
+        // for those three only.
+        assert_eq!(asked, ["a", "b", "same"]);
         let mut measured = tried.clone();
         measured[0].noise = 40.0; // a: better at the second
         measured[1].noise = 20.0; // b: a tie keeps the first
         assert_eq!(better_at_second(&candidates, &measured), ["a"]);
         // Nothing quantized: nothing to try.
-        assert!(threshold_trials(&candidates, &HashSet::new(), &first, &second).is_empty());
+        assert!(
+            threshold_trials(&candidates, &HashSet::new(), &first, &mut |_| Some(2.0)).is_empty()
+        );
     }
 
     #[test]
