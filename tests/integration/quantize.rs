@@ -257,24 +257,26 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         assert!(!report.tensors.contains(tensor), "{tensor} is float");
         assert!(noted.contains(tensor.as_str()), "{noted}");
     }
-    let plain = QuantizeOptions {
-        auto_float_db: None,
-        ..options.clone()
-    };
-    assert_ne!(
-        quantize::cache_key("sha", &set, &plain),
-        quantize::cache_key("sha", &set, &options),
-        "the option is part of the cache key"
-    );
-    let first_only = QuantizeOptions {
-        threshold_choice: false,
-        ..options.clone()
-    };
-    assert_ne!(
-        quantize::cache_key("sha", &set, &first_only),
-        quantize::cache_key("sha", &set, &options),
-        "the threshold choice is part of the cache key"
-    );
+    // Each option is part of the cache key.
+    let key = quantize::cache_key("sha", &set, &options);
+    for (option, without) in [
+        (
+            "auto_float",
+            QuantizeOptions {
+                auto_float_db: None,
+                ..options.clone()
+            },
+        ),
+        (
+            "threshold_choice",
+            QuantizeOptions {
+                threshold_choice: false,
+                ..options.clone()
+            },
+        ),
+    ] {
+        assert_ne!(quantize::cache_key("sha", &set, &without), key, "{option}");
+    }
 }
 
 #[test]
