@@ -108,8 +108,16 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
     write_atomically(&args.out, &quantized.bytes)
         .map_err(|e| Failure::Runtime(anyhow!("{}: cannot write: {e}", args.out.display())))?;
     let r = &quantized.report;
+    let thresholds = r.threshold_choice.as_ref().map_or_else(String::new, |t| {
+        format!(
+            " ({} on {} of {} tensors tried)",
+            quantize::method_name(t.second),
+            t.kept.len(),
+            t.tried
+        )
+    });
     println!(
-        "{}: {} Convs INT8 ({} of the Convs' MACs), {} float, {} Q/DQ pairs, {} Conv inputs equalized; method {}; {} images ({} skipped) in {:.1} s, {:.1} s in all",
+        "{}: {} Convs INT8 ({} of the Convs' MACs), {} float, {} Q/DQ pairs, {} Conv inputs equalized; method {}{thresholds}; {} images ({} skipped) in {:.1} s, {:.1} s in all",
         args.out.display(),
         r.rules.quantized_convs,
         r.macs.map_or_else(

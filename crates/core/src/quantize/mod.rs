@@ -46,7 +46,7 @@ pub const DEFAULT_METHOD: Method = Method::Percentile(99.99);
 
 /// Changes whenever the same inputs would give a different model, so the
 /// daemon's cache never serves a model made by older code.
-pub const QUANTIZER_VERSION: u32 = 3;
+pub const QUANTIZER_VERSION: u32 = 4;
 
 /// Metadata keys the quantized model carries.
 pub mod keys {
@@ -360,16 +360,20 @@ pub struct ThresholdChoice {
     pub second: Method,
     /// The tensors tried at its threshold.
     pub tried: usize,
-    /// Those whose trial alone did less damage at it.
+    /// Those whose trial alone did less damage at it, the largest gain
+    /// first.
     pub better_alone: Vec<String>,
-    /// Those that keep it in the model: `better_alone`, or none where
-    /// switching them all measured worse than switching none.
+    /// Those that keep it in the model: all of `better_alone` where
+    /// switching them all measured no worse than switching none; else the
+    /// best of its halving prefixes that measured no worse, or none.
     pub kept: Vec<String>,
     /// The SNR (dB) on the trial images against FP32 with the first
     /// method's thresholds, after automatic partial quantization's choice.
     pub before_db: f64,
     /// The same with every tensor of `better_alone` switched.
     pub switched_db: f64,
+    /// The same with `kept` switched: the model's.
+    pub kept_db: f64,
 }
 
 /// Multiply-accumulates of the model's Convs at batch 1: TensorRT's INT8
@@ -822,13 +826,14 @@ pub fn quantize(
             &mut model,
             keys::THRESHOLDS,
             format!(
-                "{} on {} of {} tensors tried ({} better alone; {:.1} dB switched, {:.1} dB not){}{}",
+                "{} on {} of {} tensors tried ({} better alone; {:.1} dB with all of them, {:.1} dB with none, {:.1} dB as kept){}{}",
                 method_name(t.second),
                 t.kept.len(),
                 t.tried,
                 t.better_alone.len(),
                 t.switched_db,
                 t.before_db,
+                t.kept_db,
                 if t.kept.is_empty() { "" } else { ": " },
                 t.kept.join(",")
             ),
@@ -1068,46 +1073,74 @@ fn choose_by_trials(
                 c.noise = n;
             }
             let better_alone = sensitivity::better_at_second(&candidates, &tried);
-            let mut switched = scales.clone();
-            for t in &better_alone {
-                if let Some(&s) = seconds.get(t) {
-                    switched.insert(t.clone(), s);
+            // The scales with the first `k` of `better_alone` switched.
+            let switched_first = |k: usize| {
+                let mut switched = scales.clone();
+                for t in better_alone.iter().take(k) {
+                    if let Some(&s) = seconds.get(t) {
+                        switched.insert(t.clone(), s);
+                    }
                 }
-            }
-            let switched_noise = if better_alone.is_empty() {
+                switched
+            };
+            let all = better_alone.len();
+            let switched_noise = if all == 0 {
                 before
             } else {
+                let switched = switched_first(all);
                 trials.noise(quantized, &|t| switched.get(t).copied())?
             };
             // Each tensor's damage was measured alone; together they need
             // not add up (on m-0.5x the switched model measured 1.9 dB
-            // worse), so the whole model decides.
-            let keep = switched_noise <= before;
-            if keep {
-                *scales = switched;
-            }
+            // worse), so the whole model decides. Where all of them hurt,
+            // the prefixes of halving length (the largest gains alone
+            // first) are measured in one batch, and the best that does no
+            // harm is kept.
+            let (kept, kept_noise) = if switched_noise <= before {
+                (all, switched_noise)
+            } else {
+                let lengths = sensitivity::halvings(all);
+                let prefixes: Vec<HashMap<String, f32>> =
+                    lengths.iter().map(|&k| switched_first(k)).collect();
+                let lookups: Vec<_> = prefixes
+                    .iter()
+                    .map(|p| move |t: &str| p.get(t).copied())
+                    .collect();
+                let jobs: Vec<sensitivity::Trial<'_>> = lookups
+                    .iter()
+                    .map(|lookup| (&*quantized, lookup as _))
+                    .collect();
+                let noise = sensitivity::measure_all(&trials, &jobs)?;
+                for (k, n) in lengths.iter().zip(&noise) {
+                    log::info!(
+                        "threshold choice: the first {k} of {all} switched: {:.1} dB",
+                        sensitivity::db(signal, *n)
+                    );
+                }
+                let measured: Vec<(usize, f64)> = lengths.into_iter().zip(noise).collect();
+                sensitivity::best_prefix(before, &measured)
+            };
+            *scales = switched_first(kept);
             let choice = ThresholdChoice {
                 second,
                 tried: tried.len(),
-                kept: if keep {
-                    better_alone.clone()
-                } else {
-                    Vec::new()
-                },
+                kept: better_alone.iter().take(kept).cloned().collect(),
                 better_alone,
                 before_db: sensitivity::db(signal, before),
                 switched_db: sensitivity::db(signal, switched_noise),
+                kept_db: sensitivity::db(signal, kept_noise),
             };
             log::info!(
-                "threshold choice: {} of {} tensors tried did less damage alone at {}'s threshold; all of them switched: {:.1} dB against {:.1} dB, so {}",
+                "threshold choice: {} of {} tensors tried did less damage alone at {}'s threshold; all of them switched: {:.1} dB against {:.1} dB with none; {} kept: {:.1} dB",
                 choice.better_alone.len(),
                 choice.tried,
                 method_name(second),
                 choice.switched_db,
                 choice.before_db,
-                if keep { "switched" } else { "not switched" }
+                choice.kept.len(),
+                choice.kept_db,
             );
-            Some((choice, switched_noise.min(before)))
+            Some((choice, kept_noise))
         }
     };
     let (thresholds, measured) = match thresholds {

@@ -5,7 +5,7 @@
 //! TensorRT 8.6 expects, and TensorRT folds the weight Q into INT8 itself.
 //! Biases are left alone (float). Nothing is put on a network output.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tract_onnx::pb::{ModelProto, NodeProto, TensorProto};
 
@@ -51,8 +51,10 @@ pub fn insert_qdq(
         .collect();
     let graph_inputs: HashSet<String> = runtime_inputs(graph).into_iter().collect();
 
-    let mut activation_pairs: HashMap<String, Pair> = HashMap::new();
-    let mut weight_pairs: HashMap<String, Pair> = HashMap::new();
+    // Ordered maps: the pairs that go first are written in their order, and
+    // a HashMap's would make every run's file differ in bytes.
+    let mut activation_pairs: BTreeMap<String, Pair> = BTreeMap::new();
+    let mut weight_pairs: BTreeMap<String, Pair> = BTreeMap::new();
     let mut new_initializers = Vec::new();
     let mut quantized = 0;
     for conv in graph.node.iter_mut() {
@@ -170,5 +172,84 @@ fn make_pair(
         source: source.to_owned(),
         dequantized,
         nodes: [q, dq],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::{GraphProto, ValueInfoProto};
+
+    /// Eight chained 1×1 Convs, each with its own weight, the first two
+    /// reading the graph input.
+    fn chain() -> ModelProto {
+        let mut graph = GraphProto {
+            input: vec![ValueInfoProto {
+                name: "x".into(),
+                ..ValueInfoProto::default()
+            }],
+            ..GraphProto::default()
+        };
+        let mut previous = "x".to_owned();
+        for i in 0..8 {
+            let (weight, output) = (format!("w{i}"), format!("a{i}"));
+            let reads = if i == 1 {
+                "x".to_owned()
+            } else {
+                previous.clone()
+            };
+            graph
+                .initializer
+                .push(f32_tensor(&weight, &[2, 2, 1, 1], &[0.5, -1.0, 0.25, 2.0]));
+            graph.node.push(node(
+                "Conv",
+                &format!("conv{i}"),
+                &[&reads, &weight],
+                &[&output],
+            ));
+            previous = output;
+        }
+        ModelProto {
+            graph: Some(graph),
+            ..ModelProto::default()
+        }
+    }
+
+    #[test]
+    fn the_same_model_and_scales_give_the_same_nodes_in_the_same_order() {
+        let convs: HashSet<String> = (0..8).map(|i| format!("conv{i}")).collect();
+        let quantize = || {
+            let mut model = chain();
+            let done = insert_qdq(&mut model, &convs, &|_| Some(0.1)).unwrap();
+            assert_eq!(done, 8);
+            model
+        };
+        let first = quantize();
+        for _ in 0..4 {
+            assert_eq!(
+                quantize(),
+                first,
+                "each map's random order must not reach the file"
+            );
+        }
+        // Topologically sorted: every tensor is made before it is read.
+        let graph = first.graph.as_ref().unwrap();
+        let mut made: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        made.insert("x");
+        for n in &graph.node {
+            for input in &n.input {
+                assert!(
+                    made.contains(input.as_str()),
+                    "{} reads {input} before it is made",
+                    n.name
+                );
+            }
+            made.extend(n.output.iter().map(String::as_str));
+        }
+        assert_eq!(
+            graph.node.len(),
+            8 + 2 * (8 + 8 - 1),
+            "x is read by two Convs, one pair"
+        );
     }
 }

@@ -361,18 +361,42 @@ pub fn threshold_trials(
 
 /// The tensors whose trial at the second threshold (`second`, measured)
 /// did less damage than at the first (`first`, the same tensors' noise at
-/// the first threshold).
+/// the first threshold), the largest gain first (ties by name).
 pub fn better_at_second(first: &[Candidate], second: &[Candidate]) -> Vec<String> {
-    second
+    let mut better: Vec<(f64, &str)> = second
         .iter()
-        .filter(|s| {
-            first
-                .iter()
-                .find(|f| f.tensor == s.tensor)
-                .is_some_and(|f| s.noise < f.noise)
+        .filter_map(|s| {
+            let f = first.iter().find(|f| f.tensor == s.tensor)?;
+            (s.noise < f.noise).then_some((f.noise - s.noise, s.tensor.as_str()))
         })
-        .map(|s| s.tensor.clone())
-        .collect()
+        .collect();
+    better.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+    better.into_iter().map(|(_, t)| t.to_owned()).collect()
+}
+
+/// The lengths of the ranked list's prefixes to measure when switching all
+/// `n` made the model worse: halving, rounded up, down to 1. A bisection's
+/// log₂ n trial models instead of a greedy search's n.
+pub fn halvings(n: usize) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    let mut k = n;
+    while k > 1 {
+        k = k.div_ceil(2);
+        lengths.push(k);
+    }
+    lengths
+}
+
+/// Of the prefixes measured, as (length, noise), the one to keep: the
+/// lowest noise, if it is no more than `none`'s (nothing switched); ties to
+/// the shorter. `(0, none)` where every one measured worse.
+pub fn best_prefix(none: f64, measured: &[(usize, f64)]) -> (usize, f64) {
+    measured
+        .iter()
+        .copied()
+        .filter(|&(_, noise)| noise <= none)
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        .unwrap_or((0, none))
 }
 
 #[cfg(test)]
@@ -488,6 +512,37 @@ mod tests {
         assert!(
             threshold_trials(&candidates, &HashSet::new(), &first, &mut |_| Some(2.0)).is_empty()
         );
+    }
+
+    /// Ranked by gain alone; where all of them together hurt, the halved
+    /// prefixes are measured and the best that does not hurt is kept.
+    #[test]
+    fn the_switch_backs_off_by_halves_to_the_best_prefix_that_does_no_harm() {
+        let first = [
+            candidate("a", 10, 50.0),
+            candidate("b", 10, 20.0),
+            candidate("c", 10, 10.0),
+        ];
+        let second = [
+            candidate("a", 10, 49.0), // gains 1
+            candidate("b", 10, 12.0), // gains 8
+            candidate("c", 10, 7.0),  // gains 3
+        ];
+        assert_eq!(better_at_second(&first, &second), ["b", "c", "a"]);
+        assert_eq!(halvings(9), [5, 3, 2, 1]);
+        assert_eq!(halvings(8), [4, 2, 1]);
+        assert_eq!(halvings(2), [1]);
+        assert!(halvings(1).is_empty() && halvings(0).is_empty());
+        // None switched: noise 30. The lowest that is no worse wins, the
+        // shorter on a tie; where all are worse, none.
+        assert_eq!(
+            best_prefix(30.0, &[(5, 31.0), (3, 29.0), (2, 28.0), (1, 29.5)]),
+            (2, 28.0)
+        );
+        assert_eq!(best_prefix(30.0, &[(3, 28.0), (2, 28.0)]), (2, 28.0));
+        assert_eq!(best_prefix(30.0, &[(2, 30.0)]), (2, 30.0));
+        assert_eq!(best_prefix(30.0, &[(5, 31.0), (1, 30.5)]), (0, 30.0));
+        assert_eq!(best_prefix(30.0, &[]), (0, 30.0));
     }
 
     #[test]
