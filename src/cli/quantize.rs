@@ -113,7 +113,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
             " ({} on {} of {} tensors tried)",
             quantize::method_name(t.second),
             t.kept.len(),
-            t.tried
+            t.tried.len()
         )
     });
     println!(

@@ -358,8 +358,12 @@ pub struct AutoFloatReport {
 pub struct ThresholdChoice {
     /// The method tried against the first.
     pub second: Method,
-    /// The tensors tried at its threshold.
-    pub tried: usize,
+    /// The tensors tried at its threshold, the worst first.
+    pub tried: Vec<String>,
+    /// The tensors measured for this choice alone: their Convs by
+    /// themselves pass automatic partial quantization's MAC cap, so they
+    /// could never be floated.
+    pub past_cap: Vec<String>,
     /// Those whose trial alone did less damage at it, the largest gain
     /// first.
     pub better_alone: Vec<String>,
@@ -829,7 +833,7 @@ pub fn quantize(
                 "{} on {} of {} tensors tried ({} better alone; {:.1} dB with all of them, {:.1} dB with none, {:.1} dB as kept){}{}",
                 method_name(t.second),
                 t.kept.len(),
-                t.tried,
+                t.tried.len(),
                 t.better_alone.len(),
                 t.switched_db,
                 t.before_db,
@@ -1005,9 +1009,16 @@ fn choose_by_trials(
             .fold(0, |m, (_, &c)| m.saturating_add(c));
         ((all as f64 * MAX_FLOAT_MACS) as u64).saturating_sub(already)
     });
-    if let Some(cap) = cap {
-        // One that alone passes the cap could never be chosen.
-        candidates.retain(|c| c.macs <= cap);
+    let past_cap: Vec<String> = candidates
+        .iter()
+        .filter(|c| cap.is_some_and(|cap| c.macs > cap))
+        .map(|c| c.tensor.clone())
+        .collect();
+    if job.second.is_none() {
+        // One that alone passes the cap could never be chosen (`choose`
+        // skips it), and without the threshold choice nothing else needs
+        // its damage.
+        candidates.retain(|c| !past_cap.contains(&c.tensor));
     }
     let first: HashMap<String, f32> = scales.clone();
     let first_scale = |t: &str| first.get(t).copied();
@@ -1123,17 +1134,23 @@ fn choose_by_trials(
             *scales = switched_first(kept);
             let choice = ThresholdChoice {
                 second,
-                tried: tried.len(),
+                tried: tried.iter().map(|c| c.tensor.clone()).collect(),
+                past_cap,
                 kept: better_alone.iter().take(kept).cloned().collect(),
                 better_alone,
                 before_db: sensitivity::db(signal, before),
                 switched_db: sensitivity::db(signal, switched_noise),
                 kept_db: sensitivity::db(signal, kept_noise),
             };
+            log::debug!(
+                "threshold choice: tried {:?}; past the MAC cap {:?}",
+                choice.tried,
+                choice.past_cap
+            );
             log::info!(
                 "threshold choice: {} of {} tensors tried did less damage alone at {}'s threshold; all of them switched: {:.1} dB against {:.1} dB with none; {} kept: {:.1} dB",
                 choice.better_alone.len(),
-                choice.tried,
+                choice.tried.len(),
                 method_name(second),
                 choice.switched_db,
                 choice.before_db,
