@@ -249,17 +249,20 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
     for tensor in &thresholds.past_cap {
         assert!(!report.tensors.contains(tensor), "{tensor} is float");
     }
-    if thresholds.switched_db >= thresholds.before_db {
-        assert_eq!(thresholds.kept, thresholds.better_alone);
+    assert_eq!(
+        thresholds.kept,
+        thresholds.better_alone[..thresholds.kept.len()],
+        "a prefix"
+    );
+    assert!(thresholds.kept_db >= thresholds.before_db, "{thresholds:?}");
+    if thresholds.kept.len() == thresholds.better_alone.len() {
         assert_eq!(thresholds.kept_db, thresholds.switched_db);
     } else {
-        assert!(thresholds.kept.len() < thresholds.better_alone.len());
-        assert_eq!(
-            thresholds.kept,
-            thresholds.better_alone[..thresholds.kept.len()],
-            "a prefix"
+        // Backed off because all of them measured worse.
+        assert!(
+            thresholds.switched_db <= thresholds.before_db,
+            "{thresholds:?}"
         );
-        assert!(thresholds.kept_db >= thresholds.before_db, "{thresholds:?}");
         if thresholds.kept.is_empty() {
             assert_eq!(thresholds.kept_db, thresholds.before_db);
         }

@@ -22,8 +22,10 @@
 //! The same measure chooses each tensor's threshold (the threshold
 //! choice): the worst tensors still quantized are tried once more at a
 //! second method's threshold ([`threshold_trials`]), and those that did
-//! less damage alone ([`better_at_second`]) switch, if the whole model
-//! measures no worse with all of them switched.
+//! less damage alone ([`better_at_second`], ranked by gain) switch, if the
+//! whole model measures no worse with all of them switched; else the best
+//! of the ranking's halving prefixes ([`halvings`], [`best_prefix`]) that
+//! measures no worse than none, or none.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -394,8 +396,8 @@ pub fn better_at_second(first: &[Candidate], second: &[Candidate]) -> Vec<String
 }
 
 /// The lengths of the ranked list's prefixes to measure when switching all
-/// `n` made the model worse: halving, rounded up, down to 1. A bisection's
-/// log₂ n trial models instead of a greedy search's n.
+/// `n` made the model worse: halving, rounded up, down to 1. ⌈log₂ n⌉
+/// trial models instead of a greedy search's n.
 pub fn halvings(n: usize) -> Vec<usize> {
     let mut lengths = Vec::new();
     let mut k = n;
