@@ -15,7 +15,18 @@ use tract_onnx::pb;
 
 use crate::support::{assets, model, nanodetd, stderr};
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
-use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, graph, keys};
+use nanodetd::preprocess::PreprocessSpec;
+use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, QuantizedModel, graph, keys};
+
+/// Quantizes `source` with no progress wanted; panics on failure.
+fn quantize_quietly(
+    source: &Path,
+    spec: &PreprocessSpec,
+    set: &CalibrationSet,
+    options: &QuantizeOptions,
+) -> QuantizedModel {
+    quantize::quantize(source, spec, set, options, &mut |_, _| {}).unwrap()
+}
 
 fn calibration(a: &Path) -> PathBuf {
     a.join("datasets/calibration-80")
@@ -201,14 +212,7 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         auto_float_db: Some(30.0),
         ..QuantizeOptions::default()
     };
-    let q = quantize::quantize(
-        &source,
-        detector.preprocess_spec(),
-        &set,
-        &options,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let q = quantize_quietly(&source, detector.preprocess_spec(), &set, &options);
     let report = q.report.auto_float.clone().unwrap();
     eprintln!("{report:?}");
     assert_eq!(report.images, quantize::AUTO_FLOAT_IMAGES);
@@ -352,14 +356,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             // Trial models on two threads, equalization statistics on two:
             // the same inputs still give the same bytes, so a rebuilt
             // model's digest matches the one before.
-            let again = quantize::quantize(
-                &source,
-                detector.preprocess_spec(),
-                &set,
-                &options,
-                &mut |_, _| {},
-            )
-            .unwrap();
+            let again = quantize_quietly(&source, detector.preprocess_spec(), &set, &options);
             assert!(again.bytes == q.bytes, "{method}: a second run differs");
         }
         // Equalizing measures the images once more before the statistics,
@@ -463,7 +460,7 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
     let source = model(&a, "nanodet-m-0.5x_320");
     let detector = support::live_detector(&source);
     let set = CalibrationSet::scan(&calibration(&a), Some(4)).unwrap();
-    let q = quantize::quantize(
+    let q = quantize_quietly(
         &source,
         detector.preprocess_spec(),
         &set,
@@ -474,9 +471,7 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
             bias_correction: false,
             ..QuantizeOptions::default()
         },
-        &mut |_, _| {},
-    )
-    .unwrap();
+    );
     let good = pb::ModelProto::decode(q.bytes.as_slice()).unwrap();
     quantize::check(&good).unwrap();
 
