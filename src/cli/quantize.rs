@@ -61,9 +61,9 @@ pub struct QuantizeArgs {
     #[arg(long)]
     no_threshold_choice: bool,
     /// Automatic partial quantization: keep Convs in float, for the
-    /// outputs on 6 calibration images to reach this SNR (dB) against
-    /// FP32, with at most 10 % of the Convs' MACs in float (the default,
-    /// at 30).
+    /// outputs on 6 calibration images (class scores and boxes weighed as
+    /// two halves) to reach this SNR (dB) against FP32, with at most 10 %
+    /// of the Convs' MACs in float (the default, at 30).
     #[arg(
         long,
         value_name = "DB",
@@ -98,7 +98,7 @@ pub fn run(args: &QuantizeArgs) -> Result<(), Failure> {
     let mut progress = Progress::new(set.files.len());
     let quantized = quantize::quantize(
         &args.model.model,
-        detector.preprocess_spec(),
+        detector.layout(),
         &set,
         &options,
         &mut |done, total| progress.update(done, total),

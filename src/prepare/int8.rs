@@ -7,10 +7,9 @@ use std::time::Instant;
 
 use crate::backend::{self, BackendError, BackendKind, EngineOptions};
 use crate::config::{Bounded, ModelConfig, Real};
-use crate::detector::{DetectionParams, Detector, DetectorError, declared_preprocess};
+use crate::detector::{DetectionParams, Detector, DetectorError, declared_layout};
 use crate::engine_cache::{ArtifactCache, CacheError};
-use crate::model::{LayoutOverrides, MAX_MODEL_BYTES, OnnxModel};
-use crate::preprocess::PreprocessSpec;
+use crate::model::{Layout, LayoutOverrides, MAX_MODEL_BYTES, OnnxModel};
 use crate::quantize::{self, CalibrationSet, QuantizeError, QuantizeOptions, UnknownMethod};
 
 /// Why the INT8 model could not be made or found.
@@ -81,12 +80,13 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         set.dir.display(),
         int8.method
     );
-    let spec = fp32_preprocess(&model.path)?;
+    let layout = fp32_layout(&model.path)?;
     let started = Instant::now();
     let mut progress = quantize::TenthsLog::new("INT8 calibration");
-    let quantized = quantize::quantize(&model.path, &spec, &set, &options, &mut |done, total| {
-        progress.update(done, total)
-    })?;
+    let quantized =
+        quantize::quantize(&model.path, &layout, &set, &options, &mut |done, total| {
+            progress.update(done, total)
+        })?;
     // A cache that cannot be written (full, read-only) must not cost the
     // calibration: the model goes to the temporary directory instead, and
     // the daemon runs it, where failing would restart into the same
@@ -122,11 +122,12 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
     Ok(path)
 }
 
-/// The preprocessing of the FP32 model at `path`, which calibration
-/// repeats so that the statistics are those of the frames inference
-/// will see: read from the shapes the file declares, or, where it does
+/// The layout of the FP32 model at `path`, whose preprocessing
+/// calibration repeats so that the statistics are those of the frames
+/// inference will see, and whose outputs weigh the trial models'
+/// errors: read from the shapes the file declares, or, where it does
 /// not declare them all, from tract's shape inference.
-pub fn fp32_preprocess(path: &Path) -> Result<PreprocessSpec, Int8Error> {
+pub fn fp32_layout(path: &Path) -> Result<Layout, Int8Error> {
     use std::io::Read;
     let mut onnx = Vec::new();
     std::fs::File::open(path)
@@ -135,7 +136,7 @@ pub fn fp32_preprocess(path: &Path) -> Result<PreprocessSpec, Int8Error> {
     // Bytes that do not decode leave it to tract, which names the problem.
     let declared = OnnxModel::from_bytes(onnx)
         .ok()
-        .and_then(|model| declared_preprocess(&model, &LayoutOverrides::default()));
+        .and_then(|model| declared_layout(&model, &LayoutOverrides::default()));
     if let Some(declared) = declared {
         return Ok(declared.map_err(DetectorError::from)?);
     }
@@ -146,7 +147,7 @@ pub fn fp32_preprocess(path: &Path) -> Result<PreprocessSpec, Int8Error> {
         None,
         DetectionParams::LIVE,
     )?;
-    Ok(fp32.preprocess_spec().clone())
+    Ok(fp32.layout().clone())
 }
 
 /// Where a built model goes when `model.cache` cannot take it: a

@@ -43,8 +43,9 @@ pub fn engine(
             let images = model.int8.images.map(Bounded::get);
             let set = crate::quantize::CalibrationSet::scan(&model.int8.calibration, images)
                 .map_err(TensorRtSetupError::Calibration)?;
-            let spec = super::int8::fp32_preprocess(&model.path)
-                .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?;
+            let spec = super::int8::fp32_layout(&model.path)
+                .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?
+                .preprocess_spec();
             Some((set, spec))
         }
         _ => None,

@@ -15,17 +15,17 @@ use tract_onnx::pb;
 
 use crate::support::{assets, model, nanodetd, stderr};
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
-use nanodetd::preprocess::PreprocessSpec;
+use nanodetd::model::Layout;
 use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, QuantizedModel, graph, keys};
 
 /// Quantizes `source` with no progress wanted; panics on failure.
 fn quantize_quietly(
     source: &Path,
-    spec: &PreprocessSpec,
+    layout: &Layout,
     set: &CalibrationSet,
     options: &QuantizeOptions,
 ) -> QuantizedModel {
-    quantize::quantize(source, spec, set, options, &mut |_, _| {}).unwrap()
+    quantize::quantize(source, layout, set, options, &mut |_, _| {}).unwrap()
 }
 
 fn calibration(a: &Path) -> PathBuf {
@@ -212,7 +212,7 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         auto_float_db: Some(30.0),
         ..QuantizeOptions::default()
     };
-    let q = quantize_quietly(&source, detector.preprocess_spec(), &set, &options);
+    let q = quantize_quietly(&source, detector.layout(), &set, &options);
     let report = q.report.auto_float.clone().unwrap();
     eprintln!("{report:?}");
     assert_eq!(report.images, quantize::AUTO_FLOAT_IMAGES);
@@ -343,7 +343,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
         let mut calls = 0;
         let q = quantize::quantize(
             &source,
-            detector.preprocess_spec(),
+            detector.layout(),
             &set,
             &options,
             &mut |done, total| {
@@ -356,7 +356,7 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             // Trial models on two threads, equalization statistics on two:
             // the same inputs still give the same bytes, so a rebuilt
             // model's digest matches the one before.
-            let again = quantize_quietly(&source, detector.preprocess_spec(), &set, &options);
+            let again = quantize_quietly(&source, detector.layout(), &set, &options);
             assert!(again.bytes == q.bytes, "{method}: a second run differs");
         }
         // Equalizing measures the images once more before the statistics,
@@ -462,7 +462,7 @@ fn the_rule_checker_catches_what_tensorrt_would_reject() {
     let set = CalibrationSet::scan(&calibration(&a), Some(4)).unwrap();
     let q = quantize_quietly(
         &source,
-        detector.preprocess_spec(),
+        detector.layout(),
         &set,
         // The rules are checked on a model of every kind of node the
         // default writes, float Convs from auto-float included.

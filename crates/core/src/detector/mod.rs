@@ -74,21 +74,24 @@ pub enum DetectorError {
     GpuPreprocess(#[from] crate::preprocess::GpuPreprocessError),
 }
 
-/// The preprocessing `model` asks for, read from the shapes it declares:
-/// what [`Detector::new`] finds from an engine, without building one.
-/// `None` when the file does not declare its shapes fully; a backend's
-/// shape inference must then tell.
+/// The layout `model` declares, read from its shapes: what
+/// [`Detector::new`] finds from an engine, without building one. `None`
+/// when the file does not declare its shapes fully; a backend's shape
+/// inference must then tell.
+pub fn declared_layout(
+    model: &crate::model::OnnxModel,
+    overrides: &LayoutOverrides,
+) -> Option<Result<Layout, LayoutError>> {
+    let (input, outputs) = model.declared_shapes()?;
+    Some(Layout::detect(&input, &outputs, overrides))
+}
+
+/// The preprocessing of [`declared_layout`].
 pub fn declared_preprocess(
     model: &crate::model::OnnxModel,
     overrides: &LayoutOverrides,
 ) -> Option<Result<PreprocessSpec, LayoutError>> {
-    let (input, outputs) = model.declared_shapes()?;
-    Some(Layout::detect(&input, &outputs, overrides).map(|layout| preprocess_of(&layout)))
-}
-
-/// NanoDet's preprocessing at `layout`'s input size and resize mode.
-fn preprocess_of(layout: &Layout) -> PreprocessSpec {
-    PreprocessSpec::nanodet(layout.input_width, layout.input_height, layout.resize)
+    declared_layout(model, overrides).map(|layout| layout.map(|l| l.preprocess_spec()))
 }
 
 /// A prepared model plus everything needed to interpret it.
@@ -131,7 +134,7 @@ impl Detector {
                 layout.num_classes
             )));
         }
-        let preprocess = preprocess_of(&layout);
+        let preprocess = layout.preprocess_spec();
         Ok(Detector {
             engine,
             layout,

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::preprocess::ResizeMode;
+use crate::preprocess::{PreprocessSpec, ResizeMode};
 
 /// The output arrangements NanoDet exports are known to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -502,6 +502,11 @@ impl Layout {
     /// Total priors over all levels.
     pub fn priors(&self) -> usize {
         self.levels.iter().map(Level::priors).sum()
+    }
+
+    /// NanoDet's preprocessing at this layout's input size and resize mode.
+    pub fn preprocess_spec(&self) -> PreprocessSpec {
+        PreprocessSpec::nanodet(self.input_width, self.input_height, self.resize)
     }
 }
 

@@ -35,6 +35,7 @@ pub use stats::ProbeError;
 
 use crate::errors::one_line;
 use crate::frame::Frame;
+use crate::model::Layout;
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use graph::{GraphError, set_metadata};
 use qdq::conv_id;
@@ -46,7 +47,7 @@ pub const DEFAULT_METHOD: Method = Method::Percentile(99.99);
 
 /// Changes whenever the same inputs would give a different model, so the
 /// daemon's cache never serves a model made by older code.
-pub const QUANTIZER_VERSION: u32 = 4;
+pub const QUANTIZER_VERSION: u32 = 5;
 
 /// Metadata keys the quantized model carries.
 pub mod keys {
@@ -457,12 +458,12 @@ pub fn cache_key(source_sha256: &str, set: &CalibrationSet, options: &QuantizeOp
     calibration::hex(&h.finalize())
 }
 
-/// Quantizes the FP32 model at `source` with the images of `set`, each
-/// preprocessed by `spec` exactly as inference does. `progress` hears
+/// Quantizes the FP32 model at `source`, of `layout`, with the images of
+/// `set`, each preprocessed exactly as inference does. `progress` hears
 /// `(images done, images total)`.
 pub fn quantize(
     source: &Path,
-    spec: &PreprocessSpec,
+    layout: &Layout,
     set: &CalibrationSet,
     options: &QuantizeOptions,
     progress: &mut dyn FnMut(usize, usize),
@@ -513,6 +514,7 @@ pub fn quantize(
     // equalized model: two passes over the set when there is anything to
     // equalize (decoding twice keeps memory flat for big sets).
     let stats_started = Instant::now();
+    let spec = &layout.preprocess_spec();
     let size = (spec.width, spec.height);
     let chains = if options.equalize {
         equalize::find_chains(graph)
@@ -723,6 +725,7 @@ pub fn quantize(
                 TrialJob {
                     set,
                     spec,
+                    layout,
                     size,
                     tensors: &tensors,
                     histograms: &histograms,
@@ -921,6 +924,7 @@ fn count_macs(by_conv: &HashMap<String, u64>, quantized: &HashSet<String>) -> Op
 struct TrialJob<'a> {
     set: &'a CalibrationSet,
     spec: &'a PreprocessSpec,
+    layout: &'a Layout,
     size: (usize, usize),
     /// The quantized activation tensors.
     tensors: &'a [String],
@@ -969,7 +973,7 @@ fn choose_by_trials(
         }
     }
     let images = inputs.len();
-    let trials = sensitivity::Trials::new(model, job.size, inputs)?;
+    let trials = sensitivity::Trials::new(model, job.size, inputs, job.layout)?;
     let graph_nodes = model
         .graph
         .as_ref()

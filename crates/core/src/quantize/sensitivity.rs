@@ -36,6 +36,7 @@ use tract_onnx::pb::ModelProto;
 use super::graph::GraphError;
 use super::qdq;
 use super::stats::{ActivationProbe, ProbeError};
+use crate::model::{Layout, OutputMap};
 
 /// Why the damage could not be measured.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,7 @@ pub struct Candidate {
     /// Their multiply-accumulates at batch 1.
     pub macs: u64,
     /// The squared error it alone puts into the outputs, summed over the
-    /// images and every output value.
+    /// images, each value weighted by its part ([`Trials::noise`]).
     pub noise: f64,
 }
 
@@ -85,14 +86,19 @@ pub struct Trials<'a> {
     pub inputs: Vec<Vec<f32>>,
     /// The FP32 model's outputs per image, every output concatenated.
     pub reference: Vec<Vec<f32>>,
+    /// Each value's weight in the measure, by its index in one image's
+    /// outputs ([`weights`]).
+    weights: Vec<f64>,
 }
 
 impl<'a> Trials<'a> {
-    /// Runs the FP32 `model` on `inputs` for the reference.
+    /// Runs the FP32 `model` on `inputs` for the reference, and weighs
+    /// its values by what they are to the detector `layout` describes.
     pub fn new(
         model: &'a ModelProto,
         size: (usize, usize),
         inputs: Vec<Vec<f32>>,
+        layout: &Layout,
     ) -> Result<Trials<'a>, SensitivityError> {
         if inputs.is_empty() {
             return Err(SensitivityError::NoImages);
@@ -108,27 +114,40 @@ impl<'a> Trials<'a> {
             outputs,
             inputs,
             reference: Vec::new(),
+            weights: Vec::new(),
         };
         let mut reference = vec![Vec::new(); trials.inputs.len()];
+        let mut lengths = Vec::new();
         trials.run(model.encode_to_vec(), &mut |image, values| {
+            if image == 0 {
+                lengths.push(values.len());
+            }
             if let Some(r) = reference.get_mut(image) {
                 r.extend_from_slice(values);
             }
         })?;
+        trials.weights = weights(layout, &reference, &lengths).unwrap_or_else(|| {
+            log::warn!(
+                "trial models: the outputs do not fit the {} layout; every output value counts the same",
+                layout.kind
+            );
+            vec![1.0; lengths.iter().sum()]
+        });
         trials.reference = reference;
         Ok(trials)
     }
 
-    /// Every output value's power, summed over the images.
+    /// Every output value's power, weighted, summed over the images.
     pub fn signal(&self) -> f64 {
         self.reference
             .iter()
-            .flatten()
-            .map(|&v| f64::from(v) * f64::from(v))
+            .flat_map(|image| image.iter().zip(&self.weights))
+            .map(|(&v, &w)| w * f64::from(v) * f64::from(v))
             .sum()
     }
 
-    /// The squared error of the model with `convs` quantized.
+    /// The squared error of the model with `convs` quantized, each value
+    /// weighted by its part ([`weights`]).
     pub fn noise(
         &self,
         convs: &HashSet<String>,
@@ -154,14 +173,15 @@ impl<'a> Trials<'a> {
                 .get(image)
                 .and_then(|r| r.get(at.1..))
                 .unwrap_or(&[]);
+            let weight = self.weights.get(at.1..).unwrap_or(&[]);
             at.1 += got.len();
             // One running sum, in the order of the values, so the result
             // is the same to the bit as summing them all at the end.
-            for (&w, &g) in want.iter().zip(got) {
+            for ((&w, &g), &k) in want.iter().zip(got).zip(weight) {
                 let d = f64::from(w) - f64::from(g);
                 // Finite even when a trial model overflows, so that the
                 // estimate in `choose` never subtracts infinities.
-                noise += if d.is_finite() { d * d } else { f64::MAX };
+                noise += if d.is_finite() { k * d * d } else { f64::MAX };
             }
         })?;
         Ok(noise.min(f64::MAX))
@@ -181,6 +201,111 @@ impl<'a> Trials<'a> {
         }
         Ok(())
     }
+}
+
+/// What an output value is to the detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Part {
+    /// A class score.
+    Score,
+    /// A box value (a distance or a DFL logit).
+    Box,
+    /// Nothing the decoder reads.
+    Unread,
+}
+
+/// The part of each value of one image's outputs (`lengths` values each,
+/// in graph order), or `None` where they do not fit `layout`.
+fn parts(layout: &Layout, lengths: &[usize]) -> Option<Vec<Part>> {
+    let classes = layout.num_classes;
+    let width = layout.boxes.width();
+    let mut outputs: Vec<Vec<Part>> = lengths.iter().map(|&n| vec![Part::Unread; n]).collect();
+    match &layout.outputs {
+        OutputMap::Single {
+            output,
+            score_column,
+            box_column,
+        } => {
+            let columns = classes.checked_add(width)?;
+            let rows = outputs.get_mut(*output)?;
+            if Some(rows.len()) != layout.priors().checked_mul(columns) {
+                return None;
+            }
+            for row in rows.chunks_exact_mut(columns) {
+                row.get_mut(*score_column..score_column.checked_add(classes)?)?
+                    .fill(Part::Score);
+                row.get_mut(*box_column..box_column.checked_add(width)?)?
+                    .fill(Part::Box);
+            }
+            // Overlapping columns would leave some of a row unmarked.
+            if rows.contains(&Part::Unread) {
+                return None;
+            }
+        }
+        OutputMap::PerLevel { scores, boxes } => {
+            for ((level, &s), &b) in layout.levels.iter().zip(scores).zip(boxes) {
+                let priors = level.priors();
+                for (index, part, per_prior) in [(s, Part::Score, classes), (b, Part::Box, width)] {
+                    let values = outputs.get_mut(index)?;
+                    // An output read twice is not a layout the decoder takes.
+                    if Some(values.len()) != priors.checked_mul(per_prior)
+                        || values.iter().any(|&p| p != Part::Unread)
+                    {
+                        return None;
+                    }
+                    values.fill(part);
+                }
+            }
+        }
+    }
+    Some(outputs.concat())
+}
+
+/// Each value's weight in the trial measure, by its index in one image's
+/// outputs, from the FP32 `reference` outputs, or `None` where they do not
+/// fit `layout`.
+///
+/// Raw squared error would measure the box values alone: on plus-m_320
+/// the class scores, sigmoids mostly near 0, held 0.01 % of an INT8
+/// model's error, and the DFL logits the rest. So the scores and the
+/// boxes count as two halves, each value divided by its half's power
+/// over the trial images: the measure's signal is then 2, and its SNR
+/// that of the two halves' mean relative error. Values the decoder does
+/// not read count nothing.
+fn weights(layout: &Layout, reference: &[Vec<f32>], lengths: &[usize]) -> Option<Vec<f64>> {
+    let parts = parts(layout, lengths)?;
+    let mut power = [0.0f64; 2]; // scores, boxes
+    for image in reference {
+        if image.len() != parts.len() {
+            return None;
+        }
+        for (&v, part) in image.iter().zip(&parts) {
+            let p = f64::from(v) * f64::from(v);
+            match part {
+                Part::Score => power[0] += p,
+                Part::Box => power[1] += p,
+                Part::Unread => {}
+            }
+        }
+    }
+    // A part with no power, or too little to divide by, counts nothing.
+    let [score, boxes] = power.map(|p| {
+        let w = 1.0 / p;
+        if p > 0.0 && w.is_finite() { w } else { 0.0 }
+    });
+    if score == 0.0 && boxes == 0.0 {
+        return None;
+    }
+    Some(
+        parts
+            .iter()
+            .map(|part| match part {
+                Part::Score => score,
+                Part::Box => boxes,
+                Part::Unread => 0.0,
+            })
+            .collect(),
+    )
 }
 
 /// A trial: the Convs it quantizes, and the scale of each tensor.
@@ -570,5 +695,127 @@ mod tests {
     fn snr_without_noise_is_infinite() {
         assert_eq!(db(1.0, 0.0), f64::INFINITY);
         assert!((db(100.0, 1.0) - 20.0).abs() < 1e-12);
+    }
+
+    fn layout(side: usize, shapes: &[&[usize]]) -> Layout {
+        let outputs: Vec<crate::model::TensorShape> = shapes
+            .iter()
+            .map(|s| crate::model::TensorShape {
+                name: String::new(),
+                shape: s.to_vec(),
+            })
+            .collect();
+        Layout::detect(&[1, 3, side, side], &outputs, &Default::default()).unwrap()
+    }
+
+    /// NanoDet-Plus at 64×64: 85 priors of 3 scores, then 32 DFL logits.
+    #[test]
+    fn scores_and_boxes_weigh_as_two_halves() {
+        let plus = layout(64, &[&[1, 85, 35]]);
+        // Two images; scores near 0 as sigmoids mostly are, logits large.
+        let reference: Vec<Vec<f32>> = (0..2)
+            .map(|image| {
+                (0..85 * 35)
+                    .map(|i| {
+                        let wobble = ((i * 7 + image * 13) % 11) as f32;
+                        if i % 35 < 3 {
+                            0.01 * wobble
+                        } else {
+                            wobble - 5.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let weights = weights(&plus, &reference, &[85 * 35]).unwrap();
+        let power = |part: fn(usize) -> bool| -> f64 {
+            reference
+                .iter()
+                .flat_map(|image| image.iter().zip(&weights).enumerate())
+                .filter(|(i, _)| part(i % 35))
+                .map(|(_, (&v, &w))| w * f64::from(v) * f64::from(v))
+                .sum()
+        };
+        // Each half's weighted power is 1, so the whole measure's signal is 2.
+        assert!((power(|c| c < 3) - 1.0).abs() < 1e-5);
+        assert!((power(|c| c >= 3) - 1.0).abs() < 1e-5);
+        // One weight per half, the same in every row.
+        assert!(
+            weights
+                .chunks(35)
+                .all(|row| row[..3] == weights[..3] && row[3..] == weights[3..35])
+        );
+        assert!(weights[0] > 1000.0 * weights[3]);
+    }
+
+    /// A legacy export with the DFL integral in the graph, its outputs in
+    /// no particular order: the parts follow the layout's map, not the order.
+    #[test]
+    fn per_level_outputs_take_their_parts_from_the_layout() {
+        let shapes: [&[usize]; 6] = [
+            &[1, 4, 4],
+            &[1, 64, 80],
+            &[1, 16, 4],
+            &[1, 16, 80],
+            &[1, 64, 4],
+            &[1, 4, 80],
+        ];
+        let integral = layout(64, &shapes);
+        let lengths: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let found = parts(&integral, &lengths).unwrap();
+        let mut expected = Vec::new();
+        for (i, &n) in lengths.iter().enumerate() {
+            let part = if i % 2 == 1 { Part::Score } else { Part::Box };
+            expected.extend(std::iter::repeat_n(part, n));
+        }
+        assert_eq!(found, expected);
+        // Outputs of the wrong size, or one more than the layout reads.
+        let mut short = lengths.clone();
+        short[3] -= 80;
+        assert_eq!(parts(&integral, &short), None);
+        let mut extra = lengths.clone();
+        extra.push(10);
+        let with_extra = parts(&integral, &extra).unwrap();
+        assert!(
+            with_extra[expected.len()..]
+                .iter()
+                .all(|&p| p == Part::Unread)
+        );
+    }
+
+    /// nanodet-m_320's outputs as the file declares them (their names say
+    /// otherwise): three levels of scores, then three of DFL logits.
+    #[test]
+    fn the_legacy_dfl_export_scores_first() {
+        let shapes: [&[usize]; 6] = [
+            &[1600, 80],
+            &[400, 80],
+            &[100, 80],
+            &[1600, 32],
+            &[400, 32],
+            &[100, 32],
+        ];
+        let raw = layout(320, &shapes);
+        let lengths: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+        let found = parts(&raw, &lengths).unwrap();
+        let scores = 2100 * 80;
+        assert_eq!(found.len(), scores + 2100 * 32);
+        assert!(found[..scores].iter().all(|&p| p == Part::Score));
+        assert!(found[scores..].iter().all(|&p| p == Part::Box));
+    }
+
+    #[test]
+    fn outputs_that_do_not_fit_or_hold_nothing_get_no_weights() {
+        let plus = layout(64, &[&[1, 85, 35]]);
+        assert_eq!(weights(&plus, &[vec![0.5; 84 * 35]], &[84 * 35]), None);
+        assert_eq!(weights(&plus, &[vec![0.5; 85 * 35]], &[85 * 34, 85]), None);
+        assert_eq!(weights(&plus, &[vec![0.0; 85 * 35]], &[85 * 35]), None);
+        // Scores all zero: the boxes alone count.
+        let boxes_only: Vec<f32> = (0..85 * 35)
+            .map(|i| if i % 35 < 3 { 0.0 } else { 2.0 })
+            .collect();
+        let w = weights(&plus, &[boxes_only], &[85 * 35]).unwrap();
+        assert_eq!(w[0], 0.0);
+        assert!((w[3] - 1.0 / (85.0 * 32.0 * 4.0)).abs() < 1e-9);
     }
 }
