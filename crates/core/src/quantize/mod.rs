@@ -352,6 +352,10 @@ pub struct AutoFloatReport {
     pub images: usize,
     /// Seconds the trial models took, the threshold choice's included.
     pub seconds: f64,
+    /// Whether the trial models weighed class scores and boxes as two
+    /// halves; false where the outputs did not fit the model's layout and
+    /// every value counted the same.
+    pub by_part: bool,
 }
 
 /// What the threshold choice tried and kept.
@@ -1179,6 +1183,7 @@ fn choose_by_trials(
                 tensors: choice.tensors,
                 images,
                 seconds: started.elapsed().as_secs_f64(),
+                by_part: trials.by_part(),
             }),
             choice.convs,
         ),

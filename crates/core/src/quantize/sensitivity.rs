@@ -89,6 +89,8 @@ pub struct Trials<'a> {
     /// Each value's weight in the measure, by its index in one image's
     /// outputs ([`weights`]).
     weights: Vec<f64>,
+    /// Whether `weights` are by part, or all 1 (see [`Trials::by_part`]).
+    by_part: bool,
 }
 
 impl<'a> Trials<'a> {
@@ -115,6 +117,7 @@ impl<'a> Trials<'a> {
             inputs,
             reference: Vec::new(),
             weights: Vec::new(),
+            by_part: true,
         };
         let mut reference = vec![Vec::new(); trials.inputs.len()];
         let mut lengths = Vec::new();
@@ -126,13 +129,17 @@ impl<'a> Trials<'a> {
                 r.extend_from_slice(values);
             }
         })?;
-        trials.weights = weights(layout, &reference, &lengths).unwrap_or_else(|| {
-            log::warn!(
-                "trial models: the outputs do not fit the {} layout; every output value counts the same",
-                layout.kind
-            );
-            vec![1.0; lengths.iter().sum()]
-        });
+        match weights(layout, &reference, &lengths) {
+            Some(weights) => trials.weights = weights,
+            None => {
+                log::warn!(
+                    "trial models: the outputs do not fit the {} layout, or hold nothing on the trial images; every output value counts the same",
+                    layout.kind
+                );
+                trials.weights = vec![1.0; reference.first().map_or(0, Vec::len)];
+                trials.by_part = false;
+            }
+        }
         trials.reference = reference;
         Ok(trials)
     }
@@ -162,29 +169,15 @@ impl<'a> Trials<'a> {
         };
         // Compared as each output comes, not kept: 10 MB a thread on
         // plus-m_416's 6 images.
-        let mut noise = 0.0f64;
-        let mut at = (0, 0); // image, offset into its reference
-        self.run(bytes, &mut |image, got| {
-            if image != at.0 {
-                at = (image, 0);
-            }
-            let want = self
-                .reference
-                .get(image)
-                .and_then(|r| r.get(at.1..))
-                .unwrap_or(&[]);
-            let weight = self.weights.get(at.1..).unwrap_or(&[]);
-            at.1 += got.len();
-            // One running sum, in the order of the values, so the result
-            // is the same to the bit as summing them all at the end.
-            for ((&w, &g), &k) in want.iter().zip(got).zip(weight) {
-                let d = f64::from(w) - f64::from(g);
-                // Finite even when a trial model overflows, so that the
-                // estimate in `choose` never subtracts infinities.
-                noise += if d.is_finite() { k * d * d } else { f64::MAX };
-            }
-        })?;
-        Ok(noise.min(f64::MAX))
+        let mut error = WeightedError::default();
+        self.run(bytes, &mut |image, got| error.add(self, image, got))?;
+        Ok(error.noise.min(f64::MAX))
+    }
+
+    /// Whether the measure weighs scores and boxes as halves: false where
+    /// the outputs did not fit the layout and every value counts the same.
+    pub fn by_part(&self) -> bool {
+        self.by_part
     }
 
     /// Runs the model in `bytes` on every image, handing each output's
@@ -200,6 +193,43 @@ impl<'a> Trials<'a> {
             probe.run(input, &mut |_, _, values| each(image, values))?;
         }
         Ok(())
+    }
+}
+
+/// A trial model's weighted squared error, summed as its outputs come:
+/// each image's outputs in graph order, the images in order.
+#[derive(Debug, Default)]
+struct WeightedError {
+    /// The image being compared, and the offset into its reference.
+    at: (usize, usize),
+    noise: f64,
+}
+
+impl WeightedError {
+    /// Adds the error of `got`, the next output of `image`.
+    fn add(&mut self, trials: &Trials<'_>, image: usize, got: &[f32]) {
+        if image != self.at.0 {
+            self.at = (image, 0);
+        }
+        let offset = self.at.1;
+        let want = trials
+            .reference
+            .get(image)
+            .and_then(|r| r.get(offset..))
+            .unwrap_or(&[]);
+        let weight = trials.weights.get(offset..).unwrap_or(&[]);
+        self.at.1 = offset.saturating_add(got.len());
+        // One running sum, in the order of the values, so the result is
+        // the same to the bit as summing them all at the end.
+        for ((&w, &g), &k) in want.iter().zip(got).zip(weight) {
+            if k == 0.0 {
+                continue; // a value that counts nothing, even overflowed
+            }
+            let d = f64::from(w) - f64::from(g);
+            // Finite even when a trial model overflows, so that the
+            // estimate in `choose` never subtracts infinities.
+            self.noise += if d.is_finite() { k * d * d } else { f64::MAX };
+        }
     }
 }
 
@@ -708,6 +738,35 @@ mod tests {
         Layout::detect(&[1, 3, side, side], &outputs, &Default::default()).unwrap()
     }
 
+    /// Outputs come one at a time, two per image here: each is compared
+    /// with the reference and weighted at its own offset, and the offset
+    /// starts again with each image.
+    #[test]
+    fn each_output_is_weighted_at_its_offset_within_its_image() {
+        let model = ModelProto::default();
+        let trials = Trials {
+            model: &model,
+            size: (1, 1),
+            outputs: Vec::new(),
+            inputs: Vec::new(),
+            reference: vec![
+                vec![1.0, 2.0, 3.0, 4.0, 5.0],
+                vec![10.0, 20.0, 30.0, 40.0, 50.0],
+            ],
+            weights: vec![1.0, 0.0, 2.0, 3.0, 0.5],
+            by_part: true,
+        };
+        let mut error = WeightedError::default();
+        error.add(&trials, 0, &[1.0, 7.0]); // 0, and 25 that counts nothing
+        error.add(&trials, 0, &[2.0, 4.0, 6.0]); // 2·1 + 0 + 0.5·1
+        error.add(&trials, 1, &[11.0, f32::NAN]); // 1, and a NaN that counts nothing
+        error.add(&trials, 1, &[30.0, 40.0, 52.0]); // 0 + 0 + 0.5·4
+        assert_eq!(error.noise, 5.5);
+        // An overflowed value that counts is the largest finite error.
+        error.add(&trials, 0, &[f32::INFINITY]);
+        assert_eq!(error.noise, f64::MAX);
+    }
+
     /// NanoDet-Plus at 64×64: 85 priors of 3 scores, then 32 DFL logits.
     #[test]
     fn scores_and_boxes_weigh_as_two_halves() {
@@ -769,7 +828,8 @@ mod tests {
             expected.extend(std::iter::repeat_n(part, n));
         }
         assert_eq!(found, expected);
-        // Outputs of the wrong size, or one more than the layout reads.
+        // An output of the wrong size: no parts. One more output than the
+        // layout reads: that one is unread.
         let mut short = lengths.clone();
         short[3] -= 80;
         assert_eq!(parts(&integral, &short), None);
@@ -802,6 +862,17 @@ mod tests {
         assert_eq!(found.len(), scores + 2100 * 32);
         assert!(found[..scores].iter().all(|&p| p == Part::Score));
         assert!(found[scores..].iter().all(|&p| p == Part::Box));
+    }
+
+    /// The single-output legacy export: distances first, then scores.
+    #[test]
+    fn the_fused_export_boxes_first() {
+        let fused = layout(320, &[&[1, 2100, 84]]);
+        let found = parts(&fused, &[2100 * 84]).unwrap();
+        for row in found.chunks(84) {
+            assert!(row[..4].iter().all(|&p| p == Part::Box));
+            assert!(row[4..].iter().all(|&p| p == Part::Score));
+        }
     }
 
     #[test]
