@@ -303,24 +303,13 @@ fn best_score(scores: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::{LayoutOverrides, TensorShape};
+    use super::super::layout::square_layout as layout;
     use super::*;
 
     const PARAMS: DecodeParams = DecodeParams {
         score_threshold: 0.3,
         top_k_per_level: Some(1000),
     };
-
-    fn layout(input: usize, shapes: &[&[usize]]) -> Layout {
-        let outputs: Vec<TensorShape> = shapes
-            .iter()
-            .map(|s| TensorShape {
-                name: String::new(),
-                shape: s.to_vec(),
-            })
-            .collect();
-        Layout::detect(&[1, 3, input, input], &outputs, &LayoutOverrides::default()).unwrap()
-    }
 
     /// DFL logits that put all mass on one bin per side.
     fn one_hot_dfl(bins_per_side: [usize; 4]) -> Vec<f32> {

@@ -510,6 +510,22 @@ impl Layout {
     }
 }
 
+/// The layout [`Layout::detect`] finds for a square `side`×`side` input
+/// and outputs of `shapes`, with no overrides: for tests of the code that
+/// reads a layout.
+#[cfg(test)]
+pub(crate) fn square_layout(side: usize, shapes: &[&[usize]]) -> Layout {
+    let outputs: Vec<TensorShape> = shapes
+        .iter()
+        .map(|s| TensorShape {
+            name: String::new(),
+            shape: s.to_vec(),
+        })
+        .collect();
+    Layout::detect(&[1, 3, side, side], &outputs, &LayoutOverrides::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

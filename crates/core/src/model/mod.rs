@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub use batch::{BATCH, BatchRewrite};
 pub use decode::{Candidate, DecodeError, DecodeParams};
 pub use fp16::HalfConversion;
+#[cfg(test)]
+pub(crate) use layout::square_layout;
 pub use layout::{
     BoxEncoding, Layout, LayoutError, LayoutKind, LayoutOverrides, Level, OutputMap, TensorShape,
 };

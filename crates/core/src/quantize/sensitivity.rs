@@ -578,6 +578,7 @@ pub fn best_prefix(none: f64, measured: &[(usize, f64)]) -> (usize, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::square_layout as layout;
 
     fn candidate(tensor: &str, macs: u64, noise: f64) -> Candidate {
         Candidate {
@@ -725,17 +726,6 @@ mod tests {
     fn snr_without_noise_is_infinite() {
         assert_eq!(db(1.0, 0.0), f64::INFINITY);
         assert!((db(100.0, 1.0) - 20.0).abs() < 1e-12);
-    }
-
-    fn layout(side: usize, shapes: &[&[usize]]) -> Layout {
-        let outputs: Vec<crate::model::TensorShape> = shapes
-            .iter()
-            .map(|s| crate::model::TensorShape {
-                name: String::new(),
-                shape: s.to_vec(),
-            })
-            .collect();
-        Layout::detect(&[1, 3, side, side], &outputs, &Default::default()).unwrap()
     }
 
     /// Outputs come one at a time, two per image here: each is compared
