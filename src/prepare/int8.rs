@@ -44,8 +44,16 @@ pub enum Int8Error {
 /// File kind of cached Q/DQ models.
 const KIND: &str = "int8.onnx";
 
-/// The Q/DQ model for `model`, from the cache or freshly calibrated.
-pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
+/// The Q/DQ model for `model`, from the cache or freshly calibrated. The
+/// detector will read the model with `overrides` and `input_size` (a
+/// command's flags; the daemon's are the defaults), so the calibration
+/// preprocesses and weighs with the layout they give, and the cache keeps
+/// a model per choice.
+pub fn qdq_model(
+    model: &ModelConfig,
+    overrides: &LayoutOverrides,
+    input_size: Option<(usize, usize)>,
+) -> Result<PathBuf, Int8Error> {
     let int8 = &model.int8;
     let options = QuantizeOptions {
         method: quantize::parse_method(&int8.method)?,
@@ -62,7 +70,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;
-    let key = quantize::cache_key(&source_sha256, &set, &options);
+    let key = quantize::cache_key(&source_sha256, &set, &options, overrides, input_size);
     let stem = crate::model::file_name_stem(&model.path);
     let cache = ArtifactCache::new(&model.cache);
     let fallback = fallback_cache();
@@ -80,7 +88,7 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
         set.dir.display(),
         int8.method
     );
-    let layout = fp32_layout(&model.path)?;
+    let layout = fp32_layout(&model.path, overrides, input_size)?;
     let started = Instant::now();
     let mut progress = quantize::TenthsLog::new("INT8 calibration");
     let quantized =
@@ -122,12 +130,17 @@ pub fn qdq_model(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
     Ok(path)
 }
 
-/// The layout of the FP32 model at `path`, whose preprocessing
+/// The layout of the FP32 model at `path` read with `overrides` at
+/// `input_size`, as the detector will read it: its preprocessing
 /// calibration repeats so that the statistics are those of the frames
-/// inference will see, and whose outputs weigh the trial models'
-/// errors: read from the shapes the file declares, or, where it does
-/// not declare them all, from tract's shape inference.
-pub fn fp32_layout(path: &Path) -> Result<Layout, Int8Error> {
+/// inference will see, and its outputs weigh the trial models' errors.
+/// From the shapes the file declares, or, where it does not declare them
+/// all or another input size is asked for, from tract's shape inference.
+pub fn fp32_layout(
+    path: &Path,
+    overrides: &LayoutOverrides,
+    input_size: Option<(usize, usize)>,
+) -> Result<Layout, Int8Error> {
     use std::io::Read;
     let mut onnx = Vec::new();
     std::fs::File::open(path)
@@ -136,17 +149,17 @@ pub fn fp32_layout(path: &Path) -> Result<Layout, Int8Error> {
     // Bytes that do not decode leave it to tract, which names the problem.
     let declared = OnnxModel::from_bytes(onnx)
         .ok()
-        .and_then(|model| declared_layout(&model, &LayoutOverrides::default()));
+        .filter(|_| input_size.is_none())
+        .and_then(|model| declared_layout(&model, overrides));
     if let Some(declared) = declared {
         return Ok(declared.map_err(DetectorError::from)?);
     }
-    let engine = backend::open_engine(BackendKind::Tract, path, &EngineOptions::default())?;
-    let fp32 = Detector::new(
-        engine,
-        &LayoutOverrides::default(),
-        None,
-        DetectionParams::LIVE,
-    )?;
+    let options = EngineOptions {
+        input_size,
+        ..EngineOptions::default()
+    };
+    let engine = backend::open_engine(BackendKind::Tract, path, &options)?;
+    let fp32 = Detector::new(engine, overrides, None, DetectionParams::LIVE)?;
     Ok(fp32.layout().clone())
 }
 

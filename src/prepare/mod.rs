@@ -12,13 +12,13 @@ mod tensorrt;
 /// box without a GPU, and says why.
 #[cfg(not(feature = "tensorrt"))]
 mod tensorrt {
-    use super::{Progress, TensorRtSetupError};
+    use super::{LoadOptions, TensorRtSetupError};
 
     /// Always [`TensorRtSetupError::NotCompiledIn`].
     pub fn engine(
         _: &crate::config::ModelConfig,
         _: &std::path::Path,
-        _: &Progress,
+        _: &LoadOptions,
     ) -> Result<std::sync::Arc<dyn crate::backend::Engine>, TensorRtSetupError> {
         Err(TensorRtSetupError::NotCompiledIn)
     }
@@ -128,8 +128,8 @@ pub enum TensorRtSetupError {
 }
 
 /// The file that runs for `model`: the FP32 ONNX, or the Q/DQ INT8 model
-/// made from it (cached).
-pub fn prepared_file(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
+/// made from it (cached) for the layout `options` read it with.
+pub fn prepared_file(model: &ModelConfig, options: &LoadOptions) -> Result<PathBuf, Int8Error> {
     let runs = |kind: BackendKind| match model.backend {
         BackendChoice::Only(chosen) => chosen == kind,
         BackendChoice::Auto => true,
@@ -153,7 +153,7 @@ pub fn prepared_file(model: &ModelConfig) -> Result<PathBuf, Int8Error> {
             Ok(model.path.clone())
         }
         Precision::Int8 => {
-            let qdq = int8::qdq_model(model)?;
+            let qdq = int8::qdq_model(model, &options.overrides, options.input_size)?;
             if let BackendChoice::Only(kind) = model.backend
                 && !kind.has_int8_kernels()
             {
@@ -185,7 +185,19 @@ pub fn load_detector(
     // Before any backend sizes its buffers from the model's shapes: a
     // hostile one would make it allocate gigabytes and abort the daemon.
     model::check_file_sizes(&model.path)?;
-    let file = prepared_file(model)?;
+    // The class names decide the class count, as in `Detector::new`, for
+    // the layout the INT8 calibration reads too.
+    let options = &LoadOptions {
+        overrides: LayoutOverrides {
+            num_classes: options
+                .overrides
+                .num_classes
+                .or(class_names.as_ref().map(Vec::len)),
+            ..options.overrides.clone()
+        },
+        ..options.clone()
+    };
+    let file = prepared_file(model, options)?;
     let engine_options = EngineOptions {
         input_size: options.input_size,
         onnxruntime: onnxruntime_options(model),
@@ -194,7 +206,7 @@ pub fn load_detector(
         // No GPU, no driver or no TensorRT on this box: the CPU runs the
         // same model, and the log and the stats topic say so.
         BackendChoice::Only(BackendKind::TensorRt) if options.fall_back_to_cpu => {
-            match tensorrt::engine(model, &file, &options.progress) {
+            match tensorrt::engine(model, &file, options) {
                 Ok(engine) => engine,
                 Err(why) => {
                     let note = format!(
@@ -209,7 +221,7 @@ pub fn load_detector(
         }
         choice => backend::open_chosen(choice, &|kind| match kind {
             BackendKind::TensorRt => {
-                tensorrt::engine(model, &file, &options.progress).map_err(|why| match why {
+                tensorrt::engine(model, &file, options).map_err(|why| match why {
                     // Already says the backend is unavailable, and why.
                     TensorRtSetupError::Backend(e) => e,
                     why => BackendError::unavailable(kind, why),

@@ -5,18 +5,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{LoadError, Progress, TensorRtSetupError};
+use super::{LoadError, LoadOptions, TensorRtSetupError};
 use crate::backend::tensorrt::{OnnxSources, TensorRtOptions, TrtEngine, TrtPrecision};
 use crate::config::{Bounded, Int8Mode, ModelConfig, Precision};
 
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
-/// INT8) or loaded from the engine cache. `progress` hears each step of
-/// a build.
+/// INT8) or loaded from the engine cache. `options.progress` hears each
+/// step of a build; the calibrator preprocesses with the layout of
+/// `options.overrides`.
 pub fn engine(
     model: &ModelConfig,
     file: &Path,
-    progress: &Progress,
+    options: &LoadOptions,
 ) -> Result<Arc<dyn crate::backend::Engine>, TensorRtSetupError> {
+    let progress = &options.progress;
     let trt = &model.tensorrt;
     let precision = match (model.precision, trt.int8_mode) {
         (Precision::Fp32, _) => TrtPrecision::Fp32,
@@ -43,9 +45,10 @@ pub fn engine(
             let images = model.int8.images.map(Bounded::get);
             let set = crate::quantize::CalibrationSet::scan(&model.int8.calibration, images)
                 .map_err(TensorRtSetupError::Calibration)?;
-            let spec = super::int8::fp32_layout(&model.path)
-                .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?
-                .preprocess_spec();
+            let spec =
+                super::int8::fp32_layout(&model.path, &options.overrides, options.input_size)
+                    .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?
+                    .preprocess_spec();
             Some((set, spec))
         }
         _ => None,

@@ -440,3 +440,81 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
     );
     assert_eq!(stdout(&second), stdout(&first));
 }
+
+/// Issue 22: a command's layout flags reach the INT8 calibration, which
+/// preprocesses as the detector will (here a legacy model stretched, not
+/// letterboxed): the cached model is the one `quantize` makes with the
+/// same flags, byte for byte, and the default layout has another key.
+#[test]
+fn int8_calibration_reads_the_model_with_the_commands_layout_flags_issue_22() {
+    let Some(a) = assets("int8 layout flags") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let model_path = model(&a, "nanodet-m-0.5x_320");
+    let calibration = a.join("datasets/calibration-80");
+    let image = sample(&a, "hpc203_bus.jpg");
+    // Percentile alone, on 8 images: this is about the layout.
+    let quantized = dir.path().join("stretched.int8.onnx");
+    let o = nanodetd(&[
+        "quantize",
+        "--model",
+        model_path.to_str().unwrap(),
+        "--resize",
+        "stretch",
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--images",
+        "8",
+        "--no-auto-float",
+        "--no-threshold-choice",
+        "--no-adaround",
+        "--no-bias-correction",
+        "--out",
+        quantized.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let detect = |layout: &[&str]| {
+        let mut args = vec!["detect", "--json", "--model", model_path.to_str().unwrap()];
+        args.extend_from_slice(layout);
+        args.extend_from_slice(&[
+            "--precision",
+            "int8",
+            "--calibration",
+            calibration.to_str().unwrap(),
+            "--int8-images",
+            "8",
+            "--int8-no-auto-float",
+            "--int8-no-threshold-choice",
+            "--int8-no-adaround",
+            "--int8-no-bias-correction",
+            "--cache",
+            cache.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ]);
+        let o = nanodetd(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let cached = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".int8.onnx"))
+            .collect();
+        files.sort();
+        files
+    };
+    detect(&["--resize", "stretch"]);
+    let stretched = cached();
+    assert_eq!(stretched.len(), 1, "{stretched:?}");
+    let expected = std::fs::read(&quantized).unwrap();
+    assert!(std::fs::read(&stretched[0]).unwrap() == expected);
+    // The default layout misses the stretched model's key; its model
+    // replaces the stale one, as the cache keeps one per model file.
+    detect(&[]);
+    let letterboxed = cached();
+    assert_eq!(letterboxed.len(), 1, "{letterboxed:?}");
+    assert_ne!(letterboxed, stretched);
+    assert!(std::fs::read(&letterboxed[0]).unwrap() != expected);
+}

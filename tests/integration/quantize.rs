@@ -15,7 +15,7 @@ use tract_onnx::pb;
 
 use crate::support::{assets, model, nanodetd, stderr};
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
-use nanodetd::model::Layout;
+use nanodetd::model::{Layout, LayoutKind, LayoutOverrides};
 use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, QuantizedModel, graph, keys};
 
 /// Quantizes `source` with no progress wanted; panics on failure.
@@ -296,7 +296,7 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         assert!(noted.contains(tensor.as_str()), "{noted}");
     }
     // Each option is part of the cache key.
-    let key = quantize::cache_key("sha", &set, &options);
+    let key = quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None);
     for (option, without) in [
         (
             "auto_float",
@@ -313,8 +313,28 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
             },
         ),
     ] {
-        assert_ne!(quantize::cache_key("sha", &set, &without), key, "{option}");
+        assert_ne!(
+            quantize::cache_key("sha", &set, &without, &LayoutOverrides::default(), None),
+            key,
+            "{option}"
+        );
     }
+    // So is the layout a command's flags ask for.
+    let raw = LayoutOverrides {
+        layout: Some(LayoutKind::Raw),
+        ..LayoutOverrides::default()
+    };
+    assert_ne!(quantize::cache_key("sha", &set, &options, &raw, None), key);
+    assert_ne!(
+        quantize::cache_key(
+            "sha",
+            &set,
+            &options,
+            &LayoutOverrides::default(),
+            Some((320, 320))
+        ),
+        key
+    );
 }
 
 #[test]
@@ -385,7 +405,8 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             ..options.clone()
         };
         assert_eq!(
-            quantize::cache_key("sha", &set, &plain) == quantize::cache_key("sha", &set, &options),
+            quantize::cache_key("sha", &set, &plain, &LayoutOverrides::default(), None)
+                == quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None),
             !bias_correction,
             "the option is part of the cache key"
         );
@@ -406,8 +427,8 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
                     ..options.clone()
                 };
                 assert_ne!(
-                    quantize::cache_key("sha", &set, &nearest),
-                    quantize::cache_key("sha", &set, &options)
+                    quantize::cache_key("sha", &set, &nearest, &LayoutOverrides::default(), None),
+                    quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None)
                 );
             }
             other => panic!("{method}: adaround {other:?}"),

@@ -35,7 +35,7 @@ pub use stats::ProbeError;
 
 use crate::errors::one_line;
 use crate::frame::Frame;
-use crate::model::Layout;
+use crate::model::{Layout, LayoutOverrides};
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use graph::{GraphError, set_metadata};
 use qdq::conv_id;
@@ -434,9 +434,16 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     calibration::hash_file(path).map(|(_, h)| calibration::hex(&h))
 }
 
-/// The cache key for quantizing `source_sha256` with `set` and `options`:
-/// everything that changes the output, and nothing that does not.
-pub fn cache_key(source_sha256: &str, set: &CalibrationSet, options: &QuantizeOptions) -> String {
+/// The cache key for quantizing `source_sha256` with `set` and `options`,
+/// its layout read with `overrides` at `input_size`: everything that
+/// changes the output, and nothing that does not.
+pub fn cache_key(
+    source_sha256: &str,
+    set: &CalibrationSet,
+    options: &QuantizeOptions,
+    overrides: &LayoutOverrides,
+    input_size: Option<(usize, usize)>,
+) -> String {
     let mut h = Sha256::new();
     h.update(format!(
         "v{QUANTIZER_VERSION}\n{source_sha256}\n{}\n{}\n{:?}\n{:?}\n{}\n",
@@ -458,6 +465,10 @@ pub fn cache_key(source_sha256: &str, set: &CalibrationSet, options: &QuantizeOp
     }
     if options.threshold_choice {
         h.update("threshold_choice\n");
+    }
+    // The layout decides the preprocessing and the trial models' weights.
+    if *overrides != LayoutOverrides::default() || input_size.is_some() {
+        h.update(format!("layout {overrides:?} {input_size:?}\n"));
     }
     calibration::hex(&h.finalize())
 }
