@@ -188,13 +188,7 @@ pub fn load_detector(
     // The class names decide the class count, as in `Detector::new`, for
     // the layout the INT8 calibration reads too.
     let options = &LoadOptions {
-        overrides: LayoutOverrides {
-            num_classes: options
-                .overrides
-                .num_classes
-                .or(class_names.as_ref().map(Vec::len)),
-            ..options.overrides.clone()
-        },
+        overrides: options.overrides.counting(class_names.as_deref()),
         ..options.clone()
     };
     let file = prepared_file(model, options)?;

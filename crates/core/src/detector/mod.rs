@@ -113,10 +113,7 @@ impl Detector {
         params: DetectionParams,
     ) -> Result<Detector, DetectorError> {
         let info = engine.info();
-        let overrides = LayoutOverrides {
-            num_classes: overrides.num_classes.or(class_names.as_ref().map(Vec::len)),
-            ..overrides.clone()
-        };
+        let overrides = overrides.counting(class_names.as_deref());
         let layout = Layout::detect(&info.input.shape, &info.outputs, &overrides)?;
         let class_names = match class_names {
             Some(names) => names,

@@ -95,6 +95,17 @@ pub struct LayoutOverrides {
     pub num_classes: Option<usize>,
 }
 
+impl LayoutOverrides {
+    /// These overrides, with as many classes as `class_names` has where
+    /// no count is set: a class-name file tells the count.
+    pub fn counting<T>(&self, class_names: Option<&[T]>) -> LayoutOverrides {
+        LayoutOverrides {
+            num_classes: self.num_classes.or(class_names.map(<[T]>::len)),
+            ..self.clone()
+        }
+    }
+}
+
 /// A named tensor shape, as a backend reports a model's input or outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorShape {
@@ -668,6 +679,20 @@ mod tests {
                 boxes: vec![3, 4, 5]
             }
         );
+    }
+
+    #[test]
+    fn a_class_name_list_counts_the_classes_unless_a_count_is_set() {
+        let names = ["cat", "dog", "bird"];
+        let none = LayoutOverrides::default();
+        assert_eq!(none.counting(Some(&names[..])).num_classes, Some(3));
+        assert_eq!(none.counting::<&str>(None), none);
+        let set = LayoutOverrides {
+            num_classes: Some(80),
+            resize: Some(ResizeMode::Stretch),
+            ..LayoutOverrides::default()
+        };
+        assert_eq!(set.counting(Some(&names[..])), set);
     }
 
     #[test]
