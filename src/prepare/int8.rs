@@ -45,10 +45,10 @@ pub enum Int8Error {
 const KIND: &str = "int8.onnx";
 
 /// The Q/DQ model for `model`, from the cache or freshly calibrated. The
-/// detector will read the model with `overrides` and `input_size` (a
-/// command's flags; the daemon's are the defaults), so the calibration
-/// preprocesses and weighs with the layout they give, and the cache keeps
-/// a model per choice.
+/// detector will read the model with `overrides` (a command's layout
+/// flags, and the class count of a class-name file) at `input_size`, so
+/// the calibration preprocesses and weighs with the layout they give,
+/// which is part of the cache key.
 pub fn qdq_model(
     model: &ModelConfig,
     overrides: &LayoutOverrides,
@@ -70,7 +70,10 @@ pub fn qdq_model(
     };
     let set = CalibrationSet::scan(&int8.calibration, int8.images.map(Bounded::get))?;
     let source_sha256 = quantize::file_sha256(&model.path).map_err(Int8Error::ReadModel)?;
-    let key = quantize::cache_key(&source_sha256, &set, &options, overrides, input_size);
+    // Read first, as it is in the key: from the declared shapes, a parse
+    // of the file; tract's shape inference only where they do not tell.
+    let layout = fp32_layout(&model.path, overrides, input_size)?;
+    let key = quantize::cache_key(&source_sha256, &layout, &set, &options);
     let stem = crate::model::file_name_stem(&model.path);
     let cache = ArtifactCache::new(&model.cache);
     let fallback = fallback_cache();
@@ -88,7 +91,6 @@ pub fn qdq_model(
         set.dir.display(),
         int8.method
     );
-    let layout = fp32_layout(&model.path, overrides, input_size)?;
     let started = Instant::now();
     let mut progress = quantize::TenthsLog::new("INT8 calibration");
     let quantized =

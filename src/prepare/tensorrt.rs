@@ -12,7 +12,8 @@ use crate::config::{Bounded, Int8Mode, ModelConfig, Precision};
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
 /// INT8) or loaded from the engine cache. `options.progress` hears each
 /// step of a build; the calibrator preprocesses with the layout of
-/// `options.overrides`.
+/// `options.overrides` at the declared input size, which TensorRT builds
+/// for.
 pub fn engine(
     model: &ModelConfig,
     file: &Path,
@@ -45,10 +46,9 @@ pub fn engine(
             let images = model.int8.images.map(Bounded::get);
             let set = crate::quantize::CalibrationSet::scan(&model.int8.calibration, images)
                 .map_err(TensorRtSetupError::Calibration)?;
-            let spec =
-                super::int8::fp32_layout(&model.path, &options.overrides, options.input_size)
-                    .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?
-                    .preprocess_spec();
+            let spec = super::int8::fp32_layout(&model.path, &options.overrides, None)
+                .map_err(|e| TensorRtSetupError::Fp32(Box::new(LoadError::from(e))))?
+                .preprocess_spec();
             Some((set, spec))
         }
         _ => None,

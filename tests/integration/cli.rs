@@ -444,7 +444,8 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
 /// Issue 22: a command's layout flags reach the INT8 calibration, which
 /// preprocesses as the detector will (here a legacy model stretched, not
 /// letterboxed): the cached model is the one `quantize` makes with the
-/// same flags, byte for byte, and the default layout has another key.
+/// same flags, byte for byte; the default layout has another key, which
+/// flags restating it share.
 #[test]
 fn int8_calibration_reads_the_model_with_the_commands_layout_flags_issue_22() {
     let Some(a) = assets("int8 layout flags") else {
@@ -517,4 +518,25 @@ fn int8_calibration_reads_the_model_with_the_commands_layout_flags_issue_22() {
     assert_eq!(letterboxed.len(), 1, "{letterboxed:?}");
     assert_ne!(letterboxed, stretched);
     assert!(std::fs::read(&letterboxed[0]).unwrap() != expected);
+    // Flags that restate the default layout, and a class-name file of the
+    // count the shapes tell, read the model the same way: the key is the
+    // layout's, so the daemon's model is found, not made again.
+    let made = std::fs::metadata(&letterboxed[0])
+        .unwrap()
+        .modified()
+        .unwrap();
+    let classes = dir.path().join("coco.names");
+    std::fs::write(&classes, nanodetd::model::COCO_CLASS_NAMES.join("\n")).unwrap();
+    detect(&[
+        "--resize",
+        "letterbox",
+        "--classes",
+        classes.to_str().unwrap(),
+    ]);
+    assert_eq!(cached(), letterboxed);
+    let found = std::fs::metadata(&letterboxed[0])
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(found, made);
 }

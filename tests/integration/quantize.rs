@@ -15,7 +15,8 @@ use tract_onnx::pb;
 
 use crate::support::{assets, model, nanodetd, stderr};
 use nanodetd::backend::{BackendKind, EngineOptions, InputBatch, open_engine};
-use nanodetd::model::{Layout, LayoutKind, LayoutOverrides};
+use nanodetd::model::Layout;
+use nanodetd::preprocess::ResizeMode;
 use nanodetd::quantize::{self, CalibrationSet, QuantizeOptions, QuantizedModel, graph, keys};
 
 /// Quantizes `source` with no progress wanted; panics on failure.
@@ -296,7 +297,7 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         assert!(noted.contains(tensor.as_str()), "{noted}");
     }
     // Each option is part of the cache key.
-    let key = quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None);
+    let key = quantize::cache_key("sha", detector.layout(), &set, &options);
     for (option, without) in [
         (
             "auto_float",
@@ -314,27 +315,32 @@ fn automatic_partial_quantization_keeps_the_worst_inputs_in_float_within_the_mac
         ),
     ] {
         assert_ne!(
-            quantize::cache_key("sha", &set, &without, &LayoutOverrides::default(), None),
+            quantize::cache_key("sha", detector.layout(), &set, &without),
             key,
             "{option}"
         );
     }
-    // So is the layout a command's flags ask for.
-    let raw = LayoutOverrides {
-        layout: Some(LayoutKind::Raw),
-        ..LayoutOverrides::default()
-    };
-    assert_ne!(quantize::cache_key("sha", &set, &options, &raw, None), key);
-    assert_ne!(
-        quantize::cache_key(
-            "sha",
-            &set,
-            &options,
-            &LayoutOverrides::default(),
-            Some((320, 320))
-        ),
+    // So is what the layout decides: the preprocessing, and the scores'
+    // and boxes' places. The same reading gives the same key.
+    let layout = detector.layout();
+    assert_eq!(
+        quantize::cache_key("sha", &layout.clone(), &set, &options),
         key
     );
+    let resized_otherwise = Layout {
+        resize: match layout.resize {
+            ResizeMode::Letterbox => ResizeMode::Stretch,
+            ResizeMode::Stretch => ResizeMode::Letterbox,
+        },
+        ..layout.clone()
+    };
+    let fewer_classes = Layout {
+        num_classes: layout.num_classes - 1,
+        ..layout.clone()
+    };
+    for other in [resized_otherwise, fewer_classes] {
+        assert_ne!(quantize::cache_key("sha", &other, &set, &options), key);
+    }
 }
 
 #[test]
@@ -405,8 +411,8 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
             ..options.clone()
         };
         assert_eq!(
-            quantize::cache_key("sha", &set, &plain, &LayoutOverrides::default(), None)
-                == quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None),
+            quantize::cache_key("sha", detector.layout(), &set, &plain)
+                == quantize::cache_key("sha", detector.layout(), &set, &options),
             !bias_correction,
             "the option is part of the cache key"
         );
@@ -427,8 +433,8 @@ fn every_method_and_keep_float_give_rule_abiding_models_with_the_right_float_con
                     ..options.clone()
                 };
                 assert_ne!(
-                    quantize::cache_key("sha", &set, &nearest, &LayoutOverrides::default(), None),
-                    quantize::cache_key("sha", &set, &options, &LayoutOverrides::default(), None)
+                    quantize::cache_key("sha", detector.layout(), &set, &nearest),
+                    quantize::cache_key("sha", detector.layout(), &set, &options)
                 );
             }
             other => panic!("{method}: adaround {other:?}"),

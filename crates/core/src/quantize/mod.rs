@@ -35,7 +35,7 @@ pub use stats::ProbeError;
 
 use crate::errors::one_line;
 use crate::frame::Frame;
-use crate::model::{Layout, LayoutOverrides};
+use crate::model::Layout;
 use crate::preprocess::{PreprocessSpec, preprocess_into};
 use graph::{GraphError, set_metadata};
 use qdq::conv_id;
@@ -434,15 +434,14 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     calibration::hash_file(path).map(|(_, h)| calibration::hex(&h))
 }
 
-/// The cache key for quantizing `source_sha256` with `set` and `options`,
-/// its layout read with `overrides` at `input_size`: everything that
-/// changes the output, and nothing that does not.
+/// The cache key for quantizing `source_sha256` of `layout` with `set`
+/// and `options`: everything that changes the output, and nothing that
+/// does not.
 pub fn cache_key(
     source_sha256: &str,
+    layout: &Layout,
     set: &CalibrationSet,
     options: &QuantizeOptions,
-    overrides: &LayoutOverrides,
-    input_size: Option<(usize, usize)>,
 ) -> String {
     let mut h = Sha256::new();
     h.update(format!(
@@ -466,11 +465,47 @@ pub fn cache_key(
     if options.threshold_choice {
         h.update("threshold_choice\n");
     }
-    // The layout decides the preprocessing and the trial models' weights.
-    if *overrides != LayoutOverrides::default() || input_size.is_some() {
-        h.update(format!("layout {overrides:?} {input_size:?}\n"));
-    }
+    h.update(layout_key(layout));
     calibration::hex(&h.finalize())
+}
+
+/// What `layout` decides for the quantizer, in a fixed text: the
+/// preprocessing, and which output values the trial models weigh as
+/// class scores and which as box values. Two readings of a model that
+/// agree on these (flags that restate the defaults, a class-name file of
+/// the count the shapes tell) make the same model, and share its key.
+fn layout_key(layout: &Layout) -> String {
+    let spec = layout.preprocess_spec();
+    let boxes = match layout.boxes {
+        crate::model::BoxEncoding::Dfl { bins } => format!("dfl {bins}"),
+        crate::model::BoxEncoding::Distances => "distances".to_owned(),
+    };
+    let outputs = match &layout.outputs {
+        crate::model::OutputMap::Single {
+            output,
+            score_column,
+            box_column,
+        } => format!("single {output} {score_column} {box_column}"),
+        crate::model::OutputMap::PerLevel { scores, boxes } => {
+            format!("per-level {scores:?} {boxes:?}")
+        }
+    };
+    let levels: Vec<String> = layout
+        .levels
+        .iter()
+        .map(|l| format!("{}:{}x{}", l.stride, l.width, l.height))
+        .collect();
+    format!(
+        "layout {}x{} {:?} {:?} mean {:?} std {:?}; {} classes, boxes {boxes}, outputs {outputs}, levels {}\n",
+        spec.width,
+        spec.height,
+        spec.resize,
+        spec.channel_order,
+        spec.mean,
+        spec.std,
+        layout.num_classes,
+        levels.join(" "),
+    )
 }
 
 /// Quantizes the FP32 model at `source`, of `layout`, with the images of
