@@ -372,6 +372,40 @@ fn check_config_accepts_the_shipped_example_and_rejects_bad_edits() {
     );
 }
 
+/// The flags of `detect --precision int8` calibrating on 8 images of
+/// `calibration` with percentile alone (these tests are about the cache
+/// and the layout, not the methods), cached in `cache`.
+fn percentile_int8_args(calibration: &Path, cache: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--precision",
+        "int8",
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--int8-images",
+        "8",
+        "--int8-no-auto-float",
+        "--int8-no-threshold-choice",
+        "--int8-no-adaround",
+        "--int8-no-bias-correction",
+        "--cache",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.push(cache.to_str().unwrap().to_owned());
+    args
+}
+
+/// The INT8 models in the cache directory `cache`, sorted.
+fn cached_int8_models(cache: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".int8.onnx"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// Issue 18: `detect` loads models the daemon's way, so it runs the INT8
 /// model the daemon would, made once and kept in the shared cache.
 #[test]
@@ -385,26 +419,11 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
     let run = || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nanodetd"));
         // Info shows the calibration, which a command otherwise does quietly.
-        command.env("RUST_LOG", "info").args([
-            "detect",
-            "--json",
-            "--model",
-            model_path.to_str().unwrap(),
-            "--precision",
-            "int8",
-            "--calibration",
-            calibration.to_str().unwrap(),
-            "--int8-images",
-            "8",
-            // Percentile alone: this is about the cache, not the methods.
-            "--int8-no-auto-float",
-            "--int8-no-threshold-choice",
-            "--int8-no-adaround",
-            "--int8-no-bias-correction",
-            "--cache",
-            cache.path().to_str().unwrap(),
-            sample(&a, "hpc203_bus.jpg").to_str().unwrap(),
-        ]);
+        command
+            .env("RUST_LOG", "info")
+            .args(["detect", "--json", "--model", model_path.to_str().unwrap()])
+            .args(percentile_int8_args(&calibration, cache.path()))
+            .arg(sample(&a, "hpc203_bus.jpg"));
         command.output().unwrap()
     };
     let first = run();
@@ -414,11 +433,7 @@ fn detect_runs_the_int8_model_from_the_cache_the_daemon_uses_issue_18() {
         "{}",
         stderr(&first)
     );
-    let made: Vec<PathBuf> = std::fs::read_dir(cache.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".int8.onnx"))
-        .collect();
+    let made = cached_int8_models(cache.path());
     assert_eq!(made.len(), 1, "{made:?}");
     let detections: serde_json::Value = serde_json::from_str(&stdout(&first)).unwrap();
     // COCO id 6 is bus.
@@ -476,36 +491,16 @@ fn int8_calibration_reads_the_model_with_the_commands_layout_flags_issue_22() {
         quantized.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let int8 = percentile_int8_args(&calibration, &cache);
     let detect = |layout: &[&str]| {
         let mut args = vec!["detect", "--json", "--model", model_path.to_str().unwrap()];
         args.extend_from_slice(layout);
-        args.extend_from_slice(&[
-            "--precision",
-            "int8",
-            "--calibration",
-            calibration.to_str().unwrap(),
-            "--int8-images",
-            "8",
-            "--int8-no-auto-float",
-            "--int8-no-threshold-choice",
-            "--int8-no-adaround",
-            "--int8-no-bias-correction",
-            "--cache",
-            cache.to_str().unwrap(),
-            image.to_str().unwrap(),
-        ]);
+        args.extend(int8.iter().map(String::as_str));
+        args.push(image.to_str().unwrap());
         let o = nanodetd(&args);
         assert!(o.status.success(), "{}", stderr(&o));
     };
-    let cached = || -> Vec<PathBuf> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&cache)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.to_string_lossy().ends_with(".int8.onnx"))
-            .collect();
-        files.sort();
-        files
-    };
+    let cached = || cached_int8_models(&cache);
     detect(&["--resize", "stretch"]);
     let stretched = cached();
     assert_eq!(stretched.len(), 1, "{stretched:?}");
