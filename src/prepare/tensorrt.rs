@@ -61,7 +61,9 @@ pub fn engine(
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            (_, Some((set, _))) => format!("calibrator:{}", set.digest),
+            (_, Some((set, spec))) => {
+                format!("calibrator:{}", crate::quantize::calibrator_key(set, spec))
+            }
             _ => String::new(),
         },
         calibration,

@@ -89,6 +89,16 @@ impl PreprocessSpec {
     pub fn tensor_len(&self) -> usize {
         3 * self.width * self.height
     }
+
+    /// Every field in a fixed text, for the caches whose content
+    /// depends on what the network is fed: two specs with the same text
+    /// preprocess every frame the same way.
+    pub fn key_text(&self) -> String {
+        format!(
+            "{}x{} {:?} {:?} mean {:?} std {:?}",
+            self.width, self.height, self.resize, self.channel_order, self.mean, self.std
+        )
+    }
 }
 
 /// Maps between network-input pixels and original-image pixels.

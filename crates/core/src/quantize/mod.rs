@@ -496,16 +496,20 @@ fn layout_key(layout: &Layout) -> String {
         .map(|l| format!("{}:{}x{}", l.stride, l.width, l.height))
         .collect();
     format!(
-        "layout {}x{} {:?} {:?} mean {:?} std {:?}; {} classes, boxes {boxes}, outputs {outputs}, levels {}\n",
-        spec.width,
-        spec.height,
-        spec.resize,
-        spec.channel_order,
-        spec.mean,
-        spec.std,
+        "layout {}; {} classes, boxes {boxes}, outputs {outputs}, levels {}\n",
+        spec.key_text(),
         layout.num_classes,
         levels.join(" "),
     )
+}
+
+/// The key of what TensorRT's legacy INT8 calibrator makes from `set`
+/// preprocessed by `spec`: its calibration table, and the plan built
+/// with it. The images and how they are fed, nothing else: the
+/// calibrator chooses its ranges itself.
+pub fn calibrator_key(set: &CalibrationSet, spec: &PreprocessSpec) -> String {
+    let text = format!("calibrator\n{}\n{}\n", set.digest, spec.key_text());
+    calibration::hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// Quantizes the FP32 model at `source`, of `layout`, with the images of
@@ -1401,6 +1405,34 @@ mod tests {
         let half = MacCount { int8: 1, all: 2 };
         assert_eq!(half.int8_fraction(), 0.5);
         assert_eq!(MacCount { int8: 0, all: 0 }.int8_fraction(), 1.0);
+    }
+
+    /// The legacy calibrator's table and plan are keyed on the images and
+    /// on how they are fed: a stretched model does not reuse the table of
+    /// a letterboxed one.
+    #[test]
+    fn the_calibrator_key_holds_the_images_and_the_preprocessing() {
+        use crate::preprocess::ResizeMode;
+        let set = |digest: &str| CalibrationSet {
+            dir: PathBuf::from("/calibration"),
+            files: Vec::new(),
+            available: 0,
+            digest: digest.to_owned(),
+        };
+        let letterbox = PreprocessSpec::nanodet(320, 320, ResizeMode::Letterbox);
+        let key = calibrator_key(&set("a"), &letterbox);
+        assert_eq!(key.len(), 64);
+        assert_eq!(calibrator_key(&set("a"), &letterbox.clone()), key);
+        assert_ne!(calibrator_key(&set("b"), &letterbox), key);
+        let stretch = PreprocessSpec::nanodet(320, 320, ResizeMode::Stretch);
+        assert_ne!(calibrator_key(&set("a"), &stretch), key);
+        let larger = PreprocessSpec::nanodet(416, 416, ResizeMode::Letterbox);
+        assert_ne!(calibrator_key(&set("a"), &larger), key);
+        let rgb = PreprocessSpec {
+            channel_order: crate::preprocess::ChannelOrder::Rgb,
+            ..letterbox.clone()
+        };
+        assert_ne!(calibrator_key(&set("a"), &rgb), key);
     }
 
     #[test]

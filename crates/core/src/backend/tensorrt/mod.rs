@@ -519,7 +519,7 @@ impl TrtEngine {
                     gpu.as_ref(),
                     options.engines.join(format!(
                         "{name}.calibration-{}.table",
-                        &set.digest[..16.min(set.digest.len())]
+                        &crate::quantize::calibrator_key(set, spec)[..16]
                     )),
                 )),
                 (None, TrtPrecision::Int8Calibrator) => {
