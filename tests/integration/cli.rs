@@ -302,17 +302,12 @@ fn eval_with_missing_images_counts_them_and_exits_2() {
     };
     let dir = tempfile::tempdir().unwrap();
     // Two real images, one listed image that is not there.
-    let text =
-        std::fs::read_to_string(a.join("datasets/coco128/annotations/instances_coco128.json"))
-            .unwrap();
-    let mut coco: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let imgs = coco["images"].as_array().unwrap()[..2].to_vec();
-    let mut listed = imgs.clone();
-    listed.push(
+    let ann = support::coco128_subset(&a, dir.path(), 2);
+    let mut coco: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ann).unwrap()).unwrap();
+    coco["images"].as_array_mut().unwrap().push(
         serde_json::json!({"id": 999999, "file_name": "not-there.jpg", "width": 10, "height": 10}),
     );
-    coco["images"] = serde_json::Value::Array(listed);
-    let ann = dir.path().join("subset.json");
     std::fs::write(&ann, coco.to_string()).unwrap();
     let o = nanodetd(&[
         "eval",
@@ -404,6 +399,93 @@ fn cached_int8_models(cache: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// Issue 22: a model whose input size is not fixed calibrates at the size
+/// the command asks for (`--input-size`), and `detect`, `eval` and `bench`
+/// share one INT8 model: the one `quantize --size` makes.
+#[test]
+fn int8_calibration_of_a_free_size_model_takes_the_commands_input_size_issue_22() {
+    let Some(a) = assets("int8 free input size") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let free = dir.path().join("free-size.onnx");
+    let fixed = std::fs::read(model(&a, "nanodet-m-0.5x_320")).unwrap();
+    std::fs::write(&free, support::with_free_input_size(&fixed)).unwrap();
+    let free = free.to_str().unwrap();
+    let calibration = a.join("datasets/calibration-80");
+    let quantized = dir.path().join("free-size.int8.onnx");
+    let o = nanodetd(&[
+        "quantize",
+        "--model",
+        free,
+        "--size",
+        "320x320",
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--images",
+        "8",
+        "--no-auto-float",
+        "--no-threshold-choice",
+        "--no-adaround",
+        "--no-bias-correction",
+        "--out",
+        quantized.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let int8 = percentile_int8_args(&calibration, &cache);
+    let run = |command: &[&str]| {
+        let mut args = command.to_vec();
+        args.extend(["--model", free]);
+        args.extend(int8.iter().map(String::as_str));
+        nanodetd(&args)
+    };
+    let image = sample(&a, "hpc203_bus.jpg");
+    let image = image.to_str().unwrap();
+    // Without a size there is nothing to calibrate at, and nothing is cached.
+    let o = run(&["detect", "--json", image]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--size WxH"), "{}", stderr(&o));
+    assert!(!cache.exists() || cached_int8_models(&cache).is_empty());
+    let o = run(&["detect", "--json", "--input-size", "320x320", image]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let detections: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!detections.is_empty(), "{}", stdout(&o));
+    let made = cached_int8_models(&cache);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(std::fs::read(&made[0]).unwrap() == std::fs::read(&quantized).unwrap());
+    let modified = || std::fs::metadata(&made[0]).unwrap().modified().unwrap();
+    let first = modified();
+    // `eval` and `bench` load the model as `detect` does: the same file,
+    // found in the cache, not made again.
+    let annotations = support::coco128_subset(&a, dir.path(), 2);
+    let images = a.join("datasets/coco128/images");
+    let o = run(&[
+        "eval",
+        "--json",
+        "--input-size",
+        "320x320",
+        "--images",
+        images.to_str().unwrap(),
+        "--annotations",
+        annotations.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&[
+        "bench",
+        "--json",
+        "--input-size",
+        "320x320",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(cached_int8_models(&cache), made);
+    assert_eq!(modified(), first);
 }
 
 /// Issue 18: `detect` loads models the daemon's way, so it runs the INT8

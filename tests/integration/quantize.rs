@@ -871,19 +871,12 @@ fn bad_inputs_fail_with_a_clear_error_and_leave_no_file() {
     assert!(e.contains("gone") && e.contains("cannot list"), "{e}");
 
     // A model with a dynamic input size and no --size.
-    let mut proto = pb::ModelProto::decode(std::fs::read(&source).unwrap().as_slice()).unwrap();
-    let input = &mut proto.graph.as_mut().unwrap().input[0];
-    if let Some(pb::type_proto::Value::TensorType(t)) =
-        input.r#type.as_mut().and_then(|t| t.value.as_mut())
-    {
-        for d in t.shape.as_mut().unwrap().dim.iter_mut().skip(2) {
-            d.value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
-                "side".into(),
-            ));
-        }
-    }
     let dynamic = dir.path().join("dynamic.onnx");
-    std::fs::write(&dynamic, proto.encode_to_vec()).unwrap();
+    std::fs::write(
+        &dynamic,
+        support::with_free_input_size(&std::fs::read(&source).unwrap()),
+    )
+    .unwrap();
     let calib = calibration(&a);
     let o = quantize(&dynamic, &calib, &out, &["--images", "4"]);
     assert_eq!(o.status.code(), Some(2));

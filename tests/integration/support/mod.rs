@@ -281,6 +281,38 @@ pub fn encode(graph: pb::GraphProto) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// `model` (ONNX bytes) with its input's height and width made free
+/// (`dim_param`), as an export with dynamic axes declares them.
+pub fn with_free_input_size(model: &[u8]) -> Vec<u8> {
+    let mut proto = pb::ModelProto::decode(model).unwrap();
+    let input = &mut proto.graph.as_mut().unwrap().input[0];
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        input.r#type.as_mut().and_then(|t| t.value.as_mut())
+    else {
+        panic!("the model's input is not a tensor");
+    };
+    for d in t.shape.as_mut().unwrap().dim.iter_mut().skip(2) {
+        d.value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
+            "side".into(),
+        ));
+    }
+    proto.encode_to_vec()
+}
+
+/// The first `n` images of coco128's annotations, written to `dir` as
+/// `coco128-first-N.json`, whose path this returns.
+pub fn coco128_subset(assets: &Path, dir: &Path, n: usize) -> PathBuf {
+    let text =
+        std::fs::read_to_string(assets.join("datasets/coco128/annotations/instances_coco128.json"))
+            .unwrap();
+    let mut coco: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let images = coco["images"].as_array().unwrap()[..n].to_vec();
+    coco["images"] = serde_json::Value::Array(images);
+    let path = dir.join(format!("coco128-first-{n}.json"));
+    std::fs::write(&path, coco.to_string()).unwrap();
+    path
+}
+
 /// Rewrites the real integral-layout model (per level `[1,N,80]` scores and
 /// `[1,N,4]` distances) into the single-output fused layout `[1,N,4+80]`,
 /// the way the TensorRT-tutorial export concatenates its head.
