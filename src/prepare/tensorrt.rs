@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{LoadError, LoadOptions, TensorRtSetupError};
 use crate::backend::tensorrt::{OnnxSources, TensorRtOptions, TrtEngine, TrtPrecision};
 use crate::config::{Bounded, Int8Mode, ModelConfig, Precision};
+use crate::engine_cache::sha256_hex;
 
 /// The TensorRT engine for `model`, built from `file` (the Q/DQ model for
 /// INT8) or loaded from the engine cache. `options.progress` hears each
@@ -61,9 +62,10 @@ pub fn engine(
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            (_, Some((set, spec))) => {
-                format!("calibrator:{}", crate::quantize::calibrator_key(set, spec))
-            }
+            (_, Some((set, spec))) => format!(
+                "calibrator:{}",
+                crate::quantize::calibrator_key(&sha256_hex(&fp32), set, spec)
+            ),
             _ => String::new(),
         },
         calibration,

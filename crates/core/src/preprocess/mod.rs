@@ -94,10 +94,16 @@ impl PreprocessSpec {
     /// depends on what the network is fed: two specs with the same text
     /// preprocess every frame the same way.
     pub fn key_text(&self) -> String {
-        format!(
-            "{}x{} {:?} {:?} mean {:?} std {:?}",
-            self.width, self.height, self.resize, self.channel_order, self.mean, self.std
-        )
+        // Taken apart so that a field added later cannot be left out.
+        let PreprocessSpec {
+            width,
+            height,
+            resize,
+            channel_order,
+            mean,
+            std,
+        } = self;
+        format!("{width}x{height} {resize:?} {channel_order:?} mean {mean:?} std {std:?}")
     }
 }
 

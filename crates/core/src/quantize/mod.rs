@@ -503,12 +503,17 @@ fn layout_key(layout: &Layout) -> String {
     )
 }
 
-/// The key of what TensorRT's legacy INT8 calibrator makes from `set`
-/// preprocessed by `spec`: its calibration table, and the plan built
-/// with it. The images and how they are fed, nothing else: the
-/// calibrator chooses its ranges itself.
-pub fn calibrator_key(set: &CalibrationSet, spec: &PreprocessSpec) -> String {
-    let text = format!("calibrator\n{}\n{}\n", set.digest, spec.key_text());
+/// The key of what TensorRT's legacy INT8 calibrator makes of the FP32
+/// model `model_sha256` from `set` preprocessed by `spec`: its
+/// calibration table (the ranges of that network's activations on those
+/// inputs), and the plan built with it. The calibrator chooses the ranges
+/// itself, so nothing of nanodetd's quantizer is in it.
+pub fn calibrator_key(model_sha256: &str, set: &CalibrationSet, spec: &PreprocessSpec) -> String {
+    let text = format!(
+        "calibrator\n{model_sha256}\n{}\n{}\n",
+        set.digest,
+        spec.key_text()
+    );
     calibration::hex(&Sha256::digest(text.as_bytes()))
 }
 
@@ -1407,12 +1412,12 @@ mod tests {
         assert_eq!(MacCount { int8: 0, all: 0 }.int8_fraction(), 1.0);
     }
 
-    /// The legacy calibrator's table and plan are keyed on the images and
-    /// on how they are fed: a stretched model does not reuse the table of
-    /// a letterboxed one.
+    /// The legacy calibrator's table and plan are keyed on the network,
+    /// the images and how they are fed: a retrained model, or a stretched
+    /// one, does not reuse the table of another.
     #[test]
-    fn the_calibrator_key_holds_the_images_and_the_preprocessing() {
-        use crate::preprocess::ResizeMode;
+    fn the_calibrator_key_holds_the_model_the_images_and_the_preprocessing() {
+        use crate::preprocess::{ChannelOrder, ResizeMode};
         let set = |digest: &str| CalibrationSet {
             dir: PathBuf::from("/calibration"),
             files: Vec::new(),
@@ -1420,19 +1425,51 @@ mod tests {
             digest: digest.to_owned(),
         };
         let letterbox = PreprocessSpec::nanodet(320, 320, ResizeMode::Letterbox);
-        let key = calibrator_key(&set("a"), &letterbox);
+        let key = calibrator_key("model", &set("a"), &letterbox);
         assert_eq!(key.len(), 64);
-        assert_eq!(calibrator_key(&set("a"), &letterbox.clone()), key);
-        assert_ne!(calibrator_key(&set("b"), &letterbox), key);
-        let stretch = PreprocessSpec::nanodet(320, 320, ResizeMode::Stretch);
-        assert_ne!(calibrator_key(&set("a"), &stretch), key);
-        let larger = PreprocessSpec::nanodet(416, 416, ResizeMode::Letterbox);
-        assert_ne!(calibrator_key(&set("a"), &larger), key);
-        let rgb = PreprocessSpec {
-            channel_order: crate::preprocess::ChannelOrder::Rgb,
-            ..letterbox.clone()
-        };
-        assert_ne!(calibrator_key(&set("a"), &rgb), key);
+        assert_eq!(calibrator_key("model", &set("a"), &letterbox.clone()), key);
+        assert_ne!(calibrator_key("retrained", &set("a"), &letterbox), key);
+        assert_ne!(calibrator_key("model", &set("b"), &letterbox), key);
+        let others = [
+            PreprocessSpec::nanodet(320, 320, ResizeMode::Stretch),
+            PreprocessSpec::nanodet(416, 416, ResizeMode::Letterbox),
+            PreprocessSpec {
+                channel_order: ChannelOrder::Rgb,
+                ..letterbox.clone()
+            },
+            PreprocessSpec {
+                mean: [0.0; 3],
+                ..letterbox.clone()
+            },
+            PreprocessSpec {
+                std: [1.0; 3],
+                ..letterbox.clone()
+            },
+        ];
+        for other in others {
+            assert_ne!(calibrator_key("model", &set("a"), &other), key, "{other:?}");
+        }
+    }
+
+    /// The INT8 cache's key holds this text: it must not change unless
+    /// what the quantizer makes of the layout does, or every cached model
+    /// is made again.
+    #[test]
+    fn the_layout_key_text_is_fixed() {
+        let layout = Layout::detect(
+            &[1, 3, 320, 320],
+            &[crate::model::TensorShape {
+                name: "output".into(),
+                shape: vec![1, 2125, 112],
+            }],
+            &crate::model::LayoutOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            layout_key(&layout),
+            "layout 320x320 Stretch Bgr mean [103.53, 116.28, 123.675] std [57.375, 57.12, 58.395]; \
+             80 classes, boxes dfl 8, outputs single 0 0 80, levels 8:40x40 16:20x20 32:10x10 64:5x5\n"
+        );
     }
 
     #[test]

@@ -517,9 +517,12 @@ impl TrtEngine {
                     set,
                     spec,
                     gpu.as_ref(),
+                    // Named by the calibrator's key (the model, the
+                    // images, their preprocessing), which `quantization`
+                    // holds.
                     options.engines.join(format!(
                         "{name}.calibration-{}.table",
-                        &crate::quantize::calibrator_key(set, spec)[..16]
+                        &crate::engine_cache::sha256_hex(options.quantization.as_bytes())[..16]
                     )),
                 )),
                 (None, TrtPrecision::Int8Calibrator) => {
