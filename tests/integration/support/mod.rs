@@ -291,9 +291,17 @@ pub fn with_free_input_size(model: &[u8]) -> Vec<u8> {
     else {
         panic!("the model's input is not a tensor");
     };
-    for d in t.shape.as_mut().unwrap().dim.iter_mut().skip(2) {
+    for (d, name) in t
+        .shape
+        .as_mut()
+        .unwrap()
+        .dim
+        .iter_mut()
+        .skip(2)
+        .zip(["height", "width"])
+    {
         d.value = Some(pb::tensor_shape_proto::dimension::Value::DimParam(
-            "side".into(),
+            name.into(),
         ));
     }
     proto.encode_to_vec()
