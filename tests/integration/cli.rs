@@ -302,12 +302,13 @@ fn eval_with_missing_images_counts_them_and_exits_2() {
     };
     let dir = tempfile::tempdir().unwrap();
     // Two real images, one listed image that is not there.
-    let ann = support::coco128_subset(&a, dir.path(), 2);
+    let two = support::coco128_subset(&a, dir.path(), 2);
     let mut coco: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ann).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&two).unwrap()).unwrap();
     coco["images"].as_array_mut().unwrap().push(
         serde_json::json!({"id": 999999, "file_name": "not-there.jpg", "width": 10, "height": 10}),
     );
+    let ann = dir.path().join("subset.json");
     std::fs::write(&ann, coco.to_string()).unwrap();
     let o = nanodetd(&[
         "eval",

@@ -156,8 +156,9 @@ pub fn plan_precision(
 pub struct TensorRtOptions {
     /// Precision asked for.
     pub precision: TrtPrecision,
-    /// Digest of the calibration set and quantizer options ("" for
-    /// float), for the cache key.
+    /// Where the INT8 ranges come from, for the cache key: the Q/DQ
+    /// file's name (which carries its INT8 cache key), or
+    /// `calibrator:` and [`crate::quantize::calibrator_key`]; "" for float.
     pub quantization: String,
     /// Builder workspace limit.
     pub workspace_bytes: u64,
