@@ -391,6 +391,28 @@ fn percentile_int8_args(calibration: &Path, cache: &Path) -> Vec<String> {
     args
 }
 
+/// `nanodetd quantize` of `model` with the layout flags `layout`, on 8
+/// images of `calibration` with percentile alone, as
+/// [`percentile_int8_args`] asks of `detect`, into `out`.
+fn quantize_with_percentile_alone(model: &str, layout: &[&str], calibration: &Path, out: &Path) {
+    let mut args = vec!["quantize", "--model", model];
+    args.extend_from_slice(layout);
+    args.extend([
+        "--calibration",
+        calibration.to_str().unwrap(),
+        "--images",
+        "8",
+        "--no-auto-float",
+        "--no-threshold-choice",
+        "--no-adaround",
+        "--no-bias-correction",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let o = nanodetd(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// The INT8 models in the cache directory `cache`, sorted.
 fn cached_int8_models(cache: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(cache)
@@ -419,24 +441,7 @@ fn int8_calibration_of_a_free_size_model_takes_the_commands_input_size_issue_22(
     let free = free.to_str().unwrap();
     let calibration = a.join("datasets/calibration-80");
     let quantized = dir.path().join("free-size.int8.onnx");
-    let o = nanodetd(&[
-        "quantize",
-        "--model",
-        free,
-        "--size",
-        "320x320",
-        "--calibration",
-        calibration.to_str().unwrap(),
-        "--images",
-        "8",
-        "--no-auto-float",
-        "--no-threshold-choice",
-        "--no-adaround",
-        "--no-bias-correction",
-        "--out",
-        quantized.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    quantize_with_percentile_alone(free, &["--size", "320x320"], &calibration, &quantized);
     let int8 = percentile_int8_args(&calibration, &cache);
     let run = |command: &[&str]| {
         // Info shows where the INT8 model came from.
@@ -564,24 +569,12 @@ fn int8_calibration_reads_the_model_with_the_commands_layout_flags_issue_22() {
     let image = sample(&a, "hpc203_bus.jpg");
     // Percentile alone, on 8 images: this is about the layout.
     let quantized = dir.path().join("stretched.int8.onnx");
-    let o = nanodetd(&[
-        "quantize",
-        "--model",
+    quantize_with_percentile_alone(
         model_path.to_str().unwrap(),
-        "--resize",
-        "stretch",
-        "--calibration",
-        calibration.to_str().unwrap(),
-        "--images",
-        "8",
-        "--no-auto-float",
-        "--no-threshold-choice",
-        "--no-adaround",
-        "--no-bias-correction",
-        "--out",
-        quantized.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+        &["--resize", "stretch"],
+        &calibration,
+        &quantized,
+    );
     let int8 = percentile_int8_args(&calibration, &cache);
     let detect = |layout: &[&str]| {
         let mut args = vec!["detect", "--json", "--model", model_path.to_str().unwrap()];
