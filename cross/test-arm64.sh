@@ -21,7 +21,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 assets=$(realpath "${NANODETD_ASSETS:-$repo/../shared}")
 export NANODETD_ASSETS=$assets
-runner="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+# A named CPU, not qemu's default `max`: QEMU 10's `max` has SVE, and under it
+# one camera_formats test took 185 s against 14 s here (15 s with `max,sve=off`),
+# which pushed CI past its limit. Cortex-A76 is QEMU's nearest model to the
+# Jetson Orin's Cortex-A78AE: Armv8.2 with fp16 and dot product, no SVE.
+runner="qemu-aarch64 -cpu cortex-a76 -L /usr/aarch64-linux-gnu"
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=$runner
 start=$(date +%s)
 

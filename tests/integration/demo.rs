@@ -6,12 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use crate::support::{free_port, terminate};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,133 +49,144 @@ fn the_bundled_model_finds_exactly_what_demo_readme_says() {
     assert_eq!(found("rocket.jpg"), BTreeSet::new());
 }
 
-/// A child process killed when the test ends, however it ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// The packaged build (`--no-default-features`, cross/build.sh) has no
+/// embedded broker, so this half of the demo exists only with it.
 #[cfg(feature = "embedded-broker")]
-#[test]
-fn the_demo_prints_events_and_serves_them_to_mosquitto_sub() {
-    if Command::new("mosquitto_sub")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        let why =
-            "mosquitto_sub is missing (Debian: mosquitto-clients; scripts/test.sh installs it)";
-        crate::support::skip_or_fail(
-            "the_demo_prints_events_and_serves_them_to_mosquitto_sub",
-            why,
-        );
-        return;
-    }
-    // The demo config as shipped, on a free port instead of 1883.
-    let port = free_port();
-    let demo = std::fs::read_to_string(repo().join("etc/demo.toml")).unwrap();
-    assert!(demo.contains("\nport = 1883\n") && demo.contains("embedded_broker = true"));
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("demo.toml");
-    std::fs::write(
-        &config,
-        demo.replace("\nport = 1883\n", &format!("\nport = {port}\n")),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    // Relative paths in the demo config are the repository root's.
-    let mut daemon = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_nanodetd"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .current_dir(repo())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the embedded broker never listened on {port}:\n{}",
-            daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let sub_out = std::fs::File::create(dir.path().join("sub.log")).unwrap();
-    let subscriber = Reaped(
-        Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-t", "nanodetd/#", "-v"])
-            .stdout(sub_out)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let received = || std::fs::read_to_string(dir.path().join("sub.log")).unwrap();
-    // Every label of the photos, new, through the broker.
-    let wanted = ["person", "cat", "cup", "dining table"];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let sub = received();
-        let new_events: Vec<&str> = sub
-            .lines()
-            .filter(|l| {
-                l.starts_with("nanodetd/demo/demo/events ") && l.contains("\"type\":\"new\"")
-            })
-            .collect();
-        if wanted.iter().all(|label| {
-            new_events
-                .iter()
-                .any(|l| l.contains(&format!("\"label\":\"{label}\"")))
-        }) {
-            break;
+mod through_the_embedded_broker {
+    use std::io::Read;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::repo;
+    use crate::support::{free_port, terminate};
+
+    /// A child process killed when the test ends, however it ends.
+    struct Reaped(Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
-        assert!(
-            Instant::now() < deadline,
-            "not every label reached mosquitto_sub in 60 s; received:\n{sub}\ndaemon:\n{}",
-            daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    // Retained state from the embedded broker: availability.
-    assert!(
-        received().contains("nanodetd/demo/available online"),
-        "{}",
-        received()
-    );
-    terminate(&daemon.0);
-    let status = daemon.0.wait().unwrap();
-    assert!(status.success(), "{status}:\n{}", daemon_log());
-    drop(subscriber);
-    let mut printed = String::new();
-    daemon
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut printed)
+
+    #[test]
+    fn the_demo_prints_events_and_serves_them_to_mosquitto_sub() {
+        if Command::new("mosquitto_sub")
+            .arg("--help")
+            .output()
+            .is_err()
+        {
+            let why =
+                "mosquitto_sub is missing (Debian: mosquitto-clients; scripts/test.sh installs it)";
+            crate::support::skip_or_fail(
+                "the_demo_prints_events_and_serves_them_to_mosquitto_sub",
+                why,
+            );
+            return;
+        }
+        // The demo config as shipped, on a free port instead of 1883.
+        let port = free_port();
+        let demo = std::fs::read_to_string(repo().join("etc/demo.toml")).unwrap();
+        assert!(demo.contains("\nport = 1883\n") && demo.contains("embedded_broker = true"));
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("demo.toml");
+        std::fs::write(
+            &config,
+            demo.replace("\nport = 1883\n", &format!("\nport = {port}\n")),
+        )
         .unwrap();
-    // One line per event on standard output, naming camera, kind, label, id.
-    for label in wanted {
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        // Relative paths in the demo config are the repository root's.
+        let mut daemon = Reaped(
+            Command::new(env!("CARGO_BIN_EXE_nanodetd"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .current_dir(repo())
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the embedded broker never listened on {port}:\n{}",
+                daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let sub_out = std::fs::File::create(dir.path().join("sub.log")).unwrap();
+        let subscriber = Reaped(
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-t", "nanodetd/#", "-v"])
+                .stdout(sub_out)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let received = || std::fs::read_to_string(dir.path().join("sub.log")).unwrap();
+        // Every label of the photos, new, through the broker.
+        let wanted = ["person", "cat", "cup", "dining table"];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sub = received();
+            let new_events: Vec<&str> = sub
+                .lines()
+                .filter(|l| {
+                    l.starts_with("nanodetd/demo/demo/events ") && l.contains("\"type\":\"new\"")
+                })
+                .collect();
+            if wanted.iter().all(|label| {
+                new_events
+                    .iter()
+                    .any(|l| l.contains(&format!("\"label\":\"{label}\"")))
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every label reached mosquitto_sub in 60 s; received:\n{sub}\ndaemon:\n{}",
+                daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Retained state from the embedded broker: availability.
+        assert!(
+            received().contains("nanodetd/demo/available online"),
+            "{}",
+            received()
+        );
+        terminate(&daemon.0);
+        let status = daemon.0.wait().unwrap();
+        assert!(status.success(), "{status}:\n{}", daemon_log());
+        drop(subscriber);
+        let mut printed = String::new();
+        daemon
+            .0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut printed)
+            .unwrap();
+        // One line per event on standard output, naming camera, kind, label, id.
+        for label in wanted {
+            assert!(
+                printed
+                    .lines()
+                    .any(|l| l.contains(" demo new    ") && l.contains(&format!(" {label} #"))),
+                "no `new {label}` line printed:\n{printed}"
+            );
+        }
         assert!(
             printed
                 .lines()
-                .any(|l| l.contains(" demo new    ") && l.contains(&format!(" {label} #"))),
-            "no `new {label}` line printed:\n{printed}"
+                .all(|l| l.contains(" demo ") && l.contains(" score ")),
+            "{printed}"
         );
     }
-    assert!(
-        printed
-            .lines()
-            .all(|l| l.contains(" demo ") && l.contains(" score ")),
-        "{printed}"
-    );
 }
