@@ -517,6 +517,18 @@ pub fn calibrator_key(model_sha256: &str, set: &CalibrationSet, spec: &Preproces
     calibration::hex(&Sha256::digest(text.as_bytes()))
 }
 
+/// The file TensorRT's legacy calibrator keeps its table in, for the model
+/// `stem` and the plan key's `quantization`: named by the calibrator's key
+/// ([`calibrator_key`]), so another model, image set or preprocessing never
+/// reads it. `None` unless `quantization` is `calibrator:` and such a key:
+/// a caller that forgot the key would otherwise share one table per model
+/// name.
+pub fn calibration_table_name(stem: &str, quantization: &str) -> Option<String> {
+    let key = quantization.strip_prefix("calibrator:")?;
+    let is_key = key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit());
+    is_key.then(|| format!("{stem}.calibration-{}.table", &key[..16]))
+}
+
 /// Quantizes the FP32 model at `source`, of `layout`, with the images of
 /// `set`, each preprocessed exactly as inference does. `progress` hears
 /// `(images done, images total)`.
@@ -1454,6 +1466,32 @@ mod tests {
     /// The INT8 cache's key holds this text: it must not change unless
     /// what the quantizer makes of the layout does, or every cached model
     /// is made again.
+    #[test]
+    fn the_calibration_table_is_named_by_the_calibrator_key_or_not_at_all() {
+        let key = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            calibration_table_name("plus", &format!("calibrator:{key}")).as_deref(),
+            Some("plus.calibration-0123456789abcdef.table")
+        );
+        let short = &key[..63];
+        let not_hex = format!("{}g", &key[..63]);
+        for quantization in [
+            String::new(),
+            key.clone(),
+            "plus.int8-abc.onnx".to_owned(),
+            "calibrator:".to_owned(),
+            format!("calibrator:{short}"),
+            format!("calibrator:{not_hex}"),
+            format!("calibrator:{key}0"),
+        ] {
+            assert_eq!(
+                calibration_table_name("plus", &quantization),
+                None,
+                "{quantization}"
+            );
+        }
+    }
+
     #[test]
     fn the_layout_key_text_is_fixed() {
         let layout = Layout::detect(

@@ -514,18 +514,19 @@ impl TrtEngine {
                 .join(format!("timing-sm{major}{minor}-trt{version}.cache")),
             progress: options.progress.as_ref(),
             calibrator: match (&options.calibration, plan.precision) {
-                (Some((set, spec)), TrtPrecision::Int8Calibrator) => Some((
-                    set,
-                    spec,
-                    gpu.as_ref(),
+                (Some((set, spec)), TrtPrecision::Int8Calibrator) => {
                     // Named by the calibrator's key (the model, the
                     // images, their preprocessing), which `quantization`
-                    // holds.
-                    options.engines.join(format!(
-                        "{name}.calibration-{}.table",
-                        &crate::engine_cache::sha256_hex(options.quantization.as_bytes())[..16]
-                    )),
-                )),
+                    // must hold.
+                    let Some(table) =
+                        crate::quantize::calibration_table_name(name, &options.quantization)
+                    else {
+                        return Err(unavailable(
+                            "int8_mode \"calibrator\" needs the calibrator's key in the plan key (quantize::calibrator_key)",
+                        ));
+                    };
+                    Some((set, spec, gpu.as_ref(), options.engines.join(table)))
+                }
                 (None, TrtPrecision::Int8Calibrator) => {
                     return Err(unavailable(
                         "int8_mode \"calibrator\" needs calibration images",
