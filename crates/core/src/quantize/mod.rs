@@ -1463,9 +1463,6 @@ mod tests {
         }
     }
 
-    /// The INT8 cache's key holds this text: it must not change unless
-    /// what the quantizer makes of the layout does, or every cached model
-    /// is made again.
     #[test]
     fn the_calibration_table_is_named_by_the_calibrator_key_or_not_at_all() {
         let key = "0123456789abcdef".repeat(4);
@@ -1492,6 +1489,9 @@ mod tests {
         }
     }
 
+    /// The INT8 cache's key holds this text: it must not change unless
+    /// what the quantizer makes of the layout does, or every cached model
+    /// is made again.
     #[test]
     fn the_layout_key_text_is_fixed() {
         let layout = Layout::detect(
