@@ -10,7 +10,7 @@ pycocotools (bbox AP at IoU 0.50:0.95), and each drop FP32 − INT8 is kept.
 With several INT8 files, each one after the first is also compared with
 the first on the same draws: the difference of their drops.
 An image drawn twice counts twice: it is copied under a new id, with its
-annotations and both models' detections, because COCOeval would otherwise
+annotations and every model's detections, because COCOeval would otherwise
 merge repeated ids.
 
 Prints each drop on the whole set, then the resamples' mean, standard
@@ -43,13 +43,10 @@ def score(truth, detections):
     return float(ev.stats[0])
 
 
-def drawn(truth, by_image, draw):
+def drawn(truth, images, anns, by_image, draw):
     """The truth dict and each model's detections for the images in `draw`
-    (original ids, repeats allowed), each copy under a new image id."""
-    images = {im["id"]: im for im in truth["images"]}
-    anns = {}
-    for a in truth["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
+    (original ids, repeats allowed), each copy under a new image id.
+    `images` and `anns` index `truth` by image id."""
     new_images, new_anns = [], []
     new_dets = [[] for _ in by_image]
     for new_id, old_id in enumerate(draw, start=1):
@@ -90,11 +87,16 @@ def main():
     for path, value in zip(args.int8, whole[1:]):
         print(f"{path}: INT8 {value:.4f}, drop {100 * (whole[0] - value):.2f} points")
     ids = [im["id"] for im in truth["images"]]
+    # Indexed once: every resample draws from the same set.
+    images = {im["id"]: im for im in truth["images"]}
+    anns = {}
+    for a in truth["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
     rng = np.random.default_rng(args.seed)
     drops = [[] for _ in args.int8]
     for _ in range(args.resamples):
         draw = list(rng.choice(ids, size=len(ids), replace=True))
-        t, dets = drawn(truth, by_image, draw)
+        t, dets = drawn(truth, images, anns, by_image, draw)
         scores = [score(t, d) for d in dets]
         for out, value in zip(drops, scores[1:]):
             out.append(100 * (scores[0] - value))
