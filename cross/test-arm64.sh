@@ -30,9 +30,12 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=$runner
 start=$(date +%s)
 
 # The features of the packaged binary (cross/build.sh): no embedded broker.
-cargo-zigbuild test --no-default-features --target aarch64-unknown-linux-gnu.2.31 --lib
-cargo-zigbuild test --no-default-features --target aarch64-unknown-linux-gnu.2.31 \
-    --test integration -- tiny_model:: real_models:: camera_formats::
+# Built in one cargo call, so that the last crates overlap on the two
+# cores instead of the integration test waiting for a second call; then run.
+build=(cargo-zigbuild test --no-default-features --target aarch64-unknown-linux-gnu.2.31)
+"${build[@]}" --lib --test integration --no-run
+"${build[@]}" --lib
+"${build[@]}" --test integration -- tiny_model:: real_models:: camera_formats::
 echo "arm64 test subset: $(($(date +%s) - start)) s"
 
 # Same photos, both architectures, one model per output layout: the
