@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the test suite needs beyond a
 # Rust toolchain and a C compiler, then runs `cargo test` (arguments go to
-# it: scripts/test.sh --test daemon).
+# it: scripts/test.sh --test daemon). `scripts/test.sh --setup-only` installs
+# and stops there (.ci/run installs while it builds).
 #
 # - Programs the tests run (mosquitto, openssl, systemd-analyze, prometheus,
 #   ffmpeg, GStreamer's RTSP server, ...): only what is missing is installed, with apt-get, as root or
@@ -94,6 +95,8 @@ scripts/ha-venv.sh
 
 # --- An older libonnxruntime, which the onnxruntime backend must refuse.
 scripts/old-onnxruntime.sh
+
+[[ ${1:-} == --setup-only ]] && exit 0
 
 # --no-fail-fast: one failing target must not hide the others' results.
 exec cargo test --no-fail-fast "$@"
