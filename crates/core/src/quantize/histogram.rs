@@ -76,10 +76,76 @@ impl Histogram {
                 self.counts.resize(needed, 0);
                 return;
             }
-            let merged: Vec<u64> = self.counts.chunks(2).map(|c| c.iter().sum()).collect();
-            self.counts = merged;
-            self.width *= 2.0;
+            self.halve();
         }
+    }
+
+    /// The same bins, empty: where a second thread starts, so that its
+    /// histogram and this one merge exactly ([`Histogram::merge`]).
+    pub fn emptied(&self) -> Histogram {
+        Histogram {
+            counts: vec![0; self.counts.len()],
+            width: self.width,
+            amax: 0.0,
+        }
+    }
+
+    /// Adds `other`'s counts. Where both grew from the same bins
+    /// ([`Histogram::emptied`]) their widths differ by a power of two, as
+    /// only doubling changes them, and the finer one's bins nest in the
+    /// coarser one's: the result is then, count for count and bin for bin,
+    /// what adding both sets of batches to one histogram gives, whatever
+    /// their order (but for a batch maximum that falls exactly on the
+    /// range's upper edge, which counts in the last bin until the range
+    /// grows). Otherwise `other`'s counts go to the bins of their bins'
+    /// centres, an approximation.
+    pub fn merge(&mut self, other: &Histogram) {
+        self.amax = self.amax.max(other.amax);
+        if other.counts.is_empty() {
+            return;
+        }
+        if self.counts.is_empty() {
+            self.counts = other.counts.clone();
+            self.width = other.width;
+            return;
+        }
+        let mut other = other.clone();
+        let nested = |fine: f32, coarse: f32| {
+            let ratio = coarse / fine;
+            ratio >= 1.0 && ratio.fract() == 0.0 && (ratio as u64).is_power_of_two()
+        };
+        if nested(other.width, self.width) {
+            while other.width < self.width {
+                other.halve();
+            }
+        } else if nested(self.width, other.width) {
+            while self.width < other.width {
+                self.halve();
+            }
+        } else {
+            // Widths of two unrelated first batches: each of `other`'s
+            // bins goes where its centre falls.
+            self.grow_to(other.amax);
+            let last = self.counts.len() - 1;
+            for (i, &c) in other.counts.iter().enumerate() {
+                let centre = (i as f32 + 0.5) * other.width;
+                let bin = ((centre / self.width) as usize).min(last);
+                self.counts[bin] += c;
+            }
+            return;
+        }
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+    }
+
+    /// Pairs of bins merged, the width doubled.
+    fn halve(&mut self) {
+        self.counts = self.counts.chunks(2).map(|c| c.iter().sum()).collect();
+        self.width *= 2.0;
     }
 
     /// The largest |x| seen.
@@ -369,6 +435,80 @@ mod tests {
         h.add(&[1000.0]);
         assert!(h.counts().len() <= MAX_BINS);
         assert_eq!(h.counts().iter().sum::<u64>(), 4);
+    }
+
+    /// The statistics pass runs on two threads: the first batch sets the
+    /// bins, then each half of the rest goes into its own histogram, one
+    /// of them started from the first's bins emptied. The merge must be
+    /// the one-pass histogram exactly, thresholds and all, whichever half
+    /// grew more and past how many pair merges.
+    #[test]
+    fn halves_started_from_the_same_bins_merge_into_the_one_pass_histogram() {
+        let scales = [1.0f32, 2.5, 0.7, 40.0, 3.0, 900.0, 1.2, 0.3];
+        let batches: Vec<Vec<f32>> = scales
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| bell(5_000, i as u64 + 1).iter().map(|v| v * s).collect())
+            .collect();
+        for split in 1..batches.len() {
+            let mut one_pass = Histogram::default();
+            for b in &batches {
+                one_pass.add(b);
+            }
+            let mut mine = Histogram::default();
+            mine.add(&batches[0]);
+            let mut theirs = mine.emptied();
+            for b in &batches[1..split] {
+                mine.add(b);
+            }
+            for b in &batches[split..] {
+                theirs.add(b);
+            }
+            // Either way round.
+            let mut other_way = theirs.clone();
+            other_way.merge(&mine);
+            mine.merge(&theirs);
+            assert_eq!(mine, one_pass, "split at {split}");
+            assert_eq!(other_way, one_pass, "split at {split}, the other way");
+            for method in [Method::Percentile(99.99), Method::Mse, Method::Entropy] {
+                assert_eq!(threshold(&mine, method), threshold(&one_pass, method));
+            }
+        }
+        // The batch at 900 takes the range past MAX_BINS: bins merged.
+        let mut h = Histogram::default();
+        batches.iter().for_each(|b| h.add(b));
+        assert!(h.width > batches[0].iter().fold(0f32, |m, v| m.max(v.abs())) / 2048.0);
+    }
+
+    /// Histograms started apart (the first batch all zeros for one of
+    /// them) still merge: every count kept, the largest value the larger.
+    #[test]
+    fn histograms_of_unrelated_bins_merge_every_count() {
+        let mut a = Histogram::default();
+        a.add(&bell(1000, 3));
+        let mut b = Histogram::default();
+        b.add(&[0.0, 0.0]);
+        b.add(&bell(1000, 4).iter().map(|v| v * 3.3).collect::<Vec<_>>());
+        let ratio = b.width / a.width;
+        assert!(
+            ratio.log2().fract() != 0.0,
+            "widths {ratio} apart: not nested"
+        );
+        let amax = a.amax().max(b.amax());
+        let counted = |h: &Histogram| h.counts().iter().sum::<u64>();
+        let both = counted(&a) + counted(&b);
+        assert!(both >= 2000);
+        a.merge(&b);
+        assert_eq!(counted(&a), both);
+        assert_eq!(a.amax(), amax);
+        assert!(a.edge(a.counts().len() - 1) >= amax);
+        // An empty one changes nothing but the largest value.
+        let before = a.clone();
+        a.merge(&Histogram::default());
+        assert_eq!(a, before);
+        let mut empty = Histogram::default();
+        empty.merge(&before);
+        assert_eq!(empty, before);
     }
 
     #[test]

@@ -4,9 +4,12 @@
 //! calibrator that would otherwise do this).
 //!
 //! The pipeline, top to bottom, in [`quantize`]:
-//! calibration set → preprocess (the inference code path) → FP32 run with
-//! every Conv input exposed → |x| histograms → thresholds → opset 13 →
-//! Q/DQ pairs → metadata → rule check → bytes.
+//! calibration set → preprocess (the inference code path) → equalization →
+//! FP32 run with every Conv input exposed → |x| histograms → thresholds →
+//! opset 13 → trial models (automatic partial quantization, the threshold
+//! choice) → one more FP32 run for adaptive rounding's and bias
+//! correction's sums → Q/DQ pairs → metadata → rule check → bytes. The
+//! passes over the images run on two threads: tract runs a model on one.
 
 mod bias;
 pub mod calibration;
@@ -26,7 +29,7 @@ use std::time::Instant;
 
 use prost::Message;
 use sha2::{Digest, Sha256};
-use tract_onnx::pb::ModelProto;
+use tract_onnx::pb::{GraphProto, ModelProto, NodeProto, TensorProto};
 
 pub use calibration::{CalibrationSet, FEW_IMAGES};
 pub use histogram::{DEFAULT_BINS, Histogram, Method, scale, threshold, weight_scales};
@@ -47,7 +50,7 @@ pub const DEFAULT_METHOD: Method = Method::Percentile(99.99);
 
 /// Changes whenever the same inputs would give a different model, so the
 /// daemon's cache never serves a model made by older code.
-pub const QUANTIZER_VERSION: u32 = 5;
+pub const QUANTIZER_VERSION: u32 = 6;
 
 /// Metadata keys the quantized model carries.
 pub mod keys {
@@ -120,6 +123,14 @@ pub const MAX_FLOAT_MACS: f64 = 0.10;
 /// Calibration images bias correction measures its mean shifts on, spread
 /// over the set (docs/INT8.md).
 pub const BIAS_IMAGES: usize = 20;
+
+/// Calibration images adaptive rounding takes its sums on, spread over the
+/// set: a bound on its pass, which runs the FP32 model once more after the
+/// trial models, for sets larger than the 80 images it was measured with.
+/// On 40 of them its sums moved plus-m_320's drop by 0.71 points,
+/// coco128's noise, with the same fidelity (docs/INT8.md). The sums keep
+/// their 4,096 positions per Conv whatever the count.
+pub const ROUNDING_IMAGES: usize = 80;
 
 /// Calibration images automatic partial quantization runs its trial
 /// models on, spread over the set: with 6, plus-m_416 quantizes in under
@@ -601,8 +612,22 @@ pub fn quantize(
     } else {
         Vec::new()
     };
-    let passes = if chains.is_empty() { 1 } else { 2 };
-    let total = passes * set.files.len() + bias_files.len();
+    // After the trials, one pass over the images adaptive rounding or bias
+    // correction measure on, in the set's order.
+    let rounding_files = if options.adaround {
+        calibration::spread(&set.files, ROUNDING_IMAGES)
+    } else {
+        Vec::new()
+    };
+    let after_trials: Vec<PathBuf> = set
+        .files
+        .iter()
+        .filter(|f| rounding_files.contains(f) || bias_files.contains(f))
+        .cloned()
+        .collect();
+    // Statistics, and equalization's ranges before them.
+    let passes = 1 + usize::from(!chains.is_empty());
+    let total = passes * set.files.len() + after_trials.len();
     let mut done = 0;
     let mut next_image = || {
         done += 1;
@@ -612,43 +637,21 @@ pub fn quantize(
     if !chains.is_empty() {
         let watched: Vec<String> = chains.iter().map(|c| c.tensor.clone()).collect();
         let probe = stats::ActivationProbe::new(&bytes, size, &watched).map_err(probe_error)?;
-        let fold = |files: &[PathBuf], next_image: &mut dyn FnMut()| {
-            let mut ranges: Vec<Vec<f32>> = chains.iter().map(|c| vec![0.0; c.channels]).collect();
-            each_input(files, spec, next_image, &mut |input| {
+        // The ranges are maxima, so the halves merge into exactly what one
+        // pass gives. Images skipped here are reported by the next pass.
+        let ([mut ranges, their_ranges], _) = fold_on_two_threads(
+            &set.files,
+            spec,
+            &mut next_image,
+            [(), ()].map(|_| chains.iter().map(|c| vec![0.0; c.channels]).collect()),
+            &|ranges: &mut Vec<Vec<f32>>, _, input| {
                 probe
                     .run(input, &mut |i, _, values| {
                         equalize::fold_channel_ranges(&mut ranges[i], values)
                     })
                     .map_err(|e| one_line(&e))
-            });
-            ranges
-        };
-        // Half the images on a second thread: the ranges are maxima, so the
-        // halves merge into exactly what one pass gives, in half the time.
-        // This thread takes the larger half, so its reports run to the end.
-        let (mine, theirs) = set.files.split_at(set.files.len().div_ceil(2));
-        let theirs_done = AtomicUsize::new(0);
-        let (mut ranges, their_ranges) = std::thread::scope(|s| {
-            let other = s.spawn(|| {
-                fold(theirs, &mut || {
-                    theirs_done.fetch_add(1, Ordering::Relaxed);
-                })
-            });
-            // One report per image, as the other passes make: this thread
-            // makes the other's too.
-            let ranges = fold(mine, &mut || {
-                for _ in 0..=theirs_done.swap(0, Ordering::Relaxed) {
-                    next_image();
-                }
-            });
-            let their_ranges = other
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (ranges, their_ranges)
-        });
-        for _ in 0..theirs_done.swap(0, Ordering::Relaxed) {
-            next_image();
-        }
+            },
+        );
         for (mine, theirs) in ranges.iter_mut().zip(&their_ranges) {
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m = m.max(*t);
@@ -672,57 +675,36 @@ pub fn quantize(
     let probe =
         stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
     let mut histograms = vec![Histogram::default(); tensors.len()];
-    // For bias correction: each quantized Conv's mean input patch, fed by
-    // the same pass, from the tensor it reads.
-    let mut patches: Vec<(usize, bias::PatchMeans)> = Vec::new();
-    // For adaptive rounding: the second moments of the same patches.
-    let mut moments: Vec<(usize, rounding::PatchMoments)> = Vec::new();
-    let mut moments_budget = rounding::MAX_MOMENT_VALUES;
-    if options.bias_correction || options.adaround {
-        let graph = model
-            .graph
-            .as_ref()
-            .ok_or_else(|| model_error(ModelProblem::NoGraph))?;
-        let init = graph::initializers(graph);
-        for conv in graph.node.iter().filter(|n| n.op_type == "Conv") {
-            let id = conv_id(conv);
-            let input = conv
-                .input
-                .first()
-                .and_then(|i| tensors.iter().position(|t| t == i));
-            let weight = conv.input.get(1).and_then(|w| init.get(w.as_str()));
-            let (true, Some(input), Some(weight)) = (quantized.contains(id), input, weight) else {
-                continue;
-            };
-            if options.bias_correction
-                && let Some(patch) = bias::PatchMeans::new(conv, id, &weight.dims)
-            {
-                patches.push((input, patch));
-            }
-            if options.adaround
-                && let Some(geometry) = bias::ConvGeometry::new(conv, id, &weight.dims)
-            {
-                match rounding::PatchMoments::new(geometry, set.files.len(), &mut moments_budget) {
-                    Some(m) => moments.push((input, m)),
-                    None => log::warn!(
-                        "adaptive rounding: Conv {id} keeps rounding to nearest (its patch is over {} values, or the model's moments are over {} values)",
-                        rounding::MAX_PATCH,
-                        rounding::MAX_MOMENT_VALUES
-                    ),
-                }
-            }
-        }
-    }
-    let skipped = each_input(&set.files, spec, &mut next_image, &mut |input| {
+    // On two threads, as equalization's pass. The first image that runs
+    // sets every histogram's bins, and both halves of the rest start from
+    // them, so that they merge into the histograms one pass would give
+    // ([`Histogram::merge`]): the same thresholds, in half the time.
+    let add = |histograms: &mut Vec<Histogram>, _: &Path, input: &[f32]| {
         probe
-            .run(input, &mut |i, shape, values| {
-                histograms[i].add(values);
-                for (_, m) in moments.iter_mut().filter(|(t, _)| *t == i) {
-                    m.add(shape, values);
-                }
-            })
+            .run(input, &mut |i, _, values| histograms[i].add(values))
             .map_err(|e| one_line(&e))
-    });
+    };
+    let mut skipped = Vec::new();
+    let mut rest: &[PathBuf] = &[];
+    for (k, file) in set.files.iter().enumerate() {
+        let first = std::slice::from_ref(file);
+        let failed = each_input(first, spec, &mut next_image, &mut |file, input| {
+            add(&mut histograms, file, input)
+        });
+        if failed.is_empty() {
+            rest = set.files.get(k + 1..).unwrap_or(&[]);
+            break;
+        }
+        skipped.extend(failed);
+    }
+    let emptied = histograms.iter().map(Histogram::emptied).collect();
+    let ([mine, theirs], failed) =
+        fold_on_two_threads(rest, spec, &mut next_image, [histograms, emptied], &add);
+    histograms = mine;
+    for (mine, theirs) in histograms.iter_mut().zip(&theirs) {
+        mine.merge(theirs);
+    }
+    skipped.extend(failed);
     for (file, reason) in &skipped {
         log::warn!("calibration image {} skipped: {reason}", file.display());
     }
@@ -761,18 +743,6 @@ pub fn quantize(
         .map(|(name, hist)| (name.clone(), scale(threshold(hist, options.method))))
         .collect();
     graph::upgrade_to_qdq_opset(&mut model, &|t| ranks.get(t).copied()).map_err(graph_error)?;
-    // Chosen now, so the moments are freed before the trial models run;
-    // written after, for the Convs that stay quantized.
-    let mut rounded = if options.adaround {
-        let moments: Vec<rounding::PatchMoments> = moments.into_iter().map(|(_, m)| m).collect();
-        let graph = model
-            .graph
-            .as_ref()
-            .ok_or_else(|| model_error(ModelProblem::NoGraph))?;
-        rounding::plan(graph, moments).map_err(graph_error)?
-    } else {
-        Vec::new()
-    };
 
     let (auto_float, threshold_choice) =
         if options.auto_float_db.is_none() && !options.threshold_choice {
@@ -809,20 +779,76 @@ pub fn quantize(
                 &mut scales,
             )
             .map_err(sensitivity_error)?;
-            // Their own weights and biases: bias correction takes only what
-            // stays quantized.
+            // Their own weights and biases: the sums after the trials are
+            // taken only for what stays quantized.
             for conv in &outcome.float_convs {
                 float_convs.insert(conv.clone());
             }
-            patches.retain(|(_, p)| quantized.contains(p.conv()));
-            rounded.retain(|r| quantized.contains(&r.conv));
             (outcome.auto_float, outcome.thresholds)
         };
-    // Before bias correction, which then takes the shifts of the weights
-    // as rounded.
+    let macs = conv_macs.as_ref().and_then(|m| count_macs(m, &quantized));
+
+    // One more pass once every scale and float Conv is settled: adaptive
+    // rounding's sums on its spread of the images (their loss reads each
+    // input through its Q/DQ pair), bias correction's means on its own. The
+    // rounding goes first, since bias correction takes the shifts of the
+    // weights as rounded.
+    let mut moments = if options.adaround {
+        rounding_moments(&model, &quantized, &tensors, rounding_files.len()).map_err(graph_error)?
+    } else {
+        Vec::new()
+    };
+    // Each quantized Conv's mean input patch, from the tensor it reads.
+    let mut patches = if options.bias_correction {
+        bias_patches(&model, &quantized, &tensors)
+    } else {
+        Vec::new()
+    };
+    if !after_trials.is_empty() {
+        let for_bias: HashSet<&Path> = bias_files.iter().map(PathBuf::as_path).collect();
+        let for_rounding: HashSet<&Path> = rounding_files.iter().map(PathBuf::as_path).collect();
+        let probe =
+            stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
+        let skipped = each_input(&after_trials, spec, &mut next_image, &mut |file, input| {
+            let probed = probe.outputs(input).map_err(|e| one_line(&e))?;
+            // Every Conv's sums this image adds to, dealt to two threads
+            // in turn. Each Conv's sums take the images in order, as on one
+            // thread, so they are the same to the bit.
+            let rounding = for_rounding.contains(file);
+            let bias = for_bias.contains(file);
+            let work = moments
+                .iter_mut()
+                .filter(|_| rounding)
+                .map(|(t, m)| (*t, ConvSums::Rounding(m)))
+                .chain(
+                    patches
+                        .iter_mut()
+                        .filter(|_| bias)
+                        .map(|(t, p)| (*t, ConvSums::Bias(p))),
+                );
+            let (mine, theirs): (Vec<_>, Vec<_>) =
+                work.enumerate().partition(|(k, _)| k.is_multiple_of(2));
+            let scale = |i: usize| tensors.get(i).and_then(|t| scales.get(t)).copied();
+            std::thread::scope(|s| {
+                let other = s.spawn(|| add_conv_sums(theirs, &probed, &scale));
+                let mine = add_conv_sums(mine, &probed, &scale);
+                let theirs = other
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                mine.and(theirs)
+            })
+            .map_err(|e| one_line(&e))
+        });
+        for (file, reason) in &skipped {
+            log::warn!(
+                "calibration image {} skipped on the pass after the trials: {reason}",
+                file.display()
+            );
+        }
+    }
     let adaround = if options.adaround {
-        let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
-        let done = rounding::apply(graph, &rounded);
+        let planned = rounding::plan(moments.into_iter().map(|(_, m)| m).collect());
+        let done = rounding::apply(graph::graph_mut(&mut model).map_err(graph_error)?, &planned);
         log::info!(
             "adaptive rounding: {} of {} quantized Convs, {} weights rounded the other way, local loss {:.1} % of rounding to nearest",
             done.convs,
@@ -834,34 +860,8 @@ pub fn quantize(
     } else {
         None
     };
-    let macs = conv_macs.as_ref().and_then(|m| count_macs(m, &quantized));
-
     let mut bias_corrected = 0;
     if options.bias_correction {
-        let probe =
-            stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
-        let mut through = Vec::new();
-        let skipped = each_input(&bias_files, spec, &mut next_image, &mut |input| {
-            probe
-                .run(input, &mut |i, shape, values| {
-                    // Once per tensor, for every Conv that reads it.
-                    let Some(&scale) = tensors.get(i).and_then(|t| scales.get(t)) else {
-                        return;
-                    };
-                    bias::through_qdq(values, scale, &mut through);
-                    for (_, patch) in patches.iter_mut().filter(|(t, _)| *t == i) {
-                        patch.add(shape, values);
-                        patch.add_quantized(shape, &through);
-                    }
-                })
-                .map_err(|e| one_line(&e))
-        });
-        for (file, reason) in &skipped {
-            log::warn!(
-                "calibration image {} skipped on the bias pass: {reason}",
-                file.display()
-            );
-        }
         let patches: Vec<bias::PatchMeans> = patches.into_iter().map(|(_, p)| p).collect();
         let graph = graph::graph_mut(&mut model).map_err(graph_error)?;
         let corrected = bias::correct(graph, &patches).map_err(graph_error)?;
@@ -960,6 +960,122 @@ pub fn quantize(
             total_seconds: started.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// A Conv's sums that the pass after the trials adds an image to.
+enum ConvSums<'s> {
+    /// Adaptive rounding's.
+    Rounding(&'s mut rounding::PatchMoments),
+    /// Bias correction's.
+    Bias(&'s mut bias::PatchMeans),
+}
+
+/// Adds one image to each of `work`'s sums, `(_, (tensor, sums))`, from the
+/// tensor of that index in `probed`, and from the same through its Q/DQ
+/// pair at `scale`. A tensor without a scale adds nothing.
+fn add_conv_sums(
+    work: Vec<(usize, (usize, ConvSums<'_>))>,
+    probed: &stats::Probed<'_>,
+    scale: &(dyn Fn(usize) -> Option<f32> + Sync),
+) -> Result<(), stats::ProbeError> {
+    let mut through = Vec::new();
+    let mut through_of = None;
+    for (_, (tensor, sums)) in work {
+        let Some(scale) = scale(tensor) else {
+            continue;
+        };
+        let (shape, values) = probed.get(tensor)?;
+        // Convs reading one tensor are mostly neighbours in the list: its
+        // values go through the pair once for a run of them.
+        if through_of != Some(tensor) {
+            bias::through_qdq(values, scale, &mut through);
+            through_of = Some(tensor);
+        }
+        match sums {
+            ConvSums::Rounding(m) => {
+                m.add(shape, values, &through);
+            }
+            ConvSums::Bias(p) => {
+                p.add(shape, values);
+                p.add_quantized(shape, &through);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Convs in `quantized` that read one of `tensors` and whose weight
+/// is an initializer: each with its id, its input's index in `tensors`
+/// and its weight, in graph order.
+fn quantized_conv_inputs<'g>(
+    graph: &'g GraphProto,
+    quantized: &HashSet<String>,
+    tensors: &[String],
+) -> Vec<(&'g NodeProto, &'g str, usize, &'g TensorProto)> {
+    let init = graph::initializers(graph);
+    let mut convs = Vec::new();
+    for conv in graph.node.iter().filter(|n| n.op_type == "Conv") {
+        let id = conv_id(conv);
+        let input = conv
+            .input
+            .first()
+            .and_then(|i| tensors.iter().position(|t| t == i));
+        let weight = conv.input.get(1).and_then(|w| init.get(w.as_str()));
+        if let (true, Some(input), Some(weight)) = (quantized.contains(id), input, weight) {
+            convs.push((conv, id, input, *weight));
+        }
+    }
+    convs
+}
+
+/// Bias correction's sums (`bias.rs`) for every Conv in `quantized` it can
+/// correct, each with the index in `tensors` of the input it reads.
+fn bias_patches(
+    model: &ModelProto,
+    quantized: &HashSet<String>,
+    tensors: &[String],
+) -> Vec<(usize, bias::PatchMeans)> {
+    let Some(graph) = model.graph.as_ref() else {
+        return Vec::new();
+    };
+    quantized_conv_inputs(graph, quantized, tensors)
+        .into_iter()
+        .filter_map(|(conv, id, input, weight)| {
+            Some((input, bias::PatchMeans::new(conv, id, &weight.dims)?))
+        })
+        .collect()
+}
+
+/// Adaptive rounding's sums (`rounding.rs`) for every Conv in `quantized`
+/// it can round, each with the index in `tensors` of the input it reads,
+/// over `images` images. A Conv it cannot round keeps rounding to nearest,
+/// with a warning where that is not plain from its shape.
+fn rounding_moments(
+    model: &ModelProto,
+    quantized: &HashSet<String>,
+    tensors: &[String],
+    images: usize,
+) -> Result<Vec<(usize, rounding::PatchMoments)>, GraphError> {
+    let Some(graph) = model.graph.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut budget = rounding::MAX_MOMENT_VALUES;
+    let mut moments = Vec::new();
+    for (conv, id, input, weight) in quantized_conv_inputs(graph, quantized, tensors) {
+        let Some(geometry) = bias::ConvGeometry::new(conv, id, &weight.dims) else {
+            continue;
+        };
+        match rounding::PatchMoments::of_conv(graph, geometry, images, &mut budget)? {
+            Ok(m) => moments.push((input, m)),
+            Err(why) => log::warn!("adaptive rounding: Conv {id} keeps rounding to nearest: {why}"),
+        }
+    }
+    log::debug!(
+        "adaptive rounding: {} moment values for {} Convs",
+        rounding::MAX_MOMENT_VALUES - budget,
+        moments.len()
+    );
+    Ok(moments)
 }
 
 /// Every Conv's multiply-accumulates by [`conv_id`], from its weight and
@@ -1311,13 +1427,19 @@ impl TenthsLog {
     }
 }
 
+/// What a pass does with an image: its file and its preprocessed input.
+type PerImage<'a> = dyn FnMut(&Path, &[f32]) -> Result<(), String> + 'a;
+
+/// [`PerImage`] on one of two threads, into that thread's state.
+type FoldImage<'a, S> = dyn Fn(&mut S, &Path, &[f32]) -> Result<(), String> + Sync + 'a;
+
 /// Decodes and preprocesses every image of `set` and hands it to `run`;
 /// returns the images that could not be used, with the reason.
 fn each_input(
     files: &[PathBuf],
     spec: &PreprocessSpec,
     next_image: &mut dyn FnMut(),
-    run: &mut dyn FnMut(&[f32]) -> Result<(), String>,
+    run: &mut PerImage<'_>,
 ) -> Vec<(PathBuf, String)> {
     let mut input = vec![0.0f32; spec.tensor_len()];
     let mut skipped = Vec::new();
@@ -1325,13 +1447,59 @@ fn each_input(
         let ran = Frame::from_file(file)
             .map_err(|e| e.to_string())
             .and_then(|frame| preprocess_into(&frame, spec, &mut input).map_err(|e| e.to_string()))
-            .and_then(|_| run(&input));
+            .and_then(|_| run(file, &input));
         if let Err(reason) = ran {
             skipped.push((file.clone(), reason));
         }
         next_image();
     }
     skipped
+}
+
+/// [`each_input`] on two threads (tract runs a model on one): the first
+/// half of `files` on this thread, the rest on a second, each folded by
+/// `fold` into its own state, from `start`'s first here and its second
+/// there. Answers both states in that order, to be merged by the caller,
+/// and the images skipped, in `files`' order. `next_image` is
+/// called once per image, all from this thread, which takes the larger half
+/// so that its reports run to the end.
+fn fold_on_two_threads<S: Send>(
+    files: &[PathBuf],
+    spec: &PreprocessSpec,
+    next_image: &mut dyn FnMut(),
+    [mine_start, theirs_start]: [S; 2],
+    fold: &FoldImage<'_, S>,
+) -> ([S; 2], Vec<(PathBuf, String)>) {
+    let (mine, theirs) = files.split_at(files.len().div_ceil(2));
+    let theirs_done = AtomicUsize::new(0);
+    let pass = |mut state: S, files: &[PathBuf], next_image: &mut dyn FnMut()| {
+        let skipped = each_input(files, spec, next_image, &mut |file, input| {
+            fold(&mut state, file, input)
+        });
+        (state, skipped)
+    };
+    let ((mine, mut skipped), (theirs, their_skipped)) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            pass(theirs_start, theirs, &mut || {
+                theirs_done.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        // One report per image: this thread makes the other's too.
+        let mine = pass(mine_start, mine, &mut || {
+            for _ in 0..=theirs_done.swap(0, Ordering::Relaxed) {
+                next_image();
+            }
+        });
+        let theirs = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (mine, theirs)
+    });
+    for _ in 0..theirs_done.swap(0, Ordering::Relaxed) {
+        next_image();
+    }
+    skipped.extend(their_skipped);
+    ([mine, theirs], skipped)
 }
 
 /// The Convs `keep_float` names. Every entry must match at least one.

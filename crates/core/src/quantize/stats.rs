@@ -136,25 +136,69 @@ impl ActivationProbe {
     /// shape and values to `seen(index, shape, values)`, in the order they
     /// were given.
     pub fn run(&self, input: &[f32], seen: &mut Seen<'_>) -> Result<(), ProbeError> {
+        let probed = self.outputs(input)?;
+        for index in 0..self.sources.len() {
+            let (shape, values) = probed.get(index)?;
+            seen(index, shape, values);
+        }
+        Ok(())
+    }
+
+    /// Runs one preprocessed CHW image and answers every probed tensor at
+    /// once, for work shared between threads ([`Probed`] is `Sync`).
+    pub fn outputs<'a>(&'a self, input: &'a [f32]) -> Result<Probed<'a>, ProbeError> {
         let run = |e: TractError| ProbeError::Run(e.into());
         let tensor = Tensor::from_shape(&self.input_shape, input).map_err(run)?;
         let outputs = self.plan.run(tvec!(tensor.into_tvalue())).map_err(run)?;
-        for (index, source) in self.sources.iter().enumerate() {
-            match source {
-                None => seen(index, &self.input_shape, input),
-                Some(i) => {
-                    let missing = || ProbeError::Output(*i);
-                    let value = outputs.get(*i).ok_or_else(missing)?;
-                    let values = value.cast_to::<f32>().map_err(|_| missing())?;
-                    let plain = values.try_as_plain_ram().map_err(|_| missing())?;
-                    seen(
-                        index,
-                        value.shape(),
-                        plain.as_slice::<f32>().map_err(|_| missing())?,
-                    );
-                }
+        let outputs = outputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| {
+                // tract's values are reference-counted: owned tensors can
+                // cross threads. A float output is moved, not copied.
+                let tensor = value.into_tensor();
+                let tensor = if tensor.datum_type() == f32::datum_type() {
+                    tensor
+                } else {
+                    tensor
+                        .cast_to::<f32>()
+                        .map_err(|_| ProbeError::Output(i))?
+                        .into_owned()
+                };
+                Ok(tensor)
+            })
+            .collect::<Result<Vec<Tensor>, ProbeError>>()?;
+        Ok(Probed {
+            probe: self,
+            input,
+            outputs,
+        })
+    }
+}
+
+/// One image's probed tensors ([`ActivationProbe::outputs`]).
+pub struct Probed<'a> {
+    probe: &'a ActivationProbe,
+    input: &'a [f32],
+    outputs: Vec<Tensor>,
+}
+
+impl Probed<'_> {
+    /// The shape and values of the probed tensor at `index` (in the order
+    /// the probe was given them).
+    pub fn get(&self, index: usize) -> Result<(&[usize], &[f32]), ProbeError> {
+        match self.probe.sources.get(index) {
+            Some(None) => Ok((&self.probe.input_shape, self.input)),
+            Some(Some(i)) => {
+                let missing = || ProbeError::Output(*i);
+                let value = self.outputs.get(*i).ok_or_else(missing)?;
+                let plain = value.try_as_plain_ram().map_err(|_| missing())?;
+                Ok((
+                    value.shape(),
+                    plain.as_slice::<f32>().map_err(|_| missing())?,
+                ))
             }
+            None => Err(ProbeError::Output(index)),
         }
-        Ok(())
     }
 }
