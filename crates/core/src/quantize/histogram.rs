@@ -44,7 +44,10 @@ impl Histogram {
             .filter(|v| v.is_finite())
             .fold(0.0f32, f32::max);
         if batch_max == 0.0 && self.counts.is_empty() {
-            // All zeros so far: no range to set yet, but they still count.
+            // All zeros so far: no range to set yet, and these zeros are
+            // not counted (the statistics pass runs on one thread until
+            // every histogram has its range, so that this stays as one pass
+            // would have it).
             self.amax = self.amax.max(0.0);
             return;
         }

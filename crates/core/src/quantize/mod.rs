@@ -128,8 +128,8 @@ pub const BIAS_IMAGES: usize = 20;
 /// set: a bound on its pass, which runs the FP32 model once more after the
 /// trial models, for sets larger than the 80 images it was measured with.
 /// On 40 of them its sums moved plus-m_320's drop by 0.71 points,
-/// coco128's noise, with the same fidelity (docs/INT8.md). The sums keep
-/// their 4,096 positions per Conv whatever the count.
+/// coco128's noise, with the same fidelity (docs/INT8.md). The sums take
+/// at most 4,096 positions per Conv whatever the count.
 pub const ROUNDING_IMAGES: usize = 80;
 
 /// Calibration images automatic partial quantization runs its trial
@@ -675,9 +675,10 @@ pub fn quantize(
     let probe =
         stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
     let mut histograms = vec![Histogram::default(); tensors.len()];
-    // On two threads, as equalization's pass. The first image that runs
-    // sets every histogram's bins, and both halves of the rest start from
-    // them, so that they merge into the histograms one pass would give
+    // On two threads, as equalization's pass. The images up to the one by
+    // which every histogram has its bins run here (the first image, unless
+    // a tensor is all zeros on it), and both halves of the rest start from
+    // those bins, so that they merge into the histograms one pass would give
     // ([`Histogram::merge`]): the same thresholds, in half the time.
     let add = |histograms: &mut Vec<Histogram>, _: &Path, input: &[f32]| {
         probe
@@ -691,11 +692,11 @@ pub fn quantize(
         let failed = each_input(first, spec, &mut next_image, &mut |file, input| {
             add(&mut histograms, file, input)
         });
-        if failed.is_empty() {
+        skipped.extend(failed);
+        if histograms.iter().all(|h| !h.counts().is_empty()) {
             rest = set.files.get(k + 1..).unwrap_or(&[]);
             break;
         }
-        skipped.extend(failed);
     }
     let emptied = histograms.iter().map(Histogram::emptied).collect();
     let ([mine, theirs], failed) =
@@ -726,8 +727,9 @@ pub fn quantize(
         );
     }
     let ranks = probe.ranks().clone();
-    // The bias pass makes its own: this one's plan and buffers would stay
-    // resident through automatic partial quantization's trial models.
+    // The pass after the trials makes its own: this one's plan and buffers
+    // would stay resident through automatic partial quantization's trial
+    // models.
     drop(probe);
     let statistics_seconds = stats_started.elapsed().as_secs_f64();
     let conv_macs = match stats::tensor_shapes(&equalized_bytes, size) {
@@ -811,6 +813,14 @@ pub fn quantize(
             stats::ActivationProbe::new(&equalized_bytes, size, &tensors).map_err(probe_error)?;
         let skipped = each_input(&after_trials, spec, &mut next_image, &mut |file, input| {
             let probed = probe.outputs(input).map_err(|e| one_line(&e))?;
+            // Every tensor read before any sum takes the image, so that an
+            // image skipped adds to none.
+            for (t, _) in &moments {
+                probed.get(*t).map_err(|e| one_line(&e))?;
+            }
+            for (t, _) in &patches {
+                probed.get(*t).map_err(|e| one_line(&e))?;
+            }
             // Every Conv's sums this image adds to, dealt to two threads
             // in turn. Each Conv's sums take the images in order, as on one
             // thread, so they are the same to the bit.
@@ -985,8 +995,8 @@ fn add_conv_sums(
             continue;
         };
         let (shape, values) = probed.get(tensor)?;
-        // Convs reading one tensor are mostly neighbours in the list: its
-        // values go through the pair once for a run of them.
+        // Convs reading one tensor that come one after another here share
+        // its values through the pair.
         if through_of != Some(tensor) {
             bias::through_qdq(values, scale, &mut through);
             through_of = Some(tensor);

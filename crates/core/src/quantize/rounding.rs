@@ -39,10 +39,10 @@ pub const SAMPLES_PER_CONV: usize = 4096;
 /// `len²` values (2,048: 32 MB of f64 per group).
 pub const MAX_PATCH: usize = 2048;
 
-/// The moments all Convs of one model may hold, in values (64 MB of f64):
-/// nanodet-plus-m_320 needs 3.6 M for its 79 quantized Convs. A model past it (thousands of groups, or of
-/// Convs) keeps rounding to nearest where the budget ran out, rather than
-/// allocate what its file asks for.
+/// The sums all Convs of one model may hold, in values (64 MB of f64):
+/// nanodet-plus-m_320 needs 3.6 M for its 79 quantized Convs. A model past
+/// it (thousands of groups, or of Convs) keeps rounding to nearest where
+/// the budget ran out, rather than allocate what its file asks for.
 pub const MAX_MOMENT_VALUES: usize = 1 << 23;
 
 /// Greedy passes over a channel's weights at most; each pass that flips
@@ -292,8 +292,9 @@ pub struct RoundingDone {
     pub convs: usize,
     /// Weights rounded to the other neighbour than the nearest.
     pub flipped: usize,
-    /// The summed local loss `δᵀ H δ` with rounding to nearest (per
-    /// sample, over every channel)...
+    /// The summed loss `c − 2 δᵀb + δᵀ H δ` with rounding to nearest (per
+    /// sample, over every channel; `c`, which no rounding removes,
+    /// included)...
     pub nearest_loss: f64,
     /// ... and with the rounding chosen.
     pub loss: f64,

@@ -150,24 +150,19 @@ impl ActivationProbe {
         let run = |e: TractError| ProbeError::Run(e.into());
         let tensor = Tensor::from_shape(&self.input_shape, input).map_err(run)?;
         let outputs = self.plan.run(tvec!(tensor.into_tvalue())).map_err(run)?;
+        // tract's values are shared tensors that may cross threads: a float
+        // output is kept as it is, another cast once.
         let outputs = outputs
             .into_iter()
             .enumerate()
             .map(|(i, value)| {
-                // tract's values are reference-counted: owned tensors can
-                // cross threads. A float output is moved, not copied.
-                let tensor = value.into_tensor();
-                let tensor = if tensor.datum_type() == f32::datum_type() {
-                    tensor
-                } else {
-                    tensor
-                        .cast_to::<f32>()
-                        .map_err(|_| ProbeError::Output(i))?
-                        .into_owned()
-                };
-                Ok(tensor)
+                if value.datum_type() == f32::datum_type() {
+                    return Ok(value);
+                }
+                let cast = value.cast_to::<f32>().map_err(|_| ProbeError::Output(i))?;
+                Ok(cast.into_owned().into_tvalue())
             })
-            .collect::<Result<Vec<Tensor>, ProbeError>>()?;
+            .collect::<Result<Vec<TValue>, ProbeError>>()?;
         Ok(Probed {
             probe: self,
             input,
@@ -180,7 +175,7 @@ impl ActivationProbe {
 pub struct Probed<'a> {
     probe: &'a ActivationProbe,
     input: &'a [f32],
-    outputs: Vec<Tensor>,
+    outputs: Vec<TValue>,
 }
 
 impl Probed<'_> {
