@@ -101,7 +101,8 @@ impl Histogram {
     /// their order (but for a batch maximum that falls exactly on the
     /// range's upper edge, which counts in the last bin until the range
     /// grows). Otherwise `other`'s counts go to the bins of their bins'
-    /// centres, an approximation.
+    /// centres, an approximation that the quantizer never asks for: its
+    /// second thread starts only once every histogram has its bins.
     pub fn merge(&mut self, other: &Histogram) {
         self.amax = self.amax.max(other.amax);
         if other.counts.is_empty() {
